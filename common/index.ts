@@ -1,0 +1,26 @@
+/**
+ * Code shared by every Airlock part: the error model, logging, the gRPC
+ * adapter for protoc-gen-es services, and the typed Vault client.
+ * @module
+ */
+export { AirlockError, type AirlockErrorOptions, Code, codeFromName, codeName, httpStatusFor, isCode } from "./errors.js";
+export {
+  type CallOptions,
+  callBidiStream,
+  callClientStream,
+  callServerStream,
+  callUnary,
+  fromServiceError,
+  grpcServiceDefinition,
+  toServiceError,
+} from "./grpc.js";
+export { type CreateLoggerOptions, createLogger, defaultRedactPaths, type Logger } from "./logger.js";
+export {
+  createVaultClient,
+  type VaultClient,
+  type VaultClientOptions,
+  vaultClientDefaults,
+  vaultError,
+  type VaultHealth,
+  type VaultTokenInfo,
+} from "./vault.js";

@@ -1,0 +1,40 @@
+/**
+ * `npm test`: makes sure a Vault binary exists (building it once per machine,
+ * with progress, before any test's timeout starts), runs tap with the given
+ * arguments, then prints the plain summary line `N passed, N failed` that CI reads.
+ *
+ * A test is a top-level test point of a test file (a `t.test` block or a
+ * top-level assertion); a file that fails outside its points (a crash, a leak
+ * found at teardown) counts as one failed test too.
+ */
+import { spawn } from "node:child_process";
+import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { resolveVaultBinary } from "../harness/vault.js";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const resultsDir = join(root, ".tap", "test-results");
+
+const vault = await resolveVaultBinary();
+process.stderr.write(`vault binary: ${vault.path} (${vault.source})\n`);
+
+rmSync(resultsDir, { recursive: true, force: true });
+const tap = spawn(join(root, "node_modules", ".bin", "tap"), process.argv.slice(2), { cwd: root, stdio: "inherit" });
+const exitCode = await new Promise<number>((resolve) => tap.once("exit", (code, signal) => resolve(code ?? (signal === null ? 1 : 128))));
+
+let passed = 0;
+let failed = 0;
+const files = existsSync(resultsDir) ? readdirSync(resultsDir, { recursive: true, encoding: "utf8" }).filter((f) => f.endsWith(".tap")) : [];
+for (const file of files) {
+  const lines = readFileSync(join(resultsDir, file), "utf8").split("\n");
+  const points = lines.filter((line) => /^(not )?ok \d+/.test(line));
+  const failures = points.filter((line) => line.startsWith("not ok") && !/# (SKIP|TODO)/i.test(line)).length;
+  passed += points.length - failures;
+  failed += failures;
+  const plan = lines.find((line) => /^1\.\.\d+/.test(line));
+  if (points.length === 0 || plan === undefined) failed += 1;
+}
+if (files.length === 0 && exitCode !== 0) failed += 1;
+console.log(`${passed} passed, ${failed} failed`);
+process.exitCode = failed > 0 || exitCode !== 0 ? 1 : 0;

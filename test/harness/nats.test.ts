@@ -1,0 +1,65 @@
+import { existsSync } from "node:fs";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import { connect } from "@nats-io/transport-node";
+import t from "tap";
+import { natsServerVersion, startNats, useInfra } from "../../harness/index.js";
+
+const { nats } = await useInfra(t, { nats: true });
+
+await t.test("the server runs JetStream on a loopback port", async (t) => {
+  t.match(nats.url, /^nats:\/\/127\.0\.0\.1:\d+$/);
+  t.equal(nats.version, await natsServerVersion());
+  const nc = await connect({ servers: nats.url });
+  t.teardown(() => nc.close());
+  const jsm = await jetstreamManager(nc);
+  await jsm.streams.add({ name: "HARNESS", subjects: ["harness.>"] });
+  const ack = await jetstream(nc).publish("harness.hello", "world", { msgID: "m1" });
+  t.equal(ack.seq, 1);
+  const again = await jetstream(nc).publish("harness.hello", "world", { msgID: "m1" });
+  t.ok(again.duplicate, "the dedup window drops a repeated msgID");
+  const stored = await jsm.streams.getMessage("HARNESS", { seq: 1 });
+  t.equal(stored?.string(), "world");
+
+  const kv = await new Kvm(nc).create("harness");
+  const revision = await kv.put("k", "v1");
+  await t.rejects(kv.update("k", "v2", revision + 5), "compare-and-set refuses a stale revision");
+  await kv.update("k", "v2", revision);
+  t.equal((await kv.get("k"))?.string(), "v2");
+});
+
+await t.test("pause and resume keep the port and the JetStream store", async (t) => {
+  const port = nats.port;
+  await nats.pause();
+  await t.rejects(connect({ servers: nats.url, reconnect: false, timeout: 1000 }), "no server while paused");
+  await nats.resume();
+  t.equal(nats.port, port);
+  const nc = await connect({ servers: nats.url });
+  t.teardown(() => nc.close());
+  const stored = await (await jetstreamManager(nc)).streams.getMessage("HARNESS", { seq: 1 });
+  t.equal(stored?.string(), "world", "the stream survived the restart");
+});
+
+await t.test("a connected client reconnects after restart", async (t) => {
+  const nc = await connect({ servers: nats.url, reconnectTimeWait: 100, maxReconnectAttempts: -1 });
+  t.teardown(() => nc.close());
+  const reconnected = (async () => {
+    for await (const status of nc.status()) if (status.type === "reconnect") return true;
+    return false;
+  })();
+  await nats.restart();
+  // Requests made while the client is still disconnected time out in nats.js
+  // v3: wait for the reconnect before using it.
+  t.ok(await reconnected, "the client saw the reconnect");
+  const kv = await new Kvm(nc).open("harness");
+  t.equal((await kv.get("k"))?.string(), "v2");
+});
+
+await t.test("stop frees the port and removes the store dir", async (t) => {
+  const other = await startNats();
+  t.ok(existsSync(other.storeDir));
+  t.not(other.port, nats.port, "each server gets its own port");
+  await other.stop();
+  t.notOk(existsSync(other.storeDir), "store dir removed");
+  await t.rejects(connect({ servers: other.url, reconnect: false, timeout: 1000 }));
+});
