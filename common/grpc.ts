@@ -67,8 +67,8 @@ export function toServiceError(error: unknown): Partial<ServiceError> & { code: 
 /** The AirlockError for an error a grpc-js client call failed with (code, message and details preserved). */
 export function fromServiceError(error: unknown): AirlockError {
   if (error instanceof AirlockError) return error;
-  const candidate = error as Partial<ServiceError> | undefined;
-  if (candidate === undefined || typeof candidate !== "object" || !isCode(candidate.code)) {
+  const candidate = error as Partial<ServiceError> | null | undefined;
+  if (candidate === undefined || candidate === null || typeof candidate !== "object" || !isCode(candidate.code)) {
     return AirlockError.from(error, Code.Unknown);
   }
   let details: Record<string, unknown> = {};
@@ -121,7 +121,7 @@ export function callUnary<I extends DescMessage, O extends DescMessage>(
       create(method.input, request),
       options.metadata ?? new Metadata(),
       grpcOptions(options),
-      (error, response) => (error === null || response === undefined ? reject(fromServiceError(error)) : resolve(response)),
+      (error, response) => (error !== null || response === undefined ? reject(fromServiceError(error)) : resolve(response)),
     );
   });
 }
@@ -164,7 +164,7 @@ export function callClientStream<I extends DescMessage, O extends DescMessage>(
       deserializer(method.output),
       options.metadata ?? new Metadata(),
       grpcOptions(options),
-      (error, response) => (error === null || response === undefined ? reject(fromServiceError(error)) : resolve(response)),
+      (error, response) => (error !== null || response === undefined ? reject(fromServiceError(error)) : resolve(response)),
     );
     for (const request of requests) call.write(create(method.input, request));
     call.end();

@@ -1,7 +1,7 @@
 import { create, type JsonObject, type JsonValue } from "@bufbuild/protobuf";
 import { timestampNow } from "@bufbuild/protobuf/wkt";
 import {
-  type Metadata,
+  Metadata,
   type sendUnaryData,
   Server,
   type ServerDuplexStream,
@@ -177,10 +177,19 @@ export async function startOpsServer(options: OpsServerOptions): Promise<OpsServ
     };
 
   const handlers = {
-    getStatus: unary<GetStatusRequest, GetStatusResponse>(() => {
+    getStatus: (call: ServerUnaryCall<GetStatusRequest, GetStatusResponse>, callback: sendUnaryData<GetStatusResponse>) => {
+      served++;
       log("GetStatus ok");
-      return Promise.resolve(create(GetStatusResponseSchema, { service: "demo.v1.OpsService", version: "1.0.0", startedAt, requestsServed: served }));
-    }),
+      // Echoes x-echo-* metadata back as response headers, so tests can see metadata cross a proxy both ways.
+      const echoed = new Metadata();
+      for (const [key, value] of Object.entries(call.metadata.getMap())) {
+        if (key.startsWith("x-echo-") && typeof value === "string") echoed.set(key, value);
+      }
+      call.sendMetadata(echoed);
+      const trailer = new Metadata();
+      trailer.set("x-served-by", "demo.v1.OpsService");
+      callback(null, create(GetStatusResponseSchema, { service: "demo.v1.OpsService", version: "1.0.0", startedAt, requestsServed: served }), trailer);
+    },
 
     exportTable: (call: ServerWritableStream<ExportTableRequest, ExportTableResponse>) => {
       served++;
