@@ -23,4 +23,6 @@ export {
   vaultError,
   type VaultHealth,
   type VaultTokenInfo,
+  type UnwrappedSecret,
 } from "./vault.js";
+export { ensureStreams, hostPattern, streams, subjects } from "./subjects.js";

@@ -39,6 +39,18 @@ export interface VaultClient {
   health(): Promise<VaultHealth>;
   /** Looks up a token by itself (the token authenticates the call). */
   lookupSelf(token: string): Promise<VaultTokenInfo>;
+  /**
+   * Unwraps a response-wrapping token (the token authenticates the call), once:
+   * a second unwrap of the same token fails with `permission_denied`.
+   */
+  unwrap(wrappingToken: string): Promise<UnwrappedSecret>;
+}
+
+/** What a response-wrapped Vault response held: `data` for secrets, `auth` for a wrapped token. */
+export interface UnwrappedSecret {
+  readonly data: Readonly<Record<string, unknown>>;
+  readonly auth?: { readonly clientToken: string; readonly accessor: string };
+  readonly leaseId: string;
 }
 
 /** Defaults of {@link VaultClientOptions}. */
@@ -56,7 +68,11 @@ export function vaultError(operation: string, error: unknown): AirlockError {
   const status = candidate.response?.statusCode;
   const details = { operation, ...(status === undefined ? {} : { vaultStatus: status }) };
   if (status === undefined) {
-    return new AirlockError(Code.Unavailable, `Vault is unreachable (${operation}): ${candidate.code ?? candidate.message ?? "no answer"}`, { cause: error, details });
+    // Only a network failure means Vault is unreachable; anything else is a fault on this side.
+    const network = typeof candidate.code === "string" && /^(E[A-Z_]+|ERR_NETWORK|ERR_BAD_RESPONSE)$/.test(candidate.code);
+    return network
+      ? new AirlockError(Code.Unavailable, `Vault is unreachable (${operation}): ${candidate.code ?? "no answer"}`, { cause: error, details })
+      : new AirlockError(Code.Internal, `Vault call ${operation} failed: ${candidate.message ?? "unknown error"}`, { cause: error, details });
   }
   const code =
     status === 403 || status === 401 ? Code.PermissionDenied : status === 404 ? Code.NotFound : status === 400 ? Code.InvalidArgument : status === 503 ? Code.Unavailable : Code.Internal;
@@ -87,19 +103,36 @@ export function createVaultClient(options: VaultClientOptions): VaultClient {
       }
     },
     async lookupSelf(token) {
+      let body: { data?: Record<string, unknown> | null };
       try {
-        const body = (await client(token).tokenLookupSelf()) as { data?: Record<string, unknown> };
-        const data = body.data ?? {};
-        return {
-          accessor: typeof data.accessor === "string" ? data.accessor : "",
-          policies: Array.isArray(data.policies) ? data.policies.filter((p): p is string => typeof p === "string") : [],
-          ttl: typeof data.ttl === "number" ? data.ttl : 0,
-          numUses: typeof data.num_uses === "number" ? data.num_uses : 0,
-          meta: stringRecord(data.meta),
-        };
+        body = (await client(token).tokenLookupSelf()) as typeof body;
       } catch (error) {
         throw vaultError("auth/token/lookup-self", error);
       }
+      const data = body.data ?? {};
+      return {
+        accessor: typeof data.accessor === "string" ? data.accessor : "",
+        policies: Array.isArray(data.policies) ? data.policies.filter((p): p is string => typeof p === "string") : [],
+        ttl: typeof data.ttl === "number" ? data.ttl : 0,
+        numUses: typeof data.num_uses === "number" ? data.num_uses : 0,
+        meta: stringRecord(data.meta),
+      };
+    },
+    async unwrap(wrappingToken) {
+      let body: { data?: Record<string, unknown> | null; auth?: Record<string, unknown> | null; lease_id?: string };
+      try {
+        body = (await client(wrappingToken).unwrap()) as typeof body;
+      } catch (error) {
+        throw vaultError("sys/wrapping/unwrap", error);
+      }
+      const auth = body.auth;
+      return {
+        data: body.data ?? {},
+        ...(auth === undefined || auth === null || typeof auth.client_token !== "string"
+          ? {}
+          : { auth: { clientToken: auth.client_token, accessor: typeof auth.accessor === "string" ? auth.accessor : "" } }),
+        leaseId: body.lease_id ?? "",
+      };
     },
   };
 }

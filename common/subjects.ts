@@ -1,0 +1,42 @@
+import type { JetStreamManager } from "@nats-io/jetstream";
+
+/**
+ * The JetStream streams Airlock's parts talk through. Sidecars publish
+ * requests, completions and security events; brokers publish decisions.
+ * Subjects carry the sidecar's host so each sidecar consumes only its own
+ * decisions (nats-server 2.9 allows one filter subject per consumer).
+ */
+export const streams = {
+  requests: { name: "AIRLOCK_REQUESTS", subjects: ["airlock.request.>"] },
+  decisions: { name: "AIRLOCK_DECISIONS", subjects: ["airlock.decision.>"] },
+  completions: { name: "AIRLOCK_COMPLETIONS", subjects: ["airlock.completion.>"] },
+  security: { name: "AIRLOCK_SECURITY", subjects: ["airlock.security.>"] },
+} as const;
+
+/** A host name usable as one NATS subject token. */
+export const hostPattern = /^[A-Za-z0-9_-]{1,64}$/;
+
+/** Subjects, by what they carry. */
+export const subjects = {
+  /** An ApprovalRequest from `host`. */
+  request: (host: string, requestId: string) => `airlock.request.${host}.${requestId}`,
+  /** The signed Decision for a request from `host`. */
+  decision: (host: string, requestId: string) => `airlock.decision.${host}.${requestId}`,
+  /** Every decision for `host`'s requests. */
+  decisionsFor: (host: string) => `airlock.decision.${host}.>`,
+  /** The Completion of an approved action on `host`. */
+  completion: (host: string, requestId: string) => `airlock.completion.${host}.${requestId}`,
+  /** A security event seen by `host`'s sidecar (refused decision, failed unwrap). */
+  security: (host: string) => `airlock.security.${host}`,
+} as const;
+
+/** Creates the streams if they do not exist yet (idempotent; an existing stream is left as it is). */
+export async function ensureStreams(jsm: JetStreamManager): Promise<void> {
+  for (const stream of Object.values(streams)) {
+    try {
+      await jsm.streams.info(stream.name);
+    } catch {
+      await jsm.streams.add({ name: stream.name, subjects: [...stream.subjects], duplicate_window: 2 * 60 * 1_000_000_000 });
+    }
+  }
+}

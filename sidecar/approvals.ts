@@ -1,0 +1,352 @@
+import { createHash, randomUUID } from "node:crypto";
+import { create, fromBinary, fromJson, type JsonValue, toBinary } from "@bufbuild/protobuf";
+import { durationFromMs, timestampDate, timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
+import { type ConsumerMessages, DeliverPolicy, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { type DecisionKeyRing, ReplayGuard, verifyDecision } from "../common/decision.js";
+import { AirlockError, Code } from "../common/errors.js";
+import type { Logger } from "../common/logger.js";
+import { subjects, streams } from "../common/subjects.js";
+import type { VaultClient } from "../common/vault.js";
+import {
+  type ApprovalRequest,
+  ApprovalRequestSchema,
+  CompletionSchema,
+  type Decision,
+  type DecisionBody,
+  DecisionBodySchema,
+  DecisionSchema,
+  Risk,
+  Verdict,
+} from "../proto/index.js";
+import type { ApprovedCall, HeldCall } from "./proxy.js";
+import type { SidecarMetrics } from "./metrics.js";
+import { redact } from "./policy.js";
+
+/** Options of {@link ApprovalFlow}. */
+export interface ApprovalFlowOptions {
+  readonly nc: NatsConnection;
+  readonly host: string;
+  readonly keyRing: DecisionKeyRing;
+  /** Vault, for unwrapping the credential of an approved call. */
+  readonly vault: VaultClient;
+  readonly metrics: SidecarMetrics;
+  readonly log: Logger;
+  /** How long a publish to JetStream may take before the call fails closed, in ms. @default 5000 */
+  readonly publishTimeoutMs?: number;
+}
+
+const risks: Record<string, Risk> = { low: Risk.LOW, medium: Risk.MEDIUM, high: Risk.HIGH, critical: Risk.CRITICAL };
+
+interface Waiter {
+  readonly requestId: string;
+  readonly requestSha256: Uint8Array;
+  readonly offer: (decision: Decision) => void;
+}
+
+/**
+ * The sidecar's side of the approval workflow: publishes an ApprovalRequest
+ * for a held call, waits for the broker's signed Decision, verifies that it
+ * binds this exact request, unwraps the one-action credential, and reports the
+ * action's completion. Every failure fails closed.
+ */
+export class ApprovalFlow {
+  private readonly options: ApprovalFlowOptions;
+  private readonly js: JetStreamClient;
+  private readonly jsm: JetStreamManager;
+  private readonly waiters = new Map<string, Waiter>();
+  private readonly replay = new ReplayGuard();
+  private decisions: ConsumerMessages | undefined;
+  private loop: Promise<void> | undefined;
+
+  private constructor(options: ApprovalFlowOptions, jsm: JetStreamManager) {
+    this.options = options;
+    this.js = jetstream(options.nc);
+    this.jsm = jsm;
+  }
+
+  /** Starts following this host's decisions (an ordered consumer, which survives reconnects and server restarts). */
+  static async start(options: ApprovalFlowOptions): Promise<ApprovalFlow> {
+    const flow = new ApprovalFlow(options, await jetstreamManager(options.nc));
+    const consumer = await flow.js.consumers.get(streams.decisions.name, {
+      filter_subjects: subjects.decisionsFor(options.host),
+      deliver_policy: DeliverPolicy.New,
+    });
+    const messages = await consumer.consume();
+    flow.decisions = messages;
+    flow.loop = (async () => {
+      for await (const message of messages) flow.route(message.data);
+    })();
+    return flow;
+  }
+
+  /** Stops following decisions; calls still waiting fail with UNAVAILABLE. */
+  async close(): Promise<void> {
+    await this.decisions?.close();
+    await this.loop;
+  }
+
+  private route(bytes: Uint8Array): void {
+    let decision: Decision;
+    let body: DecisionBody;
+    try {
+      decision = fromBinary(DecisionSchema, bytes);
+      body = fromBinary(DecisionBodySchema, decision.body);
+    } catch {
+      this.securityEvent("malformed_decision", "");
+      return;
+    }
+    // Unverified at this point: only used to find who is waiting; the waiter verifies.
+    this.waiters.get(body.requestId)?.offer(decision);
+  }
+
+  /** Sends a security event to the audit trail and counts it. */
+  private securityEvent(reason: string, requestId: string, detail = ""): void {
+    this.options.metrics.securityEvents.inc({ reason });
+    this.options.log.warn({ reason, requestId, detail }, "security event");
+    try {
+      this.options.nc.publish(
+        subjects.security(this.options.host),
+        JSON.stringify({ reason, requestId, detail, host: this.options.host, at: new Date().toISOString() }),
+      );
+    } catch {
+      // The log line and the metric above still record it.
+    }
+  }
+
+  /**
+   * Holds a privileged call: publishes its ApprovalRequest (or resumes the one
+   * named by `x-airlock-request-id`), waits for a verified decision, and on
+   * approval unwraps the credential. Rejects with an AirlockError:
+   * PERMISSION_DENIED (denied, or a bad decision), DEADLINE_EXCEEDED (expired),
+   * ABORTED (`x-airlock-wait: false`), UNAVAILABLE (NATS unreachable).
+   */
+  async hold(call: HeldCall): Promise<ApprovedCall> {
+    const requestSha256 = requestHash(call);
+    const resumeId = header(call.metadata, "x-airlock-request-id");
+    const noWait = header(call.metadata, "x-airlock-wait") === "false";
+    let request: ApprovalRequest;
+    let earlier: Decision | undefined;
+    if (resumeId === undefined) {
+      request = this.buildRequest(call, requestSha256);
+    } else {
+      ({ request, decision: earlier } = await this.resume(resumeId, requestSha256, call));
+    }
+    const requestId = request.id;
+    const deadline = request.deadline === undefined ? Date.now() : timestampDate(request.deadline).getTime();
+
+    let cleanup: () => void = () => undefined;
+    const decided = new Promise<DecisionBody>((resolve, reject) => {
+      const offer = (decision: Decision) => {
+        try {
+          const body = verifyDecision(decision, this.options.keyRing, { requestId, requestSha256 });
+          this.replay.accept(body);
+          resolve(body);
+        } catch (error) {
+          const refused = AirlockError.from(error);
+          const reason = typeof refused.details.reason === "string" ? refused.details.reason : "bad_decision";
+          this.securityEvent(reason, requestId, refused.rawMessage);
+          // A refused decision never ends the wait: a forger cannot deny service by sending junk first.
+        }
+      };
+      this.waiters.set(requestId, { requestId, requestSha256, offer });
+      const timer = setTimeout(() => reject(new AirlockError(Code.DeadlineExceeded, `approval request ${requestId} expired undecided`, { details: { requestId } })), Math.max(0, deadline - Date.now()));
+      const onAbort = () => reject(new AirlockError(Code.Canceled, `the agent stopped waiting; resume with x-airlock-request-id: ${requestId}`, { details: { requestId } }));
+      call.signal.addEventListener("abort", onAbort, { once: true });
+      cleanup = () => {
+        clearTimeout(timer);
+        call.signal.removeEventListener("abort", onAbort);
+        this.waiters.delete(requestId);
+      };
+      if (earlier !== undefined) offer(earlier);
+    });
+    // Rejections are awaited below or deliberately dropped (no-wait path).
+    decided.catch(() => undefined);
+
+    try {
+      if (resumeId === undefined) await this.publishRequest(request);
+      if (noWait && earlier === undefined) {
+        throw new AirlockError(Code.Aborted, `held for approval as request ${requestId}; call again with metadata x-airlock-request-id: ${requestId}`, {
+          details: { requestId },
+        });
+      }
+      const body = await decided;
+      return await this.conclude(body, request);
+    } finally {
+      cleanup();
+    }
+  }
+
+  private buildRequest(call: HeldCall, requestSha256: Uint8Array): ApprovalRequest {
+    const approve = call.verdict.approve;
+    const { redactedValues, removed } = redactAll(call.decoded, approve.redact);
+    const now = Date.now();
+    const credential = approve.credential;
+    const value: JsonValue = call.method.method.methodKind === "client_streaming" ? redactedValues : (redactedValues[0] ?? {});
+    return create(ApprovalRequestSchema, {
+      id: randomUUID(),
+      identity: { agent: call.identity.agent, onBehalfOf: call.identity.onBehalfOf, chain: call.identity.chain, authenticatedBy: call.identity.authenticatedBy },
+      host: this.options.host,
+      service: call.method.service.typeName,
+      method: call.method.method.name,
+      request: fromJson(ValueSchema, value),
+      requestSha256,
+      redactedFields: removed,
+      reason: header(call.metadata, "x-airlock-reason") ?? "",
+      risk: risks[approve.risk] ?? Risk.UNSPECIFIED,
+      ruleId: call.verdict.ruleId,
+      reviewers: {
+        allOf: approve.reviewers.allOf.map((g) => ({ group: g.group, minApprovals: g.minApprovals })),
+        escalationGroup: approve.reviewers.escalation?.group ?? "",
+        ...(approve.reviewers.escalation === undefined ? {} : { escalateAfter: durationFromMs(approve.reviewers.escalation.afterMs) }),
+        breakGlassAllowed: approve.reviewers.breakGlass,
+      },
+      credential: {
+        kind:
+          credential.kind === "database"
+            ? { case: "database", value: { mount: credential.mount, role: credential.role } }
+            : { case: "vaultToken", value: { policies: [...credential.policies], numUses: credential.numUses } },
+        ttl: durationFromMs(credential.ttlMs),
+        injectHeader: credential.injectHeader,
+      },
+      createdAt: timestampFromMs(now),
+      deadline: timestampFromMs(now + approve.timeoutMs),
+    });
+  }
+
+  private async publishRequest(request: ApprovalRequest): Promise<void> {
+    try {
+      await this.js.publish(subjects.request(this.options.host, request.id), toBinary(ApprovalRequestSchema, request), {
+        msgID: request.id,
+        timeout: this.options.publishTimeoutMs ?? 5000,
+      });
+    } catch (error) {
+      throw new AirlockError(Code.Unavailable, "cannot reach NATS to ask for approval: privileged calls fail closed", { cause: error, details: { requestId: request.id } });
+    }
+  }
+
+  private async resume(requestId: string, requestSha256: Uint8Array, call: HeldCall): Promise<{ request: ApprovalRequest; decision?: Decision }> {
+    if (!/^[0-9a-f-]{36}$/.test(requestId)) throw new AirlockError(Code.InvalidArgument, "x-airlock-request-id is not a request id");
+    let stored;
+    try {
+      stored = await this.jsm.streams.getMessage(streams.requests.name, { last_by_subj: subjects.request(this.options.host, requestId) });
+    } catch (error) {
+      if (String(error).includes("no message found")) stored = null;
+      else throw new AirlockError(Code.Unavailable, "cannot reach NATS to resume the request: privileged calls fail closed", { cause: error });
+    }
+    if (stored === null) throw new AirlockError(Code.NotFound, `no held request ${requestId} from this host`, { details: { requestId } });
+    const request = fromBinary(ApprovalRequestSchema, stored.data);
+    if (!Buffer.from(request.requestSha256).equals(Buffer.from(requestSha256)) || request.method !== call.method.method.name || request.service !== call.method.service.typeName) {
+      this.securityEvent("resume_mismatch", requestId);
+      throw new AirlockError(Code.PermissionDenied, `this call is not the one held as request ${requestId}: the request differs`, { details: { requestId } });
+    }
+    if (request.identity?.agent !== call.identity.agent) {
+      this.securityEvent("resume_other_agent", requestId);
+      throw new AirlockError(Code.PermissionDenied, `request ${requestId} was made by another agent`, { details: { requestId } });
+    }
+    let decision: Decision | undefined;
+    try {
+      const found = await this.jsm.streams.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(this.options.host, requestId) });
+      if (found !== null) decision = fromBinary(DecisionSchema, found.data);
+    } catch {
+      // Not decided yet: wait for it like a fresh request.
+    }
+    return decision === undefined ? { request } : { request, decision };
+  }
+
+  private async conclude(body: DecisionBody, request: ApprovalRequest): Promise<ApprovedCall> {
+    const requestId = request.id;
+    const reviewers = body.votes.map((v) => v.reviewer).join(", ");
+    switch (body.verdict) {
+      case Verdict.APPROVED:
+        break;
+      case Verdict.DENIED:
+        throw new AirlockError(Code.PermissionDenied, `request ${requestId} denied${reviewers === "" ? "" : ` by ${reviewers}`}: ${body.reason}`, {
+          details: { requestId, reason: body.reason },
+        });
+      case Verdict.EXPIRED:
+        throw new AirlockError(Code.DeadlineExceeded, `approval request ${requestId} expired undecided`, { details: { requestId } });
+      default:
+        throw new AirlockError(Code.Aborted, `approval request ${requestId} was cancelled: ${body.reason}`, { details: { requestId } });
+    }
+    const delivery = body.credential;
+    if (delivery === undefined) throw new AirlockError(Code.PermissionDenied, "approved without a credential", { details: { requestId } });
+    let secret: string;
+    try {
+      const unwrapped = await this.options.vault.unwrap(delivery.wrappingToken);
+      secret = secretFor(delivery.kind, unwrapped.data, unwrapped.auth?.clientToken);
+    } catch (error) {
+      const failure = AirlockError.from(error);
+      if (failure.code === Code.Unavailable) throw new AirlockError(Code.Unavailable, "Vault is unreachable: cannot unwrap the credential", { details: { requestId } });
+      this.securityEvent("unwrap_failed", requestId, failure.rawMessage);
+      throw new AirlockError(Code.PermissionDenied, `the credential for request ${requestId} could not be unwrapped (already used?): refused`, { details: { requestId } });
+    }
+    const started = Date.now();
+    let completed = false;
+    return {
+      requestId,
+      injectHeader: delivery.injectHeader,
+      secret,
+      complete: (status, message) => {
+        if (completed) return;
+        completed = true;
+        const completion = create(CompletionSchema, {
+          completionId: `${requestId}.completion`,
+          requestId,
+          decisionId: body.decisionId,
+          statusCode: status,
+          statusMessage: message,
+          duration: durationFromMs(Date.now() - started),
+          host: this.options.host,
+          finishedAt: timestampFromMs(Date.now()),
+        });
+        this.js
+          .publish(subjects.completion(this.options.host, requestId), toBinary(CompletionSchema, completion), { msgID: completion.completionId })
+          .catch((error: unknown) => this.options.log.error({ err: error, requestId }, "could not report completion; the broker's reconciler revokes the lease at its deadline"));
+      },
+    };
+  }
+}
+
+function header(metadata: HeldCall["metadata"], name: string): string | undefined {
+  const value = metadata[name];
+  return Array.isArray(value) ? value[0] : value;
+}
+
+/**
+ * SHA-256 over the method path and each request message in canonical form
+ * (decoded and re-encoded, so two encodings of the same request hash alike).
+ */
+export function requestHash(call: Pick<HeldCall, "method" | "messages">): Uint8Array {
+  const hash = createHash("sha256").update(call.method.path).update("\n");
+  const schema = call.method.method.input;
+  for (const message of call.messages) {
+    const canonical = toBinary(schema, fromBinary(schema, message.payload));
+    const length = Buffer.alloc(4);
+    length.writeUInt32BE(canonical.length);
+    hash.update(length).update(canonical);
+  }
+  return hash.digest();
+}
+
+function redactAll(decoded: readonly JsonValue[], paths: readonly string[]): { redactedValues: JsonValue[]; removed: string[] } {
+  const removed = new Set<string>();
+  const redactedValues = decoded.map((value) => {
+    if (value === null || typeof value !== "object" || Array.isArray(value)) return value;
+    const result = redact(value, paths);
+    for (const path of result.removed) removed.add(path);
+    return result.redacted;
+  });
+  return { redactedValues, removed: [...removed] };
+}
+
+function secretFor(kind: string, data: Readonly<Record<string, unknown>>, clientToken: string | undefined): string {
+  if (kind === "database") {
+    if (typeof data.username !== "string" || typeof data.password !== "string") throw new AirlockError(Code.Internal, "the unwrapped database secret has no username/password");
+    return JSON.stringify({ username: data.username, password: data.password });
+  }
+  const token = clientToken ?? (typeof data.token === "string" ? data.token : undefined);
+  if (token === undefined) throw new AirlockError(Code.Internal, "the unwrapped secret holds no Vault token");
+  return token;
+}
+

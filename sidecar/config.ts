@@ -1,0 +1,148 @@
+import { AirlockError, Code } from "../common/errors.js";
+import { type ConfigReader, parseAddress, readConfigFile } from "../common/config.js";
+import { hostPattern } from "../common/subjects.js";
+import type { AgentAuthOptions } from "./identity.js";
+
+/** One upstream service the sidecar fronts. */
+export interface UpstreamConfig {
+  readonly name: string;
+  /** `host:port`, plaintext HTTP/2 (the sidecar runs next to it). */
+  readonly address: string;
+  readonly descriptorSets: readonly string[];
+  readonly services?: readonly string[];
+}
+
+/** The sidecar's whole configuration, validated. */
+export interface SidecarConfig {
+  /** Where agents connect. @default 127.0.0.1:7443 */
+  readonly listen: { readonly host: string; readonly port: number };
+  /** TLS for agents; with `clientCa`, client certificates are required and verified (mTLS). */
+  readonly tls?: { readonly cert: string; readonly key: string; readonly clientCa?: string };
+  readonly upstreams: readonly UpstreamConfig[];
+  readonly nats: { readonly url: string; readonly token?: string; readonly user?: string; readonly password?: string };
+  readonly vault: { readonly address: string };
+  /** Broker public keys (PEM file paths) by key id. */
+  readonly brokerKeys: Readonly<Record<string, string>>;
+  /** This host's name: one NATS subject token. */
+  readonly host: string;
+  readonly policyFile: string;
+  readonly agentAuth: readonly AgentAuthOptions[];
+  readonly limits: { readonly maxMessageBytes: number; readonly maxBufferedMessages: number };
+  /** Where /metrics, /healthz and /readyz are served. @default 127.0.0.1:9464 */
+  readonly metrics: { readonly host: string; readonly port: number };
+  /** @default info */
+  readonly logLevel: string;
+}
+
+/** Defaults of {@link SidecarConfig}. */
+export const sidecarConfigDefaults = {
+  listen: "127.0.0.1:7443",
+  metrics: "127.0.0.1:9464",
+  maxMessageBytes: 4 * 1024 * 1024,
+  maxBufferedMessages: 1000,
+  logLevel: "info",
+} as const;
+
+function agentAuth(entry: ConfigReader): AgentAuthOptions {
+  const kind = entry.oneOf("kind", ["jwt", "mtls"] as const);
+  if (kind === "mtls") {
+    const prefix = entry.optionalString("on_behalf_of_prefix");
+    entry.done();
+    return prefix === undefined ? { kind } : { kind, onBehalfOfPrefix: prefix };
+  }
+  const keys = entry.object("keys");
+  const keysKind = keys.oneOf("kind", ["jwks_url", "static"] as const);
+  const keySource = keysKind === "jwks_url" ? { kind: keysKind, url: keys.string("url") } : { kind: keysKind, publicKeys: keys.strings("public_keys") };
+  keys.done();
+  const options: AgentAuthOptions = {
+    kind,
+    issuer: entry.string("issuer"),
+    audience: entry.string("audience"),
+    keys: keySource,
+    ...(entry.has("human_claim") ? { humanClaim: entry.string("human_claim") } : {}),
+    ...(entry.has("clock_tolerance_sec") ? { clockToleranceSec: entry.integer("clock_tolerance_sec", 30, 0, 3600) } : {}),
+    ...(entry.has("algorithms") ? { algorithms: entry.strings("algorithms") } : {}),
+  };
+  entry.done();
+  return options;
+}
+
+/** Validates a parsed sidecar config; every error names the field. */
+export function parseSidecarConfig(root: ConfigReader): SidecarConfig {
+  const listen = root.address("listen", sidecarConfigDefaults.listen);
+  const tlsReader = root.optionalObject("tls");
+  let tls: SidecarConfig["tls"];
+  if (tlsReader !== undefined) {
+    const clientCa = tlsReader.optionalFile("client_ca");
+    tls = { cert: tlsReader.file("cert"), key: tlsReader.file("key"), ...(clientCa === undefined ? {} : { clientCa }) };
+    tlsReader.done();
+  }
+  const names = new Set<string>();
+  const upstreams = root.list("upstreams").map((entry) => {
+    const name = entry.string("name");
+    if (names.has(name)) throw entry.fail(`${entry.path}.name`, `repeats the upstream name ${name}`);
+    names.add(name);
+    const services = entry.has("services") ? entry.strings("services") : undefined;
+    const upstream: UpstreamConfig = {
+      name,
+      address: entry.address("address").text,
+      descriptorSets: entry.files("descriptor_sets"),
+      ...(services === undefined ? {} : { services }),
+    };
+    entry.done();
+    return upstream;
+  });
+  const nats = root.object("nats");
+  const natsConfig = {
+    url: nats.string("url"),
+    ...(nats.has("token") ? { token: nats.string("token") } : {}),
+    ...(nats.has("user") ? { user: nats.string("user"), password: nats.string("password") } : {}),
+  };
+  nats.done();
+  const vault = root.object("vault");
+  const vaultConfig = { address: vault.string("address") };
+  vault.done();
+  const keys = root.object("broker_keys");
+  const brokerKeys: Record<string, string> = {};
+  for (const keyId of keys.keys()) brokerKeys[keyId] = keys.file(keyId);
+  if (Object.keys(brokerKeys).length === 0) throw root.fail("broker_keys", "must name at least one broker public key");
+  keys.done();
+  const host = root.string("host");
+  if (!hostPattern.test(host)) throw root.fail("host", "must be letters, digits, '-' or '_' (it is a NATS subject token)");
+  const limits = root.optionalObject("limits");
+  const limitsConfig = {
+    maxMessageBytes: limits?.integer("max_message_bytes", sidecarConfigDefaults.maxMessageBytes, 1, 64 * 1024 * 1024) ?? sidecarConfigDefaults.maxMessageBytes,
+    maxBufferedMessages: limits?.integer("max_buffered_messages", sidecarConfigDefaults.maxBufferedMessages, 1, 100_000) ?? sidecarConfigDefaults.maxBufferedMessages,
+  };
+  limits?.done();
+  const metrics = root.optionalObject("metrics");
+  const metricsListen = metrics?.address("listen", sidecarConfigDefaults.metrics) ?? parseAddress(sidecarConfigDefaults.metrics);
+  if (metricsListen === undefined) throw root.fail("metrics.listen", "must be host:port");
+  metrics?.done();
+  const config: SidecarConfig = {
+    listen: { host: listen.host, port: listen.port },
+    ...(tls === undefined ? {} : { tls }),
+    upstreams,
+    nats: natsConfig,
+    vault: vaultConfig,
+    brokerKeys,
+    host,
+    policyFile: root.file("policy"),
+    agentAuth: root.list("agent_auth", false).map(agentAuth),
+    limits: limitsConfig,
+    metrics: { host: metricsListen.host, port: metricsListen.port },
+    logLevel: root.oneOf("log_level", ["trace", "debug", "info", "warn", "error"] as const, sidecarConfigDefaults.logLevel),
+  };
+  root.done();
+  return config;
+}
+
+/** Reads, parses and validates a sidecar config file. */
+export async function loadSidecarConfig(path: string): Promise<SidecarConfig> {
+  const root = await readConfigFile(path);
+  try {
+    return parseSidecarConfig(root);
+  } catch (error) {
+    throw AirlockError.from(error, Code.InvalidArgument);
+  }
+}

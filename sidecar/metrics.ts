@@ -1,0 +1,94 @@
+import { createServer, type Server } from "node:http";
+import { Counter, Gauge, Histogram, Registry } from "prom-client";
+
+/** The sidecar's Prometheus metrics, on a registry of its own. */
+export interface SidecarMetrics {
+  readonly registry: Registry;
+  /** Calls by method and policy effect. */
+  readonly calls: Counter<"method" | "effect">;
+  /** Seconds from the call's arrival to its end, through the proxy. */
+  readonly passThrough: Histogram<"method">;
+  /** Calls held for approval right now. */
+  readonly held: Gauge;
+  /** Seconds a held call waited for its decision. */
+  readonly approvalWait: Histogram;
+  /** Calls the sidecar ended itself, by reason. */
+  readonly rejections: Counter<"reason">;
+  /** Decisions refused (forged, mismatched, expired, replayed) and failed unwraps. */
+  readonly securityEvents: Counter<"reason">;
+}
+
+/** Creates the metrics on a fresh registry. */
+export function createSidecarMetrics(): SidecarMetrics {
+  const registry = new Registry();
+  return {
+    registry,
+    calls: new Counter({ name: "airlock_sidecar_calls_total", help: "Calls by method and policy effect", labelNames: ["method", "effect"], registers: [registry] }),
+    passThrough: new Histogram({
+      name: "airlock_sidecar_call_duration_seconds",
+      help: "Time from a call's arrival at the sidecar to its end",
+      labelNames: ["method"],
+      buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5],
+      registers: [registry],
+    }),
+    held: new Gauge({ name: "airlock_sidecar_held_calls", help: "Calls held for approval right now", registers: [registry] }),
+    approvalWait: new Histogram({
+      name: "airlock_sidecar_approval_wait_seconds",
+      help: "How long held calls waited for their decision",
+      buckets: [0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600],
+      registers: [registry],
+    }),
+    rejections: new Counter({ name: "airlock_sidecar_rejections_total", help: "Calls the sidecar ended itself, by reason", labelNames: ["reason"], registers: [registry] }),
+    securityEvents: new Counter({
+      name: "airlock_sidecar_security_events_total",
+      help: "Refused decisions and failed credential unwraps, by reason",
+      labelNames: ["reason"],
+      registers: [registry],
+    }),
+  };
+}
+
+/** What /readyz checks. */
+export interface Readiness {
+  readonly natsConnected: () => boolean;
+  readonly policyLoaded: () => boolean;
+}
+
+/** Serves /metrics, /healthz and /readyz on `host:port`; resolves once listening. */
+export async function startOpsHttp(metrics: SidecarMetrics, readiness: Readiness, host: string, port: number): Promise<{ server: Server; port: number }> {
+  const server = createServer((request, response) => {
+    if (request.url === "/metrics") {
+      metrics.registry.metrics().then(
+        (text) => {
+          response.writeHead(200, { "content-type": metrics.registry.contentType });
+          response.end(text);
+        },
+        () => {
+          response.writeHead(500);
+          response.end();
+        },
+      );
+      return;
+    }
+    if (request.url === "/healthz") {
+      response.writeHead(200, { "content-type": "text/plain" });
+      response.end("ok\n");
+      return;
+    }
+    if (request.url === "/readyz") {
+      const checks = { nats: readiness.natsConnected(), policy: readiness.policyLoaded() };
+      const ready = checks.nats && checks.policy;
+      response.writeHead(ready ? 200 : 503, { "content-type": "application/json" });
+      response.end(JSON.stringify({ ready, checks }));
+      return;
+    }
+    response.writeHead(404);
+    response.end();
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, host, resolve);
+  });
+  const address = server.address();
+  return { server, port: typeof address === "object" && address !== null ? address.port : port };
+}

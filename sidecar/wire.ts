@@ -1,0 +1,131 @@
+import type { OutgoingHttpHeaders } from "node:http2";
+import { AirlockError, Code, codeName } from "../common/errors.js";
+
+/** The length prefix of every gRPC message: 1 byte compressed flag, 4 bytes big-endian length. */
+const prefixLength = 5;
+
+/**
+ * The trailers-only response the sidecar answers with when it ends a call
+ * itself (deny, unauthenticated, unimplemented, …): HTTP 200 with grpc-status
+ * and a percent-encoded grpc-message, plus Airlock's own details header.
+ */
+export function statusResponse(code: Code, message: string, details: Readonly<Record<string, unknown>> = {}): OutgoingHttpHeaders {
+  const headers: OutgoingHttpHeaders = {
+    ":status": 200,
+    "content-type": "application/grpc",
+    "grpc-status": String(code),
+    "grpc-message": encodeGrpcMessage(message),
+    "x-airlock-error-code": codeName(code),
+  };
+  if (Object.keys(details).length > 0) headers["x-airlock-error-details"] = JSON.stringify(details);
+  const requestId = details.requestId;
+  if (typeof requestId === "string") headers["x-airlock-request-id"] = requestId;
+  return headers;
+}
+
+/** Percent-encodes a status message as the gRPC over HTTP/2 spec asks (printable ASCII but '%' stays as is). */
+export function encodeGrpcMessage(message: string): string {
+  let encoded = "";
+  for (const byte of Buffer.from(message, "utf8")) {
+    encoded += byte >= 0x20 && byte <= 0x7e && byte !== 0x25 ? String.fromCharCode(byte) : `%${byte.toString(16).toUpperCase().padStart(2, "0")}`;
+  }
+  return encoded;
+}
+
+/** Adds the 5-byte gRPC prefix to a serialized message. */
+export function frameMessage(payload: Uint8Array): Buffer {
+  const framed = Buffer.allocUnsafe(prefixLength + payload.length);
+  framed.writeUInt8(0, 0);
+  framed.writeUInt32BE(payload.length, 1);
+  framed.set(payload, prefixLength);
+  return framed;
+}
+
+/**
+ * Follows message boundaries in a gRPC byte stream without copying the bytes:
+ * the allow path forwards chunks untouched and only reads each 5-byte prefix,
+ * so an oversized message is refused before it is forwarded whole.
+ */
+export class MessageSizeGuard {
+  private readonly limit: number;
+  /** Bytes of the current message's payload still to come. */
+  private remaining = 0;
+  /** Prefix bytes seen so far of a prefix split across chunks. */
+  private readonly prefix = Buffer.alloc(prefixLength);
+  private prefixFill = 0;
+
+  constructor(limit: number) {
+    this.limit = limit;
+  }
+
+  /** Inspects the next chunk; returns the size of the first message over the limit, or undefined. */
+  inspect(chunk: Buffer): number | undefined {
+    let offset = 0;
+    while (offset < chunk.length) {
+      if (this.remaining > 0) {
+        const take = Math.min(this.remaining, chunk.length - offset);
+        this.remaining -= take;
+        offset += take;
+        continue;
+      }
+      const take = Math.min(prefixLength - this.prefixFill, chunk.length - offset);
+      chunk.copy(this.prefix, this.prefixFill, offset, offset + take);
+      this.prefixFill += take;
+      offset += take;
+      if (this.prefixFill === prefixLength) {
+        this.prefixFill = 0;
+        const size = this.prefix.readUInt32BE(1);
+        if (size > this.limit) return size;
+        this.remaining = size;
+      }
+    }
+    return undefined;
+  }
+}
+
+/** A complete gRPC message taken from a byte stream. */
+export interface GrpcMessage {
+  readonly compressed: boolean;
+  readonly payload: Buffer;
+  /** The message as it travelled: prefix and payload. */
+  readonly framed: Buffer;
+}
+
+/**
+ * Cuts a gRPC byte stream into whole messages, for the paths that must decode
+ * (a rule reads request fields, or the call is held for approval).
+ */
+export class MessageReader {
+  private pending: Buffer = Buffer.alloc(0);
+  private readonly limit: number;
+
+  constructor(limit: number) {
+    this.limit = limit;
+  }
+
+  /** Adds a chunk and returns the messages it completed; a message over the limit is RESOURCE_EXHAUSTED. */
+  push(chunk: Buffer): GrpcMessage[] {
+    this.pending = this.pending.length === 0 ? chunk : Buffer.concat([this.pending, chunk]);
+    const messages: GrpcMessage[] = [];
+    for (;;) {
+      if (this.pending.length < prefixLength) break;
+      const size = this.pending.readUInt32BE(1);
+      if (size > this.limit) throw messageTooLarge(size, this.limit);
+      if (this.pending.length < prefixLength + size) break;
+      const framed = this.pending.subarray(0, prefixLength + size);
+      messages.push({ compressed: framed[0] === 1, payload: framed.subarray(prefixLength), framed });
+      this.pending = this.pending.subarray(prefixLength + size);
+    }
+    return messages;
+  }
+
+  /** Bytes received that do not make a whole message yet. */
+  get partialBytes(): number {
+    return this.pending.length;
+  }
+}
+
+/** The error for a request message over the size limit. */
+export function messageTooLarge(size: number, limit: number): AirlockError {
+  return new AirlockError(Code.ResourceExhausted, `request message of ${size} bytes is over the limit of ${limit}`, { details: { size, limit } });
+}

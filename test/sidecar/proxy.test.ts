@@ -1,0 +1,450 @@
+import { randomBytes } from "node:crypto";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { create, fromBinary, toBinary, toJsonString } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { Client, credentials, Metadata } from "@grpc/grpc-js";
+import { type ConsumerMessages, DeliverPolicy, jetstream } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+import { exportSPKI, generateKeyPair, SignJWT } from "jose";
+import pg from "pg";
+import t from "tap";
+import { ConfigReader } from "../../common/config.js";
+import { generateDecisionKey, signDecision } from "../../common/decision.js";
+import { type AirlockError, Code, callBidiStream, callClientStream, callServerStream, callUnary } from "../../common/index.js";
+import { streams, subjects } from "../../common/subjects.js";
+import { startOpsServer } from "../../demo/ops/index.js";
+import { freePort, useInfra } from "../../harness/index.js";
+import { type ApprovalRequest, ApprovalRequestSchema, CompletionSchema, DecisionBodySchema, DecisionSchema, descriptorSetPath, Verdict } from "../../proto/index.js";
+import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
+import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
+
+const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
+const host = "test-host";
+
+// --- the database the privileged export reads, and a role standing in for Vault's dynamic user
+const role = `airlock_t_${randomBytes(5).toString("hex")}`;
+const rolePassword = `pw-${randomBytes(8).toString("hex")}`;
+const admin = new pg.Client({ connectionString: database.url });
+await admin.connect();
+await admin.query("CREATE TABLE customers (id int PRIMARY KEY, name text)");
+await admin.query("INSERT INTO customers VALUES (1, 'Ada'), (2, 'Grace')");
+await admin.query(`CREATE ROLE ${role} LOGIN PASSWORD '${rolePassword}'; GRANT SELECT ON customers TO ${role}`);
+t.teardown(async () => {
+  await admin.query(`DROP OWNED BY ${role}; DROP ROLE ${role}`);
+  await admin.end();
+});
+
+const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
+t.teardown(() => ops.close());
+
+// --- keys: the broker's decision key, a forger's key under the same id, the agents' token key
+const broker = generateDecisionKey("k1");
+const forger = generateDecisionKey("k1");
+const agentKeys = await generateKeyPair("EdDSA");
+const agentPublicPem = await exportSPKI(agentKeys.publicKey);
+const dir = await mkdtemp(join(tmpdir(), "airlock-sidecar-test-"));
+t.teardown(() => rm(dir, { recursive: true, force: true }));
+await writeFile(join(dir, "broker-k1.pem"), broker.publicKeyPem);
+const policyYaml = `
+version: 1
+default: deny
+rules:
+  - id: status
+    match: { service: demo.v1.OpsService, method: GetStatus }
+    effect: allow
+  - id: tail
+    match: { service: demo.v1.OpsService, method: Tail }
+    effect: allow
+  - id: import-open
+    match: { service: demo.v1.OpsService, method: ImportRows }
+    effect: allow
+  - id: no-grants
+    match: { service: demo.v1.OpsService, method: GrantRole }
+    effect: deny
+    reason: role grants go through the IAM team
+  - id: export-public
+    match: { service: demo.v1.OpsService, method: ExportTable }
+    when: 'request.table == "public_stats"'
+    effect: allow
+  - id: export
+    match: { service: demo.v1.OpsService, method: ExportTable }
+    effect: approve
+    approve:
+      risk: high
+      reviewers: { all_of: [{ group: data-owners, min_approvals: 1 }] }
+      credential: { kind: database, mount: database, role: export, ttl: 5m }
+      require_reason: true
+      timeout: 4s
+  - id: rotate
+    match: { service: demo.v1.OpsService, method: RotateKey }
+    effect: approve
+    approve:
+      risk: medium
+      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }
+      credential: { kind: vault_token, policies: [default], num_uses: 3, ttl: 1m }
+      timeout: 4s
+`;
+await writeFile(join(dir, "policy.yaml"), policyYaml);
+
+function sidecarConfig(overrides: Record<string, unknown> = {}) {
+  return parseSidecarConfig(
+    new ConfigReader(
+      {
+        listen: "127.0.0.1:0",
+        upstreams: [{ name: "ops", address: ops.address, descriptor_sets: [descriptorSetPath], services: ["demo.v1.OpsService"] }],
+        nats: { url: nats.url },
+        vault: { address: vault.address },
+        broker_keys: { k1: "broker-k1.pem" },
+        host,
+        policy: "policy.yaml",
+        agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [agentPublicPem] } }],
+        limits: { max_message_bytes: 4096, max_buffered_messages: 50 },
+        metrics: { listen: "127.0.0.1:0" },
+        log_level: "error",
+        ...overrides,
+      },
+      "",
+      join(dir, "sidecar.yaml"),
+    ),
+  );
+}
+
+const sidecar = await startSidecar(sidecarConfig());
+t.teardown(() => sidecar.close());
+const client = new Client(sidecar.address, credentials.createInsecure());
+t.teardown(() => client.close());
+
+// --- a stand-in broker: reads requests, answers with signed decisions carrying real Vault wrapping tokens
+const nc = await connect({ servers: nats.url });
+t.teardown(() => nc.close());
+const js = jetstream(nc);
+const requestConsumer = await js.consumers.get(streams.requests.name, { filter_subjects: "airlock.request.>", deliver_policy: DeliverPolicy.New });
+const requestMessages: ConsumerMessages = await requestConsumer.consume();
+// A loop that always pulls, so close() can finish; tests take requests from the queue.
+const arrived: ApprovalRequest[] = [];
+const takers: Array<(request: ApprovalRequest) => void> = [];
+const requestLoop = (async () => {
+  for await (const message of requestMessages) {
+    const request = fromBinary(ApprovalRequestSchema, message.data);
+    const taker = takers.shift();
+    if (taker === undefined) arrived.push(request);
+    else taker(request);
+  }
+})();
+t.teardown(async () => {
+  await requestMessages.close();
+  await requestLoop;
+});
+
+function nextRequest(): Promise<ApprovalRequest> {
+  const ready = arrived.shift();
+  return ready === undefined ? new Promise((resolve) => takers.push(resolve)) : Promise.resolve(ready);
+}
+
+async function vaultCall(path: string, body: unknown, wrapTtl?: string): Promise<Record<string, unknown>> {
+  const response = await fetch(`${vault.address}/v1/${path}`, {
+    method: "POST",
+    headers: { "X-Vault-Token": vault.rootToken, ...(wrapTtl === undefined ? {} : { "X-Vault-Wrap-TTL": wrapTtl }) },
+    body: JSON.stringify(body),
+  });
+  if (!response.ok) throw new Error(`vault ${path}: ${response.status} ${await response.text()}`);
+  return (await response.json()) as Record<string, unknown>;
+}
+
+async function wrappedCredential(request: ApprovalRequest): Promise<string> {
+  const response =
+    request.credential?.kind.case === "database"
+      ? await vaultCall("sys/wrapping/wrap", { username: role, password: rolePassword }, "60s")
+      : await vaultCall("auth/token/create", { policies: ["default"], ttl: "60s", num_uses: 3, meta: { request_id: request.id } }, "60s");
+  return (response.wrap_info as { token: string }).token;
+}
+
+interface DecideOptions {
+  readonly verdict?: Verdict;
+  readonly reason?: string;
+  readonly key?: typeof broker.signing;
+  readonly requestId?: string;
+  readonly requestSha256?: Uint8Array;
+  readonly expiresAt?: number;
+  readonly wrappingToken?: string;
+  readonly decisionId?: string;
+}
+
+async function decide(request: ApprovalRequest, options: DecideOptions = {}): Promise<string> {
+  const verdict = options.verdict ?? Verdict.APPROVED;
+  const wrappingToken = verdict === Verdict.APPROVED ? (options.wrappingToken ?? (await wrappedCredential(request))) : "";
+  const body = create(DecisionBodySchema, {
+    decisionId: options.decisionId ?? `d-${randomBytes(6).toString("hex")}`,
+    requestId: options.requestId ?? request.id,
+    requestSha256: options.requestSha256 ?? request.requestSha256,
+    verdict,
+    votes: [{ reviewer: "rita@corp", group: "security", approve: verdict === Verdict.APPROVED, reason: options.reason ?? "ok" }],
+    reason: options.reason ?? "ok",
+    decidedAt: timestampFromMs(Date.now()),
+    expiresAt: timestampFromMs(options.expiresAt ?? Date.now() + 60_000),
+    ...(verdict === Verdict.APPROVED ? { credential: { wrappingToken, kind: request.credential?.kind.case === "database" ? "database" : "vault_token", injectHeader: request.credential?.injectHeader ?? "x-airlock-credential" } } : {}),
+  });
+  const decision = signDecision(body, options.key ?? broker.signing);
+  await js.publish(subjects.decision(host, request.id), toBinary(DecisionSchema, decision));
+  return wrappingToken;
+}
+
+async function agentMetadata(extra: Record<string, string> = {}, subject = "spiffe://corp/agent/etl"): Promise<Metadata> {
+  const token = await new SignJWT({ act_for: "alice@corp" })
+    .setProtectedHeader({ alg: "EdDSA" })
+    .setSubject(subject)
+    .setIssuer("https://idp.test")
+    .setAudience("airlock")
+    .setIssuedAt()
+    .setExpirationTime("5m")
+    .sign(agentKeys.privateKey);
+  const metadata = new Metadata();
+  metadata.set("authorization", `Bearer ${token}`);
+  for (const [key, value] of Object.entries(extra)) metadata.set(key, value);
+  return metadata;
+}
+
+async function failure(promise: Promise<unknown>): Promise<AirlockError> {
+  try {
+    await promise;
+  } catch (error) {
+    return error as AirlockError;
+  }
+  throw new Error("expected the call to fail");
+}
+
+async function collect<T>(stream: AsyncIterable<T>): Promise<T[]> {
+  const items: T[] = [];
+  for await (const item of stream) items.push(item);
+  return items;
+}
+
+await t.test("allow: a unary call passes through with metadata both ways and trailers", async (t) => {
+  const metadata = new Metadata();
+  metadata.set("x-echo-trace", "abc123");
+  const seen: { headers?: Metadata; trailers?: Metadata } = {};
+  const status = await new Promise<{ service: string }>((resolve, reject) => {
+    const call = client.makeUnaryRequest(
+      `/demo.v1.OpsService/GetStatus`,
+      (m: Uint8Array) => Buffer.from(m),
+      (b: Buffer) => b,
+      Buffer.alloc(0),
+      metadata,
+      {},
+      (error, response) => {
+        if (error !== null || response === undefined) return reject(error ?? new Error("no response"));
+        resolve(fromBinary(OpsService.method.getStatus.output, response));
+      },
+    );
+    call.on("metadata", (m) => (seen.headers = m));
+    call.on("status", (s) => (seen.trailers = s.metadata));
+  });
+  t.equal(status.service, "demo.v1.OpsService");
+  t.same(seen.headers?.get("x-echo-trace"), ["abc123"], "request metadata reached the upstream and its response headers came back");
+  t.same(seen.trailers?.get("x-served-by"), ["demo.v1.OpsService"], "trailers pass through");
+});
+
+await t.test("allow: bidi streaming passes through, and client-streaming status codes pass through", async (t) => {
+  const tail = callBidiStream(client, OpsService.method.tail);
+  const lines: string[] = [];
+  const done = new Promise<void>((resolve, reject) => {
+    tail.on("data", (m: { line: string }) => lines.push(m.line));
+    tail.on("end", resolve);
+    tail.on("error", reject);
+  });
+  tail.write(create(OpsService.method.tail.input, { filter: "GetStatus" }));
+  tail.write(create(OpsService.method.tail.input, { filter: "nothing-matches" }));
+  tail.end();
+  await done;
+  t.equal(lines.length, 2);
+  t.match(lines[0], /GetStatus ok/);
+
+  // The upstream refuses ImportRows without a credential; its status and details arrive unchanged.
+  const refused = await failure(callClientStream(client, OpsService.method.importRows, [{ table: "customers", row: { id: 9 } }]));
+  t.equal(refused.code, Code.Unauthenticated);
+  t.match(refused.rawMessage, /through the Airlock sidecar/);
+});
+
+await t.test("allow on a decoded field: server streaming passes through", async (t) => {
+  const error = await failure(collect(callServerStream(client, OpsService.method.exportTable, { table: "public_stats" })));
+  t.equal(error.code, Code.Unauthenticated, "rule export-public let it through to the upstream, which wants a credential");
+});
+
+await t.test("deny: PERMISSION_DENIED naming the rule and the reason", async (t) => {
+  const error = await failure(callUnary(client, OpsService.method.grantRole, { user: "mallory", role: "admin" }));
+  t.equal(error.code, Code.PermissionDenied);
+  t.match(error.rawMessage, /no-grants/);
+  t.match(error.rawMessage, /IAM team/);
+});
+
+/** A unary call with raw request bytes: what a buggy or hostile agent can send. */
+function rawUnary(path: string, bytes: Buffer): Promise<{ code: number; details: string }> {
+  return new Promise((resolve) =>
+    client.makeUnaryRequest(path, (m: Buffer) => m, (b: Buffer) => b, bytes, new Metadata(), {}, (error) =>
+      resolve({ code: error?.code ?? 0, details: error?.details ?? "" }),
+    ),
+  );
+}
+
+await t.test("unknown method: UNIMPLEMENTED naming it", async (t) => {
+  const error = await rawUnary("/demo.v1.OpsService/DropEverything", Buffer.alloc(0));
+  t.equal(error.code, Code.Unimplemented);
+  t.match(error.details, /DropEverything/);
+});
+
+await t.test("oversized and malformed messages are refused before the upstream", async (t) => {
+  const allowed = await rawUnary("/demo.v1.OpsService/GetStatus", Buffer.alloc(5000));
+  t.equal(allowed.code, Code.ResourceExhausted, "over the limit on the allow path, which never decodes");
+  const held = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "k".repeat(5000) }, { metadata: await agentMetadata() }));
+  t.equal(held.code, Code.ResourceExhausted, "over the limit on a held call");
+  const garbage = await rawUnary("/demo.v1.OpsService/ExportTable", Buffer.from([0x0a, 0xff, 0xff]));
+  t.equal(garbage.code, Code.InvalidArgument, "malformed protobuf where a rule must decode it");
+});
+
+await t.test("an agent cannot send the credential header itself", async (t) => {
+  const metadata = new Metadata();
+  metadata.set("x-airlock-credential", "smuggled");
+  const error = await failure(callUnary(client, OpsService.method.getStatus, {}, { metadata }));
+  t.equal(error.code, Code.InvalidArgument);
+});
+
+await t.test("a privileged call without identity is UNAUTHENTICATED", async (t) => {
+  const error = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }));
+  t.equal(error.code, Code.Unauthenticated);
+});
+
+await t.test("approve: the upstream gets a live Vault token, the agent never sees it, completion is reported", async (t) => {
+  const completions = await (await js.consumers.get(streams.completions.name, { filter_subjects: "airlock.completion.>", deliver_policy: DeliverPolicy.New })).consume();
+  const call = callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agentMetadata({ "x-airlock-reason": "quarterly rotation" }) });
+  const request = await nextRequest();
+  t.equal(request.method, "RotateKey");
+  t.equal(request.identity?.agent, "spiffe://corp/agent/etl");
+  t.equal(request.identity?.onBehalfOf, "alice@corp");
+  t.equal(request.reason, "quarterly rotation");
+  t.equal(request.ruleId, "rotate");
+  t.equal(request.requestSha256.length, 32);
+  const wrapping = await decide(request);
+  const response = await call;
+  t.equal(response.version, 1, "the upstream accepted the injected token");
+  t.notMatch(toJsonString(OpsService.method.rotateKey.output, response), /hvs\.|s\.[A-Za-z0-9]{20}/, "no Vault token in the response");
+  t.ok(wrapping.length > 0);
+  const completion = await (async () => {
+    for await (const message of completions) return fromBinary(CompletionSchema, message.data);
+    return undefined;
+  })();
+  await completions.close();
+  t.equal(completion?.requestId, request.id);
+  t.equal(completion?.statusCode, 0);
+});
+
+await t.test("approve: ExportTable streams rows read with the injected database credential", async (t) => {
+  const rows = collect(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata: await agentMetadata({ "x-airlock-reason": "monthly report" }) }));
+  const request = await nextRequest();
+  t.same(request.request?.kind.case, "structValue");
+  await decide(request);
+  t.same(
+    (await rows).map((r) => r.row),
+    [
+      { id: 1, name: "Ada" },
+      { id: 2, name: "Grace" },
+    ],
+  );
+});
+
+await t.test("a rule that requires a reason refuses a call without one", async (t) => {
+  const error = await failure(collect(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata: await agentMetadata() })));
+  t.equal(error.code, Code.InvalidArgument);
+  t.match(error.rawMessage, /x-airlock-reason/);
+});
+
+await t.test("deny by a reviewer: PERMISSION_DENIED with the reason and request id", async (t) => {
+  const call = callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agentMetadata() });
+  const request = await nextRequest();
+  await decide(request, { verdict: Verdict.DENIED, reason: "not during the freeze" });
+  const error = await failure(call);
+  t.equal(error.code, Code.PermissionDenied);
+  t.match(error.rawMessage, /not during the freeze/);
+  t.match(error.rawMessage, request.id);
+});
+
+await t.test("forged, mismatched and expired decisions are refused; the real one still works", async (t) => {
+  const before = await sidecar.metrics.securityEvents.get();
+  const count = () => before.values.reduce((sum, v) => sum + v.value, 0);
+  const call = callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agentMetadata() });
+  const request = await nextRequest();
+  await decide(request, { key: forger.signing });
+  await decide(request, { requestSha256: new Uint8Array(32) });
+  await decide(request, { expiresAt: Date.now() - 1000 });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const after = await sidecar.metrics.securityEvents.get();
+  const reasons = after.values.map((v) => String(v.labels.reason));
+  t.ok(reasons.includes("bad_signature"), "forged signature reported");
+  t.ok(reasons.includes("hash_mismatch"), "decision for another request reported");
+  t.ok(reasons.includes("expired"), "expired decision reported");
+  t.ok(after.values.reduce((sum, v) => sum + v.value, 0) >= count() + 3);
+  await decide(request);
+  t.ok((await call).version > 0, "the genuine decision still lets the call through");
+});
+
+await t.test("a credential unwrapped by someone else is refused as a security event", async (t) => {
+  const call = callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agentMetadata() });
+  const request = await nextRequest();
+  const wrappingToken = await wrappedCredential(request);
+  await fetch(`${vault.address}/v1/sys/wrapping/unwrap`, { method: "POST", headers: { "X-Vault-Token": wrappingToken } });
+  await decide(request, { wrappingToken });
+  const error = await failure(call);
+  t.equal(error.code, Code.PermissionDenied);
+  t.match(error.rawMessage, /could not be unwrapped/);
+});
+
+await t.test("no-wait and resume: ABORTED with the request id, then the identical call executes once approved", async (t) => {
+  const first = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "resume-me" }, { metadata: await agentMetadata({ "x-airlock-wait": "false" }) }));
+  t.equal(first.code, Code.Aborted);
+  const request = await nextRequest();
+  t.match(first.rawMessage, request.id);
+  await decide(request);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  const other = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "something-else" }, { metadata: await agentMetadata({ "x-airlock-request-id": request.id }) }));
+  t.equal(other.code, Code.PermissionDenied, "a different request cannot ride on the approval");
+  const resumed = await callUnary(client, OpsService.method.rotateKey, { keyId: "resume-me" }, { metadata: await agentMetadata({ "x-airlock-request-id": request.id }) });
+  t.equal(resumed.keyId, "resume-me");
+  const replay = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "resume-me" }, { metadata: await agentMetadata({ "x-airlock-request-id": request.id }), deadline: new Date(Date.now() + 1500) }));
+  t.not(replay.code, 0, "the same decision does not run the action twice");
+});
+
+await t.test("expiry: DEADLINE_EXCEEDED with the request id when nobody decides", async (t) => {
+  const error = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agentMetadata() }));
+  const request = await nextRequest();
+  t.equal(error.code, Code.DeadlineExceeded);
+  t.match(error.rawMessage, request.id);
+});
+
+await t.test("NATS down: privileged calls fail closed with UNAVAILABLE, allowed ones still pass; recovery after restart", async (t) => {
+  await nats.pause();
+  const error = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agentMetadata() }));
+  t.equal(error.code, Code.Unavailable);
+  t.equal((await callUnary(client, OpsService.method.getStatus, {})).service, "demo.v1.OpsService", "the allow path does not need NATS");
+  await nats.resume();
+  await new Promise((resolve) => setTimeout(resolve, 1500));
+  const call = callUnary(client, OpsService.method.rotateKey, { keyId: "after-restart" }, { metadata: await agentMetadata() });
+  const request = await nextRequest();
+  await decide(request);
+  t.equal((await call).keyId, "after-restart");
+});
+
+await t.test("upstream down: UNAVAILABLE", async (t) => {
+  const port = await freePort();
+  const config = sidecarConfig({
+    upstreams: [{ name: "ops", address: `127.0.0.1:${port}`, descriptor_sets: [descriptorSetPath], services: ["demo.v1.OpsService"] }],
+    host: "other-host",
+  });
+  const lonely = await startSidecar(config);
+  const lonelyClient = new Client(lonely.address, credentials.createInsecure());
+  const error = await failure(callUnary(lonelyClient, OpsService.method.getStatus, {}));
+  lonelyClient.close();
+  await lonely.close();
+  t.equal(error.code, Code.Unavailable);
+});
+
