@@ -272,6 +272,24 @@ await t.test("allow on a decoded field: server streaming passes through", async 
   t.equal(error.code, Code.Unauthenticated, "rule export-public let it through to the upstream, which wants a credential");
 });
 
+await t.test("deadlines and cancellation pass through, and nothing hangs", async (t) => {
+  const late = callBidiStream(client, OpsService.method.tail, { deadline: new Date(Date.now() + 300) });
+  const lateCode = await new Promise<number>((resolve) => {
+    late.on("data", () => undefined);
+    late.on("error", (error: { code: number }) => resolve(error.code));
+  });
+  t.equal(lateCode, Code.DeadlineExceeded);
+  const cancelled = callBidiStream(client, OpsService.method.tail);
+  const cancelledCode = new Promise<number>((resolve) => {
+    cancelled.on("data", () => undefined);
+    cancelled.on("error", (error: { code: number }) => resolve(error.code));
+  });
+  cancelled.write(create(OpsService.method.tail.input, { filter: "x" }));
+  cancelled.cancel();
+  t.equal(await cancelledCode, Code.Canceled);
+  t.equal((await callUnary(client, OpsService.method.getStatus, {})).service, "demo.v1.OpsService", "the sidecar still serves");
+});
+
 await t.test("deny: PERMISSION_DENIED naming the rule and the reason", async (t) => {
   const error = await failure(callUnary(client, OpsService.method.grantRole, { user: "mallory", role: "admin" }));
   t.equal(error.code, Code.PermissionDenied);
@@ -411,7 +429,9 @@ await t.test("no-wait and resume: ABORTED with the request id, then the identica
   const resumed = await callUnary(client, OpsService.method.rotateKey, { keyId: "resume-me" }, { metadata: await agentMetadata({ "x-airlock-request-id": request.id }) });
   t.equal(resumed.keyId, "resume-me");
   const replay = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "resume-me" }, { metadata: await agentMetadata({ "x-airlock-request-id": request.id }), deadline: new Date(Date.now() + 1500) }));
-  t.not(replay.code, 0, "the same decision does not run the action twice");
+  t.equal(replay.code, Code.DeadlineExceeded, "the same decision does not run the action twice: the call waits for a new one");
+  const reasons = (await sidecar.metrics.securityEvents.get()).values.map((v) => String(v.labels.reason));
+  t.ok(reasons.includes("replayed"), "the replayed decision is reported as a security event");
 });
 
 await t.test("expiry: DEADLINE_EXCEEDED with the request id when nobody decides", async (t) => {
@@ -448,3 +468,17 @@ await t.test("upstream down: UNAVAILABLE", async (t) => {
   t.equal(error.code, Code.Unavailable);
 });
 
+
+await t.test("/metrics, /healthz and /readyz", async (t) => {
+  const base = `http://127.0.0.1:${sidecar.metricsPort}`;
+  const metrics = await (await fetch(`${base}/metrics`)).text();
+  t.match(metrics, /airlock_sidecar_calls_total\{method="\/demo\.v1\.OpsService\/GetStatus",effect="allow"\} [1-9]/);
+  t.match(metrics, /airlock_sidecar_calls_total\{method="\/demo\.v1\.OpsService\/GrantRole",effect="deny"\} [1-9]/);
+  t.match(metrics, /airlock_sidecar_rejections_total\{reason="unknown_method"\} [1-9]/);
+  t.match(metrics, /airlock_sidecar_approval_wait_seconds_count [1-9]/);
+  t.match(metrics, /airlock_sidecar_security_events_total\{reason="bad_signature"\} [1-9]/);
+  t.equal((await fetch(`${base}/healthz`)).status, 200);
+  const ready = await fetch(`${base}/readyz`);
+  t.equal(ready.status, 200);
+  t.same(await ready.json(), { ready: true, checks: { nats: true, policy: true } });
+});
