@@ -3,16 +3,74 @@
  * The one command-line entry point of every Airlock part:
  *   airlock sidecar --config sidecar.yaml
  *   airlock policy test --policy policy.yaml --call call.json
+ *   airlock audit verify (--nats <url> | --file <audit.jsonl>)
+ *   airlock audit export --nats <url> [--since <ISO time>]
  */
 import { readFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
 import type { JsonObject } from "@bufbuild/protobuf";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { auditEventsFromJsonl, auditEventToJsonLine, readAuditEvents, verifyChain } from "../broker/audit.js";
 import { AirlockError, Code } from "../common/errors.js";
+import type { AuditEvent } from "../proto/index.js";
 import { explainCall, loadSidecarConfig, Policy, type PolicyCall, startSidecar } from "../sidecar/index.js";
 
 const usage = `usage:
   airlock sidecar --config <sidecar.yaml>
-  airlock policy test --policy <policy.yaml> --call <call.json>`;
+  airlock policy test --policy <policy.yaml> --call <call.json>
+  airlock audit verify (--nats <url> | --file <audit.jsonl>)
+  airlock audit export --nats <url> [--since <ISO time>]`;
+
+async function withNats<T>(url: string, work: (nc: NatsConnection) => Promise<T>): Promise<T> {
+  let nc: NatsConnection;
+  try {
+    nc = await connect({ servers: url, maxReconnectAttempts: 2 });
+  } catch (error) {
+    throw new AirlockError(Code.Unavailable, `cannot connect to NATS at ${url}`, { cause: error });
+  }
+  try {
+    return await work(nc);
+  } finally {
+    await nc.close();
+  }
+}
+
+async function runAudit(sub: string | undefined, args: string[]): Promise<void> {
+  const { values } = parseArgs({ args, options: { nats: { type: "string" }, file: { type: "string" }, since: { type: "string" } }, strict: true });
+  if (sub === "verify") {
+    let events: AuditEvent[];
+    if (values.file !== undefined) {
+      events = auditEventsFromJsonl(await readFile(values.file, "utf8"));
+    } else if (values.nats !== undefined) {
+      events = await withNats(values.nats, async (nc) => {
+        const all: AuditEvent[] = [];
+        for await (const event of readAuditEvents(nc)) all.push(event);
+        return all;
+      });
+    } else {
+      throw new AirlockError(Code.InvalidArgument, "--nats or --file is required");
+    }
+    const verdict = verifyChain(events);
+    if (verdict.intact) {
+      console.log(`audit chain intact: ${verdict.eventsChecked} events`);
+    } else {
+      console.log(`audit chain BROKEN at event ${verdict.firstBrokenSequence}: ${verdict.problem}`);
+      process.exitCode = 1;
+    }
+    return;
+  }
+  if (sub === "export") {
+    if (values.nats === undefined) throw new AirlockError(Code.InvalidArgument, "--nats is required");
+    const since = values.since === undefined ? undefined : new Date(values.since);
+    if (since !== undefined && Number.isNaN(since.getTime())) throw new AirlockError(Code.InvalidArgument, `--since ${values.since} is not a time`);
+    await withNats(values.nats, async (nc) => {
+      for await (const event of readAuditEvents(nc, since === undefined ? {} : { since })) process.stdout.write(`${auditEventToJsonLine(event)}\n`);
+    });
+    return;
+  }
+  console.error(usage);
+  process.exitCode = 2;
+}
 
 async function runSidecar(args: string[]): Promise<void> {
   const { values } = parseArgs({ args, options: { config: { type: "string" } }, strict: true });
@@ -66,6 +124,7 @@ async function main(argv: string[]): Promise<void> {
   const [command, sub, ...rest] = argv;
   if (command === "sidecar") return runSidecar(argv.slice(1));
   if (command === "policy" && sub === "test") return runPolicyTest(rest);
+  if (command === "audit") return runAudit(sub, rest);
   console.error(usage);
   process.exitCode = 2;
 }

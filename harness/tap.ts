@@ -35,11 +35,15 @@ export async function useInfra<const N extends InfraNeeds>(t: Test, needs: N): P
     if (failures.length > 0) throw new Error(`test left things behind:\n- ${failures.join("\n- ")}`);
   });
   const infra: Record<string, unknown> = {};
-  const [nats, vault, postgres] = await Promise.all([
+  // allSettled, so a server that did start is still stopped when another one fails.
+  const [natsResult, vaultResult, postgresResult] = await Promise.allSettled([
     needs.nats === true ? startNats() : undefined,
     needs.vault === true ? startVault() : undefined,
     needs.database === true ? startPostgres() : undefined,
   ]);
+  const nats = natsResult.status === "fulfilled" ? natsResult.value : undefined;
+  const vault = vaultResult.status === "fulfilled" ? vaultResult.value : undefined;
+  const postgres = postgresResult.status === "fulfilled" ? postgresResult.value : undefined;
   if (nats !== undefined) {
     infra.nats = nats;
     cleanups.push(() => nats.stop());
@@ -51,6 +55,11 @@ export async function useInfra<const N extends InfraNeeds>(t: Test, needs: N): P
   if (postgres !== undefined) {
     infra.postgres = postgres;
     cleanups.push(() => postgres.stop());
+  }
+  for (const result of [natsResult, vaultResult, postgresResult]) {
+    if (result.status === "rejected") throw result.reason;
+  }
+  if (postgres !== undefined) {
     const database = await postgres.createDatabase();
     infra.database = database;
     cleanups.push(() => database.drop());

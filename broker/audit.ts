@@ -1,0 +1,214 @@
+import { createHash, randomUUID } from "node:crypto";
+import { create, fromJson, type JsonObject, type JsonValue, toJson } from "@bufbuild/protobuf";
+import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import { DeliverPolicy, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager, JetStreamApiError } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { AirlockError, Code } from "../common/errors.js";
+import { type AuditEvent, AuditEventSchema, type AuditEventType } from "../proto/index.js";
+
+/** The audit stream: append-only, with deletes and purges refused by the server itself. */
+export const auditStream = { name: "AIRLOCK_AUDIT", subject: "airlock.audit" } as const;
+
+/** What a caller says about an event; the log adds sequence, id, time and the chain links. */
+export interface AuditEntry {
+  readonly type: AuditEventType;
+  readonly actor: string;
+  readonly requestId?: string;
+  /** Facts about the event. Never a secret. */
+  readonly details?: JsonObject;
+  /** Break-glass approvals and security events, for alerting. */
+  readonly flagged?: boolean;
+}
+
+/** The outcome of {@link verifyChain}. */
+export interface ChainVerdict {
+  readonly intact: boolean;
+  readonly eventsChecked: number;
+  /** The sequence of the first event whose link is broken; 0 when intact. */
+  readonly firstBrokenSequence: number;
+  readonly problem: string;
+}
+
+function sortKeys(value: JsonValue): JsonValue {
+  if (Array.isArray(value)) return value.map(sortKeys);
+  if (value !== null && typeof value === "object") {
+    return Object.fromEntries(
+      Object.keys(value)
+        .sort()
+        .map((key) => [key, sortKeys(value[key] ?? null)]),
+    );
+  }
+  return value;
+}
+
+/**
+ * The hash of an event: SHA-256 over the previous event's hash and the
+ * event's protobuf JSON with keys sorted (its own `sha256` left out). JSON with
+ * sorted keys, not protobuf bytes, so an exported JSONL file verifies exactly
+ * like the stream does, whatever order a map's keys were written in.
+ */
+export function eventHash(event: AuditEvent): Uint8Array {
+  const json = toJson(AuditEventSchema, { ...event, sha256: new Uint8Array(0) }) as JsonObject;
+  return createHash("sha256")
+    .update(Buffer.from(event.prevSha256))
+    .update("\n")
+    .update(JSON.stringify(sortKeys(json)))
+    .digest();
+}
+
+/**
+ * Recomputes the chain: sequences 1, 2, 3… without gaps, each event's
+ * `prev_sha256` equal to the previous event's `sha256`, and each `sha256` equal
+ * to the recomputed hash. Names the first broken link.
+ */
+export function verifyChain(events: Iterable<AuditEvent>): ChainVerdict {
+  let previous: Uint8Array = new Uint8Array(0);
+  let expected = 1n;
+  let checked = 0;
+  for (const event of events) {
+    checked++;
+    const broken = (problem: string): ChainVerdict => ({ intact: false, eventsChecked: checked, firstBrokenSequence: Number(event.sequence), problem });
+    if (event.sequence !== expected) return broken(`expected sequence ${expected}, found ${event.sequence}: an event is missing or out of order`);
+    if (!Buffer.from(event.prevSha256).equals(Buffer.from(previous))) return broken(`event ${event.sequence} does not link to the hash of event ${event.sequence - 1n}`);
+    if (!Buffer.from(event.sha256).equals(Buffer.from(eventHash(event)))) return broken(`event ${event.sequence} was altered: its hash does not match its content`);
+    previous = event.sha256;
+    expected++;
+  }
+  return { intact: true, eventsChecked: checked, firstBrokenSequence: 0, problem: "" };
+}
+
+/** One event as a JSONL line (protobuf JSON). */
+export function auditEventToJsonLine(event: AuditEvent): string {
+  return JSON.stringify(toJson(AuditEventSchema, event));
+}
+
+/** Parses JSONL lines back into events; a bad line is INVALID_ARGUMENT naming the line number. */
+export function auditEventsFromJsonl(text: string): AuditEvent[] {
+  const events: AuditEvent[] = [];
+  for (const [index, line] of text.split("\n").entries()) {
+    if (line.trim() === "") continue;
+    try {
+      events.push(fromJson(AuditEventSchema, JSON.parse(line) as JsonValue));
+    } catch (error) {
+      throw new AirlockError(Code.InvalidArgument, `line ${index + 1} is not an audit event`, { cause: error, details: { line: index + 1 } });
+    }
+  }
+  return events;
+}
+
+/** Creates the audit stream if needed: deny_delete and deny_purge, so not even an admin's API call removes an event. */
+export async function ensureAuditStream(jsm: JetStreamManager): Promise<void> {
+  try {
+    await jsm.streams.info(auditStream.name);
+  } catch {
+    await jsm.streams.add({ name: auditStream.name, subjects: [auditStream.subject], deny_delete: true, deny_purge: true, allow_rollup_hdrs: false });
+  }
+}
+
+/** Reads the audit stream from the start (or from a time), in order. */
+export async function* readAuditEvents(nc: NatsConnection, options: { since?: Date } = {}): AsyncGenerator<AuditEvent> {
+  const jsm = await jetstreamManager(nc);
+  const info = await jsm.streams.info(auditStream.name);
+  const last = info.state.last_seq;
+  if (info.state.messages === 0) return;
+  const consumer = await jetstream(nc).consumers.get(auditStream.name, {
+    ...(options.since === undefined ? { deliver_policy: DeliverPolicy.All } : { deliver_policy: DeliverPolicy.StartTime, opt_start_time: options.since.toISOString() }),
+  });
+  // Stop at the stream's end as of now; a start time past the last event means nothing to read.
+  const pending = (await consumer.info()).num_pending;
+  if (pending === 0) return;
+  const messages = await consumer.consume();
+  let read = 0;
+  try {
+    for await (const message of messages) {
+      yield fromJson(AuditEventSchema, message.json<JsonValue>());
+      read++;
+      if (read >= pending || message.seq >= last) break;
+    }
+  } finally {
+    await messages.close();
+  }
+}
+
+/**
+ * Appends events to the hash-chained audit stream. Replicas append
+ * concurrently: each append states the stream's last sequence it built on
+ * (JetStream's expected-last-sequence check), and retries on a conflict, so
+ * the chain never forks. An append that cannot be written rejects: callers
+ * fail closed (nothing is approved without its audit event).
+ */
+export class AuditLog {
+  private readonly js: JetStreamClient;
+  private readonly jsm: JetStreamManager;
+  private tail: { sequence: bigint; streamSeq: number; sha256: Uint8Array } | undefined;
+
+  private constructor(js: JetStreamClient, jsm: JetStreamManager) {
+    this.js = js;
+    this.jsm = jsm;
+  }
+
+  /** Opens the log on an existing connection, creating the stream if needed. */
+  static async open(nc: NatsConnection): Promise<AuditLog> {
+    const jsm = await jetstreamManager(nc);
+    await ensureAuditStream(jsm);
+    return new AuditLog(jetstream(nc), jsm);
+  }
+
+  private async readTail(): Promise<{ sequence: bigint; streamSeq: number; sha256: Uint8Array }> {
+    const info = await this.jsm.streams.info(auditStream.name);
+    if (info.state.messages === 0) return { sequence: 0n, streamSeq: 0, sha256: new Uint8Array(0) };
+    const last = await this.jsm.streams.getMessage(auditStream.name, { seq: info.state.last_seq });
+    if (last === null) throw new AirlockError(Code.DataLoss, "the audit stream's last event cannot be read");
+    const event = fromJson(AuditEventSchema, last.json<JsonValue>());
+    return { sequence: event.sequence, streamSeq: last.seq, sha256: event.sha256 };
+  }
+
+  // Appends from this process go one at a time; only other replicas can conflict.
+  private queue: Promise<unknown> = Promise.resolve();
+
+  /**
+   * Appends one event; resolves with it as written (sequence and hashes filled in).
+   * @param attempts - how many times to retry after another replica appended first. @default 20
+   */
+  append(entry: AuditEntry, attempts = 20): Promise<AuditEvent> {
+    const appended = this.queue.then(() => this.appendNow(entry, attempts));
+    this.queue = appended.catch(() => undefined);
+    return appended;
+  }
+
+  private async appendNow(entry: AuditEntry, attempts: number): Promise<AuditEvent> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        this.tail ??= await this.readTail();
+        const event = create(AuditEventSchema, {
+          sequence: this.tail.sequence + 1n,
+          eventId: randomUUID(),
+          type: entry.type,
+          at: timestampFromMs(Date.now()),
+          actor: entry.actor,
+          requestId: entry.requestId ?? "",
+          ...(entry.details === undefined ? {} : { details: entry.details }),
+          flagged: entry.flagged ?? false,
+          prevSha256: this.tail.sha256,
+        });
+        event.sha256 = eventHash(event);
+        const ack = await this.js.publish(auditStream.subject, auditEventToJsonLine(event), { expect: { lastSequence: this.tail.streamSeq } });
+        this.tail = { sequence: event.sequence, streamSeq: ack.seq, sha256: event.sha256 };
+        return event;
+      } catch (error) {
+        // Another replica appended first (wrong last sequence), or the tail is stale: re-read it and try again.
+        this.tail = undefined;
+        const conflict = error instanceof JetStreamApiError || String(error).includes("wrong last sequence");
+        if (!conflict || attempt >= attempts) {
+          throw new AirlockError(Code.Unavailable, "the audit event could not be written: failing closed", { cause: error });
+        }
+        await new Promise((resolve) => setTimeout(resolve, Math.random() * 5 * attempt));
+      }
+    }
+  }
+}
+
+/** The time of an event, for filters and display. */
+export function auditEventTime(event: AuditEvent): Date {
+  return new Date(event.at === undefined ? 0 : timestampMs(event.at));
+}

@@ -1,0 +1,114 @@
+import { execFile } from "node:child_process";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+import t from "tap";
+import { AuditLog, auditEventsFromJsonl, auditEventToJsonLine, auditStream, readAuditEvents, verifyChain } from "../../broker/audit.js";
+import { useInfra } from "../../harness/index.js";
+import { type AuditEvent, AuditEventType } from "../../proto/index.js";
+
+const { nats } = await useInfra(t, { nats: true });
+const nc = await connect({ servers: nats.url });
+t.teardown(() => nc.close());
+const other = await connect({ servers: nats.url });
+t.teardown(() => other.close());
+
+async function everything(): Promise<AuditEvent[]> {
+  const events: AuditEvent[] = [];
+  for await (const event of readAuditEvents(nc)) events.push(event);
+  return events;
+}
+
+await t.test("appended events form an intact hash chain", async (t) => {
+  const log = await AuditLog.open(nc);
+  const first = await log.append({ type: AuditEventType.REQUEST_RECEIVED, actor: "sidecar:web-01", requestId: "r1", details: { method: "ExportTable" } });
+  const second = await log.append({ type: AuditEventType.DECIDED, actor: "rita@corp", requestId: "r1", details: { verdict: "approved", reason: "ok" } });
+  t.equal(first.sequence, 1n);
+  t.equal(first.prevSha256.length, 0, "the first event links to nothing");
+  t.same(Buffer.from(second.prevSha256), Buffer.from(first.sha256), "each event carries the previous event's hash");
+  const verdict = verifyChain(await everything());
+  t.same(verdict, { intact: true, eventsChecked: 2, firstBrokenSequence: 0, problem: "" });
+});
+
+await t.test("two replicas appending at once never fork the chain", async (t) => {
+  const a = await AuditLog.open(nc);
+  const b = await AuditLog.open(other);
+  await Promise.all(
+    Array.from({ length: 15 }, (_, i) => [
+      a.append({ type: AuditEventType.VOTE_RECORDED, actor: `a-${i}`, requestId: `r${i}` }),
+      b.append({ type: AuditEventType.VOTE_RECORDED, actor: `b-${i}`, requestId: `r${i}` }),
+    ]).flat(),
+  );
+  const events = await everything();
+  t.equal(events.length, 32);
+  t.same(
+    events.map((e) => Number(e.sequence)),
+    Array.from({ length: 32 }, (_, i) => i + 1),
+  );
+  t.ok(verifyChain(events).intact);
+});
+
+await t.test("an edited or removed event in an export is found, naming the first broken link", async (t) => {
+  const lines = (await everything()).map(auditEventToJsonLine);
+  t.ok(verifyChain(auditEventsFromJsonl(lines.join("\n"))).intact, "the export verifies as the stream does");
+
+  const edited = [...lines];
+  edited[4] = edited[4]?.replace(/"actor":"[^"]*"/, '"actor":"mallory"') ?? "";
+  const editedVerdict = verifyChain(auditEventsFromJsonl(edited.join("\n")));
+  t.equal(editedVerdict.intact, false);
+  t.equal(editedVerdict.firstBrokenSequence, 5);
+  t.match(editedVerdict.problem, /altered/);
+
+  const removed = lines.filter((_, i) => i !== 9);
+  const removedVerdict = verifyChain(auditEventsFromJsonl(removed.join("\n")));
+  t.equal(removedVerdict.firstBrokenSequence, 11);
+  t.match(removedVerdict.problem, /missing/);
+
+  t.throws(() => auditEventsFromJsonl("{not json"), /line 1 is not an audit event/);
+});
+
+await t.test("the stream refuses deletes and purges", async (t) => {
+  const jsm = await jetstreamManager(nc);
+  await t.rejects(jsm.streams.deleteMessage(auditStream.name, 1), "delete refused");
+  await t.rejects(jsm.streams.purge(auditStream.name), "purge refused");
+  t.equal((await jsm.streams.info(auditStream.name)).state.messages, 32, "every event still there");
+});
+
+const cli = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "cli", "airlock.ts");
+async function airlock(...args: string[]): Promise<{ code: number; stdout: string }> {
+  try {
+    const { stdout } = await promisify(execFile)(process.execPath, ["--import", import.meta.resolve("tsx"), cli, ...args]);
+    return { code: 0, stdout };
+  } catch (error) {
+    const failed = error as { code: number; stdout: string };
+    return { code: failed.code, stdout: failed.stdout };
+  }
+}
+
+await t.test("airlock audit export and verify, against the stream and an edited file", async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), "airlock-audit-test-"));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  const live = await airlock("audit", "verify", "--nats", nats.url);
+  t.equal(live.code, 0);
+  t.match(live.stdout, /audit chain intact: 32 events/);
+  const exported = await airlock("audit", "export", "--nats", nats.url);
+  t.equal(exported.stdout.trim().split("\n").length, 32);
+  await writeFile(join(dir, "audit.jsonl"), exported.stdout.replace('"actor":"rita@corp"', '"actor":"mallory@corp"'));
+  const edited = await airlock("audit", "verify", "--file", join(dir, "audit.jsonl"));
+  t.equal(edited.code, 1);
+  t.match(edited.stdout, /BROKEN at event 2: event 2 was altered/);
+  const recent = await airlock("audit", "export", "--nats", nats.url, "--since", new Date(Date.now() + 60_000).toISOString());
+  t.equal(recent.stdout.trim(), "", "nothing after a future time");
+});
+
+await t.test("an audit append with NATS down fails closed", async (t) => {
+  const log = await AuditLog.open(nc);
+  await nats.pause();
+  const error = await log.append({ type: AuditEventType.DECIDED, actor: "x" }, 2).catch((e: unknown) => e);
+  await nats.resume();
+  t.match(String(error), /could not be written: failing closed/);
+});
