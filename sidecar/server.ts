@@ -133,7 +133,9 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
         : createSecureServer({
             cert: readFileSync(config.tls.cert),
             key: readFileSync(config.tls.key),
-            ...(config.tls.clientCa === undefined ? {} : { ca: readFileSync(config.tls.clientCa), requestCert: true, rejectUnauthorized: true }),
+            // Client certificates are asked for, not required: one the CA did not issue is ignored
+            // (socket.authorized is false), so token-only agents still connect over TLS.
+            ...(config.tls.clientCa === undefined ? {} : { ca: readFileSync(config.tls.clientCa), requestCert: true, rejectUnauthorized: false }),
             allowHTTP1: false,
           });
     server.on("stream", (stream, headers) => proxy.serve(stream, headers));

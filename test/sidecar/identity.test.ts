@@ -1,13 +1,10 @@
-import { execFileSync } from "node:child_process";
-import { generateKeyPairSync, randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { generateKeyPairSync } from "node:crypto";
 import { createServer as createHttpServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { connect as tlsConnect, createServer as createTlsServer, type PeerCertificate } from "node:tls";
 import { exportJWK, exportSPKI, generateKeyPair, type JWK, type JWTPayload, SignJWT } from "jose";
 import t, { type Test } from "tap";
+import { makeTestPki } from "../helpers/pki.js";
 import { AirlockError, Code } from "../../common/errors.js";
 import {
   AgentAuthenticator,
@@ -344,29 +341,10 @@ await t.test("create() refuses unusable configuration", async (t) => {
   t.ok(await AgentAuthenticator.create([{ ...staticJwt, keys: { kind: "static", publicKeys: [rsa.publicKey.export({ type: "spki", format: "pem" }).toString()] } }]));
 });
 
-/** Runs openssl, failing with its stderr. */
-function openssl(cwd: string, ...args: string[]): void {
-  execFileSync("openssl", args, { cwd, stdio: ["ignore", "ignore", "pipe"] });
-}
-
 await t.test("mTLS over a real TLS handshake with openssl-issued certificates", async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), "airlock-mtls-"));
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-  const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-  const ca = (name: string) =>
-    openssl(dir, "req", "-x509", ...ec, "-keyout", `${name}.key`, "-out", `${name}.crt`, "-days", "1", "-subj", `/CN=${name}`, "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign");
-  const leaf = (name: string, issuerName: string, ext: string) => {
-    writeFileSync(join(dir, `${name}.ext`), ext);
-    openssl(dir, "req", "-new", ...ec, "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", `/CN=${name}`);
-    openssl(dir, "x509", "-req", "-in", `${name}.csr`, "-CA", `${issuerName}.crt`, "-CAkey", `${issuerName}.key`, "-set_serial", `0x${randomBytes(8).toString("hex")}`, "-days", "1", "-out", `${name}.crt`, "-extfile", `${name}.ext`);
-  };
-  ca("ca");
-  ca("rogue-ca");
-  leaf("server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
-  leaf("agent", "ca", "subjectAltName=URI:spiffe://corp/agent/etl,URI:airlock://on-behalf-of/alice@corp.com\nextendedKeyUsage=clientAuth\n");
-  leaf("nouri", "ca", "subjectAltName=DNS:etl.corp\nextendedKeyUsage=clientAuth\n");
-  leaf("rogue", "rogue-ca", "subjectAltName=URI:spiffe://corp/agent/admin\nextendedKeyUsage=clientAuth\n");
-  const file = (name: string) => readFileSync(join(dir, name));
+  const pki = makeTestPki();
+  t.teardown(() => pki.remove());
+  const file = (name: string) => pki.file(name);
 
   // rejectUnauthorized: false, as a sidecar that also admits token-only agents runs;
   // the authenticator is told socket.authorized.
