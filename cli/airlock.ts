@@ -2,6 +2,7 @@
 /**
  * The one command-line entry point of every Airlock part:
  *   airlock sidecar --config sidecar.yaml
+ *   airlock broker --config broker.yaml
  *   airlock policy test --policy policy.yaml --call call.json
  *   airlock audit verify (--nats <url> | --file <audit.jsonl>)
  *   airlock audit export --nats <url> [--since <ISO time>]
@@ -10,13 +11,14 @@ import { readFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
 import type { JsonObject } from "@bufbuild/protobuf";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { auditEventsFromJsonl, auditEventToJsonLine, readAuditEvents, verifyChain } from "../broker/audit.js";
+import { auditEventsFromJsonl, auditEventToJsonLine, loadBrokerConfig, readAuditEvents, startBroker, verifyChain } from "../broker/index.js";
 import { AirlockError, Code } from "../common/errors.js";
 import type { AuditEvent } from "../proto/index.js";
 import { explainCall, loadSidecarConfig, Policy, type PolicyCall, startSidecar } from "../sidecar/index.js";
 
 const usage = `usage:
   airlock sidecar --config <sidecar.yaml>
+  airlock broker --config <broker.yaml>
   airlock policy test --policy <policy.yaml> --call <call.json>
   airlock audit verify (--nats <url> | --file <audit.jsonl>)
   airlock audit export --nats <url> [--since <ISO time>]`;
@@ -86,6 +88,20 @@ async function runSidecar(args: string[]): Promise<void> {
   process.once("SIGTERM", stop);
 }
 
+async function runBroker(args: string[]): Promise<void> {
+  const { values } = parseArgs({ args, options: { config: { type: "string" } }, strict: true });
+  if (values.config === undefined) throw new AirlockError(Code.InvalidArgument, "--config is required");
+  const running = await startBroker(await loadBrokerConfig(values.config));
+  const stop = () => {
+    running.close().then(
+      () => process.exit(0),
+      () => process.exit(1),
+    );
+  };
+  process.once("SIGINT", stop);
+  process.once("SIGTERM", stop);
+}
+
 async function runPolicyTest(args: string[]): Promise<void> {
   const { values } = parseArgs({ args, options: { policy: { type: "string" }, call: { type: "string" } }, strict: true });
   if (values.policy === undefined || values.call === undefined) throw new AirlockError(Code.InvalidArgument, "--policy and --call are required");
@@ -123,6 +139,7 @@ async function runPolicyTest(args: string[]): Promise<void> {
 async function main(argv: string[]): Promise<void> {
   const [command, sub, ...rest] = argv;
   if (command === "sidecar") return runSidecar(argv.slice(1));
+  if (command === "broker") return runBroker(argv.slice(1));
   if (command === "policy" && sub === "test") return runPolicyTest(rest);
   if (command === "audit") return runAudit(sub, rest);
   console.error(usage);

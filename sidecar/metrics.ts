@@ -1,4 +1,3 @@
-import { createServer, type Server } from "node:http";
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 
 /** The sidecar's Prometheus metrics, on a registry of its own. */
@@ -48,47 +47,3 @@ export function createSidecarMetrics(): SidecarMetrics {
   };
 }
 
-/** What /readyz checks. */
-export interface Readiness {
-  readonly natsConnected: () => boolean;
-  readonly policyLoaded: () => boolean;
-}
-
-/** Serves /metrics, /healthz and /readyz on `host:port`; resolves once listening. */
-export async function startOpsHttp(metrics: SidecarMetrics, readiness: Readiness, host: string, port: number): Promise<{ server: Server; port: number }> {
-  const server = createServer((request, response) => {
-    if (request.url === "/metrics") {
-      metrics.registry.metrics().then(
-        (text) => {
-          response.writeHead(200, { "content-type": metrics.registry.contentType });
-          response.end(text);
-        },
-        () => {
-          response.writeHead(500);
-          response.end();
-        },
-      );
-      return;
-    }
-    if (request.url === "/healthz") {
-      response.writeHead(200, { "content-type": "text/plain" });
-      response.end("ok\n");
-      return;
-    }
-    if (request.url === "/readyz") {
-      const checks = { nats: readiness.natsConnected(), policy: readiness.policyLoaded() };
-      const ready = checks.nats && checks.policy;
-      response.writeHead(ready ? 200 : 503, { "content-type": "application/json" });
-      response.end(JSON.stringify({ ready, checks }));
-      return;
-    }
-    response.writeHead(404);
-    response.end();
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(port, host, resolve);
-  });
-  const address = server.address();
-  return { server, port: typeof address === "object" && address !== null ? address.port : port };
-}

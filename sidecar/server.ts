@@ -14,7 +14,8 @@ import { createVaultClient } from "../common/vault.js";
 import { ApprovalFlow } from "./approvals.js";
 import type { SidecarConfig } from "./config.js";
 import { type AgentIdentity, AgentAuthenticator } from "./identity.js";
-import { createSidecarMetrics, type SidecarMetrics, startOpsHttp } from "./metrics.js";
+import { startHealthServer } from "../common/health.js";
+import { createSidecarMetrics, type SidecarMetrics } from "./metrics.js";
 import { loadMethodTable } from "./methods.js";
 import { type Policy, PolicyWatcher, policyDefaults } from "./policy.js";
 import { GrpcProxy, type UpstreamTarget } from "./proxy.js";
@@ -161,9 +162,9 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     const address = server.address();
     const port = typeof address === "object" && address !== null ? address.port : config.listen.port;
 
-    const opsHttp: { server: HttpServer; port: number } = await startOpsHttp(
-      metrics,
-      { natsConnected: () => natsConnected && !nc.isClosed(), policyLoaded: () => true },
+    const opsHttp: { server: HttpServer; port: number } = await startHealthServer(
+      metrics.registry,
+      { nats: () => natsConnected && !nc.isClosed(), policy: () => true },
       config.metrics.host,
       config.metrics.port,
     );

@@ -1,7 +1,7 @@
 import { isNode, LineCounter, parseDocument, type Document } from "yaml";
 import { AirlockError, Code } from "../../common/errors.js";
 import { type CompiledCondition, compileCondition, ConditionError } from "./condition.js";
-import { parseDuration } from "./duration.js";
+import { parseDuration } from "../../common/duration.js";
 import { type ApproveSpec, type CredentialSpec, type Effect, policyDefaults, type ReviewerSpec } from "./types.js";
 
 /** One rule after validation, its condition compiled. */

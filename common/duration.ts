@@ -5,7 +5,7 @@ const unitMs = { h: 3_600_000, m: 60_000, s: 1_000, ms: 1 } as const;
 const durationPattern = /^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$/;
 
 /**
- * Milliseconds in a policy duration such as `90s`, `5m`, `1h`, `1h30m` or `250ms`,
+ * Milliseconds in a duration (policy timeouts and TTLs, broker expiry) such as `90s`, `5m`, `1h`, `1h30m` or `250ms`,
  * or `undefined` when the text is not one (no unit, unknown unit, units out of order, empty).
  */
 export function parseDuration(text: string): number | undefined {

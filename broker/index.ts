@@ -1,0 +1,11 @@
+/**
+ * The broker: the approval workflow on JetStream, one Vault secret per action,
+ * revocation on completion, signed decisions, and the audit chain.
+ * @module
+ */
+export { AuditLog, auditEventsFromJsonl, auditEventToJsonLine, readAuditEvents, verifyChain } from "./audit.js";
+export { CredentialIssuer, configureDatabaseEngine, postgresRoleStatements } from "./credentials.js";
+export { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
+export { type ApprovalConfig, type Ballot, parseApprovalConfig } from "./rules.js";
+export { type BrokerConfig, brokerConfigDefaults, loadBrokerConfig, parseBrokerConfig, type RunningBroker, startBroker, type VaultAuth } from "./server.js";
+export { Broker, type BrokerOptions, brokerDefaults } from "./service.js";

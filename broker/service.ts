@@ -1,0 +1,375 @@
+import { randomUUID } from "node:crypto";
+import { clone, create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { AckPolicy, type ConsumerMessages, DeliverPolicy, jetstream, jetstreamManager, type JetStreamClient } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { type DecisionSigningKey, signDecision } from "../common/decision.js";
+import { AirlockError, Code } from "../common/errors.js";
+import type { Logger } from "../common/logger.js";
+import { ensureStreams, streams, subjects } from "../common/subjects.js";
+import {
+  type ApprovalRequest,
+  ApprovalRequestSchema,
+  AuditEventType,
+  CompletionSchema,
+  DecisionBodySchema,
+  DecisionSchema,
+  LeaseRecordSchema,
+  type RequestRecord,
+  RequestRecordSchema,
+  RequestState,
+  Verdict,
+} from "../proto/index.js";
+import { AuditLog } from "./audit.js";
+import type { CredentialIssuer, IssuedCredential } from "./credentials.js";
+import { type ApprovalConfig, type ApprovalEvent, type Ballot, intake, markCompleted, markExecuting, markFailed, type Outcome, tick, vote } from "./rules.js";
+import { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
+import { RequestStore } from "./store.js";
+
+/** Options of {@link Broker.start}. */
+export interface BrokerOptions {
+  readonly nc: NatsConnection;
+  readonly issuer: CredentialIssuer;
+  readonly signingKey: DecisionSigningKey;
+  readonly approvals: ApprovalConfig;
+  /** This replica's name, recorded on revocations. */
+  readonly replicaId: string;
+  readonly log: Logger;
+  /** How often pending requests are checked for expiry and escalation, and leases reconciled, in ms. @default 500 */
+  readonly tickIntervalMs?: number;
+  /** How long an approval may be acted on after it is decided, in ms. @default 300000 */
+  readonly decisionTtlMs?: number;
+  /** Whether to consume requests and completions (tests may run a decide-only replica). @default true */
+  readonly consume?: boolean;
+  /** @default fresh metrics on a registry of their own */
+  readonly metrics?: BrokerMetrics;
+}
+
+/** Defaults of {@link BrokerOptions}. */
+export const brokerDefaults = { tickIntervalMs: 500, decisionTtlMs: 300_000, intakeConsumer: "airlock-broker-intake", completionConsumer: "airlock-broker-completions" } as const;
+
+const verdicts: Record<Outcome, Verdict> = { approved: Verdict.APPROVED, denied: Verdict.DENIED, expired: Verdict.EXPIRED, cancelled: Verdict.CANCELLED };
+const finalStates = new Set([RequestState.COMPLETED, RequestState.FAILED, RequestState.EXPIRED, RequestState.DENIED, RequestState.CANCELLED]);
+
+function auditTypeOf(event: ApprovalEvent): AuditEventType {
+  switch (event.kind) {
+    case "voted":
+      return AuditEventType.VOTE_RECORDED;
+    case "approved":
+    case "denied":
+      return AuditEventType.DECIDED;
+    case "break_glass":
+      return AuditEventType.BREAK_GLASS;
+    case "escalated":
+      return AuditEventType.ESCALATED;
+    case "expired":
+      return AuditEventType.EXPIRED;
+    case "awaiting_review":
+      return AuditEventType.REVIEWERS_NOTIFIED;
+    case "completed":
+      return AuditEventType.ACTION_COMPLETED;
+    default:
+      return AuditEventType.POLICY_EVALUATED;
+  }
+}
+
+/**
+ * One broker replica. Several run at once: they share the durable JetStream
+ * consumers (each request and completion goes to one of them), keep every
+ * request's state in JetStream KV with compare-and-set, and each runs the
+ * ticker and the lease reconciler (idempotent, so running them on every
+ * replica is safe).
+ */
+export class Broker {
+  private readonly options: BrokerOptions;
+  /** This replica's metrics. */
+  readonly metrics: BrokerMetrics;
+  private readonly js: JetStreamClient;
+  private readonly store: RequestStore;
+  private readonly audit: AuditLog;
+  private readonly loops: Array<Promise<void>> = [];
+  private readonly consumers: ConsumerMessages[] = [];
+  private ticker: NodeJS.Timeout | undefined;
+  private ticking: Promise<void> = Promise.resolve();
+  private closed = false;
+
+  private constructor(options: BrokerOptions, store: RequestStore, audit: AuditLog) {
+    this.options = options;
+    this.metrics = options.metrics ?? createBrokerMetrics();
+    this.js = jetstream(options.nc);
+    this.store = store;
+    this.audit = audit;
+  }
+
+  /** Starts a replica: streams, state bucket, audit log, consumers, ticker; reconciles leases at once. */
+  static async start(options: BrokerOptions): Promise<Broker> {
+    const jsm = await jetstreamManager(options.nc);
+    await ensureStreams(jsm);
+    const broker = new Broker(options, await RequestStore.open(options.nc), await AuditLog.open(options.nc));
+    if (options.consume ?? true) {
+      for (const [durable, stream, filter] of [
+        [brokerDefaults.intakeConsumer, streams.requests.name, "airlock.request.>"],
+        [brokerDefaults.completionConsumer, streams.completions.name, "airlock.completion.>"],
+      ] as const) {
+        await jsm.consumers.add(stream, { durable_name: durable, ack_policy: AckPolicy.Explicit, filter_subject: filter, deliver_policy: DeliverPolicy.All, ack_wait: 30_000_000_000 });
+        const messages = await (await broker.js.consumers.get(stream, durable)).consume();
+        broker.consumers.push(messages);
+        const handle = durable === brokerDefaults.intakeConsumer ? (data: Uint8Array) => broker.takeRequest(data) : (data: Uint8Array) => broker.takeCompletion(data);
+        broker.loops.push(
+          (async () => {
+            for await (const message of messages) {
+              try {
+                await handle(message.data);
+                message.ack();
+              } catch (error) {
+                options.log.error({ err: error }, "could not process a message; it will be redelivered");
+                message.nak(1000);
+              }
+            }
+          })(),
+        );
+      }
+    }
+    await broker.tickOnce();
+    broker.ticker = setInterval(() => {
+      broker.ticking = broker.ticking.then(() => broker.tickOnce()).catch((error: unknown) => options.log.error({ err: error }, "tick failed"));
+    }, options.tickIntervalMs ?? brokerDefaults.tickIntervalMs);
+    return broker;
+  }
+
+  /** Stops consuming and ticking. State stays in KV for the other replicas. */
+  async close(): Promise<void> {
+    this.closed = true;
+    clearInterval(this.ticker);
+    await this.ticking;
+    for (const messages of this.consumers) await messages.close();
+    await Promise.all(this.loops);
+  }
+
+  /** A request's record, or NOT_FOUND. */
+  async get(requestId: string): Promise<RequestRecord> {
+    const stored = await this.store.get(requestId);
+    if (stored === undefined) throw new AirlockError(Code.NotFound, `no request ${requestId}`, { details: { requestId } });
+    return stored.record;
+  }
+
+  /** Every request's record. */
+  async list(): Promise<RequestRecord[]> {
+    const records: RequestRecord[] = [];
+    for (const id of await this.store.ids()) {
+      const stored = await this.store.get(id);
+      if (stored !== undefined) records.push(stored.record);
+    }
+    return records;
+  }
+
+  /**
+   * A reviewer's vote: applied with compare-and-set, audited, and when it
+   * decides the request, the decision is signed and published.
+   */
+  async decide(requestId: string, ballot: Ballot): Promise<RequestRecord> {
+    for (let attempt = 0; attempt < 50; attempt++) {
+      const stored = await this.store.get(requestId);
+      if (stored === undefined) throw new AirlockError(Code.NotFound, `no request ${requestId}`, { details: { requestId } });
+      const request = stored.record.request;
+      if (request === undefined) throw new AirlockError(Code.DataLoss, `request ${requestId} has no request`);
+      const result = vote(stored.record, request, this.options.approvals, ballot, new Date());
+      if (!result.ok) throw result.error;
+      // The vote is audited before it counts: no audit, no approval.
+      await this.auditEvents(result.events, ballot.reviewer);
+      if (!(await this.store.update(result.record, stored.revision))) continue;
+      if (result.decided !== undefined) await this.finalize(requestId);
+      return result.record;
+    }
+    throw new AirlockError(Code.Aborted, `request ${requestId} kept changing; try again`);
+  }
+
+  private async auditEvents(events: readonly ApprovalEvent[], actor: string): Promise<void> {
+    for (const event of events) {
+      // The event's own time is the audit event's time; other dates become ISO strings.
+      const { requestId, kind, at, ...facts } = event;
+      const details = JSON.parse(JSON.stringify({ kind, ...facts })) as Record<string, never>;
+      await this.audit.append({ type: auditTypeOf(event), actor, requestId, details, flagged: kind === "break_glass" });
+    }
+  }
+
+  private async takeRequest(data: Uint8Array): Promise<void> {
+    const request = fromBinary(ApprovalRequestSchema, data);
+    const now = new Date();
+    const result = intake(request, this.options.approvals, now);
+    if (!result.ok) {
+      this.options.log.warn({ requestId: request.id, reason: result.error.rawMessage }, "request refused at intake");
+      this.metrics.requests.labels("refused").inc();
+      await this.audit.append({ type: AuditEventType.POLICY_EVALUATED, actor: this.options.replicaId, requestId: request.id, details: { refused: result.error.rawMessage } });
+      await this.publishDecision(request, { verdict: Verdict.DENIED, reason: result.error.rawMessage, decisionId: randomUUID(), record: undefined });
+      return;
+    }
+    await this.audit.append({
+      type: AuditEventType.REQUEST_RECEIVED,
+      actor: request.identity?.agent ?? "",
+      requestId: request.id,
+      details: { service: request.service, method: request.method, host: request.host, rule: request.ruleId, reason: request.reason, onBehalfOf: request.identity?.onBehalfOf ?? "" },
+    });
+    if (!(await this.store.create(result.record))) return;
+    await this.auditEvents(result.events, result.autoRule === undefined ? this.options.replicaId : `auto-rule:${result.autoRule}`);
+    if (result.decided !== undefined) await this.finalize(request.id);
+  }
+
+  /**
+   * Publishes the decision of a decided request, once across replicas: the
+   * replica whose compare-and-set writes the decision id does it. On approval
+   * it first has Vault issue the one-action credential; if Vault fails, the
+   * request fails closed with a clear reason and no credential.
+   */
+  private async finalize(requestId: string): Promise<void> {
+    const decisionId = randomUUID();
+    const claimed = await this.store.mutate(requestId, (record) => {
+      const decided = [RequestState.APPROVED, RequestState.DENIED, RequestState.EXPIRED, RequestState.CANCELLED].includes(record.state);
+      if (!decided || record.decisionId !== "") return undefined;
+      const next = clone(RequestRecordSchema, record);
+      next.decisionId = decisionId;
+      return next;
+    });
+    const request = claimed?.request;
+    if (claimed === undefined || request === undefined) return;
+    const outcome = claimed.state === RequestState.APPROVED ? "approved" : claimed.state === RequestState.DENIED ? "denied" : claimed.state === RequestState.EXPIRED ? "expired" : "cancelled";
+    this.metrics.requests.labels(outcome).inc();
+    if (outcome === "expired") this.metrics.expiries.inc();
+    if (request.createdAt !== undefined) this.metrics.timeToDecision.observe((Date.now() - timestampDate(request.createdAt).getTime()) / 1000);
+    let issued: IssuedCredential | undefined;
+    if (outcome === "approved") {
+      const started = performance.now();
+      try {
+        issued = await this.options.issuer.issue(request);
+        this.metrics.vaultLatency.labels("issue").observe((performance.now() - started) / 1000);
+      } catch (error) {
+        this.metrics.vaultErrors.labels("issue").inc();
+        const reason = `no credential could be issued: ${AirlockError.from(error).rawMessage}`;
+        await this.store.mutate(requestId, (record) => {
+          const failed = markFailed(record, reason, new Date());
+          return failed.ok ? failed.record : undefined;
+        });
+        await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId, details: { failed: reason } }).catch(() => undefined);
+        await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId, record: claimed });
+        return;
+      }
+      const lease = issued;
+      try {
+        await this.audit.append({ type: AuditEventType.CREDENTIAL_ISSUED, actor: this.options.replicaId, requestId, details: { kind: lease.kind, expiresAt: lease.expiresAt.toISOString() } });
+        await this.store.mutate(requestId, (record) => {
+          const executing = markExecuting(record, new Date());
+          const next = executing.ok ? executing.record : clone(RequestRecordSchema, record);
+          next.lease = create(LeaseRecordSchema, { leaseId: lease.leaseId, kind: lease.kind, issuedAt: timestampFromDate(new Date()), expiresAt: timestampFromDate(lease.expiresAt) });
+          return next;
+        });
+      } catch (error) {
+        // Fail closed: a credential whose issuance is not on record is revoked at once.
+        await this.options.issuer.revoke(lease).catch(() => undefined);
+        throw error;
+      }
+    }
+    await this.publishDecision(request, { verdict: verdicts[outcome], reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed, ...(issued === undefined ? {} : { issued }) });
+  }
+
+  private async publishDecision(
+    request: ApprovalRequest,
+    decision: { verdict: Verdict; reason: string; decisionId: string; record: RequestRecord | undefined; issued?: IssuedCredential },
+  ): Promise<void> {
+    const now = Date.now();
+    const deadline = request.deadline === undefined ? now + (this.options.decisionTtlMs ?? brokerDefaults.decisionTtlMs) : timestampDate(request.deadline).getTime();
+    const expiresAt = Math.max(now + 1000, Math.min(deadline, now + (this.options.decisionTtlMs ?? brokerDefaults.decisionTtlMs)));
+    const body = create(DecisionBodySchema, {
+      decisionId: decision.decisionId,
+      requestId: request.id,
+      requestSha256: request.requestSha256,
+      verdict: decision.verdict,
+      votes: decision.record?.votes ?? [],
+      reason: decision.reason,
+      decidedAt: timestampFromMs(now),
+      expiresAt: timestampFromMs(expiresAt),
+      ...(decision.issued === undefined ? {} : { credential: decision.issued.delivery }),
+    });
+    await this.audit.append({ type: AuditEventType.DECIDED, actor: this.options.replicaId, requestId: request.id, details: { verdict: Verdict[decision.verdict] ?? "", reason: decision.reason, decisionId: decision.decisionId } });
+    const signed = signDecision(body, this.options.signingKey);
+    await this.js.publish(subjects.decision(request.host, request.id), toBinary(DecisionSchema, signed), { msgID: decision.decisionId });
+  }
+
+  private async takeCompletion(data: Uint8Array): Promise<void> {
+    const completion = fromBinary(CompletionSchema, data);
+    await this.audit.append({
+      type: AuditEventType.ACTION_COMPLETED,
+      actor: `sidecar:${completion.host}`,
+      requestId: completion.requestId,
+      details: { statusCode: completion.statusCode, statusMessage: completion.statusMessage },
+    });
+    const arrived = performance.now();
+    await this.revokeLease(completion.requestId, "completion");
+    this.metrics.revokeLag.observe((performance.now() - arrived) / 1000);
+    await this.store.mutate(completion.requestId, (record) => {
+      const done = markCompleted(record, completion, new Date());
+      return done.ok ? done.record : undefined;
+    });
+  }
+
+  /** Revokes a request's lease if it is still alive; records who revoked it. Idempotent. */
+  private async revokeLease(requestId: string, why: string): Promise<void> {
+    const stored = await this.store.get(requestId);
+    const lease = stored?.record.lease;
+    if (lease === undefined || lease.leaseId === "" || lease.revokedAt !== undefined) return;
+    const started = performance.now();
+    try {
+      await this.options.issuer.revoke({ kind: lease.kind === "database" ? "database" : "vault_token", leaseId: lease.leaseId });
+    } catch (error) {
+      this.metrics.vaultErrors.labels("revoke").inc();
+      throw error;
+    }
+    this.metrics.vaultLatency.labels("revoke").observe((performance.now() - started) / 1000);
+    await this.store.mutate(requestId, (record) => {
+      if (record.lease === undefined || record.lease.revokedAt !== undefined) return undefined;
+      const next = clone(RequestRecordSchema, record);
+      if (next.lease !== undefined) {
+        next.lease.revokedAt = timestampFromDate(new Date());
+        next.lease.revokedBy = this.options.replicaId;
+      }
+      return next;
+    });
+    await this.audit.append({ type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why, kind: lease.kind } });
+  }
+
+  /** Expiry and escalation of pending requests; revocation of leases whose action is over. */
+  private async tickOnce(): Promise<void> {
+    if (this.closed) return;
+    const now = new Date();
+    let pendingCount = 0;
+    let oldestPendingMs = 0;
+    let outstanding = 0;
+    for (const id of await this.store.ids()) {
+      const stored = await this.store.get(id);
+      if (stored === undefined) continue;
+      const { record } = stored;
+      const request = record.request;
+      if (request === undefined) continue;
+      if (record.lease !== undefined && record.lease.leaseId !== "" && record.lease.revokedAt === undefined) outstanding++;
+      if (record.state === RequestState.PENDING) {
+        pendingCount++;
+        if (request.createdAt !== undefined) oldestPendingMs = Math.max(oldestPendingMs, now.getTime() - timestampDate(request.createdAt).getTime());
+        const result = tick(record, request, this.options.approvals, now);
+        if (result.ok && result.events.length > 0 && (await this.store.update(result.record, stored.revision))) {
+          await this.auditEvents(result.events, this.options.replicaId);
+          if (result.decided !== undefined) await this.finalize(id);
+        }
+        continue;
+      }
+      const lease = record.lease;
+      if (lease === undefined || lease.leaseId === "" || lease.revokedAt !== undefined) continue;
+      const leaseOver = lease.expiresAt !== undefined && timestampDate(lease.expiresAt).getTime() <= now.getTime();
+      const actionOver = request.deadline !== undefined && timestampDate(request.deadline).getTime() + (this.options.decisionTtlMs ?? brokerDefaults.decisionTtlMs) <= now.getTime();
+      if (finalStates.has(record.state) || leaseOver || actionOver) {
+        await this.revokeLease(id, "reconciler").catch((error: unknown) => this.options.log.error({ err: error, requestId: id }, "reconciler could not revoke a lease"));
+      }
+    }
+    this.metrics.pendingDepth.set(pendingCount);
+    this.metrics.oldestPendingSeconds.set(oldestPendingMs / 1000);
+    this.metrics.leasesOutstanding.set(outstanding);
+  }
+}

@@ -1,0 +1,82 @@
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { type KV, Kvm } from "@nats-io/kv";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { AirlockError, Code } from "../common/errors.js";
+import { type RequestRecord, RequestRecordSchema } from "../proto/index.js";
+
+/** The KV bucket holding every request's record, keyed by request id. */
+export const stateBucket = "AIRLOCK_STATE";
+
+/** A record and the KV revision it was read at: what a compare-and-set builds on. */
+export interface StoredRecord {
+  readonly record: RequestRecord;
+  readonly revision: number;
+}
+
+/**
+ * Request records in JetStream KV. Every change is a compare-and-set on the
+ * revision it was read at, so two replicas never both decide, issue or revoke:
+ * the second write fails and that replica re-reads.
+ */
+export class RequestStore {
+  private readonly kv: KV;
+
+  private constructor(kv: KV) {
+    this.kv = kv;
+  }
+
+  /** Opens (creating if needed) the bucket. */
+  static async open(nc: NatsConnection): Promise<RequestStore> {
+    return new RequestStore(await new Kvm(nc).create(stateBucket, { history: 10 }));
+  }
+
+  async get(requestId: string): Promise<StoredRecord | undefined> {
+    const entry = await this.kv.get(requestId);
+    if (entry === null || entry.operation !== "PUT" || entry.value.length === 0) return undefined;
+    return { record: fromBinary(RequestRecordSchema, entry.value), revision: entry.revision };
+  }
+
+  /** Stores a new record; false when the id is already there (a duplicate, or another replica took it). */
+  async create(record: RequestRecord): Promise<boolean> {
+    try {
+      await this.kv.create(record.request?.id ?? "", toBinary(RequestRecordSchema, record));
+      return true;
+    } catch (error) {
+      if (String(error).includes("wrong last sequence") || String(error).includes("exists")) return false;
+      throw new AirlockError(Code.Unavailable, "cannot write request state to NATS", { cause: error });
+    }
+  }
+
+  /** Compare-and-set; false when another writer changed the record since `revision`. */
+  async update(record: RequestRecord, revision: number): Promise<boolean> {
+    try {
+      await this.kv.update(record.request?.id ?? "", toBinary(RequestRecordSchema, record), revision);
+      return true;
+    } catch (error) {
+      if (String(error).includes("wrong last sequence")) return false;
+      throw new AirlockError(Code.Unavailable, "cannot write request state to NATS", { cause: error });
+    }
+  }
+
+  /** Every request id in the bucket, once each (a key updated while listing can be delivered twice). */
+  async ids(): Promise<string[]> {
+    const ids = new Set<string>();
+    for await (const key of await this.kv.keys()) ids.add(key);
+    return [...ids];
+  }
+
+  /**
+   * Reads, changes and writes one record until the write wins. `change` returns
+   * the new record, or undefined to leave it as it is.
+   */
+  async mutate(requestId: string, change: (record: RequestRecord) => RequestRecord | undefined): Promise<RequestRecord | undefined> {
+    for (let attempt = 0; attempt < 50; attempt++) {
+      const stored = await this.get(requestId);
+      if (stored === undefined) return undefined;
+      const next = change(stored.record);
+      if (next === undefined) return undefined;
+      if (await this.update(next, stored.revision)) return next;
+    }
+    throw new AirlockError(Code.Aborted, `request ${requestId} kept changing under this replica`);
+  }
+}

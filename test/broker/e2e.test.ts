@@ -1,0 +1,247 @@
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Client, credentials, Metadata } from "@grpc/grpc-js";
+import { connect } from "@nats-io/transport-node";
+import { exportSPKI, generateKeyPair, SignJWT } from "jose";
+import pg from "pg";
+import { toJsonString } from "@bufbuild/protobuf";
+import { ValueSchema } from "@bufbuild/protobuf/wkt";
+import t from "tap";
+import { readAuditEvents, verifyChain } from "../../broker/audit.js";
+import { configureDatabaseEngine, CredentialIssuer, postgresRoleStatements } from "../../broker/credentials.js";
+import { parseApprovalConfig } from "../../broker/rules.js";
+import { Broker } from "../../broker/service.js";
+import { ConfigReader } from "../../common/config.js";
+import { generateDecisionKey } from "../../common/decision.js";
+import { type AirlockError, Code, callServerStream, callUnary, createLogger, createVaultClient } from "../../common/index.js";
+import { startOpsServer } from "../../demo/ops/index.js";
+import { useInfra } from "../../harness/index.js";
+import { AuditEventType, descriptorSetPath, type RequestRecord, RequestState } from "../../proto/index.js";
+import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
+import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
+
+const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
+const log = createLogger({ name: "test", level: "silent" });
+
+const admin = new pg.Client({ connectionString: database.url });
+await admin.connect();
+t.teardown(() => admin.end());
+await admin.query("CREATE TABLE customers (id int PRIMARY KEY, name text)");
+await admin.query("INSERT INTO customers VALUES (1, 'Ada'), (2, 'Grace')");
+
+const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
+await configureDatabaseEngine(rootVault, {
+  mount: "database",
+  connectionName: "app",
+  connectionUrl: `postgresql://{{username}}:{{password}}@${database.host}:${database.port}/${database.name}?sslmode=disable`,
+  username: "postgres",
+  password: "unused-on-a-trusting-server",
+  roles: [{ name: "export", creationStatements: postgresRoleStatements('GRANT SELECT ON customers TO "{{name}}";').creationStatements, defaultTtlSeconds: 300, maxTtlSeconds: 600 }],
+});
+
+const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
+t.teardown(() => ops.close());
+
+const key = generateDecisionKey("k1");
+const agentKeys = await generateKeyPair("EdDSA");
+const dir = await mkdtemp(join(tmpdir(), "airlock-e2e-"));
+t.teardown(() => rm(dir, { recursive: true, force: true }));
+await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
+await writeFile(
+  join(dir, "policy.yaml"),
+  `version: 1
+default: deny
+rules:
+  - id: export
+    match: { service: demo.v1.OpsService, method: ExportTable }
+    effect: approve
+    approve:
+      risk: high
+      reviewers: { all_of: [{ group: data-owners, min_approvals: 1 }] }
+      credential: { kind: database, mount: database, role: export, ttl: 5m }
+      timeout: 20s
+  - id: rotate
+    match: { service: demo.v1.OpsService, method: RotateKey }
+    effect: approve
+    approve:
+      risk: low
+      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }
+      credential: { kind: vault_token, policies: [default], num_uses: 5, ttl: 1m }
+      timeout: 20s
+`,
+);
+const sidecar = await startSidecar(
+  parseSidecarConfig(
+    new ConfigReader(
+      {
+        listen: "127.0.0.1:0",
+        upstreams: [{ name: "ops", address: ops.address, descriptor_sets: [descriptorSetPath] }],
+        nats: { url: nats.url },
+        vault: { address: vault.address },
+        broker_keys: { k1: "broker.pem" },
+        host: "e2e-host",
+        policy: "policy.yaml",
+        agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [await exportSPKI(agentKeys.publicKey)] } }],
+        metrics: { listen: "127.0.0.1:0" },
+        log_level: "error",
+      },
+      "",
+      join(dir, "sidecar.yaml"),
+    ),
+  ),
+  { log },
+);
+t.teardown(() => sidecar.close());
+
+const approvals = parseApprovalConfig(
+  new ConfigReader(
+    {
+      groups: { "data-owners": ["dana@corp", "alice@corp"], security: ["sam@corp"] },
+      auto_rules: [{ id: "low-risk", effect: "approve", when: { max_risk: "low" }, reason: "low risk actions are pre-approved" }],
+    },
+    "",
+    join(dir, "broker.yaml"),
+  ),
+);
+const nc = await connect({ servers: nats.url });
+t.teardown(() => nc.close());
+const broker = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, replicaId: "broker-1", log, tickIntervalMs: 200 });
+t.teardown(() => broker.close());
+
+const client = new Client(sidecar.address, credentials.createInsecure());
+t.teardown(() => client.close());
+
+async function agent(extra: Record<string, string> = {}): Promise<Metadata> {
+  const token = await new SignJWT({ act_for: "alice@corp" })
+    .setProtectedHeader({ alg: "EdDSA" })
+    .setSubject("spiffe://corp/agent/etl")
+    .setIssuer("https://idp.test")
+    .setAudience("airlock")
+    .setExpirationTime("5m")
+    .sign(agentKeys.privateKey);
+  const metadata = new Metadata();
+  metadata.set("authorization", `Bearer ${token}`);
+  for (const [k, v] of Object.entries(extra)) metadata.set(k, v);
+  return metadata;
+}
+
+async function pending(method: string): Promise<RequestRecord> {
+  for (let i = 0; i < 100; i++) {
+    const found = (await broker.list()).find((r) => r.state === RequestState.PENDING && r.request?.method === method);
+    if (found !== undefined) return found;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  throw new Error(`no pending ${method} request`);
+}
+
+async function dynamicRoles(): Promise<string[]> {
+  return (await admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%export%'")).rows.map((r) => r.rolname);
+}
+
+await t.test("approved ExportTable: the dynamic user works during the action and is gone within 1 s after", async (t) => {
+  t.same(await dynamicRoles(), [], "no dynamic user before the approval");
+  const rows = (async () => {
+    const all = [];
+    for await (const row of callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata: await agent({ "x-airlock-reason": "monthly report" }) })) all.push(row.row);
+    return all;
+  })();
+  const record = await pending("ExportTable");
+  const self = await broker.decide(record.request?.id ?? "", { reviewer: "alice@corp", approve: true }).catch((e: unknown) => e);
+  t.equal((self as AirlockError).code, Code.PermissionDenied, "the human the agent acts for cannot approve");
+  await broker.decide(record.request?.id ?? "", { reviewer: "dana@corp", approve: true, reason: "report is due" });
+  t.same(await rows, [
+    { id: 1, name: "Ada" },
+    { id: 2, name: "Grace" },
+  ]);
+  const finished = Date.now();
+  let gone = false;
+  while (Date.now() - finished < 1000 && !gone) {
+    gone = (await dynamicRoles()).length === 0 && (await broker.get(record.request?.id ?? "")).lease?.revokedAt !== undefined;
+    if (!gone) await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  t.ok(gone, `the role is dropped and the lease revoked within 1 s (took ${Date.now() - finished} ms)`);
+  const done = await broker.get(record.request?.id ?? "");
+  t.equal(done.state, RequestState.COMPLETED);
+  t.equal(done.lease?.revokedBy, "broker-1");
+});
+
+await t.test("an auto-approved RotateKey gets a live per-action token that is dead after completion", async (t) => {
+  const response = await callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agent() });
+  t.equal(response.version, 1, "the upstream accepted the per-action token");
+  const record = (await broker.list()).find((r) => r.request?.method === "RotateKey");
+  const accessor = record?.lease?.leaseId ?? "";
+  t.ok(accessor !== "");
+  let dead = false;
+  for (let i = 0; i < 40 && !dead; i++) {
+    dead = await rootVault.lookupAccessor(accessor).then(
+      () => false,
+      () => true,
+    );
+    if (!dead) await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  t.ok(dead, "the token's accessor no longer resolves: revoked");
+});
+
+await t.test("a reviewer's denial reaches the agent with the reason", async (t) => {
+  const call = callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata: await agent() });
+  const outcome = (async () => {
+    try {
+      for await (const _ of call) void _;
+      return undefined;
+    } catch (error) {
+      return error as AirlockError;
+    }
+  })();
+  const record = await pending("ExportTable");
+  await broker.decide(record.request?.id ?? "", { reviewer: "dana@corp", approve: false, reason: "not before the audit" });
+  const error = await outcome;
+  t.equal(error?.code, Code.PermissionDenied);
+  t.match(error?.rawMessage ?? "", /not before the audit/);
+});
+
+await t.test("the audit trail holds every step and verifies", async (t) => {
+  const events = [];
+  for await (const event of readAuditEvents(nc)) events.push(event);
+  t.ok(verifyChain(events).intact);
+  const types = new Set(events.map((e) => e.type));
+  for (const type of [AuditEventType.REQUEST_RECEIVED, AuditEventType.VOTE_RECORDED, AuditEventType.DECIDED, AuditEventType.CREDENTIAL_ISSUED, AuditEventType.ACTION_COMPLETED, AuditEventType.CREDENTIAL_REVOKED]) {
+    t.ok(types.has(type), `${AuditEventType[type]} is recorded`);
+  }
+  t.notMatch(JSON.stringify(events.map((e) => e.details)), /hvs\.|"password"/, "no secret in the audit trail");
+});
+
+await t.test("two replicas racing on the same requests decide and issue each exactly once", async (t) => {
+  const second = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, replicaId: "broker-2", log, tickIntervalMs: 200 });
+  t.teardown(() => second.close());
+  // Auto-approved RotateKey calls land on whichever replica the shared consumer hands them to.
+  const calls = await Promise.all(Array.from({ length: 8 }, async (_, i) => callUnary(client, OpsService.method.rotateKey, { keyId: `race-${i}` }, { metadata: await agent() })));
+  t.equal(calls.length, 8);
+  const raced = (record: RequestRecord) => record.request?.request !== undefined && toJsonString(ValueSchema, record.request.request).includes('"race-');
+  const fresh = (await broker.list()).filter(raced);
+  t.equal(fresh.length, 8, "one request per call");
+  const issuedPerRequest = new Map<string, number>();
+  for await (const event of readAuditEvents(nc)) {
+    if (event.type === AuditEventType.CREDENTIAL_ISSUED) issuedPerRequest.set(event.requestId, (issuedPerRequest.get(event.requestId) ?? 0) + 1);
+  }
+  for (const record of fresh) t.equal(issuedPerRequest.get(record.request?.id ?? ""), 1, `request ${record.request?.id} issued once`);
+});
+
+await t.test("Vault down: the request fails closed with a clear reason and no credential", async (t) => {
+  const call = callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata: await agent() });
+  const outcome = (async () => {
+    try {
+      for await (const _ of call) void _;
+      return undefined;
+    } catch (error) {
+      return error as AirlockError;
+    }
+  })();
+  const record = await pending("ExportTable");
+  await vault.stop();
+  await broker.decide(record.request?.id ?? "", { reviewer: "dana@corp", approve: true });
+  const error = await outcome;
+  t.not(error, undefined, "the call did not run");
+  t.match(error?.rawMessage ?? "", /no credential could be issued/);
+  t.same(await dynamicRoles(), []);
+});
