@@ -171,40 +171,74 @@ export class AuditLog {
    * @param attempts - how many times to retry after another replica appended first. @default 20
    */
   append(entry: AuditEntry, attempts = 20): Promise<AuditEvent> {
-    const appended = this.queue.then(() => this.appendNow(entry, attempts));
+    return this.appendAll([entry], attempts).then((events) => events[0] as AuditEvent);
+  }
+
+  /**
+   * Appends several events in order, pipelined: all are published at once,
+   * each expecting the stream sequence the previous one will get, so a batch
+   * costs about one round trip. If another replica interleaves, the accepted
+   * events form a prefix and the rest are chained again on the new tail.
+   */
+  appendAll(entries: readonly AuditEntry[], attempts = 20): Promise<AuditEvent[]> {
+    const appended = this.queue.then(() => this.appendNow(entries, attempts));
     this.queue = appended.catch(() => undefined);
     return appended;
   }
 
-  private async appendNow(entry: AuditEntry, attempts: number): Promise<AuditEvent> {
-    for (let attempt = 1; ; attempt++) {
+  private async appendNow(entries: readonly AuditEntry[], attempts: number): Promise<AuditEvent[]> {
+    const written: AuditEvent[] = [];
+    let remaining = [...entries];
+    for (let attempt = 1; remaining.length > 0; attempt++) {
+      let failure: unknown;
       try {
         this.tail ??= await this.readTail();
-        const event = create(AuditEventSchema, {
-          sequence: this.tail.sequence + 1n,
-          eventId: randomUUID(),
-          type: entry.type,
-          at: timestampFromMs(Date.now()),
-          actor: entry.actor,
-          requestId: entry.requestId ?? "",
-          ...(entry.details === undefined ? {} : { details: entry.details }),
-          flagged: entry.flagged ?? false,
-          prevSha256: this.tail.sha256,
+        const tail = this.tail;
+        let previous = tail.sha256;
+        const events = remaining.map((entry, index) => {
+          const event = create(AuditEventSchema, {
+            sequence: tail.sequence + BigInt(index + 1),
+            eventId: randomUUID(),
+            type: entry.type,
+            at: timestampFromMs(Date.now()),
+            actor: entry.actor,
+            requestId: entry.requestId ?? "",
+            ...(entry.details === undefined ? {} : { details: entry.details }),
+            flagged: entry.flagged ?? false,
+            prevSha256: previous,
+          });
+          event.sha256 = eventHash(event);
+          previous = event.sha256;
+          return event;
         });
-        event.sha256 = eventHash(event);
-        const ack = await this.js.publish(auditStream.subject, auditEventToJsonLine(event), { expect: { lastSequence: this.tail.streamSeq } });
-        this.tail = { sequence: event.sequence, streamSeq: ack.seq, sha256: event.sha256 };
-        return event;
-      } catch (error) {
-        // Another replica appended first (wrong last sequence), or the tail is stale: re-read it and try again.
-        this.tail = undefined;
-        const conflict = error instanceof JetStreamApiError || String(error).includes("wrong last sequence");
-        if (!conflict || attempt >= attempts) {
-          throw new AirlockError(Code.Unavailable, "the audit event could not be written: failing closed", { cause: error });
+        const acks = await Promise.allSettled(
+          events.map((event, index) => this.js.publish(auditStream.subject, auditEventToJsonLine(event), { expect: { lastSequence: tail.streamSeq + index } })),
+        );
+        let accepted = 0;
+        for (const ack of acks) {
+          if (ack.status === "rejected") {
+            failure = ack.reason;
+            break;
+          }
+          const event = events[accepted] as AuditEvent;
+          this.tail = { sequence: event.sequence, streamSeq: ack.value.seq, sha256: event.sha256 };
+          written.push(event);
+          accepted++;
         }
-        await new Promise((resolve) => setTimeout(resolve, Math.random() * 5 * attempt));
+        remaining = remaining.slice(accepted);
+        if (remaining.length === 0) break;
+      } catch (error) {
+        failure = error;
       }
+      // Another replica appended first (wrong last sequence), or the tail is stale: re-read it and try again.
+      this.tail = undefined;
+      const conflict = failure instanceof JetStreamApiError || String(failure).includes("wrong last sequence");
+      if (!conflict || attempt >= attempts) {
+        throw new AirlockError(Code.Unavailable, "the audit event could not be written: failing closed", { cause: failure });
+      }
+      await new Promise((resolve) => setTimeout(resolve, Math.random() * 5 * attempt));
     }
+    return written;
   }
 }
 

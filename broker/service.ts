@@ -20,11 +20,11 @@ import {
   RequestState,
   Verdict,
 } from "../proto/index.js";
-import { AuditLog } from "./audit.js";
+import { type AuditEntry, AuditLog } from "./audit.js";
 import type { CredentialIssuer, IssuedCredential } from "./credentials.js";
 import { type ApprovalConfig, type ApprovalEvent, type Ballot, intake, markCompleted, markExecuting, markFailed, type Outcome, tick, vote } from "./rules.js";
 import { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
-import { RequestStore } from "./store.js";
+import { RequestStore, type StoredRecord } from "./store.js";
 
 /** Options of {@link Broker.start}. */
 export interface BrokerOptions {
@@ -46,7 +46,14 @@ export interface BrokerOptions {
 }
 
 /** Defaults of {@link BrokerOptions}. */
-export const brokerDefaults = { tickIntervalMs: 500, decisionTtlMs: 300_000, intakeConsumer: "airlock-broker-intake", completionConsumer: "airlock-broker-completions" } as const;
+export const brokerDefaults = {
+  tickIntervalMs: 500,
+  decisionTtlMs: 300_000,
+  intakeConsumer: "airlock-broker-intake",
+  completionConsumer: "airlock-broker-completions",
+  /** Messages of one consumer handled at once by one replica. */
+  maxInFlight: 64,
+} as const;
 
 const verdicts: Record<Outcome, Verdict> = { approved: Verdict.APPROVED, denied: Verdict.DENIED, expired: Verdict.EXPIRED, cancelled: Verdict.CANCELLED };
 const finalStates = new Set([RequestState.COMPLETED, RequestState.FAILED, RequestState.EXPIRED, RequestState.DENIED, RequestState.CANCELLED]);
@@ -117,15 +124,22 @@ export class Broker {
         const handle = durable === brokerDefaults.intakeConsumer ? (data: Uint8Array) => broker.takeRequest(data) : (data: Uint8Array) => broker.takeCompletion(data);
         broker.loops.push(
           (async () => {
+            // Messages are handled concurrently (each one's state changes are compare-and-set, so
+            // order does not matter), up to a bound: one slow Vault call must not queue the rest.
+            const inFlight = new Set<Promise<void>>();
             for await (const message of messages) {
-              try {
-                await handle(message.data);
-                message.ack();
-              } catch (error) {
-                options.log.error({ err: error }, "could not process a message; it will be redelivered");
-                message.nak(1000);
-              }
+              const handled = handle(message.data).then(
+                () => message.ack(),
+                (error: unknown) => {
+                  options.log.error({ err: error }, "could not process a message; it will be redelivered");
+                  message.nak(1000);
+                },
+              );
+              inFlight.add(handled);
+              void handled.finally(() => inFlight.delete(handled));
+              if (inFlight.size >= brokerDefaults.maxInFlight) await Promise.race(inFlight);
             }
+            await Promise.all(inFlight);
           })(),
         );
       }
@@ -177,20 +191,27 @@ export class Broker {
       if (!result.ok) throw result.error;
       // The vote is audited before it counts: no audit, no approval.
       await this.auditEvents(result.events, ballot.reviewer);
-      if (!(await this.store.update(result.record, stored.revision))) continue;
-      if (result.decided !== undefined) await this.finalize(requestId);
-      return result.record;
+      // The write that decides also claims the decision, so exactly one replica publishes it.
+      const next = result.decided === undefined ? result.record : withDecisionId(result.record);
+      const revision = await this.store.update(next, stored.revision);
+      if (revision === undefined) continue;
+      if (result.decided !== undefined) await this.finalize({ record: next, revision });
+      return next;
     }
     throw new AirlockError(Code.Aborted, `request ${requestId} kept changing; try again`);
   }
 
-  private async auditEvents(events: readonly ApprovalEvent[], actor: string): Promise<void> {
-    for (const event of events) {
+  private auditEntries(events: readonly ApprovalEvent[], actor: string): AuditEntry[] {
+    return events.map((event) => {
       // The event's own time is the audit event's time; other dates become ISO strings.
       const { requestId, kind, at, ...facts } = event;
       const details = JSON.parse(JSON.stringify({ kind, ...facts })) as Record<string, never>;
-      await this.audit.append({ type: auditTypeOf(event), actor, requestId, details, flagged: kind === "break_glass" });
-    }
+      return { type: auditTypeOf(event), actor, requestId, details, flagged: kind === "break_glass" };
+    });
+  }
+
+  private async auditEvents(events: readonly ApprovalEvent[], actor: string): Promise<void> {
+    if (events.length > 0) await this.audit.appendAll(this.auditEntries(events, actor));
   }
 
   private async takeRequest(data: Uint8Array): Promise<void> {
@@ -204,15 +225,18 @@ export class Broker {
       await this.publishDecision(request, { verdict: Verdict.DENIED, reason: result.error.rawMessage, decisionId: randomUUID(), record: undefined });
       return;
     }
-    await this.audit.append({
+    const received: AuditEntry = {
       type: AuditEventType.REQUEST_RECEIVED,
       actor: request.identity?.agent ?? "",
       requestId: request.id,
       details: { service: request.service, method: request.method, host: request.host, rule: request.ruleId, reason: request.reason, onBehalfOf: request.identity?.onBehalfOf ?? "" },
-    });
-    if (!(await this.store.create(result.record))) return;
-    await this.auditEvents(result.events, result.autoRule === undefined ? this.options.replicaId : `auto-rule:${result.autoRule}`);
-    if (result.decided !== undefined) await this.finalize(request.id);
+    };
+    const record = result.decided === undefined ? result.record : withDecisionId(result.record);
+    // A redelivered request finds its record there already; the first delivery audited it.
+    const revision = await this.store.create(record);
+    if (revision === undefined) return;
+    await this.audit.appendAll([received, ...this.auditEntries(result.events, result.autoRule === undefined ? this.options.replicaId : `auto-rule:${result.autoRule}`)]);
+    if (result.decided !== undefined) await this.finalize({ record, revision });
   }
 
   /**
@@ -221,17 +245,12 @@ export class Broker {
    * it first has Vault issue the one-action credential; if Vault fails, the
    * request fails closed with a clear reason and no credential.
    */
-  private async finalize(requestId: string): Promise<void> {
-    const decisionId = randomUUID();
-    const claimed = await this.store.mutate(requestId, (record) => {
-      const decided = [RequestState.APPROVED, RequestState.DENIED, RequestState.EXPIRED, RequestState.CANCELLED].includes(record.state);
-      if (!decided || record.decisionId !== "") return undefined;
-      const next = clone(RequestRecordSchema, record);
-      next.decisionId = decisionId;
-      return next;
-    });
-    const request = claimed?.request;
-    if (claimed === undefined || request === undefined) return;
+  private async finalize(stored: StoredRecord): Promise<void> {
+    const claimed = stored.record;
+    const request = claimed.request;
+    if (request === undefined) return;
+    const requestId = request.id;
+    const decisionId = claimed.decisionId;
     const outcome = claimed.state === RequestState.APPROVED ? "approved" : claimed.state === RequestState.DENIED ? "denied" : claimed.state === RequestState.EXPIRED ? "expired" : "cancelled";
     this.metrics.requests.labels(outcome).inc();
     if (outcome === "expired") this.metrics.expiries.inc();
@@ -255,25 +274,35 @@ export class Broker {
       }
       const lease = issued;
       try {
-        await this.audit.append({ type: AuditEventType.CREDENTIAL_ISSUED, actor: this.options.replicaId, requestId, details: { kind: lease.kind, expiresAt: lease.expiresAt.toISOString() } });
         await this.store.mutate(requestId, (record) => {
           const executing = markExecuting(record, new Date());
           const next = executing.ok ? executing.record : clone(RequestRecordSchema, record);
           next.lease = create(LeaseRecordSchema, { leaseId: lease.leaseId, kind: lease.kind, issuedAt: timestampFromDate(new Date()), expiresAt: timestampFromDate(lease.expiresAt) });
           return next;
-        });
+        }, stored);
       } catch (error) {
         // Fail closed: a credential whose issuance is not on record is revoked at once.
         await this.options.issuer.revoke(lease).catch(() => undefined);
         throw error;
       }
     }
-    await this.publishDecision(request, { verdict: verdicts[outcome], reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed, ...(issued === undefined ? {} : { issued }) });
+    const issuedEntry: AuditEntry[] =
+      issued === undefined
+        ? []
+        : [{ type: AuditEventType.CREDENTIAL_ISSUED, actor: this.options.replicaId, requestId, details: { kind: issued.kind, expiresAt: issued.expiresAt.toISOString() } }];
+    try {
+      await this.publishDecision(request, { verdict: verdicts[outcome], reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed, ...(issued === undefined ? {} : { issued }) }, issuedEntry);
+    } catch (error) {
+      // Fail closed: a credential whose issuance or decision is not on record is revoked at once.
+      if (issued !== undefined) await this.revokeLease(requestId, "audit_failed").catch(() => undefined);
+      throw error;
+    }
   }
 
   private async publishDecision(
     request: ApprovalRequest,
     decision: { verdict: Verdict; reason: string; decisionId: string; record: RequestRecord | undefined; issued?: IssuedCredential },
+    firstAudit: readonly AuditEntry[] = [],
   ): Promise<void> {
     const now = Date.now();
     const deadline = request.deadline === undefined ? now + (this.options.decisionTtlMs ?? brokerDefaults.decisionTtlMs) : timestampDate(request.deadline).getTime();
@@ -289,22 +318,26 @@ export class Broker {
       expiresAt: timestampFromMs(expiresAt),
       ...(decision.issued === undefined ? {} : { credential: decision.issued.delivery }),
     });
-    await this.audit.append({ type: AuditEventType.DECIDED, actor: this.options.replicaId, requestId: request.id, details: { verdict: Verdict[decision.verdict] ?? "", reason: decision.reason, decisionId: decision.decisionId } });
+    await this.audit.appendAll([
+      ...firstAudit,
+      { type: AuditEventType.DECIDED, actor: this.options.replicaId, requestId: request.id, details: { verdict: Verdict[decision.verdict] ?? "", reason: decision.reason, decisionId: decision.decisionId } },
+    ]);
     const signed = signDecision(body, this.options.signingKey);
     await this.js.publish(subjects.decision(request.host, request.id), toBinary(DecisionSchema, signed), { msgID: decision.decisionId });
   }
 
   private async takeCompletion(data: Uint8Array): Promise<void> {
     const completion = fromBinary(CompletionSchema, data);
+    // Revocation first: it is what ends the credential; the audit trail records both right after.
+    const arrived = performance.now();
+    await this.revokeLease(completion.requestId, "completion");
+    this.metrics.revokeLag.observe((performance.now() - arrived) / 1000);
     await this.audit.append({
       type: AuditEventType.ACTION_COMPLETED,
       actor: `sidecar:${completion.host}`,
       requestId: completion.requestId,
       details: { statusCode: completion.statusCode, statusMessage: completion.statusMessage },
     });
-    const arrived = performance.now();
-    await this.revokeLease(completion.requestId, "completion");
-    this.metrics.revokeLag.observe((performance.now() - arrived) / 1000);
     await this.store.mutate(completion.requestId, (record) => {
       const done = markCompleted(record, completion, new Date());
       return done.ok ? done.record : undefined;
@@ -354,9 +387,11 @@ export class Broker {
         pendingCount++;
         if (request.createdAt !== undefined) oldestPendingMs = Math.max(oldestPendingMs, now.getTime() - timestampDate(request.createdAt).getTime());
         const result = tick(record, request, this.options.approvals, now);
-        if (result.ok && result.events.length > 0 && (await this.store.update(result.record, stored.revision))) {
+        const next = result.ok && result.decided !== undefined ? withDecisionId(result.record) : result.ok ? result.record : undefined;
+        const revision = result.ok && next !== undefined && result.events.length > 0 ? await this.store.update(next, stored.revision) : undefined;
+        if (result.ok && next !== undefined && revision !== undefined) {
           await this.auditEvents(result.events, this.options.replicaId);
-          if (result.decided !== undefined) await this.finalize(id);
+          if (result.decided !== undefined) await this.finalize({ record: next, revision });
         }
         continue;
       }
@@ -372,4 +407,11 @@ export class Broker {
     this.metrics.oldestPendingSeconds.set(oldestPendingMs / 1000);
     this.metrics.leasesOutstanding.set(outstanding);
   }
+}
+
+/** The record with a fresh decision id: written with the transition that decides, it makes its writer the one publisher. */
+function withDecisionId(record: RequestRecord): RequestRecord {
+  const next = clone(RequestRecordSchema, record);
+  next.decisionId = randomUUID();
+  return next;
 }

@@ -36,24 +36,22 @@ export class RequestStore {
     return { record: fromBinary(RequestRecordSchema, entry.value), revision: entry.revision };
   }
 
-  /** Stores a new record; false when the id is already there (a duplicate, or another replica took it). */
-  async create(record: RequestRecord): Promise<boolean> {
+  /** Stores a new record; its revision, or undefined when the id is already there (a duplicate, or another replica took it). */
+  async create(record: RequestRecord): Promise<number | undefined> {
     try {
-      await this.kv.create(record.request?.id ?? "", toBinary(RequestRecordSchema, record));
-      return true;
+      return await this.kv.create(record.request?.id ?? "", toBinary(RequestRecordSchema, record));
     } catch (error) {
-      if (String(error).includes("wrong last sequence") || String(error).includes("exists")) return false;
+      if (String(error).includes("wrong last sequence") || String(error).includes("exists")) return undefined;
       throw new AirlockError(Code.Unavailable, "cannot write request state to NATS", { cause: error });
     }
   }
 
-  /** Compare-and-set; false when another writer changed the record since `revision`. */
-  async update(record: RequestRecord, revision: number): Promise<boolean> {
+  /** Compare-and-set; the new revision, or undefined when another writer changed the record since `revision`. */
+  async update(record: RequestRecord, revision: number): Promise<number | undefined> {
     try {
-      await this.kv.update(record.request?.id ?? "", toBinary(RequestRecordSchema, record), revision);
-      return true;
+      return await this.kv.update(record.request?.id ?? "", toBinary(RequestRecordSchema, record), revision);
     } catch (error) {
-      if (String(error).includes("wrong last sequence")) return false;
+      if (String(error).includes("wrong last sequence")) return undefined;
       throw new AirlockError(Code.Unavailable, "cannot write request state to NATS", { cause: error });
     }
   }
@@ -69,13 +67,16 @@ export class RequestStore {
    * Reads, changes and writes one record until the write wins. `change` returns
    * the new record, or undefined to leave it as it is.
    */
-  async mutate(requestId: string, change: (record: RequestRecord) => RequestRecord | undefined): Promise<RequestRecord | undefined> {
+  async mutate(requestId: string, change: (record: RequestRecord) => RequestRecord | undefined, known?: StoredRecord): Promise<RequestRecord | undefined> {
+    // A caller that just wrote the record passes it with its revision: one round trip saved when nobody else wrote since.
+    let stored = known;
     for (let attempt = 0; attempt < 50; attempt++) {
-      const stored = await this.get(requestId);
+      stored ??= await this.get(requestId);
       if (stored === undefined) return undefined;
       const next = change(stored.record);
       if (next === undefined) return undefined;
-      if (await this.update(next, stored.revision)) return next;
+      if ((await this.update(next, stored.revision)) !== undefined) return next;
+      stored = undefined;
     }
     throw new AirlockError(Code.Aborted, `request ${requestId} kept changing under this replica`);
   }

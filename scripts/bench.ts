@@ -1,5 +1,5 @@
 /**
- * `npm run bench -- sidecar`: the sidecar's allow path against the upstream
+ * `npm run bench -- sidecar | privileged`. `sidecar`: the sidecar's allow path against the upstream
  * called directly, in one run, with the load generator, the sidecar and the
  * upstream as separate processes. Prints
  *   sidecar: direct_rps=… proxied_rps=… ratio=… p50_added_ms=… p90_added_ms=… p99_added_ms=… cpu_ms_per_1k_calls=… rss_mb=…
@@ -11,8 +11,13 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { connect } from "@nats-io/transport-node";
+import { exportSPKI, generateKeyPair, SignJWT } from "jose";
+import { RequestStore } from "../broker/store.js";
 import { generateDecisionKey } from "../common/decision.js";
-import { freePort, startNats, waitUntil } from "../harness/index.js";
+import { createVaultClient } from "../common/vault.js";
+import { freePort, startNats, startVault, waitUntil } from "../harness/index.js";
 import { descriptorSetPath } from "../proto/index.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
@@ -159,10 +164,159 @@ async function benchSidecar(): Promise<void> {
   }
 }
 
+function loadPrivileged(args: string[], agentToken: string): Promise<LoadResult> {
+  return new Promise((resolve, reject) => {
+    const generator = spawn(process.execPath, [...tsx, "bench/privileged/loadgen.ts", ...args], {
+      cwd: root,
+      stdio: ["ignore", "pipe", "inherit"],
+      env: { ...process.env, AGENT_TOKEN: agentToken },
+    });
+    let output = "";
+    generator.stdout.on("data", (chunk: Buffer) => (output += chunk.toString("utf8")));
+    generator.once("exit", (code) => {
+      if (code !== 0) return reject(new Error(`load generator failed (${code})`));
+      resolve(JSON.parse(output.trim().split("\n").pop() ?? "{}") as LoadResult);
+    });
+  });
+}
+
+function percentile(values: number[], q: number): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))] ?? Number.NaN;
+}
+
+/**
+ * `npm run bench -- privileged`: agent → sidecar → broker → Vault → upstream →
+ * completion → revoke with an auto-approve rule and a token credential, each
+ * part its own process; and in the same run the bare Vault operations alone
+ * (token create + wrap, unwrap, revoke). Prints
+ *   privileged: actions_per_s=… p50_ms=… p99_ms=… vault_bare_p50_ms=… overhead_ratio=… revoke_p99_ms=…
+ * and as its last line `actions_per_s=<x> overhead_ratio=<y> revoke_p99_ms=<z>`.
+ */
+async function benchPrivileged(): Promise<void> {
+  const nats = await startNats();
+  const vault = await startVault();
+  const dir = await mkdtemp(join(tmpdir(), "airlock-bench-"));
+  const children: ChildProcess[] = [];
+  const nc = await connect({ servers: nats.url });
+  try {
+    const upstream = await startProcess(["bench/privileged/upstream.ts", vault.address], /listening (\S+)/);
+    children.push(upstream.child);
+    const key = generateDecisionKey("bench");
+    await writeFile(join(dir, "broker-public.pem"), key.publicKeyPem);
+    await writeFile(join(dir, "broker-private.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }).toString());
+    const agentKeys = await generateKeyPair("EdDSA");
+    const agentPublicPem = await exportSPKI(agentKeys.publicKey);
+    const agentToken = await new SignJWT({ act_for: "bench@corp" })
+      .setProtectedHeader({ alg: "EdDSA" })
+      .setSubject("spiffe://bench/agent")
+      .setIssuer("https://idp.bench")
+      .setAudience("airlock")
+      .setExpirationTime("2h")
+      .sign(agentKeys.privateKey);
+    await writeFile(
+      join(dir, "policy.yaml"),
+      [
+        "version: 1",
+        "rules:",
+        "  - id: rotate",
+        "    match: { service: demo.v1.OpsService, method: RotateKey }",
+        "    effect: approve",
+        "    approve:",
+        "      risk: low",
+        "      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }",
+        "      credential: { kind: vault_token, policies: [default], num_uses: 3, ttl: 1m }",
+        "      timeout: 30s",
+      ].join("\n"),
+    );
+    const brokerHttp = await freePort();
+    await writeFile(
+      join(dir, "broker.yaml"),
+      [
+        `nats: { url: "${nats.url}" }`,
+        `vault: { address: "${vault.address}", auth: { kind: token, token: "${vault.rootToken}" } }`,
+        "signing_key: { key_id: bench, file: broker-private.pem }",
+        "approvals:",
+        "  groups: { security: [sam@corp] }",
+        "  auto_rules: [{ id: low-risk, effect: approve, when: { max_risk: low }, reason: pre-approved }]",
+        `http: 127.0.0.1:${brokerHttp}`,
+        "log_level: error",
+      ].join("\n"),
+    );
+    const sidecarMetrics = await freePort();
+    const listenPort = await freePort();
+    await writeFile(
+      join(dir, "sidecar.yaml"),
+      [
+        `listen: 127.0.0.1:${listenPort}`,
+        "upstreams:",
+        `  - { name: ops, address: "${upstream.match[1] ?? ""}", descriptor_sets: ["${descriptorSetPath}"] }`,
+        `nats: { url: "${nats.url}" }`,
+        `vault: { address: "${vault.address}" }`,
+        "broker_keys: { bench: broker-public.pem }",
+        "host: bench",
+        "policy: policy.yaml",
+        `agent_auth: [{ kind: jwt, issuer: "https://idp.bench", audience: airlock, keys: { kind: static, public_keys: [${JSON.stringify(agentPublicPem)}] } }]`,
+        `metrics: { listen: "127.0.0.1:${sidecarMetrics}" }`,
+        "log_level: error",
+      ].join("\n"),
+    );
+    for (const part of ["broker", "sidecar"]) {
+      children.push(spawn(process.execPath, [...tsx, "cli/airlock.ts", part, "--config", join(dir, `${part}.yaml`)], { cwd: root, stdio: ["ignore", "inherit", "inherit"] }));
+    }
+    for (const port of [brokerHttp, sidecarMetrics]) {
+      if (!(await waitUntil(async () => (await fetch(`http://127.0.0.1:${port}/healthz`)).ok, 30_000))) throw new Error("broker or sidecar did not become healthy");
+    }
+
+    // The bare Vault work of one action, at concurrency 1: create a wrapped token, unwrap it, revoke it.
+    const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
+    const sidecarVault = createVaultClient({ address: vault.address });
+    const bare: number[] = [];
+    for (let i = 0; i < 220; i++) {
+      const started = performance.now();
+      const wrapped = await rootVault.createToken({ policies: ["default"], ttlSeconds: 60, numUses: 3, meta: { bench: String(i) }, wrapTtlSeconds: 60 });
+      await sidecarVault.unwrap(wrapped.wrappingToken);
+      await rootVault.revokeAccessor(wrapped.tokenAccessor);
+      if (i >= 20) bare.push(performance.now() - started);
+    }
+    const serial = await loadPrivileged([`127.0.0.1:${listenPort}`, "serial", "200"], agentToken);
+    const saturated = await loadPrivileged([`127.0.0.1:${listenPort}`, "saturate", String(seconds * 2), "16"], agentToken);
+    if (serial.failures + saturated.failures > 0) throw new Error(`${serial.failures + saturated.failures} privileged calls failed`);
+
+    // Revocation lag per action, from the records the brokers keep: completion to revoked.
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const store = await RequestStore.open(nc);
+    const lags: number[] = [];
+    for (const id of await store.ids()) {
+      const record = (await store.get(id))?.record;
+      const finished = record?.completion?.finishedAt;
+      const revoked = record?.lease?.revokedAt;
+      if (finished !== undefined && revoked !== undefined) lags.push(timestampDate(revoked).getTime() - timestampDate(finished).getTime());
+    }
+    const barePercentile50 = percentile(bare, 0.5);
+    const f = (n: number, digits = 1) => n.toFixed(digits);
+    const ratio = serial.p50 / barePercentile50;
+    const revokeP99 = percentile(lags, 0.99);
+    console.log(`privileged_revocations: measured=${lags.length} p50_ms=${f(percentile(lags, 0.5))}`);
+    console.log(
+      `privileged: actions_per_s=${f(saturated.rps)} p50_ms=${f(serial.p50, 2)} p99_ms=${f(serial.p99, 2)} vault_bare_p50_ms=${f(barePercentile50, 2)} overhead_ratio=${f(ratio, 2)} revoke_p99_ms=${f(revokeP99)}`,
+    );
+    console.log(`actions_per_s=${f(saturated.rps)} overhead_ratio=${f(ratio, 2)} revoke_p99_ms=${f(revokeP99)}`);
+  } finally {
+    for (const child of children.reverse()) await stop(child);
+    await nc.close();
+    await vault.stop();
+    await nats.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
 const which = process.argv[2];
 if (which === "sidecar") {
   await benchSidecar();
+} else if (which === "privileged") {
+  await benchPrivileged();
 } else {
-  console.error("usage: npm run bench -- sidecar");
+  console.error("usage: npm run bench -- sidecar | privileged");
   process.exitCode = 2;
 }

@@ -34,15 +34,14 @@ await t.test("appended events form an intact hash chain", async (t) => {
   t.same(verdict, { intact: true, eventsChecked: 2, firstBrokenSequence: 0, problem: "" });
 });
 
-await t.test("two replicas appending at once never fork the chain", async (t) => {
+await t.test("two replicas appending at once, singly and in pipelined batches, never fork the chain", async (t) => {
   const a = await AuditLog.open(nc);
   const b = await AuditLog.open(other);
-  await Promise.all(
-    Array.from({ length: 15 }, (_, i) => [
-      a.append({ type: AuditEventType.VOTE_RECORDED, actor: `a-${i}`, requestId: `r${i}` }),
-      b.append({ type: AuditEventType.VOTE_RECORDED, actor: `b-${i}`, requestId: `r${i}` }),
-    ]).flat(),
-  );
+  const batch = (i: number) => [0, 1, 2].map((k) => ({ type: AuditEventType.VOTE_RECORDED, actor: `b-${i}-${k}`, requestId: `r${i}` }));
+  await Promise.all([
+    ...Array.from({ length: 15 }, (_, i) => a.append({ type: AuditEventType.VOTE_RECORDED, actor: `a-${i}`, requestId: `r${i}` })),
+    ...Array.from({ length: 5 }, (_, i) => b.appendAll(batch(i))),
+  ]);
   const events = await everything();
   t.equal(events.length, 32);
   t.same(
