@@ -167,6 +167,15 @@ export class Broker {
     return stored.record;
   }
 
+  /**
+   * Every change to any request's record as it is written (all replicas'
+   * writes, from JetStream KV), until `signal` aborts. With `includeCurrent`,
+   * each record's current state comes first.
+   */
+  watch(signal: AbortSignal, includeCurrent = false): AsyncGenerator<RequestRecord> {
+    return this.store.watch(signal, includeCurrent);
+  }
+
   /** Every request's record. */
   async list(): Promise<RequestRecord[]> {
     const records: RequestRecord[] = [];

@@ -1,5 +1,5 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
-import { type KV, Kvm } from "@nats-io/kv";
+import { type KV, Kvm, KvWatchInclude } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../common/errors.js";
 import { type RequestRecord, RequestRecordSchema } from "../proto/index.js";
@@ -53,6 +53,24 @@ export class RequestStore {
     } catch (error) {
       if (String(error).includes("wrong last sequence")) return undefined;
       throw new AirlockError(Code.Unavailable, "cannot write request state to NATS", { cause: error });
+    }
+  }
+
+  /**
+   * Every record change from now on (or, with `includeCurrent`, each record's
+   * current value first), until the signal aborts.
+   */
+  async *watch(signal: AbortSignal, includeCurrent = false): AsyncGenerator<RequestRecord> {
+    const watcher = await this.kv.watch({ include: includeCurrent ? KvWatchInclude.LastValue : KvWatchInclude.UpdatesOnly, ignoreDeletes: true });
+    const stop = () => watcher.stop();
+    signal.addEventListener("abort", stop, { once: true });
+    try {
+      for await (const entry of watcher) {
+        if (entry.operation === "PUT" && entry.value.length > 0) yield fromBinary(RequestRecordSchema, entry.value);
+      }
+    } finally {
+      signal.removeEventListener("abort", stop);
+      watcher.stop();
     }
   }
 

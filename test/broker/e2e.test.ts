@@ -166,7 +166,16 @@ await t.test("approved ExportTable: the dynamic user works during the action and
   t.equal(done.lease?.revokedBy, "broker-1");
 });
 
-await t.test("an auto-approved RotateKey gets a live per-action token that is dead after completion", async (t) => {
+await t.test("an auto-approved RotateKey gets a live per-action token that is dead after completion; watch sees each step", async (t) => {
+  const stopWatching = new AbortController();
+  const seen: RequestState[] = [];
+  const watching = (async () => {
+    for await (const record of broker.watch(stopWatching.signal)) {
+      if (record.request?.method !== "RotateKey") continue;
+      seen.push(record.state);
+      if (record.state === RequestState.COMPLETED && record.lease?.revokedAt !== undefined) break;
+    }
+  })();
   const response = await callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agent() });
   t.equal(response.version, 1, "the upstream accepted the per-action token");
   const record = (await broker.list()).find((r) => r.request?.method === "RotateKey");
@@ -181,6 +190,10 @@ await t.test("an auto-approved RotateKey gets a live per-action token that is de
     if (!dead) await new Promise((resolve) => setTimeout(resolve, 25));
   }
   t.ok(dead, "the token's accessor no longer resolves: revoked");
+  await Promise.race([watching, new Promise((resolve) => setTimeout(resolve, 2000))]);
+  stopWatching.abort();
+  await watching;
+  t.same([seen[0], seen.at(-1)], [RequestState.APPROVED, RequestState.COMPLETED], `watch saw the request from approval to completion (${seen.map((s) => RequestState[s]).join(" → ")})`);
 });
 
 await t.test("a reviewer's denial reaches the agent with the reason", async (t) => {
