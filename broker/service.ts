@@ -39,6 +39,11 @@ export interface BrokerOptions {
   readonly tickIntervalMs?: number;
   /** How long an approval may be acted on after it is decided, in ms. @default 300000 */
   readonly decisionTtlMs?: number;
+  /**
+   * How long a decided request may stay without a published decision before
+   * another replica takes it over (its publisher died), in ms. @default 10000
+   */
+  readonly orphanAfterMs?: number;
   /** Whether to consume requests and completions (tests may run a decide-only replica). @default true */
   readonly consume?: boolean;
   /** @default fresh metrics on a registry of their own */
@@ -53,6 +58,7 @@ export const brokerDefaults = {
   completionConsumer: "airlock-broker-completions",
   /** Messages of one consumer handled at once by one replica. */
   maxInFlight: 64,
+  orphanAfterMs: 10_000,
 } as const;
 
 const verdicts: Record<Outcome, Verdict> = { approved: Verdict.APPROVED, denied: Verdict.DENIED, expired: Verdict.EXPIRED, cancelled: Verdict.CANCELLED };
@@ -378,6 +384,54 @@ export class Broker {
     await this.audit.append({ type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why, kind: lease.kind } });
   }
 
+  /**
+   * A replica that died between claiming a decision and publishing it leaves
+   * the agent waiting. After `orphanAfterMs` without progress and with no
+   * decision on the stream, another replica takes over: a decision that needs
+   * no credential is published as it stands; an approval not yet issued is
+   * issued and published; an approval whose credential was issued but never
+   * delivered has that credential revoked and is reported failed, so the agent
+   * can ask again (the wrapping token died with the replica).
+   */
+  private async recoverOrphan(stored: StoredRecord, now: Date): Promise<void> {
+    const { record } = stored;
+    const request = record.request;
+    if (request === undefined || record.decisionId === "" || record.completion !== undefined) return;
+    if (![RequestState.APPROVED, RequestState.DENIED, RequestState.EXPIRED, RequestState.CANCELLED, RequestState.EXECUTING].includes(record.state)) return;
+    // Past the request's deadline the agent has stopped waiting, and the reconciler handles any lease.
+    if (request.deadline !== undefined && timestampDate(request.deadline).getTime() < now.getTime()) return;
+    const since = record.updatedAt === undefined ? 0 : timestampDate(record.updatedAt).getTime();
+    if (now.getTime() - since < (this.options.orphanAfterMs ?? brokerDefaults.orphanAfterMs)) return;
+    if (await this.decisionPublished(request)) return;
+    const takeover = clone(RequestRecordSchema, record);
+    takeover.updatedAt = timestampFromDate(now);
+    takeover.decisionId = randomUUID();
+    const revision = await this.store.update(takeover, stored.revision);
+    if (revision === undefined) return; // another replica took it over first
+    this.options.log.warn({ requestId: request.id, state: RequestState[record.state] }, "taking over a decision whose publisher died");
+    if (record.state === RequestState.EXECUTING) {
+      await this.revokeLease(request.id, "orphaned");
+      const reason = "the broker replica handling this approval died before delivering the credential; ask again";
+      await this.store.mutate(request.id, (current) => {
+        const failed = markFailed(current, reason, new Date());
+        return failed.ok ? failed.record : undefined;
+      });
+      await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId: takeover.decisionId, record: takeover });
+      return;
+    }
+    await this.finalize({ record: takeover, revision });
+  }
+
+  private async decisionPublished(request: ApprovalRequest): Promise<boolean> {
+    try {
+      const jsm = await jetstreamManager(this.options.nc);
+      return (await jsm.streams.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(request.host, request.id) })) !== null;
+    } catch (error) {
+      if (String(error).includes("no message found")) return false;
+      throw error;
+    }
+  }
+
   /** Expiry and escalation of pending requests; revocation of leases whose action is over. */
   private async tickOnce(): Promise<void> {
     if (this.closed) return;
@@ -404,6 +458,7 @@ export class Broker {
         }
         continue;
       }
+      await this.recoverOrphan(stored, now).catch((error: unknown) => this.options.log.error({ err: error, requestId: id }, "could not take over an orphaned decision"));
       const lease = record.lease;
       if (lease === undefined || lease.leaseId === "" || lease.revokedAt !== undefined) continue;
       const leaseOver = lease.expiresAt !== undefined && timestampDate(lease.expiresAt).getTime() <= now.getTime();

@@ -5,19 +5,20 @@ import { Client, credentials, Metadata } from "@grpc/grpc-js";
 import { connect } from "@nats-io/transport-node";
 import { exportSPKI, generateKeyPair, SignJWT } from "jose";
 import pg from "pg";
-import { toJsonString } from "@bufbuild/protobuf";
-import { ValueSchema } from "@bufbuild/protobuf/wkt";
+import { clone, toJsonString } from "@bufbuild/protobuf";
+import { timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import t from "tap";
 import { readAuditEvents, verifyChain } from "../../broker/audit.js";
 import { configureDatabaseEngine, CredentialIssuer, postgresRoleStatements } from "../../broker/credentials.js";
-import { parseApprovalConfig } from "../../broker/rules.js";
+import { parseApprovalConfig, vote } from "../../broker/rules.js";
+import { RequestStore } from "../../broker/store.js";
 import { Broker } from "../../broker/service.js";
 import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { type AirlockError, Code, callServerStream, callUnary, createLogger, createVaultClient } from "../../common/index.js";
 import { startOpsServer } from "../../demo/ops/index.js";
 import { useInfra } from "../../harness/index.js";
-import { AuditEventType, descriptorSetPath, type RequestRecord, RequestState } from "../../proto/index.js";
+import { AuditEventType, descriptorSetPath, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
 
@@ -106,7 +107,7 @@ const approvals = parseApprovalConfig(
 );
 const nc = await connect({ servers: nats.url });
 t.teardown(() => nc.close());
-const broker = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, replicaId: "broker-1", log, tickIntervalMs: 200 });
+const broker = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, replicaId: "broker-1", log, tickIntervalMs: 200, orphanAfterMs: 1000 });
 t.teardown(() => broker.close());
 
 const client = new Client(sidecar.address, credentials.createInsecure());
@@ -238,6 +239,30 @@ await t.test("two replicas racing on the same requests decide and issue each exa
     if (event.type === AuditEventType.CREDENTIAL_ISSUED) issuedPerRequest.set(event.requestId, (issuedPerRequest.get(event.requestId) ?? 0) + 1);
   }
   for (const record of fresh) t.equal(issuedPerRequest.get(record.request?.id ?? ""), 1, `request ${record.request?.id} issued once`);
+});
+
+await t.test("a replica that dies between deciding and publishing: another takes over and the agent's call runs", async (t) => {
+  const rows = (async () => {
+    const all = [];
+    for await (const row of callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata: await agent() })) all.push(row.row);
+    return all;
+  })();
+  const record = await pending("ExportTable");
+  const requestId = record.request?.id ?? "";
+  // What a replica writes just before it dies: the deciding vote with its claim on the decision, then nothing.
+  const store = await RequestStore.open(nc);
+  const stored = await store.get(requestId);
+  if (stored?.record.request === undefined) throw new Error("no stored request");
+  const voted = vote(stored.record, stored.record.request, approvals, { reviewer: "dana@corp", approve: true }, new Date());
+  if (!voted.ok) throw voted.error;
+  const claimed = clone(RequestRecordSchema, voted.record);
+  claimed.decisionId = "claimed-by-a-dead-replica";
+  claimed.updatedAt = timestampFromMs(Date.now() - 5000);
+  t.not(await store.update(claimed, stored.revision), undefined);
+  t.equal((await rows).length, 2, "a live replica issued the credential and published the decision");
+  let issued = 0;
+  for await (const event of readAuditEvents(nc)) if (event.type === AuditEventType.CREDENTIAL_ISSUED && event.requestId === requestId) issued++;
+  t.equal(issued, 1, "issued once");
 });
 
 await t.test("Vault down: the request fails closed with a clear reason and no credential", async (t) => {
