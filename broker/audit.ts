@@ -175,10 +175,11 @@ export class AuditLog {
   }
 
   /**
-   * Appends several events in order, pipelined: all are published at once,
-   * each expecting the stream sequence the previous one will get, so a batch
-   * costs about one round trip. If another replica interleaves, the accepted
-   * events form a prefix and the rest are chained again on the new tail.
+   * Appends several events in order, pipelined: all are published at once, the
+   * first expecting the tail's stream sequence and each later one expecting
+   * its predecessor's message id, so a batch costs about one round trip. If
+   * another replica interleaves, the accepted events form a prefix and the
+   * rest are chained again on the new tail.
    */
   appendAll(entries: readonly AuditEntry[], attempts = 20): Promise<AuditEvent[]> {
     const appended = this.queue.then(() => this.appendNow(entries, attempts));
@@ -211,8 +212,16 @@ export class AuditLog {
           previous = event.sha256;
           return event;
         });
+        // The first event must follow the tail we read; each later one must follow our own
+        // previous event (expected last message id), so if another replica slips in between,
+        // everything after the slip is refused and the accepted events stay a chain.
         const acks = await Promise.allSettled(
-          events.map((event, index) => this.js.publish(auditStream.subject, auditEventToJsonLine(event), { expect: { lastSequence: tail.streamSeq + index } })),
+          events.map((event, index) =>
+            this.js.publish(auditStream.subject, auditEventToJsonLine(event), {
+              msgID: event.eventId,
+              expect: index === 0 ? { lastSequence: tail.streamSeq } : { lastMsgID: (events[index - 1] as AuditEvent).eventId },
+            }),
+          ),
         );
         let accepted = 0;
         for (const ack of acks) {
@@ -232,7 +241,7 @@ export class AuditLog {
       }
       // Another replica appended first (wrong last sequence), or the tail is stale: re-read it and try again.
       this.tail = undefined;
-      const conflict = failure instanceof JetStreamApiError || String(failure).includes("wrong last sequence");
+      const conflict = failure instanceof JetStreamApiError || /wrong last (sequence|msg)/.test(String(failure));
       if (!conflict || attempt >= attempts) {
         throw new AirlockError(Code.Unavailable, "the audit event could not be written: failing closed", { cause: failure });
       }
