@@ -74,24 +74,11 @@ async function runAudit(sub: string | undefined, args: string[]): Promise<void> 
   process.exitCode = 2;
 }
 
-async function runSidecar(args: string[]): Promise<void> {
+/** Starts a long-running part from `--config` and closes it cleanly on SIGINT or SIGTERM. */
+async function serveFromConfig(args: string[], start: (configPath: string) => Promise<{ close(): Promise<void> }>): Promise<void> {
   const { values } = parseArgs({ args, options: { config: { type: "string" } }, strict: true });
   if (values.config === undefined) throw new AirlockError(Code.InvalidArgument, "--config is required");
-  const sidecar = await startSidecar(await loadSidecarConfig(values.config));
-  const stop = () => {
-    sidecar.close().then(
-      () => process.exit(0),
-      () => process.exit(1),
-    );
-  };
-  process.once("SIGINT", stop);
-  process.once("SIGTERM", stop);
-}
-
-async function runBroker(args: string[]): Promise<void> {
-  const { values } = parseArgs({ args, options: { config: { type: "string" } }, strict: true });
-  if (values.config === undefined) throw new AirlockError(Code.InvalidArgument, "--config is required");
-  const running = await startBroker(await loadBrokerConfig(values.config));
+  const running = await start(values.config);
   const stop = () => {
     running.close().then(
       () => process.exit(0),
@@ -138,8 +125,8 @@ async function runPolicyTest(args: string[]): Promise<void> {
 
 async function main(argv: string[]): Promise<void> {
   const [command, sub, ...rest] = argv;
-  if (command === "sidecar") return runSidecar(argv.slice(1));
-  if (command === "broker") return runBroker(argv.slice(1));
+  if (command === "sidecar") return serveFromConfig(argv.slice(1), async (path) => startSidecar(await loadSidecarConfig(path)));
+  if (command === "broker") return serveFromConfig(argv.slice(1), async (path) => startBroker(await loadBrokerConfig(path)));
   if (command === "policy" && sub === "test") return runPolicyTest(rest);
   if (command === "audit") return runAudit(sub, rest);
   console.error(usage);

@@ -1,9 +1,9 @@
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Client, credentials, Metadata } from "@grpc/grpc-js";
+import { Client, credentials, type Metadata } from "@grpc/grpc-js";
 import { connect } from "@nats-io/transport-node";
-import { exportSPKI, generateKeyPair, SignJWT } from "jose";
+import { exportSPKI, generateKeyPair } from "jose";
 import pg from "pg";
 import { clone, toJsonString } from "@bufbuild/protobuf";
 import { timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
@@ -21,6 +21,7 @@ import { useInfra } from "../../harness/index.js";
 import { AuditEventType, descriptorSetPath, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
+import { agentMetadata, streamOutcome } from "../helpers/agent.js";
 
 const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
 const log = createLogger({ name: "test", level: "silent" });
@@ -113,18 +114,8 @@ t.teardown(() => broker.close());
 const client = new Client(sidecar.address, credentials.createInsecure());
 t.teardown(() => client.close());
 
-async function agent(extra: Record<string, string> = {}): Promise<Metadata> {
-  const token = await new SignJWT({ act_for: "alice@corp" })
-    .setProtectedHeader({ alg: "EdDSA" })
-    .setSubject("spiffe://corp/agent/etl")
-    .setIssuer("https://idp.test")
-    .setAudience("airlock")
-    .setExpirationTime("5m")
-    .sign(agentKeys.privateKey);
-  const metadata = new Metadata();
-  metadata.set("authorization", `Bearer ${token}`);
-  for (const [k, v] of Object.entries(extra)) metadata.set(k, v);
-  return metadata;
+function agent(extra: Record<string, string> = {}): Promise<Metadata> {
+  return agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, extra);
 }
 
 async function pending(method: string): Promise<RequestRecord> {
@@ -199,14 +190,7 @@ await t.test("an auto-approved RotateKey gets a live per-action token that is de
 
 await t.test("a reviewer's denial reaches the agent with the reason", async (t) => {
   const call = callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata: await agent() });
-  const outcome = (async () => {
-    try {
-      for await (const _ of call) void _;
-      return undefined;
-    } catch (error) {
-      return error as AirlockError;
-    }
-  })();
+  const outcome = streamOutcome(call) as Promise<AirlockError | undefined>;
   const record = await pending("ExportTable");
   await broker.decide(record.request?.id ?? "", { reviewer: "dana@corp", approve: false, reason: "not before the audit" });
   const error = await outcome;
@@ -267,14 +251,7 @@ await t.test("a replica that dies between deciding and publishing: another takes
 
 await t.test("Vault down: the request fails closed with a clear reason and no credential", async (t) => {
   const call = callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata: await agent() });
-  const outcome = (async () => {
-    try {
-      for await (const _ of call) void _;
-      return undefined;
-    } catch (error) {
-      return error as AirlockError;
-    }
-  })();
+  const outcome = streamOutcome(call) as Promise<AirlockError | undefined>;
   const record = await pending("ExportTable");
   await vault.stop();
   await broker.decide(record.request?.id ?? "", { reviewer: "dana@corp", approve: true });

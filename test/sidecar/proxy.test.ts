@@ -7,7 +7,7 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Client, credentials, Metadata } from "@grpc/grpc-js";
 import { type ConsumerMessages, DeliverPolicy, jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
-import { exportSPKI, generateKeyPair, SignJWT } from "jose";
+import { exportSPKI, generateKeyPair } from "jose";
 import pg from "pg";
 import t from "tap";
 import { ConfigReader } from "../../common/config.js";
@@ -19,6 +19,7 @@ import { freePort, useInfra } from "../../harness/index.js";
 import { type ApprovalRequest, ApprovalRequestSchema, CompletionSchema, DecisionBodySchema, DecisionSchema, descriptorSetPath, Verdict } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
+import { agentMetadata as signedAgentMetadata } from "../helpers/agent.js";
 
 const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
 const host = "test-host";
@@ -191,19 +192,8 @@ async function decide(request: ApprovalRequest, options: DecideOptions = {}): Pr
   return wrappingToken;
 }
 
-async function agentMetadata(extra: Record<string, string> = {}, subject = "spiffe://corp/agent/etl"): Promise<Metadata> {
-  const token = await new SignJWT({ act_for: "alice@corp" })
-    .setProtectedHeader({ alg: "EdDSA" })
-    .setSubject(subject)
-    .setIssuer("https://idp.test")
-    .setAudience("airlock")
-    .setIssuedAt()
-    .setExpirationTime("5m")
-    .sign(agentKeys.privateKey);
-  const metadata = new Metadata();
-  metadata.set("authorization", `Bearer ${token}`);
-  for (const [key, value] of Object.entries(extra)) metadata.set(key, value);
-  return metadata;
+function agentMetadata(extra: Record<string, string> = {}): Promise<Metadata> {
+  return signedAgentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, extra);
 }
 
 async function failure(promise: Promise<unknown>): Promise<AirlockError> {
