@@ -103,6 +103,14 @@ export class Broker {
   private readonly loops: Array<Promise<void>> = [];
   private readonly consumers: ConsumerMessages[] = [];
   private ticker: NodeJS.Timeout | undefined;
+  /**
+   * Records that may still need this replica's ticker (pending, or holding a
+   * live lease), kept current by a KV watch of every replica's writes. A cache
+   * of KV, never the source of truth: every change still goes through
+   * compare-and-set on the revision.
+   */
+  private readonly active = new Map<string, StoredRecord>();
+  private readonly stopWatching = new AbortController();
   private ticking: Promise<void> = Promise.resolve();
   private closed = false;
 
@@ -150,6 +158,7 @@ export class Broker {
         );
       }
     }
+    await broker.followRecords();
     await broker.tickOnce();
     broker.ticker = setInterval(() => {
       broker.ticking = broker.ticking.then(() => broker.tickOnce()).catch((error: unknown) => options.log.error({ err: error }, "tick failed"));
@@ -162,6 +171,8 @@ export class Broker {
     this.closed = true;
     clearInterval(this.ticker);
     await this.ticking;
+    this.stopWatching.abort();
+    await this.following;
     for (const messages of this.consumers) await messages.close();
     await Promise.all(this.loops);
   }
@@ -250,8 +261,14 @@ export class Broker {
     // A redelivered request finds its record there already; the first delivery audited it.
     const revision = await this.store.create(record);
     if (revision === undefined) return;
-    await this.audit.appendAll([received, ...this.auditEntries(result.events, result.autoRule === undefined ? this.options.replicaId : `auto-rule:${result.autoRule}`)]);
-    if (result.decided !== undefined) await this.finalize({ record, revision });
+    const intakeAudit = [received, ...this.auditEntries(result.events, result.autoRule === undefined ? this.options.replicaId : `auto-rule:${result.autoRule}`)];
+    if (result.decided === undefined) {
+      await this.audit.appendAll(intakeAudit);
+      return;
+    }
+    // Decided at intake (an auto rule): its intake events go in the decision's audit batch, still
+    // written before the decision is published, so one round trip fewer on the agent's wait.
+    await this.finalize({ record, revision }, intakeAudit);
   }
 
   /**
@@ -260,7 +277,7 @@ export class Broker {
    * it first has Vault issue the one-action credential; if Vault fails, the
    * request fails closed with a clear reason and no credential.
    */
-  private async finalize(stored: StoredRecord): Promise<void> {
+  private async finalize(stored: StoredRecord, earlierAudit: readonly AuditEntry[] = []): Promise<void> {
     const claimed = stored.record;
     const request = claimed.request;
     if (request === undefined) return;
@@ -284,7 +301,7 @@ export class Broker {
           return failed.ok ? failed.record : undefined;
         });
         await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId, details: { failed: reason } }).catch(() => undefined);
-        await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId, record: claimed });
+        await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId, record: claimed }, earlierAudit);
         return;
       }
       const lease = issued;
@@ -303,8 +320,11 @@ export class Broker {
     }
     const issuedEntry: AuditEntry[] =
       issued === undefined
-        ? []
-        : [{ type: AuditEventType.CREDENTIAL_ISSUED, actor: this.options.replicaId, requestId, details: { kind: issued.kind, expiresAt: issued.expiresAt.toISOString() } }];
+        ? [...earlierAudit]
+        : [
+            ...earlierAudit,
+            { type: AuditEventType.CREDENTIAL_ISSUED, actor: this.options.replicaId, requestId, details: { kind: issued.kind, expiresAt: issued.expiresAt.toISOString() } },
+          ];
     try {
       await this.publishDecision(request, { verdict: verdicts[outcome], reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed, ...(issued === undefined ? {} : { issued }) }, issuedEntry);
     } catch (error) {
@@ -432,6 +452,34 @@ export class Broker {
     }
   }
 
+  private following: Promise<void> = Promise.resolve();
+
+  /** Starts the KV watch behind {@link Broker.active}; resolves once the current records are in. */
+  private async followRecords(): Promise<void> {
+    const records = this.store.watchStored(this.stopWatching.signal, true);
+    const apply = (stored: StoredRecord) => {
+      const id = stored.record.request?.id ?? "";
+      if (needsTicker(stored.record, Date.now())) this.active.set(id, stored);
+      else this.active.delete(id);
+    };
+    // The watch delivers every current record first, then changes; a list gives the end of the first part.
+    const known = new Set(await this.store.ids());
+    let seen = 0;
+    let caughtUp: () => void = () => undefined;
+    const ready = new Promise<void>((resolve) => {
+      caughtUp = resolve;
+      if (known.size === 0) resolve();
+    });
+    this.following = (async () => {
+      for await (const stored of records) {
+        apply(stored);
+        if (known.has(stored.record.request?.id ?? "") && ++seen >= known.size) caughtUp();
+      }
+      caughtUp();
+    })();
+    await Promise.race([ready, new Promise((resolve) => setTimeout(resolve, 5000))]);
+  }
+
   /** Expiry and escalation of pending requests; revocation of leases whose action is over. */
   private async tickOnce(): Promise<void> {
     if (this.closed) return;
@@ -439,10 +487,12 @@ export class Broker {
     let pendingCount = 0;
     let oldestPendingMs = 0;
     let outstanding = 0;
-    for (const id of await this.store.ids()) {
-      const stored = await this.store.get(id);
-      if (stored === undefined) continue;
+    for (const [id, stored] of [...this.active]) {
       const { record } = stored;
+      if (!needsTicker(record, now.getTime())) {
+        this.active.delete(id);
+        continue;
+      }
       const request = record.request;
       if (request === undefined) continue;
       if (record.lease !== undefined && record.lease.leaseId !== "" && record.lease.revokedAt === undefined) outstanding++;
@@ -478,4 +528,17 @@ function withDecisionId(record: RequestRecord): RequestRecord {
   const next = clone(RequestRecordSchema, record);
   next.decisionId = randomUUID();
   return next;
+}
+
+/**
+ * Whether a record may still need a replica's ticker: pending (expiry,
+ * escalation), holding a live lease (reconciler), not finished yet, or decided
+ * while its agent may still be waiting (orphaned-decision takeover).
+ */
+function needsTicker(record: RequestRecord, nowMs: number): boolean {
+  if (record.state === RequestState.PENDING) return true;
+  if (record.lease !== undefined && record.lease.leaseId !== "" && record.lease.revokedAt === undefined) return true;
+  if (!finalStates.has(record.state) && record.completion === undefined) return true;
+  const deadline = record.request?.deadline;
+  return record.decisionId !== "" && deadline !== undefined && timestampDate(deadline).getTime() > nowMs;
 }

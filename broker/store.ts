@@ -61,12 +61,17 @@ export class RequestStore {
    * current value first), until the signal aborts.
    */
   async *watch(signal: AbortSignal, includeCurrent = false): AsyncGenerator<RequestRecord> {
+    for await (const stored of this.watchStored(signal, includeCurrent)) yield stored.record;
+  }
+
+  /** Like {@link RequestStore.watch}, with each record's revision (what a compare-and-set builds on). */
+  async *watchStored(signal: AbortSignal, includeCurrent = false): AsyncGenerator<StoredRecord> {
     const watcher = await this.kv.watch({ include: includeCurrent ? KvWatchInclude.LastValue : KvWatchInclude.UpdatesOnly, ignoreDeletes: true });
     const stop = () => watcher.stop();
     signal.addEventListener("abort", stop, { once: true });
     try {
       for await (const entry of watcher) {
-        if (entry.operation === "PUT" && entry.value.length > 0) yield fromBinary(RequestRecordSchema, entry.value);
+        if (entry.operation === "PUT" && entry.value.length > 0) yield { record: fromBinary(RequestRecordSchema, entry.value), revision: entry.revision };
       }
     } finally {
       signal.removeEventListener("abort", stop);
