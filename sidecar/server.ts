@@ -5,6 +5,7 @@ import type { Socket } from "node:net";
 import type { TLSSocket } from "node:tls";
 import type { Server as HttpServer } from "node:http";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { decodeJwt } from "jose";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { DecisionKeyRing } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
@@ -185,9 +186,8 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
 
 /**
  * Verifying an agent token costs about 0.3 ms of CPU (EdDSA), too much for
- * every call: a verified token's identity is remembered for at most
- * `ttlMs`, never past the token's own expiry check at the next miss. mTLS
- * identities are cheap and not cached.
+ * every call: a verified token's identity is remembered for at most `ttlMs`
+ * and never past the token's own `exp`. mTLS identities are cheap and not cached.
  */
 class IdentityCache {
   private readonly authenticator: AgentAuthenticator;
@@ -210,8 +210,10 @@ class IdentityCache {
     if (cached !== undefined && cached.until > now) return cached.identity;
     const identity = await this.authenticator.authenticate({ headers });
     if (identity !== undefined) {
+      // Verified just above, so reading its claims unverified here is safe; the authenticator requires exp.
+      const expiresMs = (decodeJwt(token.replace(/^Bearer\s+/i, "")).exp ?? 0) * 1000;
       if (this.entries.size >= this.maxEntries) this.entries.clear();
-      this.entries.set(token, { identity, until: now + this.ttlMs });
+      this.entries.set(token, { identity, until: Math.min(now + this.ttlMs, expiresMs) });
     }
     return identity;
   }

@@ -10,6 +10,8 @@ export interface TestAgent {
   readonly subject?: string;
   /** @default "alice@corp" */
   readonly actFor?: string;
+  /** A jose time span or an epoch in seconds. @default "5m" */
+  readonly expiresIn?: string | number;
 }
 
 /** Call metadata carrying a freshly signed agent token (EdDSA, 5 minutes), plus any extra entries. */
@@ -20,7 +22,7 @@ export async function agentMetadata(agent: TestAgent, extra: Record<string, stri
     .setIssuer(agent.issuer)
     .setAudience(agent.audience)
     .setIssuedAt()
-    .setExpirationTime("5m")
+    .setExpirationTime(agent.expiresIn ?? "5m")
     .sign(agent.privateKey);
   const metadata = new Metadata();
   metadata.set("authorization", `Bearer ${token}`);

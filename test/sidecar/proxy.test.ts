@@ -100,7 +100,7 @@ function sidecarConfig(overrides: Record<string, unknown> = {}) {
         broker_keys: { k1: "broker-k1.pem" },
         host,
         policy: "policy.yaml",
-        agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [agentPublicPem] } }],
+        agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [agentPublicPem] }, clock_tolerance_sec: 0 }],
         limits: { max_message_bytes: 4096, max_buffered_messages: 50 },
         metrics: { listen: "127.0.0.1:0" },
         log_level: "error",
@@ -316,6 +316,18 @@ await t.test("an agent cannot send the credential header itself", async (t) => {
   metadata.set("x-airlock-credential", "smuggled");
   const error = await failure(callUnary(client, OpsService.method.getStatus, {}, { metadata }));
   t.equal(error.code, Code.InvalidArgument);
+});
+
+await t.test("a token that has expired is refused even though its identity was cached", async (t) => {
+  const agent = { privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock", subject: "spiffe://corp/agent/short-lived" };
+  // Expires in 2 s (this sidecar allows no clock skew): a cached identity must not outlive it.
+  const metadata = await signedAgentMetadata({ ...agent, expiresIn: Math.floor(Date.now() / 1000) + 2 }, { "x-airlock-wait": "false" });
+  const first = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "short" }, { metadata }));
+  t.equal(first.code, Code.Aborted, "accepted while valid (held, not waiting)");
+  await nextRequest();
+  await new Promise((resolve) => setTimeout(resolve, 2500));
+  const later = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "short" }, { metadata }));
+  t.equal(later.code, Code.Unauthenticated, "not served from the cache after its exp");
 });
 
 await t.test("a privileged call without identity is UNAUTHENTICATED", async (t) => {
