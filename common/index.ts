@@ -26,3 +26,16 @@ export {
   type UnwrappedSecret,
 } from "./vault.js";
 export { ensureStreams, hostPattern, streams, subjects } from "./subjects.js";
+export { ConfigReader, type ListenAddress, parseAddress, readConfigFile } from "./config.js";
+export {
+  type DecisionExpectation,
+  DecisionKeyRing,
+  type DecisionRejection,
+  type DecisionSigningKey,
+  generateDecisionKey,
+  ReplayGuard,
+  signDecision,
+  verifyDecision,
+} from "./decision.js";
+export { parseDuration } from "./duration.js";
+export { type ReadinessChecks, startHealthServer } from "./health.js";
