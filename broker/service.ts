@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { clone, create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { AckPolicy, type ConsumerMessages, DeliverPolicy, jetstream, jetstreamManager, type JetStreamClient } from "@nats-io/jetstream";
+import { AckPolicy, type ConsumerMessages, DeliverPolicy, jetstream, type JetStreamClient, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { type DecisionSigningKey, signDecision } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
@@ -114,8 +114,11 @@ export class Broker {
   private ticking: Promise<void> = Promise.resolve();
   private closed = false;
 
-  private constructor(options: BrokerOptions, store: RequestStore, audit: AuditLog) {
+  private readonly jsm: JetStreamManager;
+
+  private constructor(options: BrokerOptions, store: RequestStore, audit: AuditLog, jsm: JetStreamManager) {
     this.options = options;
+    this.jsm = jsm;
     this.metrics = options.metrics ?? createBrokerMetrics();
     this.js = jetstream(options.nc);
     this.store = store;
@@ -126,7 +129,7 @@ export class Broker {
   static async start(options: BrokerOptions): Promise<Broker> {
     const jsm = await jetstreamManager(options.nc);
     await ensureStreams(jsm);
-    const broker = new Broker(options, await RequestStore.open(options.nc), await AuditLog.open(options.nc));
+    const broker = new Broker(options, await RequestStore.open(options.nc), await AuditLog.open(options.nc), jsm);
     if (options.consume ?? true) {
       for (const [durable, stream, filter] of [
         [brokerDefaults.intakeConsumer, streams.requests.name, "airlock.request.>"],
@@ -444,8 +447,7 @@ export class Broker {
 
   private async decisionPublished(request: ApprovalRequest): Promise<boolean> {
     try {
-      const jsm = await jetstreamManager(this.options.nc);
-      return (await jsm.streams.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(request.host, request.id) })) !== null;
+      return (await this.jsm.streams.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(request.host, request.id) })) !== null;
     } catch (error) {
       if (String(error).includes("no message found")) return false;
       throw error;
