@@ -4,7 +4,7 @@ import { defineConfig } from "eslint/config";
 import tseslint from "typescript-eslint";
 
 export default defineConfig(
-  { ignores: ["dist/", "node_modules/", "proto/gen/", ".tap/", "coverage/"] },
+  { ignores: ["dist/", "approver-console/dist/", "node_modules/", "proto/gen/", ".tap/", "coverage/", "test-output/"] },
   js.configs.recommended,
   tseslint.configs.recommendedTypeChecked,
   {

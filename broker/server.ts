@@ -1,16 +1,19 @@
 import { readFile } from "node:fs/promises";
-import type { Server } from "node:http";
 import { createPrivateKey } from "node:crypto";
 import { hostname } from "node:os";
 import { connect } from "@nats-io/transport-node";
 import { type ConfigReader, readConfigFile } from "../common/config.js";
+import { parseDuration } from "../common/duration.js";
 import { AirlockError, Code } from "../common/errors.js";
-import { startHealthServer } from "../common/health.js";
 import { createLogger, type Logger } from "../common/logger.js";
 import { createVaultClient } from "../common/vault.js";
 import { CredentialIssuer } from "./credentials.js";
 import { type ApprovalConfig, parseApprovalConfig } from "./rules.js";
 import { Broker } from "./service.js";
+import { parseReviewerAuthConfig, ReviewerAuthenticator, type ReviewerAuthConfig } from "./reviewers/auth.js";
+import { startReviewerGrpc, type RunningReviewerGrpc } from "./reviewers/grpc.js";
+import { createBrokerHttpApp } from "./reviewers/http.js";
+import { type NotificationsConfig, noNotifications, parseNotificationsConfig, ReviewNotifier } from "./notify/index.js";
 
 /** How the broker authenticates to Vault: a union keyed by `kind`. */
 export type VaultAuth = { readonly kind: "token"; readonly token: string } | { readonly kind: "approle"; readonly roleId: string; readonly secretId: string; readonly mount: string };
@@ -24,14 +27,40 @@ export interface BrokerConfig {
   readonly approvals: ApprovalConfig;
   /** Where /metrics, /healthz and /readyz are served. @default 127.0.0.1:9465 */
   readonly http: { readonly host: string; readonly port: number };
+  /** Slack, Teams and webhook notifications. @default none */
+  readonly notifications: NotificationsConfig;
+  /** The reviewers' API; without it the broker serves only /metrics and health. */
+  readonly reviewers?: ReviewerApiConfig;
   /** @default the machine's host name and the process id */
   readonly replicaId: string;
+  /**
+   * How long a decided request may wait for its decision to be published before
+   * another replica takes it over (the deciding replica died), in ms. @default 10000
+   */
+  readonly takeoverAfterMs: number;
   /** @default info */
   readonly logLevel: string;
 }
 
+/** The reviewers' API section of {@link BrokerConfig}. */
+export interface ReviewerApiConfig {
+  readonly auth: ReviewerAuthConfig;
+  /** Requests a minute one reviewer may make (HTTP and gRPC each). @default 300 */
+  readonly ratePerMinute: number;
+  /** Where `airlock.v1.ReviewerService` is served over gRPC; off when absent. */
+  readonly grpc?: { readonly host: string; readonly port: number };
+}
+
 /** Defaults of {@link BrokerConfig}. */
-export const brokerConfigDefaults = { http: "127.0.0.1:9465", logLevel: "info", approleMount: "approle" } as const;
+export const brokerConfigDefaults = { http: "127.0.0.1:9465", logLevel: "info", approleMount: "approle", ratePerMinute: 300, takeoverAfter: "10s" } as const;
+
+function reviewerApiConfig(reader: ConfigReader): ReviewerApiConfig {
+  const auth = parseReviewerAuthConfig(reader.object("auth"));
+  const ratePerMinute = reader.integer("rate_limit_per_minute", brokerConfigDefaults.ratePerMinute, 1, 100_000);
+  const grpc = reader.has("grpc") ? reader.address("grpc") : undefined;
+  reader.done();
+  return { auth, ratePerMinute, ...(grpc === undefined ? {} : { grpc: { host: grpc.host, port: grpc.port } }) };
+}
 
 function vaultAuth(reader: ConfigReader): VaultAuth {
   const kind = reader.oneOf("kind", ["token", "approle"] as const);
@@ -41,6 +70,12 @@ function vaultAuth(reader: ConfigReader): VaultAuth {
       : { kind, roleId: reader.string("role_id"), secretId: reader.string("secret_id"), mount: reader.string("mount", brokerConfigDefaults.approleMount) };
   reader.done();
   return auth;
+}
+
+function durationField(reader: ConfigReader, key: string, fallback: string): number {
+  const ms = parseDuration(reader.string(key, fallback));
+  if (ms === undefined || ms <= 0) throw reader.fail(reader.path === "" ? key : `${reader.path}.${key}`, "must be a positive duration such as 500ms, 10s or 1m");
+  return ms;
 }
 
 /** Validates a parsed broker config; every error names the field. */
@@ -56,13 +91,18 @@ export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
   signing.done();
   const approvals = parseApprovalConfig(root.object("approvals"));
   const http = root.address("http", brokerConfigDefaults.http);
+  const reviewers = root.has("reviewers") ? reviewerApiConfig(root.object("reviewers")) : undefined;
+  const notifications = root.has("notifications") ? parseNotificationsConfig(root.object("notifications")) : (root.optionalObject("notifications"), noNotifications);
   const config: BrokerConfig = {
+    notifications,
+    ...(reviewers === undefined ? {} : { reviewers }),
     nats: natsConfig,
     vault: vaultConfig,
     signingKey,
     approvals,
     http: { host: http.host, port: http.port },
     replicaId: root.string("replica_id", `${hostname()}-${process.pid}`),
+    takeoverAfterMs: durationField(root, "takeover_after", brokerConfigDefaults.takeoverAfter),
     logLevel: root.oneOf("log_level", ["trace", "debug", "info", "warn", "error", "silent"] as const, brokerConfigDefaults.logLevel),
   };
   root.done();
@@ -92,7 +132,12 @@ async function vaultToken(address: string, auth: VaultAuth): Promise<string> {
 /** A running broker replica. */
 export interface RunningBroker {
   readonly broker: Broker;
+  /** The port of /metrics, health, the reviewers' API and the console. */
   readonly httpPort: number;
+  /** `http://host:port` of the same. */
+  readonly httpUrl: string;
+  /** `host:port` of the reviewers' gRPC API, when configured. */
+  readonly reviewerGrpcAddress?: string;
   close(): Promise<void>;
 }
 
@@ -115,14 +160,21 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
     throw new AirlockError(Code.Unavailable, `cannot connect to NATS at ${config.nats.url}`, { cause: error });
   }
   let connected = true;
+  // Notifications hang off the approval path but never slow it: each notify call only enqueues.
+  const notifier = new ReviewNotifier({ config: config.notifications, log });
   const broker = await Broker.start({
+    onEvents: (events, record) => {
+      for (const event of events) notifier.notifyEvent(record, event);
+    },
     nc,
     issuer: new CredentialIssuer({ vault: createVaultClient({ address: config.vault.address, token }), logger: log }),
     signingKey: { keyId: config.signingKey.keyId, privateKey },
     approvals: config.approvals,
     replicaId: config.replicaId,
+    orphanAfterMs: config.takeoverAfterMs,
     log,
   }).catch(async (error: unknown) => {
+    await notifier.close();
     await nc.close();
     throw error;
   });
@@ -135,17 +187,50 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
       }
     }
   })();
-  const health: { server: Server; port: number } = await startHealthServer(broker.metrics.registry, { nats: () => connected && !nc.isClosed() }, config.http.host, config.http.port);
-  log.info({ replica: config.replicaId, http: `${config.http.host}:${health.port}` }, "broker running");
+  const ready = { nats: () => connected && !nc.isClosed() };
+  const auth = config.reviewers === undefined ? undefined : new ReviewerAuthenticator(config.reviewers.auth);
+  if (auth?.devMode === true) log.warn("reviewer API in DEV MODE: fixed reviewer tokens from the config are accepted; never run this in production");
+  let grpc: RunningReviewerGrpc | undefined;
+  let app;
+  try {
+    const slack = notifier.slack;
+    app = await createBrokerHttpApp({
+      broker,
+      nc,
+      approvals: config.approvals,
+      log,
+      registry: broker.metrics.registry,
+      ready,
+      ...(auth === undefined ? {} : { auth, ratePerMinute: config.reviewers?.ratePerMinute ?? brokerConfigDefaults.ratePerMinute }),
+      ...(slack === undefined ? {} : { slack: (rawBody, headers, decide) => slack.handleInteraction(rawBody, headers, decide) }),
+    });
+    await app.listen({ host: config.http.host, port: config.http.port });
+    if (auth !== undefined && config.reviewers?.grpc !== undefined) {
+      const { host, port } = config.reviewers.grpc;
+      grpc = await startReviewerGrpc({ broker, nc, approvals: config.approvals, auth, log, listen: `${host}:${port}`, ratePerMinute: config.reviewers.ratePerMinute });
+    }
+  } catch (error) {
+    await app?.close();
+    await broker.close();
+    await notifier.close();
+    await nc.close();
+    throw new AirlockError(Code.Unavailable, `cannot serve the broker's HTTP API on ${config.http.host}:${config.http.port}`, { cause: error });
+  }
+  const address = app.server.address();
+  const httpPort = typeof address === "object" && address !== null ? address.port : config.http.port;
+  const httpUrl = `http://${config.http.host.includes(":") ? `[${config.http.host}]` : config.http.host}:${httpPort}`;
+  log.info({ replica: config.replicaId, http: httpUrl, console: `${httpUrl}/console/`, reviewerGrpc: grpc?.address }, "broker running");
+  const httpApp = app;
   return {
     broker,
-    httpPort: health.port,
+    httpPort,
+    httpUrl,
+    ...(grpc === undefined ? {} : { reviewerGrpcAddress: grpc.address }),
     async close() {
-      await new Promise<void>((resolve) => {
-        health.server.close(() => resolve());
-        health.server.closeAllConnections();
-      });
+      await grpc?.close();
+      await httpApp.close();
       await broker.close();
+      await notifier.close();
       await nc.close();
     },
   };

@@ -5,6 +5,7 @@ import { AckPolicy, type ConsumerMessages, DeliverPolicy, jetstream, type JetStr
 import type { NatsConnection } from "@nats-io/transport-node";
 import { type DecisionSigningKey, signDecision } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
+import { failpoint } from "../common/failpoints.js";
 import type { Logger } from "../common/logger.js";
 import { ensureStreams, streams, subjects } from "../common/subjects.js";
 import {
@@ -48,6 +49,11 @@ export interface BrokerOptions {
   readonly consume?: boolean;
   /** @default fresh metrics on a registry of their own */
   readonly metrics?: BrokerMetrics;
+  /**
+   * Told what happened to a request once it is written and audited (notifications
+   * hang here). Called synchronously and must not block: it runs on the approval path.
+   */
+  readonly onEvents?: (events: readonly ApprovalEvent[], record: RequestRecord) => void;
 }
 
 /** Defaults of {@link BrokerOptions}. */
@@ -56,6 +62,7 @@ export const brokerDefaults = {
   decisionTtlMs: 300_000,
   intakeConsumer: "airlock-broker-intake",
   completionConsumer: "airlock-broker-completions",
+  securityConsumer: "airlock-broker-security",
   /** Messages of one consumer handled at once by one replica. */
   maxInFlight: 64,
   orphanAfterMs: 10_000,
@@ -134,18 +141,24 @@ export class Broker {
       for (const [durable, stream, filter] of [
         [brokerDefaults.intakeConsumer, streams.requests.name, "airlock.request.>"],
         [brokerDefaults.completionConsumer, streams.completions.name, "airlock.completion.>"],
+        [brokerDefaults.securityConsumer, streams.security.name, "airlock.security.>"],
       ] as const) {
         await jsm.consumers.add(stream, { durable_name: durable, ack_policy: AckPolicy.Explicit, filter_subject: filter, deliver_policy: DeliverPolicy.All, ack_wait: 30_000_000_000 });
         const messages = await (await broker.js.consumers.get(stream, durable)).consume();
         broker.consumers.push(messages);
-        const handle = durable === brokerDefaults.intakeConsumer ? (data: Uint8Array) => broker.takeRequest(data) : (data: Uint8Array) => broker.takeCompletion(data);
+        const handlers = {
+          [brokerDefaults.intakeConsumer]: (data: Uint8Array) => broker.takeRequest(data),
+          [brokerDefaults.completionConsumer]: (data: Uint8Array) => broker.takeCompletion(data),
+          [brokerDefaults.securityConsumer]: (data: Uint8Array, subject: string) => broker.takeSecurityEvent(data, subject),
+        };
+        const handle = handlers[durable];
         broker.loops.push(
           (async () => {
             // Messages are handled concurrently (each one's state changes are compare-and-set, so
             // order does not matter), up to a bound: one slow Vault call must not queue the rest.
             const inFlight = new Set<Promise<void>>();
             for await (const message of messages) {
-              const handled = handle(message.data).then(
+              const handled = handle(message.data, message.subject).then(
                 () => message.ack(),
                 (error: unknown) => {
                   options.log.error({ err: error }, "could not process a message; it will be redelivered");
@@ -224,6 +237,7 @@ export class Broker {
       const next = result.decided === undefined ? result.record : withDecisionId(result.record);
       const revision = await this.store.update(next, stored.revision);
       if (revision === undefined) continue;
+      this.announce(result.events, next);
       if (result.decided !== undefined) await this.finalize({ record: next, revision });
       return next;
     }
@@ -237,6 +251,15 @@ export class Broker {
       const details = JSON.parse(JSON.stringify({ kind, ...facts })) as Record<string, never>;
       return { type: auditTypeOf(event), actor, requestId, details, flagged: kind === "break_glass" };
     });
+  }
+
+  private announce(events: readonly ApprovalEvent[], record: RequestRecord): void {
+    if (events.length === 0 || this.options.onEvents === undefined) return;
+    try {
+      this.options.onEvents(events, record);
+    } catch (error) {
+      this.options.log.error({ err: error, requestId: record.request?.id }, "an event listener failed");
+    }
   }
 
   private async auditEvents(events: readonly ApprovalEvent[], actor: string): Promise<void> {
@@ -267,11 +290,13 @@ export class Broker {
     const intakeAudit = [received, ...this.auditEntries(result.events, result.autoRule === undefined ? this.options.replicaId : `auto-rule:${result.autoRule}`)];
     if (result.decided === undefined) {
       await this.audit.appendAll(intakeAudit);
+      this.announce(result.events, record);
       return;
     }
     // Decided at intake (an auto rule): its intake events go in the decision's audit batch, still
     // written before the decision is published, so one round trip fewer on the agent's wait.
     await this.finalize({ record, revision }, intakeAudit);
+    this.announce(result.events, record);
   }
 
   /**
@@ -293,6 +318,7 @@ export class Broker {
     let issued: IssuedCredential | undefined;
     if (outcome === "approved") {
       const started = performance.now();
+      await failpoint("broker.before_issue");
       try {
         issued = await this.options.issuer.issue(request);
         this.metrics.vaultLatency.labels("issue").observe((performance.now() - started) / 1000);
@@ -361,7 +387,32 @@ export class Broker {
       { type: AuditEventType.DECIDED, actor: this.options.replicaId, requestId: request.id, details: { verdict: Verdict[decision.verdict] ?? "", reason: decision.reason, decisionId: decision.decisionId } },
     ]);
     const signed = signDecision(body, this.options.signingKey);
+    await failpoint("broker.before_publish");
     await this.js.publish(subjects.decision(request.host, request.id), toBinary(DecisionSchema, signed), { msgID: decision.decisionId });
+  }
+
+  /**
+   * A sidecar's security event (a forged, mismatched or replayed decision, a
+   * failed unwrap, a resume by another agent) goes into the audit trail, flagged.
+   * The event is untrusted input: only known fields, as strings, capped in length.
+   */
+  private async takeSecurityEvent(data: Uint8Array, subject: string): Promise<void> {
+    const host = subject.slice("airlock.security.".length);
+    let parsed: Record<string, unknown> = {};
+    try {
+      const value: unknown = JSON.parse(new TextDecoder().decode(data));
+      if (value !== null && typeof value === "object" && !Array.isArray(value)) parsed = value as Record<string, unknown>;
+    } catch {
+      parsed = { reason: "malformed_security_event" };
+    }
+    const field = (name: string): string => {
+      const value = parsed[name];
+      return typeof value === "string" ? value.slice(0, 500) : "";
+    };
+    const reason = field("reason") === "" ? "unspecified" : field("reason");
+    const requestId = field("requestId");
+    this.options.log.warn({ host, reason, requestId }, "security event from a sidecar");
+    await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: `sidecar:${host}`, requestId, details: { reason, detail: field("detail"), host, at: field("at") }, flagged: true });
   }
 
   private async takeCompletion(data: Uint8Array): Promise<void> {
@@ -506,6 +557,7 @@ export class Broker {
         const revision = result.ok && next !== undefined && result.events.length > 0 ? await this.store.update(next, stored.revision) : undefined;
         if (result.ok && next !== undefined && revision !== undefined) {
           await this.auditEvents(result.events, this.options.replicaId);
+          this.announce(result.events, next);
           if (result.decided !== undefined) await this.finalize({ record: next, revision });
         }
         continue;

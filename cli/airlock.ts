@@ -6,6 +6,7 @@
  *   airlock policy test --policy policy.yaml --call call.json
  *   airlock audit verify (--nats <url> | --file <audit.jsonl>)
  *   airlock audit export --nats <url> [--since <ISO time>]
+ *   airlock requests ls | show <id> | approve <id> [--reason …] | deny <id> --reason …
  */
 import { readFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
@@ -13,6 +14,7 @@ import type { JsonObject } from "@bufbuild/protobuf";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { auditEventsFromJsonl, auditEventToJsonLine, loadBrokerConfig, readAuditEvents, startBroker, verifyChain } from "../broker/index.js";
 import { AirlockError, Code } from "../common/errors.js";
+import { runRequests } from "./requests.js";
 import type { AuditEvent } from "../proto/index.js";
 import { explainCall, loadSidecarConfig, Policy, type PolicyCall, startSidecar } from "../sidecar/index.js";
 
@@ -21,7 +23,13 @@ const usage = `usage:
   airlock broker --config <broker.yaml>
   airlock policy test --policy <policy.yaml> --call <call.json>
   airlock audit verify (--nats <url> | --file <audit.jsonl>)
-  airlock audit export --nats <url> [--since <ISO time>]`;
+  airlock audit export --nats <url> [--since <ISO time>]
+  airlock requests ls [--state pending] [--mine] [--agent <id>] [--min-risk high]
+  airlock requests show <id>
+  airlock requests approve <id> [--reason <text>]
+  airlock requests deny <id> --reason <text>
+    (the broker: --url or $AIRLOCK_URL, default http://127.0.0.1:9465;
+     the reviewer token: $AIRLOCK_TOKEN or --token-file <file>)`;
 
 async function withNats<T>(url: string, work: (nc: NatsConnection) => Promise<T>): Promise<T> {
   let nc: NatsConnection;
@@ -129,6 +137,7 @@ async function main(argv: string[]): Promise<void> {
   if (command === "broker") return serveFromConfig(argv.slice(1), async (path) => startBroker(await loadBrokerConfig(path)));
   if (command === "policy" && sub === "test") return runPolicyTest(rest);
   if (command === "audit") return runAudit(sub, rest);
+  if (command === "requests") return runRequests(sub, rest);
   console.error(usage);
   process.exitCode = 2;
 }

@@ -7,6 +7,8 @@ import { AirlockError, Code } from "./errors.js";
  * Reads one level of a parsed YAML/JSON config and fails with an
  * `invalid_argument` AirlockError that names the exact field
  * (`upstreams[0].address`) and the file, for every kind of bad input.
+ * It reads values as given: `${NAME}` references are expanded before, by
+ * {@link readConfigFile} (see {@link expandConfigVariables}).
  */
 export class ConfigReader {
   readonly path: string;
@@ -154,8 +156,111 @@ export function parseAddress(text: string): ListenAddress | undefined {
   return { host: (match[1] ?? "").replace(/^\[|\]$/g, ""), port, text };
 }
 
-/** Reads and parses a YAML file into a {@link ConfigReader} for its top level. */
-export async function readConfigFile(path: string): Promise<ConfigReader> {
+/** The environment `${NAME}` references are expanded from: variable name → value (unset when undefined). */
+export type ConfigEnv = Readonly<Record<string, string | undefined>>;
+
+/** Options of {@link readConfigFile} and {@link expandConfigVariables}. */
+export interface ReadConfigOptions {
+  /** Where `${NAME}` references are looked up. @default process.env */
+  readonly env?: ConfigEnv;
+}
+
+const variableName = /^[A-Za-z_][A-Za-z0-9_]*/;
+
+function configFieldPath(parent: string, key: string | number): string {
+  if (typeof key === "number") return `${parent}[${key}]`;
+  return parent === "" ? key : `${parent}.${key}`;
+}
+
+function variableError(source: string, field: string, reason: string, variable?: string): AirlockError {
+  return new AirlockError(Code.InvalidArgument, `${source}: ${field === "" ? "the file" : field} ${reason}`, {
+    details: { field, source, ...(variable === undefined ? {} : { variable }) },
+  });
+}
+
+/** Expands the references in one string value; `field` names it in errors. */
+function expandString(text: string, env: ConfigEnv, source: string, field: string): string {
+  if (!text.includes("$")) return text;
+  let result = "";
+  let index = 0;
+  while (index < text.length) {
+    const dollar = text.indexOf("$", index);
+    if (dollar < 0) {
+      result += text.slice(index);
+      break;
+    }
+    result += text.slice(index, dollar);
+    if (text.startsWith("$${", dollar)) {
+      // The escape: `$${` is a literal `${`, never a reference.
+      result += "${";
+      index = dollar + 3;
+      continue;
+    }
+    if (!text.startsWith("${", dollar)) {
+      result += "$";
+      index = dollar + 1;
+      continue;
+    }
+    const close = text.indexOf("}", dollar + 2);
+    if (close < 0) throw variableError(source, field, `has an unterminated \${...} (write $\${ for a literal \${)`);
+    const body = text.slice(dollar + 2, close);
+    const name = variableName.exec(body)?.[0];
+    if (name === undefined) throw variableError(source, field, `has \${${body}}, which is not \${NAME} or \${NAME:-default} (write $\${ for a literal \${)`);
+    const rest = body.slice(name.length);
+    if (rest !== "" && !rest.startsWith(":-")) throw variableError(source, field, `has \${${body}}, which is not \${NAME} or \${NAME:-default}`, name);
+    const fallback = rest === "" ? undefined : rest.slice(2);
+    if (fallback?.includes("${") === true) throw variableError(source, field, `has a default for \${${name}} that holds another \${...}: references do not nest`, name);
+    const value = env[name];
+    if (fallback !== undefined) {
+      result += value === undefined || value === "" ? fallback : value;
+    } else {
+      if (value === undefined) throw variableError(source, field, `uses \${${name}}, but the environment variable ${name} is not set (set it, or give a default: \${${name}:-value})`, name);
+      result += value;
+    }
+    index = close + 1;
+  }
+  return result;
+}
+
+/**
+ * Expands environment variable references in every string value of a parsed
+ * config (mapping keys are left alone), returning a new value; the input is not changed.
+ *
+ * - `${NAME}` is the variable's value; an unset variable fails (an empty one is `""`).
+ * - `${NAME:-default}` is the default when the variable is unset or empty, as in a shell.
+ * - `$${` is a literal `${`; any other `$` is kept as written.
+ *
+ * The result is always a string, also when the whole value is a reference
+ * (`port: ${PORT}` gives the string `"9465"`). References do not nest and are
+ * expanded once: a variable's value is never expanded again.
+ * @param source - the file the value came from, for errors
+ * @throws AirlockError with `Code.InvalidArgument` and `details: { field, source, variable? }`,
+ * where `field` is the path of the value (`upstreams[0].address`), for an unset variable
+ * without a default and for a malformed reference.
+ */
+export function expandConfigVariables(value: unknown, source: string, options: ReadConfigOptions = {}): unknown {
+  const env = options.env ?? process.env;
+  const walk = (node: unknown, field: string): unknown => {
+    if (typeof node === "string") return expandString(node, env, source, field);
+    if (Array.isArray(node)) return node.map((entry: unknown, index) => walk(entry, configFieldPath(field, index)));
+    if (node !== null && typeof node === "object" && [Object.prototype, null].includes(Object.getPrototypeOf(node) as object | null)) {
+      const copy: Record<string, unknown> = {};
+      for (const [key, entry] of Object.entries(node)) copy[key] = walk(entry, configFieldPath(field, key));
+      return copy;
+    }
+    return node;
+  };
+  return walk(value, "");
+}
+
+/**
+ * Reads and parses a YAML file into a {@link ConfigReader} for its top level,
+ * after expanding `${NAME}` and `${NAME:-default}` in its string values from the
+ * environment ({@link expandConfigVariables}; `$${` is a literal `${`).
+ * @throws AirlockError with `Code.InvalidArgument` when the file cannot be read, is
+ * not YAML, or references an unset variable without a default (`details.field` names the value).
+ */
+export async function readConfigFile(path: string, options: ReadConfigOptions = {}): Promise<ConfigReader> {
   let text: string;
   try {
     text = await readFile(path, "utf8");
@@ -168,5 +273,5 @@ export async function readConfigFile(path: string): Promise<ConfigReader> {
   } catch (error) {
     throw new AirlockError(Code.InvalidArgument, `${path} is not valid YAML: ${(error as Error).message}`, { cause: error, details: { field: "", source: path } });
   }
-  return new ConfigReader(parsed, "", path);
+  return new ConfigReader(expandConfigVariables(parsed, path, options), "", path);
 }

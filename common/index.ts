@@ -26,7 +26,7 @@ export {
   type UnwrappedSecret,
 } from "./vault.js";
 export { ensureStreams, hostPattern, streams, subjects } from "./subjects.js";
-export { ConfigReader, type ListenAddress, parseAddress, readConfigFile } from "./config.js";
+export { type ConfigEnv, ConfigReader, expandConfigVariables, type ListenAddress, parseAddress, type ReadConfigOptions, readConfigFile } from "./config.js";
 export {
   type DecisionExpectation,
   DecisionKeyRing,

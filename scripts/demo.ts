@@ -1,14 +1,50 @@
 /**
- * `npm run demo`: the end-to-end demo (agent → sidecar → broker → Vault →
- * upstream) arrives with the sidecar, broker, reviewers and demo issues. Until
- * then it says so plainly instead of pretending, and points at what runs today.
+ * `npm run demo [-- --auto-approve]`: runs the product end to end on this
+ * machine (see demo/run.ts). Ctrl-C stops everything it started.
  */
-console.error(
-  [
-    "The Airlock demo is not runnable yet: the sidecar, broker and approver console are still being built.",
-    "What runs today:",
-    "  npm run infra:check   start real NATS, Vault and PostgreSQL through the harness and stop them",
-    "  npm test              the test suite against those real servers",
-  ].join("\n"),
-);
-process.exitCode = 1;
+import { parseArgs } from "node:util";
+import { AirlockError } from "../common/errors.js";
+import { runDemo, summaryTable } from "../demo/run.js";
+
+const { values } = parseArgs({ options: { "auto-approve": { type: "boolean" }, "broker-http": { type: "string" }, "log-level": { type: "string" } }, strict: true });
+const autoApprove = values["auto-approve"] === true;
+const demo = runDemo({
+  autoApprove,
+  ...(values["broker-http"] === undefined ? {} : { brokerHttp: values["broker-http"] }),
+  ...(values["log-level"] === undefined ? {} : { logLevel: values["log-level"] }),
+});
+
+let interrupted = false;
+const onSignal = (signal: NodeJS.Signals) => {
+  if (interrupted) return;
+  interrupted = true;
+  console.log(`\ndemo   ${signal}: stopping everything`);
+  void demo.stop().then(() => {
+    console.log("demo   stopped; nothing left running");
+    process.exit(130);
+  });
+};
+process.on("SIGINT", onSignal);
+process.on("SIGTERM", onSignal);
+
+try {
+  const result = await demo.done;
+  console.log("");
+  for (const line of summaryTable(result.actions)) console.log(`       ${line}`);
+  console.log("");
+  if (!result.ok) {
+    for (const failure of result.failures) console.log(`demo   FAILED: ${failure}`);
+    process.exitCode = 1;
+  } else if (autoApprove) {
+    console.log("demo ok");
+  } else {
+    console.log("demo   the agent's script is done; the console stays up. Ctrl-C stops everything.");
+    await new Promise<void>(() => undefined);
+  }
+} catch (error) {
+  const failure = AirlockError.from(error);
+  console.log(`demo   FAILED while starting: ${failure.rawMessage}`);
+  process.exitCode = 1;
+} finally {
+  if (!interrupted) await demo.stop();
+}

@@ -19,6 +19,14 @@ const resultsDir = join(root, ".tap", "test-results");
 const vault = await resolveVaultBinary();
 process.stderr.write(`vault binary: ${vault.path} (${vault.source})\n`);
 
+// The broker serves the built console and the browser tests drive it: build it from the current sources.
+const consoleBuild = spawn(join(root, "node_modules", ".bin", "vite"), ["build", "--config", join(root, "approver-console", "vite.config.ts"), "--logLevel", "warn"], { cwd: root, stdio: "inherit" });
+const consoleBuilt = await new Promise<number>((resolve) => consoleBuild.once("exit", (code) => resolve(code ?? 1)));
+if (consoleBuilt !== 0) {
+  console.log("0 passed, 1 failed");
+  throw new Error("the approver console did not build (npm run build:console)");
+}
+
 rmSync(resultsDir, { recursive: true, force: true });
 const tap = spawn(join(root, "node_modules", ".bin", "tap"), process.argv.slice(2), { cwd: root, stdio: "inherit" });
 const exitCode = await new Promise<number>((resolve) => tap.once("exit", (code, signal) => resolve(code ?? (signal === null ? 1 : 128))));

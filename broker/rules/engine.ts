@@ -12,7 +12,7 @@ import {
 } from "../../proto/index.js";
 import { firstMatchingAutoRule } from "./auto.js";
 import type { ApprovalConfig } from "./config.js";
-import { principalKey } from "./people.js";
+import { type MemberIndex, principalKey } from "./people.js";
 import {
   allRequirementMembers,
   breakGlassAvailable,
@@ -223,10 +223,13 @@ export function vote(record: RequestRecord, request: ApprovalRequest, config: Ap
     return refuse(Code.PermissionDenied, context, `${reviewer} is in the request's identity chain and may not vote on it${hint}`, { reviewer });
   }
   const nowMs = now.getTime();
-  const memberOf = context.allOf.map(({ group }) => group).filter((group) => context.members.get(group)?.has(key) === true);
-  const viaEscalation = escalationInEffect(context, working, nowMs) && context.escalation?.members.has(key) === true;
+  const asserted = new Set(ballot.groups ?? []);
+  const inGroup = (group: string, members: MemberIndex | undefined): boolean => members?.has(key) === true || asserted.has(group);
+  const memberOf = context.allOf.map(({ group }) => group).filter((group) => inGroup(group, context.members.get(group)));
+  const inEscalation = context.escalation !== undefined && inGroup(context.escalation.group, context.escalation.members);
+  const viaEscalation = escalationInEffect(context, working, nowMs) && inEscalation;
   if (memberOf.length === 0 && !viaEscalation) {
-    if (context.escalation?.members.has(key) === true) {
+    if (context.escalation !== undefined && inEscalation) {
       const at = new Date(context.escalation.atMs).toISOString();
       return refuse(Code.PermissionDenied, context, `${reviewer} is in the escalation group ${context.escalation.group}, which may vote from ${at}`, { reviewer, escalatesAt: at });
     }

@@ -22,6 +22,12 @@ export interface Ballot {
    * for several. Without it the rules choose (see {@link vote}).
    */
   readonly group?: string;
+  /**
+   * Groups the reviewer's identity provider asserts (the OIDC groups claim). They count
+   * like membership in the broker's configured groups, for this ballot only.
+   * @default []
+   */
+  readonly groups?: readonly string[];
 }
 
 /** A group of the requirement and how many approvals it still needs. */

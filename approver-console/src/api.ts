@@ -1,0 +1,213 @@
+// The reviewers' HTTP API (docs/reviewer-api.md) as typed functions.
+import { fromJson, type JsonObject, type JsonValue } from "@bufbuild/protobuf";
+import { type AuditEvent, AuditEventSchema } from "../../proto/gen/airlock/v1/audit_pb.js";
+import { type RequestRecord, RequestRecordSchema, type VerifyAuditResponse, VerifyAuditResponseSchema } from "../../proto/gen/airlock/v1/reviewer_pb.js";
+
+/** A request as the API shows it to the signed-in reviewer. */
+export interface RequestView {
+  readonly record: RequestRecord;
+  /** Whether the signed-in reviewer may still vote on it. */
+  readonly needsMe: boolean;
+  /** When a pending request expires undecided. */
+  readonly expiresAt: Date | undefined;
+}
+
+/** Who is signed in. */
+export interface Me {
+  readonly reviewer: string;
+  readonly groups: readonly string[];
+  readonly breakGlass: boolean;
+}
+
+/** An error answer of the API: `{ code, message, details }` with its HTTP status. */
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly details: JsonObject = {},
+  ) {
+    super(message);
+    this.name = "ApiError";
+  }
+
+  /** The message for humans, with the facts a reviewer needs (such as the state of an already decided request). */
+  describe(): string {
+    const state = this.details.state;
+    if (this.code === "already_decided" && typeof state === "string") {
+      return `${this.message} (it is ${state.replace(/^REQUEST_STATE_/, "").toLowerCase()})`;
+    }
+    return this.message;
+  }
+}
+
+const csrfKey = "airlock.csrf";
+const meKey = "airlock.me";
+
+function isObject(value: unknown): value is JsonObject {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+function asObject(value: unknown, what: string): JsonObject {
+  if (!isObject(value)) throw new ApiError(0, "bad_response", `the broker sent an unexpected ${what}`);
+  return value;
+}
+
+function readMe(json: JsonObject): Me {
+  const groups = Array.isArray(json.groups) ? json.groups.filter((g): g is string => typeof g === "string") : [];
+  return { reviewer: typeof json.reviewer === "string" ? json.reviewer : "", groups, breakGlass: json.breakGlass === true };
+}
+
+/** Decodes a RequestView (its record is canonical protobuf JSON). */
+export function readRequestView(value: unknown): RequestView {
+  const json = asObject(value, "request");
+  const record = fromJson(RequestRecordSchema, json.record ?? null, { ignoreUnknownFields: true });
+  const expiresAt = typeof json.expiresAt === "string" ? new Date(json.expiresAt) : undefined;
+  return { record, needsMe: json.needsMe === true, expiresAt: expiresAt !== undefined && !Number.isNaN(expiresAt.getTime()) ? expiresAt : undefined };
+}
+
+function readViews(value: unknown): RequestView[] {
+  const list = asObject(value, "answer").requests;
+  return Array.isArray(list) ? list.map(readRequestView) : [];
+}
+
+/** Listeners told when the broker says the session is gone (401). */
+const signedOutListeners = new Set<() => void>();
+
+/** Calls `listener` whenever an API call comes back 401. Returns the unsubscribe function. */
+export function onSignedOut(listener: () => void): () => void {
+  signedOutListeners.add(listener);
+  return () => signedOutListeners.delete(listener);
+}
+
+/** The session as this tab knows it: kept in sessionStorage, so it ends with the tab. */
+export const session = {
+  csrfToken(): string | null {
+    return sessionStorage.getItem(csrfKey);
+  },
+  me(): Me | null {
+    const raw = sessionStorage.getItem(meKey);
+    if (raw === null) return null;
+    try {
+      return readMe(asObject(JSON.parse(raw), "session"));
+    } catch {
+      return null;
+    }
+  },
+  save(me: Me, csrfToken: string): void {
+    sessionStorage.setItem(csrfKey, csrfToken);
+    sessionStorage.setItem(meKey, JSON.stringify(me));
+  },
+  clear(): void {
+    sessionStorage.removeItem(csrfKey);
+    sessionStorage.removeItem(meKey);
+  },
+};
+
+type Query = Readonly<Record<string, string | number | boolean | undefined>>;
+
+function url(path: string, query: Query = {}): string {
+  const params = new URLSearchParams();
+  for (const [key, value] of Object.entries(query)) {
+    if (value !== undefined && value !== "") params.set(key, String(value));
+  }
+  const search = params.toString();
+  // Relative to the page (served under /console/), the API lives at the origin's /api/v1.
+  return `/api/v1${path}${search === "" ? "" : `?${search}`}`;
+}
+
+async function call(method: "GET" | "POST" | "DELETE", path: string, options: { query?: Query; body?: JsonValue } = {}): Promise<unknown> {
+  const headers: Record<string, string> = { accept: "application/json" };
+  if (options.body !== undefined) headers["content-type"] = "application/json";
+  const csrf = session.csrfToken();
+  if (method !== "GET" && csrf !== null) headers["x-airlock-csrf"] = csrf;
+  let response: Response;
+  try {
+    response = await fetch(url(path, options.query), {
+      method,
+      headers,
+      credentials: "same-origin",
+      ...(options.body === undefined ? {} : { body: JSON.stringify(options.body) }),
+    });
+  } catch {
+    throw new ApiError(0, "unavailable", "the broker cannot be reached; check your connection");
+  }
+  if (response.status === 204) return undefined;
+  const text = await response.text();
+  let json: unknown = undefined;
+  if (text !== "") {
+    try {
+      json = JSON.parse(text) as unknown;
+    } catch {
+      json = undefined;
+    }
+  }
+  if (!response.ok) {
+    const body = isObject(json) ? json : {};
+    const code = typeof body.code === "string" ? body.code : `http_${response.status}`;
+    let message = typeof body.message === "string" ? body.message : `${response.status} ${response.statusText}`;
+    const retry = response.headers.get("retry-after");
+    if (response.status === 429 && retry !== null) message += ` (try again in ${retry} s)`;
+    const error = new ApiError(response.status, code, message, isObject(body.details) ? body.details : {});
+    // Signing in with a bad token is a 401 too, but that is not a session ending.
+    if (response.status === 401 && path !== "/session") for (const listener of signedOutListeners) listener();
+    throw error;
+  }
+  return json;
+}
+
+/** Exchanges a reviewer token for the session cookie; keeps the CSRF token for this tab. */
+export async function signIn(token: string): Promise<Me> {
+  const json = asObject(await call("POST", "/session", { body: { token } }), "session");
+  if (typeof json.csrfToken !== "string") throw new ApiError(0, "bad_response", "the broker sent no CSRF token");
+  session.save(readMe(json), json.csrfToken);
+  // The sign-in answer does not say whether the reviewer may break glass; /me does.
+  const me = await getMe().catch(() => readMe(json));
+  session.save(me, json.csrfToken);
+  return me;
+}
+
+/** Ends the session at the broker (best effort) and forgets it here. */
+export async function signOut(): Promise<void> {
+  try {
+    await call("DELETE", "/session");
+  } finally {
+    session.clear();
+  }
+}
+
+export async function getMe(): Promise<Me> {
+  return readMe(asObject(await call("GET", "/me"), "me"));
+}
+
+export async function listRequests(query: { state?: string; needsMe?: boolean; agent?: string | undefined; limit?: number }): Promise<RequestView[]> {
+  return readViews(await call("GET", "/requests", { query: { ...query, needsMe: query.needsMe === true ? "true" : undefined } }));
+}
+
+export async function getRequest(id: string): Promise<RequestView> {
+  return readRequestView(await call("GET", `/requests/${encodeURIComponent(id)}`));
+}
+
+export async function decide(id: string, decision: { approve: boolean; reason: string; breakGlass: boolean }): Promise<RequestView> {
+  const body: JsonObject = { approve: decision.approve };
+  if (decision.reason !== "") body.reason = decision.reason;
+  if (decision.breakGlass) body.breakGlass = true;
+  return readRequestView(await call("POST", `/requests/${encodeURIComponent(id)}/decision`, { body }));
+}
+
+export async function history(query: { agent?: string | undefined; outcome?: string | undefined; limit?: number }): Promise<RequestView[]> {
+  return readViews(await call("GET", "/history", { query }));
+}
+
+export async function auditEvents(limit = 200): Promise<AuditEvent[]> {
+  const list = asObject(await call("GET", "/audit", { query: { limit } }), "answer").events;
+  return Array.isArray(list) ? list.map((event) => fromJson(AuditEventSchema, event, { ignoreUnknownFields: true })) : [];
+}
+
+export async function verifyAudit(): Promise<VerifyAuditResponse> {
+  const json = asObject(await call("GET", "/audit/verify"), "answer");
+  return fromJson(VerifyAuditResponseSchema, json, { ignoreUnknownFields: true });
+}
+
+/** The URL of the live event stream. */
+export const eventsUrl = "/api/v1/events";

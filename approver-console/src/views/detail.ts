@@ -1,0 +1,301 @@
+// One request: everything a reviewer needs to decide, and the decision itself.
+import { toJson } from "@bufbuild/protobuf";
+import { ValueSchema } from "@bufbuild/protobuf/wkt";
+import { RequestState } from "../../../proto/gen/airlock/v1/reviewer_pb.js";
+import { ApiError, decide, getRequest, type RequestView } from "../api.js";
+import { type Child, h, replaceChildren } from "../dom.js";
+import { ago, shortMethod, stateName, timestampDate, timestampMs, when } from "../format.js";
+import { alertBox, type AppContext, countdown, heading, needsMeBadge, riskBadge, startClock, stateBadge } from "../ui.js";
+import { jsonView } from "./json.js";
+
+function fact(term: string, value: Child, testid?: string): Child {
+  return [h("dt", {}, term), h("dd", testid === undefined ? {} : { "data-testid": testid }, value)];
+}
+
+function durationText(seconds: bigint | undefined): string {
+  if (seconds === undefined) return "";
+  const s = Number(seconds);
+  return s >= 60 ? `${Math.round(s / 60)} min` : `${s} s`;
+}
+
+/** The parts of a request that never change: who, what, why. */
+function facts(view: RequestView): HTMLElement {
+  const request = view.record.request;
+  const identity = request?.identity;
+  const credential = request?.credential;
+  const credentialText =
+    credential?.kind.case === "database"
+      ? `database role ${credential.kind.value.role} (${credential.kind.value.mount})`
+      : credential?.kind.case === "vaultToken"
+        ? `Vault token, policies ${credential.kind.value.policies.join(", ") || "none"}`
+        : "none";
+  const chain = identity?.chain.filter((p) => p !== identity.agent && p !== identity.onBehalfOf) ?? [];
+  return h(
+    "dl",
+    { class: "facts", "data-testid": "facts" },
+    fact("Agent", [h("span", { class: "mono" }, identity?.agent ?? "unknown"), identity?.authenticatedBy ? h("span", { class: "hint" }, ` (${identity.authenticatedBy})`) : null], "agent"),
+    fact("Acting for", identity?.onBehalfOf || h("span", { class: "hint" }, "nobody named"), "on-behalf-of"),
+    chain.length > 0 ? fact("Also in chain", chain.join(" → ")) : null,
+    fact("Host", h("span", { class: "mono" }, request?.host ?? ""), "host"),
+    fact("Call", h("span", { class: "mono" }, `${request?.service ?? ""}/${request?.method ?? ""}`), "call"),
+    fact("Rule", h("span", { class: "mono" }, request?.ruleId || "—"), "rule"),
+    fact("Credential", `${credentialText}${credential?.ttl ? `, lives ${durationText(credential.ttl.seconds)}` : ""}`),
+    fact("Requested", [when(timestampDate(request?.createdAt)), h("span", { class: "hint" }, ` (${ago(timestampDate(request?.createdAt))})`)]),
+    fact("Request id", h("span", { class: "mono" }, request?.id ?? ""), "request-id"),
+  );
+}
+
+/** Votes so far and what each group still needs. */
+function approvals(view: RequestView): HTMLElement {
+  const record = view.record;
+  const requirement = record.request?.reviewers;
+  const pending = record.state === RequestState.PENDING;
+  return h(
+    "section",
+    { class: "card", "data-testid": "approvals", "aria-labelledby": "approvals-title" },
+    h("h2", { id: "approvals-title" }, "Approvals"),
+    requirement && requirement.allOf.length > 0
+      ? h("p", { class: "hint" }, "Needs ", requirement.allOf.map((g, i) => [i > 0 ? " and " : "", `${g.minApprovals} from ${g.group}`]), requirement.escalationGroup ? `; escalates to ${requirement.escalationGroup} after ${durationText(requirement.escalateAfter?.seconds)}` : "", record.escalated ? " (escalated)" : "")
+      : null,
+    pending
+      ? record.outstanding.length > 0
+        ? h(
+            "ul",
+            { class: "outstanding", "data-testid": "outstanding" },
+            record.outstanding.map((g) => h("li", { "data-group": g.group }, h("strong", {}, g.group), `: ${g.minApprovals} more approval${g.minApprovals === 1 ? "" : "s"} needed`)),
+          )
+        : h("p", { "data-testid": "outstanding" }, "Every group requirement is met.")
+      : null,
+    record.votes.length === 0
+      ? h("p", { class: "hint", "data-testid": "votes" }, "No votes yet.")
+      : h(
+          "ol",
+          { class: "votes", "data-testid": "votes" },
+          record.votes.map((vote) =>
+            h(
+              "li",
+              { class: vote.approve ? "vote approve" : "vote deny" },
+              h("span", { class: `badge ${vote.approve ? "state-approved" : "state-denied"}` }, vote.approve ? "approved" : "denied"),
+              " ",
+              h("strong", {}, vote.reviewer),
+              h("span", { class: "hint" }, ` for ${vote.group}, ${ago(timestampDate(vote.at))}`),
+              vote.breakGlass ? h("span", { class: "badge risk-critical" }, "break-glass") : null,
+              vote.reason ? h("div", { class: "vote-reason" }, `“${vote.reason}”`) : null,
+            ),
+          ),
+        ),
+  );
+}
+
+/** What happened after the decision: the credential's lease and the action's completion. */
+function outcome(view: RequestView): HTMLElement | null {
+  const { lease, completion, state } = view.record;
+  if (state === RequestState.PENDING) return null;
+  return h(
+    "section",
+    { class: "card", "data-testid": "outcome" },
+    h("h2", {}, "Outcome"),
+    h(
+      "dl",
+      { class: "facts" },
+      fact("State", stateBadge(state)),
+      fact("Last change", when(timestampDate(view.record.updatedAt))),
+      lease ? fact("Credential", [`${lease.kind} issued ${when(timestampDate(lease.issuedAt))}`, lease.revokedAt ? `, revoked ${when(timestampDate(lease.revokedAt))}${lease.revokedBy ? ` by ${lease.revokedBy}` : ""}` : ", not revoked yet"]) : null,
+      completion ? fact("Action", `finished with gRPC status ${completion.statusCode}${completion.statusMessage ? ` (${completion.statusMessage})` : ""} at ${when(timestampDate(completion.finishedAt))}`) : null,
+    ),
+  );
+}
+
+/** The approve / deny form. It is built once per visit, so a live update never wipes a reason being typed. */
+interface DecisionHooks {
+  /** The vote is on its way. */
+  sending(): void;
+  /** The broker counted it. */
+  done(view: RequestView, approved: boolean): void;
+  /** The broker refused it. */
+  refused(): void;
+}
+
+function decisionForm(id: string, app: AppContext, view: RequestView, hooks: DecisionHooks): HTMLElement {
+  const reason = h("textarea", { id: "reason", name: "reason", rows: 3, maxlength: 2000, "data-testid": "reason-input", "aria-describedby": "reason-help" });
+  const approve = h("button", { type: "button", class: "approve", "data-testid": "approve-button" }, "Approve");
+  const deny = h("button", { type: "button", class: "deny", "data-testid": "deny-button" }, "Deny");
+  const errorSlot = h("div", { "aria-live": "assertive" });
+  const breakGlassAllowed = app.me.breakGlass && view.record.request?.reviewers?.breakGlassAllowed === true;
+  const breakGlass = h("input", { type: "checkbox", id: "break-glass", "data-testid": "break-glass" });
+  const hint = view.needsMe ? null : h("p", { class: "notice", "data-testid": "not-yours" }, "You cannot vote on this one as it stands (you voted already, it is not for your groups, or you are in its identity chain). The broker will say why if you try.");
+
+  const submit = (approved: boolean): void => {
+    const text = reason.value.trim();
+    replaceChildren(errorSlot);
+    if (!approved && text === "") {
+      replaceChildren(errorSlot, alertBox("A denial needs a reason: the agent and the audit trail get it.", "decision-error"));
+      reason.focus();
+      return;
+    }
+    if (breakGlass.checked && text === "") {
+      replaceChildren(errorSlot, alertBox("Break-glass needs a reason.", "decision-error"));
+      reason.focus();
+      return;
+    }
+    approve.disabled = deny.disabled = true;
+    hooks.sending();
+    decide(id, { approve: approved, reason: text, breakGlass: breakGlass.checked }).then(
+      (answer) => hooks.done(answer, approved),
+      (error: unknown) => {
+        approve.disabled = deny.disabled = false;
+        hooks.refused();
+        const message = error instanceof ApiError ? `${error.describe()} (${error.status === 0 ? error.code : `${error.status} ${error.code}`})` : String(error);
+        replaceChildren(errorSlot, alertBox(message, "decision-error"));
+        // An already decided request: show what it became.
+        if (error instanceof ApiError && error.code === "already_decided") getRequest(id).then((latest) => app.live.apply(latest), () => undefined);
+      },
+    );
+  };
+  approve.addEventListener("click", () => submit(true));
+  deny.addEventListener("click", () => submit(false));
+
+  return h(
+    "form",
+    { class: "card decide", "data-testid": "decision-form", "aria-labelledby": "decide-title" },
+    h("h2", { id: "decide-title" }, "Your decision"),
+    hint,
+    h("label", { for: "reason" }, "Reason"),
+    reason,
+    h("p", { id: "reason-help", class: "hint" }, "Required to deny; the agent receives it. Optional to approve."),
+    breakGlassAllowed ? h("label", { class: "toggle", for: "break-glass" }, breakGlass, " Break-glass (self-approval, flagged and notified; needs a reason)") : null,
+    h("div", { class: "actions" }, approve, deny),
+    errorSlot,
+  );
+}
+
+/** `#/requests/<id>` */
+export function detailView(id: string): (main: HTMLElement, app: AppContext) => () => void {
+  return (main, app) => {
+    const stops: Array<() => void> = [];
+    const title = heading("Request");
+    const body = h("div", { class: "detail-body" }, h("p", { class: "hint", role: "status" }, "Loading…"));
+    replaceChildren(main, h("section", { class: "view detail", "data-testid": "detail", "data-request-id": id }, h("a", { href: "#/inbox", class: "back" }, "← Inbox"), title, body));
+    let closed = false;
+
+    const show = (first: RequestView): void => {
+      const request = first.record.request;
+      title.textContent = shortMethod(request?.service ?? "", request?.method ?? "");
+      const badges = h("p", { class: "badges" });
+      const approvalsSlot = h("div");
+      const outcomeSlot = h("div");
+      const decisionSlot = h("div");
+      const result = h("p", { class: "result", role: "status", tabindex: -1, "data-testid": "decision-result", hidden: true });
+      let form: HTMLElement | undefined;
+      let shown = first;
+      let shownMs = -1;
+      /** What the signed-in reviewer decided here, once they have. */
+      let mine: boolean | undefined;
+      /** A vote is on its way: the stream may show its effect before the answer comes back. */
+      let sending = false;
+
+      const paintResult = (): void => {
+        const state = shown.record.state;
+        if (mine !== undefined) {
+          result.hidden = false;
+          result.textContent =
+            state === RequestState.PENDING ? `Your ${mine ? "approval" : "denial"} is recorded. The request still waits for other reviewers.` : `You ${mine ? "approved" : "denied"} it. It is now ${stateName(state)}.`;
+        } else if (state !== RequestState.PENDING && !sending) {
+          result.hidden = false;
+          result.textContent = `This request is ${stateName(state)}; there is nothing left to decide.`;
+        }
+      };
+
+      const update = (view: RequestView, decidedByMe?: boolean): void => {
+        // Views arrive from the stream and from the decision's answer in any order: never go back in time.
+        if (timestampMs(view.record.updatedAt) >= shownMs) {
+          shown = view;
+          shownMs = timestampMs(view.record.updatedAt);
+          const record = view.record;
+          const pending = record.state === RequestState.PENDING;
+          replaceChildren(
+            badges,
+            riskBadge(request?.risk ?? 0),
+            " ",
+            stateBadge(record.state),
+            view.needsMe ? [" ", needsMeBadge()] : null,
+            pending ? [" ", countdown(view.expiresAt, { "data-testid": "countdown", role: "timer", "aria-label": "Time left before it expires" })] : null,
+          );
+          replaceChildren(approvalsSlot, approvals(view));
+          replaceChildren(outcomeSlot, outcome(view));
+          if (pending) {
+            form ??= decisionForm(id, app, view, {
+              sending: () => {
+                sending = true;
+              },
+              done: (answer, approved) => {
+                sending = false;
+                app.live.apply(answer);
+                update(answer, approved);
+              },
+              refused: () => {
+                sending = false;
+                paintResult();
+              },
+            });
+            if (form.parentNode !== decisionSlot) replaceChildren(decisionSlot, form);
+          } else {
+            form = undefined;
+            replaceChildren(decisionSlot);
+          }
+        }
+        if (decidedByMe !== undefined) mine = decidedByMe;
+        paintResult();
+        if (decidedByMe !== undefined) result.focus();
+      };
+
+      const reason = request?.reason ?? "";
+      const redacted = request?.redactedFields ?? [];
+      replaceChildren(
+        body,
+        badges,
+        result,
+        h(
+          "div",
+          { class: "detail-grid" },
+          h(
+            "div",
+            { class: "detail-main" },
+            h("section", { class: "card", "aria-labelledby": "why-title" }, h("h2", { id: "why-title" }, "Why the agent asks"), reason ? h("blockquote", { "data-testid": "agent-reason" }, reason) : h("p", { class: "notice", "data-testid": "agent-reason" }, "The agent gave no reason.")),
+            h("section", { class: "card", "aria-labelledby": "who-title" }, h("h2", { id: "who-title" }, "Who, where, what"), facts(first)),
+            h(
+              "section",
+              { class: "card", "aria-labelledby": "request-title" },
+              h("h2", { id: "request-title" }, "The request"),
+              jsonView(request?.request === undefined ? undefined : toJson(ValueSchema, request.request), redacted),
+              redacted.length > 0 ? h("p", { class: "hint", "data-testid": "redacted-fields" }, "Redacted by policy before it left the host: ", redacted.map((path, i) => [i > 0 ? ", " : "", h("code", {}, path)])) : null,
+            ),
+          ),
+          h("div", { class: "detail-side" }, decisionSlot, approvalsSlot, outcomeSlot),
+        ),
+      );
+      update(first);
+      stops.push(
+        app.live.onView((view) => {
+          if (view.record.request?.id === id) update(view);
+        }),
+        startClock(body),
+      );
+    };
+
+    getRequest(id).then(
+      (view) => {
+        if (!closed) show(view);
+      },
+      (error: unknown) => {
+        if (closed) return;
+        title.textContent = error instanceof ApiError && error.status === 404 ? "No such request" : "Request";
+        replaceChildren(body, alertBox(error instanceof ApiError ? error.describe() : String(error)), h("p", {}, h("a", { href: "#/inbox" }, "Back to the inbox")));
+      },
+    );
+    return () => {
+      closed = true;
+      for (const stop of stops) stop();
+    };
+  };
+}

@@ -1,0 +1,72 @@
+// Decided requests, filtered by agent and outcome.
+import { ApiError, history, type RequestView } from "../api.js";
+import { h, listNavigation, replaceChildren } from "../dom.js";
+import { outcomes, shortMethod, timestampDate, when } from "../format.js";
+import { alertBox, heading, riskBadge, sinceLabel, startClock, stateBadge, type View } from "../ui.js";
+
+function decidedBy(view: RequestView): string {
+  const names = view.record.votes.map((vote) => `${vote.reviewer} (${vote.approve ? "approved" : "denied"})`);
+  return names.length > 0 ? names.join(", ") : "no reviewer (expired, cancelled or automatic)";
+}
+
+function row(view: RequestView): HTMLElement {
+  const request = view.record.request;
+  const id = request?.id ?? "";
+  return h(
+    "li",
+    { class: "row", "data-testid": "history-row", "data-request-id": id, "data-state": String(view.record.state) },
+    h(
+      "a",
+      { class: "row-link", href: `#/requests/${encodeURIComponent(id)}` },
+      h("span", { class: "row-top" }, stateBadge(view.record.state), riskBadge(request?.risk ?? 0), h("strong", { class: "method" }, shortMethod(request?.service ?? "", request?.method ?? ""))),
+      h("span", { class: "row-who" }, h("span", { class: "agent" }, request?.identity?.agent ?? ""), request?.identity?.onBehalfOf ? ` for ${request.identity.onBehalfOf}` : "", ` on ${request?.host ?? ""}`),
+      h("span", { class: "row-reason" }, decidedBy(view)),
+      h("span", { class: "row-time" }, "requested ", sinceLabel(timestampDate(request?.createdAt)), ", last change ", when(timestampDate(view.record.updatedAt))),
+    ),
+  );
+}
+
+/** `#/history?agent=…&outcome=…`: the filters live in the address, so a filtered list can be shared. */
+export function historyView(params: URLSearchParams): View {
+  return (main) => {
+    const agent = h("input", { id: "history-agent", name: "agent", type: "search", autocomplete: "off", placeholder: "spiffe://corp/agent/etl", "data-testid": "history-agent" });
+    agent.value = params.get("agent") ?? "";
+    const outcome = h("select", { id: "history-outcome", name: "outcome", "data-testid": "history-outcome" }, h("option", { value: "" }, "any outcome"), outcomes.map((o) => h("option", { value: o }, o)));
+    outcome.value = params.get("outcome") ?? "";
+    const form = h(
+      "form",
+      { class: "filters", role: "search", "data-testid": "history-filters" },
+      h("div", { class: "field" }, h("label", { for: "history-agent" }, "Agent"), agent),
+      h("div", { class: "field" }, h("label", { for: "history-outcome" }, "Outcome"), outcome),
+      h("button", { type: "submit", "data-testid": "history-apply" }, "Filter"),
+    );
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const next = new URLSearchParams();
+      if (agent.value.trim() !== "") next.set("agent", agent.value.trim());
+      if (outcome.value !== "") next.set("outcome", outcome.value);
+      const query = next.toString();
+      location.hash = `#/history${query === "" ? "" : `?${query}`}`;
+    });
+    const list = h("ul", { class: "rows", "data-testid": "history-list", "aria-label": "Decided requests" });
+    const status = h("div", { role: "status" }, h("p", { class: "hint" }, "Loading…"));
+    replaceChildren(main, h("section", { class: "view" }, heading("History"), form, status, list));
+
+    let closed = false;
+    history({ agent: params.get("agent") ?? undefined, outcome: params.get("outcome") ?? undefined, limit: 100 }).then(
+      (views) => {
+        if (closed) return;
+        replaceChildren(status, views.length === 0 ? h("p", { class: "empty", "data-testid": "history-empty" }, "No decided request matches.") : h("p", { class: "hint" }, `${views.length} request${views.length === 1 ? "" : "s"}, newest first.`));
+        replaceChildren(list, views.map(row));
+      },
+      (error: unknown) => {
+        if (!closed) replaceChildren(status, alertBox(error instanceof ApiError ? error.describe() : String(error)));
+      },
+    );
+    const stops = [startClock(list), listNavigation(list, "a.row-link")];
+    return () => {
+      closed = true;
+      for (const stop of stops) stop();
+    };
+  };
+}

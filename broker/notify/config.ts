@@ -1,0 +1,248 @@
+import type { ConfigReader } from "../../common/config.js";
+import { principalKey } from "../rules/people.js";
+
+/**
+ * How Slack messages are sent: through the Web API with a bot token (messages can be
+ * updated when the request is decided and requesters get a DM), or through one
+ * incoming webhook (post only: no updates, no DMs, one fixed channel).
+ */
+export type SlackTransport =
+  | {
+      readonly kind: "web_api";
+      /** The bot token (`xoxb-…`). A secret: never logged. */
+      readonly botToken: string;
+      /** Base URL of the Web API, without a trailing slash. @default "https://slack.com/api" */
+      readonly apiUrl: string;
+      /** Reviewer group → Slack channel id the group's review requests are posted to. @default empty */
+      readonly channels: ReadonlyMap<string, string>;
+      /** Channel for groups that have none in `channels`; without it such groups get no Slack message. */
+      readonly defaultChannel?: string;
+    }
+  | {
+      readonly kind: "incoming_webhook";
+      /** The incoming webhook URL. Its path is the secret: never logged. */
+      readonly url: string;
+    };
+
+/** The Slack section of {@link NotificationsConfig}. */
+export interface SlackConfig {
+  readonly transport: SlackTransport;
+  /**
+   * The app's signing secret, which verifies interactions (button clicks). A secret:
+   * never logged. Without it messages carry no Approve / Deny buttons, because a click
+   * could not be verified.
+   */
+  readonly signingSecret?: string;
+  /** Slack user id (`U…`/`W…`) → Airlock reviewer id (e.g. an email). @default empty */
+  readonly users: ReadonlyMap<string, string>;
+}
+
+/** The Microsoft Teams section of {@link NotificationsConfig}. */
+export interface TeamsConfig {
+  /** The incoming webhook (or Workflows) URL. Its path is the secret: never logged. */
+  readonly webhookUrl: string;
+}
+
+/** One generic webhook receiver. */
+export interface WebhookConfig {
+  /** Where events are POSTed. Never logged beyond its origin (the path may be a secret). */
+  readonly url: string;
+  /** Key of the `x-airlock-signature` HMAC-SHA256. A secret: never logged. At least 16 characters. */
+  readonly secret: string;
+}
+
+/** How failed deliveries are retried: exponential backoff from `baseDelayMs`, capped at `maxDelayMs`. */
+export interface RetryConfig {
+  /** Attempts per delivery, the first one included. @default 5 */
+  readonly attempts: number;
+  /** Delay before the second attempt; doubled for each further one. @default 200 */
+  readonly baseDelayMs: number;
+  /** Longest delay between two attempts (a receiver's `Retry-After` is honoured up to this). @default 30000 */
+  readonly maxDelayMs: number;
+}
+
+/** The broker's reviewer notifications, validated. Every channel is optional. */
+export interface NotificationsConfig {
+  /**
+   * The approver console's base URL; links to a request are `<consoleUrl>#/requests/<id>`.
+   * Always ends with `/`. @default "http://127.0.0.1:9465/console/"
+   */
+  readonly consoleUrl: string;
+  readonly slack?: SlackConfig;
+  readonly teams?: TeamsConfig;
+  /** @default [] */
+  readonly webhooks: readonly WebhookConfig[];
+  readonly retry: RetryConfig;
+  /** Time limit of one HTTP attempt, in ms. @default 10000 */
+  readonly timeoutMs: number;
+  /** Deliveries waiting at most; past it the oldest is dropped with a warning. @default 1000 */
+  readonly queueSize: number;
+}
+
+/** Defaults of {@link NotificationsConfig}. */
+export const notificationsConfigDefaults = {
+  /** @default "http://127.0.0.1:9465/console/" (the broker's default HTTP address) */
+  consoleUrl: "http://127.0.0.1:9465/console/",
+  /** @default "https://slack.com/api" */
+  slackApiUrl: "https://slack.com/api",
+  /** @default { attempts: 5, baseDelayMs: 200, maxDelayMs: 30000 } */
+  retry: { attempts: 5, baseDelayMs: 200, maxDelayMs: 30_000 } satisfies RetryConfig,
+  /** @default 10000 */
+  timeoutMs: 10_000,
+  /** @default 1000 */
+  queueSize: 1000,
+} as const;
+
+/** The configuration that notifies nobody: what a broker without a `notifications` section uses. */
+export const noNotifications: NotificationsConfig = {
+  consoleUrl: notificationsConfigDefaults.consoleUrl,
+  webhooks: [],
+  retry: notificationsConfigDefaults.retry,
+  timeoutMs: notificationsConfigDefaults.timeoutMs,
+  queueSize: notificationsConfigDefaults.queueSize,
+};
+
+const minimumSecretLength = 16;
+
+function fieldOf(reader: ConfigReader, key: string): string {
+  return reader.path === "" ? key : `${reader.path}.${key}`;
+}
+
+function isLoopback(hostname: string): boolean {
+  return hostname === "localhost" || hostname === "[::1]" || /^127(?:\.\d{1,3}){3}$/.test(hostname);
+}
+
+/**
+ * An absolute http(s) URL. Where the request carries a secret (a token header, a
+ * signed body, a secret path), plain http is allowed only to a loopback host: on any
+ * other network the secret would travel in clear.
+ */
+function url(reader: ConfigReader, key: string, carriesSecret: boolean, fallback?: string): string {
+  const text = fallback === undefined ? reader.string(key) : reader.string(key, fallback);
+  let parsed: URL;
+  try {
+    parsed = new URL(text);
+  } catch {
+    throw reader.fail(fieldOf(reader, key), "must be an absolute http(s) URL");
+  }
+  if (parsed.protocol !== "https:" && parsed.protocol !== "http:") throw reader.fail(fieldOf(reader, key), "must be an absolute http(s) URL");
+  if (carriesSecret && parsed.protocol === "http:" && !isLoopback(parsed.hostname)) {
+    throw reader.fail(fieldOf(reader, key), "must use https (plain http is allowed only to a loopback host)");
+  }
+  if (parsed.username !== "" || parsed.password !== "") throw reader.fail(fieldOf(reader, key), "must not carry credentials");
+  return text;
+}
+
+function secret(reader: ConfigReader, key: string): string {
+  const value = reader.string(key);
+  if (value.length < minimumSecretLength) throw reader.fail(fieldOf(reader, key), `must be at least ${minimumSecretLength} characters`);
+  return value;
+}
+
+function readUsers(reader: ConfigReader): Map<string, string> {
+  const users = new Map<string, string>();
+  const slackUserOf = new Map<string, string>();
+  for (const slackUser of reader.keys()) {
+    if (!/^[UW][A-Z0-9]+$/.test(slackUser)) throw reader.fail(fieldOf(reader, slackUser), "is not a Slack user id (U… or W…)");
+    const reviewer = reader.string(slackUser).trim();
+    if (reviewer === "") throw reader.fail(fieldOf(reader, slackUser), "must not be blank");
+    // The reverse mapping finds a requester's Slack user for the result DM: it must be unambiguous.
+    const earlier = slackUserOf.get(principalKey(reviewer));
+    if (earlier !== undefined) throw reader.fail(fieldOf(reader, slackUser), `maps ${JSON.stringify(reviewer)} again (also ${fieldOf(reader, earlier)})`);
+    slackUserOf.set(principalKey(reviewer), slackUser);
+    users.set(slackUser, reviewer);
+  }
+  reader.done();
+  return users;
+}
+
+function readSlack(reader: ConfigReader): SlackConfig {
+  const hasToken = reader.has("bot_token");
+  const hasWebhook = reader.has("incoming_webhook_url");
+  if (hasToken && hasWebhook) throw reader.fail(fieldOf(reader, "incoming_webhook_url"), "cannot be used together with bot_token (choose one)");
+  if (!hasToken && !hasWebhook) throw reader.fail(fieldOf(reader, "bot_token"), "is required (or incoming_webhook_url)");
+  let transport: SlackTransport;
+  if (hasToken) {
+    const botToken = reader.string("bot_token");
+    if (!botToken.startsWith("xox")) throw reader.fail(fieldOf(reader, "bot_token"), "must be a Slack token (xoxb-…)");
+    const apiUrl = url(reader, "api_url", true, notificationsConfigDefaults.slackApiUrl).replace(/\/+$/, "");
+    const channels = new Map<string, string>();
+    const channelsReader = reader.optionalObject("channels");
+    if (channelsReader !== undefined) {
+      for (const group of channelsReader.keys()) {
+        if (group.trim() === "") throw channelsReader.fail(fieldOf(channelsReader, group), "group names must not be blank");
+        channels.set(group, channelsReader.string(group));
+      }
+      channelsReader.done();
+    }
+    const defaultChannel = reader.optionalString("default_channel");
+    transport = { kind: "web_api", botToken, apiUrl, channels, ...(defaultChannel === undefined ? {} : { defaultChannel }) };
+  } else {
+    // A webhook posts to the one channel it was made for: per-group channels cannot apply.
+    for (const key of ["api_url", "channels", "default_channel"]) {
+      if (reader.has(key)) throw reader.fail(fieldOf(reader, key), "applies only with bot_token (an incoming webhook posts to its own channel)");
+    }
+    transport = { kind: "incoming_webhook", url: url(reader, "incoming_webhook_url", true) };
+  }
+  const signingSecret = reader.has("signing_secret") ? secret(reader, "signing_secret") : (reader.optionalString("signing_secret"), undefined);
+  const usersReader = reader.optionalObject("users");
+  const users = usersReader === undefined ? new Map<string, string>() : readUsers(usersReader);
+  reader.done();
+  return { transport, users, ...(signingSecret === undefined ? {} : { signingSecret }) };
+}
+
+function readRetry(reader: ConfigReader): RetryConfig {
+  const defaults = notificationsConfigDefaults.retry;
+  const attempts = reader.integer("attempts", defaults.attempts, 1, 100);
+  const baseDelayMs = reader.integer("base_delay_ms", defaults.baseDelayMs, 1, 3_600_000);
+  const maxDelayMs = reader.integer("max_delay_ms", Math.max(defaults.maxDelayMs, baseDelayMs), 1, 3_600_000);
+  if (maxDelayMs < baseDelayMs) throw reader.fail(fieldOf(reader, "max_delay_ms"), "must not be less than base_delay_ms");
+  reader.done();
+  return { attempts, baseDelayMs, maxDelayMs };
+}
+
+/**
+ * Validates the broker's `notifications` section (pass the reader of that section:
+ * `parseNotificationsConfig(root.object("notifications"))`). Every part is optional;
+ * unknown keys are refused, and every error is an `invalid_argument` AirlockError
+ * naming the exact field (`notifications.webhooks[0].secret`).
+ *
+ * ```yaml
+ * console_url: https://airlock.corp/console/   # default http://127.0.0.1:9465/console/
+ * slack:
+ *   bot_token: xoxb-…                           # or incoming_webhook_url: https://hooks.slack.com/…
+ *   api_url: https://slack.com/api              # default; bot_token only
+ *   signing_secret: …                           # needed for the Approve / Deny buttons
+ *   channels: { security: C01, data-owners: C02 }   # bot_token only
+ *   default_channel: C03                        # optional; bot_token only
+ *   users: { U1: alice@corp }                   # Slack user → reviewer id
+ * teams: { webhook_url: https://… }
+ * webhooks: [ { url: https://…, secret: … } ]   # secret ≥ 16 characters
+ * retry: { attempts: 5, base_delay_ms: 200, max_delay_ms: 30000 }
+ * timeout_ms: 10000
+ * queue_size: 1000
+ * ```
+ */
+export function parseNotificationsConfig(reader: ConfigReader): NotificationsConfig {
+  const consoleText = url(reader, "console_url", false, notificationsConfigDefaults.consoleUrl);
+  const consoleUrl = consoleText.replace(/#.*$/, "").replace(/\/*$/, "/");
+  const slackReader = reader.optionalObject("slack");
+  const slack = slackReader === undefined ? undefined : readSlack(slackReader);
+  const teamsReader = reader.optionalObject("teams");
+  let teams: TeamsConfig | undefined;
+  if (teamsReader !== undefined) {
+    teams = { webhookUrl: url(teamsReader, "webhook_url", true) };
+    teamsReader.done();
+  }
+  const webhooks = reader.list("webhooks", false).map((entry): WebhookConfig => {
+    const webhook = { url: url(entry, "url", true), secret: secret(entry, "secret") };
+    entry.done();
+    return webhook;
+  });
+  const retryReader = reader.optionalObject("retry");
+  const retry = retryReader === undefined ? notificationsConfigDefaults.retry : readRetry(retryReader);
+  const timeoutMs = reader.integer("timeout_ms", notificationsConfigDefaults.timeoutMs, 100, 300_000);
+  const queueSize = reader.integer("queue_size", notificationsConfigDefaults.queueSize, 1, 1_000_000);
+  reader.done();
+  return { consoleUrl, webhooks, retry, timeoutMs, queueSize, ...(slack === undefined ? {} : { slack }), ...(teams === undefined ? {} : { teams }) };
+}

@@ -1,0 +1,67 @@
+/**
+ * Reviewer notifications of the broker: Slack (Block Kit messages with Approve /
+ * Deny buttons per reviewer group, updated when the request is decided, a DM to the
+ * requester, and the signed `/slack/interactions` handler), Microsoft Teams
+ * (Adaptive Cards with a console link) and HMAC-signed generic webhooks. The
+ * broker calls a {@link ReviewNotifier}; every `notify…` returns at once and
+ * deliveries run in the background with retries.
+ *
+ * ```ts
+ * const notifier = new ReviewNotifier({ config: parseNotificationsConfig(root.object("notifications")), log });
+ * for (const event of result.events) notifier.notifyEvent(result.record, event);
+ * // route: POST /slack/interactions with the raw form-encoded body
+ * const reply = await notifier.slack?.handleInteraction(rawBody, request.headers, (id, ballot) => broker.decide(id, ballot));
+ * await notifier.close();
+ * ```
+ * @module
+ */
+export {
+  type NotificationsConfig,
+  noNotifications,
+  notificationsConfigDefaults,
+  parseNotificationsConfig,
+  type RetryConfig,
+  type SlackConfig,
+  type SlackTransport,
+  type TeamsConfig,
+  type WebhookConfig,
+} from "./config.js";
+export type { Notification, NotificationKind } from "./events.js";
+export { type HeaderMap, headerValue } from "./http.js";
+export {
+  type BreakGlassTarget,
+  type DecidedTarget,
+  type EscalatedTarget,
+  type Notifier,
+  ReviewNotifier,
+  type ReviewNotifierOptions,
+  type ReviewRequestedTarget,
+} from "./notifier.js";
+export { type Delivery, DeliveryQueue, deliveryQueueDefaults, type DeliveryQueueOptions } from "./queue.js";
+export {
+  type DecideFunction,
+  parseSlackInteraction,
+  type SlackBallot,
+  SlackIntegration,
+  slackIntegrationDefaults,
+  type SlackIntegrationOptions,
+  type SlackInteraction,
+  type SlackInteractionReply,
+  slackSignatureMaxSkewSeconds,
+  verifySlackSignature,
+} from "./slack.js";
+export {
+  escapeMrkdwn,
+  slackActions,
+  type SlackBlock,
+  type SlackButton,
+  type SlackMessage,
+  type SlackMessageOptions,
+  slackRecordMessage,
+  slackRequestMessage,
+  slackResultMessage,
+  type SlackText,
+} from "./slack-blocks.js";
+export { type DecidedOutcome } from "./summary.js";
+export { type AdaptiveCard, type AdaptiveElement, escapeCardMarkdown, teamsMessage, type TeamsMessage } from "./teams.js";
+export { signWebhookBody, type VerifyWebhookOptions, verifyWebhookSignature, webhookPayload, type WebhookPayload, webhookSignatureMaxSkewSeconds } from "./webhook.js";

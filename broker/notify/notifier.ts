@@ -1,0 +1,262 @@
+import { randomUUID } from "node:crypto";
+import type { Logger } from "../../common/logger.js";
+import type { RequestRecord } from "../../proto/index.js";
+import type { ApprovalEvent } from "../rules/types.js";
+import type { NotificationsConfig } from "./config.js";
+import type { Notification } from "./events.js";
+import { originOf, postJson } from "./http.js";
+import { DeliveryQueue } from "./queue.js";
+import { SlackIntegration } from "./slack.js";
+import { type DecidedOutcome, requirementGroups } from "./summary.js";
+import { teamsMessage } from "./teams.js";
+import { signWebhookBody, webhookPayload } from "./webhook.js";
+
+/** Who to tell that a request waits for review. */
+export interface ReviewRequestedTarget {
+  /** Reviewer ids who may approve now (the `awaiting_review` event's `notify`): mentioned, never messaged one by one. */
+  readonly reviewers: readonly string[];
+  /** Groups whose channels get the message. @default the groups of `record.outstanding` that still need approvals */
+  readonly groups?: readonly string[];
+  /** @default now */
+  readonly at?: Date;
+}
+
+/** Who to tell that a request was escalated. */
+export interface EscalatedTarget {
+  /** The escalation group, whose channel gets the message. */
+  readonly group: string;
+  /** Its members who may now vote. */
+  readonly reviewers: readonly string[];
+  /** @default now */
+  readonly at?: Date;
+}
+
+/** A break-glass approval to flag. */
+export interface BreakGlassTarget {
+  /** Who broke glass. */
+  readonly reviewer: string;
+  /** Their mandatory reason. */
+  readonly reason: string;
+  /** Every approver of the rule (the `break_glass` event's `notify`). */
+  readonly reviewers: readonly string[];
+  /** Groups whose channels get the message. @default every group of the request's requirement, escalation group included */
+  readonly groups?: readonly string[];
+  /** @default now */
+  readonly at?: Date;
+}
+
+/** How a request was decided. */
+export interface DecidedTarget {
+  readonly outcome: DecidedOutcome;
+  /** Who decided (the approvers, or who denied). @default [] (expiry, an auto rule) */
+  readonly by?: readonly string[];
+  /** Why. @default "" */
+  readonly reason?: string;
+  /** The auto rule that decided at intake, if one did: then only generic webhooks are told (nobody was asked in chat). */
+  readonly autoRule?: string;
+  /** @default now */
+  readonly at?: Date;
+}
+
+/**
+ * What the broker calls to have reviewers (and requesters) told about requests.
+ * Every `notify…` method returns at once and never throws: deliveries happen in the
+ * background, and a notification failing never touches the approval path.
+ */
+export interface Notifier {
+  /** A request waits for review: a message with Approve / Deny to each group's channel. */
+  notifyReviewRequested(record: RequestRecord, target: ReviewRequestedTarget): void;
+  /** The escalation group may now vote: a message to its channel. */
+  notifyEscalated(record: RequestRecord, target: EscalatedTarget): void;
+  /** Someone broke glass: a flagged message to every group of the requirement. */
+  notifyBreakGlass(record: RequestRecord, target: BreakGlassTarget): void;
+  /** The request left PENDING: its messages are updated and the requester is told. */
+  notifyDecided(record: RequestRecord, target: DecidedTarget): void;
+  /** Routes one rules event (`broker/rules` {@link ApprovalEvent}) to the method above that fits; other kinds are ignored. */
+  notifyEvent(record: RequestRecord, event: ApprovalEvent): void;
+  /** Stops retries and waits for deliveries in flight. */
+  close(): Promise<void>;
+}
+
+/** Options of {@link ReviewNotifier}. */
+export interface ReviewNotifierOptions {
+  readonly config: NotificationsConfig;
+  readonly log: Logger;
+  /** Deliveries running at once. @default 4 */
+  readonly concurrency?: number;
+  /** How long {@link ReviewNotifier.close} lets deliveries in flight finish before aborting them, in ms. @default 2000 */
+  readonly closeGraceMs?: number;
+}
+
+/**
+ * The broker's {@link Notifier}: Slack (Block Kit with Approve / Deny, per-group
+ * channels, message updates, result DMs), Teams (Adaptive Card with a console
+ * link) and signed generic webhooks, each as configured. Deliveries run on one
+ * bounded background queue with retries and exponential backoff.
+ */
+export class ReviewNotifier implements Notifier {
+  /** The Slack side, for the `/slack/interactions` route ({@link SlackIntegration.handleInteraction}); undefined without Slack. */
+  readonly slack: SlackIntegration | undefined;
+  private readonly config: NotificationsConfig;
+  private readonly log: Logger;
+  private readonly queue: DeliveryQueue;
+  private readonly enabled: boolean;
+
+  constructor(options: ReviewNotifierOptions) {
+    const { config, log } = options;
+    this.config = config;
+    this.log = log;
+    this.queue = new DeliveryQueue({
+      log,
+      retry: config.retry,
+      timeoutMs: config.timeoutMs,
+      queueSize: config.queueSize,
+      ...(options.concurrency === undefined ? {} : { concurrency: options.concurrency }),
+      ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
+    });
+    this.slack = config.slack === undefined ? undefined : new SlackIntegration(config.slack, { queue: this.queue, log, consoleUrl: config.consoleUrl });
+    this.enabled = config.slack !== undefined || config.teams !== undefined || config.webhooks.length > 0;
+  }
+
+  /** Deliveries waiting or running. */
+  get pending(): number {
+    return this.queue.size;
+  }
+
+  /** Resolves once every queued delivery has succeeded or given up (a graceful shutdown awaits it before {@link close}). */
+  idle(): Promise<void> {
+    return this.queue.idle();
+  }
+
+  /** {@inheritDoc Notifier.notifyReviewRequested} */
+  notifyReviewRequested(record: RequestRecord, target: ReviewRequestedTarget): void {
+    const groups = target.groups ?? record.outstanding.filter((need) => need.minApprovals > 0).map((need) => need.group);
+    this.notify({ kind: "review_requested", record, at: target.at ?? new Date(), groups, reviewers: target.reviewers });
+  }
+
+  /** {@inheritDoc Notifier.notifyEscalated} */
+  notifyEscalated(record: RequestRecord, target: EscalatedTarget): void {
+    this.notify({ kind: "escalated", record, at: target.at ?? new Date(), group: target.group, reviewers: target.reviewers });
+  }
+
+  /** {@inheritDoc Notifier.notifyBreakGlass} */
+  notifyBreakGlass(record: RequestRecord, target: BreakGlassTarget): void {
+    this.notify({
+      kind: "break_glass",
+      flagged: true,
+      record,
+      at: target.at ?? new Date(),
+      reviewer: target.reviewer,
+      reason: target.reason,
+      groups: target.groups ?? requirementGroups(record),
+      reviewers: target.reviewers,
+    });
+  }
+
+  /** {@inheritDoc Notifier.notifyDecided} */
+  notifyDecided(record: RequestRecord, target: DecidedTarget): void {
+    this.notify({
+      kind: "decided",
+      record,
+      at: target.at ?? new Date(),
+      outcome: target.outcome,
+      by: target.by ?? [],
+      reason: target.reason ?? "",
+      ...(target.autoRule === undefined ? {} : { autoRule: target.autoRule }),
+    });
+  }
+
+  /**
+   * {@inheritDoc Notifier.notifyEvent}
+   * `awaiting_review` → review requested (the groups still needing approvals), `escalated`,
+   * `break_glass`, `approved` / `denied` / `expired` / `cancelled` → decided; `voted`,
+   * `executing`, `completed` and `failed` are ignored.
+   */
+  notifyEvent(record: RequestRecord, event: ApprovalEvent): void {
+    const at = event.at;
+    switch (event.kind) {
+      case "awaiting_review":
+        this.notifyReviewRequested(record, { reviewers: event.notify, groups: event.outstanding.filter((need) => need.remaining > 0).map((need) => need.group), at });
+        return;
+      case "escalated":
+        this.notifyEscalated(record, { group: event.group, reviewers: event.notify, at });
+        return;
+      case "break_glass":
+        this.notifyBreakGlass(record, { reviewer: event.reviewer, reason: event.reason, reviewers: event.notify, at });
+        return;
+      case "approved":
+      case "denied":
+        this.notifyDecided(record, { outcome: event.kind, by: event.by, reason: event.reason, at, ...(event.autoRule === undefined ? {} : { autoRule: event.autoRule }) });
+        return;
+      case "expired":
+        this.notifyDecided(record, { outcome: "expired", reason: `no decision before the deadline ${event.deadline.toISOString()}`, at });
+        return;
+      case "cancelled":
+        this.notifyDecided(record, { outcome: "cancelled", reason: event.reason, at });
+        return;
+      default:
+        // Votes, execution and completion are for the audit trail and the console, not for chat.
+        return;
+    }
+  }
+
+  /**
+   * Queues one notification on every configured channel and returns at once. Never
+   * throws: a bug in a channel must not fail the vote or intake that triggered it.
+   */
+  notify(notification: Notification): void {
+    if (!this.enabled) return;
+    try {
+      // A request an auto rule decided at intake was never shown in chat: nothing to update, nobody to ping.
+      const chat = notification.kind !== "decided" || notification.autoRule === undefined;
+      if (chat) this.slack?.deliver(notification);
+      if (chat && this.config.teams !== undefined) this.deliverTeams(notification, this.config.teams.webhookUrl);
+      this.config.webhooks.forEach((webhook, index) => this.deliverWebhook(notification, index, webhook.url, webhook.secret));
+    } catch (error) {
+      this.log.error({ err: error, requestId: notification.record.request?.id, kind: notification.kind }, "could not queue a notification");
+    }
+  }
+
+  /** Stops retries, abandons deliveries not started (logged), and waits for those in flight; leaves no timer. */
+  async close(): Promise<void> {
+    await this.queue.close();
+  }
+
+  private deliverTeams(notification: Notification, url: string): void {
+    const requestId = notification.record.request?.id ?? "";
+    this.queue.enqueue({
+      description: `teams webhook ${originOf(url)} (${notification.kind} ${requestId})`,
+      key: `teams:${requestId}`,
+      run: async (signal) => {
+        await postJson(url, teamsMessage(notification, this.config.consoleUrl), { what: "teams webhook", signal });
+      },
+    });
+  }
+
+  private deliverWebhook(notification: Notification, index: number, url: string, secret: string): void {
+    const requestId = notification.record.request?.id ?? "";
+    // One id for every attempt, so a receiver can drop a retry of what it already took.
+    const deliveryId = randomUUID();
+    let body: string | undefined;
+    this.queue.enqueue({
+      description: `webhook[${index}] ${originOf(url)} (${notification.kind} ${requestId})`,
+      key: `webhook${index}:${requestId}`,
+      run: async (signal) => {
+        body ??= JSON.stringify(webhookPayload(notification));
+        // Signed afresh on each attempt: the timestamp is when it was sent, so a late retry still verifies.
+        const timestamp = Math.floor(Date.now() / 1000);
+        await postJson(url, body, {
+          what: `webhook[${index}]`,
+          signal,
+          headers: {
+            "user-agent": "airlock-broker",
+            "x-airlock-event": notification.kind,
+            "x-airlock-delivery": deliveryId,
+            "x-airlock-timestamp": String(timestamp),
+            "x-airlock-signature": signWebhookBody(secret, timestamp, body),
+          },
+        });
+      },
+    });
+  }
+}

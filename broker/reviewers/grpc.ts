@@ -1,0 +1,173 @@
+/**
+ * The reviewers' gRPC API (`airlock.v1.ReviewerService`) on a broker replica:
+ * the same operations and authentication as the HTTP API, for scripts.
+ * @module
+ */
+import { create } from "@bufbuild/protobuf";
+import { durationMs, timestampNow } from "@bufbuild/protobuf/wkt";
+import { type Metadata, type sendUnaryData, Server, ServerCredentials, type ServerUnaryCall, type ServerWritableStream } from "@grpc/grpc-js";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { AirlockError, Code } from "../../common/errors.js";
+import { grpcServiceDefinition, toServiceError } from "../../common/grpc.js";
+import type { Logger } from "../../common/logger.js";
+import {
+  type DecideRequest,
+  DecideResponseSchema,
+  type GetRequestRequest,
+  GetRequestResponseSchema,
+  type ListRequestsRequest,
+  ListRequestsResponseSchema,
+  type RequestRecord,
+  RequestState,
+  ReviewerService,
+  VerifyAuditResponseSchema,
+  type WatchRequestsRequest,
+  WatchRequestsResponseSchema,
+} from "../../proto/index.js";
+import { readAuditEvents, verifyChain } from "../audit.js";
+import type { ApprovalConfig } from "../rules.js";
+import type { Broker } from "../service.js";
+import type { Reviewer, ReviewerAuthenticator } from "./auth.js";
+import { RateLimiter } from "./rate-limit.js";
+import { matchesFilter, needsReviewer, newestFirst, page, type RequestFilter } from "./views.js";
+
+/** Options of {@link startReviewerGrpc}. */
+export interface ReviewerGrpcOptions {
+  readonly broker: Broker;
+  readonly nc: NatsConnection;
+  readonly approvals: ApprovalConfig;
+  readonly auth: ReviewerAuthenticator;
+  readonly log: Logger;
+  /** `host:port`; port 0 picks a free one. */
+  readonly listen: string;
+  /** Requests per minute one reviewer may make. @default 300 */
+  readonly ratePerMinute?: number;
+}
+
+/** A running reviewer gRPC server. */
+export interface RunningReviewerGrpc {
+  /** `host:port` it listens on. */
+  readonly address: string;
+  close(): Promise<void>;
+}
+
+function bearer(metadata: Metadata): string | undefined {
+  const value = metadata.get("authorization")[0];
+  if (value === undefined) return undefined;
+  const match = /^Bearer\s+(\S+)\s*$/i.exec(String(value));
+  if (match === null) throw new AirlockError(Code.Unauthenticated, "the authorization metadata must be `Bearer <token>`", { details: { reason: "malformed_header" } });
+  return match[1];
+}
+
+/** Starts `airlock.v1.ReviewerService` on its own port. */
+export async function startReviewerGrpc(options: ReviewerGrpcOptions): Promise<RunningReviewerGrpc> {
+  const { broker, approvals, auth } = options;
+  const limiter = new RateLimiter(options.ratePerMinute ?? 300);
+
+  async function reviewerOf(metadata: Metadata): Promise<Reviewer> {
+    const reviewer = await auth.authenticate(bearer(metadata));
+    const wait = limiter.take(reviewer.id.toLowerCase());
+    if (wait !== undefined) throw new AirlockError(Code.ResourceExhausted, `too many requests from ${reviewer.id}; retry in ${wait} s`, { details: { retryAfterSec: wait } });
+    return reviewer;
+  }
+
+  function unary<I, O>(run: (request: I, reviewer: Reviewer) => Promise<O>) {
+    return (call: ServerUnaryCall<I, O>, callback: sendUnaryData<O>) => {
+      reviewerOf(call.metadata)
+        .then((reviewer) => run(call.request, reviewer))
+        .then(
+          (response) => callback(null, response),
+          (error: unknown) => callback(toServiceError(error)),
+        );
+    };
+  }
+
+  const handlers = {
+    listRequests: unary(async (request: ListRequestsRequest, reviewer) => {
+      const filter: RequestFilter = {
+        states: new Set(request.states),
+        needsMe: request.needsMe,
+        minRisk: request.minRisk,
+        agent: request.agent.toLowerCase(),
+        olderThanMs: request.olderThan === undefined ? 0 : durationMs(request.olderThan),
+        sinceMs: 0,
+      };
+      const now = new Date();
+      const records = (await broker.list()).filter((record) => matchesFilter(record, filter, reviewer, approvals, now)).sort(newestFirst);
+      const limit = request.pageSize === 0 ? 100 : Math.min(request.pageSize, 1000);
+      const { items, nextCursor } = page(records, limit, request.pageToken === "" ? undefined : request.pageToken);
+      return create(ListRequestsResponseSchema, { requests: items, nextPageToken: nextCursor ?? "" });
+    }),
+    getRequest: unary(async (request: GetRequestRequest) => create(GetRequestResponseSchema, { request: await broker.get(request.requestId) })),
+    decide: unary(async (request: DecideRequest, reviewer) => {
+      const reason = request.reason.trim();
+      if (!request.approve && reason === "") throw new AirlockError(Code.InvalidArgument, "a denial needs a reason", { details: { field: "reason" } });
+      const record = await broker.decide(request.requestId, {
+        reviewer: reviewer.id,
+        approve: request.approve,
+        groups: reviewer.groups,
+        breakGlass: request.breakGlass,
+        ...(reason === "" ? {} : { reason }),
+      });
+      options.log.info({ requestId: request.requestId, reviewer: reviewer.id, approve: request.approve }, "reviewer voted over gRPC");
+      return create(DecideResponseSchema, { request: record });
+    }),
+    verifyAudit: unary(async () => {
+      const events = [];
+      for await (const event of readAuditEvents(options.nc)) events.push(event);
+      const verdict = verifyChain(events);
+      return create(VerifyAuditResponseSchema, {
+        intact: verdict.intact,
+        eventsChecked: BigInt(verdict.eventsChecked),
+        firstBrokenSequence: BigInt(verdict.firstBrokenSequence),
+        problem: verdict.problem,
+      });
+    }),
+    watchRequests: (call: ServerWritableStream<WatchRequestsRequest, unknown>) => {
+      const stop = new AbortController();
+      call.on("cancelled", () => stop.abort());
+      call.on("close", () => stop.abort());
+      void (async () => {
+        try {
+          const reviewer = await reviewerOf(call.metadata);
+          const sent = new Set<string>();
+          const forward = (record: RequestRecord) => {
+            const id = record.request?.id ?? "";
+            if (call.request.needsMe && !sent.has(id) && !needsReviewer(record, reviewer, approvals, new Date())) return;
+            sent.add(id);
+            call.write(create(WatchRequestsResponseSchema, { request: record, at: timestampNow() }));
+          };
+          const now = new Date();
+          const snapshot = (await broker.list()).filter((record) => record.state === RequestState.PENDING).sort(newestFirst);
+          for (const record of snapshot) if (!call.request.needsMe || needsReviewer(record, reviewer, approvals, now)) forward(record);
+          for await (const record of broker.watch(stop.signal)) forward(record);
+          call.end();
+        } catch (error) {
+          if (!stop.signal.aborted) call.destroy(toServiceError(error) as Error);
+        }
+      })();
+    },
+  };
+
+  const server = new Server();
+  server.addService(grpcServiceDefinition(ReviewerService), handlers);
+  const port = await new Promise<number>((resolve, reject) => {
+    server.bindAsync(options.listen, ServerCredentials.createInsecure(), (error, bound) => (error === null ? resolve(bound) : reject(error)));
+  });
+  const host = options.listen.slice(0, options.listen.lastIndexOf(":"));
+  return {
+    address: `${host}:${port}`,
+    async close() {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(() => {
+          server.forceShutdown();
+          resolve();
+        }, 1000);
+        server.tryShutdown(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    },
+  };
+}

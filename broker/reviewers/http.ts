@@ -1,0 +1,418 @@
+/**
+ * The broker's HTTP face (Fastify): the reviewers' JSON API, live updates over
+ * Server-Sent Events, the approver console, Slack interactions, and /metrics,
+ * /healthz, /readyz. Contract: docs/reviewer-api.md.
+ * @module
+ */
+import { createHash, timingSafeEqual } from "node:crypto";
+import { existsSync } from "node:fs";
+import type { IncomingMessage } from "node:http";
+import { fileURLToPath } from "node:url";
+import fastifyStatic from "@fastify/static";
+import { toJson } from "@bufbuild/protobuf";
+import type { NatsConnection } from "@nats-io/transport-node";
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
+import type { Registry } from "prom-client";
+import { AirlockError, Code, codeName } from "../../common/errors.js";
+import type { ReadinessChecks } from "../../common/health.js";
+import type { Logger } from "../../common/logger.js";
+import { AuditEventSchema, type RequestRecord, RequestState } from "../../proto/index.js";
+import { readAuditEvents, verifyChain } from "../audit.js";
+import type { ApprovalConfig, Ballot } from "../rules.js";
+import type { Broker } from "../service.js";
+import type { Reviewer, ReviewerAuthenticator } from "./auth.js";
+import { RateLimiter } from "./rate-limit.js";
+import { createdMs, matchesFilter, needsReviewer, newestFirst, page, parseLimit, parseRequestFilter, requestView } from "./views.js";
+
+/** Handles a Slack interaction: verifies it and answers Slack (see broker/notify). */
+export type SlackInteractionHandler = (
+  rawBody: string,
+  headers: Readonly<Record<string, string | string[] | undefined>>,
+  decide: (requestId: string, ballot: Ballot) => Promise<RequestRecord>,
+) => Promise<{ status: number; body: unknown }>;
+
+/** Options of {@link createBrokerHttpApp}. */
+export interface BrokerHttpOptions {
+  readonly broker: Broker;
+  /** The connection audit reads go over. */
+  readonly nc: NatsConnection;
+  readonly approvals: ApprovalConfig;
+  /** How reviewers authenticate; without it every `/api/v1` route answers 404 (no reviewers' API configured). */
+  readonly auth?: ReviewerAuthenticator;
+  readonly log: Logger;
+  /** Metrics served at /metrics. */
+  readonly registry: Registry;
+  /** Checks of /readyz. */
+  readonly ready: ReadinessChecks;
+  /** Requests per minute one reviewer may make. @default 300 */
+  readonly ratePerMinute?: number;
+  /** The built console (`approver-console/dist`). @default the repository's approver-console/dist */
+  readonly consoleDir?: string;
+  /** Slack interactions; without it `/slack/interactions` answers 404. */
+  readonly slack?: SlackInteractionHandler;
+}
+
+/** Defaults of {@link BrokerHttpOptions}. */
+export const brokerHttpDefaults = {
+  ratePerMinute: 300,
+  consoleDir: fileURLToPath(new URL("../../approver-console/dist", import.meta.url)),
+  sessionCookie: "airlock_session",
+  csrfHeader: "x-airlock-csrf",
+  keepAliveMs: 15_000,
+  /** How long a dev-mode session cookie lives, in seconds (OIDC sessions end with their token). */
+  devSessionSeconds: 8 * 3600,
+} as const;
+
+/** The HTTP status and stable code an error is answered with. */
+export function httpErrorOf(error: AirlockError): { status: number; code: string } {
+  switch (error.code) {
+    case Code.Unauthenticated:
+      return { status: 401, code: "unauthenticated" };
+    case Code.PermissionDenied:
+      return { status: 403, code: "permission_denied" };
+    case Code.NotFound:
+      return { status: 404, code: "not_found" };
+    case Code.FailedPrecondition:
+      return { status: 409, code: "already_decided" };
+    case Code.AlreadyExists:
+      return { status: 409, code: "already_voted" };
+    case Code.InvalidArgument:
+      return { status: 422, code: "invalid_argument" };
+    case Code.ResourceExhausted:
+      return { status: 429, code: "rate_limited" };
+    case Code.Unavailable:
+      return { status: 503, code: "unavailable" };
+    case Code.Aborted:
+      return { status: 409, code: "aborted" };
+    default:
+      return { status: 500, code: codeName(error.code) };
+  }
+}
+
+function asAirlockError(error: unknown): AirlockError {
+  if (error instanceof AirlockError) return error;
+  const fastifyError = error as { statusCode?: number; code?: string; validation?: unknown };
+  if (fastifyError.statusCode === 400 || fastifyError.statusCode === 415 || fastifyError.code === "FST_ERR_CTP_INVALID_MEDIA_TYPE") {
+    return new AirlockError(Code.InvalidArgument, "the body must be JSON", { details: { field: "body" } });
+  }
+  if (fastifyError.statusCode === 413) return new AirlockError(Code.InvalidArgument, "the body is too large", { details: { field: "body" } });
+  return new AirlockError(Code.Internal, "internal error", { cause: error });
+}
+
+function cookieValue(header: string | undefined, name: string): string | undefined {
+  for (const part of (header ?? "").split(";")) {
+    const [key, ...rest] = part.trim().split("=");
+    if (key === name) return decodeURIComponent(rest.join("="));
+  }
+  return undefined;
+}
+
+/** The CSRF token of a session: the SHA-256 hex of its token, so any replica can check it without shared state. */
+export function csrfTokenOf(token: string): string {
+  return createHash("sha256").update(token).digest("hex");
+}
+
+function sameText(a: string, b: string): boolean {
+  const left = Buffer.from(a);
+  const right = Buffer.from(b);
+  return left.length === right.length && timingSafeEqual(left, right);
+}
+
+function bearerOf(request: FastifyRequest): string | undefined {
+  const header = request.headers.authorization;
+  if (header === undefined) return undefined;
+  const match = /^Bearer\s+(\S+)\s*$/i.exec(header);
+  if (match === null) throw new AirlockError(Code.Unauthenticated, "the authorization header must be `Bearer <token>`", { details: { reason: "malformed_header" } });
+  return match[1];
+}
+
+interface Body {
+  readonly [key: string]: unknown;
+}
+
+function bodyOf(request: FastifyRequest): Body {
+  const body = request.body;
+  if (body === undefined || body === null) return {};
+  if (typeof body !== "object" || Array.isArray(body)) throw new AirlockError(Code.InvalidArgument, "the body must be a JSON object", { details: { field: "body" } });
+  return body as Body;
+}
+
+function optionalText(body: Body, field: string, max = 2000): string | undefined {
+  const value = body[field];
+  if (value === undefined || value === null) return undefined;
+  if (typeof value !== "string") throw new AirlockError(Code.InvalidArgument, `${field} must be a string`, { details: { field } });
+  if (value.length > max) throw new AirlockError(Code.InvalidArgument, `${field} is longer than ${max} characters`, { details: { field } });
+  return value;
+}
+
+function optionalFlag(body: Body, field: string): boolean | undefined {
+  const value = body[field];
+  if (value === undefined || value === null) return undefined;
+  if (typeof value !== "boolean") throw new AirlockError(Code.InvalidArgument, `${field} must be true or false`, { details: { field } });
+  return value;
+}
+
+/** Builds (does not start) the broker's HTTP app. */
+export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<FastifyInstance> {
+  const { broker, approvals, auth, log } = options;
+  const limiter = new RateLimiter(options.ratePerMinute ?? brokerHttpDefaults.ratePerMinute);
+  const app = Fastify({ logger: false, bodyLimit: 256 * 1024, forceCloseConnections: true });
+
+  // Slack signs the raw form body: keep it as a string, untouched.
+  app.addContentTypeParser("application/x-www-form-urlencoded", { parseAs: "string" }, (_request, body, done) => done(null, body));
+
+  app.setErrorHandler((error, request, reply) => {
+    const airlock = asAirlockError(error);
+    const { status, code } = httpErrorOf(airlock);
+    if (status >= 500) log.error({ err: airlock, url: request.url }, "reviewer API error");
+    else log.debug({ code, url: request.url, message: airlock.rawMessage }, "reviewer API refused a request");
+    if (airlock.code === Code.ResourceExhausted) void reply.header("retry-after", typeof airlock.details.retryAfterSec === "number" ? String(airlock.details.retryAfterSec) : "1");
+    const details = status >= 500 ? {} : airlock.details;
+    void reply.status(status).send({ code, message: status >= 500 ? "internal error" : airlock.rawMessage, details });
+  });
+  app.setNotFoundHandler((request, reply) => {
+    void reply.status(404).send({ code: "not_found", message: `no route ${request.method} ${request.url.split("?")[0] ?? ""}`, details: {} });
+  });
+
+  app.get("/healthz", (_request, reply) => reply.type("text/plain").send("ok\n"));
+  app.get("/readyz", (_request, reply) => {
+    const checks = Object.fromEntries(Object.entries(options.ready).map(([name, check]) => [name, check()]));
+    const ready = Object.values(checks).every(Boolean);
+    return reply.status(ready ? 200 : 503).send({ ready, checks });
+  });
+  app.get("/metrics", async (_request, reply) => reply.type(options.registry.contentType).send(await options.registry.metrics()));
+
+  /** Authenticates a request: bearer token, else the session cookie with its CSRF header on writes. */
+  async function reviewerOf(request: FastifyRequest): Promise<Reviewer> {
+    if (auth === undefined) throw new AirlockError(Code.NotFound, "this broker serves no reviewers' API (its config has no reviewers section)");
+    const bearer = bearerOf(request);
+    let reviewer: Reviewer;
+    if (bearer !== undefined) {
+      reviewer = await auth.authenticate(bearer);
+    } else {
+      const session = cookieValue(request.headers.cookie, brokerHttpDefaults.sessionCookie);
+      reviewer = await auth.authenticate(session);
+      if (request.method !== "GET" && request.method !== "HEAD") checkCsrf(request, session ?? "");
+    }
+    const limit = limiter.take(reviewer.id.toLowerCase());
+    if (limit !== undefined) throw new AirlockError(Code.ResourceExhausted, `too many requests from ${reviewer.id}; retry in ${limit} s`, { details: { retryAfterSec: limit } });
+    return reviewer;
+  }
+
+  function checkCsrf(request: FastifyRequest, session: string): void {
+    const header = request.headers[brokerHttpDefaults.csrfHeader];
+    if (typeof header !== "string" || !sameText(header, csrfTokenOf(session))) {
+      throw new AirlockError(Code.PermissionDenied, `a console write needs the ${brokerHttpDefaults.csrfHeader} header from sign-in`, { details: { reason: "csrf" } });
+    }
+    const origin = request.headers.origin;
+    if (origin !== undefined && origin !== "null") {
+      let host: string;
+      try {
+        host = new URL(origin).host;
+      } catch {
+        host = "";
+      }
+      if (host !== request.headers.host) throw new AirlockError(Code.PermissionDenied, "cross-origin writes are refused", { details: { reason: "csrf" } });
+    } else if (origin === "null") {
+      throw new AirlockError(Code.PermissionDenied, "cross-origin writes are refused", { details: { reason: "csrf" } });
+    }
+  }
+
+  app.post("/api/v1/session", async (request, reply) => {
+    const token = optionalText(bodyOf(request), "token", 16_384);
+    if (token === undefined || token.trim() === "") throw new AirlockError(Code.InvalidArgument, "token is required", { details: { field: "token" } });
+    if (auth === undefined) throw new AirlockError(Code.NotFound, "this broker serves no reviewers' API (its config has no reviewers section)");
+    const reviewer = await auth.authenticate(token.trim());
+    const maxAge = reviewer.expiresAt === undefined ? brokerHttpDefaults.devSessionSeconds : Math.max(0, Math.floor((reviewer.expiresAt.getTime() - Date.now()) / 1000));
+    const secure = request.protocol === "https" ? "; Secure" : "";
+    void reply.header("set-cookie", `${brokerHttpDefaults.sessionCookie}=${encodeURIComponent(token.trim())}; HttpOnly; SameSite=Strict; Path=/; Max-Age=${maxAge}${secure}`);
+    log.info({ reviewer: reviewer.id }, "reviewer signed in");
+    return { reviewer: reviewer.id, groups: reviewer.groups, csrfToken: csrfTokenOf(token.trim()) };
+  });
+
+  app.delete("/api/v1/session", async (request, reply) => {
+    await reviewerOf(request);
+    void reply.header("set-cookie", `${brokerHttpDefaults.sessionCookie}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0`);
+    return reply.status(204).send();
+  });
+
+  app.get("/api/v1/me", async (request) => {
+    const reviewer = await reviewerOf(request);
+    const key = reviewer.id.trim().toLowerCase();
+    return { reviewer: reviewer.id, groups: reviewer.groups, breakGlass: approvals.breakGlassRole.some((member) => member.trim().toLowerCase() === key) };
+  });
+
+  app.get("/api/v1/requests", async (request) => {
+    const reviewer = await reviewerOf(request);
+    const query = request.query as Record<string, unknown>;
+    const filter = parseRequestFilter(query);
+    const limit = parseLimit(query.limit);
+    const now = new Date();
+    const records = (await broker.list()).filter((record) => matchesFilter(record, filter, reviewer, approvals, now)).sort(newestFirst);
+    const { items, nextCursor } = page(records, limit, query.cursor);
+    return { requests: items.map((record) => requestView(record, reviewer, approvals, now)), ...(nextCursor === undefined ? {} : { nextCursor }) };
+  });
+
+  app.get("/api/v1/history", async (request) => {
+    const reviewer = await reviewerOf(request);
+    const query = request.query as Record<string, unknown>;
+    const filter = parseRequestFilter({ agent: query.agent, outcome: query.outcome, since: query.since });
+    const limit = parseLimit(query.limit);
+    const now = new Date();
+    const records = (await broker.list())
+      .filter((record) => record.state !== RequestState.PENDING && matchesFilter(record, filter, reviewer, approvals, now))
+      .sort(newestFirst)
+      .slice(0, limit);
+    return { requests: records.map((record) => requestView(record, reviewer, approvals, now)) };
+  });
+
+  app.get<{ Params: { id: string } }>("/api/v1/requests/:id", async (request) => {
+    const reviewer = await reviewerOf(request);
+    return requestView(await broker.get(request.params.id), reviewer, approvals, new Date());
+  });
+
+  app.post<{ Params: { id: string } }>("/api/v1/requests/:id/decision", async (request) => {
+    const reviewer = await reviewerOf(request);
+    const body = bodyOf(request);
+    const approve = optionalFlag(body, "approve");
+    if (approve === undefined) throw new AirlockError(Code.InvalidArgument, "approve (true or false) is required", { details: { field: "approve" } });
+    const reason = optionalText(body, "reason")?.trim();
+    if (!approve && (reason === undefined || reason === "")) throw new AirlockError(Code.InvalidArgument, "a denial needs a reason", { details: { field: "reason" } });
+    const breakGlass = optionalFlag(body, "breakGlass");
+    const ballot: Ballot = { reviewer: reviewer.id, approve, groups: reviewer.groups, ...(reason === undefined ? {} : { reason }), ...(breakGlass === undefined ? {} : { breakGlass }) };
+    let record: RequestRecord;
+    try {
+      record = await broker.decide(request.params.id, ballot);
+    } catch (error) {
+      throw await withState(error, request.params.id);
+    }
+    log.info({ requestId: request.params.id, reviewer: reviewer.id, approve }, "reviewer voted");
+    return requestView(record, reviewer, approvals, new Date());
+  });
+
+  /** A refusal because the request is no longer pending says which state it is in. */
+  async function withState(error: unknown, requestId: string): Promise<unknown> {
+    if (!(error instanceof AirlockError) || error.code !== Code.FailedPrecondition) return error;
+    const state = await broker.get(requestId).then(
+      (record) => RequestState[record.state].toLowerCase(),
+      () => "unknown",
+    );
+    return new AirlockError(error.code, error.rawMessage, { details: { ...error.details, state } });
+  }
+
+  app.post("/api/v1/requests/bulk-deny", async (request) => {
+    const reviewer = await reviewerOf(request);
+    const body = bodyOf(request);
+    const reason = optionalText(body, "reason")?.trim();
+    if (reason === undefined || reason === "") throw new AirlockError(Code.InvalidArgument, "a denial needs a reason", { details: { field: "reason" } });
+    const olderThan = optionalText(body, "olderThan", 32);
+    if (olderThan === undefined) throw new AirlockError(Code.InvalidArgument, "olderThan (e.g. 30m) is required", { details: { field: "olderThan" } });
+    const filter = parseRequestFilter({ state: "pending", olderThan });
+    const now = new Date();
+    const stale = (await broker.list()).filter((record) => matchesFilter(record, filter, reviewer, approvals, now));
+    const denied: string[] = [];
+    const failed: { id: string; code: string; message: string }[] = [];
+    for (const record of stale) {
+      const id = record.request?.id ?? "";
+      try {
+        await broker.decide(id, { reviewer: reviewer.id, approve: false, reason, groups: reviewer.groups });
+        denied.push(id);
+      } catch (error) {
+        const airlock = asAirlockError(error);
+        failed.push({ id, code: httpErrorOf(airlock).code, message: airlock.rawMessage });
+      }
+    }
+    log.info({ reviewer: reviewer.id, denied: denied.length, failed: failed.length }, "bulk deny");
+    return { denied, failed };
+  });
+
+  app.get("/api/v1/audit", async (request) => {
+    await reviewerOf(request);
+    const limit = parseLimit((request.query as Record<string, unknown>).limit, 200);
+    const events = [];
+    for await (const event of readAuditEvents(options.nc)) {
+      events.push(event);
+      if (events.length > limit) events.shift();
+    }
+    return { events: events.map((event) => toJson(AuditEventSchema, event)) };
+  });
+
+  app.get("/api/v1/audit/verify", async (request) => {
+    await reviewerOf(request);
+    const events = [];
+    for await (const event of readAuditEvents(options.nc)) events.push(event);
+    return verifyChain(events);
+  });
+
+  app.get("/api/v1/events", async (request, reply) => {
+    const reviewer = await reviewerOf(request);
+    const onlyMine = (request.query as Record<string, unknown>).needsMe === "true";
+    streamRequests(request.raw, reply, reviewer, onlyMine);
+  });
+
+  function streamRequests(raw: IncomingMessage, reply: FastifyReply, reviewer: Reviewer, onlyMine: boolean): void {
+    reply.hijack();
+    const out = reply.raw;
+    out.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive", "x-accel-buffering": "no" });
+    const stop = new AbortController();
+    const keepAlive = setInterval(() => out.write(": keep-alive\n\n"), brokerHttpDefaults.keepAliveMs);
+    const end = () => {
+      clearInterval(keepAlive);
+      stop.abort();
+    };
+    raw.on("close", end);
+    const sent = new Map<string, number>();
+    const send = (record: RequestRecord) => {
+      const id = record.request?.id ?? "";
+      const view = requestView(record, reviewer, approvals, new Date());
+      if (onlyMine && !view.needsMe && !sent.has(id)) return;
+      sent.set(id, updatedMs(record));
+      out.write(`event: request\ndata: ${JSON.stringify(view)}\n\n`);
+    };
+    void (async () => {
+      try {
+        const snapshotAt = Date.now();
+        const now = new Date();
+        const pending = (await broker.list()).filter((record) => record.state === RequestState.PENDING).sort(newestFirst);
+        for (const record of pending) if (!onlyMine || needsReviewer(record, reviewer, approvals, now)) send(record);
+        out.write("event: ready\ndata: {}\n\n");
+        // The watch replays each record's current value first: forward only what changed since the snapshot.
+        for await (const record of broker.watch(stop.signal, true)) {
+          const id = record.request?.id ?? "";
+          const known = sent.get(id);
+          const changed = known === undefined ? record.state === RequestState.PENDING || updatedMs(record) >= snapshotAt - 1000 : updatedMs(record) !== known;
+          if (changed) send(record);
+        }
+      } catch (error) {
+        if (!stop.signal.aborted) log.warn({ err: error }, "live updates stream ended");
+      } finally {
+        end();
+        out.end();
+      }
+    })();
+  }
+
+  if (options.slack !== undefined) {
+    const slack = options.slack;
+    app.post("/slack/interactions", async (request, reply) => {
+      const raw = typeof request.body === "string" ? request.body : "";
+      const answer = await slack(raw, request.headers, (requestId, ballot) => broker.decide(requestId, ballot));
+      return reply.status(answer.status).send(answer.body);
+    });
+  }
+
+  const consoleDir = options.consoleDir ?? brokerHttpDefaults.consoleDir;
+  if (existsSync(consoleDir)) {
+    await app.register(fastifyStatic, { root: consoleDir, prefix: "/console/", index: ["index.html"], cacheControl: false });
+    app.get("/console", (_request, reply) => reply.redirect("/console/"));
+  } else {
+    app.get("/console/*", (_request, reply) => reply.status(503).type("text/plain").send("the approver console is not built: run `npm run build:console`\n"));
+  }
+  app.get("/", (_request, reply) => reply.redirect("/console/"));
+  return app;
+}
+
+function updatedMs(record: RequestRecord): number {
+  const updated = record.updatedAt;
+  return updated === undefined ? createdMs(record) : Number(updated.seconds) * 1000 + Math.floor(updated.nanos / 1e6);
+}

@@ -1,0 +1,165 @@
+/**
+ * What reviewers see of a request, and the filters they list with: shared by the
+ * HTTP API, the gRPC ReviewerService and the console's live updates.
+ * @module
+ */
+import { type JsonObject, toJson } from "@bufbuild/protobuf";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { AirlockError, Code } from "../../common/errors.js";
+import { parseDuration } from "../../common/duration.js";
+import { type RequestRecord, RequestRecordSchema, RequestState, Risk } from "../../proto/index.js";
+import type { ApprovalConfig } from "../rules.js";
+import { vote } from "../rules.js";
+import type { Reviewer } from "./auth.js";
+
+/** A request as the API returns it: the record, whether the caller may still vote, and when it expires. */
+export interface RequestView {
+  /** `airlock.v1.RequestRecord` in canonical protobuf JSON. */
+  readonly record: JsonObject;
+  readonly needsMe: boolean;
+  /** RFC 3339; when a pending request expires. */
+  readonly expiresAt: string;
+}
+
+/** Lower-case state names the API takes and their enum values. */
+export const stateNames: Readonly<Record<string, RequestState>> = {
+  pending: RequestState.PENDING,
+  approved: RequestState.APPROVED,
+  denied: RequestState.DENIED,
+  expired: RequestState.EXPIRED,
+  cancelled: RequestState.CANCELLED,
+  executing: RequestState.EXECUTING,
+  completed: RequestState.COMPLETED,
+  failed: RequestState.FAILED,
+};
+
+/** Lower-case risk names the API takes and their enum values. */
+export const riskNames: Readonly<Record<string, Risk>> = { low: Risk.LOW, medium: Risk.MEDIUM, high: Risk.HIGH, critical: Risk.CRITICAL };
+
+/** When a request was created, in epoch ms (0 when unknown). */
+export function createdMs(record: RequestRecord): number {
+  const created = record.request?.createdAt;
+  return created === undefined ? 0 : timestampMs(created);
+}
+
+/** When a pending request expires: its own deadline, else created + the default expiry. */
+export function expiresMs(record: RequestRecord, approvals: ApprovalConfig): number {
+  const deadline = record.request?.deadline;
+  return deadline === undefined ? createdMs(record) + approvals.defaultExpiryMs : timestampMs(deadline);
+}
+
+/**
+ * Whether `reviewer` may still vote on the request now: the rules are asked
+ * whether an approval would be accepted, so the answer never drifts from what
+ * {@link Broker.decide} enforces.
+ */
+export function needsReviewer(record: RequestRecord, reviewer: Reviewer, approvals: ApprovalConfig, now: Date): boolean {
+  if (record.state !== RequestState.PENDING || record.request === undefined) return false;
+  return vote(record, record.request, approvals, { reviewer: reviewer.id, approve: true, groups: reviewer.groups }, now).ok;
+}
+
+/** The {@link RequestView} of a record for one reviewer. */
+export function requestView(record: RequestRecord, reviewer: Reviewer, approvals: ApprovalConfig, now: Date): RequestView {
+  return {
+    record: toJson(RequestRecordSchema, record) as JsonObject,
+    needsMe: needsReviewer(record, reviewer, approvals, now),
+    expiresAt: new Date(expiresMs(record, approvals)).toISOString(),
+  };
+}
+
+/** The filters of a request listing. */
+export interface RequestFilter {
+  /** Empty: every state. */
+  readonly states: ReadonlySet<RequestState>;
+  readonly needsMe: boolean;
+  readonly minRisk: Risk;
+  /** Exact agent id, compared case-insensitively; empty: any. */
+  readonly agent: string;
+  /** Only requests created longer ago than this, in ms; 0: any age. */
+  readonly olderThanMs: number;
+  /** Only requests created at or after this instant (epoch ms); 0: any. */
+  readonly sinceMs: number;
+}
+
+/** Defaults of the listing query. */
+export const listDefaults = { limit: 100, maxLimit: 1000 } as const;
+
+function invalid(field: string, message: string): AirlockError {
+  return new AirlockError(Code.InvalidArgument, `${field}: ${message}`, { details: { field } });
+}
+
+/** Reads the listing query (`state`, `needsMe`, `minRisk`, `agent`, `olderThan`, `since`); names the bad field. */
+export function parseRequestFilter(query: Readonly<Record<string, unknown>>): RequestFilter {
+  const text = (name: string): string => {
+    const value = query[name];
+    if (value === undefined) return "";
+    if (typeof value !== "string") throw invalid(name, "must be given once");
+    return value.trim();
+  };
+  const states = new Set<RequestState>();
+  for (const name of text("state").split(",").filter((s) => s !== "")) {
+    const state = stateNames[name.toLowerCase()];
+    if (state === undefined) throw invalid("state", `unknown state ${JSON.stringify(name)} (one of ${Object.keys(stateNames).join(", ")})`);
+    states.add(state);
+  }
+  const needsMeText = text("needsMe");
+  if (!["", "true", "false"].includes(needsMeText)) throw invalid("needsMe", "must be true or false");
+  const riskText = text("minRisk").toLowerCase();
+  const minRisk = riskText === "" ? Risk.UNSPECIFIED : riskNames[riskText];
+  if (minRisk === undefined) throw invalid("minRisk", `must be one of ${Object.keys(riskNames).join(", ")}`);
+  const olderThan = text("olderThan");
+  let olderThanMs = 0;
+  if (olderThan !== "") {
+    const parsed = parseDuration(olderThan);
+    if (parsed === undefined) throw invalid("olderThan", "must be a duration such as 30s, 10m or 2h");
+    olderThanMs = parsed;
+  }
+  const since = text("since");
+  const sinceMs = since === "" ? 0 : Date.parse(since);
+  if (Number.isNaN(sinceMs)) throw invalid("since", "must be an RFC 3339 time");
+  const outcome = text("outcome");
+  if (outcome !== "") {
+    const state = stateNames[outcome.toLowerCase()];
+    if (state === undefined) throw invalid("outcome", `unknown state ${JSON.stringify(outcome)}`);
+    states.add(state);
+  }
+  return { states, needsMe: needsMeText === "true", minRisk, agent: text("agent").toLowerCase(), olderThanMs, sinceMs };
+}
+
+/** Reads `limit` (1 to 1000, default 100). */
+export function parseLimit(value: unknown, fallback: number = listDefaults.limit): number {
+  if (value === undefined) return fallback;
+  const limit = typeof value === "string" && /^\d+$/.test(value) ? Number(value) : Number.NaN;
+  if (!Number.isInteger(limit) || limit < 1 || limit > listDefaults.maxLimit) throw invalid("limit", `must be a whole number from 1 to ${listDefaults.maxLimit}`);
+  return limit;
+}
+
+/** Whether a record passes the filter, for this reviewer, now. */
+export function matchesFilter(record: RequestRecord, filter: RequestFilter, reviewer: Reviewer, approvals: ApprovalConfig, now: Date): boolean {
+  if (filter.states.size > 0 && !filter.states.has(record.state)) return false;
+  const request = record.request;
+  if (request === undefined) return false;
+  if (filter.minRisk !== Risk.UNSPECIFIED && request.risk < filter.minRisk) return false;
+  if (filter.agent !== "" && request.identity?.agent.toLowerCase() !== filter.agent) return false;
+  const created = createdMs(record);
+  if (filter.olderThanMs > 0 && now.getTime() - created < filter.olderThanMs) return false;
+  if (filter.sinceMs > 0 && created < filter.sinceMs) return false;
+  if (filter.needsMe && !needsReviewer(record, reviewer, approvals, now)) return false;
+  return true;
+}
+
+/** Newest first (by creation), ties by id so pages are stable. */
+export function newestFirst(a: RequestRecord, b: RequestRecord): number {
+  return createdMs(b) - createdMs(a) || (b.request?.id ?? "").localeCompare(a.request?.id ?? "");
+}
+
+/** One page of a sorted listing; the cursor is the offset, opaque to callers. */
+export function page<T>(items: readonly T[], limit: number, cursor: unknown): { items: T[]; nextCursor?: string } {
+  let offset = 0;
+  if (cursor !== undefined) {
+    if (typeof cursor !== "string" || !/^\d+$/.test(cursor)) throw invalid("cursor", "is not a cursor this API returned");
+    offset = Number(cursor);
+  }
+  const items_ = items.slice(offset, offset + limit);
+  return offset + limit < items.length ? { items: items_, nextCursor: String(offset + limit) } : { items: items_ };
+}

@@ -1,0 +1,162 @@
+/**
+ * The demo agent: a short, readable script of tool calls an AI agent makes
+ * through the Airlock sidecar, each with its reason. It holds no credential of
+ * its own, only its identity token; privileged calls wait for a human.
+ *
+ * Run by `npm run demo` in-process, or on its own (docker compose) with
+ * `AIRLOCK_SIDECAR_ADDR` and `AIRLOCK_DIR` (holding `agent.pem`) set.
+ * @module
+ */
+import { createPrivateKey, type KeyObject } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+import { Client, credentials, Metadata } from "@grpc/grpc-js";
+import { SignJWT } from "jose";
+import { AirlockError, Code, codeName } from "../common/errors.js";
+import { callServerStream, callUnary } from "../common/grpc.js";
+import { OpsService } from "../proto/gen/demo/v1/ops_pb.js";
+import { demoKeyFileNames } from "./setup.js";
+
+/** Who the demo agent is and where its sidecar listens. */
+export interface DemoAgentOptions {
+  /** `host:port` of the sidecar. */
+  readonly sidecarAddress: string;
+  /** The agent's Ed25519 JWT signing key (the sidecar trusts its public half). */
+  readonly privateKey: KeyObject;
+  /** @default "airlock-demo" (demo/config/sidecar.yaml) */
+  readonly issuer?: string;
+  /** @default "airlock-sidecar" */
+  readonly audience?: string;
+  /** @default "spiffe://demo/agent/ops-assistant" */
+  readonly agent?: string;
+  /** The human the agent acts for. @default "alice@example.com" */
+  readonly actFor?: string;
+  /** Where progress lines go. @default console.log */
+  readonly print?: (line: string) => void;
+  /** How long one call may wait, approval included, in ms. @default 900000 (15 minutes: a human is deciding) */
+  readonly callTimeoutMs?: number;
+}
+
+/** Defaults of {@link DemoAgentOptions}. */
+export const demoAgentDefaults = {
+  issuer: "airlock-demo",
+  audience: "airlock-sidecar",
+  agent: "spiffe://demo/agent/ops-assistant",
+  actFor: "alice@example.com",
+  callTimeoutMs: 900_000,
+} as const;
+
+/** What one step of the script did. */
+export interface AgentStepResult {
+  /** The step's name, e.g. `export customers`. */
+  readonly step: string;
+  readonly method: string;
+  /** `ok`, or the gRPC code name it ended with (`permission_denied`, …). */
+  readonly outcome: string;
+  /** What came back, in a few words. */
+  readonly summary: string;
+  /** What the script expected: `ok` or a code name. */
+  readonly expected: string;
+  readonly startedAt: Date;
+  readonly endedAt: Date;
+}
+
+/** The demo agent's steps, in order. */
+export const demoSteps = [
+  { step: "check service status", method: "GetStatus", expected: "ok", reason: "" },
+  { step: "export the customers table", method: "ExportTable", expected: "ok", reason: "monthly churn report for the finance team" },
+  { step: "rotate the signing key", method: "RotateKey", expected: "ok", reason: "scheduled 90-day rotation of the webhook signing key" },
+  { step: "grant myself the admin role", method: "GrantRole", expected: "permission_denied", reason: "need admin to finish the migration faster" },
+] as const;
+
+/** Runs the script once; each step's result is returned, whatever it was. */
+export async function runDemoAgent(options: DemoAgentOptions): Promise<AgentStepResult[]> {
+  const print = options.print ?? ((line: string) => console.log(line));
+  const client = new Client(options.sidecarAddress, credentials.createInsecure());
+  const results: AgentStepResult[] = [];
+  try {
+    for (const [index, spec] of demoSteps.entries()) {
+      const metadata = await agentMetadata(options, spec.reason);
+      const deadline = new Date(Date.now() + (options.callTimeoutMs ?? demoAgentDefaults.callTimeoutMs));
+      print(`agent  step ${index + 1}/${demoSteps.length}: ${spec.step} (${spec.method})${spec.reason === "" ? "" : `, reason: "${spec.reason}"`}`);
+      const startedAt = new Date();
+      let outcome = "ok";
+      let summary: string;
+      try {
+        summary = await callStep(client, spec.method, metadata, deadline);
+      } catch (error) {
+        const airlock = AirlockError.from(error);
+        outcome = codeName(airlock.code);
+        summary = airlock.rawMessage;
+      }
+      const result: AgentStepResult = { step: spec.step, method: spec.method, outcome, summary, expected: spec.expected, startedAt, endedAt: new Date() };
+      results.push(result);
+      print(`agent  step ${index + 1}/${demoSteps.length}: ${outcome === "ok" ? "done" : outcome}: ${summary}`);
+    }
+  } finally {
+    client.close();
+  }
+  return results;
+}
+
+async function agentMetadata(options: DemoAgentOptions, reason: string): Promise<Metadata> {
+  const token = await new SignJWT({ act_for: options.actFor ?? demoAgentDefaults.actFor })
+    .setProtectedHeader({ alg: "EdDSA" })
+    .setSubject(options.agent ?? demoAgentDefaults.agent)
+    .setIssuer(options.issuer ?? demoAgentDefaults.issuer)
+    .setAudience(options.audience ?? demoAgentDefaults.audience)
+    .setIssuedAt()
+    .setExpirationTime("20m")
+    .sign(options.privateKey);
+  const metadata = new Metadata();
+  metadata.set("authorization", `Bearer ${token}`);
+  if (reason !== "") metadata.set("x-airlock-reason", reason);
+  return metadata;
+}
+
+async function callStep(client: Client, method: string, metadata: Metadata, deadline: Date): Promise<string> {
+  switch (method) {
+    case "GetStatus": {
+      const status = await callUnary(client, OpsService.method.getStatus, {}, { metadata, deadline });
+      return `${status.service} ${status.version} is up, ${status.requestsServed} requests served`;
+    }
+    case "ExportTable": {
+      let rows = 0;
+      for await (const row of callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata, deadline })) {
+        if (row.row !== undefined) rows++;
+      }
+      return `${rows} rows exported`;
+    }
+    case "RotateKey": {
+      const rotated = await callUnary(client, OpsService.method.rotateKey, { keyId: "webhook-signing" }, { metadata, deadline });
+      return `key webhook-signing now at version ${rotated.version}`;
+    }
+    case "GrantRole": {
+      await callUnary(client, OpsService.method.grantRole, { user: "spiffe://demo/agent/ops-assistant", role: "admin" }, { metadata, deadline });
+      return "role granted";
+    }
+    default:
+      throw new AirlockError(Code.InvalidArgument, `the demo agent has no step ${method}`);
+  }
+}
+
+async function main(): Promise<void> {
+  const sidecarAddress = process.env.AIRLOCK_SIDECAR_ADDR;
+  const dir = process.env.AIRLOCK_DIR;
+  if (sidecarAddress === undefined || dir === undefined) throw new AirlockError(Code.InvalidArgument, "set AIRLOCK_SIDECAR_ADDR (host:port) and AIRLOCK_DIR (holding agent.pem)");
+  const privateKey = createPrivateKey(await readFile(join(dir, demoKeyFileNames.agentPrivateKey), "utf8"));
+  const results = await runDemoAgent({ sidecarAddress, privateKey });
+  const unexpected = results.filter((r) => r.outcome !== r.expected);
+  if (unexpected.length > 0) {
+    console.error(`agent: ${unexpected.map((r) => `${r.step} ended ${r.outcome}, expected ${r.expected}`).join("; ")}`);
+    process.exitCode = 1;
+  }
+}
+
+if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
+  main().catch((error: unknown) => {
+    console.error(`agent: ${AirlockError.from(error).rawMessage}`);
+    process.exitCode = 1;
+  });
+}

@@ -1,0 +1,354 @@
+/**
+ * `npm run demo`: the whole product on this machine, from real NATS, Vault and
+ * PostgreSQL (through the harness) to the broker, a sidecar, the demo upstream
+ * and a demo agent whose privileged calls wait for a human. With
+ * `autoApprove`, a second demo reviewer approves through the reviewers' API
+ * and the run ends with a summary and `demo ok`.
+ *
+ * Everything started is stopped by {@link DemoRun.stop}; nothing is left behind.
+ * @module
+ */
+import { createPrivateKey, randomBytes } from "node:crypto";
+import { fileURLToPath } from "node:url";
+import pg from "pg";
+import { parseBrokerConfig, type RunningBroker, startBroker } from "../broker/index.js";
+import { ReviewerClient } from "../cli/reviewer-client.js";
+import { readConfigFile } from "../common/config.js";
+import { AirlockError } from "../common/errors.js";
+import { createLogger } from "../common/logger.js";
+import { createVaultClient } from "../common/vault.js";
+import { makeTempDir, resolveVaultBinary, startNats, startPostgres, startVault } from "../harness/index.js";
+import { type RequestRecord, RequestState } from "../proto/index.js";
+import { parseSidecarConfig, startSidecar } from "../sidecar/index.js";
+import { type AgentStepResult, demoAgentDefaults, runDemoAgent } from "./agent.js";
+import { startOpsServer } from "./ops/index.js";
+import { configureDemoVault, prepareDemoDatabase, writeDemoKeys } from "./setup.js";
+
+/** Options of {@link runDemo}. */
+export interface DemoOptions {
+  /** Approve held calls through the API as the demo reviewers, then stop. @default false */
+  readonly autoApprove?: boolean;
+  /** Where the story goes. @default console.log */
+  readonly print?: (line: string) => void;
+  /** Where the console is served. @default 127.0.0.1:9465, or a free port when that one is taken */
+  readonly brokerHttp?: string;
+  /** Log level of the broker and sidecar (their JSON lines go to stderr). @default "warn" */
+  readonly logLevel?: string;
+}
+
+/** One action of the summary table. */
+export interface DemoActionSummary {
+  readonly action: string;
+  readonly decision: string;
+  readonly approver: string;
+  /** The Vault lease id or token accessor, shortened; "-" when no credential was issued. */
+  readonly lease: string;
+  /** Milliseconds from the end of the upstream call to the lease's revocation; undefined when none. */
+  readonly revokedAfterMs: number | undefined;
+  /** Proof the credential is dead, in words. */
+  readonly proof: string;
+}
+
+/** A finished demo run. */
+export interface DemoResult {
+  readonly ok: boolean;
+  /** The steps that did not end as expected, in words. */
+  readonly failures: readonly string[];
+  readonly actions: readonly DemoActionSummary[];
+  readonly steps: readonly AgentStepResult[];
+}
+
+/** A running demo, stoppable at any point. */
+export interface DemoRun {
+  /** Resolves when the agent's script and the checks are done. */
+  readonly done: Promise<DemoResult>;
+  /** Stops everything started so far, in reverse order. Safe to call more than once. */
+  stop(): Promise<void>;
+}
+
+const configDir = fileURLToPath(new URL("./config/", import.meta.url));
+
+type Closer = { name: string; close: () => Promise<unknown> };
+
+/** Starts the demo; see {@link DemoRun}. */
+export function runDemo(options: DemoOptions = {}): DemoRun {
+  const print = options.print ?? ((line: string) => console.log(line));
+  const closers: Closer[] = [];
+  let stopping: Promise<void> | undefined;
+  const stop = (): Promise<void> => {
+    stopping ??= (async () => {
+      for (const closer of closers.reverse()) {
+        await closer.close().catch((error: unknown) => print(`demo   could not stop ${closer.name}: ${AirlockError.from(error).rawMessage}`));
+      }
+    })();
+    return stopping;
+  };
+  const done = (async (): Promise<DemoResult> => {
+    const started = Date.now();
+    print("demo   starting NATS, Vault and PostgreSQL (a machine's first run builds Vault from source first: 15-25 minutes, with progress)");
+    await resolveVaultBinary();
+    const servers = await Promise.allSettled([startNats(), startVault(), startPostgres()]);
+    // Whatever did start is stopped, even when another server failed to.
+    for (const [index, server] of servers.entries()) {
+      if (server.status === "fulfilled") closers.push({ name: ["NATS", "Vault", "PostgreSQL"][index] ?? "a server", close: () => server.value.stop() });
+    }
+    const [nats, vault, postgres] = servers.map((server) => {
+      if (server.status === "rejected") throw server.reason;
+      return server.value;
+    }) as [Awaited<ReturnType<typeof startNats>>, Awaited<ReturnType<typeof startVault>>, Awaited<ReturnType<typeof startPostgres>>];
+    const database = await postgres.createDatabase();
+    closers.push({ name: "the demo database", close: () => database.drop() });
+    print(`demo   NATS ${nats.version} at ${nats.url}, Vault ${vault.version} at ${vault.address}, PostgreSQL ${postgres.version} database ${database.name}`);
+
+    const keys = await makeTempDir("airlock-demo-");
+    closers.push({ name: "the key directory", close: () => keys.remove() });
+    const keyFiles = await writeDemoKeys(keys.path);
+    const db = { host: database.host, port: database.port, database: database.name, username: "postgres", password: "" };
+    await prepareDemoDatabase(db);
+    const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
+    await configureDemoVault(rootVault, db);
+    print("demo   seeded table customers (3 rows); Vault's database engine issues per-action users for it");
+
+    const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
+    closers.push({ name: "the ops upstream", close: () => ops.close() });
+
+    const tokens = { dana: `dana-${randomBytes(12).toString("hex")}`, sam: `sam-${randomBytes(12).toString("hex")}` };
+    const logLevel = options.logLevel ?? "warn";
+    const env: Record<string, string> = {
+      AIRLOCK_NATS_URL: nats.url,
+      AIRLOCK_VAULT_ADDR: vault.address,
+      AIRLOCK_VAULT_TOKEN: vault.rootToken,
+      AIRLOCK_DIR: keys.path,
+      AIRLOCK_OPS_ADDR: ops.address,
+      AIRLOCK_DEMO_DANA_TOKEN: tokens.dana,
+      AIRLOCK_DEMO_SAM_TOKEN: tokens.sam,
+      AIRLOCK_BROKER_HTTP: options.brokerHttp ?? "127.0.0.1:9465",
+      AIRLOCK_SIDECAR_LISTEN: "127.0.0.1:0",
+      AIRLOCK_SIDECAR_METRICS: "127.0.0.1:0",
+      AIRLOCK_AGENT_PUBLIC_KEY: (await readText(keyFiles.agentPublicKey)).trim(),
+      AIRLOCK_LOG_LEVEL: logLevel,
+    };
+    const log = createLogger({ name: "demo", level: logLevel, destination: process.stderr });
+    let broker: RunningBroker;
+    try {
+      broker = await startBroker(parseBrokerConfig(await readConfigFile(`${configDir}broker.yaml`, { env })), { log });
+    } catch (error) {
+      if (options.brokerHttp !== undefined) throw error;
+      // 9465 is taken (another demo, another broker): any free port will do.
+      broker = await startBroker(parseBrokerConfig(await readConfigFile(`${configDir}broker.yaml`, { env: { ...env, AIRLOCK_BROKER_HTTP: "127.0.0.1:0" } })), { log });
+    }
+    closers.push({ name: "the broker", close: () => broker.close() });
+    const sidecar = await startSidecar(parseSidecarConfig(await readConfigFile(`${configDir}sidecar.yaml`, { env })), { log });
+    closers.push({ name: "the sidecar", close: () => sidecar.close() });
+    print(`demo   broker, sidecar (${sidecar.address}) and ops upstream running (${((Date.now() - started) / 1000).toFixed(1)} s)`);
+    print("");
+    print(`       approver console: ${broker.httpUrl}/console/`);
+    print(`       sign in as dana@example.com (data-owners) with token ${tokens.dana}`);
+    print(`       sign in as sam@example.com  (security)    with token ${tokens.sam}`);
+    print(`       or from a terminal: AIRLOCK_URL=${broker.httpUrl} AIRLOCK_TOKEN=${tokens.dana} npm run airlock -- requests ls`);
+    print("");
+
+    const admin = new pg.Client({ connectionString: database.url });
+    await admin.connect();
+    closers.push({ name: "the admin connection", close: () => admin.end() });
+    const tracker = new ActionTracker(broker, admin, rootVault, print);
+    closers.push({ name: "the broker watch", close: () => tracker.stop() });
+    if (options.autoApprove === true) {
+      const approver = new AutoApprover(broker.httpUrl, tokens, print);
+      closers.push({ name: "the auto-approver", close: () => approver.stop() });
+    } else {
+      print("demo   privileged steps wait for you: approve or deny them in the console (or with the CLI)");
+    }
+
+    const privateKey = createPrivateKey(await readText(keyFiles.agentPrivateKey));
+    const steps = await runDemoAgent({ sidecarAddress: sidecar.address, privateKey, issuer: demoAgentDefaults.issuer, audience: demoAgentDefaults.audience, print });
+    const actions = await tracker.settle(steps);
+    const failures = [
+      ...steps.filter((s) => s.outcome !== s.expected).map((s) => `step "${s.step}" ended ${s.outcome} (${s.summary}), expected ${s.expected}`),
+      ...actions.filter((a) => a.decision === "approved" && a.revokedAfterMs === undefined).map((a) => `the credential of ${a.action} was not revoked`),
+    ];
+    return { ok: failures.length === 0, failures, actions, steps };
+  })();
+  return { done, stop };
+}
+
+async function readText(path: string): Promise<string> {
+  const { readFile } = await import("node:fs/promises");
+  return readFile(path, "utf8");
+}
+
+/** Approves what the demo reviewers are needed for, through the reviewers' HTTP API. */
+class AutoApprover {
+  private readonly abort = new AbortController();
+  private readonly loop: Promise<void>;
+
+  constructor(baseUrl: string, tokens: { dana: string; sam: string }, print: (line: string) => void) {
+    const reviewers = [new ReviewerClient(baseUrl, tokens.dana), new ReviewerClient(baseUrl, tokens.sam)];
+    const names = ["dana@example.com", "sam@example.com"];
+    this.loop = (async () => {
+      const decided = new Set<string>();
+      while (!this.abort.signal.aborted) {
+        for (const [index, reviewer] of reviewers.entries()) {
+          const pending = await reviewer.list({ state: "pending", needsMe: "true" }).catch(() => []);
+          for (const view of pending) {
+            const id = view.record.request?.id ?? "";
+            if (decided.has(id)) continue;
+            decided.add(id);
+            await reviewer.decide(id, true, "approved by the demo's auto-approver").then(
+              () => print(`review ${names[index] ?? ""} approved ${view.record.request?.method ?? ""} (${id.slice(0, 8)}) through the API`),
+              (error: unknown) => print(`review ${names[index] ?? ""} could not approve ${id.slice(0, 8)}: ${AirlockError.from(error).rawMessage}`),
+            );
+          }
+        }
+        await new Promise((resolve) => setTimeout(resolve, 150));
+      }
+    })();
+  }
+
+  async stop(): Promise<void> {
+    this.abort.abort();
+    await this.loop;
+  }
+}
+
+interface Tracked {
+  record: RequestRecord;
+  /** The PostgreSQL user of a database credential, seen while the action ran. */
+  databaseUser?: string;
+  printed: Set<string>;
+}
+
+/** Follows the broker's records: prints each request's life, and proves each credential dead afterwards. */
+class ActionTracker {
+  private readonly abort = new AbortController();
+  private readonly byId = new Map<string, Tracked>();
+  private readonly loop: Promise<void>;
+
+  constructor(
+    broker: RunningBroker,
+    private readonly admin: pg.Client,
+    private readonly vault: ReturnType<typeof createVaultClient>,
+    private readonly print: (line: string) => void,
+  ) {
+    this.loop = (async () => {
+      try {
+        for await (const record of broker.broker.watch(this.abort.signal)) await this.follow(record);
+      } catch (error) {
+        if (!this.abort.signal.aborted) print(`demo   lost the broker watch: ${AirlockError.from(error).rawMessage}`);
+      }
+    })();
+  }
+
+  private once(tracked: Tracked, key: string, line: string): void {
+    if (tracked.printed.has(key)) return;
+    tracked.printed.add(key);
+    this.print(line);
+  }
+
+  private async follow(record: RequestRecord): Promise<void> {
+    const request = record.request;
+    if (request === undefined) return;
+    const tracked = this.byId.get(request.id) ?? { record, printed: new Set<string>() };
+    tracked.record = record;
+    this.byId.set(request.id, tracked);
+    const name = `${request.method} (${request.id.slice(0, 8)})`;
+    if (record.state === RequestState.PENDING) {
+      const needs = record.outstanding.map((g) => `${g.minApprovals} from ${g.group}`).join(" and ");
+      this.once(tracked, "pending", `broker ${name} held for approval: needs ${needs}; risk ${riskName(request.risk)}, rule ${request.ruleId}`);
+    }
+    if (record.lease !== undefined && record.lease.leaseId !== "") {
+      this.once(tracked, "issued", `broker ${name} approved by ${approvers(record)}; Vault issued a one-action ${record.lease.kind} credential (${shortLease(record.lease.leaseId)})`);
+      if (record.lease.kind === "database" && tracked.databaseUser === undefined && record.lease.revokedAt === undefined) {
+        const users = await this.admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'").catch(() => ({ rows: [] }));
+        const user = users.rows[0]?.rolname;
+        if (user !== undefined) tracked.databaseUser = user;
+      }
+    }
+    if (record.state === RequestState.DENIED) this.once(tracked, "denied", `broker ${name} denied: ${record.votes.at(-1)?.reason ?? ""}`);
+    if (record.completion !== undefined) this.once(tracked, "completed", `sidecar ${name} upstream call ended (status ${record.completion.statusCode}); completion reported to the broker`);
+    if (record.lease?.revokedAt !== undefined) this.once(tracked, "revoked", `broker ${name} credential revoked by ${record.lease.revokedBy}`);
+  }
+
+  /** Waits for each approved action's revocation (up to 10 s), proves the credential dead, and summarizes. */
+  async settle(steps: readonly AgentStepResult[]): Promise<DemoActionSummary[]> {
+    const summaries: DemoActionSummary[] = [];
+    for (const step of steps) {
+      const tracked = [...this.byId.values()].find((t) => t.record.request?.method === step.method);
+      if (tracked === undefined) {
+        summaries.push({ action: step.method, decision: step.outcome === "ok" ? "allowed by policy" : step.outcome === "permission_denied" ? "denied by policy" : step.outcome, approver: "-", lease: "-", revokedAfterMs: undefined, proof: "no credential needed" });
+        continue;
+      }
+      const deadline = Date.now() + 10_000;
+      while (Date.now() < deadline && tracked.record.lease !== undefined && tracked.record.lease.leaseId !== "" && tracked.record.lease.revokedAt === undefined) {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      const { record } = tracked;
+      const lease = record.lease;
+      const revokedAt = lease?.revokedAt === undefined ? undefined : Number(lease.revokedAt.seconds) * 1000 + Math.floor(lease.revokedAt.nanos / 1e6);
+      const proof = lease === undefined || lease.leaseId === "" ? "no credential issued" : await this.prove(tracked);
+      this.print(`check  ${step.method}: ${proof}`);
+      summaries.push({
+        action: step.method,
+        decision: stateName(record.state) === "completed" ? "approved" : stateName(record.state),
+        approver: approvers(record),
+        lease: lease === undefined || lease.leaseId === "" ? "-" : shortLease(lease.leaseId),
+        revokedAfterMs: revokedAt === undefined ? undefined : Math.max(0, revokedAt - step.endedAt.getTime()),
+        proof,
+      });
+    }
+    return summaries;
+  }
+
+  private async prove(tracked: Tracked): Promise<string> {
+    const lease = tracked.record.lease;
+    if (lease === undefined) return "no credential issued";
+    if (lease.kind === "database") {
+      const user = tracked.databaseUser;
+      if (user === undefined) return `lease ${shortLease(lease.leaseId)} revoked (its user was not seen)`;
+      const exists = (await this.admin.query("SELECT 1 FROM pg_roles WHERE rolname = $1", [user])).rowCount !== 0;
+      const login = new pg.Client({ host: this.admin.host, port: this.admin.port, database: this.admin.database, user, password: "the-old-password-is-useless-anyway", connectionTimeoutMillis: 3000 });
+      const loginError = await login.connect().then(
+        async () => {
+          await login.end();
+          return undefined;
+        },
+        (error: unknown) => (error instanceof Error ? error.message : String(error)),
+      );
+      return loginError === undefined || exists ? `DANGER: database user ${user} still exists` : `database user ${user} can no longer log in (${loginError})`;
+    }
+    const dead = await this.vault.lookupAccessor(lease.leaseId).then(
+      () => false,
+      () => true,
+    );
+    return dead ? `Vault token ${shortLease(lease.leaseId)} is revoked (its accessor no longer resolves)` : `DANGER: Vault token ${shortLease(lease.leaseId)} is still alive`;
+  }
+
+  async stop(): Promise<void> {
+    this.abort.abort();
+    await this.loop;
+  }
+}
+
+function approvers(record: RequestRecord): string {
+  const names = record.votes.filter((v) => v.approve).map((v) => v.reviewer);
+  return names.length === 0 ? "-" : names.join(", ");
+}
+
+function shortLease(id: string): string {
+  return id.length > 28 ? `…${id.slice(-24)}` : id;
+}
+
+function stateName(state: RequestState): string {
+  return (RequestState[state] ?? "unknown").toLowerCase();
+}
+
+function riskName(risk: number): string {
+  return ["unspecified", "low", "medium", "high", "critical"][risk] ?? "unspecified";
+}
+
+/** The summary table, one line per action, aligned. */
+export function summaryTable(actions: readonly DemoActionSummary[]): string[] {
+  const rows = [["action", "decision", "approver", "credential lease", "revoked after"], ...actions.map((a) => [a.action, a.decision, a.approver, a.lease, a.revokedAfterMs === undefined ? "-" : `${a.revokedAfterMs} ms`])];
+  const widths = rows[0]?.map((_, column) => Math.max(...rows.map((row) => (row[column] ?? "").length))) ?? [];
+  return rows.map((row) => row.map((cell, column) => cell.padEnd(widths[column] ?? 0)).join("  ").trimEnd());
+}

@@ -1,0 +1,222 @@
+/**
+ * The whole product for end-to-end tests: real NATS, Vault and PostgreSQL from
+ * the harness, the demo upstream, a sidecar, and a broker replica started from
+ * its config the way `airlock broker` starts it (reviewers' API and console
+ * included). Everything stops in the test's teardown.
+ */
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Client, credentials, type Metadata } from "@grpc/grpc-js";
+import { exportSPKI, generateKeyPair } from "jose";
+import pg from "pg";
+import type { Test } from "tap";
+import { configureDatabaseEngine, postgresRoleStatements } from "../../broker/credentials.js";
+import { parseBrokerConfig, type RunningBroker, startBroker } from "../../broker/index.js";
+import { ConfigReader } from "../../common/config.js";
+import { generateDecisionKey } from "../../common/decision.js";
+import { AirlockError, callServerStream, callUnary, Code, createLogger, createVaultClient } from "../../common/index.js";
+import { startOpsServer } from "../../demo/ops/index.js";
+import { useInfra } from "../../harness/index.js";
+import { descriptorSetPath } from "../../proto/index.js";
+import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
+import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
+import { agentMetadata } from "./agent.js";
+
+/** The outcome of an agent call: code 0 on success, else the gRPC code and message. */
+export interface CallOutcome {
+  readonly code: number;
+  readonly details: string;
+  readonly rows?: number;
+}
+
+/** A running stack. */
+export interface Stack {
+  /** `http://127.0.0.1:<port>` of the broker: API, console (`/console/`), metrics. */
+  readonly brokerUrl: string;
+  /** The broker replica. */
+  readonly broker: RunningBroker;
+  /** `nats://127.0.0.1:<port>` of the stack's NATS. */
+  readonly natsUrl: string;
+  /** The sidecar's host name (in NATS subjects). */
+  readonly host: string;
+  /** Static reviewer tokens: dana@example.com (data-owners), sam@example.com (security), alice@example.com (the agent's human; data-owners too). */
+  readonly tokens: { readonly dana: string; readonly sam: string; readonly alice: string };
+  /** Lists roles Vault created for ExportTable in PostgreSQL. */
+  dynamicRoles(): Promise<string[]>;
+  /** ExportTable of `customers` through the sidecar, held for data-owners. */
+  callExportTable(reason: string, extra?: Record<string, string>): Promise<CallOutcome>;
+  /** RotateKey through the sidecar, held for security. */
+  callRotateKey(reason: string): Promise<CallOutcome>;
+  /** GetStatus through the sidecar: allowed by policy. */
+  callGetStatus(): Promise<CallOutcome>;
+}
+
+/** Options of {@link startStack}. */
+export interface StackOptions {
+  /** Extra top-level sections of broker.yaml (e.g. `notifications`). */
+  readonly brokerConfig?: Record<string, unknown>;
+  /** The broker's reviewer gRPC listen address; off when absent. */
+  readonly reviewerGrpc?: string;
+}
+
+const policy = `version: 1
+default: deny
+rules:
+  - id: status
+    match: { service: demo.v1.OpsService, method: GetStatus }
+    effect: allow
+  - id: export
+    match: { service: demo.v1.OpsService, method: ExportTable }
+    effect: approve
+    approve:
+      risk: high
+      reviewers: { all_of: [{ group: data-owners, min_approvals: 1 }] }
+      credential: { kind: database, mount: database, role: export, ttl: 5m }
+      timeout: 60s
+  - id: rotate
+    match: { service: demo.v1.OpsService, method: RotateKey }
+    effect: approve
+    approve:
+      risk: medium
+      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }
+      credential: { kind: vault_token, policies: [default], num_uses: 5, ttl: 1m }
+      timeout: 60s
+`;
+
+/** Starts the stack; everything is stopped in `t`'s teardown. */
+export async function startStack(t: Test, options: StackOptions = {}): Promise<Stack> {
+  const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
+  const log = createLogger({ name: "stack", level: process.env.AIRLOCK_LOG_LEVEL ?? "silent" });
+
+  const admin = new pg.Client({ connectionString: database.url });
+  await admin.connect();
+  t.teardown(() => admin.end());
+  await admin.query("CREATE TABLE customers (id int PRIMARY KEY, name text)");
+  await admin.query("INSERT INTO customers VALUES (1, 'Ada'), (2, 'Grace')");
+
+  const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
+  await configureDatabaseEngine(rootVault, {
+    mount: "database",
+    connectionName: "app",
+    connectionUrl: `postgresql://{{username}}:{{password}}@${database.host}:${database.port}/${database.name}?sslmode=disable`,
+    username: "postgres",
+    password: "unused-on-a-trusting-server",
+    roles: [{ name: "export", creationStatements: postgresRoleStatements('GRANT SELECT ON customers TO "{{name}}";').creationStatements, defaultTtlSeconds: 300, maxTtlSeconds: 600 }],
+  });
+
+  const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
+  t.teardown(() => ops.close());
+
+  const key = generateDecisionKey("k1");
+  const agentKeys = await generateKeyPair("EdDSA");
+  const dir = await mkdtemp(join(tmpdir(), "airlock-stack-"));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
+  await writeFile(join(dir, "broker-signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
+  await writeFile(join(dir, "policy.yaml"), policy);
+
+  const sidecar = await startSidecar(
+    parseSidecarConfig(
+      new ConfigReader(
+        {
+          listen: "127.0.0.1:0",
+          upstreams: [{ name: "ops", address: ops.address, descriptor_sets: [descriptorSetPath] }],
+          nats: { url: nats.url },
+          vault: { address: vault.address },
+          broker_keys: { k1: "broker.pem" },
+          host: "stack-host",
+          policy: "policy.yaml",
+          agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [await exportSPKI(agentKeys.publicKey)] } }],
+          metrics: { listen: "127.0.0.1:0" },
+          log_level: "error",
+        },
+        "",
+        join(dir, "sidecar.yaml"),
+      ),
+    ),
+    { log },
+  );
+  t.teardown(() => sidecar.close());
+
+  const tokens = { dana: "dana-dev-token-0001", sam: "sam-dev-token-0001", alice: "alice-dev-token-0001" };
+  const broker = await startBroker(
+    parseBrokerConfig(
+      new ConfigReader(
+        {
+          nats: { url: nats.url },
+          vault: { address: vault.address, auth: { kind: "token", token: vault.rootToken } },
+          signing_key: { key_id: "k1", file: "broker-signing.pem" },
+          approvals: { groups: { "data-owners": ["dana@example.com", "alice@example.com"], security: ["sam@example.com"] } },
+          http: "127.0.0.1:0",
+          reviewers: {
+            auth: {
+              kind: "static",
+              tokens: [
+                { token: tokens.dana, reviewer: "dana@example.com", groups: ["data-owners"] },
+                { token: tokens.sam, reviewer: "sam@example.com", groups: ["security"] },
+                { token: tokens.alice, reviewer: "alice@example.com", groups: ["data-owners"] },
+              ],
+            },
+            ...(options.reviewerGrpc === undefined ? {} : { grpc: options.reviewerGrpc }),
+          },
+          replica_id: "stack-broker",
+          log_level: "silent",
+          ...options.brokerConfig,
+        },
+        "",
+        join(dir, "broker.yaml"),
+      ),
+    ),
+    { log },
+  );
+  t.teardown(() => broker.close());
+
+  const client = new Client(sidecar.address, credentials.createInsecure());
+  t.teardown(() => client.close());
+  const agent = (extra: Record<string, string> = {}): Promise<Metadata> =>
+    agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock", actFor: "alice@example.com", subject: "spiffe://example/agent/reporter" }, extra);
+
+  const outcomeOf = (error: unknown): CallOutcome => {
+    const airlock = AirlockError.from(error, Code.Unknown);
+    return { code: airlock.code, details: airlock.rawMessage };
+  };
+
+  return {
+    brokerUrl: broker.httpUrl,
+    broker,
+    natsUrl: nats.url,
+    host: "stack-host",
+    tokens,
+    async dynamicRoles() {
+      return (await admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%export%'")).rows.map((r) => r.rolname);
+    },
+    async callExportTable(reason, extra = {}) {
+      try {
+        let rows = 0;
+        for await (const row of callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata: await agent({ "x-airlock-reason": reason, ...extra }) })) {
+          if (row.row !== undefined) rows++;
+        }
+        return { code: 0, details: "", rows };
+      } catch (error) {
+        return outcomeOf(error);
+      }
+    },
+    async callRotateKey(reason) {
+      try {
+        await callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agent({ "x-airlock-reason": reason }) });
+        return { code: 0, details: "" };
+      } catch (error) {
+        return outcomeOf(error);
+      }
+    },
+    async callGetStatus() {
+      try {
+        await callUnary(client, OpsService.method.getStatus, {}, { metadata: await agent() });
+        return { code: 0, details: "" };
+      } catch (error) {
+        return outcomeOf(error);
+      }
+    },
+  };
+}
