@@ -3,13 +3,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Client, credentials, type Metadata } from "@grpc/grpc-js";
 import { connect } from "@nats-io/transport-node";
-import { exportSPKI, generateKeyPair } from "jose";
-import pg from "pg";
+import { generateKeyPair } from "jose";
 import { clone, toJsonString } from "@bufbuild/protobuf";
 import { timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import t from "tap";
 import { readAuditEvents, verifyChain } from "../../broker/audit.js";
-import { configureDatabaseEngine, CredentialIssuer, postgresRoleStatements } from "../../broker/credentials.js";
+import { CredentialIssuer } from "../../broker/credentials.js";
 import { parseApprovalConfig, vote } from "../../broker/rules.js";
 import { RequestStore } from "../../broker/store.js";
 import { Broker } from "../../broker/service.js";
@@ -18,29 +17,16 @@ import { generateDecisionKey } from "../../common/decision.js";
 import { type AirlockError, Code, callServerStream, callUnary, createLogger, createVaultClient } from "../../common/index.js";
 import { startOpsServer } from "../../demo/ops/index.js";
 import { useInfra } from "../../harness/index.js";
-import { AuditEventType, descriptorSetPath, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
+import { AuditEventType, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
-import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
+import { exportRoles, seedExportEngine, startTestSidecar } from "../helpers/stack.js";
 
 const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
 const log = createLogger({ name: "test", level: "silent" });
 
-const admin = new pg.Client({ connectionString: database.url });
-await admin.connect();
-t.teardown(() => admin.end());
-await admin.query("CREATE TABLE customers (id int PRIMARY KEY, name text)");
-await admin.query("INSERT INTO customers VALUES (1, 'Ada'), (2, 'Grace')");
-
+const admin = await seedExportEngine(t, { nats, vault, database });
 const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
-await configureDatabaseEngine(rootVault, {
-  mount: "database",
-  connectionName: "app",
-  connectionUrl: `postgresql://{{username}}:{{password}}@${database.host}:${database.port}/${database.name}?sslmode=disable`,
-  username: "postgres",
-  password: "unused-on-a-trusting-server",
-  roles: [{ name: "export", creationStatements: postgresRoleStatements('GRANT SELECT ON customers TO "{{name}}";').creationStatements, defaultTtlSeconds: 300, maxTtlSeconds: 600 }],
-});
 
 const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
 t.teardown(() => ops.close());
@@ -73,28 +59,7 @@ rules:
       timeout: 20s
 `,
 );
-const sidecar = await startSidecar(
-  parseSidecarConfig(
-    new ConfigReader(
-      {
-        listen: "127.0.0.1:0",
-        upstreams: [{ name: "ops", address: ops.address, descriptor_sets: [descriptorSetPath] }],
-        nats: { url: nats.url },
-        vault: { address: vault.address },
-        broker_keys: { k1: "broker.pem" },
-        host: "e2e-host",
-        policy: "policy.yaml",
-        agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [await exportSPKI(agentKeys.publicKey)] } }],
-        metrics: { listen: "127.0.0.1:0" },
-        log_level: "error",
-      },
-      "",
-      join(dir, "sidecar.yaml"),
-    ),
-  ),
-  { log },
-);
-t.teardown(() => sidecar.close());
+const sidecar = await startTestSidecar(t, { nats, vault, database }, { dir, upstream: ops.address, host: "e2e-host", agentPublicKey: agentKeys.publicKey, log });
 
 const approvals = parseApprovalConfig(
   new ConfigReader(
@@ -127,8 +92,8 @@ async function pending(method: string): Promise<RequestRecord> {
   throw new Error(`no pending ${method} request`);
 }
 
-async function dynamicRoles(): Promise<string[]> {
-  return (await admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%export%'")).rows.map((r) => r.rolname);
+function dynamicRoles(): Promise<string[]> {
+  return exportRoles(admin);
 }
 
 await t.test("approved ExportTable: the dynamic user works during the action and is gone within 1 s after", async (t) => {

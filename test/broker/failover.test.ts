@@ -4,20 +4,18 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Client, credentials } from "@grpc/grpc-js";
-import { exportSPKI, generateKeyPair } from "jose";
-import pg from "pg";
+import { generateKeyPair } from "jose";
 import t from "tap";
-import { configureDatabaseEngine, postgresRoleStatements } from "../../broker/credentials.js";
 import { parseBrokerConfig, startBroker } from "../../broker/index.js";
 import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { AirlockError, callServerStream, Code, createLogger, createVaultClient } from "../../common/index.js";
 import { startOpsServer } from "../../demo/ops/index.js";
 import { freePort, useInfra } from "../../harness/index.js";
-import { descriptorSetPath, RequestState } from "../../proto/index.js";
+import { RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
-import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
 import { agentMetadata } from "../helpers/agent.js";
+import { exportRoles, seedExportEngine, startTestSidecar } from "../helpers/stack.js";
 
 // Two broker replicas: A is a real `airlock broker` process that a failpoint stops at an
 // exact step of an approval, where the test kills it with SIGKILL; B runs on and must
@@ -25,28 +23,16 @@ import { agentMetadata } from "../helpers/agent.js";
 const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
 const log = createLogger({ name: "test", level: "silent" });
 
-const admin = new pg.Client({ connectionString: database.url });
-await admin.connect();
-t.teardown(() => admin.end());
-await admin.query("CREATE TABLE customers (id int PRIMARY KEY, name text)");
-await admin.query("INSERT INTO customers VALUES (1, 'Ada'), (2, 'Grace')");
+const admin = await seedExportEngine(t, { nats, vault, database });
 const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
-await configureDatabaseEngine(rootVault, {
-  mount: "database",
-  connectionName: "app",
-  connectionUrl: `postgresql://{{username}}:{{password}}@${database.host}:${database.port}/${database.name}?sslmode=disable`,
-  username: "postgres",
-  password: "unused-on-a-trusting-server",
-  roles: [{ name: "export", creationStatements: postgresRoleStatements('GRANT SELECT ON customers TO "{{name}}";').creationStatements, defaultTtlSeconds: 300, maxTtlSeconds: 600 }],
-});
 const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
 t.teardown(() => ops.close());
 
 const dir = await mkdtemp(join(tmpdir(), "airlock-failover-"));
 t.teardown(() => rm(dir, { recursive: true, force: true }));
 const key = generateDecisionKey("k1");
-await writeFile(join(dir, "broker.pub.pem"), key.publicKeyPem);
-await writeFile(join(dir, "broker.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
+await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
+await writeFile(join(dir, "broker-signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
 await writeFile(
   join(dir, "policy.yaml"),
   `version: 1
@@ -63,35 +49,14 @@ rules:
 `,
 );
 const agentKeys = await generateKeyPair("EdDSA");
-const sidecar = await startSidecar(
-  parseSidecarConfig(
-    new ConfigReader(
-      {
-        listen: "127.0.0.1:0",
-        upstreams: [{ name: "ops", address: ops.address, descriptor_sets: [descriptorSetPath] }],
-        nats: { url: nats.url },
-        vault: { address: vault.address },
-        broker_keys: { k1: "broker.pub.pem" },
-        host: "failover-host",
-        policy: "policy.yaml",
-        agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [await exportSPKI(agentKeys.publicKey)] } }],
-        metrics: { listen: "127.0.0.1:0" },
-        log_level: "error",
-      },
-      "",
-      join(dir, "sidecar.yaml"),
-    ),
-  ),
-  { log },
-);
-t.teardown(() => sidecar.close());
+const sidecar = await startTestSidecar(t, { nats, vault, database }, { dir, upstream: ops.address, host: "failover-host", agentPublicKey: agentKeys.publicKey, log });
 
 const danaToken = "dana-failover-token";
 function brokerConfig(replica: string, http: string): Record<string, unknown> {
   return {
     nats: { url: nats.url },
     vault: { address: vault.address, auth: { kind: "token", token: vault.rootToken } },
-    signing_key: { key_id: "k1", file: join(dir, "broker.pem") },
+    signing_key: { key_id: "k1", file: join(dir, "broker-signing.pem") },
     approvals: { groups: { "data-owners": ["dana@example.com"] } },
     http,
     reviewers: { auth: { kind: "static", tokens: [{ token: danaToken, reviewer: "dana@example.com", groups: ["data-owners"] }] } },
@@ -163,9 +128,7 @@ async function pendingId(): Promise<string> {
   throw new Error("no pending request");
 }
 
-async function dynamicRoles(): Promise<string[]> {
-  return (await admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%export%'")).rows.map((r) => r.rolname);
-}
+const dynamicRoles = (): Promise<string[]> => exportRoles(admin);
 
 async function killMidApproval(failpointName: string): Promise<string> {
   const a = await startReplicaA(failpointName);

@@ -8,19 +8,19 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Client, credentials, type Metadata } from "@grpc/grpc-js";
-import { exportSPKI, generateKeyPair } from "jose";
+import { type CryptoKey, exportSPKI, generateKeyPair } from "jose";
 import pg from "pg";
 import type { Test } from "tap";
 import { configureDatabaseEngine, postgresRoleStatements } from "../../broker/credentials.js";
 import { parseBrokerConfig, type RunningBroker, startBroker } from "../../broker/index.js";
 import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
-import { AirlockError, callServerStream, callUnary, Code, createLogger, createVaultClient } from "../../common/index.js";
+import { AirlockError, callServerStream, callUnary, Code, createLogger, createVaultClient, type Logger } from "../../common/index.js";
 import { startOpsServer } from "../../demo/ops/index.js";
 import { useInfra } from "../../harness/index.js";
 import { descriptorSetPath } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
-import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
+import { parseSidecarConfig, type Sidecar, startSidecar } from "../../sidecar/index.js";
 import { agentMetadata } from "./agent.js";
 
 /** The outcome of an agent call: code 0 on success, else the gRPC code and message. */
@@ -84,19 +84,26 @@ rules:
       timeout: 60s
 `;
 
-/** Starts the stack; everything is stopped in `t`'s teardown. */
-export async function startStack(t: Test, options: StackOptions = {}): Promise<Stack> {
-  const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
-  const log = createLogger({ name: "stack", level: process.env.AIRLOCK_LOG_LEVEL ?? "silent" });
+/** The servers a test's building blocks sit on (what `useInfra` returns). */
+export interface StackInfra {
+  readonly nats: { readonly url: string };
+  readonly vault: { readonly address: string; readonly rootToken: string };
+  readonly database: { readonly url: string; readonly host: string; readonly port: number; readonly name: string };
+}
 
+/**
+ * Seeds `customers` (2 rows) and configures Vault's database engine (mount
+ * `database`, role `export`: SELECT on customers, 5 min). Returns an admin
+ * connection closed at teardown.
+ */
+export async function seedExportEngine(t: Test, infra: StackInfra): Promise<pg.Client> {
+  const { vault, database } = infra;
   const admin = new pg.Client({ connectionString: database.url });
   await admin.connect();
   t.teardown(() => admin.end());
   await admin.query("CREATE TABLE customers (id int PRIMARY KEY, name text)");
   await admin.query("INSERT INTO customers VALUES (1, 'Ada'), (2, 'Grace')");
-
-  const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
-  await configureDatabaseEngine(rootVault, {
+  await configureDatabaseEngine(createVaultClient({ address: vault.address, token: vault.rootToken }), {
     mount: "database",
     connectionName: "app",
     connectionUrl: `postgresql://{{username}}:{{password}}@${database.host}:${database.port}/${database.name}?sslmode=disable`,
@@ -104,6 +111,59 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
     password: "unused-on-a-trusting-server",
     roles: [{ name: "export", creationStatements: postgresRoleStatements('GRANT SELECT ON customers TO "{{name}}";').creationStatements, defaultTtlSeconds: 300, maxTtlSeconds: 600 }],
   });
+  return admin;
+}
+
+/** Names of the dynamic database users Vault made for the `export` role that still exist. */
+export async function exportRoles(admin: pg.Client): Promise<string[]> {
+  return (await admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%export%'")).rows.map((r) => r.rolname);
+}
+
+/** Options of {@link startTestSidecar}. */
+export interface TestSidecarOptions {
+  /** Where `policy.yaml` and `broker.pem` (the broker's public key, id k1) are. */
+  readonly dir: string;
+  /** `host:port` of the demo upstream. */
+  readonly upstream: string;
+  readonly host: string;
+  /** The public key agent tokens (issuer https://idp.test, audience airlock) are verified with. */
+  readonly agentPublicKey: CryptoKey;
+  readonly log: Logger;
+}
+
+/** A sidecar in front of the demo upstream, trusting broker key k1; closed at teardown. */
+export async function startTestSidecar(t: Test, infra: StackInfra, options: TestSidecarOptions): Promise<Sidecar> {
+  const sidecar = await startSidecar(
+    parseSidecarConfig(
+      new ConfigReader(
+        {
+          listen: "127.0.0.1:0",
+          upstreams: [{ name: "ops", address: options.upstream, descriptor_sets: [descriptorSetPath] }],
+          nats: { url: infra.nats.url },
+          vault: { address: infra.vault.address },
+          broker_keys: { k1: "broker.pem" },
+          host: options.host,
+          policy: "policy.yaml",
+          agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [await exportSPKI(options.agentPublicKey)] } }],
+          metrics: { listen: "127.0.0.1:0" },
+          log_level: "error",
+        },
+        "",
+        join(options.dir, "sidecar.yaml"),
+      ),
+    ),
+    { log: options.log },
+  );
+  t.teardown(() => sidecar.close());
+  return sidecar;
+}
+
+/** Starts the stack; everything is stopped in `t`'s teardown. */
+export async function startStack(t: Test, options: StackOptions = {}): Promise<Stack> {
+  const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
+  const log = createLogger({ name: "stack", level: process.env.AIRLOCK_LOG_LEVEL ?? "silent" });
+
+  const admin = await seedExportEngine(t, { nats, vault, database });
 
   const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
   t.teardown(() => ops.close());
@@ -116,28 +176,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
   await writeFile(join(dir, "broker-signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
   await writeFile(join(dir, "policy.yaml"), policy);
 
-  const sidecar = await startSidecar(
-    parseSidecarConfig(
-      new ConfigReader(
-        {
-          listen: "127.0.0.1:0",
-          upstreams: [{ name: "ops", address: ops.address, descriptor_sets: [descriptorSetPath] }],
-          nats: { url: nats.url },
-          vault: { address: vault.address },
-          broker_keys: { k1: "broker.pem" },
-          host: "stack-host",
-          policy: "policy.yaml",
-          agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [await exportSPKI(agentKeys.publicKey)] } }],
-          metrics: { listen: "127.0.0.1:0" },
-          log_level: "error",
-        },
-        "",
-        join(dir, "sidecar.yaml"),
-      ),
-    ),
-    { log },
-  );
-  t.teardown(() => sidecar.close());
+  const sidecar = await startTestSidecar(t, { nats, vault, database }, { dir, upstream: ops.address, host: "stack-host", agentPublicKey: agentKeys.publicKey, log });
 
   const tokens = { dana: "dana-dev-token-0001", sam: "sam-dev-token-0001", alice: "alice-dev-token-0001" };
   const broker = await startBroker(
@@ -188,9 +227,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
     natsUrl: nats.url,
     host: "stack-host",
     tokens,
-    async dynamicRoles() {
-      return (await admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%export%'")).rows.map((r) => r.rolname);
-    },
+    dynamicRoles: () => exportRoles(admin),
     async callExportTable(reason, extra = {}) {
       try {
         let rows = 0;
