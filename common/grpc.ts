@@ -88,6 +88,17 @@ export interface CallOptions {
   readonly metadata?: Metadata;
   /** Absolute deadline. */
   readonly deadline?: Date;
+  /** Cancels the call when aborted (the call then fails with `cancelled`). */
+  readonly signal?: AbortSignal;
+}
+
+/** Cancels `call` when `signal` aborts; returns the function that stops listening. */
+function cancelOnAbort(call: { cancel(): void }, signal: AbortSignal | undefined): () => void {
+  if (signal === undefined) return () => undefined;
+  const cancel = () => call.cancel();
+  if (signal.aborted) cancel();
+  else signal.addEventListener("abort", cancel, { once: true });
+  return () => signal.removeEventListener("abort", cancel);
 }
 
 function callPath(method: DescMethod): string {
@@ -114,15 +125,21 @@ export function callUnary<I extends DescMessage, O extends DescMessage>(
   options: CallOptions = {},
 ): Promise<MessageShape<O>> {
   return new Promise((resolve, reject) => {
-    client.makeUnaryRequest(
+    let stopListening = (): void => undefined;
+    const call = client.makeUnaryRequest(
       callPath(method),
       serializer(method.input),
       deserializer(method.output),
       create(method.input, request),
       options.metadata ?? new Metadata(),
       grpcOptions(options),
-      (error, response) => (error !== null || response === undefined ? reject(fromServiceError(error)) : resolve(response)),
+      (error, response) => {
+        stopListening();
+        if (error !== null || response === undefined) reject(fromServiceError(error));
+        else resolve(response);
+      },
     );
+    stopListening = cancelOnAbort(call, options.signal);
   });
 }
 
@@ -141,11 +158,13 @@ export async function* callServerStream<I extends DescMessage, O extends DescMes
     options.metadata ?? new Metadata(),
     grpcOptions(options),
   );
+  const stopListening = cancelOnAbort(call, options.signal);
   try {
     for await (const message of call as AsyncIterable<MessageShape<O>>) yield message;
   } catch (error) {
     throw fromServiceError(error);
   } finally {
+    stopListening();
     call.cancel();
   }
 }
@@ -158,14 +177,20 @@ export function callClientStream<I extends DescMessage, O extends DescMessage>(
   options: CallOptions = {},
 ): Promise<MessageShape<O>> {
   return new Promise((resolve, reject) => {
+    let stopListening = (): void => undefined;
     const call = client.makeClientStreamRequest(
       callPath(method),
       serializer(method.input),
       deserializer(method.output),
       options.metadata ?? new Metadata(),
       grpcOptions(options),
-      (error, response) => (error !== null || response === undefined ? reject(fromServiceError(error)) : resolve(response)),
+      (error, response) => {
+        stopListening();
+        if (error !== null || response === undefined) reject(fromServiceError(error));
+        else resolve(response);
+      },
     );
+    stopListening = cancelOnAbort(call, options.signal);
     for (const request of requests) call.write(create(method.input, request));
     call.end();
   });
@@ -177,11 +202,14 @@ export function callBidiStream<I extends DescMessage, O extends DescMessage>(
   method: DescMethodBiDiStreaming<I, O>,
   options: CallOptions = {},
 ): ClientDuplexStream<MessageShape<I>, MessageShape<O>> {
-  return client.makeBidiStreamRequest(
+  const call = client.makeBidiStreamRequest(
     callPath(method),
     serializer(method.input),
     deserializer(method.output),
     options.metadata ?? new Metadata(),
     grpcOptions(options),
   );
+  const stopListening = cancelOnAbort(call, options.signal);
+  call.once("close", stopListening);
+  return call;
 }

@@ -36,6 +36,8 @@ export interface DemoAgentOptions {
   readonly print?: (line: string) => void;
   /** How long one call may wait, approval included, in ms. @default 900000 (15 minutes: a human is deciding) */
   readonly callTimeoutMs?: number;
+  /** Stops the script: no further step starts, and the step running is cancelled. */
+  readonly signal?: AbortSignal;
 }
 
 /** Defaults of {@link DemoAgentOptions}. */
@@ -75,8 +77,11 @@ export async function runDemoAgent(options: DemoAgentOptions): Promise<AgentStep
   const print = options.print ?? ((line: string) => console.log(line));
   const client = new Client(options.sidecarAddress, credentials.createInsecure());
   const results: AgentStepResult[] = [];
+  // A function, not a narrowed property read: the signal can abort during any await below.
+  const stopped = (): boolean => options.signal?.aborted === true;
   try {
     for (const [index, spec] of demoSteps.entries()) {
+      if (stopped()) break;
       const metadata = await agentMetadata(options, spec.reason);
       const deadline = new Date(Date.now() + (options.callTimeoutMs ?? demoAgentDefaults.callTimeoutMs));
       print(`agent  step ${index + 1}/${demoSteps.length}: ${spec.step} (${spec.method})${spec.reason === "" ? "" : `, reason: "${spec.reason}"`}`);
@@ -84,12 +89,13 @@ export async function runDemoAgent(options: DemoAgentOptions): Promise<AgentStep
       let outcome = "ok";
       let summary: string;
       try {
-        summary = await callStep(client, spec.method, metadata, deadline);
+        summary = await callStep(client, spec.method, metadata, deadline, options.signal);
       } catch (error) {
         const airlock = AirlockError.from(error);
         outcome = codeName(airlock.code);
         summary = airlock.rawMessage;
       }
+      if (stopped()) break;
       const result: AgentStepResult = { step: spec.step, method: spec.method, outcome, summary, expected: spec.expected, startedAt, endedAt: new Date() };
       results.push(result);
       print(`agent  step ${index + 1}/${demoSteps.length}: ${outcome === "ok" ? "done" : outcome}: ${summary}`);
@@ -115,25 +121,26 @@ async function agentMetadata(options: DemoAgentOptions, reason: string): Promise
   return metadata;
 }
 
-async function callStep(client: Client, method: string, metadata: Metadata, deadline: Date): Promise<string> {
+async function callStep(client: Client, method: string, metadata: Metadata, deadline: Date, signal: AbortSignal | undefined): Promise<string> {
+  const options = { metadata, deadline, ...(signal === undefined ? {} : { signal }) };
   switch (method) {
     case "GetStatus": {
-      const status = await callUnary(client, OpsService.method.getStatus, {}, { metadata, deadline });
+      const status = await callUnary(client, OpsService.method.getStatus, {}, options);
       return `${status.service} ${status.version} is up, ${status.requestsServed} requests served`;
     }
     case "ExportTable": {
       let rows = 0;
-      for await (const row of callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata, deadline })) {
+      for await (const row of callServerStream(client, OpsService.method.exportTable, { table: "customers" }, options)) {
         if (row.row !== undefined) rows++;
       }
       return `${rows} rows exported`;
     }
     case "RotateKey": {
-      const rotated = await callUnary(client, OpsService.method.rotateKey, { keyId: "webhook-signing" }, { metadata, deadline });
+      const rotated = await callUnary(client, OpsService.method.rotateKey, { keyId: "webhook-signing" }, options);
       return `key webhook-signing now at version ${rotated.version}`;
     }
     case "GrantRole": {
-      await callUnary(client, OpsService.method.grantRole, { user: "spiffe://demo/agent/ops-assistant", role: "admin" }, { metadata, deadline });
+      await callUnary(client, OpsService.method.grantRole, { user: "spiffe://demo/agent/ops-assistant", role: "admin" }, options);
       return "role granted";
     }
     default:

@@ -29,19 +29,21 @@ process.on("SIGTERM", onSignal);
 
 try {
   const result = await demo.done;
+  // After Ctrl-C the agent's remaining steps fail against stopped servers: nothing to report.
+  if (interrupted) await new Promise<void>(() => undefined);
   console.log("");
   for (const line of summaryTable(result.actions)) console.log(`       ${line}`);
   console.log("");
-  if (!result.ok) {
-    for (const failure of result.failures) console.log(`demo   FAILED: ${failure}`);
-    process.exitCode = 1;
-  } else if (autoApprove) {
-    console.log("demo ok");
+  for (const failure of result.failures) console.log(`demo   FAILED: ${failure}`);
+  if (autoApprove) {
+    if (result.ok) console.log("demo ok");
+    else process.exitCode = 1;
   } else {
-    console.log("demo   the agent's script is done; the console stays up. Ctrl-C stops everything.");
+    console.log("demo   the agent's script is done; the console stays up for a look at the history and audit trail. Ctrl-C stops everything.");
     await new Promise<void>(() => undefined);
   }
 } catch (error) {
+  if (interrupted) await new Promise<void>(() => undefined);
   const failure = AirlockError.from(error);
   console.log(`demo   FAILED while starting: ${failure.rawMessage}`);
   process.exitCode = 1;

@@ -11,6 +11,7 @@ import { spawn } from "node:child_process";
 import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { buildConsole } from "../approver-console/build.js";
 import { resolveVaultBinary } from "../harness/vault.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
@@ -20,11 +21,11 @@ const vault = await resolveVaultBinary();
 process.stderr.write(`vault binary: ${vault.path} (${vault.source})\n`);
 
 // The broker serves the built console and the browser tests drive it: build it from the current sources.
-const consoleBuild = spawn(join(root, "node_modules", ".bin", "vite"), ["build", "--config", join(root, "approver-console", "vite.config.ts"), "--logLevel", "warn"], { cwd: root, stdio: "inherit" });
-const consoleBuilt = await new Promise<number>((resolve) => consoleBuild.once("exit", (code) => resolve(code ?? 1)));
-if (consoleBuilt !== 0) {
+try {
+  await buildConsole();
+} catch (error) {
   console.log("0 passed, 1 failed");
-  throw new Error("the approver console did not build (npm run build:console)");
+  throw error;
 }
 
 rmSync(resultsDir, { recursive: true, force: true });

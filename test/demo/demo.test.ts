@@ -1,4 +1,6 @@
 import { spawn } from "node:child_process";
+import { connect as connectTcp } from "node:net";
+import pg from "pg";
 import { fileURLToPath } from "node:url";
 import t from "tap";
 
@@ -41,4 +43,46 @@ await t.test("a bad option fails with a clear message and a non-zero exit", asyn
   const { code, stderr } = await runDemo(["--no-such-option"]);
   t.not(code, 0);
   t.match(stderr, /no-such-option/);
+});
+
+await t.test("Ctrl-C while the agent waits for a human: everything stops, nothing is left running", async (t) => {
+  const child = spawn("npm", ["run", "--silent", "demo"], { cwd: root, env: { ...process.env, AIRLOCK_LOG_LEVEL: "warn" }, detached: true });
+  let stdout = "";
+  const held = new Promise<void>((resolve) => {
+    child.stdout.on("data", (chunk: Buffer) => {
+      stdout += chunk.toString();
+      if (/held for approval/.test(stdout)) resolve();
+    });
+  });
+  child.stderr.resume();
+  const exited = new Promise<string>((resolve) => child.once("exit", (code, signal) => resolve(signal ?? String(code))));
+  await held;
+  // The terminal sends SIGINT to the whole foreground process group.
+  process.kill(-(child.pid ?? 0), "SIGINT");
+  t.ok(["130", "SIGINT"].includes(await exited), "the demo ends as Ctrl-C asked (exit 130, or npm's own death by SIGINT)");
+  t.match(stdout, /stopped; nothing left running/);
+  const nats = /NATS \S+ at nats:\/\/127\.0\.0\.1:(\d+)/.exec(stdout)?.[1];
+  const vault = /Vault \S+ at http:\/\/127\.0\.0\.1:(\d+)/.exec(stdout)?.[1];
+  const database = /database (airlock_\w+)/.exec(stdout)?.[1];
+  for (const [name, port] of [["NATS", nats], ["Vault", vault]] as const) {
+    const refused = await new Promise<boolean>((resolve) => {
+      const socket = connectTcp(Number(port), "127.0.0.1");
+      socket.once("connect", () => {
+        socket.destroy();
+        resolve(false);
+      });
+      socket.once("error", () => resolve(true));
+    });
+    t.ok(port !== undefined && refused, `${name} (port ${port ?? "?"}) is stopped`);
+  }
+  const admin = new pg.Client({ connectionString: process.env.AIRLOCK_PG_URL ?? "postgres://postgres@127.0.0.1:5432/postgres" });
+  const reachable = await admin.connect().then(
+    () => true,
+    () => false,
+  );
+  if (reachable) {
+    const left = await admin.query("SELECT 1 FROM pg_database WHERE datname = $1", [database]);
+    await admin.end();
+    t.equal(left.rowCount, 0, `the demo database ${database ?? "?"} is dropped`);
+  }
 });
