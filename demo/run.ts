@@ -223,6 +223,8 @@ interface Tracked {
   /** The PostgreSQL user of a database credential, seen while the action ran. */
   databaseUser?: string;
   printed: Set<string>;
+  /** The proof that the credential is dead, taken as soon as its revocation was seen. */
+  proof?: string;
 }
 
 /** Follows the broker's records: prints each request's life, and proves each credential dead afterwards. */
@@ -272,8 +274,12 @@ class ActionTracker {
       }
     }
     if (record.state === RequestState.DENIED) this.once(tracked, "denied", `broker ${name} denied: ${record.votes.at(-1)?.reason ?? ""}`);
-    if (record.completion !== undefined) this.once(tracked, "completed", `sidecar ${name} upstream call ended (status ${record.completion.statusCode}); completion reported to the broker`);
-    if (record.lease?.revokedAt !== undefined) this.once(tracked, "revoked", `broker ${name} credential revoked by ${record.lease.revokedBy}`);
+    if (record.lease?.revokedAt !== undefined && !tracked.printed.has("revoked")) {
+      this.once(tracked, "revoked", `broker ${name} done: the sidecar reported the call's end and ${record.lease.revokedBy} revoked the credential at once`);
+      // Right after the action, not at the end: the credential is dead already.
+      tracked.proof = await this.prove(tracked);
+      this.print(`check  ${request.method}: ${tracked.proof}`);
+    }
   }
 
   /** Waits for each approved action's revocation (up to 10 s), proves the credential dead, and summarizes. */
@@ -294,8 +300,8 @@ class ActionTracker {
       const { record } = tracked;
       const lease = record.lease;
       const revokedAt = lease?.revokedAt === undefined ? undefined : Number(lease.revokedAt.seconds) * 1000 + Math.floor(lease.revokedAt.nanos / 1e6);
-      const proof = lease === undefined || lease.leaseId === "" ? "no credential issued" : await this.prove(tracked);
-      this.print(`check  ${step.method}: ${proof}`);
+      const proof = lease === undefined || lease.leaseId === "" ? "no credential issued" : (tracked.proof ?? (await this.prove(tracked)));
+      if (tracked.proof === undefined && lease !== undefined && lease.leaseId !== "") this.print(`check  ${step.method}: ${proof}`);
       summaries.push({
         action: step.method,
         decision: stateName(record.state) === "completed" ? "approved" : stateName(record.state),
