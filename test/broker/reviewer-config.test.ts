@@ -1,0 +1,101 @@
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Writable } from "node:stream";
+import t from "tap";
+import { parseBrokerConfig, startBroker } from "../../broker/index.js";
+import { ConfigReader } from "../../common/config.js";
+import { generateDecisionKey } from "../../common/decision.js";
+import { type AirlockError, Code, createLogger } from "../../common/index.js";
+import { useInfra } from "../../harness/index.js";
+
+const { nats, vault } = await useInfra(t, { nats: true, vault: true });
+const dir = await mkdtemp(join(tmpdir(), "airlock-reviewer-config-"));
+t.teardown(() => rm(dir, { recursive: true, force: true }));
+const key = generateDecisionKey("k1");
+await writeFile(join(dir, "signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
+
+function config(reviewers: unknown, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    nats: { url: nats.url },
+    vault: { address: vault.address, auth: { kind: "token", token: vault.rootToken } },
+    signing_key: { key_id: "k1", file: "signing.pem" },
+    approvals: { groups: { security: ["sam@example.com"] } },
+    http: "127.0.0.1:0",
+    ...(reviewers === undefined ? {} : { reviewers }),
+    log_level: "silent",
+    ...extra,
+  };
+}
+
+function parse(value: Record<string, unknown>) {
+  return parseBrokerConfig(new ConfigReader(value, "", join(dir, "broker.yaml")));
+}
+
+await t.test("the reviewers section is validated; each error names its field", async (t) => {
+  const cases: [unknown, string][] = [
+    [{ auth: { kind: "saml" } }, "reviewers.auth.kind"],
+    [{ auth: { kind: "oidc", issuer: "https://idp", audience: "a" } }, "reviewers.auth.jwks_url"],
+    [{ auth: { kind: "oidc", issuer: "https://idp", audience: "a", jwks_url: "ftp://idp/keys" } }, "reviewers.auth.jwks_url"],
+    [{ auth: { kind: "static", tokens: [{ token: "short", reviewer: "sam@example.com" }] } }, "reviewers.auth.tokens[0].token"],
+    [
+      {
+        auth: {
+          kind: "static",
+          tokens: [
+            { token: "same-token-twice", reviewer: "a@example.com" },
+            { token: "same-token-twice", reviewer: "b@example.com" },
+          ],
+        },
+      },
+      "reviewers.auth.tokens[1].token",
+    ],
+    [{ auth: { kind: "static", tokens: [{ token: "long-enough-token", reviewer: "a@example.com" }] }, rate_limit_per_minute: 0 }, "reviewers.rate_limit_per_minute"],
+    [{ auth: { kind: "static", tokens: [{ token: "long-enough-token", reviewer: "a@example.com" }] }, extra: 1 }, "reviewers.extra"],
+  ];
+  for (const [reviewers, field] of cases) {
+    const error = (() => {
+      try {
+        parse(config(reviewers));
+        return undefined;
+      } catch (caught) {
+        return caught as AirlockError;
+      }
+    })();
+    t.equal(error?.code, Code.InvalidArgument, `refused: ${JSON.stringify(reviewers)}`);
+    t.equal(error?.details.field, field);
+  }
+  t.throws(() => parse(config(undefined, { takeover_after: "soon" })), new RegExp("takeover_after must be a positive duration"));
+  const parsed = parse(config({ auth: { kind: "oidc", issuer: "https://idp", audience: "airlock", jwks_url: "https://idp/keys" } }));
+  t.match(parsed.reviewers?.auth, { kind: "oidc", reviewerClaim: "email", groupsClaim: "groups", clockToleranceSec: 30 }, "OIDC defaults");
+  t.equal(parsed.reviewers?.ratePerMinute, 300);
+  t.equal(parsed.takeoverAfterMs, 10_000);
+});
+
+await t.test("dev mode (static tokens) logs a warning at start; without a reviewers section the API answers 404", async (t) => {
+  const lines: string[] = [];
+  const log = createLogger({
+    name: "broker",
+    level: "info",
+    destination: new Writable({
+      write(chunk: Buffer, _encoding, done) {
+        lines.push(chunk.toString());
+        done();
+      },
+    }),
+  });
+  const dev = await startBroker(parse(config({ auth: { kind: "static", tokens: [{ token: "dev-token-for-sam", reviewer: "sam@example.com", groups: ["security"] }] } })), { log });
+  t.teardown(() => dev.close());
+  const warning = lines.map((line) => JSON.parse(line) as { level: number; msg: string }).find((line) => /DEV MODE/.test(line.msg));
+  t.equal(warning?.level, 40, "a warn-level line says dev mode is on");
+  t.notMatch(lines.join(""), /dev-token-for-sam/, "the token itself is never logged");
+  const me = await fetch(`${dev.httpUrl}/api/v1/me`, { headers: { authorization: "Bearer dev-token-for-sam" } });
+  t.same(await me.json(), { reviewer: "sam@example.com", groups: ["security"], breakGlass: false });
+
+  const plain = await startBroker(parse(config(undefined, { replica_id: "no-api" })), { log: createLogger({ name: "broker", level: "silent" }) });
+  t.teardown(() => plain.close());
+  const none = await fetch(`${plain.httpUrl}/api/v1/me`, { headers: { authorization: "Bearer dev-token-for-sam" } });
+  t.equal(none.status, 404);
+  t.match(await none.json(), { code: "not_found" });
+  t.equal((await fetch(`${plain.httpUrl}/healthz`)).status, 200, "health is served either way");
+});
