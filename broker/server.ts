@@ -7,7 +7,7 @@ import { parseDuration } from "../common/duration.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { createLogger, type Logger } from "../common/logger.js";
 import { createVaultClient } from "../common/vault.js";
-import { CredentialIssuer } from "./credentials.js";
+import { configureTokenRole, CredentialIssuer, type TokenRoleConfig } from "./credentials.js";
 import { type ApprovalConfig, parseApprovalConfig } from "./rules.js";
 import { Broker } from "./service.js";
 import { parseReviewerAuthConfig, ReviewerAuthenticator, type ReviewerAuthConfig } from "./reviewers/auth.js";
@@ -21,7 +21,7 @@ export type VaultAuth = { readonly kind: "token"; readonly token: string } | { r
 /** The broker's whole configuration, validated. */
 export interface BrokerConfig {
   readonly nats: { readonly url: string; readonly token?: string };
-  readonly vault: { readonly address: string; readonly auth: VaultAuth };
+  readonly vault: { readonly address: string; readonly auth: VaultAuth; readonly tokenRole?: TokenRoleSetup };
   /** The Ed25519 private key (PKCS#8 PEM file) decisions are signed with, and its key id. */
   readonly signingKey: { readonly keyId: string; readonly file: string };
   readonly approvals: ApprovalConfig;
@@ -40,6 +40,15 @@ export interface BrokerConfig {
   readonly takeoverAfterMs: number;
   /** @default info */
   readonly logLevel: string;
+}
+
+/**
+ * The token role per-action Vault tokens are created through (`vault.token_role`): the
+ * broker then needs no sudo and cannot grant policies outside `allowedPoliciesGlob`.
+ */
+export interface TokenRoleSetup extends TokenRoleConfig {
+  /** Write the role at start (needs `auth/token/roles/*` on the broker's token); else it must exist. @default false */
+  readonly configure: boolean;
 }
 
 /** The reviewers' API section of {@link BrokerConfig}. */
@@ -72,6 +81,19 @@ function vaultAuth(reader: ConfigReader): VaultAuth {
   return auth;
 }
 
+function tokenRoleSetup(reader: ConfigReader): TokenRoleSetup {
+  const name = reader.string("name");
+  if (!/^[A-Za-z0-9_.-]+$/.test(name)) throw reader.fail(`${reader.path}.name`, "must be a plain role name (letters, digits, . _ -)");
+  const setup: TokenRoleSetup = {
+    name,
+    allowedPoliciesGlob: reader.strings("allowed_policies_glob"),
+    maxTtlSeconds: Math.ceil(durationField(reader, "max_ttl", "1h") / 1000),
+    configure: reader.boolean("configure", false),
+  };
+  reader.done();
+  return setup;
+}
+
 function durationField(reader: ConfigReader, key: string, fallback: string): number {
   const ms = parseDuration(reader.string(key, fallback));
   if (ms === undefined || ms <= 0) throw reader.fail(reader.path === "" ? key : `${reader.path}.${key}`, "must be a positive duration such as 500ms, 10s or 1m");
@@ -84,7 +106,8 @@ export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
   const natsConfig = { url: nats.string("url"), ...(nats.has("token") ? { token: nats.string("token") } : {}) };
   nats.done();
   const vault = root.object("vault");
-  const vaultConfig = { address: vault.string("address"), auth: vaultAuth(vault.object("auth")) };
+  const tokenRole = vault.has("token_role") ? tokenRoleSetup(vault.object("token_role")) : undefined;
+  const vaultConfig = { address: vault.string("address"), auth: vaultAuth(vault.object("auth")), ...(tokenRole === undefined ? {} : { tokenRole }) };
   vault.done();
   const signing = root.object("signing_key");
   const signingKey = { keyId: signing.string("key_id"), file: signing.file("file") };
@@ -153,6 +176,14 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
   const privateKey = createPrivateKey(signingPem);
   if (privateKey.asymmetricKeyType !== "ed25519") throw new AirlockError(Code.InvalidArgument, "the signing key must be an Ed25519 private key", { details: { field: "signing_key.file" } });
   const token = await vaultToken(config.vault.address, config.vault.auth);
+  const vault = createVaultClient({ address: config.vault.address, token });
+  const tokenRole = config.vault.tokenRole;
+  if (tokenRole?.configure === true) {
+    await configureTokenRole(vault, tokenRole).catch((error: unknown) => {
+      throw new AirlockError(Code.FailedPrecondition, `cannot write the token role ${tokenRole.name} (vault.token_role.configure)`, { cause: error, details: { field: "vault.token_role" } });
+    });
+    log.info({ role: tokenRole.name }, "per-action token role written");
+  }
   let nc;
   try {
     nc = await connect({ servers: config.nats.url, maxReconnectAttempts: -1, reconnectTimeWait: 250, name: `airlock-broker-${config.replicaId}`, ...(config.nats.token === undefined ? {} : { token: config.nats.token }) });
@@ -167,7 +198,7 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
       for (const event of events) notifier.notifyEvent(record, event);
     },
     nc,
-    issuer: new CredentialIssuer({ vault: createVaultClient({ address: config.vault.address, token }), logger: log }),
+    issuer: new CredentialIssuer({ vault, logger: log, ...(tokenRole === undefined ? {} : { tokenRole: tokenRole.name }) }),
     signingKey: { keyId: config.signingKey.keyId, privateKey },
     approvals: config.approvals,
     replicaId: config.replicaId,

@@ -99,3 +99,18 @@ await t.test("dev mode (static tokens) logs a warning at start; without a review
   t.match(await none.json(), { code: "not_found" });
   t.equal((await fetch(`${plain.httpUrl}/healthz`)).status, 200, "health is served either way");
 });
+
+await t.test("vault.token_role: written at start when asked, confining per-action tokens", async (t) => {
+  t.throws(() => parse(config(undefined, { vault: { address: vault.address, auth: { kind: "token", token: vault.rootToken }, token_role: { name: "bad name", allowed_policies_glob: ["x-*"] } } })), /vault\.token_role\.name/);
+  const withRole = parse(
+    config(undefined, {
+      replica_id: "role-writer",
+      vault: { address: vault.address, auth: { kind: "token", token: vault.rootToken }, token_role: { name: "airlock-action", allowed_policies_glob: ["airlock-action-*"], max_ttl: "30m", configure: true } },
+    }),
+  );
+  t.match(withRole.vault.tokenRole, { name: "airlock-action", allowedPoliciesGlob: ["airlock-action-*"], maxTtlSeconds: 1800, configure: true });
+  const running = await startBroker(withRole, { log: createLogger({ name: "broker", level: "silent" }) });
+  t.teardown(() => running.close());
+  const role = (await (await fetch(`${vault.address}/v1/auth/token/roles/airlock-action`, { headers: { "x-vault-token": vault.rootToken } })).json()) as { data?: Record<string, unknown> };
+  t.match(role.data, { orphan: true, renewable: false, allowed_policies_glob: ["airlock-action-*"], disallowed_policies: ["root"], token_explicit_max_ttl: 1800 }, "the role Vault now holds");
+});
