@@ -150,8 +150,9 @@ await t.test("replica A killed after deciding, before issuing: B takes over, iss
   const outcome = await call;
   t.equal(outcome.code, 0, `the agent's call completed through replica B (${outcome.message})`);
   t.equal(outcome.rows, 2);
+  // The lease is revoked first, then the record marked completed: wait for both.
   let record = await survivor.broker.get(id);
-  for (let i = 0; i < 80 && record.lease?.revokedAt === undefined; i++) {
+  for (let i = 0; i < 200 && (record.lease?.revokedAt === undefined || record.state !== RequestState.COMPLETED); i++) {
     await new Promise((resolve) => setTimeout(resolve, 25));
     record = await survivor.broker.get(id);
   }
@@ -174,7 +175,7 @@ await t.test("replica A killed after issuing, before publishing: B revokes A's c
   t.not(outcome.code, 0, "the agent gets no credential from a dead replica's half-finished approval");
   t.match(outcome.message, /died before delivering the credential/);
   let record = await survivor.broker.get(id);
-  for (let i = 0; i < 80 && record.lease?.revokedAt === undefined; i++) {
+  for (let i = 0; i < 200 && (record.lease?.revokedAt === undefined || record.state !== RequestState.FAILED); i++) {
     await new Promise((resolve) => setTimeout(resolve, 25));
     record = await survivor.broker.get(id);
   }
