@@ -7,5 +7,7 @@ export { AuditLog, auditEventsFromJsonl, auditEventToJsonLine, readAuditEvents, 
 export { CredentialIssuer, configureDatabaseEngine, postgresRoleStatements } from "./credentials.js";
 export { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
 export { type ApprovalConfig, type Ballot, parseApprovalConfig } from "./rules.js";
-export { type BrokerConfig, brokerConfigDefaults, loadBrokerConfig, parseBrokerConfig, type RunningBroker, startBroker, type VaultAuth } from "./server.js";
+export { type BrokerConfig, brokerConfigDefaults, loadBrokerConfig, parseBrokerConfig, type ReviewerApiConfig, type RunningBroker, startBroker, type TokenRoleSetup, type VaultAuth } from "./server.js";
 export { Broker, type BrokerOptions, brokerDefaults } from "./service.js";
+export * from "./reviewers/index.js";
+export { type NotificationsConfig, parseNotificationsConfig, ReviewNotifier, verifySlackSignature, verifyWebhookSignature } from "./notify/index.js";

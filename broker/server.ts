@@ -100,6 +100,19 @@ function durationField(reader: ConfigReader, key: string, fallback: string): num
   return ms;
 }
 
+/** A URL fit for a message: any user name and password in it replaced. */
+function withoutCredentials(url: string): string {
+  try {
+    const parsed = new URL(url);
+    if (parsed.username === "" && parsed.password === "") return url;
+    parsed.username = "redacted";
+    parsed.password = "";
+    return parsed.toString();
+  } catch {
+    return "(the configured URL)";
+  }
+}
+
 /** Validates a parsed broker config; every error names the field. */
 export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
   const nats = root.object("nats");
@@ -184,11 +197,14 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
     });
     log.info({ role: tokenRole.name }, "per-action token role written");
   }
+  // Built before anything starts, so a bad auth config leaves nothing running.
+  const auth = config.reviewers === undefined ? undefined : new ReviewerAuthenticator(config.reviewers.auth);
+  if (auth?.devMode === true) log.warn("reviewer API in DEV MODE: fixed reviewer tokens from the config are accepted; never run this in production");
   let nc;
   try {
     nc = await connect({ servers: config.nats.url, maxReconnectAttempts: -1, reconnectTimeWait: 250, name: `airlock-broker-${config.replicaId}`, ...(config.nats.token === undefined ? {} : { token: config.nats.token }) });
   } catch (error) {
-    throw new AirlockError(Code.Unavailable, `cannot connect to NATS at ${config.nats.url}`, { cause: error });
+    throw new AirlockError(Code.Unavailable, `cannot connect to NATS at ${withoutCredentials(config.nats.url)}`, { cause: error });
   }
   let connected = true;
   // Notifications hang off the approval path but never slow it: each notify call only enqueues.
@@ -219,8 +235,7 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
     }
   })();
   const ready = { nats: () => connected && !nc.isClosed() };
-  const auth = config.reviewers === undefined ? undefined : new ReviewerAuthenticator(config.reviewers.auth);
-  if (auth?.devMode === true) log.warn("reviewer API in DEV MODE: fixed reviewer tokens from the config are accepted; never run this in production");
+
   let grpc: RunningReviewerGrpc | undefined;
   let app;
   try {
@@ -245,7 +260,8 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
     await broker.close();
     await notifier.close();
     await nc.close();
-    throw new AirlockError(Code.Unavailable, `cannot serve the broker's HTTP API on ${config.http.host}:${config.http.port}`, { cause: error });
+    const where = app?.server.listening === true && config.reviewers?.grpc !== undefined ? `the reviewers' gRPC API on ${config.reviewers.grpc.host}:${config.reviewers.grpc.port}` : `the broker's HTTP API on ${config.http.host}:${config.http.port}`;
+    throw new AirlockError(Code.Unavailable, `cannot serve ${where}`, { cause: error });
   }
   const address = app.server.address();
   const httpPort = typeof address === "object" && address !== null ? address.port : config.http.port;

@@ -211,12 +211,26 @@ export class Broker {
 
   /** Every request's record. */
   async list(): Promise<RequestRecord[]> {
-    const records: RequestRecord[] = [];
+    return (await this.listStored()).map((stored) => stored.record);
+  }
+
+  /** Every request's record with its KV revision (revisions order the changes of one request). */
+  async listStored(): Promise<StoredRecord[]> {
+    const records: StoredRecord[] = [];
     for (const id of await this.store.ids()) {
       const stored = await this.store.get(id);
-      if (stored !== undefined) records.push(stored.record);
+      if (stored !== undefined) records.push(stored);
     }
     return records;
+  }
+
+  /**
+   * Changes to any request from the moment this resolves (the watch is
+   * established), with revisions, until `signal` aborts. Read a snapshot after
+   * this resolves and nothing falls between the two.
+   */
+  openWatch(signal: AbortSignal): Promise<AsyncIterable<StoredRecord>> {
+    return this.store.openWatch(signal);
   }
 
   /**
@@ -397,14 +411,15 @@ export class Broker {
    * The event is untrusted input: only known fields, as strings, capped in length.
    */
   private async takeSecurityEvent(data: Uint8Array, subject: string): Promise<void> {
-    const host = subject.slice("airlock.security.".length);
+    const host = subject.slice("airlock.security.".length).slice(0, 253);
     let parsed: Record<string, unknown> = {};
     try {
       const value: unknown = JSON.parse(new TextDecoder().decode(data));
       if (value !== null && typeof value === "object" && !Array.isArray(value)) parsed = value as Record<string, unknown>;
     } catch {
-      parsed = { reason: "malformed_security_event" };
+      // Not JSON: recorded as such below.
     }
+    if (Object.keys(parsed).length === 0) parsed = { reason: "malformed_security_event" };
     const field = (name: string): string => {
       const value = parsed[name];
       return typeof value === "string" ? value.slice(0, 500) : "";

@@ -31,6 +31,8 @@ export class RequestStore {
   }
 
   async get(requestId: string): Promise<StoredRecord | undefined> {
+    // Not a key this bucket could hold (ids come from callers): there is no such request.
+    if (!/^[-_=.a-zA-Z0-9]{1,256}$/.test(requestId) || requestId.startsWith(".") || requestId.endsWith(".")) return undefined;
     const entry = await this.kv.get(requestId);
     if (entry === null || entry.operation !== "PUT" || entry.value.length === 0) return undefined;
     return { record: fromBinary(RequestRecordSchema, entry.value), revision: entry.revision };
@@ -66,17 +68,35 @@ export class RequestStore {
 
   /** Like {@link RequestStore.watch}, with each record's revision (what a compare-and-set builds on). */
   async *watchStored(signal: AbortSignal, includeCurrent = false): AsyncGenerator<StoredRecord> {
+    yield* await this.openWatch(signal, includeCurrent);
+  }
+
+  /**
+   * Starts a watch and resolves once the server has it, so every change made
+   * after this resolves is delivered (what a snapshot-then-changes reader needs).
+   * The watch ends when `signal` aborts, also when it aborted before or while starting.
+   */
+  async openWatch(signal: AbortSignal, includeCurrent = false): Promise<AsyncIterable<StoredRecord>> {
+    const empty = (async function* (): AsyncGenerator<StoredRecord> {})();
+    if (signal.aborted) return empty;
     const watcher = await this.kv.watch({ include: includeCurrent ? KvWatchInclude.LastValue : KvWatchInclude.UpdatesOnly, ignoreDeletes: true });
     const stop = () => watcher.stop();
-    signal.addEventListener("abort", stop, { once: true });
-    try {
-      for await (const entry of watcher) {
-        if (entry.operation === "PUT" && entry.value.length > 0) yield { record: fromBinary(RequestRecordSchema, entry.value), revision: entry.revision };
-      }
-    } finally {
-      signal.removeEventListener("abort", stop);
-      watcher.stop();
+    // An abort that landed while the watch was being created has no listener to tell: check it.
+    if (signal.aborted) {
+      stop();
+      return empty;
     }
+    signal.addEventListener("abort", stop, { once: true });
+    return (async function* (): AsyncGenerator<StoredRecord> {
+      try {
+        for await (const entry of watcher) {
+          if (entry.operation === "PUT" && entry.value.length > 0) yield { record: fromBinary(RequestRecordSchema, entry.value), revision: entry.revision };
+        }
+      } finally {
+        signal.removeEventListener("abort", stop);
+        watcher.stop();
+      }
+    })();
   }
 
   /** Every request id in the bucket, once each (a key updated while listing can be delivered twice). */

@@ -24,6 +24,12 @@ async function reviewerToken(tokenFile: string | undefined): Promise<string> {
   return token;
 }
 
+/** Text from requests and votes is other people's input: no control characters reach the terminal. */
+function printable(text: string | undefined): string {
+  // eslint-disable-next-line no-control-regex
+  return (text ?? "").replace(/[\u0000-\u001f\u007f-\u009f]/g, "?");
+}
+
 function risk(view: RequestViewJson): string {
   return (view.record.request?.risk ?? "RISK_UNSPECIFIED").replace("RISK_", "").toLowerCase();
 }
@@ -47,7 +53,7 @@ function describe(view: RequestViewJson): string[] {
     `votes     ${votes.length === 0 ? "none" : votes.map((v) => `${v.reviewer} ${v.approve === true ? "approved" : "denied"}${v.group === undefined ? "" : ` for ${v.group}`}${v.reason === undefined ? "" : `: ${v.reason}`}`).join("; ")}`,
     `needs     ${outstanding.length === 0 ? "nothing more" : outstanding.map((g) => `${g.minApprovals ?? 0} more from ${g.group}`).join(", ")}`,
     `expires   ${view.expiresAt}`,
-  ];
+  ].map(printable);
 }
 
 /** Runs `airlock requests <sub> …`. */
@@ -88,7 +94,7 @@ export async function runRequests(sub: string | undefined, args: string[]): Prom
       if (views.length === 0) console.log("no requests");
       for (const view of views) {
         const request = view.record.request;
-        console.log([request?.id ?? "", state(view).padEnd(9), risk(view).padEnd(8), `${request?.service ?? ""}/${request?.method ?? ""}`, request?.identity?.agent ?? "", view.needsMe ? "← needs you" : ""].join("  ").trimEnd());
+        console.log(printable([request?.id ?? "", state(view).padEnd(9), risk(view).padEnd(8), `${request?.service ?? ""}/${request?.method ?? ""}`, request?.identity?.agent ?? "", view.needsMe ? "← needs you" : ""].join("  ").trimEnd()));
       }
       return;
     }

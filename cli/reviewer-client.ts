@@ -70,7 +70,9 @@ export class ReviewerClient {
     }
     if (!response.ok) {
       const error = (parsed ?? {}) as { code?: string; message?: string; details?: Record<string, unknown> };
-      throw new AirlockError(statusCodes[response.status] ?? Code.Unknown, error.message ?? `HTTP ${response.status}`, { details: { status: response.status, code: error.code ?? "", ...error.details } });
+      // 409 covers two facts: the request is no longer pending, or this reviewer already voted.
+      const code = response.status === 409 && error.code === "already_voted" ? Code.AlreadyExists : (statusCodes[response.status] ?? Code.Unknown);
+      throw new AirlockError(code, error.message ?? `HTTP ${response.status}`, { details: { status: response.status, code: error.code ?? "", ...error.details } });
     }
     return parsed as T;
   }

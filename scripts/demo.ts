@@ -16,7 +16,8 @@ const demo = runDemo({
 
 let interrupted = false;
 const onSignal = (signal: NodeJS.Signals) => {
-  if (interrupted) return;
+  // A second Ctrl-C means now: the harness's exit hook still stops the servers it started.
+  if (interrupted) process.exit(130);
   interrupted = true;
   console.log(`\ndemo   ${signal}: stopping everything`);
   void demo.stop().then(() => {

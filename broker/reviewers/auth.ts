@@ -53,7 +53,7 @@ export function parseReviewerAuthConfig(reader: ConfigReader): ReviewerAuthConfi
   let config: ReviewerAuthConfig;
   if (kind === "oidc") {
     const jwksUrl = reader.string("jwks_url");
-    if (!/^https?:\/\//.test(jwksUrl)) throw reader.fail(`${reader.path}.jwks_url`, "must be an http(s) URL");
+    if (!/^https?:\/\//.test(jwksUrl) || !URL.canParse(jwksUrl)) throw reader.fail(`${reader.path}.jwks_url`, "must be an http(s) URL");
     config = {
       kind,
       issuer: reader.string("issuer"),
@@ -107,7 +107,8 @@ export class ReviewerAuthenticator {
   /**
    * The reviewer a token belongs to, or an `unauthenticated` error with
    * `details.reason` (`missing_token`, `token_expired`, `wrong_issuer`,
-   * `wrong_audience`, `bad_signature`, `invalid_claim`, `unknown_token`, `no_matching_key`).
+   * `wrong_audience`, `bad_signature`, `invalid_claim`, `email_not_verified`, `unknown_token`,
+   * `no_matching_key`), or `unavailable` when the provider's keys cannot be fetched.
    */
   async authenticate(token: string | undefined): Promise<Reviewer> {
     if (token === undefined || token === "") throw unauthenticated("missing_token", "sign in: no reviewer token was presented");
@@ -132,6 +133,8 @@ export class ReviewerAuthenticator {
     }
     const id = payload[config.reviewerClaim];
     if (typeof id !== "string" || id.trim() === "") throw unauthenticated("invalid_claim", `the token has no ${config.reviewerClaim} claim naming the reviewer`);
+    // An unverified email must not make someone an approver (some providers let users edit it).
+    if (config.reviewerClaim === "email" && payload.email_verified === false) throw unauthenticated("email_not_verified", "the reviewer token's email is not verified");
     const claimed = payload[config.groupsClaim];
     const groups = Array.isArray(claimed) ? claimed.filter((g): g is string => typeof g === "string") : typeof claimed === "string" ? [claimed] : [];
     return { id: id.trim(), groups, expiresAt: payload.exp === undefined ? undefined : new Date(payload.exp * 1000) };
@@ -149,7 +152,9 @@ function describeJoseError(error: unknown): AirlockError {
   if (error instanceof errors.JWSSignatureVerificationFailed) return unauthenticated("bad_signature", "the reviewer token's signature does not verify");
   if (error instanceof errors.JWKSNoMatchingKey) return unauthenticated("no_matching_key", "no key of the identity provider matches the reviewer token");
   if (error instanceof errors.JOSEAlgNotAllowed) return unauthenticated("algorithm_not_allowed", "the reviewer token's algorithm is not accepted");
-  if (error instanceof errors.JWKSTimeout || (error instanceof Error && /fetch|ECONNREFUSED|JWKS/i.test(error.message) && !(error instanceof errors.JOSEError))) {
+  // The provider's key set could not be had (down, 5xx, garbage): that is unavailability, not a bad token.
+  const jwksDown = error instanceof errors.JWKSTimeout || error instanceof errors.JWKSInvalid || (error instanceof Error && /Expected 200 OK|fetch failed|ECONNREFUSED/i.test(error.message));
+  if (jwksDown) {
     return new AirlockError(Code.Unavailable, "the identity provider's keys cannot be fetched", { details: { reason: "jwks_unavailable" } });
   }
   return unauthenticated("malformed_token", "the reviewer token is malformed");

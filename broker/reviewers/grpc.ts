@@ -17,8 +17,6 @@ import {
   GetRequestResponseSchema,
   type ListRequestsRequest,
   ListRequestsResponseSchema,
-  type RequestRecord,
-  RequestState,
   ReviewerService,
   VerifyAuditResponseSchema,
   type WatchRequestsRequest,
@@ -29,7 +27,8 @@ import type { ApprovalConfig } from "../rules.js";
 import type { Broker } from "../service.js";
 import type { Reviewer, ReviewerAuthenticator } from "./auth.js";
 import { RateLimiter } from "./rate-limit.js";
-import { matchesFilter, needsReviewer, newestFirst, page, type RequestFilter } from "./views.js";
+import { liveRequests } from "./live.js";
+import { matchesFilter, needsReviewer, newestFirst, page, type RequestFilter, requireReviewer } from "./views.js";
 
 /** Options of {@link startReviewerGrpc}. */
 export interface ReviewerGrpcOptions {
@@ -68,6 +67,7 @@ export async function startReviewerGrpc(options: ReviewerGrpcOptions): Promise<R
     const reviewer = await auth.authenticate(bearer(metadata));
     const wait = limiter.take(reviewer.id.toLowerCase());
     if (wait !== undefined) throw new AirlockError(Code.ResourceExhausted, `too many requests from ${reviewer.id}; retry in ${wait} s`, { details: { retryAfterSec: wait } });
+    requireReviewer(reviewer, approvals);
     return reviewer;
   }
 
@@ -127,23 +127,39 @@ export async function startReviewerGrpc(options: ReviewerGrpcOptions): Promise<R
       const stop = new AbortController();
       call.on("cancelled", () => stop.abort());
       call.on("close", () => stop.abort());
+      let expiry: NodeJS.Timeout | undefined;
       void (async () => {
         try {
           const reviewer = await reviewerOf(call.metadata);
-          const sent = new Set<string>();
-          const forward = (record: RequestRecord) => {
+          // The stream lives no longer than the credential that opened it.
+          const expired = new AirlockError(Code.Unauthenticated, "the reviewer token expired; watch again with a fresh one", { details: { reason: "token_expired" } });
+          if (reviewer.expiresAt !== undefined) expiry = setTimeout(() => stop.abort(expired), Math.max(0, reviewer.expiresAt.getTime() - Date.now()));
+          const shown = new Set<string>();
+          for await (const update of liveRequests(broker, stop.signal)) {
+            if (update.kind === "ready") continue;
+            const { record } = update;
             const id = record.request?.id ?? "";
-            if (call.request.needsMe && !sent.has(id) && !needsReviewer(record, reviewer, approvals, new Date())) return;
-            sent.add(id);
-            call.write(create(WatchRequestsResponseSchema, { request: record, at: timestampNow() }));
-          };
-          const now = new Date();
-          const snapshot = (await broker.list()).filter((record) => record.state === RequestState.PENDING).sort(newestFirst);
-          for (const record of snapshot) if (!call.request.needsMe || needsReviewer(record, reviewer, approvals, now)) forward(record);
-          for await (const record of broker.watch(stop.signal)) forward(record);
-          call.end();
+            if (call.request.needsMe) {
+              const needed = needsReviewer(record, reviewer, approvals, new Date());
+              if (!needed && !shown.has(id)) continue;
+              if (needed) shown.add(id);
+              else shown.delete(id);
+            }
+            // A client that stops reading does not get to make the broker buffer without bound.
+            if (!call.write(create(WatchRequestsResponseSchema, { request: record, at: timestampNow() })) && call.writableLength > 1024 * 1024) {
+              throw new AirlockError(Code.ResourceExhausted, "the watch fell too far behind; reconnect");
+            }
+          }
+          if (call.cancelled) return;
+          const reason: unknown = stop.signal.reason;
+          if (reason instanceof AirlockError) call.emit("error", toServiceError(reason));
+          else call.end();
         } catch (error) {
-          if (!stop.signal.aborted) call.destroy(toServiceError(error) as Error);
+          // emit('error') makes grpc-js send the status; destroy() would leave the client waiting.
+          if (!call.cancelled) call.emit("error", toServiceError(error));
+        } finally {
+          clearTimeout(expiry);
+          stop.abort();
         }
       })();
     },

@@ -6,7 +6,6 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import { existsSync } from "node:fs";
-import type { IncomingMessage } from "node:http";
 import { fileURLToPath } from "node:url";
 import fastifyStatic from "@fastify/static";
 import { toJson } from "@bufbuild/protobuf";
@@ -22,7 +21,8 @@ import type { ApprovalConfig, Ballot } from "../rules.js";
 import type { Broker } from "../service.js";
 import type { Reviewer, ReviewerAuthenticator } from "./auth.js";
 import { RateLimiter } from "./rate-limit.js";
-import { createdMs, matchesFilter, needsReviewer, newestFirst, page, parseLimit, parseRequestFilter, requestView } from "./views.js";
+import { liveRequests } from "./live.js";
+import { matchesFilter, newestFirst, page, parseLimit, parseRequestFilter, requestView, requireReviewer } from "./views.js";
 
 /** Handles a Slack interaction: verifies it and answers Slack (see broker/notify). */
 export type SlackInteractionHandler = (
@@ -59,6 +59,10 @@ export const brokerHttpDefaults = {
   sessionCookie: "airlock_session",
   csrfHeader: "x-airlock-csrf",
   keepAliveMs: 15_000,
+  /** Failed sign-ins a minute one client address may make before it has to wait. */
+  failedSignInsPerMinute: 30,
+  /** A live stream whose client lets more than this pile up unread is ended. */
+  maxStreamBufferBytes: 1024 * 1024,
   /** How long a dev-mode session cookie lives, in seconds (OIDC sessions end with their token). */
   devSessionSeconds: 8 * 3600,
 } as const;
@@ -102,7 +106,12 @@ function asAirlockError(error: unknown): AirlockError {
 function cookieValue(header: string | undefined, name: string): string | undefined {
   for (const part of (header ?? "").split(";")) {
     const [key, ...rest] = part.trim().split("=");
-    if (key === name) return decodeURIComponent(rest.join("="));
+    if (key !== name) continue;
+    try {
+      return decodeURIComponent(rest.join("="));
+    } catch {
+      throw new AirlockError(Code.Unauthenticated, "the session cookie is malformed; sign in again", { details: { reason: "malformed_cookie" } });
+    }
   }
   return undefined;
 }
@@ -156,6 +165,7 @@ function optionalFlag(body: Body, field: string): boolean | undefined {
 export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<FastifyInstance> {
   const { broker, approvals, auth, log } = options;
   const limiter = new RateLimiter(options.ratePerMinute ?? brokerHttpDefaults.ratePerMinute);
+  const failedSignIns = new RateLimiter(brokerHttpDefaults.failedSignInsPerMinute);
   const app = Fastify({ logger: false, bodyLimit: 256 * 1024, forceCloseConnections: true });
 
   // Slack signs the raw form body: keep it as a string, untouched.
@@ -184,19 +194,33 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
 
   /** Authenticates a request: bearer token, else the session cookie with its CSRF header on writes. */
   async function reviewerOf(request: FastifyRequest): Promise<Reviewer> {
-    if (auth === undefined) throw new AirlockError(Code.NotFound, "this broker serves no reviewers' API (its config has no reviewers section)");
     const bearer = bearerOf(request);
     let reviewer: Reviewer;
     if (bearer !== undefined) {
-      reviewer = await auth.authenticate(bearer);
+      reviewer = await authenticate(request, bearer);
     } else {
       const session = cookieValue(request.headers.cookie, brokerHttpDefaults.sessionCookie);
-      reviewer = await auth.authenticate(session);
+      reviewer = await authenticate(request, session);
       if (request.method !== "GET" && request.method !== "HEAD") checkCsrf(request, session ?? "");
     }
     const limit = limiter.take(reviewer.id.toLowerCase());
     if (limit !== undefined) throw new AirlockError(Code.ResourceExhausted, `too many requests from ${reviewer.id}; retry in ${limit} s`, { details: { retryAfterSec: limit } });
+    requireReviewer(reviewer, approvals);
     return reviewer;
+  }
+
+  /** Verifies a token; failures count against the caller's address, so tokens cannot be guessed at speed. */
+  async function authenticate(request: FastifyRequest, token: string | undefined): Promise<Reviewer> {
+    if (auth === undefined) throw new AirlockError(Code.NotFound, "this broker serves no reviewers' API (its config has no reviewers section)");
+    try {
+      return await auth.authenticate(token);
+    } catch (error) {
+      if (error instanceof AirlockError && error.code === Code.Unauthenticated) {
+        const wait = failedSignIns.take(request.ip);
+        if (wait !== undefined) throw new AirlockError(Code.ResourceExhausted, `too many failed sign-ins from ${request.ip}; retry in ${wait} s`, { details: { retryAfterSec: wait } });
+      }
+      throw error;
+    }
   }
 
   function checkCsrf(request: FastifyRequest, session: string): void {
@@ -221,8 +245,8 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
   app.post("/api/v1/session", async (request, reply) => {
     const token = optionalText(bodyOf(request), "token", 16_384);
     if (token === undefined || token.trim() === "") throw new AirlockError(Code.InvalidArgument, "token is required", { details: { field: "token" } });
-    if (auth === undefined) throw new AirlockError(Code.NotFound, "this broker serves no reviewers' API (its config has no reviewers section)");
-    const reviewer = await auth.authenticate(token.trim());
+    const reviewer = await authenticate(request, token.trim());
+    requireReviewer(reviewer, approvals);
     const maxAge = reviewer.expiresAt === undefined ? brokerHttpDefaults.devSessionSeconds : Math.max(0, Math.floor((reviewer.expiresAt.getTime() - Date.now()) / 1000));
     const secure = request.protocol === "https" ? "; Secure" : "";
     void reply.header("set-cookie", `${brokerHttpDefaults.sessionCookie}=${encodeURIComponent(token.trim())}; HttpOnly; SameSite=Strict; Path=/; Max-Age=${maxAge}${secure}`);
@@ -230,8 +254,8 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     return { reviewer: reviewer.id, groups: reviewer.groups, csrfToken: csrfTokenOf(token.trim()) };
   });
 
-  app.delete("/api/v1/session", async (request, reply) => {
-    await reviewerOf(request);
+  app.delete("/api/v1/session", (_request, reply) => {
+    // Signing out needs no valid token: a stale cookie must be clearable too.
     void reply.header("set-cookie", `${brokerHttpDefaults.sessionCookie}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0`);
     return reply.status(204).send();
   });
@@ -345,48 +369,59 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
   });
 
   app.get("/api/v1/events", async (request, reply) => {
-    const reviewer = await reviewerOf(request);
+    // Listen for the client going away before anything is awaited: a close during sign-in
+    // checks would otherwise go unseen and leave the stream's watch running for good.
+    const stop = new AbortController();
+    const abort = () => stop.abort();
+    reply.raw.once("close", abort);
+    let reviewer: Reviewer;
+    try {
+      reviewer = await reviewerOf(request);
+    } catch (error) {
+      reply.raw.off("close", abort);
+      throw error;
+    }
+    if (stop.signal.aborted) return reply.hijack();
     const onlyMine = (request.query as Record<string, unknown>).needsMe === "true";
-    streamRequests(request.raw, reply, reviewer, onlyMine);
+    streamRequests(reply, reviewer, onlyMine, stop);
   });
 
-  function streamRequests(raw: IncomingMessage, reply: FastifyReply, reviewer: Reviewer, onlyMine: boolean): void {
+  function streamRequests(reply: FastifyReply, reviewer: Reviewer, onlyMine: boolean, stop: AbortController): void {
     reply.hijack();
     const out = reply.raw;
     out.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive", "x-accel-buffering": "no" });
-    const stop = new AbortController();
     const keepAlive = setInterval(() => out.write(": keep-alive\n\n"), brokerHttpDefaults.keepAliveMs);
-    const end = () => {
-      clearInterval(keepAlive);
+    // The stream lives no longer than the credential that opened it.
+    const expiry = reviewer.expiresAt === undefined ? undefined : setTimeout(() => {
+      write("event: expired\ndata: {}\n\n");
       stop.abort();
+    }, Math.max(0, reviewer.expiresAt.getTime() - Date.now()));
+    const write = (text: string) => {
+      // A client that stops reading does not get to make the broker buffer without bound.
+      if (!out.write(text) && out.writableLength > brokerHttpDefaults.maxStreamBufferBytes) stop.abort();
     };
-    raw.on("close", end);
-    const sent = new Map<string, number>();
-    const send = (record: RequestRecord) => {
-      const id = record.request?.id ?? "";
-      const view = requestView(record, reviewer, approvals, new Date());
-      if (onlyMine && !view.needsMe && !sent.has(id)) return;
-      sent.set(id, updatedMs(record));
-      out.write(`event: request\ndata: ${JSON.stringify(view)}\n\n`);
-    };
+    // With needsMe, a request that stops needing me is sent once more (so the console drops it), then forgotten.
+    const shown = new Set<string>();
     void (async () => {
       try {
-        const snapshotAt = Date.now();
-        const now = new Date();
-        const pending = (await broker.list()).filter((record) => record.state === RequestState.PENDING).sort(newestFirst);
-        for (const record of pending) if (!onlyMine || needsReviewer(record, reviewer, approvals, now)) send(record);
-        out.write("event: ready\ndata: {}\n\n");
-        // The watch replays each record's current value first: forward only what changed since the snapshot.
-        for await (const record of broker.watch(stop.signal, true)) {
-          const id = record.request?.id ?? "";
-          const known = sent.get(id);
-          const changed = known === undefined ? record.state === RequestState.PENDING || updatedMs(record) >= snapshotAt - 1000 : updatedMs(record) !== known;
-          if (changed) send(record);
+        for await (const update of liveRequests(broker, stop.signal)) {
+          if (update.kind === "ready") {
+            write("event: ready\ndata: {}\n\n");
+            continue;
+          }
+          const id = update.record.request?.id ?? "";
+          const view = requestView(update.record, reviewer, approvals, new Date());
+          if (onlyMine && !view.needsMe && !shown.has(id)) continue;
+          if (onlyMine && !view.needsMe) shown.delete(id);
+          else if (onlyMine) shown.add(id);
+          write(`event: request\ndata: ${JSON.stringify(view)}\n\n`);
         }
       } catch (error) {
         if (!stop.signal.aborted) log.warn({ err: error }, "live updates stream ended");
       } finally {
-        end();
+        clearInterval(keepAlive);
+        clearTimeout(expiry);
+        stop.abort();
         out.end();
       }
     })();
@@ -410,9 +445,4 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
   }
   app.get("/", (_request, reply) => reply.redirect("/console/"));
   return app;
-}
-
-function updatedMs(record: RequestRecord): number {
-  const updated = record.updatedAt;
-  return updated === undefined ? createdMs(record) : Number(updated.seconds) * 1000 + Math.floor(updated.nanos / 1e6);
 }

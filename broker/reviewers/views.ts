@@ -58,6 +58,20 @@ export function needsReviewer(record: RequestRecord, reviewer: Reviewer, approva
   return vote(record, record.request, approvals, { reviewer: reviewer.id, approve: true, groups: reviewer.groups }, now).ok;
 }
 
+/**
+ * Refuses (`permission_denied`) anyone who is not a reviewer at all: in no configured
+ * group, not in the break-glass role, and asserting no configured group. A token
+ * the identity provider signed for this audience is not enough to read requests,
+ * leases and the audit trail.
+ */
+export function requireReviewer(reviewer: Reviewer, approvals: ApprovalConfig): void {
+  const key = reviewer.id.trim().toLowerCase();
+  const member = (ids: readonly string[]) => ids.some((id) => id.trim().toLowerCase() === key);
+  if ([...approvals.groups.values()].some(member) || member(approvals.breakGlassRole)) return;
+  if (reviewer.groups.some((group) => approvals.groups.has(group))) return;
+  throw new AirlockError(Code.PermissionDenied, `${reviewer.id} is not a reviewer: in no reviewer group of this broker`, { details: { reason: "not_a_reviewer" } });
+}
+
 /** The {@link RequestView} of a record for one reviewer. */
 export function requestView(record: RequestRecord, reviewer: Reviewer, approvals: ApprovalConfig, now: Date): RequestView {
   return {

@@ -12,6 +12,7 @@ import t from "tap";
 import { randomBytes } from "node:crypto";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { connect } from "@nats-io/transport-node";
+import { ReviewerAuthenticator } from "../../broker/index.js";
 import { callServerStream, callUnary, type AirlockError, Code, subjects } from "../../common/index.js";
 import { DecisionBodySchema, DecisionSchema, RequestState, ReviewerService, Verdict } from "../../proto/index.js";
 import { startStack } from "../helpers/stack.js";
@@ -104,6 +105,22 @@ await t.test("OIDC: tokens are verified against the JWKS; bad ones get 401 with 
   const forged = await api("GET", "/api/v1/me", await idToken("dana@example.com", [], { key: (await generateKeyPair("ES256")).privateKey }));
   t.equal(forged.status, 401, "a token signed by another key is refused");
   t.equal((await api("GET", "/api/v1/me", "not-a-jwt")).status, 401);
+  const outsider = await api("GET", "/api/v1/me", await idToken("mallory@example.com", ["marketing"]));
+  t.match(outsider, { status: 403, body: { code: "permission_denied", details: { reason: "not_a_reviewer" } } }, "a valid token of someone in no reviewer group reads nothing");
+  t.equal((await api("POST", "/api/v1/session", undefined, { token: await idToken("mallory@example.com", []) })).status, 403, "nor signs in to the console");
+  const unverified = await new SignJWT({ email: "dana@example.com", email_verified: false, groups: ["data-owners"] })
+    .setProtectedHeader({ alg: "ES256", kid: "idp-1" })
+    .setIssuer(issuer)
+    .setAudience("airlock-console")
+    .setExpirationTime("5m")
+    .sign(idpKeys.privateKey);
+  t.match(await api("GET", "/api/v1/me", unverified), { status: 401, body: { details: { reason: "email_not_verified" } } }, "an unverified email is no identity");
+  const idpDown = new ReviewerAuthenticator({ kind: "oidc", issuer, audience: "airlock-console", jwksUrl: "http://127.0.0.1:1/jwks.json", reviewerClaim: "email", groupsClaim: "groups", clockToleranceSec: 30 });
+  const down = await idpDown.authenticate(dana).catch((error: unknown) => error as AirlockError);
+  t.equal((down as AirlockError).code, Code.Unavailable, "an unreachable identity provider is unavailability, not a bad token");
+  t.match(await api("GET", "/api/v1/requests/not%20a%20key", dana), { status: 404, body: { code: "not_found" } }, "an id no request can have is not found");
+  t.match(await api("GET", "/api/v1/me", undefined, undefined, { cookie: "airlock_session=%E0%A4%A" }), { status: 401, body: { details: { reason: "malformed_cookie" } } });
+  t.equal((await api("DELETE", "/api/v1/session", undefined, undefined, { cookie: "airlock_session=stale" })).status, 204, "a stale cookie can still be cleared");
 });
 
 await t.test("list, get, self-approval refused, deny needs a reason, approve, then 409", async (t) => {
@@ -257,6 +274,15 @@ await t.test("the reviewers' gRPC API: list, decide, verify the audit chain; aut
   };
   const anonymous = await callUnary(client, ReviewerService.method.listRequests, {}).catch((error: unknown) => error as AirlockError);
   t.equal((anonymous as AirlockError).code, Code.Unauthenticated);
+  const anonymousWatch = await (async () => {
+    try {
+      for await (const _ of callServerStream(client, ReviewerService.method.watchRequests, {}, { deadline: new Date(Date.now() + 5000) })) void _;
+      return undefined;
+    } catch (error) {
+      return error as AirlockError;
+    }
+  })();
+  t.equal(anonymousWatch?.code, Code.Unauthenticated, "an unauthenticated watch gets its status at once, not a hang");
   const watch = callServerStream(client, ReviewerService.method.watchRequests, { needsMe: true }, { metadata: auth(sam) });
   const call = stack.callRotateKey("grpc path");
   let id = "";
@@ -361,4 +387,14 @@ await t.test("a forged decision is refused by the sidecar and lands in the broke
   await api("POST", `/api/v1/requests/${id}/decision`, dana, { approve: false, reason: "cleaning up after the forgery test" });
   t.equal((await call).code, Code.PermissionDenied);
   t.match((await api("GET", "/api/v1/audit/verify", dana)).body, { intact: true });
+});
+
+await t.test("failed sign-ins are rate limited per client address", async (t) => {
+  // Earlier subtests' refused tokens came from this address too: they count.
+  const statuses: number[] = [];
+  for (let i = 0; i < 35; i++) statuses.push((await api("GET", "/api/v1/me", `wrong-token-${i}`)).status);
+  const firstLimited = statuses.indexOf(429);
+  t.ok(firstLimited > 0 && firstLimited <= 30, `refused with 401 until the limit, then 429 (after ${firstLimited} more failures)`);
+  t.ok(statuses.slice(0, firstLimited).every((status) => status === 401));
+  t.equal(statuses.at(-1), 429, "and it stays limited");
 });

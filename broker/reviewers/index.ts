@@ -1,0 +1,11 @@
+/**
+ * The reviewers' API of a broker replica: authentication, the HTTP app (JSON
+ * API, live updates, console, Slack interactions, health) and the gRPC
+ * ReviewerService. Contract: docs/reviewer-api.md.
+ * @module
+ */
+export { type OidcAuthConfig, parseReviewerAuthConfig, type Reviewer, type ReviewerAuthConfig, ReviewerAuthenticator, reviewerAuthDefaults, type StaticAuthConfig } from "./auth.js";
+export { type ReviewerGrpcOptions, type RunningReviewerGrpc, startReviewerGrpc } from "./grpc.js";
+export { brokerHttpDefaults, type BrokerHttpOptions, createBrokerHttpApp, csrfTokenOf, httpErrorOf, type SlackInteractionHandler } from "./http.js";
+export { liveRequests, type LiveUpdate } from "./live.js";
+export { type RequestView, requireReviewer } from "./views.js";
