@@ -77,14 +77,25 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
   const closers: Closer[] = [];
   const abort = new AbortController();
   let stopping: Promise<void> | undefined;
+  const stopAll = async () => {
+    // Closers added while stopping (a start that was under way) are stopped too.
+    for (let closer = closers.pop(); closer !== undefined; closer = closers.pop()) {
+      await closer.close().catch((error: unknown) => print(`demo   could not stop ${closer?.name ?? ""}: ${AirlockError.from(error).rawMessage}`));
+    }
+  };
   const stop = (): Promise<void> => {
     abort.abort();
-    stopping ??= (async () => {
-      for (const closer of closers.reverse()) {
-        await closer.close().catch((error: unknown) => print(`demo   could not stop ${closer.name}: ${AirlockError.from(error).rawMessage}`));
-      }
-    })();
+    stopping ??= stopAll();
     return stopping;
+  };
+  /** Records what to stop; after stop() it stops it at once and ends the start-up. */
+  const track = async (closer: Closer): Promise<void> => {
+    if (!abort.signal.aborted) {
+      closers.push(closer);
+      return;
+    }
+    await closer.close().catch(() => undefined);
+    throw new AirlockError(Code.Canceled, "the demo was stopped");
   };
   const done = (async (): Promise<DemoResult> => {
     const started = Date.now();
@@ -93,18 +104,18 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     const servers = await Promise.allSettled([startNats(), startVault(), startPostgres()]);
     // Whatever did start is stopped, even when another server failed to.
     for (const [index, server] of servers.entries()) {
-      if (server.status === "fulfilled") closers.push({ name: ["NATS", "Vault", "PostgreSQL"][index] ?? "a server", close: () => server.value.stop() });
+      if (server.status === "fulfilled") await track({ name: ["NATS", "Vault", "PostgreSQL"][index] ?? "a server", close: () => server.value.stop() });
     }
     const [nats, vault, postgres] = servers.map((server) => {
       if (server.status === "rejected") throw server.reason;
       return server.value;
     }) as [Awaited<ReturnType<typeof startNats>>, Awaited<ReturnType<typeof startVault>>, Awaited<ReturnType<typeof startPostgres>>];
     const database = await postgres.createDatabase();
-    closers.push({ name: "the demo database", close: () => database.drop() });
+    await track({ name: "the demo database", close: () => database.drop() });
     print(`demo   NATS ${nats.version} at ${nats.url}, Vault ${vault.version} at ${vault.address}, PostgreSQL ${postgres.version} database ${database.name}`);
 
     const keys = await makeTempDir("airlock-demo-");
-    closers.push({ name: "the key directory", close: () => keys.remove() });
+    await track({ name: "the key directory", close: () => keys.remove() });
     const keyFiles = await writeDemoKeys(keys.path);
     const db = { host: database.host, port: database.port, database: database.name, username: "postgres", password: "" };
     await prepareDemoDatabase(db);
@@ -114,7 +125,7 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
 
     await buildConsole({ ifMissing: true });
     const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
-    closers.push({ name: "the ops upstream", close: () => ops.close() });
+    await track({ name: "the ops upstream", close: () => ops.close() });
 
     const tokens = { dana: `dana-${randomBytes(12).toString("hex")}`, sam: `sam-${randomBytes(12).toString("hex")}` };
     const logLevel = options.logLevel ?? "warn";
@@ -141,9 +152,9 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
       // 9465 is taken (another demo, another broker): any free port will do.
       broker = await startBroker(parseBrokerConfig(await readConfigFile(`${configDir}broker.yaml`, { env: { ...env, AIRLOCK_BROKER_HTTP: "127.0.0.1:0" } })), { log });
     }
-    closers.push({ name: "the broker", close: () => broker.close() });
+    await track({ name: "the broker", close: () => broker.close() });
     const sidecar = await startSidecar(parseSidecarConfig(await readConfigFile(`${configDir}sidecar.yaml`, { env })), { log });
-    closers.push({ name: "the sidecar", close: () => sidecar.close() });
+    await track({ name: "the sidecar", close: () => sidecar.close() });
     print(`demo   broker, sidecar (${sidecar.address}) and ops upstream running (${((Date.now() - started) / 1000).toFixed(1)} s)`);
     print("");
     print(`       approver console: ${broker.httpUrl}/console/`);
@@ -154,12 +165,12 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
 
     const admin = new pg.Client({ connectionString: database.url });
     await admin.connect();
-    closers.push({ name: "the admin connection", close: () => admin.end() });
+    await track({ name: "the admin connection", close: () => admin.end() });
     const tracker = new ActionTracker(broker, admin, rootVault, print);
-    closers.push({ name: "the broker watch", close: () => tracker.stop() });
+    await track({ name: "the broker watch", close: () => tracker.stop() });
     if (options.autoApprove === true) {
       const approver = new AutoApprover(broker.httpUrl, tokens, print);
-      closers.push({ name: "the auto-approver", close: () => approver.stop() });
+      await track({ name: "the auto-approver", close: () => approver.stop() });
     } else {
       print("demo   privileged steps wait for you: approve or deny them in the console (or with the CLI)");
     }

@@ -15,10 +15,16 @@ const demo = runDemo({
 });
 
 let interrupted = false;
+let interruptedAt = 0;
 const onSignal = (signal: NodeJS.Signals) => {
-  // A second Ctrl-C means now: the harness's exit hook still stops the servers it started.
-  if (interrupted) process.exit(130);
+  if (interrupted) {
+    // The same Ctrl-C arrives twice (the terminal signals the process group, and tsx relays it):
+    // only a second press, later, means "now" (the harness's exit hook still stops its servers).
+    if (Date.now() - interruptedAt > 1000) process.exit(130);
+    return;
+  }
   interrupted = true;
+  interruptedAt = Date.now();
   console.log(`\ndemo   ${signal}: stopping everything`);
   void demo.stop().then(() => {
     console.log("demo   stopped; nothing left running");
