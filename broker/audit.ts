@@ -105,15 +105,22 @@ export async function ensureAuditStream(jsm: JetStreamManager): Promise<void> {
   }
 }
 
-/** Reads the audit stream from the start (or from a time), in order. */
-export async function* readAuditEvents(nc: NatsConnection, options: { since?: Date } = {}): AsyncGenerator<AuditEvent> {
+/**
+ * Reads the audit stream in order: from the start, from a time (`since`), or
+ * only the newest `last` events (without reading the ones before them).
+ */
+export async function* readAuditEvents(nc: NatsConnection, options: { since?: Date; last?: number } = {}): AsyncGenerator<AuditEvent> {
   const jsm = await jetstreamManager(nc);
   const info = await jsm.streams.info(auditStream.name);
   const last = info.state.last_seq;
   if (info.state.messages === 0) return;
-  const consumer = await jetstream(nc).consumers.get(auditStream.name, {
-    ...(options.since === undefined ? { deliver_policy: DeliverPolicy.All } : { deliver_policy: DeliverPolicy.StartTime, opt_start_time: options.since.toISOString() }),
-  });
+  const start =
+    options.last !== undefined
+      ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: Math.max(info.state.first_seq, last - Math.max(1, options.last) + 1) }
+      : options.since === undefined
+        ? { deliver_policy: DeliverPolicy.All }
+        : { deliver_policy: DeliverPolicy.StartTime, opt_start_time: options.since.toISOString() };
+  const consumer = await jetstream(nc).consumers.get(auditStream.name, start);
   // Stop at the stream's end as of now; a start time past the last event means nothing to read.
   const pending = (await consumer.info()).num_pending;
   if (pending === 0) return;

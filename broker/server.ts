@@ -58,6 +58,8 @@ export interface ReviewerApiConfig {
   readonly ratePerMinute: number;
   /** Where `airlock.v1.ReviewerService` is served over gRPC; off when absent. */
   readonly grpc?: { readonly host: string; readonly port: number };
+  /** The console's public origin behind a proxy that rewrites `Host` (`https://airlock.example.com`). */
+  readonly publicOrigin?: string;
 }
 
 /** Defaults of {@link BrokerConfig}. */
@@ -67,8 +69,12 @@ function reviewerApiConfig(reader: ConfigReader): ReviewerApiConfig {
   const auth = parseReviewerAuthConfig(reader.object("auth"));
   const ratePerMinute = reader.integer("rate_limit_per_minute", brokerConfigDefaults.ratePerMinute, 1, 100_000);
   const grpc = reader.has("grpc") ? reader.address("grpc") : undefined;
+  const publicOrigin = reader.optionalString("public_origin");
+  if (publicOrigin !== undefined && (!URL.canParse(publicOrigin) || new URL(publicOrigin).origin !== publicOrigin)) {
+    throw reader.fail(`${reader.path}.public_origin`, "must be an origin such as https://airlock.example.com (scheme, host, optional port; no path)");
+  }
   reader.done();
-  return { auth, ratePerMinute, ...(grpc === undefined ? {} : { grpc: { host: grpc.host, port: grpc.port } }) };
+  return { auth, ratePerMinute, ...(grpc === undefined ? {} : { grpc: { host: grpc.host, port: grpc.port } }), ...(publicOrigin === undefined ? {} : { publicOrigin }) };
 }
 
 function vaultAuth(reader: ConfigReader): VaultAuth {
@@ -249,6 +255,7 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
       ready,
       ...(auth === undefined ? {} : { auth, ratePerMinute: config.reviewers?.ratePerMinute ?? brokerConfigDefaults.ratePerMinute }),
       ...(slack === undefined ? {} : { slack: (rawBody, headers, decide) => slack.handleInteraction(rawBody, headers, decide) }),
+      ...(config.reviewers?.publicOrigin === undefined ? {} : { publicOrigin: config.reviewers.publicOrigin }),
     });
     await app.listen({ host: config.http.host, port: config.http.port });
     if (auth !== undefined && config.reviewers?.grpc !== undefined) {

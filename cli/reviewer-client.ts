@@ -82,10 +82,21 @@ export class ReviewerClient {
     return this.call("GET", "/api/v1/me");
   }
 
-  /** Requests matching the query (see the API's `GET /api/v1/requests`). */
-  async list(query: Readonly<Record<string, string>> = {}): Promise<RequestViewJson[]> {
-    const search = new URLSearchParams(query).toString();
-    return (await this.call<{ requests: RequestViewJson[] }>("GET", `/api/v1/requests${search === "" ? "" : `?${search}`}`)).requests;
+  /**
+   * Requests matching the query (see the API's `GET /api/v1/requests`), every
+   * page of them, up to `max`.
+   * @param max - stop after this many. @default 10000
+   */
+  async list(query: Readonly<Record<string, string>> = {}, max = 10_000): Promise<RequestViewJson[]> {
+    const all: RequestViewJson[] = [];
+    let cursor: string | undefined;
+    do {
+      const search = new URLSearchParams({ ...query, ...(cursor === undefined ? {} : { cursor }) }).toString();
+      const page = await this.call<{ requests: RequestViewJson[]; nextCursor?: string }>("GET", `/api/v1/requests${search === "" ? "" : `?${search}`}`);
+      all.push(...page.requests);
+      cursor = page.nextCursor;
+    } while (cursor !== undefined && all.length < max);
+    return all.slice(0, max);
   }
 
   /** One request. */

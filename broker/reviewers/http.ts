@@ -48,6 +48,11 @@ export interface BrokerHttpOptions {
   readonly ratePerMinute?: number;
   /** The built console (`approver-console/dist`). @default the repository's approver-console/dist */
   readonly consoleDir?: string;
+  /**
+   * The origin browsers reach the console at when it is not the broker's own
+   * `Host` (behind a proxy that rewrites it), e.g. `https://airlock.example.com`.
+   */
+  readonly publicOrigin?: string;
   /** Slack interactions; without it `/slack/interactions` answers 404. */
   readonly slack?: SlackInteractionHandler;
 }
@@ -236,7 +241,7 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
       } catch {
         host = "";
       }
-      if (host !== request.headers.host) throw new AirlockError(Code.PermissionDenied, "cross-origin writes are refused", { details: { reason: "csrf" } });
+      if (host !== request.headers.host && origin !== options.publicOrigin) throw new AirlockError(Code.PermissionDenied, "cross-origin writes are refused", { details: { reason: "csrf" } });
     } else if (origin === "null") {
       throw new AirlockError(Code.PermissionDenied, "cross-origin writes are refused", { details: { reason: "csrf" } });
     }
@@ -354,10 +359,7 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     await reviewerOf(request);
     const limit = parseLimit((request.query as Record<string, unknown>).limit, 200);
     const events = [];
-    for await (const event of readAuditEvents(options.nc)) {
-      events.push(event);
-      if (events.length > limit) events.shift();
-    }
+    for await (const event of readAuditEvents(options.nc, { last: limit })) events.push(event);
     return { events: events.map((event) => toJson(AuditEventSchema, event)) };
   });
 

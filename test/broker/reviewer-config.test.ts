@@ -52,6 +52,7 @@ await t.test("the reviewers section is validated; each error names its field", a
     ],
     [{ auth: { kind: "static", tokens: [{ token: "long-enough-token", reviewer: "a@example.com" }] }, rate_limit_per_minute: 0 }, "reviewers.rate_limit_per_minute"],
     [{ auth: { kind: "static", tokens: [{ token: "long-enough-token", reviewer: "a@example.com" }] }, extra: 1 }, "reviewers.extra"],
+    [{ auth: { kind: "static", tokens: [{ token: "long-enough-token", reviewer: "a@example.com" }] }, public_origin: "https://airlock.example.com/console" }, "reviewers.public_origin"],
   ];
   for (const [reviewers, field] of cases) {
     const error = (() => {

@@ -47,6 +47,7 @@ const stack = await startStack(t, {
       auth: { kind: "oidc", issuer, audience: "airlock-console", jwks_url: jwksUrl, clock_tolerance_sec: 30 },
       rate_limit_per_minute: 40,
       grpc: "127.0.0.1:0",
+      public_origin: "https://airlock.example.com",
     },
   },
 });
@@ -241,8 +242,8 @@ await t.test("console sessions: cookie auth, CSRF header required on writes, cro
   const crossOrigin = await api("POST", `/api/v1/requests/${held.record.request.id}/decision`, undefined, { approve: true }, { cookie, "x-airlock-csrf": csrf, origin: "https://evil.example" });
   t.equal(crossOrigin.status, 403, "a write from another origin is refused even with the header");
   t.equal(((await api("GET", `/api/v1/requests/${held.record.request.id}`, dana)).body.record as View["record"]).state, "REQUEST_STATE_PENDING", "refused writes changed nothing");
-  const ok = await api("POST", `/api/v1/requests/${held.record.request.id}/decision`, undefined, { approve: true }, { cookie, "x-airlock-csrf": csrf });
-  t.equal(ok.status, 200);
+  const ok = await api("POST", `/api/v1/requests/${held.record.request.id}/decision`, undefined, { approve: true }, { cookie, "x-airlock-csrf": csrf, origin: "https://airlock.example.com" });
+  t.equal(ok.status, 200, "a write from the configured public origin (behind a proxy) is accepted");
   t.equal((await call).code, 0);
   t.equal((await api("POST", "/api/v1/session", undefined, { token: "garbage" })).status, 401);
 });
@@ -306,7 +307,13 @@ await t.test("the reviewers' gRPC API: list, decide, verify the audit chain; aut
   const http = await api("GET", "/api/v1/audit/verify", sam);
   t.match(http.body, { intact: true });
   const audit = await api("GET", "/api/v1/audit?limit=5", sam);
-  t.equal((audit.body.events as unknown[]).length, 5);
+  const newest = audit.body.events as { sequence: string }[];
+  t.equal(newest.length, 5);
+  t.same(
+    newest.map((e) => Number(e.sequence)),
+    [0, 1, 2, 3, 4].map((i) => Number((http.body as { eventsChecked: number }).eventsChecked) - 4 + i),
+    "the newest five, in order",
+  );
 });
 
 await t.test("a per-reviewer rate limit answers 429 with Retry-After", async (t) => {
