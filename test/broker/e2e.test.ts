@@ -20,7 +20,7 @@ import { useInfra } from "../../harness/index.js";
 import { AuditEventType, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
-import { exportRoles, seedExportEngine, startTestSidecar } from "../helpers/stack.js";
+import { exportRoles, opsPolicy, seedExportEngine, startTestSidecar } from "../helpers/stack.js";
 
 const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
 const log = createLogger({ name: "test", level: "silent" });
@@ -36,29 +36,7 @@ const agentKeys = await generateKeyPair("EdDSA");
 const dir = await mkdtemp(join(tmpdir(), "airlock-e2e-"));
 t.teardown(() => rm(dir, { recursive: true, force: true }));
 await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
-await writeFile(
-  join(dir, "policy.yaml"),
-  `version: 1
-default: deny
-rules:
-  - id: export
-    match: { service: demo.v1.OpsService, method: ExportTable }
-    effect: approve
-    approve:
-      risk: high
-      reviewers: { all_of: [{ group: data-owners, min_approvals: 1 }] }
-      credential: { kind: database, mount: database, role: export, ttl: 5m }
-      timeout: 20s
-  - id: rotate
-    match: { service: demo.v1.OpsService, method: RotateKey }
-    effect: approve
-    approve:
-      risk: low
-      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }
-      credential: { kind: vault_token, policies: [default], num_uses: 5, ttl: 1m }
-      timeout: 20s
-`,
-);
+await writeFile(join(dir, "policy.yaml"), opsPolicy({ rotateRisk: "low", timeout: "20s" }));
 const sidecar = await startTestSidecar(t, { nats, vault, database }, { dir, upstream: ops.address, host: "e2e-host", agentPublicKey: agentKeys.publicKey, log });
 
 const approvals = parseApprovalConfig(

@@ -15,7 +15,7 @@ import { freePort, useInfra } from "../../harness/index.js";
 import { RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { agentMetadata } from "../helpers/agent.js";
-import { exportRoles, seedExportEngine, startTestSidecar } from "../helpers/stack.js";
+import { exportRoles, opsPolicy, seedExportEngine, startTestSidecar } from "../helpers/stack.js";
 
 // Two broker replicas: A is a real `airlock broker` process that a failpoint stops at an
 // exact step of an approval, where the test kills it with SIGKILL; B runs on and must
@@ -33,21 +33,7 @@ t.teardown(() => rm(dir, { recursive: true, force: true }));
 const key = generateDecisionKey("k1");
 await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
 await writeFile(join(dir, "broker-signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
-await writeFile(
-  join(dir, "policy.yaml"),
-  `version: 1
-default: deny
-rules:
-  - id: export
-    match: { service: demo.v1.OpsService, method: ExportTable }
-    effect: approve
-    approve:
-      risk: high
-      reviewers: { all_of: [{ group: data-owners, min_approvals: 1 }] }
-      credential: { kind: database, mount: database, role: export, ttl: 5m }
-      timeout: 60s
-`,
-);
+await writeFile(join(dir, "policy.yaml"), opsPolicy());
 const agentKeys = await generateKeyPair("EdDSA");
 const sidecar = await startTestSidecar(t, { nats, vault, database }, { dir, upstream: ops.address, host: "failover-host", agentPublicKey: agentKeys.publicKey, log });
 

@@ -60,7 +60,34 @@ export interface StackOptions {
   readonly reviewerGrpc?: string;
 }
 
-const policy = `version: 1
+/** Options of {@link opsPolicy}. */
+export interface OpsPolicyOptions {
+  /** RotateKey's risk (an auto rule may approve `low`); without it RotateKey has no rule (denied). */
+  readonly rotateRisk?: "low" | "medium";
+  /** How long a held call waits for its decision. @default "60s" */
+  readonly timeout?: string;
+}
+
+/**
+ * The tests' policy for the demo upstream: GetStatus allowed, ExportTable held
+ * for 1 of data-owners with a database credential (role `export`), RotateKey
+ * held for 1 of security with a Vault token.
+ */
+export function opsPolicy(options: OpsPolicyOptions = {}): string {
+  const timeout = options.timeout ?? "60s";
+  const rotate =
+    options.rotateRisk === undefined
+      ? ""
+      : `  - id: rotate
+    match: { service: demo.v1.OpsService, method: RotateKey }
+    effect: approve
+    approve:
+      risk: ${options.rotateRisk}
+      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }
+      credential: { kind: vault_token, policies: [default], num_uses: 5, ttl: 1m }
+      timeout: ${timeout}
+`;
+  return `version: 1
 default: deny
 rules:
   - id: status
@@ -73,16 +100,9 @@ rules:
       risk: high
       reviewers: { all_of: [{ group: data-owners, min_approvals: 1 }] }
       credential: { kind: database, mount: database, role: export, ttl: 5m }
-      timeout: 60s
-  - id: rotate
-    match: { service: demo.v1.OpsService, method: RotateKey }
-    effect: approve
-    approve:
-      risk: medium
-      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }
-      credential: { kind: vault_token, policies: [default], num_uses: 5, ttl: 1m }
-      timeout: 60s
-`;
+      timeout: ${timeout}
+${rotate}`;
+}
 
 /** The servers a test's building blocks sit on (what `useInfra` returns). */
 export interface StackInfra {
@@ -174,7 +194,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
   t.teardown(() => rm(dir, { recursive: true, force: true }));
   await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
   await writeFile(join(dir, "broker-signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
-  await writeFile(join(dir, "policy.yaml"), policy);
+  await writeFile(join(dir, "policy.yaml"), opsPolicy({ rotateRisk: "medium" }));
 
   const sidecar = await startTestSidecar(t, { nats, vault, database }, { dir, upstream: ops.address, host: "stack-host", agentPublicKey: agentKeys.publicKey, log });
 
