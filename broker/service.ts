@@ -298,15 +298,21 @@ export class Broker {
       details: { service: request.service, method: request.method, host: request.host, rule: request.ruleId, reason: request.reason, onBehalfOf: request.identity?.onBehalfOf ?? "" },
     };
     const record = result.decided === undefined ? result.record : withDecisionId(result.record);
-    // A redelivered request finds its record there already; the first delivery audited it.
-    const revision = await this.store.create(record);
-    if (revision === undefined) return;
     const intakeAudit = [received, ...this.auditEntries(result.events, result.autoRule === undefined ? this.options.replicaId : `auto-rule:${result.autoRule}`)];
     if (result.decided === undefined) {
+      // Left for reviewers: audited before the record exists, so a crash or a failed append
+      // between the two cannot leave a request nobody audited (a redelivery finds no record and
+      // audits again; at worst the trail shows the request received twice).
+      if ((await this.store.get(request.id)) !== undefined) return;
       await this.audit.appendAll(intakeAudit);
+      await failpoint("broker.after_intake_audit");
+      if ((await this.store.create(record)) === undefined) return;
       this.announce(result.events, record);
       return;
     }
+    // A redelivered request finds its record there already; the first delivery audited it.
+    const revision = await this.store.create(record);
+    if (revision === undefined) return;
     // Decided at intake (an auto rule): its intake events go in the decision's audit batch, still
     // written before the decision is published, so one round trip fewer on the agent's wait.
     await this.finalize({ record, revision }, intakeAudit);

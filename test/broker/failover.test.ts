@@ -1,21 +1,20 @@
-import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { Client, credentials } from "@grpc/grpc-js";
 import { generateKeyPair } from "jose";
 import t from "tap";
-import { parseBrokerConfig, startBroker } from "../../broker/index.js";
+import { connect } from "@nats-io/transport-node";
+import { parseBrokerConfig, readAuditEvents, type RunningBroker, startBroker } from "../../broker/index.js";
 import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { AirlockError, callServerStream, Code, createLogger, createVaultClient } from "../../common/index.js";
 import { startOpsServer } from "../../demo/ops/index.js";
 import { freePort, useInfra } from "../../harness/index.js";
-import { RequestState } from "../../proto/index.js";
+import { AuditEventType, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { agentMetadata } from "../helpers/agent.js";
-import { exportRoles, opsPolicy, seedExportEngine, startTestSidecar } from "../helpers/stack.js";
+import { type BrokerProcess, exportRoles, opsPolicy, seedExportEngine, startBrokerProcess, startTestSidecar } from "../helpers/stack.js";
 
 // Two broker replicas: A is a real `airlock broker` process that a failpoint stops at an
 // exact step of an approval, where the test kills it with SIGKILL; B runs on and must
@@ -52,42 +51,29 @@ function brokerConfig(replica: string, http: string): Record<string, unknown> {
   };
 }
 
-const survivor = await startBroker(parseBrokerConfig(new ConfigReader(brokerConfig("replica-b", "127.0.0.1:0"), "", join(dir, "b.yaml"))), { log });
-t.teardown(() => survivor.close());
+// Replica B starts with the first subtest that needs it, so the first one can have A take a request alone.
+let started: RunningBroker | undefined;
+async function survivorBroker(): Promise<RunningBroker> {
+  if (started === undefined) {
+    started = await startBroker(parseBrokerConfig(new ConfigReader(brokerConfig("replica-b", "127.0.0.1:0"), "", join(dir, "b.yaml"))), { log });
+    const running = started;
+    t.teardown(() => running.close());
+  }
+  return started;
+}
 
 /** Starts replica A as its own process, armed to stop at `failpointName`. */
-async function startReplicaA(failpointName: string): Promise<{ child: ChildProcess; url: string; reached: Promise<void> }> {
+async function startReplicaA(failpointName: string): Promise<BrokerProcess> {
   const port = await freePort();
   const configPath = join(dir, `a-${failpointName}.yaml`);
   await writeFile(configPath, JSON.stringify(brokerConfig(`replica-a-${failpointName}`, `127.0.0.1:${port}`)));
-  const cli = fileURLToPath(new URL("../../cli/airlock.ts", import.meta.url));
-  const child = spawn(process.execPath, ["--import", import.meta.resolve("tsx"), cli, "broker", "--config", configPath], {
-    env: { ...process.env, AIRLOCK_FAILPOINTS: `${failpointName}=pause` },
-    stdio: ["ignore", "ignore", "pipe"],
-  });
-  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-  t.teardown(async () => {
-    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
-    await exited;
-  });
-  let stderr = "";
-  const reached = new Promise<void>((resolve) => {
-    child.stderr?.on("data", (chunk: Buffer) => {
-      stderr += chunk.toString();
-      if (stderr.includes(`failpoint ${failpointName} reached`)) resolve();
-    });
-  });
-  const url = `http://127.0.0.1:${port}`;
-  for (let i = 0; i < 300; i++) {
-    const ready = await fetch(`${url}/readyz`).then(
-      (r) => r.ok,
-      () => false,
-    );
-    if (ready) return { child, url, reached };
-    if (child.exitCode !== null) throw new Error(`replica A exited: ${stderr}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-  throw new Error(`replica A never became ready: ${stderr}`);
+  return startBrokerProcess(t, { configPath, url: `http://127.0.0.1:${port}`, failpoint: failpointName });
+}
+
+async function connectNats() {
+  const nc = await connect({ servers: nats.url });
+  t.teardown(() => nc.close());
+  return nc;
 }
 
 const client = new Client(sidecar.address, credentials.createInsecure());
@@ -107,7 +93,7 @@ async function exportCall(): Promise<{ code: number; rows: number; message: stri
 
 async function pendingId(): Promise<string> {
   for (let i = 0; i < 200; i++) {
-    const found = (await survivor.broker.list()).find((r) => r.state === RequestState.PENDING);
+    const found = (await (await survivorBroker()).broker.list()).find((r) => r.state === RequestState.PENDING);
     if (found?.request !== undefined) return found.request.id;
     await new Promise((resolve) => setTimeout(resolve, 25));
   }
@@ -124,11 +110,33 @@ async function killMidApproval(failpointName: string): Promise<string> {
     () => undefined,
   );
   await a.reached;
-  a.child.kill("SIGKILL");
-  await new Promise<void>((resolve) => (a.child.exitCode !== null || a.child.signalCode !== null ? resolve() : a.child.once("exit", () => resolve())));
+  await a.kill();
   await vote;
   return id;
 }
+
+await t.test("replica A killed after auditing a request, before storing it: B gets it again, stores and audits it; nothing is lost", async (t) => {
+  const a = await startReplicaA("broker.after_intake_audit");
+  const call = exportCall();
+  await a.reached;
+  await a.kill();
+  const survivor = await survivorBroker();
+  // JetStream redelivers the unacknowledged request to B once its ack wait (30 s) has passed.
+  let record;
+  for (let i = 0; i < 900 && record === undefined; i++) {
+    record = (await survivor.broker.list()).find((r) => r.state === RequestState.PENDING);
+    if (record === undefined) await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  t.ok(record !== undefined, "the request A never stored is stored by B");
+  const id = record?.request?.id ?? "";
+  const received = [];
+  for await (const event of readAuditEvents(await connectNats())) if (event.requestId === id && event.type === AuditEventType.REQUEST_RECEIVED) received.push(event.actor);
+  t.ok(received.length >= 1, `its arrival is in the audit trail (${received.length} times: A audited it, B again on redelivery)`);
+  await survivor.broker.decide(id, { reviewer: "dana@example.com", approve: true, reason: "go" });
+  const outcome = await call;
+  t.equal(outcome.code, 0, `the agent's call, held all along, ran (${outcome.message})`);
+  t.equal(outcome.rows, 2);
+});
 
 await t.test("replica A killed after deciding, before issuing: B takes over, issues once, the action runs, the lease is revoked", async (t) => {
   const call = exportCall();
@@ -137,10 +145,10 @@ await t.test("replica A killed after deciding, before issuing: B takes over, iss
   t.equal(outcome.code, 0, `the agent's call completed through replica B (${outcome.message})`);
   t.equal(outcome.rows, 2);
   // The lease is revoked first, then the record marked completed: wait for both.
-  let record = await survivor.broker.get(id);
+  let record = await (await survivorBroker()).broker.get(id);
   for (let i = 0; i < 200 && (record.lease?.revokedAt === undefined || record.state !== RequestState.COMPLETED); i++) {
     await new Promise((resolve) => setTimeout(resolve, 25));
-    record = await survivor.broker.get(id);
+    record = await (await survivorBroker()).broker.get(id);
   }
   t.equal(record.state, RequestState.COMPLETED);
   t.equal(record.lease?.revokedBy, "replica-b", "the surviving replica revoked the lease");
@@ -155,15 +163,15 @@ await t.test("replica A killed after deciding, before issuing: B takes over, iss
 await t.test("replica A killed after issuing, before publishing: B revokes A's credential and fails the request closed", async (t) => {
   const call = exportCall();
   const id = await killMidApproval("broker.before_publish");
-  const issued = await survivor.broker.get(id);
+  const issued = await (await survivorBroker()).broker.get(id);
   t.equal(issued.state === RequestState.EXECUTING || issued.state === RequestState.FAILED, true, "A issued and recorded the credential before it died");
   const outcome = await call;
   t.not(outcome.code, 0, "the agent gets no credential from a dead replica's half-finished approval");
   t.match(outcome.message, /died before delivering the credential/);
-  let record = await survivor.broker.get(id);
+  let record = await (await survivorBroker()).broker.get(id);
   for (let i = 0; i < 200 && (record.lease?.revokedAt === undefined || record.state !== RequestState.FAILED); i++) {
     await new Promise((resolve) => setTimeout(resolve, 25));
-    record = await survivor.broker.get(id);
+    record = await (await survivorBroker()).broker.get(id);
   }
   t.equal(record.state, RequestState.FAILED);
   t.ok(record.lease?.leaseId !== undefined && record.lease.leaseId !== "", "the credential A issued is on record");

@@ -4,9 +4,11 @@
  * its config the way `airlock broker` starts it (reviewers' API and console
  * included). Everything stops in the test's teardown.
  */
+import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { Client, credentials, type Metadata } from "@grpc/grpc-js";
 import { type CryptoKey, exportSPKI, generateKeyPair } from "jose";
 import pg from "pg";
@@ -137,6 +139,53 @@ export async function seedExportEngine(t: Test, infra: StackInfra): Promise<pg.C
 /** Names of the dynamic database users Vault made for the `export` role that still exist. */
 export async function exportRoles(admin: pg.Client): Promise<string[]> {
   return (await admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%export%'")).rows.map((r) => r.rolname);
+}
+
+/** An `airlock broker` running as its own process. */
+export interface BrokerProcess {
+  readonly child: ChildProcess;
+  /** `http://127.0.0.1:<port>` of its HTTP API. */
+  readonly url: string;
+  /** Resolves when the armed failpoint is reached. */
+  readonly reached: Promise<void>;
+  /** SIGKILLs it and waits for the exit. */
+  kill(): Promise<void>;
+}
+
+/**
+ * Starts `airlock broker --config <configPath>` as a process, armed with a
+ * failpoint (`common/failpoints.ts`), and waits for its /readyz at `url`.
+ * Killed at teardown if still running.
+ */
+export async function startBrokerProcess(t: Test, options: { readonly configPath: string; readonly url: string; readonly failpoint: string }): Promise<BrokerProcess> {
+  const cli = fileURLToPath(new URL("../../cli/airlock.ts", import.meta.url));
+  const child = spawn(process.execPath, ["--import", import.meta.resolve("tsx"), cli, "broker", "--config", options.configPath], {
+    env: { ...process.env, AIRLOCK_FAILPOINTS: `${options.failpoint}=pause` },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  const kill = async () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+    await exited;
+  };
+  t.teardown(kill);
+  let stderr = "";
+  const reached = new Promise<void>((resolve) => {
+    child.stderr?.on("data", (chunk: Buffer) => {
+      stderr += chunk.toString();
+      if (stderr.includes(`failpoint ${options.failpoint} reached`)) resolve();
+    });
+  });
+  for (let i = 0; i < 300; i++) {
+    const ready = await fetch(`${options.url}/readyz`).then(
+      (r) => r.ok,
+      () => false,
+    );
+    if (ready) return { child, url: options.url, reached, kill };
+    if (child.exitCode !== null) throw new Error(`the broker process exited: ${stderr}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  throw new Error(`the broker process never became ready: ${stderr}`);
 }
 
 /** Options of {@link startTestSidecar}. */
