@@ -6,7 +6,7 @@
 export { AuditLog, auditEventsFromJsonl, auditEventToJsonLine, readAuditEvents, verifyChain } from "./audit.js";
 export { CredentialIssuer, configureDatabaseEngine, postgresRoleStatements } from "./credentials.js";
 export { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
-export { type ApprovalConfig, type Ballot, parseApprovalConfig } from "./rules.js";
+export { type ApprovalConfig, type Ballot, isFinal, isSettled, parseApprovalConfig, stateName } from "./rules.js";
 export { type BrokerConfig, brokerConfigDefaults, loadBrokerConfig, parseBrokerConfig, type ReviewerApiConfig, type RunningBroker, startBroker, type TokenRoleSetup, type VaultAuth } from "./server.js";
 export { Broker, type BrokerOptions, brokerDefaults } from "./service.js";
 export * from "./reviewers/index.js";

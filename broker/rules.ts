@@ -18,7 +18,7 @@
  * @module
  */
 export { eligibleReviewers, intake, nextTickAt, tick, vote } from "./rules/engine.js";
-export { allowedTransitions, markCancelled, markCompleted, markExecuting, markFailed, stateName } from "./rules/transitions.js";
+export { allowedTransitions, isFinal, isSettled, markCancelled, markCompleted, markExecuting, markFailed, stateName } from "./rules/transitions.js";
 export {
   type ApprovalConfig,
   approvalConfigDefaults,

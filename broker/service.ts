@@ -23,7 +23,7 @@ import {
 } from "../proto/index.js";
 import { type AuditEntry, AuditLog } from "./audit.js";
 import type { CredentialIssuer, IssuedCredential } from "./credentials.js";
-import { type ApprovalConfig, type ApprovalEvent, type Ballot, intake, markCompleted, markExecuting, markFailed, type Outcome, tick, vote } from "./rules.js";
+import { type ApprovalConfig, type ApprovalEvent, type Ballot, intake, isFinal, markCompleted, markExecuting, markFailed, type Outcome, tick, vote } from "./rules.js";
 import { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
 import { RequestStore, type StoredRecord } from "./store.js";
 
@@ -69,7 +69,6 @@ export const brokerDefaults = {
 } as const;
 
 const verdicts: Record<Outcome, Verdict> = { approved: Verdict.APPROVED, denied: Verdict.DENIED, expired: Verdict.EXPIRED, cancelled: Verdict.CANCELLED };
-const finalStates = new Set([RequestState.COMPLETED, RequestState.FAILED, RequestState.EXPIRED, RequestState.DENIED, RequestState.CANCELLED]);
 
 function auditTypeOf(event: ApprovalEvent): AuditEventType {
   switch (event.kind) {
@@ -588,7 +587,7 @@ export class Broker {
       if (lease === undefined || lease.leaseId === "" || lease.revokedAt !== undefined) continue;
       const leaseOver = lease.expiresAt !== undefined && timestampDate(lease.expiresAt).getTime() <= now.getTime();
       const actionOver = request.deadline !== undefined && timestampDate(request.deadline).getTime() + (this.options.decisionTtlMs ?? brokerDefaults.decisionTtlMs) <= now.getTime();
-      if (finalStates.has(record.state) || leaseOver || actionOver) {
+      if (isFinal(record.state) || leaseOver || actionOver) {
         await this.revokeLease(id, "reconciler").catch((error: unknown) => this.options.log.error({ err: error, requestId: id }, "reconciler could not revoke a lease"));
       }
     }
@@ -613,7 +612,7 @@ function withDecisionId(record: RequestRecord): RequestRecord {
 function needsTicker(record: RequestRecord, nowMs: number): boolean {
   if (record.state === RequestState.PENDING) return true;
   if (record.lease !== undefined && record.lease.leaseId !== "" && record.lease.revokedAt === undefined) return true;
-  if (!finalStates.has(record.state) && record.completion === undefined) return true;
+  if (!isFinal(record.state) && record.completion === undefined) return true;
   const deadline = record.request?.deadline;
   return record.decisionId !== "" && deadline !== undefined && timestampDate(deadline).getTime() > nowMs;
 }

@@ -9,10 +9,11 @@
  * @module
  */
 import { createPrivateKey, randomBytes } from "node:crypto";
+import { readFile } from "node:fs/promises";
 import { fileURLToPath } from "node:url";
 import pg from "pg";
 import { buildConsole } from "../approver-console/build.js";
-import { parseBrokerConfig, type RunningBroker, startBroker } from "../broker/index.js";
+import { isSettled, parseBrokerConfig, type RunningBroker, startBroker, stateName } from "../broker/index.js";
 import { ReviewerClient } from "../cli/reviewer-client.js";
 import { readConfigFile } from "../common/config.js";
 import { AirlockError, Code } from "../common/errors.js";
@@ -140,7 +141,7 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
       AIRLOCK_BROKER_HTTP: options.brokerHttp ?? "127.0.0.1:9465",
       AIRLOCK_SIDECAR_LISTEN: "127.0.0.1:0",
       AIRLOCK_SIDECAR_METRICS: "127.0.0.1:0",
-      AIRLOCK_AGENT_PUBLIC_KEY: (await readText(keyFiles.agentPublicKey)).trim(),
+      AIRLOCK_AGENT_PUBLIC_KEY: (await readFile(keyFiles.agentPublicKey, "utf8")).trim(),
       AIRLOCK_LOG_LEVEL: logLevel,
     };
     const log = createLogger({ name: "demo", level: logLevel, destination: process.stderr });
@@ -175,7 +176,7 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
       print("demo   privileged steps wait for you: approve or deny them in the console (or with the CLI)");
     }
 
-    const privateKey = createPrivateKey(await readText(keyFiles.agentPrivateKey));
+    const privateKey = createPrivateKey(await readFile(keyFiles.agentPrivateKey, "utf8"));
     const steps = await runDemoAgent({ sidecarAddress: sidecar.address, privateKey, issuer: demoAgentDefaults.issuer, audience: demoAgentDefaults.audience, print, signal: abort.signal });
     if (abort.signal.aborted) throw new AirlockError(Code.Canceled, "the demo was stopped");
     const actions = await tracker.settle(steps);
@@ -188,11 +189,6 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     return { ok: failures.length === 0, failures, actions, steps };
   })();
   return { done, stop };
-}
-
-async function readText(path: string): Promise<string> {
-  const { readFile } = await import("node:fs/promises");
-  return readFile(path, "utf8");
 }
 
 /** Approves what the demo reviewers are needed for, through the reviewers' HTTP API. */
@@ -304,10 +300,8 @@ class ActionTracker {
       }
       // The watch can trail the agent's call by a moment: wait for the final state and, when a
       // credential was issued, its revocation.
-      const settled = (record: RequestRecord): boolean =>
-        finalStates.has(record.state) && (record.lease === undefined || record.lease.leaseId === "" || record.lease.revokedAt !== undefined);
       const deadline = Date.now() + 10_000;
-      while (Date.now() < deadline && !settled(tracked.record)) await new Promise((resolve) => setTimeout(resolve, 50));
+      while (Date.now() < deadline && !isSettled(tracked.record)) await new Promise((resolve) => setTimeout(resolve, 50));
       const { record } = tracked;
       const lease = record.lease;
       const revokedAt = lease?.revokedAt === undefined ? undefined : Number(lease.revokedAt.seconds) * 1000 + Math.floor(lease.revokedAt.nanos / 1e6);
@@ -355,8 +349,6 @@ class ActionTracker {
   }
 }
 
-const finalStates = new Set([RequestState.COMPLETED, RequestState.FAILED, RequestState.DENIED, RequestState.EXPIRED, RequestState.CANCELLED]);
-
 function approvers(record: RequestRecord): string {
   const approving = record.votes.filter((v) => v.approve).map((v) => v.reviewer);
   if (record.state === RequestState.DENIED) return record.votes.filter((v) => !v.approve).map((v) => `${v.reviewer} (said no)`).join(", ") || "-";
@@ -367,9 +359,6 @@ function shortLease(id: string): string {
   return id.length > 28 ? `…${id.slice(-24)}` : id;
 }
 
-function stateName(state: RequestState): string {
-  return (RequestState[state] ?? "unknown").toLowerCase();
-}
 
 function riskName(risk: number): string {
   return ["unspecified", "low", "medium", "high", "critical"][risk] ?? "unspecified";

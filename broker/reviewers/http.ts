@@ -17,7 +17,7 @@ import type { ReadinessChecks } from "../../common/health.js";
 import type { Logger } from "../../common/logger.js";
 import { AuditEventSchema, type RequestRecord, RequestState } from "../../proto/index.js";
 import { readAuditEvents, verifyChain } from "../audit.js";
-import type { ApprovalConfig, Ballot } from "../rules.js";
+import { type ApprovalConfig, type Ballot, stateName } from "../rules.js";
 import type { Broker } from "../service.js";
 import type { Reviewer, ReviewerAuthenticator } from "./auth.js";
 import { RateLimiter } from "./rate-limit.js";
@@ -323,7 +323,7 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
   async function withState(error: unknown, requestId: string): Promise<unknown> {
     if (!(error instanceof AirlockError) || error.code !== Code.FailedPrecondition) return error;
     const state = await broker.get(requestId).then(
-      (record) => RequestState[record.state].toLowerCase(),
+      (record) => stateName(record.state),
       () => "unknown",
     );
     return new AirlockError(error.code, error.rawMessage, { details: { ...error.details, state } });

@@ -5,18 +5,12 @@
  * @module
  */
 import { type RequestRecord, RequestState } from "../../proto/index.js";
+import { isSettled } from "../rules.js";
 import type { Broker } from "../service.js";
 import { newestFirst } from "./views.js";
 
 /** One item of {@link liveRequests}. */
 export type LiveUpdate = { readonly kind: "request"; readonly record: RequestRecord } | { readonly kind: "ready" };
-
-const finalStates = new Set([RequestState.COMPLETED, RequestState.FAILED, RequestState.EXPIRED, RequestState.DENIED, RequestState.CANCELLED]);
-
-/** Whether no further change is expected (final, and no live lease left to revoke). */
-function settled(record: RequestRecord): boolean {
-  return finalStates.has(record.state) && (record.lease === undefined || record.lease.leaseId === "" || record.lease.revokedAt !== undefined);
-}
 
 /**
  * The pending requests (newest first), `ready`, then each change as it is
@@ -31,7 +25,7 @@ export async function* liveRequests(broker: Broker, signal: AbortSignal): AsyncG
   const seen = new Map<string, number>();
   const snapshot = (await broker.listStored()).sort((a, b) => newestFirst(a.record, b.record));
   for (const { record, revision } of snapshot) {
-    if (settled(record)) continue;
+    if (isSettled(record)) continue;
     seen.set(record.request?.id ?? "", revision);
     if (record.state === RequestState.PENDING) yield { kind: "request", record };
   }
@@ -39,7 +33,7 @@ export async function* liveRequests(broker: Broker, signal: AbortSignal): AsyncG
   for await (const { record, revision } of changes) {
     const id = record.request?.id ?? "";
     if ((seen.get(id) ?? 0) >= revision) continue;
-    if (settled(record)) seen.delete(id);
+    if (isSettled(record)) seen.delete(id);
     else seen.set(id, revision);
     yield { kind: "request", record };
   }

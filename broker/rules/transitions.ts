@@ -16,6 +16,18 @@ export const allowedTransitions: Readonly<Record<"executing" | "completed" | "fa
   cancelled: [RequestState.PENDING, RequestState.APPROVED],
 };
 
+const finalStates: ReadonlySet<RequestState> = new Set([RequestState.COMPLETED, RequestState.FAILED, RequestState.EXPIRED, RequestState.DENIED, RequestState.CANCELLED]);
+
+/** Whether a state is final: denied, expired, cancelled, completed or failed. */
+export function isFinal(state: RequestState): boolean {
+  return finalStates.has(state);
+}
+
+/** Whether nothing more is expected of a request: final, and no issued lease left unrevoked. */
+export function isSettled(record: RequestRecord): boolean {
+  return isFinal(record.state) && (record.lease === undefined || record.lease.leaseId === "" || record.lease.revokedAt !== undefined);
+}
+
 /** The lower-case name of a state, e.g. `pending`. */
 export function stateName(state: RequestState): string {
   return (RequestState[state] as string | undefined)?.toLowerCase() ?? `state ${state}`;
