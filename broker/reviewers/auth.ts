@@ -80,6 +80,14 @@ export function parseReviewerAuthConfig(reader: ConfigReader): ReviewerAuthConfi
   return config;
 }
 
+/** The token of an `authorization: Bearer <token>` value (HTTP header or gRPC metadata); undefined when absent. */
+export function bearerToken(value: string | undefined): string | undefined {
+  if (value === undefined) return undefined;
+  const match = /^Bearer\s+(\S+)\s*$/i.exec(value);
+  if (match === null) throw unauthenticated("malformed_header", "authorization must be `Bearer <token>`");
+  return match[1];
+}
+
 function unauthenticated(reason: string, message: string): AirlockError {
   // No cause: jose's errors carry the token's claims, and causes end up in logs.
   return new AirlockError(Code.Unauthenticated, message, { details: { reason } });

@@ -25,10 +25,10 @@ import {
 import { readAuditEvents, verifyChain } from "../audit.js";
 import type { ApprovalConfig } from "../rules.js";
 import type { Broker } from "../service.js";
-import type { Reviewer, ReviewerAuthenticator } from "./auth.js";
+import { bearerToken, type Reviewer, type ReviewerAuthenticator } from "./auth.js";
 import { RateLimiter } from "./rate-limit.js";
 import { liveRequests } from "./live.js";
-import { matchesFilter, needsReviewer, newestFirst, page, type RequestFilter, requireReviewer } from "./views.js";
+import { admitReviewer, matchesFilter, needsReviewer, newestFirst, page, type RequestFilter } from "./views.js";
 
 /** Options of {@link startReviewerGrpc}. */
 export interface ReviewerGrpcOptions {
@@ -50,25 +50,14 @@ export interface RunningReviewerGrpc {
   close(): Promise<void>;
 }
 
-function bearer(metadata: Metadata): string | undefined {
-  const value = metadata.get("authorization")[0];
-  if (value === undefined) return undefined;
-  const match = /^Bearer\s+(\S+)\s*$/i.exec(String(value));
-  if (match === null) throw new AirlockError(Code.Unauthenticated, "the authorization metadata must be `Bearer <token>`", { details: { reason: "malformed_header" } });
-  return match[1];
-}
-
 /** Starts `airlock.v1.ReviewerService` on its own port. */
 export async function startReviewerGrpc(options: ReviewerGrpcOptions): Promise<RunningReviewerGrpc> {
   const { broker, approvals, auth } = options;
   const limiter = new RateLimiter(options.ratePerMinute ?? 300);
 
   async function reviewerOf(metadata: Metadata): Promise<Reviewer> {
-    const reviewer = await auth.authenticate(bearer(metadata));
-    const wait = limiter.take(reviewer.id.toLowerCase());
-    if (wait !== undefined) throw new AirlockError(Code.ResourceExhausted, `too many requests from ${reviewer.id}; retry in ${wait} s`, { details: { retryAfterSec: wait } });
-    requireReviewer(reviewer, approvals);
-    return reviewer;
+    const header = metadata.get("authorization")[0];
+    return admitReviewer(await auth.authenticate(bearerToken(header === undefined ? undefined : String(header))), limiter, approvals);
   }
 
   function unary<I, O>(run: (request: I, reviewer: Reviewer) => Promise<O>) {

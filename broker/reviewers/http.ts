@@ -19,10 +19,10 @@ import { AuditEventSchema, type RequestRecord, RequestState } from "../../proto/
 import { readAuditEvents, verifyChain } from "../audit.js";
 import { type ApprovalConfig, type Ballot, stateName } from "../rules.js";
 import type { Broker } from "../service.js";
-import type { Reviewer, ReviewerAuthenticator } from "./auth.js";
+import { bearerToken, type Reviewer, type ReviewerAuthenticator } from "./auth.js";
 import { RateLimiter } from "./rate-limit.js";
 import { liveRequests } from "./live.js";
-import { matchesFilter, newestFirst, page, parseLimit, parseRequestFilter, requestView, requireReviewer } from "./views.js";
+import { admitReviewer, matchesFilter, newestFirst, page, parseLimit, parseRequestFilter, requestView, requireReviewer } from "./views.js";
 
 /** Handles a Slack interaction: verifies it and answers Slack (see broker/notify). */
 export type SlackInteractionHandler = (
@@ -132,14 +132,6 @@ function sameText(a: string, b: string): boolean {
   return left.length === right.length && timingSafeEqual(left, right);
 }
 
-function bearerOf(request: FastifyRequest): string | undefined {
-  const header = request.headers.authorization;
-  if (header === undefined) return undefined;
-  const match = /^Bearer\s+(\S+)\s*$/i.exec(header);
-  if (match === null) throw new AirlockError(Code.Unauthenticated, "the authorization header must be `Bearer <token>`", { details: { reason: "malformed_header" } });
-  return match[1];
-}
-
 interface Body {
   readonly [key: string]: unknown;
 }
@@ -199,7 +191,7 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
 
   /** Authenticates a request: bearer token, else the session cookie with its CSRF header on writes. */
   async function reviewerOf(request: FastifyRequest): Promise<Reviewer> {
-    const bearer = bearerOf(request);
+    const bearer = bearerToken(request.headers.authorization);
     let reviewer: Reviewer;
     if (bearer !== undefined) {
       reviewer = await authenticate(request, bearer);
@@ -208,10 +200,7 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
       reviewer = await authenticate(request, session);
       if (request.method !== "GET" && request.method !== "HEAD") checkCsrf(request, session ?? "");
     }
-    const limit = limiter.take(reviewer.id.toLowerCase());
-    if (limit !== undefined) throw new AirlockError(Code.ResourceExhausted, `too many requests from ${reviewer.id}; retry in ${limit} s`, { details: { retryAfterSec: limit } });
-    requireReviewer(reviewer, approvals);
-    return reviewer;
+    return admitReviewer(reviewer, limiter, approvals);
   }
 
   /** Verifies a token; failures count against the caller's address, so tokens cannot be guessed at speed. */

@@ -11,6 +11,7 @@ import { type RequestRecord, RequestRecordSchema, RequestState, Risk } from "../
 import type { ApprovalConfig } from "../rules.js";
 import { vote } from "../rules.js";
 import type { Reviewer } from "./auth.js";
+import type { RateLimiter } from "./rate-limit.js";
 
 /** A request as the API returns it: the record, whether the caller may still vote, and when it expires. */
 export interface RequestView {
@@ -21,8 +22,8 @@ export interface RequestView {
   readonly expiresAt: string;
 }
 
-/** Lower-case state names the API takes and their enum values. */
-export const stateNames: Readonly<Record<string, RequestState>> = {
+// Lower-case state names the API takes and their enum values.
+const stateNames: Readonly<Record<string, RequestState>> = {
   pending: RequestState.PENDING,
   approved: RequestState.APPROVED,
   denied: RequestState.DENIED,
@@ -33,17 +34,17 @@ export const stateNames: Readonly<Record<string, RequestState>> = {
   failed: RequestState.FAILED,
 };
 
-/** Lower-case risk names the API takes and their enum values. */
-export const riskNames: Readonly<Record<string, Risk>> = { low: Risk.LOW, medium: Risk.MEDIUM, high: Risk.HIGH, critical: Risk.CRITICAL };
+// Lower-case risk names the API takes and their enum values.
+const riskNames: Readonly<Record<string, Risk>> = { low: Risk.LOW, medium: Risk.MEDIUM, high: Risk.HIGH, critical: Risk.CRITICAL };
 
 /** When a request was created, in epoch ms (0 when unknown). */
-export function createdMs(record: RequestRecord): number {
+function createdMs(record: RequestRecord): number {
   const created = record.request?.createdAt;
   return created === undefined ? 0 : timestampMs(created);
 }
 
 /** When a pending request expires: its own deadline, else created + the default expiry. */
-export function expiresMs(record: RequestRecord, approvals: ApprovalConfig): number {
+function expiresMs(record: RequestRecord, approvals: ApprovalConfig): number {
   const deadline = record.request?.deadline;
   return deadline === undefined ? createdMs(record) + approvals.defaultExpiryMs : timestampMs(deadline);
 }
@@ -70,6 +71,18 @@ export function requireReviewer(reviewer: Reviewer, approvals: ApprovalConfig): 
   if ([...approvals.groups.values()].some(member) || member(approvals.breakGlassRole)) return;
   if (reviewer.groups.some((group) => approvals.groups.has(group))) return;
   throw new AirlockError(Code.PermissionDenied, `${reviewer.id} is not a reviewer: in no reviewer group of this broker`, { details: { reason: "not_a_reviewer" } });
+}
+
+/**
+ * Lets an authenticated reviewer through: within the per-reviewer rate
+ * (`resource_exhausted` with `details.retryAfterSec` otherwise) and a reviewer
+ * at all ({@link requireReviewer}).
+ */
+export function admitReviewer(reviewer: Reviewer, limiter: RateLimiter, approvals: ApprovalConfig): Reviewer {
+  const wait = limiter.take(reviewer.id.toLowerCase());
+  if (wait !== undefined) throw new AirlockError(Code.ResourceExhausted, `too many requests from ${reviewer.id}; retry in ${wait} s`, { details: { retryAfterSec: wait } });
+  requireReviewer(reviewer, approvals);
+  return reviewer;
 }
 
 /** The {@link RequestView} of a record for one reviewer. */
