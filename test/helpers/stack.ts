@@ -44,14 +44,10 @@ export interface Stack {
   readonly host: string;
   /** Static reviewer tokens: dana@example.com (data-owners), sam@example.com (security), alice@example.com (the agent's human; data-owners too). */
   readonly tokens: { readonly dana: string; readonly sam: string; readonly alice: string };
-  /** Lists roles Vault created for ExportTable in PostgreSQL. */
-  dynamicRoles(): Promise<string[]>;
   /** ExportTable of `customers` through the sidecar, held for data-owners. */
   callExportTable(reason: string, extra?: Record<string, string>): Promise<CallOutcome>;
   /** RotateKey through the sidecar, held for security. */
   callRotateKey(reason: string): Promise<CallOutcome>;
-  /** GetStatus through the sidecar: allowed by policy. */
-  callGetStatus(): Promise<CallOutcome>;
 }
 
 /** Options of {@link startStack}. */
@@ -232,7 +228,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
   const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
   const log = createLogger({ name: "stack", level: process.env.AIRLOCK_LOG_LEVEL ?? "silent" });
 
-  const admin = await seedExportEngine(t, { nats, vault, database });
+  await seedExportEngine(t, { nats, vault, database });
 
   const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
   t.teardown(() => ops.close());
@@ -296,7 +292,6 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
     natsUrl: nats.url,
     host: "stack-host",
     tokens,
-    dynamicRoles: () => exportRoles(admin),
     async callExportTable(reason, extra = {}) {
       try {
         let rows = 0;
@@ -311,14 +306,6 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
     async callRotateKey(reason) {
       try {
         await callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agent({ "x-airlock-reason": reason }) });
-        return { code: 0, details: "" };
-      } catch (error) {
-        return outcomeOf(error);
-      }
-    },
-    async callGetStatus() {
-      try {
-        await callUnary(client, OpsService.method.getStatus, {}, { metadata: await agent() });
         return { code: 0, details: "" };
       } catch (error) {
         return outcomeOf(error);
