@@ -381,16 +381,16 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     reply.hijack();
     const out = reply.raw;
     out.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive", "x-accel-buffering": "no" });
-    const keepAlive = setInterval(() => out.write(": keep-alive\n\n"), brokerHttpDefaults.keepAliveMs);
+    const write = (text: string) => {
+      // A client that stops reading does not get to make the broker buffer without bound.
+      if (!out.write(text) && out.writableLength > brokerHttpDefaults.maxStreamBufferBytes) stop.abort();
+    };
+    const keepAlive = setInterval(() => write(": keep-alive\n\n"), brokerHttpDefaults.keepAliveMs);
     // The stream lives no longer than the credential that opened it.
     const expiry = reviewer.expiresAt === undefined ? undefined : setTimeout(() => {
       write("event: expired\ndata: {}\n\n");
       stop.abort();
     }, Math.max(0, reviewer.expiresAt.getTime() - Date.now()));
-    const write = (text: string) => {
-      // A client that stops reading does not get to make the broker buffer without bound.
-      if (!out.write(text) && out.writableLength > brokerHttpDefaults.maxStreamBufferBytes) stop.abort();
-    };
     // With needsMe, a request that stops needing me is sent once more (so the console drops it), then forgotten.
     const shown = new Set<string>();
     void (async () => {
