@@ -1,17 +1,12 @@
-import {
-  type ClientHttp2Session,
-  type ClientHttp2Stream,
-  connect as http2Connect,
-  constants,
-  type IncomingHttpHeaders,
-  type OutgoingHttpHeaders,
-  type ServerHttp2Stream,
-} from "node:http2";
+import type { IncomingHttpHeaders } from "node:http2";
 import { connect as netConnect } from "node:net";
 import type { TLSSocket } from "node:tls";
 import { type DescMessage, fromBinary, type JsonObject, toJson } from "@bufbuild/protobuf";
 import { AirlockError, Code } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
+import { H2Connection, type H2Stream } from "./h2/connection.js";
+import { H2ErrorCode } from "./h2/frames.js";
+import type { HeaderField } from "./h2/hpack.js";
 import type { AgentIdentity } from "./identity.js";
 import type { SidecarMetrics } from "./metrics.js";
 import type { MethodTable, ProxiedMethod } from "./methods.js";
@@ -67,35 +62,54 @@ export interface ProxyOptions {
   readonly log: Logger;
 }
 
-const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_REFUSED_STREAM, HTTP2_HEADER_PATH, HTTP2_HEADER_STATUS } = constants;
+/** What the first messages of a call held back for inspection left behind. */
+interface ReadSoFar {
+  readonly messages: GrpcMessage[];
+  readonly decoded: JsonObject[];
+  readonly ended: boolean;
+}
+
+/** How {@link GrpcProxy.forward} sends one call upstream. */
+interface Forwarding {
+  /** Request bytes read before forwarding began (whole messages, then any partial one). */
+  readonly buffered: readonly Buffer[];
+  readonly ended: boolean;
+  readonly started: bigint;
+  readonly inject?: { readonly name: string; readonly value: string };
+  readonly onEnd?: (status: number, message: string) => void;
+}
 
 /**
- * The sidecar's HTTP/2 stream handler. Allowed calls are forwarded frame by
- * frame: request and response bytes are never decoded or re-encoded (only each
- * 5-byte message prefix is read, for the size limit), and headers, trailers,
- * status codes, deadlines (`grpc-timeout`) and cancellation pass through.
+ * The sidecar's gRPC call handler on its own HTTP/2 data plane
+ * ({@link H2Connection}). Allowed calls are forwarded frame by frame: request
+ * and response bytes are never decoded or re-encoded (only each 5-byte message
+ * prefix is read, for the size limit), and headers, trailers, status codes,
+ * deadlines (`grpc-timeout`) and cancellation (RST_STREAM) pass through.
  */
 export class GrpcProxy {
   private readonly options: ProxyOptions;
-  private readonly sessions = new Map<string, ClientHttp2Session>();
+  private readonly connections = new Map<string, H2Connection>();
+  /** Prometheus children per label set: looking one up by labels costs more than the rest of an allowed call. */
+  private readonly allowCounters = new Map<string, { inc(): void }>();
+  private readonly durations = new Map<string, { observe(value: number): void }>();
   private closed = false;
 
   constructor(options: ProxyOptions) {
     this.options = options;
   }
 
-  /** Closes the upstream sessions. Calls in flight are cancelled. */
+  /** Closes the upstream connections. Calls in flight are cancelled. */
   close(): void {
     this.closed = true;
-    for (const session of this.sessions.values()) session.destroy();
-    this.sessions.clear();
+    for (const connection of this.connections.values()) connection.close();
+    this.connections.clear();
   }
 
   /** Serves one call. Never throws: every failure becomes a gRPC status. */
-  serve(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
-    stream.on("error", () => undefined);
+  serve(stream: H2Stream): void {
     const started = process.hrtime.bigint();
-    const rawPath = headers[HTTP2_HEADER_PATH];
+    const headers = stream.headers;
+    const rawPath = headers[":path"];
     const path = typeof rawPath === "string" ? rawPath : "";
     const method = this.options.methods.get(path);
     if (method === undefined) {
@@ -113,24 +127,30 @@ export class GrpcProxy {
     // no identity check, no decoding and no promise.
     const fixed = fixedVerdict(this.options.policy(), method, this.options.host);
     if (fixed?.effect === "allow") {
-      this.options.metrics.calls.labels(method.path, "allow").inc();
-      this.forward(stream, headers, method, { buffered: [], ended: false, started });
+      let counter = this.allowCounters.get(method.path);
+      if (counter === undefined) {
+        counter = this.options.metrics.calls.labels(method.path, "allow");
+        this.allowCounters.set(method.path, counter);
+      }
+      counter.inc();
+      this.forward(stream, method, { buffered: [], ended: false, started });
       return;
     }
-    this.route(stream, headers, method, started).catch((error: unknown) => {
+    this.route(stream, method, started).catch((error: unknown) => {
       this.reject(stream, AirlockError.from(error, Code.Internal), "internal");
     });
   }
 
-  private async route(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, method: ProxiedMethod, started: bigint): Promise<void> {
+  private async route(stream: H2Stream, method: ProxiedMethod, started: bigint): Promise<void> {
     const { service, method: desc } = method;
+    const headers = stream.headers;
     const policy = this.options.policy();
     const needsRequest = policy.needsRequest(service.typeName, desc.name);
-    const socket = stream.session?.socket as TLSSocket | undefined;
-    const identity = await this.options.authenticate(headers, socket?.encrypted === true ? socket : undefined);
+    const socket = stream.connection.socket as TLSSocket;
+    const identity = await this.options.authenticate(headers, socket.encrypted === true ? socket : undefined);
 
     let reader: MessageReader | undefined;
-    let first: { messages: GrpcMessage[]; decoded: JsonObject[]; ended: boolean } | undefined;
+    let first: ReadSoFar | undefined;
     if (needsRequest) {
       reader = new MessageReader(this.options.maxMessageBytes);
       first = await readMessages(stream, reader, desc.input, 1);
@@ -150,7 +170,11 @@ export class GrpcProxy {
       delete headers["x-airlock-agent-token"];
     }
     if (verdict.effect === "allow") {
-      this.forward(stream, headers, method, { buffered: first?.messages ?? [], ended: first?.ended ?? false, started });
+      this.forward(stream, method, {
+        buffered: [...(first?.messages ?? []).map((m) => m.framed), ...(reader === undefined ? [] : [reader.peekPartial()])],
+        ended: first?.ended ?? false,
+        started,
+      });
       return;
     }
     if (verdict.effect === "deny") {
@@ -168,17 +192,16 @@ export class GrpcProxy {
       this.reject(stream, new AirlockError(Code.InvalidArgument, `rule ${verdict.ruleId} requires a justification: send it in metadata x-airlock-reason`), "reason_missing");
       return;
     }
-    await this.holdThenForward(stream, headers, method, { ...verdict, approve }, identity, reader, first, started);
+    await this.holdThenForward(stream, method, { ...verdict, approve }, identity, reader, first, started);
   }
 
   private async holdThenForward(
-    stream: ServerHttp2Stream,
-    headers: IncomingHttpHeaders,
+    stream: H2Stream,
     method: ProxiedMethod,
     verdict: HeldCall["verdict"],
     identity: AgentIdentity,
     reader: MessageReader | undefined,
-    first: { messages: GrpcMessage[]; decoded: JsonObject[]; ended: boolean } | undefined,
+    first: ReadSoFar | undefined,
     started: bigint,
   ): Promise<void> {
     const kind = method.method.methodKind;
@@ -203,44 +226,46 @@ export class GrpcProxy {
     if (messages.length === 0) throw new AirlockError(Code.InvalidArgument, "a held call needs a request message");
 
     const held = [...messages];
+    // Bytes of a message not yet whole when reading stopped; `later` continues from there.
+    const partial = activeReader.peekPartial();
     const later: Buffer[] = [];
     let laterCount = 0;
     const abort = new AbortController();
-    const onData = (chunk: Buffer) => {
-      later.push(chunk);
-      laterCount += activeReader.push(chunk).length;
-      if (laterCount > this.options.maxBufferedMessages) {
-        abort.abort();
-        this.reject(stream, new AirlockError(Code.ResourceExhausted, `more than ${this.options.maxBufferedMessages} messages buffered while waiting for approval`), "buffer_full");
-      }
-    };
-    const onEnd = () => {
-      ended = true;
-    };
     if (!ended) {
-      stream.on("data", onData);
-      stream.once("end", onEnd);
-      stream.resume();
+      stream.ondata = (chunk) => {
+        later.push(chunk);
+        laterCount += activeReader.push(chunk).length;
+        if (laterCount > this.options.maxBufferedMessages) {
+          abort.abort();
+          this.reject(stream, new AirlockError(Code.ResourceExhausted, `more than ${this.options.maxBufferedMessages} messages buffered while waiting for approval`), "buffer_full");
+        }
+      };
+      stream.onend = () => {
+        ended = true;
+      };
     }
-    stream.once("close", () => abort.abort());
+    stream.onclose = () => abort.abort();
+    stream.resume();
     this.options.metrics.held.inc();
     const waitStarted = Date.now();
     let approved: ApprovedCall;
     try {
-      approved = await this.options.hold({ method, identity, verdict, messages: held, decoded, metadata: headers, signal: abort.signal });
+      approved = await this.options.hold({ method, identity, verdict, messages: held, decoded, metadata: stream.headers, signal: abort.signal });
     } finally {
       this.options.metrics.held.dec();
       this.options.metrics.approvalWait.observe((Date.now() - waitStarted) / 1000);
-      stream.off("data", onData);
-      stream.off("end", onEnd);
+      stream.pause();
+      stream.ondata = undefined;
+      stream.onend = undefined;
+      stream.onclose = undefined;
       ended ||= stream.readableEnded;
     }
-    if (stream.closed || stream.destroyed) {
+    if (stream.closed) {
       approved.complete(Code.Canceled, "the agent went away before the approved call ran");
       return;
     }
-    this.forward(stream, headers, method, {
-      buffered: [...held.map((m) => m.framed), ...later].map((framed) => ({ framed })),
+    this.forward(stream, method, {
+      buffered: [...held.map((m) => m.framed), partial, ...later],
       ended,
       started,
       inject: { name: approved.injectHeader, value: approved.secret },
@@ -248,232 +273,234 @@ export class GrpcProxy {
     });
   }
 
-  private session(target: UpstreamTarget): ClientHttp2Session {
-    const existing = this.sessions.get(target.name);
-    if (existing !== undefined && !existing.closed && !existing.destroyed) return existing;
+  private upstreamConnection(target: UpstreamTarget): H2Connection {
+    const existing = this.connections.get(target.name);
+    if (existing?.usable === true) return existing;
     const { host, port } = splitAddress(target.address);
     // gRPC messages are small and latency-bound: Nagle's algorithm with delayed ACKs would hold them back.
-    const session = http2Connect(`http://${target.address}`, { createConnection: () => netConnect({ host, port, noDelay: true }) });
-    session.on("error", () => undefined);
-    const forget = () => {
-      if (this.sessions.get(target.name) === session) this.sessions.delete(target.name);
-    };
-    session.once("close", forget);
-    session.once("goaway", forget);
-    if (!this.closed) this.sessions.set(target.name, session);
-    return session;
+    const socket = netConnect({ host, port, noDelay: true });
+    const connection: H2Connection = new H2Connection(socket, {
+      role: "client",
+      onUnusable: () => {
+        if (this.connections.get(target.name) === connection) this.connections.delete(target.name);
+      },
+    });
+    if (this.closed) connection.close();
+    else this.connections.set(target.name, connection);
+    return connection;
   }
 
-  private forward(
-    stream: ServerHttp2Stream,
-    headers: IncomingHttpHeaders,
-    method: ProxiedMethod,
-    options: {
-      buffered: ReadonlyArray<{ framed: Buffer }>;
-      ended: boolean;
-      started: bigint;
-      inject?: { name: string; value: string };
-      onEnd?: (status: number, message: string) => void;
-    },
-  ): void {
+  private forward(stream: H2Stream, method: ProxiedMethod, options: Forwarding): void {
     const target = this.options.upstreams.get(method.upstream);
     if (target === undefined) throw new AirlockError(Code.Internal, `no upstream named ${method.upstream}`);
-    const outgoing: OutgoingHttpHeaders = {};
-    for (const [name, value] of Object.entries(headers)) {
-      if (name.startsWith(":") && name !== HTTP2_HEADER_PATH) continue;
-      outgoing[name] = value;
+    const outgoing: HeaderField[] = [
+      [":method", "POST"],
+      [":scheme", "http"],
+      [":path", method.path],
+      [":authority", target.address],
+    ];
+    for (const name in stream.headers) {
+      if (name.charCodeAt(0) === 58 /* ':' */) continue;
+      const value = stream.headers[name];
+      if (typeof value === "string") outgoing.push([name, value]);
+      else if (value !== undefined) for (const item of value) outgoing.push([name, item]);
     }
-    outgoing[":method"] = "POST";
-    if (options.inject !== undefined) outgoing[options.inject.name] = options.inject.value;
+    let sensitive = alwaysSensitive;
+    if (options.inject !== undefined) {
+      outgoing.push([options.inject.name, options.inject.value]);
+      sensitive = new Set([...alwaysSensitive, options.inject.name]);
+    }
 
-    let upstream: ClientHttp2Stream;
-    try {
-      upstream = this.session(target).request(outgoing, { endStream: false });
-    } catch (error) {
-      this.reject(stream, new AirlockError(Code.Unavailable, `upstream ${target.name} is unreachable`, { cause: error }), "upstream_unavailable");
-      options.onEnd?.(Code.Unavailable, "upstream unreachable");
-      return;
-    }
+    const upstream = this.upstreamConnection(target).openStream(outgoing, false, sensitive);
     let responded = false;
+    let finished = false;
     let finalStatus: number = Code.Unknown;
     let finalMessage = "";
-    let trailers: IncomingHttpHeaders | undefined;
     let reported = false;
     const report = () => {
       if (reported) return;
       reported = true;
-      const added = Number(process.hrtime.bigint() - options.started) / 1e9;
-      this.options.metrics.passThrough.labels(method.path).observe(added);
+      let duration = this.durations.get(method.path);
+      if (duration === undefined) {
+        duration = this.options.metrics.passThrough.labels(method.path);
+        this.durations.set(method.path, duration);
+      }
+      duration.observe(Number(process.hrtime.bigint() - options.started) / 1e9);
       options.onEnd?.(finalStatus, finalMessage);
     };
 
-    upstream.on("response", (responseHeaders, flags) => {
-      if (stream.destroyed) return;
-      responded = true;
-      const trailersOnly = (flags & constants.NGHTTP2_FLAG_END_STREAM) !== 0 || responseHeaders["grpc-status"] !== undefined;
-      if (trailersOnly) {
-        finalStatus = Number(responseHeaders["grpc-status"] ?? Code.Unknown);
-        finalMessage = String(responseHeaders["grpc-message"] ?? "");
-        stream.respond(responseHeaders, { endStream: true });
-        report();
+    upstream.onheaders = (fields, endStream) => {
+      if (stream.closed) return;
+      const status = grpcStatus(fields);
+      if (!responded) {
+        responded = true;
+        if (endStream || status !== undefined) {
+          // Trailers-only: the status without a body.
+          finished = true;
+          finalStatus = status?.code ?? Code.Unknown;
+          finalMessage = status?.message ?? "";
+          stream.sendHeaders(fields, true);
+          report();
+          return;
+        }
+        stream.sendHeaders(fields, false);
         return;
       }
-      stream.respond(responseHeaders, { waitForTrailers: true });
-    });
-    upstream.on("trailers", (received: IncomingHttpHeaders) => {
-      trailers = received;
-      finalStatus = Number(received["grpc-status"] ?? Code.Unknown);
-      finalMessage = String(received["grpc-message"] ?? "");
-    });
-    stream.on("wantTrailers", () => {
-      if (trailers === undefined) {
-        finalStatus = Code.Internal;
-        stream.sendTrailers({ "grpc-status": String(Code.Internal), "grpc-message": "upstream ended the call without a status" });
-      } else {
-        const rest: OutgoingHttpHeaders = { ...trailers };
-        delete rest[HTTP2_HEADER_STATUS];
-        stream.sendTrailers(rest);
-      }
+      finished = true;
+      finalStatus = status?.code ?? Code.Unknown;
+      finalMessage = status?.message ?? "";
+      stream.sendHeaders(fields, true);
       report();
-    });
-    upstream.on("data", (chunk: Buffer) => {
-      if (!stream.destroyed && !stream.write(chunk)) {
+    };
+    upstream.ondata = (chunk) => {
+      if (!stream.closed && !stream.write(chunk)) {
         upstream.pause();
-        stream.once("drain", () => upstream.resume());
+        stream.ondrain = () => upstream.resume();
       }
-    });
-    upstream.on("end", () => {
-      if (responded && !stream.destroyed && !stream.writableEnded) stream.end();
-    });
-    upstream.on("error", (error) => {
-      if (!responded) {
-        this.reject(stream, new AirlockError(Code.Unavailable, `upstream ${target.name} is unreachable`, { cause: error }), "upstream_unavailable");
-        finalStatus = Code.Unavailable;
-        finalMessage = "upstream unreachable";
-        report();
-      }
-    });
-    upstream.on("close", () => {
-      const code = upstream.rstCode ?? NGHTTP2_NO_ERROR;
-      if (code !== NGHTTP2_NO_ERROR && !stream.destroyed) {
+    };
+    upstream.onend = () => {
+      if (finished || stream.closed) return;
+      // END_STREAM on DATA: the upstream ended the call without trailers.
+      finished = true;
+      finalStatus = Code.Internal;
+      finalMessage = "upstream ended the call without a status";
+      if (responded) stream.sendHeaders([["grpc-status", String(Code.Internal)], ["grpc-message", finalMessage]], true);
+      else this.reject(stream, new AirlockError(Code.Internal, finalMessage), "upstream_reset");
+      report();
+    };
+    upstream.onclose = (code, error) => {
+      if (!finished && !stream.closed) {
         if (!responded) {
-          const status = code === NGHTTP2_REFUSED_STREAM ? Code.Unavailable : code === NGHTTP2_CANCEL ? Code.Canceled : Code.Internal;
-          this.reject(stream, new AirlockError(status, `upstream ${target.name} reset the call`), "upstream_reset");
+          const status = error !== undefined || code === H2ErrorCode.refusedStream ? Code.Unavailable : code === H2ErrorCode.cancel ? Code.Canceled : Code.Internal;
+          const reason = error !== undefined ? "upstream_unavailable" : "upstream_reset";
+          const message = error !== undefined ? `upstream ${target.name} is unreachable` : `upstream ${target.name} reset the call`;
+          this.reject(stream, new AirlockError(status, message), reason);
           finalStatus = status;
+          finalMessage = message;
         } else {
-          stream.close(code);
+          stream.reset(code === H2ErrorCode.noError ? H2ErrorCode.internalError : code);
           finalStatus = Code.Canceled;
         }
       }
       report();
-    });
-    stream.on("close", () => {
-      if (!upstream.closed) upstream.close(NGHTTP2_CANCEL);
-    });
+    };
+    stream.onclose = () => {
+      if (finished) return;
+      finished = true;
+      finalStatus = Code.Canceled;
+      finalMessage = "the agent cancelled the call";
+      upstream.reset(H2ErrorCode.cancel);
+    };
 
-    for (const message of options.buffered) upstream.write(message.framed);
+    for (const chunk of options.buffered) if (chunk.length > 0) upstream.write(chunk);
     if (options.ended || stream.readableEnded) {
       upstream.end();
       return;
     }
     const guard = new MessageSizeGuard(this.options.maxMessageBytes);
-    stream.on("data", (chunk: Buffer) => {
+    stream.ondata = (chunk) => {
       const oversized = guard.inspect(chunk);
       if (oversized !== undefined) {
-        upstream.close(NGHTTP2_CANCEL);
+        finished = true;
+        upstream.reset(H2ErrorCode.cancel);
         this.reject(stream, messageTooLarge(oversized, this.options.maxMessageBytes), "too_large");
         return;
       }
       if (!upstream.write(chunk)) {
         stream.pause();
-        upstream.once("drain", () => stream.resume());
+        upstream.ondrain = () => stream.resume();
       }
-    });
-    stream.on("end", () => upstream.end());
-    // A stream paused while its first messages were read does not resume on its own.
+    };
+    stream.onend = () => upstream.end();
     stream.resume();
   }
 
-  private reject(stream: ServerHttp2Stream, error: AirlockError, reason: string): void {
+  private reject(stream: H2Stream, error: AirlockError, reason: string): void {
     this.options.metrics.rejections.inc({ reason });
     if (error.code === Code.Internal) this.options.log.error({ err: error }, "call failed inside the sidecar");
-    if (stream.destroyed || stream.closed) return;
+    if (stream.closed) return;
     if (stream.headersSent) {
-      stream.close(constants.NGHTTP2_INTERNAL_ERROR);
+      stream.reset(H2ErrorCode.internalError);
       return;
     }
-    stream.respond(statusResponse(error.code, error.rawMessage, error.details), { endStream: true });
-    // The agent may still be sending; stop reading its messages.
-    stream.resume();
+    // Ending the response while the agent still sends makes the stream answer with RST_STREAM(NO_ERROR): it stops reading.
+    stream.sendHeaders(statusResponse(error.code, error.rawMessage, error.details), true);
   }
+}
+
+/**
+ * Headers forwarded with HPACK's never-indexed representation, which asks every
+ * later hop not to keep them in a compression table. The decoder does not report
+ * which fields a peer sent that way, so credentials are marked by name.
+ */
+const alwaysSensitive: ReadonlySet<string> = new Set(["authorization", "x-airlock-agent-token", "cookie"]);
+
+/** grpc-status and grpc-message of a response's trailers, if present. */
+function grpcStatus(fields: readonly HeaderField[]): { code: number; message: string } | undefined {
+  let code: number | undefined;
+  let message = "";
+  for (const [name, value] of fields) {
+    if (name === "grpc-status") code = Number(value);
+    else if (name === "grpc-message") message = value;
+  }
+  return code === undefined ? undefined : { code, message };
 }
 
 /**
  * Reads up to `count` whole messages from the agent's stream and decodes them
  * (the paths that need request fields). Resolves early when the agent
- * half-closes. Bytes past the last whole message stay in `reader`.
+ * half-closes. Bytes past the last whole message stay in `reader`; the stream
+ * is left paused.
  */
-function readMessages(
-  stream: ServerHttp2Stream,
-  reader: MessageReader,
-  schema: DescMessage,
-  count: number,
-): Promise<{ messages: GrpcMessage[]; decoded: JsonObject[]; ended: boolean }> {
+function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessage, count: number): Promise<ReadSoFar> {
   return new Promise((resolve, reject) => {
     const messages: GrpcMessage[] = [];
     const decoded: JsonObject[] = [];
-    // 'end' may have fired while nobody listened (between two reads): readableEnded remembers it.
+    let settled = false;
+    const finish = (outcome: { ended: boolean } | Error) => {
+      if (settled) return;
+      settled = true;
+      stream.pause();
+      stream.ondata = undefined;
+      stream.onend = undefined;
+      stream.onclose = undefined;
+      if (outcome instanceof Error) reject(outcome);
+      else resolve({ messages, decoded, ended: outcome.ended });
+    };
+    const ended = () => finish(reader.partialBytes > 0 ? new AirlockError(Code.InvalidArgument, "the request ended inside a message") : { ended: true });
+    // The end may have been delivered while nobody read (between two reads): readableEnded remembers it.
     if (stream.readableEnded) {
-      if (reader.partialBytes > 0) reject(new AirlockError(Code.InvalidArgument, "the request ended inside a message"));
-      else resolve({ messages, decoded, ended: true });
+      ended();
       return;
     }
-    const finish = (ended: boolean) => {
-      stream.off("data", onData);
-      stream.off("end", onEnd);
-      stream.off("close", onClose);
-      if (!ended) stream.pause();
-      resolve({ messages, decoded, ended });
-    };
-    const onData = (chunk: Buffer) => {
+    stream.ondata = (chunk) => {
       let complete: GrpcMessage[];
       try {
         complete = reader.push(chunk);
       } catch (error) {
-        stream.off("data", onData);
-        reject(AirlockError.from(error, Code.InvalidArgument));
+        finish(AirlockError.from(error, Code.InvalidArgument));
         return;
       }
       for (const message of complete) {
         if (message.compressed) {
-          reject(new AirlockError(Code.InvalidArgument, "compressed request messages cannot be inspected by policy: send them uncompressed"));
+          finish(new AirlockError(Code.InvalidArgument, "compressed request messages cannot be inspected by policy: send them uncompressed"));
           return;
         }
         try {
           decoded.push(toJson(schema, fromBinary(schema, message.payload)) as JsonObject);
         } catch (error) {
-          reject(new AirlockError(Code.InvalidArgument, `malformed ${schema.typeName} message`, { cause: error }));
+          finish(new AirlockError(Code.InvalidArgument, `malformed ${schema.typeName} message`, { cause: error }));
           return;
         }
         messages.push(message);
       }
-      if (messages.length >= count) finish(false);
+      if (messages.length >= count) finish({ ended: false });
     };
-    const onEnd = () => {
-      if (reader.partialBytes > 0) {
-        reject(new AirlockError(Code.InvalidArgument, "the request ended inside a message"));
-        return;
-      }
-      finish(true);
-    };
-    const onClose = () => reject(new AirlockError(Code.Canceled, "the agent cancelled the call"));
-    stream.on("data", onData);
-    stream.once("end", onEnd);
-    stream.once("close", onClose);
+    stream.onend = ended;
+    stream.onclose = () => finish(new AirlockError(Code.Canceled, "the agent cancelled the call"));
     stream.resume();
   });
 }
-
 
 function splitAddress(address: string): { host: string; port: number } {
   const colon = address.lastIndexOf(":");

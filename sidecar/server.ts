@@ -1,8 +1,8 @@
 import { readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
-import { createSecureServer, createServer, type Http2SecureServer, type Http2Server, type IncomingHttpHeaders } from "node:http2";
-import type { Socket } from "node:net";
-import type { TLSSocket } from "node:tls";
+import type { IncomingHttpHeaders } from "node:http2";
+import { createServer as createNetServer, type Server as NetServer, type Socket } from "node:net";
+import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import type { Server as HttpServer } from "node:http";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { decodeJwt } from "jose";
@@ -19,6 +19,7 @@ import { startHealthServer } from "../common/health.js";
 import { createSidecarMetrics, type SidecarMetrics } from "./metrics.js";
 import { loadMethodTable } from "./methods.js";
 import { type Policy, PolicyWatcher, policyDefaults } from "./policy.js";
+import { H2Connection } from "./h2/connection.js";
 import { GrpcProxy, type UpstreamTarget } from "./proxy.js";
 
 /** A running sidecar. */
@@ -129,26 +130,33 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     });
     cleanups.push(() => proxy.close());
 
-    const server: Http2Server | Http2SecureServer =
+    const connections = new Set<H2Connection>();
+    const accept = (socket: Socket) => {
+      // gRPC messages are small and latency-bound: Nagle's algorithm with delayed ACKs would hold them back.
+      socket.setNoDelay(true);
+      const connection = new H2Connection(socket, { role: "server", onStream: (stream) => proxy.serve(stream) });
+      connections.add(connection);
+      socket.once("close", () => connections.delete(connection));
+    };
+    const server: NetServer =
       config.tls === undefined
-        ? createServer()
-        : createSecureServer({
-            cert: readFileSync(config.tls.cert),
-            key: readFileSync(config.tls.key),
-            // Client certificates are asked for, not required: one the CA did not issue is ignored
-            // (socket.authorized is false), so token-only agents still connect over TLS.
-            ...(config.tls.clientCa === undefined ? {} : { ca: readFileSync(config.tls.clientCa), requestCert: true, rejectUnauthorized: false }),
-            allowHTTP1: false,
-          });
-    server.on("stream", (stream, headers) => proxy.serve(stream, headers));
-    server.on("sessionError", () => undefined);
-    const sessions = new Set<{ destroy(): void }>();
-    // Set on the raw socket: an HTTP/2 session's socket refuses direct manipulation.
-    server.on("connection", (socket: Socket) => socket.setNoDelay(true));
-    server.on("session", (session) => {
-      sessions.add(session);
-      session.once("close", () => sessions.delete(session));
-    });
+        ? createNetServer(accept)
+        : createTlsServer(
+            {
+              cert: readFileSync(config.tls.cert),
+              key: readFileSync(config.tls.key),
+              ALPNProtocols: ["h2"],
+              // Client certificates are asked for, not required: one the CA did not issue is ignored
+              // (socket.authorized is false), so token-only agents still connect over TLS.
+              ...(config.tls.clientCa === undefined ? {} : { ca: readFileSync(config.tls.clientCa), requestCert: true, rejectUnauthorized: false }),
+            },
+            (socket: TLSSocket) => {
+              // gRPC clients negotiate h2 by ALPN; anything else (HTTP/1.1) is not served.
+              if (socket.alpnProtocol !== "h2" && socket.alpnProtocol !== false) socket.destroy();
+              else accept(socket);
+            },
+          );
+    server.on("tlsClientError", () => undefined);
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
       server.listen(config.listen.port, config.listen.host, resolve);
@@ -157,7 +165,8 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
       () =>
         new Promise<void>((resolve) => {
           server.close(() => resolve());
-          for (const session of sessions) session.destroy();
+          for (const connection of connections) connection.close();
+          for (const connection of connections) connection.socket.destroy();
         }),
     );
     const address = server.address();

@@ -1,5 +1,5 @@
-import type { OutgoingHttpHeaders } from "node:http2";
 import { AirlockError, Code, codeName } from "../common/errors.js";
+import type { HeaderField } from "./h2/hpack.js";
 
 /** The length prefix of every gRPC message: 1 byte compressed flag, 4 bytes big-endian length. */
 const prefixLength = 5;
@@ -9,18 +9,19 @@ const prefixLength = 5;
  * itself (deny, unauthenticated, unimplemented, …): HTTP 200 with grpc-status
  * and a percent-encoded grpc-message, plus Airlock's own details header.
  */
-export function statusResponse(code: Code, message: string, details: Readonly<Record<string, unknown>> = {}): OutgoingHttpHeaders {
-  const headers: OutgoingHttpHeaders = {
-    ":status": 200,
-    "content-type": "application/grpc",
-    "grpc-status": String(code),
-    "grpc-message": encodeGrpcMessage(message),
-    "x-airlock-error-code": codeName(code),
-  };
-  if (Object.keys(details).length > 0) headers["x-airlock-error-details"] = JSON.stringify(details);
+export function statusResponse(code: Code, message: string, details: Readonly<Record<string, unknown>> = {}): HeaderField[] {
+  const fields: HeaderField[] = [
+    [":status", "200"],
+    ["content-type", "application/grpc"],
+    ["grpc-status", String(code)],
+    ["grpc-message", encodeGrpcMessage(message)],
+    ["x-airlock-error-code", codeName(code)],
+  ];
+  // \u escapes keep the value ASCII, so it reads the same whatever charset a client assumes for header bytes.
+  if (Object.keys(details).length > 0) fields.push(["x-airlock-error-details", JSON.stringify(details).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`)]);
   const requestId = details.requestId;
-  if (typeof requestId === "string") headers["x-airlock-request-id"] = requestId;
-  return headers;
+  if (typeof requestId === "string") fields.push(["x-airlock-request-id", requestId]);
+  return fields;
 }
 
 /** Percent-encodes a status message as the gRPC over HTTP/2 spec asks (printable ASCII but '%' stays as is). */
@@ -117,6 +118,11 @@ export class MessageReader {
       this.pending = this.pending.subarray(prefixLength + size);
     }
     return messages;
+  }
+
+  /** The bytes received that do not make a whole message yet (left in place). */
+  peekPartial(): Buffer {
+    return this.pending;
   }
 
   /** Bytes received that do not make a whole message yet. */
