@@ -153,6 +153,8 @@ export class ApprovalFlow {
       const timer = setTimeout(() => reject(new AirlockError(Code.DeadlineExceeded, `approval request ${requestId} expired undecided`, { details: { requestId } })), Math.max(0, deadline - Date.now()));
       const onAbort = () => reject(new AirlockError(Code.Canceled, `the agent stopped waiting; resume with x-airlock-request-id: ${requestId}`, { details: { requestId } }));
       call.signal.addEventListener("abort", onAbort, { once: true });
+      // An agent that left before the wait began is not waited for.
+      if (call.signal.aborted) onAbort();
       cleanup = () => {
         clearTimeout(timer);
         call.signal.removeEventListener("abort", onAbort);

@@ -245,6 +245,7 @@ export class GrpcProxy {
       };
     }
     stream.onclose = () => abort.abort();
+    if (stream.closed) abort.abort();
     stream.resume();
     this.options.metrics.held.inc();
     const waitStarted = Date.now();
@@ -293,6 +294,11 @@ export class GrpcProxy {
   private forward(stream: H2Stream, method: ProxiedMethod, options: Forwarding): void {
     const target = this.options.upstreams.get(method.upstream);
     if (target === undefined) throw new AirlockError(Code.Internal, `no upstream named ${method.upstream}`);
+    if (stream.closed) {
+      // Cancelled before it could be forwarded (during an async policy step): the upstream never hears of it.
+      options.onEnd?.(Code.Canceled, "the agent cancelled the call");
+      return;
+    }
     const outgoing: HeaderField[] = [
       [":method", "POST"],
       [":scheme", "http"],
@@ -468,6 +474,11 @@ function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessa
       else resolve({ messages, decoded, ended: outcome.ended });
     };
     const ended = () => finish(reader.partialBytes > 0 ? new AirlockError(Code.InvalidArgument, "the request ended inside a message") : { ended: true });
+    // The agent may have cancelled while its identity was being checked: 'close' will not fire again.
+    if (stream.closed) {
+      finish(new AirlockError(Code.Canceled, "the agent cancelled the call"));
+      return;
+    }
     // The end may have been delivered while nobody read (between two reads): readableEnded remembers it.
     if (stream.readableEnded) {
       ended();
