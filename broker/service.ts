@@ -13,6 +13,7 @@ import {
   ApprovalRequestSchema,
   AuditEventType,
   CompletionSchema,
+  type DecisionBody,
   DecisionBodySchema,
   DecisionSchema,
   LeaseRecordSchema,
@@ -90,6 +91,15 @@ function auditTypeOf(event: ApprovalEvent): AuditEventType {
     default:
       return AuditEventType.POLICY_EVALUATED;
   }
+}
+
+/** What a decision says, before it becomes a DecisionBody. */
+interface DecisionParts {
+  readonly verdict: Verdict;
+  readonly reason: string;
+  readonly decisionId: string;
+  readonly record: RequestRecord | undefined;
+  readonly issued?: IssuedCredential;
 }
 
 /**
@@ -353,40 +363,52 @@ export class Broker {
         return;
       }
       const lease = issued;
-      try {
-        await this.store.mutate(requestId, (record) => {
+      const body = this.decisionBody(request, { verdict: Verdict.APPROVED, reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed, issued });
+      // The lease record and the audit batch go to different streams: written side by side, both
+      // before the decision leaves, so the agent's wait has one round trip fewer.
+      const [leaseWrite, auditWrite] = await Promise.allSettled([
+        this.store.mutate(requestId, (record) => {
           const executing = markExecuting(record, new Date());
           const next = executing.ok ? executing.record : clone(RequestRecordSchema, record);
           next.lease = create(LeaseRecordSchema, { leaseId: lease.leaseId, kind: lease.kind, issuedAt: timestampFromDate(new Date()), expiresAt: timestampFromDate(lease.expiresAt) });
           return next;
-        }, stored);
-      } catch (error) {
+        }, stored),
+        this.audit.appendAll(this.decisionAudit(body, [...earlierAudit, this.issuedEntry(requestId, lease)])),
+      ]);
+      if (leaseWrite.status === "rejected") {
         // Fail closed: a credential whose issuance is not on record is revoked at once.
         await this.options.issuer.revoke(lease).catch(() => undefined);
+        await this.audit.append({ type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why: "lease_not_recorded", kind: lease.kind } }).catch(() => undefined);
+        throw leaseWrite.reason;
+      }
+      if (auditWrite.status === "rejected") {
+        await this.revokeLease(requestId, "audit_failed").catch(() => undefined);
+        throw auditWrite.reason;
+      }
+      try {
+        await this.sendDecision(request.host, body);
+      } catch (error) {
+        // Fail closed: a credential whose decision never left is revoked at once.
+        await this.revokeLease(requestId, "publish_failed").catch(() => undefined);
         throw error;
       }
+      return;
     }
-    const issuedEntry: AuditEntry[] =
-      issued === undefined
-        ? [...earlierAudit]
-        : [
-            ...earlierAudit,
-            { type: AuditEventType.CREDENTIAL_ISSUED, actor: this.options.replicaId, requestId, details: { kind: issued.kind, expiresAt: issued.expiresAt.toISOString() } },
-          ];
-    try {
-      await this.publishDecision(request, { verdict: verdicts[outcome], reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed, ...(issued === undefined ? {} : { issued }) }, issuedEntry);
-    } catch (error) {
-      // Fail closed: a credential whose issuance or decision is not on record is revoked at once.
-      if (issued !== undefined) await this.revokeLease(requestId, "audit_failed").catch(() => undefined);
-      throw error;
-    }
+    await this.publishDecision(request, { verdict: verdicts[outcome], reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed }, earlierAudit);
   }
 
-  private async publishDecision(
-    request: ApprovalRequest,
-    decision: { verdict: Verdict; reason: string; decisionId: string; record: RequestRecord | undefined; issued?: IssuedCredential },
-    firstAudit: readonly AuditEntry[] = [],
-  ): Promise<void> {
+  private issuedEntry(requestId: string, issued: IssuedCredential): AuditEntry {
+    return { type: AuditEventType.CREDENTIAL_ISSUED, actor: this.options.replicaId, requestId, details: { kind: issued.kind, expiresAt: issued.expiresAt.toISOString() } };
+  }
+
+  /** Audits a decision (after `firstAudit`), then signs and publishes it. */
+  private async publishDecision(request: ApprovalRequest, decision: DecisionParts, firstAudit: readonly AuditEntry[] = []): Promise<void> {
+    const body = this.decisionBody(request, decision);
+    await this.audit.appendAll(this.decisionAudit(body, firstAudit));
+    await this.sendDecision(request.host, body);
+  }
+
+  private decisionBody(request: ApprovalRequest, decision: DecisionParts): DecisionBody {
     const now = Date.now();
     const deadline = request.deadline === undefined ? now + (this.options.decisionTtlMs ?? brokerDefaults.decisionTtlMs) : timestampDate(request.deadline).getTime();
     const expiresAt = Math.max(now + 1000, Math.min(deadline, now + (this.options.decisionTtlMs ?? brokerDefaults.decisionTtlMs)));
@@ -401,13 +423,21 @@ export class Broker {
       expiresAt: timestampFromMs(expiresAt),
       ...(decision.issued === undefined ? {} : { credential: decision.issued.delivery }),
     });
-    await this.audit.appendAll([
+    return body;
+  }
+
+  /** The audit batch a decision needs before it may leave: `firstAudit`, then DECIDED. */
+  private decisionAudit(body: DecisionBody, firstAudit: readonly AuditEntry[]): AuditEntry[] {
+    return [
       ...firstAudit,
-      { type: AuditEventType.DECIDED, actor: this.options.replicaId, requestId: request.id, details: { verdict: Verdict[decision.verdict] ?? "", reason: decision.reason, decisionId: decision.decisionId } },
-    ]);
+      { type: AuditEventType.DECIDED, actor: this.options.replicaId, requestId: body.requestId, details: { verdict: Verdict[body.verdict] ?? "", reason: body.reason, decisionId: body.decisionId } },
+    ];
+  }
+
+  private async sendDecision(host: string, body: DecisionBody): Promise<void> {
     const signed = signDecision(body, this.options.signingKey);
     await failpoint("broker.before_publish");
-    await this.js.publish(subjects.decision(request.host, request.id), toBinary(DecisionSchema, signed), { msgID: decision.decisionId });
+    await this.js.publish(subjects.decision(host, body.requestId), toBinary(DecisionSchema, signed), { msgID: body.decisionId });
   }
 
   /**

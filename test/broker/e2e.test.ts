@@ -96,7 +96,12 @@ await t.test("approved ExportTable: the dynamic user works during the action and
     if (!gone) await new Promise((resolve) => setTimeout(resolve, 25));
   }
   t.ok(gone, `the role is dropped and the lease revoked within 1 s (took ${Date.now() - finished} ms)`);
-  const done = await broker.get(record.request?.id ?? "");
+  // The record becomes COMPLETED after the revocation is recorded and audited: a few writes later.
+  let done = await broker.get(record.request?.id ?? "");
+  for (const until = Date.now() + 1000; done.state !== RequestState.COMPLETED && Date.now() < until; ) {
+    await new Promise((resolve) => setTimeout(resolve, 25));
+    done = await broker.get(record.request?.id ?? "");
+  }
   t.equal(done.state, RequestState.COMPLETED);
   t.equal(done.lease?.revokedBy, "broker-1");
 });

@@ -1,0 +1,103 @@
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Client, credentials } from "@grpc/grpc-js";
+import { DiscardPolicy, jetstreamManager } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+import { generateKeyPair } from "jose";
+import t from "tap";
+import { auditStream, readAuditEvents, verifyChain } from "../../broker/audit.js";
+import { CredentialIssuer } from "../../broker/credentials.js";
+import { parseApprovalConfig } from "../../broker/rules.js";
+import { Broker } from "../../broker/service.js";
+import { ConfigReader } from "../../common/config.js";
+import { generateDecisionKey } from "../../common/decision.js";
+import { type AirlockError, callUnary, Code, createLogger, createVaultClient } from "../../common/index.js";
+import { streams, subjects } from "../../common/subjects.js";
+import { startOpsServer } from "../../demo/ops/index.js";
+import { useInfra } from "../../harness/index.js";
+import type { AuditEvent, RequestRecord } from "../../proto/index.js";
+import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
+import { agentMetadata } from "../helpers/agent.js";
+import { opsPolicy, startTestSidecar } from "../helpers/stack.js";
+
+// The broker writes an approved action's lease record and its audit batch side by side; only when
+// both are stored does the decision leave. Here the audit trail refuses writes (a full stream), so
+// the credential Vault issued must be revoked at once and no decision may reach the sidecar.
+
+const infra = await useInfra(t, { nats: true, vault: true, database: true });
+const { nats, vault, database } = infra;
+const log = createLogger({ name: "test", level: "silent" });
+const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
+
+const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
+t.teardown(() => ops.close());
+
+const key = generateDecisionKey("k1");
+const agentKeys = await generateKeyPair("EdDSA");
+const dir = await mkdtemp(join(tmpdir(), "airlock-fail-closed-"));
+t.teardown(() => rm(dir, { recursive: true, force: true }));
+await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
+await writeFile(join(dir, "policy.yaml"), opsPolicy({ rotateRisk: "low", timeout: "20s" }));
+const sidecar = await startTestSidecar(t, infra, { dir, upstream: ops.address, host: "fail-host", agentPublicKey: agentKeys.publicKey, log });
+
+const approvals = parseApprovalConfig(
+  new ConfigReader({ groups: { security: ["sam@corp"] }, auto_rules: [{ id: "low-risk", effect: "approve", when: { max_risk: "low" }, reason: "pre-approved" }] }, "", join(dir, "broker.yaml")),
+);
+const nc = await connect({ servers: nats.url });
+t.teardown(() => nc.close());
+const jsm = await jetstreamManager(nc);
+const broker = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, replicaId: "broker-1", log, tickIntervalMs: 200 });
+t.teardown(() => broker.close());
+
+const client = new Client(sidecar.address, credentials.createInsecure());
+t.teardown(() => client.close());
+
+await t.test("the audit trail refuses writes: the issued token is revoked at once and no decision leaves", async (t) => {
+  const before = await jsm.streams.info(auditStream.name);
+  // Full and refusing new messages: every append now fails, as it would with JetStream out of space.
+  await jsm.streams.update(auditStream.name, { ...before.config, max_msgs: Math.max(1, before.state.messages), discard: DiscardPolicy.New });
+  let restored = false;
+  const restore = async () => {
+    if (restored) return;
+    restored = true;
+    await jsm.streams.update(auditStream.name, { ...before.config });
+  };
+  t.teardown(restore);
+
+  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" });
+  const outcome = callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata, deadline: new Date(Date.now() + 4000) }).then(
+    () => undefined,
+    (error: unknown) => error as AirlockError,
+  );
+
+  let record: RequestRecord | undefined;
+  for (let i = 0; i < 200 && record?.lease?.revokedAt === undefined; i++) {
+    record = (await broker.list()).find((r) => r.request?.method === "RotateKey");
+    if (record?.lease?.revokedAt === undefined) await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  const requestId = record?.request?.id ?? "";
+  const accessor = record?.lease?.leaseId ?? "";
+  t.not(accessor, "", "Vault issued a token and its lease was recorded");
+  t.not(record?.lease?.revokedAt, undefined, "the lease is marked revoked");
+  const alive = await rootVault.lookupAccessor(accessor).then(
+    () => true,
+    () => false,
+  );
+  t.notOk(alive, "the token's accessor no longer resolves: revoked");
+
+  const error = await outcome;
+  t.not(error, undefined, "the agent's call did not run");
+  t.equal(error?.code, Code.DeadlineExceeded, "the agent waited in vain: no decision arrived");
+  const decision = await jsm.streams.getMessage(streams.decisions.name, { last_by_subj: subjects.decision("fail-host", requestId) }).catch(() => null);
+  t.equal(decision, null, "no decision was published for the request");
+
+  await restore();
+  const events: AuditEvent[] = [];
+  for await (const event of readAuditEvents(nc)) events.push(event);
+  t.ok(verifyChain(events).intact, "the trail is still one unbroken chain");
+  t.notOk(
+    events.some((event) => event.requestId === requestId && event.details?.verdict === "APPROVED"),
+    "no DECIDED event claims an approval that never left",
+  );
+});
