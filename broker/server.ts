@@ -208,7 +208,9 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
   if (auth?.devMode === true) log.warn("reviewer API in DEV MODE: fixed reviewer tokens from the config are accepted; never run this in production");
   let nc;
   try {
-    nc = await connect({ servers: config.nats.url, maxReconnectAttempts: -1, reconnectTimeWait: 250, name: `airlock-broker-${config.replicaId}`, ...(config.nats.token === undefined ? {} : { token: config.nats.token }) });
+    // noAsyncTraces: nats.js would otherwise build an Error (a stack capture) for every request and
+    // publish in case it fails; that was the broker's largest single CPU cost per action.
+    nc = await connect({ servers: config.nats.url, maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true, name: `airlock-broker-${config.replicaId}`, ...(config.nats.token === undefined ? {} : { token: config.nats.token }) });
   } catch (error) {
     throw new AirlockError(Code.Unavailable, `cannot connect to NATS at ${withoutCredentials(config.nats.url)}`, { cause: error });
   }

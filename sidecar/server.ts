@@ -84,6 +84,8 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
         servers: config.nats.url,
         maxReconnectAttempts: -1,
         reconnectTimeWait: 250,
+        // No Error (stack capture) built up front for every publish: see the broker's connection.
+        noAsyncTraces: true,
         name: `airlock-sidecar-${config.host}`,
         ...(config.nats.token === undefined ? {} : { token: config.nats.token }),
         ...(config.nats.user === undefined ? {} : { user: config.nats.user, pass: config.nats.password ?? "" }),
