@@ -1,7 +1,9 @@
 /**
  * `npm run bench -- sidecar | privileged`. `sidecar`: the sidecar's allow path against the upstream
  * called directly, in one run, with the load generator, the sidecar and the
- * upstream as separate processes. Prints
+ * upstream as separate processes: saturation phases (BENCH_ROUNDS, median), then short fixed-rate
+ * phases at 500 req/s (BENCH_RATE_ROUNDS of BENCH_RATE_SECONDS, direct and proxied alternating,
+ * latencies pooled) so host noise falls on both sides alike. Prints
  *   sidecar: direct_rps=… proxied_rps=… ratio=… p50_added_ms=… p90_added_ms=… p99_added_ms=… cpu_ms_per_1k_calls=… rss_mb=…
  * and as its last line `ratio=<x> p90_added_ms=<y> cpu_ms_per_1k_calls=<z>`.
  */
@@ -24,6 +26,9 @@ const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const tsx = ["--import", "tsx"];
 const seconds = Number(process.env.BENCH_SECONDS ?? "5");
 const rounds = Number(process.env.BENCH_ROUNDS ?? "2");
+/** Fixed-rate phases are short and many, alternating direct and proxied, so both see the same machine noise. */
+const rateRounds = Number(process.env.BENCH_RATE_ROUNDS ?? "6");
+const rateSeconds = Number(process.env.BENCH_RATE_SECONDS ?? "2");
 
 interface LoadResult {
   readonly count: number;
@@ -32,6 +37,8 @@ interface LoadResult {
   readonly p50: number;
   readonly p90: number;
   readonly p99: number;
+  /** Every call's latency in ms (fixed-rate phases only). */
+  readonly latencies?: readonly number[];
 }
 
 function startProcess(args: string[], ready: RegExp): Promise<{ child: ChildProcess; match: RegExpMatchArray }> {
@@ -60,7 +67,8 @@ async function stop(child: ChildProcess): Promise<void> {
 
 async function load(address: string, mode: "saturate" | "rate", amount: number): Promise<LoadResult> {
   return new Promise((resolve, reject) => {
-    const generator = spawn(process.execPath, [...tsx, "bench/sidecar/loadgen.ts", address, mode, String(seconds), String(amount)], { cwd: root, stdio: ["ignore", "pipe", "inherit"] });
+    const duration = mode === "rate" ? rateSeconds : seconds;
+    const generator = spawn(process.execPath, [...tsx, "bench/sidecar/loadgen.ts", address, mode, String(duration), String(amount)], { cwd: root, stdio: ["ignore", "pipe", "inherit"] });
     let output = "";
     generator.stdout.on("data", (chunk: Buffer) => (output += chunk.toString("utf8")));
     generator.once("exit", (code) => {
@@ -126,9 +134,6 @@ async function benchSidecar(): Promise<void> {
 
     const direct: LoadResult[] = [];
     const through: LoadResult[] = [];
-    const directRate: LoadResult[] = [];
-    const throughRate: LoadResult[] = [];
-    const cpuPer1k: number[] = [];
     const cpuPer1kSaturated: number[] = [];
     for (let round = 0; round < rounds; round++) {
       direct.push(await load(upstreamAddress, "saturate", 32));
@@ -136,27 +141,45 @@ async function benchSidecar(): Promise<void> {
       const saturated = await load(proxied, "saturate", 32);
       cpuPer1kSaturated.push(((cpuMs(pid) - beforeSaturation) / (saturated.count + saturated.failures + 200)) * 1000);
       through.push(saturated);
-      directRate.push(await load(upstreamAddress, "rate", 500));
-      const before = cpuMs(pid);
-      const rated = await load(proxied, "rate", 500);
-      // The generator warms up with 200 calls before it measures; they count too.
-      cpuPer1k.push(((cpuMs(pid) - before) / (rated.count + rated.failures + 200)) * 1000);
-      throughRate.push(rated);
+    }
+    // At 500 req/s: latencies pooled over all rounds; the order alternates so neither side always runs first.
+    const directRate: LoadResult[] = [];
+    const throughRate: LoadResult[] = [];
+    let sidecarCpuMs = 0;
+    let proxiedCalls = 0;
+    for (let round = 0; round < rateRounds; round++) {
+      const runProxied = async () => {
+        const before = cpuMs(pid);
+        const rated = await load(proxied, "rate", 500);
+        sidecarCpuMs += cpuMs(pid) - before;
+        // The generator warms up with 200 calls before it measures; they count too.
+        proxiedCalls += rated.count + rated.failures + 200;
+        throughRate.push(rated);
+      };
+      if (round % 2 === 0) {
+        directRate.push(await load(upstreamAddress, "rate", 500));
+        await runProxied();
+      } else {
+        await runProxied();
+        directRate.push(await load(upstreamAddress, "rate", 500));
+      }
     }
     const failures = [...direct, ...through, ...directRate, ...throughRate].reduce((sum, r) => sum + r.failures, 0);
     if (failures > 0) throw new Error(`${failures} calls failed during the benchmark`);
     const directRps = median(direct.map((r) => r.rps));
     const proxiedRps = median(through.map((r) => r.rps));
     const ratio = proxiedRps / directRps;
-    const added = (q: "p50" | "p90" | "p99") => median(throughRate.map((r) => r[q])) - median(directRate.map((r) => r[q]));
-    const cpu = median(cpuPer1k);
+    const pooledDirect = directRate.flatMap((r) => r.latencies ?? []);
+    const pooledThrough = throughRate.flatMap((r) => r.latencies ?? []);
+    const added = (q: number) => percentile(pooledThrough, q) - percentile(pooledDirect, q);
+    const cpu = (sidecarCpuMs / proxiedCalls) * 1000;
     const f = (n: number, digits = 3) => n.toFixed(digits);
     // For context: at saturation calls share event-loop wake-ups, so each costs less CPU than at 500 req/s.
     console.log(`sidecar_saturated: cpu_ms_per_1k_calls=${f(median(cpuPer1kSaturated), 0)}`);
     console.log(
-      `sidecar: direct_rps=${f(directRps, 0)} proxied_rps=${f(proxiedRps, 0)} ratio=${f(ratio, 2)} p50_added_ms=${f(added("p50"))} p90_added_ms=${f(added("p90"))} p99_added_ms=${f(added("p99"))} cpu_ms_per_1k_calls=${f(cpu, 0)} rss_mb=${f(rssMb(pid), 0)}`,
+      `sidecar: direct_rps=${f(directRps, 0)} proxied_rps=${f(proxiedRps, 0)} ratio=${f(ratio, 2)} p50_added_ms=${f(added(0.5))} p90_added_ms=${f(added(0.9))} p99_added_ms=${f(added(0.99))} cpu_ms_per_1k_calls=${f(cpu, 0)} rss_mb=${f(rssMb(pid), 0)}`,
     );
-    console.log(`ratio=${f(ratio, 2)} p90_added_ms=${f(added("p90"))} cpu_ms_per_1k_calls=${f(cpu, 0)}`);
+    console.log(`ratio=${f(ratio, 2)} p90_added_ms=${f(added(0.9))} cpu_ms_per_1k_calls=${f(cpu, 0)}`);
   } finally {
     for (const child of children.reverse()) await stop(child);
     await nats.stop();

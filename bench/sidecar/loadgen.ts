@@ -68,5 +68,7 @@ if (mode === "saturate") {
 const elapsed = (Date.now() - started) / 1000;
 latencies.sort((a, b) => a - b);
 const at = (q: number) => latencies[Math.min(latencies.length - 1, Math.floor(q * latencies.length))] ?? Number.NaN;
-console.log(JSON.stringify({ count: latencies.length, failures, seconds: elapsed, rps: latencies.length / elapsed, p50: at(0.5), p90: at(0.9), p99: at(0.99) }));
+// At a fixed rate the bench pools every latency across rounds (microsecond resolution is plenty).
+const raw = mode === "rate" ? { latencies: latencies.map((ms) => Math.round(ms * 1000) / 1000) } : {};
+console.log(JSON.stringify({ count: latencies.length, failures, seconds: elapsed, rps: latencies.length / elapsed, p50: at(0.5), p90: at(0.9), p99: at(0.99), ...raw }));
 client.close();
