@@ -376,9 +376,19 @@ export class Broker {
         this.audit.appendAll(this.decisionAudit(body, [...earlierAudit, this.issuedEntry(requestId, lease)])),
       ]);
       if (leaseWrite.status === "rejected") {
-        // Fail closed: a credential whose issuance is not on record is revoked at once.
-        await this.options.issuer.revoke(lease).catch(() => undefined);
-        await this.audit.append({ type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why: "lease_not_recorded", kind: lease.kind } }).catch(() => undefined);
+        // Fail closed: a credential whose issuance is not on record is revoked at once. If even that
+        // fails, nothing else knows the lease: the trail and the log name it, flagged, for an operator.
+        const revoked = await this.options.issuer.revoke(lease).then(
+          () => true,
+          (error: unknown) => {
+            this.options.log.error({ err: error, requestId, leaseId: lease.leaseId }, "a credential whose lease could not be recorded could not be revoked either");
+            return false;
+          },
+        );
+        const entry: AuditEntry = revoked
+          ? { type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why: "lease_not_recorded", kind: lease.kind } }
+          : { type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId, details: { failed: "lease not recorded and not revoked", leaseId: lease.leaseId, kind: lease.kind }, flagged: true };
+        await this.audit.append(entry).catch(() => undefined);
         throw leaseWrite.reason;
       }
       if (auditWrite.status === "rejected") {

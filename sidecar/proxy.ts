@@ -88,7 +88,10 @@ interface Forwarding {
  */
 export class GrpcProxy {
   private readonly options: ProxyOptions;
+  /** The connection new calls to each upstream use. */
   private readonly connections = new Map<string, H2Connection>();
+  /** Every upstream connection still open, including ones draining after a GOAWAY. */
+  private readonly openConnections = new Set<H2Connection>();
   /** Prometheus children per label set: looking one up by labels costs more than the rest of an allowed call. */
   private readonly allowCounters = new Map<string, { inc(): void }>();
   private readonly durations = new Map<string, { observe(value: number): void }>();
@@ -101,7 +104,8 @@ export class GrpcProxy {
   /** Closes the upstream connections. Calls in flight are cancelled. */
   close(): void {
     this.closed = true;
-    for (const connection of this.connections.values()) connection.close();
+    for (const connection of this.openConnections) connection.close();
+    this.openConnections.clear();
     this.connections.clear();
   }
 
@@ -219,9 +223,10 @@ export class GrpcProxy {
       messages.push(...more.messages);
       decoded.push(...more.decoded);
       ended = more.ended;
-      if (!ended && kind !== "bidi_streaming") {
-        throw new AirlockError(Code.ResourceExhausted, `more than ${this.options.maxBufferedMessages} messages in a held call`);
-      }
+    }
+    // Checked whichever read filled the buffer: messages sent after it would run unreviewed.
+    if (kind !== "bidi_streaming" && (!ended || messages.length > this.options.maxBufferedMessages)) {
+      throw new AirlockError(Code.ResourceExhausted, `more than ${this.options.maxBufferedMessages} messages in a held call`);
     }
     if (messages.length === 0) throw new AirlockError(Code.InvalidArgument, "a held call needs a request message");
 
@@ -234,7 +239,13 @@ export class GrpcProxy {
     if (!ended) {
       stream.ondata = (chunk) => {
         later.push(chunk);
-        laterCount += activeReader.push(chunk).length;
+        try {
+          laterCount += activeReader.push(chunk).length;
+        } catch (error) {
+          abort.abort();
+          this.reject(stream, AirlockError.from(error, Code.ResourceExhausted), "too_large");
+          return;
+        }
         if (laterCount > this.options.maxBufferedMessages) {
           abort.abort();
           this.reject(stream, new AirlockError(Code.ResourceExhausted, `more than ${this.options.maxBufferedMessages} messages buffered while waiting for approval`), "buffer_full");
@@ -277,6 +288,8 @@ export class GrpcProxy {
   private upstreamConnection(target: UpstreamTarget): H2Connection {
     const existing = this.connections.get(target.name);
     if (existing?.usable === true) return existing;
+    // Out of stream ids or at the peer's stream limit: it finishes its calls, then goes.
+    existing?.closeWhenIdle();
     const { host, port } = splitAddress(target.address);
     // gRPC messages are small and latency-bound: Nagle's algorithm with delayed ACKs would hold them back.
     const socket = netConnect({ host, port, noDelay: true });
@@ -284,10 +297,16 @@ export class GrpcProxy {
       role: "client",
       onUnusable: () => {
         if (this.connections.get(target.name) === connection) this.connections.delete(target.name);
+        connection.closeWhenIdle();
       },
     });
-    if (this.closed) connection.close();
-    else this.connections.set(target.name, connection);
+    socket.once("close", () => this.openConnections.delete(connection));
+    if (this.closed) {
+      connection.close();
+    } else {
+      this.connections.set(target.name, connection);
+      this.openConnections.add(connection);
+    }
     return connection;
   }
 
@@ -306,7 +325,8 @@ export class GrpcProxy {
       [":authority", target.address],
     ];
     for (const name in stream.headers) {
-      if (name.charCodeAt(0) === 58 /* ':' */) continue;
+      // The agent's token is for the sidecar alone, whichever path the call took.
+      if (name.charCodeAt(0) === 58 /* ':' */ || name === "x-airlock-agent-token") continue;
       const value = stream.headers[name];
       if (typeof value === "string") outgoing.push([name, value]);
       else if (value !== undefined) for (const item of value) outgoing.push([name, item]);
@@ -391,25 +411,45 @@ export class GrpcProxy {
       report();
     };
     stream.onclose = () => {
-      if (finished) return;
+      if (finished) {
+        // The upstream answered before the agent half-closed: our side of its stream is still open.
+        if (!upstream.closed) upstream.reset(H2ErrorCode.noError);
+        return;
+      }
       finished = true;
       finalStatus = Code.Canceled;
       finalMessage = "the agent cancelled the call";
       upstream.reset(H2ErrorCode.cancel);
     };
 
-    for (const chunk of options.buffered) if (chunk.length > 0) upstream.write(chunk);
+    // The guard follows message boundaries from the first byte, buffered ones included: they may
+    // end inside a message.
+    const guard = new MessageSizeGuard(this.options.maxMessageBytes);
+    const tooLarge = (size: number) => {
+      finished = true;
+      finalStatus = Code.ResourceExhausted;
+      finalMessage = "request message over the limit";
+      upstream.reset(H2ErrorCode.cancel);
+      this.reject(stream, messageTooLarge(size, this.options.maxMessageBytes), "too_large");
+      report();
+    };
+    for (const chunk of options.buffered) {
+      if (chunk.length === 0) continue;
+      const oversized = guard.inspect(chunk);
+      if (oversized !== undefined) {
+        tooLarge(oversized);
+        return;
+      }
+      upstream.write(chunk);
+    }
     if (options.ended || stream.readableEnded) {
       upstream.end();
       return;
     }
-    const guard = new MessageSizeGuard(this.options.maxMessageBytes);
     stream.ondata = (chunk) => {
       const oversized = guard.inspect(chunk);
       if (oversized !== undefined) {
-        finished = true;
-        upstream.reset(H2ErrorCode.cancel);
-        this.reject(stream, messageTooLarge(oversized, this.options.maxMessageBytes), "too_large");
+        tooLarge(oversized);
         return;
       }
       if (!upstream.write(chunk)) {

@@ -66,7 +66,10 @@ const socketHighWaterMark = 1 << 20;
  * Unsent bytes past which the peer is taken to have stopped reading (it may still
  * be sending PINGs or SETTINGS to grow our output): the connection is closed.
  */
-const socketHardLimit = 64 << 20;
+const socketHardLimit = 16 << 20;
+
+/** Most CONTINUATION frames one header block may take (an empty one costs us a frame and a buffer). */
+const maxContinuationFrames = 64;
 
 /** Streams a peer may reset per second on a server connection before it is told to calm down (CVE-2023-44487). */
 const maxPeerResetsPerSecond = 1000;
@@ -108,6 +111,7 @@ export class H2Connection {
   private peerResets = 0;
   private peerResetsSince = 0;
   private unusable = false;
+  private draining = false;
   private readonly blocked = new Set<H2Stream>();
   private out: Buffer[] = [];
   private outBytes = 0;
@@ -152,7 +156,7 @@ export class H2Connection {
 
   /** True while new streams may be opened on this (client) connection. */
   get usable(): boolean {
-    return !this.closed && !this.goawayReceived && this.nextStreamId < 2 ** 31 - 2 && this.streams.size < this.peerMaxConcurrentStreams;
+    return !this.closed && !this.draining && !this.goawayReceived && this.nextStreamId < 2 ** 31 - 2 && this.streams.size < this.peerMaxConcurrentStreams;
   }
 
   /** Opens a stream (client connections) and sends its request headers. */
@@ -166,6 +170,12 @@ export class H2Connection {
     this.streams.set(stream.id, stream);
     stream.sendHeaders(fields, endStream, sensitive);
     return stream;
+  }
+
+  /** Closes the connection once its last stream is over (at once if none is open); opens no more. */
+  closeWhenIdle(): void {
+    this.draining = true;
+    if (this.streams.size === 0) this.close();
   }
 
   /** Sends GOAWAY, then closes the socket; open streams are closed at once. */
@@ -232,15 +242,13 @@ export class H2Connection {
     }
   }
 
-  /** @internal Counts delivered or discarded DATA bytes and returns window to the peer. */
+  /**
+   * @internal Counts delivered or discarded DATA bytes and returns window to the peer: `stream`'s,
+   * and the connection's on a server connection (a client connection returned it on arrival).
+   */
   consumed(stream: H2Stream | undefined, bytes: number): void {
     if (bytes === 0 || this.closed) return;
-    this.unackedBytes += bytes;
-    if (this.unackedBytes >= this.limits.connectionWindow / 2) {
-      this.queue(encodeUint32Frame(FrameType.windowUpdate, 0, this.unackedBytes));
-      this.receiveWindow += this.unackedBytes;
-      this.unackedBytes = 0;
-    }
+    if (this.role === "server") this.returnConnectionWindow(bytes);
     if (stream === undefined || stream.closed || stream.remoteEnded) return;
     stream.unackedBytes += bytes;
     if (stream.unackedBytes >= this.limits.streamWindow / 2) {
@@ -250,14 +258,26 @@ export class H2Connection {
     }
   }
 
+  private returnConnectionWindow(bytes: number): void {
+    this.unackedBytes += bytes;
+    if (this.unackedBytes >= this.limits.connectionWindow / 2) {
+      this.queue(encodeUint32Frame(FrameType.windowUpdate, 0, this.unackedBytes));
+      this.receiveWindow += this.unackedBytes;
+      this.unackedBytes = 0;
+    }
+  }
+
   /** @internal */
   forget(stream: H2Stream): void {
     this.streams.delete(stream.id);
     this.blocked.delete(stream);
     this.congested.delete(stream);
+    // Closed on a later turn: the stream's own close handlers are still running.
+    if (this.draining && this.streams.size === 0) queueMicrotask(() => this.close());
   }
 
   private drained(): void {
+    if (this.socket.isPaused() && !this.closed) this.socket.resume();
     if (this.congested.size === 0) return;
     const waiting = [...this.congested];
     this.congested.clear();
@@ -290,6 +310,9 @@ export class H2Connection {
     if (this.socket.writableLength > socketHardLimit) {
       this.shutDown(new Error("the peer stopped reading"));
       this.socket.destroy();
+    } else if (this.socket.writableLength > socketHighWaterMark && !this.socket.isPaused()) {
+      // A peer that does not read what we send (PING and SETTINGS replies included) is not read either.
+      this.socket.pause();
     }
   }
 
@@ -401,20 +424,24 @@ export class H2Connection {
     }
     this.receiveWindow -= payload.length;
     if (this.receiveWindow < 0) throw new ProtocolViolation(H2ErrorCode.flowControlError);
+    // On an upstream connection the connection window goes back at once: it is shared by every
+    // agent's calls, and one agent that stops reading must not stall the others. Each stream's own
+    // window still bounds what it holds.
+    if (this.role === "client") this.returnConnectionWindow(payload.length);
     const stream = this.streams.get(streamId);
     if (stream !== undefined && !stream.remoteEnded) {
       stream.receiveWindow -= payload.length;
       if (stream.receiveWindow < 0) {
         // The peer ignored the window: this stream is reset, the connection goes on.
         this.consumed(undefined, payload.length);
-        stream.reset(H2ErrorCode.flowControlError);
+        this.resetForMisbehaviour(stream, H2ErrorCode.flowControlError);
         return;
       }
     }
     if (stream === undefined || stream.remoteEnded) {
       // A stream this side already closed: its bytes still count against the connection window.
       this.consumed(undefined, payload.length);
-      if (stream !== undefined) stream.reset(H2ErrorCode.streamClosed);
+      if (stream !== undefined) this.resetForMisbehaviour(stream, H2ErrorCode.streamClosed);
       else if (this.isIdle(streamId)) throw new ProtocolViolation(H2ErrorCode.protocolError);
       return;
     }
@@ -444,6 +471,8 @@ export class H2Connection {
   private receiveContinuation(flags: number, streamId: number, payload: Buffer): void {
     const continuation = this.continuation;
     if (continuation === undefined || continuation.streamId !== streamId) throw new ProtocolViolation(H2ErrorCode.protocolError);
+    // Empty CONTINUATION frames add no bytes but still cost a frame each (CVE-2024-27316): cap their number.
+    if (continuation.fragments.length >= maxContinuationFrames) throw new ProtocolViolation(H2ErrorCode.enhanceYourCalm);
     continuation.fragments.push(Buffer.from(payload));
     continuation.bytes += payload.length;
     if (continuation.bytes > this.limits.maxHeaderBlockBytes) throw new ProtocolViolation(H2ErrorCode.enhanceYourCalm);
@@ -463,6 +492,12 @@ export class H2Connection {
     }
     const existing = this.streams.get(streamId);
     if (existing !== undefined) {
+      // After a request's headers (or a response's) only trailers may follow, and they end the
+      // stream; anything else would sit in a paused stream's inbox outside flow control.
+      if (!endStream && (existing.openedByPeer || existing.responseHeadersReceived)) {
+        this.resetForMisbehaviour(existing, H2ErrorCode.protocolError);
+        return;
+      }
       existing.receiveHeaders(fields, endStream);
       return;
     }
@@ -478,6 +513,11 @@ export class H2Connection {
       this.queue(encodeUint32Frame(FrameType.rstStream, streamId, H2ErrorCode.refusedStream));
       return;
     }
+    if (fields.some(invalidField)) {
+      // RFC 9113 §8.2.1: a NUL, CR or LF in a field value makes the request malformed.
+      this.resetForMisbehaviour(stream, H2ErrorCode.protocolError);
+      return;
+    }
     this.streams.set(streamId, stream);
     stream.headers = toHeaderObject(fields);
     if (endStream) stream.receiveData(emptyBuffer, true);
@@ -491,17 +531,13 @@ export class H2Connection {
       return;
     }
     if (payload.length % 6 !== 0) throw new ProtocolViolation(H2ErrorCode.frameSizeError);
+    let initialWindow: number | undefined;
     for (let offset = 0; offset < payload.length; offset += 6) {
       const id = payload.readUInt16BE(offset);
       const value = payload.readUInt32BE(offset + 2);
       if (id === SettingId.initialWindowSize) {
         if (value > maxWindowSize) throw new ProtocolViolation(H2ErrorCode.flowControlError);
-        const delta = value - this.peerInitialWindow;
-        this.peerInitialWindow = value;
-        for (const stream of this.streams.values()) {
-          stream.sendWindow += delta;
-          if (stream.sendWindow > maxWindowSize) throw new ProtocolViolation(H2ErrorCode.flowControlError);
-        }
+        initialWindow = value;
       } else if (id === SettingId.maxFrameSize) {
         if (value < defaultMaxFrameSize || value > 16_777_215) throw new ProtocolViolation(H2ErrorCode.protocolError);
         this.peerMaxFrameSize = value;
@@ -511,6 +547,15 @@ export class H2Connection {
         throw new ProtocolViolation(H2ErrorCode.protocolError);
       }
       // HEADER_TABLE_SIZE needs nothing: the encoder never uses the peer's dynamic table.
+    }
+    // Only the last INITIAL_WINDOW_SIZE of a frame counts, so a frame repeating it costs one pass.
+    if (initialWindow !== undefined && initialWindow !== this.peerInitialWindow) {
+      const delta = initialWindow - this.peerInitialWindow;
+      this.peerInitialWindow = initialWindow;
+      for (const stream of this.streams.values()) {
+        stream.sendWindow += delta;
+        if (stream.sendWindow > maxWindowSize) throw new ProtocolViolation(H2ErrorCode.flowControlError);
+      }
     }
     this.queue(encodeFrame(FrameType.settings, FrameFlag.ack, 0));
     this.unblock();
@@ -546,12 +591,12 @@ export class H2Connection {
       return;
     }
     if (increment === 0) {
-      stream.reset(H2ErrorCode.protocolError);
+      this.resetForMisbehaviour(stream, H2ErrorCode.protocolError);
       return;
     }
     stream.sendWindow += increment;
     if (stream.sendWindow > maxWindowSize) {
-      stream.reset(H2ErrorCode.flowControlError);
+      this.resetForMisbehaviour(stream, H2ErrorCode.flowControlError);
       return;
     }
     if (this.blocked.delete(stream)) stream.flushQueued();
@@ -576,16 +621,28 @@ export class H2Connection {
       if (this.isIdle(streamId)) throw new ProtocolViolation(H2ErrorCode.protocolError);
       return;
     }
-    if (this.role === "server") {
-      // Opening streams and resetting them at once costs the peer nothing and us a call each.
-      const now = Date.now();
-      if (now - this.peerResetsSince >= 1000) {
-        this.peerResetsSince = now;
-        this.peerResets = 0;
-      }
-      if (++this.peerResets > maxPeerResetsPerSecond) throw new ProtocolViolation(H2ErrorCode.enhanceYourCalm);
-    }
+    this.countReset();
     stream.close(code);
+  }
+
+  /**
+   * Opening streams and having them reset at once costs the peer nothing and us a call each
+   * (CVE-2023-44487), whether the peer resets them or makes us do it (CVE-2025-8671).
+   */
+  private countReset(): void {
+    if (this.role !== "server") return;
+    const now = Date.now();
+    if (now - this.peerResetsSince >= 1000) {
+      this.peerResetsSince = now;
+      this.peerResets = 0;
+    }
+    if (++this.peerResets > maxPeerResetsPerSecond) throw new ProtocolViolation(H2ErrorCode.enhanceYourCalm);
+  }
+
+  /** Resets a stream because its peer broke the protocol on it; counts toward the reset budget. */
+  private resetForMisbehaviour(stream: H2Stream, code: number): void {
+    stream.reset(code);
+    this.countReset();
   }
 
   private isIdle(streamId: number): boolean {
@@ -628,7 +685,10 @@ export class H2Stream {
   /** @internal Bytes the peer may still send on this stream. */
   receiveWindow: number;
   private paused: boolean;
-  private readonly openedByPeer: boolean;
+  /** @internal A peer opened this stream (a request to this server). */
+  readonly openedByPeer: boolean;
+  /** @internal A response's headers have arrived (client streams). */
+  responseHeadersReceived = false;
   private readonly inbox: Array<Buffer | { readonly fields: HeaderField[]; readonly endStream: boolean }> = [];
   private outbox: Buffer[] = [];
   private outboxBytes = 0;
@@ -738,6 +798,7 @@ export class H2Stream {
   /** @internal */
   receiveHeaders(fields: HeaderField[], endStream: boolean): void {
     if (this.remoteEnded) return;
+    this.responseHeadersReceived = true;
     if (endStream) this.remoteEnded = true;
     if (this.paused || this.inbox.length > 0 || this.delivering) {
       this.inbox.push({ fields, endStream });
@@ -846,7 +907,8 @@ const emptyBuffer = Buffer.alloc(0);
 
 /** Request fields as node's header object: repeated fields become arrays. */
 function toHeaderObject(fields: readonly HeaderField[]): IncomingHttpHeaders {
-  const headers: IncomingHttpHeaders = {};
+  // No prototype: a field named __proto__ must stay a field.
+  const headers = Object.create(null) as IncomingHttpHeaders;
   for (const [name, value] of fields) {
     const existing = headers[name];
     if (existing === undefined) headers[name] = value;
@@ -854,4 +916,10 @@ function toHeaderObject(fields: readonly HeaderField[]): IncomingHttpHeaders {
     else headers[name] = [existing, value];
   }
   return headers;
+}
+
+/** A field value with NUL, CR or LF (RFC 9113 §8.2.1). */
+function invalidField(field: HeaderField): boolean {
+  const value = field[1];
+  return value.includes("\r") || value.includes("\n") || value.includes("\0");
 }

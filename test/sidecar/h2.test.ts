@@ -828,4 +828,83 @@ await t.test("server role against misbehaving raw peers", async (t) => {
     t.equal(after.toString("latin1"), more.toString("latin1"), "the 100 bytes written arrive whole and in order before the trailers");
     t.equal(peer.goaway(), undefined, "no GOAWAY");
   });
+
+  await t.test("a flood of empty CONTINUATION frames: GOAWAY ENHANCE_YOUR_CALM, not a growing buffer", async (t) => {
+    const server = await startH2Server(t, echo);
+    const peer = await RawPeer.connect(t, server.port);
+    const block = requestBlock();
+    const flood = Array.from({ length: 200 }, () => frame(type.continuation, 0, 1));
+    peer.send(hello(), frame(type.headers, 0, 1, block), ...flood);
+    await peer.closed();
+    t.same(peer.goaway()?.errorCode, 0xb, "GOAWAY ENHANCE_YOUR_CALM");
+    t.equal(server.records.length, 0, "no stream was opened");
+  });
+
+  await t.test("a second HEADERS without END_STREAM on a request stream: RST_STREAM PROTOCOL_ERROR", async (t) => {
+    const server = await startH2Server(t, () => undefined);
+    const peer = await RawPeer.connect(t, server.port);
+    const trailersBlock = encodeHeaderBlock([["x-more", "headers"]]);
+    peer.send(hello(), headersFrame(1, false), frame(type.headers, flag.endHeaders, 1, trailersBlock));
+    t.ok(await peer.sync(), "the connection stays up");
+    t.same(peer.resets(), [{ streamId: 1, errorCode: code.protocolError }], "RST_STREAM PROTOCOL_ERROR for stream 1");
+    t.same(server.records[0]?.closes.map((c) => c.code), [code.protocolError], "onclose fired once with PROTOCOL_ERROR");
+    t.equal(server.open.size, 0, "no stream left open on the server connection");
+  });
+
+  await t.test("a field value with CR, LF or NUL is a malformed request: RST_STREAM PROTOCOL_ERROR, no stream", async (t) => {
+    const server = await startH2Server(t, echo);
+    const peer = await RawPeer.connect(t, server.port);
+    const blocks = ["a\r\nx-injected: 1", "nul\0", "lf\n"].map((value) =>
+      encodeHeaderBlock([
+        [":method", "POST"],
+        [":scheme", "http"],
+        [":path", "/raw"],
+        [":authority", "raw.test"],
+        ["x-value", value],
+      ]),
+    );
+    peer.send(hello(), ...blocks.map((block, i) => frame(type.headers, flag.endHeaders | flag.endStream, 1 + 2 * i, block)));
+    t.ok(await peer.sync(), "the connection stays up");
+    t.same(
+      peer.resets().map((r) => r.errorCode),
+      [code.protocolError, code.protocolError, code.protocolError],
+      "each stream refused with PROTOCOL_ERROR",
+    );
+    t.equal(server.records.length, 0, "the owner never saw them");
+  });
+
+  await t.test("a field named __proto__ stays a field", async (t) => {
+    const server = await startH2Server(t, () => undefined);
+    const peer = await RawPeer.connect(t, server.port);
+    const block = encodeHeaderBlock([
+      [":method", "POST"],
+      [":scheme", "http"],
+      [":path", "/raw"],
+      [":authority", "raw.test"],
+      ["__proto__", "x"],
+    ]);
+    peer.send(hello(), frame(type.headers, flag.endHeaders | flag.endStream, 1, block));
+    t.ok(await peer.sync(), "the connection stays up");
+    const headers = server.records[0]?.stream.headers;
+    t.equal(Object.getPrototypeOf(headers), null, "the header object has no prototype to replace");
+    t.equal(headers?.["__proto__"], "x", "__proto__ is an ordinary field");
+  });
+
+  await t.test("resets the peer makes us send count toward the reset budget (MadeYouReset): GOAWAY ENHANCE_YOUR_CALM", async (t) => {
+    const server = await startH2Server(t, () => undefined);
+    const peer = await RawPeer.connect(t, server.port);
+    const frames: Buffer[] = [];
+    const zeroIncrement = Buffer.alloc(4);
+    for (let i = 0; i < 1100; i++) {
+      const streamId = 1 + 2 * i;
+      // A WINDOW_UPDATE of 0 is a stream error: the server resets the stream itself.
+      frames.push(headersFrame(streamId, false), frame(type.windowUpdate, 0, streamId, zeroIncrement));
+    }
+    peer.send(hello(), ...frames);
+    await peer.closed();
+    t.same(peer.goaway()?.errorCode, 0xb, "GOAWAY ENHANCE_YOUR_CALM once more than 1,000 resets a second");
+    t.ok(peer.resets().length <= 1001, `at most 1,001 streams were reset first (${peer.resets().length})`);
+    t.equal(server.open.size, 0, "no stream left open on the server connection");
+  });
 });
+
