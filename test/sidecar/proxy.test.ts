@@ -236,6 +236,17 @@ await t.test("allow: a unary call passes through with metadata both ways and tra
   t.same(seen.trailers?.get("x-served-by"), ["demo.v1.OpsService"], "trailers pass through");
 });
 
+await t.test("allow: 1,500 calls in a row on the one upstream connection all succeed (no frame the upstream counts as invalid)", async (t) => {
+  // node:http2 servers end a connection with GOAWAY after 1,000 invalid frames (a RST_STREAM on a
+  // stream already closed, say): a proxy that sent one per call failed every call past the 1,000th.
+  let failed = 0;
+  const worker = async (calls: number) => {
+    for (let i = 0; i < calls; i++) await callUnary(client, OpsService.method.getStatus, {}).catch(() => failed++);
+  };
+  await Promise.all(Array.from({ length: 8 }, () => worker(1500 / 8)));
+  t.equal(failed, 0, "no call failed");
+});
+
 await t.test("allow: bidi streaming passes through, and client-streaming status codes pass through", async (t) => {
   const tail = callBidiStream(client, OpsService.method.tail);
   const lines: string[] = [];
