@@ -176,6 +176,8 @@ async function benchSidecar(): Promise<void> {
     const f = (n: number, digits = 3) => n.toFixed(digits);
     // For context: at saturation calls share event-loop wake-ups, so each costs less CPU than at 500 req/s.
     console.log(`sidecar_saturated: cpu_ms_per_1k_calls=${f(median(cpuPer1kSaturated), 0)}`);
+    // Each round's p90 at 500 req/s, to tell a noisy moment on the host from a slow sidecar.
+    console.log(`sidecar_rounds_p90_ms: direct=${directRate.map((r) => f(r.p90, 2)).join(",")} proxied=${throughRate.map((r) => f(r.p90, 2)).join(",")}`);
     console.log(
       `sidecar: direct_rps=${f(directRps, 0)} proxied_rps=${f(proxiedRps, 0)} ratio=${f(ratio, 2)} p50_added_ms=${f(added(0.5))} p90_added_ms=${f(added(0.9))} p99_added_ms=${f(added(0.99))} cpu_ms_per_1k_calls=${f(cpu, 0)} rss_mb=${f(rssMb(pid), 0)}`,
     );
