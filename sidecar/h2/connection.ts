@@ -94,6 +94,7 @@ export class H2Connection {
   private pending: Buffer | undefined;
   private prefaceRemaining: number;
   private continuation: { streamId: number; endStream: boolean; fragments: Buffer[]; bytes: number } | undefined;
+  /** Client connections: the id of the next stream this side opens (odd, RFC 9113 §5.1.1). */
   private nextStreamId = 1;
   private lastPeerStreamId = 0;
   /** The peer's SETTINGS. */
@@ -128,8 +129,6 @@ export class H2Connection {
     this.decoder = new HpackDecoder({ maxHeaderListSize: this.limits.maxHeaderBlockBytes * 2 });
     this.receiveWindow = Math.max(this.limits.connectionWindow, defaultWindowSize);
     this.prefaceRemaining = this.role === "server" ? clientPreface.length : 0;
-    if (this.role === "client") this.nextStreamId = 1;
-    else this.nextStreamId = 2;
 
     const settings: Array<[number, number]> = [
       [SettingId.initialWindowSize, this.limits.streamWindow],
