@@ -217,7 +217,8 @@ export class GrpcProxy {
     // client-streaming calls (a client stream is held until it half-closes);
     // of a bidi stream it binds the first message, and later ones wait in a
     // bounded buffer until the decision.
-    const wanted = kind === "bidi_streaming" ? 1 : this.options.maxBufferedMessages;
+    // One message past the buffer is enough to know the call is too long.
+    const wanted = kind === "bidi_streaming" ? 1 : this.options.maxBufferedMessages + 1;
     if (!ended && messages.length < wanted) {
       const more = await readMessages(stream, activeReader, method.method.input, wanted - messages.length);
       messages.push(...more.messages);

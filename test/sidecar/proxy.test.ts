@@ -7,6 +7,7 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Client, credentials, Metadata } from "@grpc/grpc-js";
 import { type ConsumerMessages, DeliverPolicy, jetstream } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
+import { connect as netConnect } from "node:net";
 import { exportSPKI, generateKeyPair } from "jose";
 import pg from "pg";
 import t from "tap";
@@ -20,6 +21,9 @@ import { type ApprovalRequest, ApprovalRequestSchema, CompletionSchema, Decision
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
 import { agentMetadata as signedAgentMetadata } from "../helpers/agent.js";
+import { clientPreface, FrameSplitter, frame, frameFlag, frameType, settingsFrame } from "../helpers/h2-frames.js";
+import { encodeHeaderBlock, HpackDecoder } from "../../sidecar/h2/hpack.js";
+import { frameMessage } from "../../sidecar/wire.js";
 
 const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
 const host = "test-host";
@@ -58,6 +62,15 @@ rules:
   - id: tail
     match: { service: demo.v1.OpsService, method: Tail }
     effect: allow
+  - id: import-held
+    match: { service: demo.v1.OpsService, method: ImportRows }
+    when: 'request.table == "held_rows"'
+    effect: approve
+    approve:
+      risk: high
+      reviewers: { all_of: [{ group: data-owners, min_approvals: 1 }] }
+      credential: { kind: database, mount: database, role: export, ttl: 5m }
+      timeout: 4s
   - id: import-open
     match: { service: demo.v1.OpsService, method: ImportRows }
     effect: allow
@@ -245,6 +258,73 @@ await t.test("allow: 1,500 calls in a row on the one upstream connection all suc
   };
   await Promise.all(Array.from({ length: 8 }, () => worker(1500 / 8)));
   t.equal(failed, 0, "no call failed");
+});
+
+/**
+ * Sends one client-streaming ImportRows call over a raw HTTP/2 connection, its
+ * messages packed as the test says (grpc-js never packs them this way), and
+ * returns the gRPC status of the trailers-only or trailing response.
+ */
+async function rawImportRows(messages: number, table: string, dataFrames: (bytes: Buffer) => Buffer[]): Promise<{ status: string; message: string }> {
+  const authorization = (await agentMetadata()).get("authorization")[0] as string;
+  const socket = netConnect({ host: "127.0.0.1", port: sidecar.port });
+  try {
+    await new Promise((resolve, reject) => socket.once("connect", resolve).once("error", reject));
+    const block = encodeHeaderBlock([
+      [":method", "POST"],
+      [":scheme", "http"],
+      [":path", "/demo.v1.OpsService/ImportRows"],
+      [":authority", "proxy.test"],
+      ["content-type", "application/grpc"],
+      ["te", "trailers"],
+      ["authorization", authorization],
+    ]);
+    const row = toBinary(OpsService.method.importRows.input, create(OpsService.method.importRows.input, { table, row: { id: 1 } }));
+    const body = Buffer.concat(Array.from({ length: messages }, () => frameMessage(row)));
+    const splitter = new FrameSplitter();
+    const decoder = new HpackDecoder();
+    const fields: Array<readonly [string, string]> = [];
+    const done = new Promise<void>((resolve, reject) => {
+      socket.on("data", (chunk: Buffer) => {
+        for (const received of splitter.push(chunk)) {
+          if (received.type === frameType.headers && received.streamId === 1) {
+            fields.push(...decoder.decode(received.payload));
+            if ((received.flags & frameFlag.endStream) !== 0) resolve();
+          }
+          if (received.type === frameType.rstStream && received.streamId === 1 && !fields.some(([name]) => name === "grpc-status")) reject(new Error("stream reset without a status"));
+        }
+      });
+      socket.once("close", () => reject(new Error("the sidecar closed the connection")));
+    });
+    socket.write(Buffer.concat([clientPreface, settingsFrame([]), frame(frameType.headers, frameFlag.endHeaders, 1, block), ...dataFrames(body)]));
+    await done;
+    const status = fields.find(([name]) => name === "grpc-status")?.[1] ?? "";
+    return { status, message: decodeURIComponent(fields.find(([name]) => name === "grpc-message")?.[1] ?? "") };
+  } finally {
+    socket.destroy();
+  }
+}
+
+await t.test("held client stream: more messages than the buffer holds in one DATA frame are refused, never held or sent", async (t) => {
+  const before = arrived.length;
+  // 60 messages and END_STREAM in a single frame: the first read (for the rule's condition) already has them all.
+  const refused = await rawImportRows(60, "held_rows", (body) => [frame(frameType.data, frameFlag.endStream, 1, body)]);
+  t.equal(refused.status, String(Code.ResourceExhausted), `RESOURCE_EXHAUSTED (${refused.message})`);
+  t.match(refused.message, /more than 50 messages/);
+  t.equal(arrived.length, before, "no approval request was published");
+});
+
+await t.test("a message cut across DATA frames after the policy read is forwarded whole (the size guard follows the buffered bytes)", async (t) => {
+  // Three messages in two frames, the cut inside the second message: the policy reads message 1,
+  // the rest of frame 1 (part of message 2) waits in the reader, then everything is forwarded.
+  const result = await rawImportRows(3, "customers", (body) => {
+    const cut = Math.floor(body.length / 2);
+    return [frame(frameType.data, 0, 1, body.subarray(0, cut)), frame(frameType.data, frameFlag.endStream, 1, body.subarray(cut))];
+  });
+  // A guard starting at frame 2 would read message 2's payload as a length prefix and refuse the call as oversized.
+  t.not(result.status, String(Code.ResourceExhausted), `not refused as oversized (${result.status}: ${result.message})`);
+  // The upstream refuses ImportRows without a credential: its own answer shows the call reached it.
+  t.match(result.message, /credential/, "the upstream's own answer came back");
 });
 
 await t.test("allow: bidi streaming passes through, and client-streaming status codes pass through", async (t) => {
