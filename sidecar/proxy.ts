@@ -413,10 +413,8 @@ export class GrpcProxy {
     };
     stream.onclose = () => {
       if (finished) {
-        // The upstream answered before the agent half-closed: our side of its stream is still open.
-        // (Once we have ended it, the upstream's END_STREAM closes it; a reset then would be a frame
-        // on a closed stream, which node:http2 servers count as invalid and answer with GOAWAY.)
-        if (!upstream.closed && !upstream.localEnded) upstream.reset(H2ErrorCode.noError);
+        // The upstream answered before the agent half-closed: our side of its stream may still be open.
+        if (!upstream.closed) upstream.reset(H2ErrorCode.noError);
         return;
       }
       finished = true;

@@ -764,7 +764,10 @@ export class H2Stream {
   /** Resets the stream (RST_STREAM) with `code`; `onclose` fires with it. */
   reset(code: number): void {
     if (this.closed) return;
-    this.connection.queue(encodeUint32Frame(FrameType.rstStream, this.id, code));
+    // END_STREAM sent both ways means the stream is closed for the peer already: a RST_STREAM then
+    // is a frame on a closed stream, which node:http2 counts as invalid (GOAWAY after 1,000).
+    const endSent = this.localEnded && this.trailersQueued === undefined && !this.endQueued;
+    if (!(endSent && this.remoteEnded)) this.connection.queue(encodeUint32Frame(FrameType.rstStream, this.id, code));
     this.close(code);
   }
 
