@@ -325,11 +325,6 @@ export class H2Connection {
     this.markUnusable();
   }
 
-  /** A connection error (RFC 9113 §5.4.1): GOAWAY with the code, then close. */
-  private fail(errorCode: number): void {
-    this.close(errorCode);
-  }
-
   private receive(chunk: Buffer): void {
     if (this.closed) return;
     let input = this.pending === undefined ? chunk : Buffer.concat([this.pending, chunk]);
@@ -351,7 +346,7 @@ export class H2Connection {
       while (input.length - offset >= frameHeaderLength) {
         const length = (input[offset]! << 16) | (input[offset + 1]! << 8) | input[offset + 2]!;
         if (length > defaultMaxFrameSize) {
-          this.fail(H2ErrorCode.frameSizeError);
+          this.close(H2ErrorCode.frameSizeError);
           return;
         }
         if (input.length - offset - frameHeaderLength < length) break;
@@ -365,7 +360,8 @@ export class H2Connection {
       }
     } catch (error) {
       // A bug or a peer that broke the protocol in a way not checked above: never crash the sidecar.
-      this.fail(error instanceof ProtocolViolation ? error.errorCode : H2ErrorCode.internalError);
+      // A connection error (RFC 9113 §5.4.1): GOAWAY with the code, then close.
+      this.close(error instanceof ProtocolViolation ? error.errorCode : H2ErrorCode.internalError);
       return;
     }
     if (offset < input.length) this.pending = Buffer.from(input.subarray(offset));
