@@ -1,7 +1,7 @@
 import { createHash, randomUUID } from "node:crypto";
 import { create, fromJson, type JsonObject, type JsonValue, toJson } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import { DeliverPolicy, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager, JetStreamApiError } from "@nats-io/jetstream";
+import { DeliverPolicy, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../common/errors.js";
 import { type AuditEvent, AuditEventSchema, type AuditEventType } from "../proto/index.js";
@@ -170,31 +170,72 @@ export class AuditLog {
     return { sequence: event.sequence, streamSeq: last.seq, sha256: event.sha256 };
   }
 
-  // Appends from this process go one at a time; only other replicas can conflict.
-  private queue: Promise<unknown> = Promise.resolve();
+  /** Appends waiting for the writer: the next write takes all of them as one pipelined batch. */
+  private waiting: PendingAppend[] = [];
+  private writing = false;
 
-  /**
-   * Appends one event; resolves with it as written (sequence and hashes filled in).
-   * @param attempts - how many times to retry after another replica appended first. @default 20
-   */
-  append(entry: AuditEntry, attempts = 20): Promise<AuditEvent> {
-    return this.appendAll([entry], attempts).then((events) => events[0] as AuditEvent);
+  /** Appends one event; resolves with it as written (sequence and hashes filled in). */
+  append(entry: AuditEntry): Promise<AuditEvent> {
+    return this.appendAll([entry]).then((events) => events[0] as AuditEvent);
   }
 
   /**
-   * Appends several events in order, pipelined: all are published at once, the
-   * first expecting the tail's stream sequence and each later one expecting
-   * its predecessor's message id, so a batch costs about one round trip. If
-   * another replica interleaves, the accepted events form a prefix and the
-   * rest are chained again on the new tail.
+   * Appends several events in order, pipelined: all
+   * are published at once, the first expecting the tail's stream sequence and
+   * each later one expecting its predecessor's message id, so a batch costs
+   * about one round trip. Appends made while a write is in flight wait and then
+   * go together in the next write (group commit), so a busy replica pays one
+   * round trip per write, not per caller. If another replica interleaves, the
+   * accepted events form a prefix and the rest are chained again on the new
+   * tail (up to {@link auditLogDefaults.conflictAttempts} times). Rejects when
+   * its events could not all be written; an append whose events were all
+   * written before a later one failed still resolves.
    */
-  appendAll(entries: readonly AuditEntry[], attempts = 20): Promise<AuditEvent[]> {
-    const appended = this.queue.then(() => this.appendNow(entries, attempts));
-    this.queue = appended.catch(() => undefined);
-    return appended;
+  appendAll(entries: readonly AuditEntry[]): Promise<AuditEvent[]> {
+    if (entries.length === 0) return Promise.resolve([]);
+    return new Promise((resolve, reject) => {
+      this.waiting.push({ entries, resolve, reject });
+      if (!this.writing) void this.writeWaiting();
+    });
   }
 
-  private async appendNow(entries: readonly AuditEntry[], attempts: number): Promise<AuditEvent[]> {
+  /** Writes waiting appends until none are left. */
+  private async writeWaiting(): Promise<void> {
+    this.writing = true;
+    try {
+      while (this.waiting.length > 0) {
+        const batch = this.takeBatch();
+        const { written, failure } = await this.appendNow(batch.flatMap((append) => append.entries)).catch((error: unknown) => ({
+          written: [] as AuditEvent[],
+          failure: AirlockError.from(error),
+        }));
+        let offset = 0;
+        for (const append of batch) {
+          const end = offset + append.entries.length;
+          if (end <= written.length) append.resolve(written.slice(offset, end));
+          else append.reject(failure);
+          offset = end;
+        }
+      }
+    } finally {
+      this.writing = false;
+    }
+  }
+
+  /** The oldest waiting appends, up to {@link auditLogDefaults.maxBatchEvents} events (at least one append). */
+  private takeBatch(): PendingAppend[] {
+    let events = 0;
+    let count = 0;
+    for (const append of this.waiting) {
+      if (count > 0 && events + append.entries.length > auditLogDefaults.maxBatchEvents) break;
+      events += append.entries.length;
+      count++;
+    }
+    return this.waiting.splice(0, count);
+  }
+
+  /** Writes `entries` in order; what was written, and why the rest was not. */
+  private async appendNow(entries: readonly AuditEntry[]): Promise<{ written: AuditEvent[]; failure: AirlockError | undefined }> {
     const written: AuditEvent[] = [];
     let remaining = [...entries];
     for (let attempt = 1; remaining.length > 0; attempt++) {
@@ -248,15 +289,31 @@ export class AuditLog {
       }
       // Another replica appended first (wrong last sequence), or the tail is stale: re-read it and try again.
       this.tail = undefined;
-      const conflict = failure instanceof JetStreamApiError || /wrong last (sequence|msg)/.test(String(failure));
-      if (!conflict || attempt >= attempts) {
-        throw new AirlockError(Code.Unavailable, "the audit event could not be written: failing closed", { cause: failure });
+      // Only a lost race is worth another try; a refusal (a full stream, no stream) stays a refusal.
+      const conflict = /wrong last (sequence|msg)/i.test(String(failure));
+      if (!conflict || attempt >= auditLogDefaults.conflictAttempts) {
+        return { written, failure: new AirlockError(Code.Unavailable, "the audit event could not be written: failing closed", { cause: failure }) };
       }
       await new Promise((resolve) => setTimeout(resolve, Math.random() * 5 * attempt));
     }
-    return written;
+    return { written, failure: undefined };
   }
 }
+
+/** One caller's {@link AuditLog.appendAll}, waiting for the writer. */
+interface PendingAppend {
+  readonly entries: readonly AuditEntry[];
+  readonly resolve: (events: AuditEvent[]) => void;
+  readonly reject: (error: unknown) => void;
+}
+
+/** Limits of {@link AuditLog}. */
+export const auditLogDefaults = {
+  /** Times a write is chained again after another replica appended first. */
+  conflictAttempts: 20,
+  /** Most events one write publishes at once (one caller's batch may exceed it, alone). */
+  maxBatchEvents: 256,
+} as const;
 
 /** The time of an event, for filters and display. */
 export function auditEventTime(event: AuditEvent): Date {

@@ -16,6 +16,7 @@ import {
   type DecisionBody,
   DecisionBodySchema,
   DecisionSchema,
+  type LeaseRecord,
   LeaseRecordSchema,
   type RequestRecord,
   RequestRecordSchema,
@@ -477,27 +478,49 @@ export class Broker {
 
   private async takeCompletion(data: Uint8Array): Promise<void> {
     const completion = fromBinary(CompletionSchema, data);
-    // Revocation first: it is what ends the credential; the audit trail records both right after.
+    const requestId = completion.requestId;
     const arrived = performance.now();
-    await this.revokeLease(completion.requestId, "completion");
+    // Revocation first: it is what ends the credential. The record and the trail then take the
+    // revocation and the completion together, side by side: one write each.
+    const stored = await this.store.get(requestId);
+    const revoked = stored === undefined ? undefined : await this.revokeInVault(stored.record);
     this.metrics.revokeLag.observe((performance.now() - arrived) / 1000);
-    await this.audit.append({
+    const completed: AuditEntry = {
       type: AuditEventType.ACTION_COMPLETED,
       actor: `sidecar:${completion.host}`,
-      requestId: completion.requestId,
+      requestId,
       details: { statusCode: completion.statusCode, statusMessage: completion.statusMessage },
-    });
-    await this.store.mutate(completion.requestId, (record) => {
-      const done = markCompleted(record, completion, new Date());
-      return done.ok ? done.record : undefined;
-    });
+    };
+    await Promise.all([
+      this.store.mutate(
+        requestId,
+        (record) => {
+          const withRevocation = revoked === undefined ? undefined : this.withLeaseRevoked(record, revoked);
+          const done = markCompleted(withRevocation ?? record, completion, new Date());
+          return done.ok ? done.record : withRevocation;
+        },
+        stored,
+      ),
+      this.audit.appendAll(revoked === undefined ? [completed] : [this.revokedEntry(requestId, "completion", revoked), completed]),
+    ]);
   }
 
   /** Revokes a request's lease if it is still alive; records who revoked it. Idempotent. */
   private async revokeLease(requestId: string, why: string): Promise<void> {
     const stored = await this.store.get(requestId);
-    const lease = stored?.record.lease;
-    if (lease === undefined || lease.leaseId === "" || lease.revokedAt !== undefined) return;
+    if (stored === undefined) return;
+    const revoked = await this.revokeInVault(stored.record);
+    if (revoked === undefined) return;
+    await Promise.all([
+      this.store.mutate(requestId, (record) => this.withLeaseRevoked(record, revoked), stored),
+      this.audit.append(this.revokedEntry(requestId, why, revoked)),
+    ]);
+  }
+
+  /** Has Vault revoke the record's lease if the record still holds it alive; the lease it revoked, if any. */
+  private async revokeInVault(record: RequestRecord): Promise<LeaseRecord | undefined> {
+    const lease = record.lease;
+    if (lease === undefined || lease.leaseId === "" || lease.revokedAt !== undefined) return undefined;
     const started = performance.now();
     try {
       await this.options.issuer.revoke({ kind: lease.kind === "database" ? "database" : "vault_token", leaseId: lease.leaseId });
@@ -506,16 +529,22 @@ export class Broker {
       throw error;
     }
     this.metrics.vaultLatency.labels("revoke").observe((performance.now() - started) / 1000);
-    await this.store.mutate(requestId, (record) => {
-      if (record.lease === undefined || record.lease.revokedAt !== undefined) return undefined;
-      const next = clone(RequestRecordSchema, record);
-      if (next.lease !== undefined) {
-        next.lease.revokedAt = timestampFromDate(new Date());
-        next.lease.revokedBy = this.options.replicaId;
-      }
-      return next;
-    });
-    await this.audit.append({ type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why, kind: lease.kind } });
+    return lease;
+  }
+
+  /** The record with `revoked` marked revoked by this replica; undefined when it holds another lease or already says so. */
+  private withLeaseRevoked(record: RequestRecord, revoked: LeaseRecord): RequestRecord | undefined {
+    if (record.lease === undefined || record.lease.leaseId !== revoked.leaseId || record.lease.revokedAt !== undefined) return undefined;
+    const next = clone(RequestRecordSchema, record);
+    if (next.lease !== undefined) {
+      next.lease.revokedAt = timestampFromDate(new Date());
+      next.lease.revokedBy = this.options.replicaId;
+    }
+    return next;
+  }
+
+  private revokedEntry(requestId: string, why: string, lease: LeaseRecord): AuditEntry {
+    return { type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why, kind: lease.kind } };
   }
 
   /**

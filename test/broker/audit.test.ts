@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import { jetstreamManager } from "@nats-io/jetstream";
+import { DiscardPolicy, jetstreamManager } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import t from "tap";
 import { AuditLog, auditEventsFromJsonl, auditEventToJsonLine, auditStream, readAuditEvents, verifyChain } from "../../broker/audit.js";
@@ -104,10 +104,44 @@ await t.test("airlock audit export and verify, against the stream and an edited 
   t.equal(recent.stdout.trim(), "", "nothing after a future time");
 });
 
+await t.test("appends made during a write go in the next one; each resolves or rejects by its own events", async (t) => {
+  const jsm = await jetstreamManager(nc);
+  const before = await jsm.streams.info(auditStream.name);
+  // Room for four more events: the first two appends fit, the third does not.
+  await jsm.streams.update(auditStream.name, { ...before.config, max_msgs: before.state.messages + 4, discard: DiscardPolicy.New });
+  t.teardown(() => jsm.streams.update(auditStream.name, { ...before.config }).then(() => undefined));
+  const log = await AuditLog.open(nc);
+  const pair = (name: string) => [0, 1].map((k) => ({ type: AuditEventType.VOTE_RECORDED, actor: `${name}-${k}`, requestId: name }));
+  // The first starts a write at once; the other two wait for it and are written together.
+  const outcomes = await Promise.allSettled([log.appendAll(pair("first")), log.appendAll(pair("second")), log.appendAll(pair("third"))]);
+  t.same(
+    outcomes.map((o) => o.status),
+    ["fulfilled", "fulfilled", "rejected"],
+  );
+  const second = outcomes[1]?.status === "fulfilled" ? outcomes[1].value : [];
+  t.same(
+    second.map((e) => e.actor),
+    ["second-0", "second-1"],
+    "an append written before a refusal in the same write resolves with its own events",
+  );
+  t.match(String(outcomes[2]?.status === "rejected" ? outcomes[2].reason : ""), /could not be written: failing closed/);
+  const events = await everything();
+  t.same(
+    events.slice(-4).map((e) => e.actor),
+    ["first-0", "first-1", "second-0", "second-1"],
+    "nothing of the refused append is in the stream",
+  );
+  t.ok(verifyChain(events).intact);
+  // The log keeps working once the stream has room again.
+  await jsm.streams.update(auditStream.name, { ...before.config });
+  const after = await log.append({ type: AuditEventType.VOTE_RECORDED, actor: "after", requestId: "r" });
+  t.equal(after.sequence, BigInt(events.length + 1));
+});
+
 await t.test("an audit append with NATS down fails closed", async (t) => {
   const log = await AuditLog.open(nc);
   await nats.pause();
-  const error = await log.append({ type: AuditEventType.DECIDED, actor: "x" }, 2).catch((e: unknown) => e);
+  const error = await log.append({ type: AuditEventType.DECIDED, actor: "x" }).catch((e: unknown) => e);
   await nats.resume();
   t.match(String(error), /could not be written: failing closed/);
 });
