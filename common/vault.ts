@@ -1,3 +1,5 @@
+import http from "node:http";
+import https from "node:https";
 import nodeVault from "node-vault";
 import { AirlockError, Code } from "./errors.js";
 
@@ -185,9 +187,10 @@ interface VaultApiError {
 
 /**
  * The cause an AirlockError keeps of a node-vault failure: message, code and
- * status only. The original is an axios error whose `config` holds the request
- * headers (`X-Vault-Token`) and body (for `sys/wrapping/wrap`, the secret), and
- * an error's cause ends up in logs.
+ * status only. The original may carry what it was sent or answered (node-vault's
+ * `ApiResponseError` keeps Vault's whole answer; a transport in front of Vault
+ * may keep the request headers with `X-Vault-Token`, or the body, which for
+ * `sys/wrapping/wrap` is the secret), and an error's cause ends up in logs.
  */
 function safeCause(error: unknown): Error {
   const candidate = (error ?? {}) as VaultApiError;
@@ -286,11 +289,95 @@ function wholeSeconds(kind: string, seconds: number): number {
   return Math.ceil(seconds);
 }
 
+/** What node-vault hands its HTTP transport for one call. */
+interface TransportRequest {
+  readonly method: string;
+  readonly uri: string;
+  readonly headers?: Readonly<Record<string, string>>;
+  /** The request body, sent as JSON. */
+  readonly json?: unknown;
+}
+
+/** What node-vault expects back from its HTTP transport. */
+interface TransportResponse {
+  readonly statusCode: number;
+  readonly body: unknown;
+  readonly request: { readonly path: string };
+}
+
+/** The most of a Vault answer the client reads; a larger one fails instead of filling memory. */
+const maxResponseBytes = 4 * 1024 * 1024;
+
+/**
+ * node-vault's HTTP transport, given through its `request-promise` hook: one
+ * node:http(s) request per call on Node's keep-alive global agents, the body as
+ * JSON, a deadline over the whole call. node-vault's own transport goes through
+ * axios and follow-redirects, which cost about three times the CPU per call
+ * (measured in docs/architecture.md); every approved action makes four Vault
+ * calls. Redirects are not followed: a redirect would carry the token to
+ * whatever host it names (Vault standbys forward requests rather than redirect
+ * unless configured otherwise).
+ */
+function vaultTransport(timeoutMs: number): { defaults: (defaults: { strictSSL?: boolean }) => (request: TransportRequest) => Promise<TransportResponse> } {
+  return {
+    defaults: ({ strictSSL }) =>
+      (request) =>
+        new Promise((resolve, reject) => {
+          const url = new URL(request.uri);
+          const body = request.json === undefined ? undefined : Buffer.from(JSON.stringify(request.json));
+          const headers: Record<string, string> = { ...request.headers, accept: "application/json" };
+          if (body !== undefined) {
+            headers["content-type"] ??= "application/json";
+            headers["content-length"] = String(body.length);
+          }
+          // Once the answer has begun, Node reports failures on the response, not the request: both end here.
+          const fail = (message: string, code: string) => {
+            clearTimeout(deadline);
+            reject(Object.assign(new Error(message), { code }));
+            call.destroy();
+          };
+          const options = { method: request.method, headers, ...(strictSSL === false ? { rejectUnauthorized: false } : {}) };
+          const call = (url.protocol === "https:" ? https : http).request(url, options, (response) => {
+            const chunks: Buffer[] = [];
+            let size = 0;
+            response.on("data", (chunk: Buffer) => {
+              size += chunk.length;
+              if (size > maxResponseBytes) fail(`Vault's answer is larger than ${maxResponseBytes} bytes`, "ERR_RESPONSE_TOO_LARGE");
+              else chunks.push(chunk);
+            });
+            response.on("end", () => {
+              clearTimeout(deadline);
+              const text = Buffer.concat(chunks).toString("utf8");
+              let parsed: unknown = text;
+              try {
+                if (text !== "") parsed = JSON.parse(text);
+              } catch {
+                // Not JSON (a proxy's error page): node-vault reports the status.
+              }
+              resolve({ statusCode: response.statusCode ?? 0, body: parsed, request: { path: url.pathname } });
+            });
+            response.on("error", () => undefined);
+            response.on("close", () => {
+              if (!response.complete) fail("Vault closed the connection mid-answer", "ECONNRESET");
+            });
+          });
+          const deadline = setTimeout(() => fail(`no answer from Vault within ${timeoutMs} ms`, "ETIMEDOUT"), timeoutMs);
+          call.on("error", (error) => {
+            clearTimeout(deadline);
+            reject(error);
+          });
+          call.end(body);
+        }),
+  };
+}
+
 /** A {@link VaultClient} over node-vault. */
 export function createVaultClient(options: VaultClientOptions): VaultClient {
-  const timeout = options.timeoutMs ?? vaultClientDefaults.timeoutMs;
+  const transport = vaultTransport(options.timeoutMs ?? vaultClientDefaults.timeoutMs);
+  // One node-vault instance per token: node-vault keeps the token an unwrap returns as its own
+  // (`tokenSource`), so a shared instance would go on to act with the agent's credential.
   const client = (token: string | undefined) =>
-    nodeVault({ apiVersion: "v1", endpoint: options.address, ...(token === undefined ? {} : { token }), requestOptions: { timeout } });
+    nodeVault({ apiVersion: "v1", endpoint: options.address, ...(token === undefined ? {} : { token }), "request-promise": transport });
   const root = client(options.token);
 
   /** Runs one node-vault call; its body as an object (204 has none), its failure as an AirlockError. */
@@ -302,8 +389,8 @@ export function createVaultClient(options: VaultClientOptions): VaultClient {
       throw error instanceof AirlockError ? error : vaultError(operation, error);
     }
   }
-  // node-vault passes requestOptions.headers through to axios; it adds X-Vault-Token to the same
-  // object, so every call gets a fresh one.
+  // node-vault passes requestOptions.headers through to the transport; it adds X-Vault-Token to the
+  // same object, so every call gets a fresh one.
   const wrapped = (wrapTtlSeconds: number) => ({ headers: { "X-Vault-Wrap-TTL": `${wholeSeconds("wrapTtlSeconds", wrapTtlSeconds)}s` } });
 
   const vault: VaultClient = {

@@ -1,4 +1,5 @@
-import t from "tap";
+import { type AddressInfo, createServer, type Socket } from "node:net";
+import t, { type Test } from "tap";
 import { AirlockError, Code, createVaultClient } from "../../common/index.js";
 import { freePort, useInfra } from "../../harness/index.js";
 
@@ -32,6 +33,56 @@ await t.test("a failed call's error carries neither the client's token nor the r
   t.notMatch(text, "do-not-leak-this-password");
   t.notOk(error.cause !== null && typeof error.cause === "object" && "config" in error.cause, "no request config in the cause");
   t.equal((error.cause as { code?: string }).code, "ECONNREFUSED", "the cause still says what happened");
+});
+
+/** A loopback TCP server that treats each connection with `serve`; closed at the test's end. */
+async function rawServer(t: Test, serve: (socket: Socket) => void): Promise<{ address: string; connections: () => number }> {
+  let connections = 0;
+  const sockets = new Set<Socket>();
+  const server = createServer((socket) => {
+    connections++;
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+    socket.on("error", () => undefined);
+    serve(socket);
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  t.teardown(async () => {
+    for (const socket of sockets) socket.destroy();
+    await new Promise((resolve) => server.close(resolve));
+  });
+  return { address: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, connections: () => connections };
+}
+
+await t.test("the HTTP transport: a silent or cut-off Vault is unavailable, a huge answer is refused, a redirect is not followed", async (t) => {
+  const silent = await rawServer(t, () => undefined);
+  const started = Date.now();
+  const timedOut = await caught(createVaultClient({ address: silent.address, token: "t", timeoutMs: 300 }).lookupSelf("t"));
+  t.equal(timedOut.code, Code.Unavailable, "no answer within the timeout");
+  t.ok(Date.now() - started < 3000, `it gave up after its timeout (${Date.now() - started} ms)`);
+
+  const cut = await rawServer(t, (socket) => {
+    socket.once("data", () => socket.end('HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"data":'));
+  });
+  t.equal((await caught(createVaultClient({ address: cut.address, token: "t" }).lookupSelf("t"))).code, Code.Unavailable, "an answer cut off midway");
+
+  const huge = await rawServer(t, (socket) => {
+    socket.once("data", () => {
+      socket.write("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 8388608\r\n\r\n");
+      socket.end(Buffer.alloc(8 * 1024 * 1024, 0x20));
+    });
+  });
+  const tooLarge = await caught(createVaultClient({ address: huge.address, token: "t" }).lookupSelf("t"));
+  t.equal(tooLarge.code, Code.Unavailable, "an 8 MiB answer");
+  t.equal((tooLarge.cause as { code?: string }).code, "ERR_RESPONSE_TOO_LARGE");
+
+  const elsewhere = await rawServer(t, (socket) => socket.destroy());
+  const redirecting = await rawServer(t, (socket) => {
+    socket.once("data", () => socket.end(`HTTP/1.1 307 Temporary Redirect\r\nlocation: ${elsewhere.address}/v1/auth/token/lookup-self\r\ncontent-length: 0\r\n\r\n`));
+  });
+  const redirected = await caught(createVaultClient({ address: redirecting.address, token: "hvs.stays-here" }).lookupSelf("hvs.stays-here"));
+  t.equal(redirected.code, Code.Internal, "a redirect is an error, not followed");
+  t.equal(elsewhere.connections(), 0, "the token was not sent where the redirect pointed");
 });
 
 await t.test("bad input is refused before any request", async (t) => {
