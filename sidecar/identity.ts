@@ -8,7 +8,7 @@
  * an error, never "anonymous".
  * @module
  */
-import { createPublicKey, type JsonWebKey as NodeJsonWebKey } from "node:crypto";
+import { createHash, createPublicKey, type JsonWebKey as NodeJsonWebKey } from "node:crypto";
 import type { PeerCertificate } from "node:tls";
 import { type CryptoKey, createRemoteJWKSet, decodeJwt, decodeProtectedHeader, errors, importJWK, type JWK, type JWTPayload, type JWTVerifyGetKey, jwtVerify } from "jose";
 import { AirlockError, Code } from "../common/errors.js";
@@ -20,7 +20,7 @@ export interface AgentIdentity {
   /** The human the agent acts for; empty when the credential names none (an unattended pipeline). */
   readonly onBehalfOf: string;
   /** Every principal in the delegation chain: agent, human, then any further ones; deduplicated, no empty entries. */
-  readonly chain: string[];
+  readonly chain: readonly string[];
   /** How the agent proved who it is. */
   readonly authenticatedBy: "mtls" | "jwt";
 }
@@ -75,6 +75,22 @@ export const agentAuthDefaults = {
   algorithms: readonly string[];
   onBehalfOfPrefix: string;
 };
+
+/**
+ * Limits of the verified-token cache each JWT issuer keeps. Agents send the same
+ * token on every call until it expires, and checking its signature costs more
+ * CPU than proxying the call (about 0.3 ms for EdDSA here); a token seen before
+ * is answered from the cache. The cache never stretches a token's life: an
+ * entry ends at the token's own `exp` with no clock tolerance, or after
+ * `maxAgeMs`, whichever is first, and only tokens already valid without the
+ * tolerance are kept. `maxAgeMs` also bounds how long a key the issuer removed
+ * from its JWKS keeps vouching for tokens it signed. Entries are keyed by the
+ * token's SHA-256, so no bearer token stays in memory.
+ */
+export const verifiedTokenCacheDefaults = {
+  maxEntries: 4096,
+  maxAgeMs: 60_000,
+} as const;
 
 /** What {@link AgentAuthenticator.authenticate} looks at: one call's metadata and TLS peer. */
 export interface AuthenticationInput {
@@ -256,7 +272,29 @@ class JwtVerifier {
     return new JwtVerifier(options.issuer, options.audience, algorithms, clockToleranceSec, humanClaim, keys);
   }
 
+  /** Tokens verified before, by SHA-256: the identity each gave and until when (ms) it may be reused. */
+  private readonly verified = new Map<string, { readonly identity: AgentIdentity; readonly untilMs: number }>();
+
   async verify(token: string): Promise<AgentIdentity> {
+    const key = createHash("sha256").update(token).digest("base64");
+    const now = Date.now();
+    const cached = this.verified.get(key);
+    if (cached !== undefined) {
+      if (now < cached.untilMs) return cached.identity;
+      this.verified.delete(key);
+    }
+    const identity = await this.verifyUncached(token);
+    const { exp, nbf } = decodeJwt(token);
+    const untilMs = Math.min((exp ?? 0) * 1000, now + verifiedTokenCacheDefaults.maxAgeMs);
+    if (untilMs > now && (nbf === undefined || nbf * 1000 <= now)) {
+      // Oldest first out: a Map iterates in insertion order.
+      if (this.verified.size >= verifiedTokenCacheDefaults.maxEntries) this.verified.delete(this.verified.keys().next().value ?? "");
+      this.verified.set(key, { identity, untilMs });
+    }
+    return identity;
+  }
+
+  private async verifyUncached(token: string): Promise<AgentIdentity> {
     const payload = await this.verifySignatureAndClaims(token);
     const agent = payload.sub;
     if (typeof agent !== "string" || agent.length === 0) throw unauthenticated("invalid_claim", "jwt", "agent token has no subject (sub)");
@@ -269,7 +307,8 @@ class JwtVerifier {
       throw unauthenticated("invalid_claim", "jwt", 'agent token claim "chain" must be an array of strings');
     }
     const onBehalfOf = human ?? "";
-    return { agent, onBehalfOf, chain: buildChain(agent, onBehalfOf, ...(extra ?? [])), authenticatedBy: "jwt" };
+    // Shared by every call that presents this token (the cache): nobody may change it.
+    return Object.freeze({ agent, onBehalfOf, chain: Object.freeze(buildChain(agent, onBehalfOf, ...(extra ?? []))), authenticatedBy: "jwt" as const });
   }
 
   private async verifySignatureAndClaims(token: string): Promise<JWTPayload> {

@@ -158,6 +158,23 @@ await t.test("invalid tokens are unauthenticated with a clear message that never
     await fails(t, strict.authenticate(bearer(recent)), "token_expired", recent);
   });
 
+  await t.test("a verified token is reused until its own exp and never past it; one valid only by the tolerance is not kept", async (t) => {
+    const strict = await AgentAuthenticator.create([{ ...staticJwt, clockToleranceSec: 0 }]);
+    const expiresAt = nowSec() + 2;
+    const jwt = await token({ exp: expiresAt });
+    const first = await strict.authenticate(bearer(jwt));
+    t.ok(Object.isFrozen(first) && Object.isFrozen(first?.chain), "the shared identity cannot be changed by a caller");
+    t.equal(await strict.authenticate(bearer(jwt)), first, "the second call is answered from the cache (the same identity object)");
+    while (Date.now() <= expiresAt * 1000 + 50) await new Promise((resolve) => setTimeout(resolve, 100));
+    await fails(t, strict.authenticate(bearer(jwt)), "token_expired", jwt);
+
+    // Not yet valid, accepted within the default tolerance: verified again each time.
+    const early = await token({ nbf: nowSec() + 5 });
+    const once = await auth.authenticate(bearer(early));
+    t.ok(once);
+    t.not(await auth.authenticate(bearer(early)), once, "not answered from the cache");
+  });
+
   await t.test("ambiguous or empty tokens", async (t) => {
     const jwt = await token();
     await fails(t, auth.authenticate({ headers: { authorization: [`Bearer ${jwt}`, `Bearer ${jwt}`] } }), "malformed_token", jwt);
