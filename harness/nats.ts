@@ -22,6 +22,8 @@ export interface NatsServer {
   readonly storeDir: string;
   /** The server's version, e.g. `2.9.10`. */
   readonly version: string;
+  /** The running server's process id (benchmarks read its CPU time); 0 while paused. */
+  readonly pid: number;
   /** Stops the server but keeps its port and store, for fault tests. */
   pause(): Promise<void>;
   /** Starts the server again on the same port and store after {@link NatsServer.pause}. */
@@ -102,6 +104,9 @@ export async function startNats(options: NatsServerOptions = {}): Promise<NatsSe
     port,
     storeDir: store.path,
     version,
+    get pid() {
+      return server?.child.pid ?? 0;
+    },
     pause: stopProcess,
     async resume() {
       if (server === undefined) await launch();

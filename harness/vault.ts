@@ -162,6 +162,8 @@ export interface VaultServer {
   readonly rootToken: string;
   readonly version: string;
   readonly binary: VaultBinary;
+  /** The server's process id (benchmarks read its CPU time). */
+  readonly pid: number;
   /** Stops the server; its in-memory state is gone. */
   stop(): Promise<void>;
 }
@@ -205,6 +207,7 @@ export async function startVault(options: VaultServerOptions = {}): Promise<Vaul
     rootToken,
     version,
     binary,
+    pid: server.child.pid ?? 0,
     async stop() {
       await server.stop();
       await home.remove();

@@ -216,7 +216,8 @@ function percentile(values: number[], q: number): number {
  * part its own process; and in the same run the bare Vault operations alone
  * (token create + wrap, unwrap, revoke). Prints
  *   privileged: actions_per_s=… p50_ms=… p99_ms=… vault_bare_p50_ms=… overhead_ratio=… revoke_p99_ms=…
- * and as its last line `actions_per_s=<x> overhead_ratio=<y> revoke_p99_ms=<z>`.
+ * and as its last line `actions_per_s=<x> overhead_ratio=<y> revoke_p99_ms=<z>`; before them, for
+ * context, the revocation lags, the paced Vault baseline and each part's CPU per action.
  */
 async function benchPrivileged(): Promise<void> {
   const nats = await startNats();
@@ -286,8 +287,11 @@ async function benchPrivileged(): Promise<void> {
         "log_level: error",
       ].join("\n"),
     );
+    const parts = new Map<string, ChildProcess>();
     for (const part of ["broker", "sidecar"]) {
-      children.push(spawn(process.execPath, [...tsx, "cli/airlock.ts", part, "--config", join(dir, `${part}.yaml`)], { cwd: root, stdio: ["ignore", "inherit", "inherit"] }));
+      const child = spawn(process.execPath, [...tsx, "cli/airlock.ts", part, "--config", join(dir, `${part}.yaml`)], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
+      children.push(child);
+      parts.set(part, child);
     }
     for (const port of [brokerHttp, sidecarMetrics]) {
       if (!(await waitUntil(async () => (await fetch(`http://127.0.0.1:${port}/healthz`)).ok, 30_000))) throw new Error("broker or sidecar did not become healthy");
@@ -313,7 +317,13 @@ async function benchPrivileged(): Promise<void> {
     // The same work with the machine idle between actions, as it is between the hops of one serial
     // action: on a small VM each call after idle pays a wake-up, which the tight loop above does not.
     const paced = await timeBareActions(100, 20);
+    // Each part's CPU over the serial phase, per action: where an action's time goes on a machine
+    // whose cores every part shares.
+    const pids = { broker: parts.get("broker")?.pid ?? 0, sidecar: parts.get("sidecar")?.pid ?? 0, upstream: upstream.child.pid ?? 0, nats: nats.pid, vault: vault.pid };
+    const cpuBefore = Object.fromEntries(Object.entries(pids).map(([part, pid]) => [part, cpuMs(pid)]));
     const serial = await loadPrivileged([`127.0.0.1:${listenPort}`, "serial", "200"], agentToken);
+    // The generator's 20 warm-up actions ran in the same phase.
+    const cpuPerAction = Object.entries(pids).map(([part, pid]) => `${part}=${((cpuMs(pid) - (cpuBefore[part] ?? 0)) / (serial.count + serial.failures + 20)).toFixed(2)}`);
     const saturated = await loadPrivileged([`127.0.0.1:${listenPort}`, "saturate", String(seconds * 2), "16"], agentToken);
     if (serial.failures + saturated.failures > 0) throw new Error(`${serial.failures + saturated.failures} privileged calls failed`);
 
@@ -332,6 +342,7 @@ async function benchPrivileged(): Promise<void> {
     const ratio = serial.p50 / barePercentile50;
     const revokeP99 = percentile(lags, 0.99);
     console.log(`privileged_revocations: measured=${lags.length} p50_ms=${f(percentile(lags, 0.5))}`);
+    console.log(`privileged_cpu_ms_per_action: ${cpuPerAction.join(" ")}`);
     // Context only: the target's ratio is against the tight loop (vault_bare_p50_ms) below.
     const pacedP50 = percentile(paced, 0.5);
     console.log(`privileged_vault_paced: p50_ms=${f(pacedP50, 2)} overhead_ratio_vs_paced=${f(serial.p50 / pacedP50, 2)}`);
