@@ -5,7 +5,8 @@
  * phases at 500 req/s (BENCH_RATE_ROUNDS of BENCH_RATE_SECONDS, direct and proxied alternating,
  * latencies pooled) so host noise falls on both sides alike. Prints
  *   sidecar: direct_rps=… proxied_rps=… ratio=… p50_added_ms=… p90_added_ms=… p99_added_ms=… cpu_ms_per_1k_calls=… rss_mb=…
- * and as its last line `ratio=<x> p90_added_ms=<y> cpu_ms_per_1k_calls=<z>`.
+ * and as its last line `ratio=<x> p90_added_ms=<y> cpu_ms_per_1k_calls=<z>`; before them, for context,
+ * the CPU per call at saturation, the share of CPU the hypervisor stole, and each round's p90.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
@@ -84,6 +85,18 @@ function cpuMs(pid: number): number {
   return (Number(fields[11]) + Number(fields[12])) * 10;
 }
 
+/** The machine's CPU counters (`/proc/stat`): all ticks, and those stolen by the hypervisor for other guests. */
+function hostTicks(): { total: number; steal: number } {
+  const fields = (readFileSync("/proc/stat", "utf8").split("\n")[0] ?? "").trim().split(/\s+/).slice(1).map(Number);
+  return { total: fields.reduce((sum, n) => sum + n, 0), steal: fields[7] ?? 0 };
+}
+
+/** The share of CPU time the hypervisor took for other guests since `since`, in percent. */
+function stealSince(since: { total: number; steal: number }): number {
+  const now = hostTicks();
+  return ((now.steal - since.steal) / Math.max(1, now.total - since.total)) * 100;
+}
+
 function rssMb(pid: number): number {
   const match = readFileSync(`/proc/${pid}/status`, "utf8").match(/VmRSS:\s+(\d+) kB/);
   return Number(match?.[1] ?? 0) / 1024;
@@ -132,6 +145,7 @@ async function benchSidecar(): Promise<void> {
     const pid = sidecar.pid ?? 0;
     const proxied = `127.0.0.1:${listenPort}`;
 
+    const runTicks = hostTicks();
     const direct: LoadResult[] = [];
     const through: LoadResult[] = [];
     const cpuPer1kSaturated: number[] = [];
@@ -177,6 +191,7 @@ async function benchSidecar(): Promise<void> {
     // For context: at saturation calls share event-loop wake-ups, so each costs less CPU than at 500 req/s.
     console.log(`sidecar_saturated: cpu_ms_per_1k_calls=${f(median(cpuPer1kSaturated), 0)}`);
     // Each round's p90 at 500 req/s, to tell a noisy moment on the host from a slow sidecar.
+    console.log(`sidecar_host_steal_pct: run=${f(stealSince(runTicks), 1)}`);
     console.log(`sidecar_rounds_p90_ms: direct=${directRate.map((r) => f(r.p90, 2)).join(",")} proxied=${throughRate.map((r) => f(r.p90, 2)).join(",")}`);
     console.log(
       `sidecar: direct_rps=${f(directRps, 0)} proxied_rps=${f(proxiedRps, 0)} ratio=${f(ratio, 2)} p50_added_ms=${f(added(0.5))} p90_added_ms=${f(added(0.9))} p99_added_ms=${f(added(0.99))} cpu_ms_per_1k_calls=${f(cpu, 0)} rss_mb=${f(rssMb(pid), 0)}`,
@@ -217,7 +232,8 @@ function percentile(values: number[], q: number): number {
  * (token create + wrap, unwrap, revoke). Prints
  *   privileged: actions_per_s=… p50_ms=… p99_ms=… vault_bare_p50_ms=… overhead_ratio=… revoke_p99_ms=…
  * and as its last line `actions_per_s=<x> overhead_ratio=<y> revoke_p99_ms=<z>`; before them, for
- * context, the revocation lags, the paced Vault baseline and each part's CPU per action.
+ * context, the revocation lags, each part's CPU per action, the share of CPU the hypervisor stole
+ * in each phase, and the paced Vault baseline.
  */
 async function benchPrivileged(): Promise<void> {
   const nats = await startNats();
@@ -313,7 +329,9 @@ async function benchPrivileged(): Promise<void> {
       }
       return times;
     };
+    const bareTicks = hostTicks();
     const bare = await timeBareActions(200, 0);
+    const bareSteal = stealSince(bareTicks);
     // The same work with the machine idle between actions, as it is between the hops of one serial
     // action: on a small VM each call after idle pays a wake-up, which the tight loop above does not.
     const paced = await timeBareActions(100, 20);
@@ -321,10 +339,14 @@ async function benchPrivileged(): Promise<void> {
     // whose cores every part shares.
     const pids = { broker: parts.get("broker")?.pid ?? 0, sidecar: parts.get("sidecar")?.pid ?? 0, upstream: upstream.child.pid ?? 0, nats: nats.pid, vault: vault.pid };
     const cpuBefore = Object.fromEntries(Object.entries(pids).map(([part, pid]) => [part, cpuMs(pid)]));
+    const serialTicks = hostTicks();
     const serial = await loadPrivileged([`127.0.0.1:${listenPort}`, "serial", "200"], agentToken);
+    const serialSteal = stealSince(serialTicks);
     // The generator's 20 warm-up actions ran in the same phase.
     const cpuPerAction = Object.entries(pids).map(([part, pid]) => `${part}=${((cpuMs(pid) - (cpuBefore[part] ?? 0)) / (serial.count + serial.failures + 20)).toFixed(2)}`);
+    const saturatedTicks = hostTicks();
     const saturated = await loadPrivileged([`127.0.0.1:${listenPort}`, "saturate", String(seconds * 2), "16"], agentToken);
+    const saturatedSteal = stealSince(saturatedTicks);
     if (serial.failures + saturated.failures > 0) throw new Error(`${serial.failures + saturated.failures} privileged calls failed`);
 
     // Revocation lag per action, from the records the brokers keep: completion to revoked.
@@ -343,6 +365,8 @@ async function benchPrivileged(): Promise<void> {
     const revokeP99 = percentile(lags, 0.99);
     console.log(`privileged_revocations: measured=${lags.length} p50_ms=${f(percentile(lags, 0.5))}`);
     console.log(`privileged_cpu_ms_per_action: ${cpuPerAction.join(" ")}`);
+    // On a shared VM the hypervisor may hand part of our cores to other guests: a run with much stolen time is a noisy one.
+    console.log(`privileged_host_steal_pct: bare=${f(bareSteal)} serial=${f(serialSteal)} saturated=${f(saturatedSteal)}`);
     // Context only: the target's ratio is against the tight loop (vault_bare_p50_ms) below.
     const pacedP50 = percentile(paced, 0.5);
     console.log(`privileged_vault_paced: p50_ms=${f(pacedP50, 2)} overhead_ratio_vs_paced=${f(serial.p50 / pacedP50, 2)}`);
