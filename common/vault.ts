@@ -325,9 +325,10 @@ function vaultTransport(timeoutMs: number): { defaults: (defaults: { strictSSL?:
         new Promise((resolve, reject) => {
           const url = new URL(request.uri);
           const body = request.json === undefined ? undefined : Buffer.from(JSON.stringify(request.json));
-          const headers: Record<string, string> = { ...request.headers, accept: "application/json" };
+          const headers: Record<string, string> = { accept: "application/json", ...request.headers };
           if (body !== undefined) {
-            headers["content-type"] ??= "application/json";
+            // node-vault names its own Content-Type (merge-patch) in whatever case it likes.
+            if (!Object.keys(headers).some((name) => name.toLowerCase() === "content-type")) headers["content-type"] = "application/json";
             headers["content-length"] = String(body.length);
           }
           // Once the answer has begun, Node reports failures on the response, not the request: both end here.
