@@ -180,10 +180,10 @@ export class AuditLog {
   }
 
   /**
-   * Appends several events in order, pipelined: all
-   * are published at once, the first expecting the tail's stream sequence and
-   * each later one expecting its predecessor's message id, so a batch costs
-   * about one round trip. Appends made while a write is in flight wait and then
+   * Appends several events in order, pipelined: all are published at once,
+   * the first expecting the tail's stream sequence and each later one
+   * expecting its predecessor's message id, so a batch costs about one round
+   * trip. Appends made while a write is in flight wait and then
    * go together in the next write (group commit), so a busy replica pays one
    * round trip per write, not per caller. If another replica interleaves, the
    * accepted events form a prefix and the rest are chained again on the new
