@@ -1,9 +1,6 @@
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Client, credentials, type Metadata } from "@grpc/grpc-js";
 import { connect } from "@nats-io/transport-node";
-import { generateKeyPair } from "jose";
 import { clone, toJsonString } from "@bufbuild/protobuf";
 import { timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import t from "tap";
@@ -13,14 +10,12 @@ import { parseApprovalConfig, vote } from "../../broker/rules.js";
 import { RequestStore } from "../../broker/store.js";
 import { Broker } from "../../broker/service.js";
 import { ConfigReader } from "../../common/config.js";
-import { generateDecisionKey } from "../../common/decision.js";
 import { type AirlockError, Code, callServerStream, callUnary, createLogger, createVaultClient } from "../../common/index.js";
-import { startOpsServer } from "../../demo/ops/index.js";
 import { useInfra } from "../../harness/index.js";
 import { AuditEventType, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
-import { exportRoles, opsPolicy, seedExportEngine, startTestSidecar } from "../helpers/stack.js";
+import { exportRoles, opsPolicy, seedExportEngine, startAgentPath } from "../helpers/stack.js";
 
 const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
 const log = createLogger({ name: "test", level: "silent" });
@@ -28,16 +23,7 @@ const log = createLogger({ name: "test", level: "silent" });
 const admin = await seedExportEngine(t, { nats, vault, database });
 const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
 
-const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
-t.teardown(() => ops.close());
-
-const key = generateDecisionKey("k1");
-const agentKeys = await generateKeyPair("EdDSA");
-const dir = await mkdtemp(join(tmpdir(), "airlock-e2e-"));
-t.teardown(() => rm(dir, { recursive: true, force: true }));
-await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
-await writeFile(join(dir, "policy.yaml"), opsPolicy({ rotateRisk: "low", timeout: "20s" }));
-const sidecar = await startTestSidecar(t, { nats, vault, database }, { dir, upstream: ops.address, host: "e2e-host", agentPublicKey: agentKeys.publicKey, log });
+const { key, agentKeys, dir, sidecar } = await startAgentPath(t, { nats, vault, database }, { name: "e2e", host: "e2e-host", policy: opsPolicy({ rotateRisk: "low", timeout: "20s" }), log });
 
 const approvals = parseApprovalConfig(
   new ConfigReader(

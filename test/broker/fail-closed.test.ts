@@ -1,45 +1,31 @@
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Client, credentials } from "@grpc/grpc-js";
 import { DiscardPolicy, jetstreamManager } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
-import { generateKeyPair } from "jose";
 import t from "tap";
 import { auditStream, readAuditEvents, verifyChain } from "../../broker/audit.js";
 import { CredentialIssuer } from "../../broker/credentials.js";
 import { parseApprovalConfig } from "../../broker/rules.js";
 import { Broker } from "../../broker/service.js";
 import { ConfigReader } from "../../common/config.js";
-import { generateDecisionKey } from "../../common/decision.js";
 import { type AirlockError, callUnary, Code, createLogger, createVaultClient } from "../../common/index.js";
 import { streams, subjects } from "../../common/subjects.js";
-import { startOpsServer } from "../../demo/ops/index.js";
 import { useInfra } from "../../harness/index.js";
 import type { AuditEvent, RequestRecord } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { agentMetadata } from "../helpers/agent.js";
-import { opsPolicy, startTestSidecar } from "../helpers/stack.js";
+import { opsPolicy, startAgentPath } from "../helpers/stack.js";
 
 // The broker writes an approved action's lease record and its audit batch side by side; only when
 // both are stored does the decision leave. Here the audit trail refuses writes (a full stream), so
 // the credential Vault issued must be revoked at once and no decision may reach the sidecar.
 
 const infra = await useInfra(t, { nats: true, vault: true, database: true });
-const { nats, vault, database } = infra;
+const { nats, vault } = infra;
 const log = createLogger({ name: "test", level: "silent" });
 const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
 
-const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
-t.teardown(() => ops.close());
-
-const key = generateDecisionKey("k1");
-const agentKeys = await generateKeyPair("EdDSA");
-const dir = await mkdtemp(join(tmpdir(), "airlock-fail-closed-"));
-t.teardown(() => rm(dir, { recursive: true, force: true }));
-await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
-await writeFile(join(dir, "policy.yaml"), opsPolicy({ rotateRisk: "low", timeout: "20s" }));
-const sidecar = await startTestSidecar(t, infra, { dir, upstream: ops.address, host: "fail-host", agentPublicKey: agentKeys.publicKey, log });
+const { key, agentKeys, dir, sidecar } = await startAgentPath(t, infra, { name: "fail-closed", host: "fail-host", policy: opsPolicy({ rotateRisk: "low", timeout: "20s" }), log });
 
 const approvals = parseApprovalConfig(
   new ConfigReader({ groups: { security: ["sam@corp"] }, auto_rules: [{ id: "low-risk", effect: "approve", when: { max_risk: "low" }, reason: "pre-approved" }] }, "", join(dir, "broker.yaml")),

@@ -1,20 +1,16 @@
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Client, credentials } from "@grpc/grpc-js";
-import { generateKeyPair } from "jose";
 import t from "tap";
 import { connect } from "@nats-io/transport-node";
 import { parseBrokerConfig, readAuditEvents, type RunningBroker, startBroker } from "../../broker/index.js";
 import { ConfigReader } from "../../common/config.js";
-import { generateDecisionKey } from "../../common/decision.js";
 import { AirlockError, callServerStream, Code, createLogger, createVaultClient } from "../../common/index.js";
-import { startOpsServer } from "../../demo/ops/index.js";
 import { freePort, useInfra } from "../../harness/index.js";
 import { AuditEventType, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { agentMetadata } from "../helpers/agent.js";
-import { type BrokerProcess, exportRoles, opsPolicy, seedExportEngine, startBrokerProcess, startTestSidecar } from "../helpers/stack.js";
+import { type BrokerProcess, exportRoles, opsPolicy, seedExportEngine, startAgentPath, startBrokerProcess } from "../helpers/stack.js";
 
 // Two broker replicas: A is a real `airlock broker` process that a failpoint stops at an
 // exact step of an approval, where the test kills it with SIGKILL; B runs on and must
@@ -24,17 +20,7 @@ const log = createLogger({ name: "test", level: "silent" });
 
 const admin = await seedExportEngine(t, { nats, vault, database });
 const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
-const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
-t.teardown(() => ops.close());
-
-const dir = await mkdtemp(join(tmpdir(), "airlock-failover-"));
-t.teardown(() => rm(dir, { recursive: true, force: true }));
-const key = generateDecisionKey("k1");
-await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
-await writeFile(join(dir, "broker-signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
-await writeFile(join(dir, "policy.yaml"), opsPolicy());
-const agentKeys = await generateKeyPair("EdDSA");
-const sidecar = await startTestSidecar(t, { nats, vault, database }, { dir, upstream: ops.address, host: "failover-host", agentPublicKey: agentKeys.publicKey, log });
+const { agentKeys, dir, sidecar } = await startAgentPath(t, { nats, vault, database }, { name: "failover", host: "failover-host", policy: opsPolicy(), log });
 
 const danaToken = "dana-failover-token";
 function brokerConfig(replica: string, http: string): Record<string, unknown> {

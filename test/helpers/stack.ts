@@ -223,6 +223,39 @@ export async function startTestSidecar(t: Test, infra: StackInfra, options: Test
   return sidecar;
 }
 
+/** What {@link startAgentPath} started: the way from an agent to the demo upstream, without a broker. */
+export interface AgentPath {
+  /** The demo upstream. */
+  readonly ops: Awaited<ReturnType<typeof startOpsServer>>;
+  /** The broker's decision key, id k1: `broker.pem` (public) and `broker-signing.pem` (private) in `dir`. */
+  readonly key: ReturnType<typeof generateDecisionKey>;
+  /** The key pair agent tokens are signed with. */
+  readonly agentKeys: Awaited<ReturnType<typeof generateKeyPair>>;
+  /** A temporary directory holding the keys and `policy.yaml`, for the test's config files too. */
+  readonly dir: string;
+  readonly sidecar: Sidecar;
+}
+
+/**
+ * Starts the demo upstream and a sidecar in front of it (see {@link startTestSidecar}),
+ * with a fresh broker key and agent key pair and `policy` in a temporary directory named
+ * after `name`; everything is stopped and removed at teardown.
+ */
+export async function startAgentPath(t: Test, infra: StackInfra, options: { readonly name: string; readonly host: string; readonly policy: string; readonly log: Logger }): Promise<AgentPath> {
+  const { database } = infra;
+  const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: infra.vault.address });
+  t.teardown(() => ops.close());
+  const key = generateDecisionKey("k1");
+  const agentKeys = await generateKeyPair("EdDSA");
+  const dir = await mkdtemp(join(tmpdir(), `airlock-${options.name}-`));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
+  await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
+  await writeFile(join(dir, "broker-signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
+  await writeFile(join(dir, "policy.yaml"), options.policy);
+  const sidecar = await startTestSidecar(t, infra, { dir, upstream: ops.address, host: options.host, agentPublicKey: agentKeys.publicKey, log: options.log });
+  return { ops, key, agentKeys, dir, sidecar };
+}
+
 /** Starts the stack; everything is stopped in `t`'s teardown. */
 export async function startStack(t: Test, options: StackOptions = {}): Promise<Stack> {
   const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
@@ -230,18 +263,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
 
   await seedExportEngine(t, { nats, vault, database });
 
-  const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
-  t.teardown(() => ops.close());
-
-  const key = generateDecisionKey("k1");
-  const agentKeys = await generateKeyPair("EdDSA");
-  const dir = await mkdtemp(join(tmpdir(), "airlock-stack-"));
-  t.teardown(() => rm(dir, { recursive: true, force: true }));
-  await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
-  await writeFile(join(dir, "broker-signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
-  await writeFile(join(dir, "policy.yaml"), opsPolicy({ rotateRisk: "medium" }));
-
-  const sidecar = await startTestSidecar(t, { nats, vault, database }, { dir, upstream: ops.address, host: "stack-host", agentPublicKey: agentKeys.publicKey, log });
+  const { agentKeys, dir, sidecar } = await startAgentPath(t, { nats, vault, database }, { name: "stack", host: "stack-host", policy: opsPolicy({ rotateRisk: "medium" }), log });
 
   const tokens = { dana: "dana-dev-token-0001", sam: "sam-dev-token-0001", alice: "alice-dev-token-0001" };
   const broker = await startBroker(
