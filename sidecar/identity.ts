@@ -283,8 +283,9 @@ class JwtVerifier {
       if (now < cached.untilMs) return cached.identity;
       this.verified.delete(key);
     }
-    const identity = await this.verifyUncached(token);
-    const { exp, nbf } = decodeJwt(token);
+    const payload = await this.verifySignatureAndClaims(token);
+    const identity = this.identityOf(payload);
+    const { exp, nbf } = payload;
     const untilMs = Math.min((exp ?? 0) * 1000, now + verifiedTokenCacheDefaults.maxAgeMs);
     if (untilMs > now && (nbf === undefined || nbf * 1000 <= now)) {
       // Oldest first out: a Map iterates in insertion order.
@@ -294,8 +295,8 @@ class JwtVerifier {
     return identity;
   }
 
-  private async verifyUncached(token: string): Promise<AgentIdentity> {
-    const payload = await this.verifySignatureAndClaims(token);
+  /** The identity a verified token's claims name. */
+  private identityOf(payload: JWTPayload): AgentIdentity {
     const agent = payload.sub;
     if (typeof agent !== "string" || agent.length === 0) throw unauthenticated("invalid_claim", "jwt", "agent token has no subject (sub)");
     const human = payload[this.humanClaim];
