@@ -4,10 +4,11 @@ import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { DeliverPolicy, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../common/errors.js";
+import { auditStream } from "../common/subjects.js";
 import { type AuditEvent, AuditEventSchema, type AuditEventType } from "../proto/index.js";
 
 /** The audit stream: append-only, with deletes and purges refused by the server itself. */
-export const auditStream = { name: "AIRLOCK_AUDIT", subject: "airlock.audit" } as const;
+export { auditStream };
 
 /** What a caller says about an event; the log adds sequence, id, time and the chain links. */
 export interface AuditEntry {

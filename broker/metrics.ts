@@ -15,6 +15,8 @@ export interface BrokerMetrics {
   /** Seconds from a completion's arrival to its lease's revocation. */
   readonly revokeLag: Histogram;
   readonly natsReconnects: Counter;
+  /** Messages refused or terminated, by reason (`RefusalReason`): each one is also a flagged audit event. */
+  readonly refusals: Counter<"reason">;
 }
 
 /** Creates the metrics on a fresh registry. */
@@ -39,5 +41,6 @@ export function createBrokerMetrics(): BrokerMetrics {
     leasesOutstanding: new Gauge({ name: "airlock_broker_leases_outstanding", help: "Issued credentials not revoked yet", registers }),
     revokeLag: new Histogram({ name: "airlock_broker_revoke_lag_seconds", help: "From completion to revocation", buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 5, 30], registers }),
     natsReconnects: new Counter({ name: "airlock_broker_nats_reconnects_total", help: "NATS reconnects", registers }),
+    refusals: new Counter({ name: "airlock_broker_refusals_total", help: "Messages from sidecars refused or terminated, by reason", labelNames: ["reason"], registers }),
   };
 }

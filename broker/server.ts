@@ -1,15 +1,16 @@
 import { readFile } from "node:fs/promises";
 import { createPrivateKey } from "node:crypto";
 import { hostname } from "node:os";
-import { connect } from "@nats-io/transport-node";
 import { type ConfigReader, readConfigFile } from "../common/config.js";
 import { parseDuration } from "../common/duration.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { createLogger, type Logger } from "../common/logger.js";
+import { connectNats, type NatsConnectionConfig, parseNatsConfig } from "../common/nats.js";
 import { createVaultClient } from "../common/vault.js";
 import { configureTokenRole, CredentialIssuer, type TokenRoleConfig } from "./credentials.js";
 import { type ApprovalConfig, parseApprovalConfig } from "./rules.js";
 import { Broker } from "./service.js";
+import { PolicyWatcher } from "../sidecar/index.js";
 import { parseReviewerAuthConfig, ReviewerAuthenticator, type ReviewerAuthConfig } from "./reviewers/auth.js";
 import { startReviewerGrpc, type RunningReviewerGrpc } from "./reviewers/grpc.js";
 import { createBrokerHttpApp } from "./reviewers/http.js";
@@ -20,11 +21,17 @@ export type VaultAuth = { readonly kind: "token"; readonly token: string } | { r
 
 /** The broker's whole configuration, validated. */
 export interface BrokerConfig {
-  readonly nats: { readonly url: string; readonly token?: string };
+  /** NATS, with the broker role's own credential. */
+  readonly nats: NatsConnectionConfig;
   readonly vault: { readonly address: string; readonly auth: VaultAuth; readonly tokenRole?: TokenRoleSetup };
   /** The Ed25519 private key (PKCS#8 PEM file) decisions are signed with, and its key id. */
   readonly signingKey: { readonly keyId: string; readonly file: string };
   readonly approvals: ApprovalConfig;
+  /**
+   * The policy file (the sidecars' format): each request's reviewer requirement and credential
+   * template come from the rule it names here. Reloaded when it changes.
+   */
+  readonly policyFile: string;
   /** Where /metrics, /healthz and /readyz are served. @default 127.0.0.1:9465 */
   readonly http: { readonly host: string; readonly port: number };
   /** Slack, Teams and webhook notifications. @default none */
@@ -106,24 +113,9 @@ function durationField(reader: ConfigReader, key: string, fallback: string): num
   return ms;
 }
 
-/** A URL fit for a message: any user name and password in it replaced. */
-function withoutCredentials(url: string): string {
-  try {
-    const parsed = new URL(url);
-    if (parsed.username === "" && parsed.password === "") return url;
-    parsed.username = "redacted";
-    parsed.password = "";
-    return parsed.toString();
-  } catch {
-    return "(the configured URL)";
-  }
-}
-
 /** Validates a parsed broker config; every error names the field. */
 export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
-  const nats = root.object("nats");
-  const natsConfig = { url: nats.string("url"), ...(nats.has("token") ? { token: nats.string("token") } : {}) };
-  nats.done();
+  const natsConfig = parseNatsConfig(root.object("nats"));
   const vault = root.object("vault");
   const tokenRole = vault.has("token_role") ? tokenRoleSetup(vault.object("token_role")) : undefined;
   const vaultConfig = { address: vault.string("address"), auth: vaultAuth(vault.object("auth")), ...(tokenRole === undefined ? {} : { tokenRole }) };
@@ -132,6 +124,7 @@ export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
   const signingKey = { keyId: signing.string("key_id"), file: signing.file("file") };
   signing.done();
   const approvals = parseApprovalConfig(root.object("approvals"));
+  const policyFile = root.file("policy");
   const http = root.address("http", brokerConfigDefaults.http);
   const reviewers = root.has("reviewers") ? reviewerApiConfig(root.object("reviewers")) : undefined;
   const notifications = root.has("notifications") ? parseNotificationsConfig(root.object("notifications")) : (root.optionalObject("notifications"), noNotifications);
@@ -142,6 +135,7 @@ export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
     vault: vaultConfig,
     signingKey,
     approvals,
+    policyFile,
     http: { host: http.host, port: http.port },
     replicaId: root.string("replica_id", `${hostname()}-${process.pid}`),
     takeoverAfterMs: durationField(root, "takeover_after", brokerConfigDefaults.takeoverAfter),
@@ -206,13 +200,22 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
   // Built before anything starts, so a bad auth config leaves nothing running.
   const auth = config.reviewers === undefined ? undefined : new ReviewerAuthenticator(config.reviewers.auth);
   if (auth?.devMode === true) log.warn("reviewer API in DEV MODE: fixed reviewer tokens from the config are accepted; never run this in production");
-  let nc;
+  // noAsyncTraces: nats.js would otherwise build an Error (a stack capture) for every request and
+  // publish in case it fails; that was the broker's largest single CPU cost per action.
+  const nc = await connectNats(config.nats, {
+    role: { kind: "broker" },
+    name: `airlock-broker-${config.replicaId}`,
+    extra: { maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true },
+  });
+  let watcher: PolicyWatcher;
   try {
-    // noAsyncTraces: nats.js would otherwise build an Error (a stack capture) for every request and
-    // publish in case it fails; that was the broker's largest single CPU cost per action.
-    nc = await connect({ servers: config.nats.url, maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true, name: `airlock-broker-${config.replicaId}`, ...(config.nats.token === undefined ? {} : { token: config.nats.token }) });
+    watcher = await PolicyWatcher.start(config.policyFile, {
+      onReload: () => log.info({ policy: config.policyFile }, "policy reloaded"),
+      onError: (error) => log.error({ policy: config.policyFile, reason: error.rawMessage }, "policy change refused; keeping the last good policy"),
+    });
   } catch (error) {
-    throw new AirlockError(Code.Unavailable, `cannot connect to NATS at ${withoutCredentials(config.nats.url)}`, { cause: error });
+    await nc.close();
+    throw error;
   }
   let connected = true;
   // Notifications hang off the approval path but never slow it: each notify call only enqueues.
@@ -225,11 +228,13 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
     issuer: new CredentialIssuer({ vault, logger: log, ...(tokenRole === undefined ? {} : { tokenRole: tokenRole.name }) }),
     signingKey: { keyId: config.signingKey.keyId, privateKey },
     approvals: config.approvals,
+    policy: () => watcher.current(),
     replicaId: config.replicaId,
     orphanAfterMs: config.takeoverAfterMs,
     log,
   }).catch(async (error: unknown) => {
     await notifier.close();
+    await watcher.close();
     await nc.close();
     throw error;
   });
@@ -268,6 +273,7 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
     await app?.close();
     await broker.close();
     await notifier.close();
+    await watcher.close();
     await nc.close();
     const where = app?.server.listening === true && config.reviewers?.grpc !== undefined ? `the reviewers' gRPC API on ${config.reviewers.grpc.host}:${config.reviewers.grpc.port}` : `the broker's HTTP API on ${config.http.host}:${config.http.port}`;
     throw new AirlockError(Code.Unavailable, `cannot serve ${where}`, { cause: error });
@@ -287,6 +293,7 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
       await httpApp.close();
       await broker.close();
       await notifier.close();
+      await watcher.close();
       await nc.close();
     },
   };

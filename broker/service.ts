@@ -28,6 +28,8 @@ import type { CredentialIssuer, IssuedCredential } from "./credentials.js";
 import { type ApprovalConfig, type ApprovalEvent, type Ballot, intake, isFinal, markCompleted, markExecuting, markFailed, type Outcome, tick, vote } from "./rules.js";
 import { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
 import { RequestStore, type StoredRecord } from "./store.js";
+import { type Refusal, type RefusalReason, vetCompletion, vetRequest } from "./trust.js";
+import type { Policy } from "../sidecar/index.js";
 
 /** Options of {@link Broker.start}. */
 export interface BrokerOptions {
@@ -35,6 +37,12 @@ export interface BrokerOptions {
   readonly issuer: CredentialIssuer;
   readonly signingKey: DecisionSigningKey;
   readonly approvals: ApprovalConfig;
+  /**
+   * The policy in force (the same file the sidecars load): a request's risk, reviewer
+   * requirement and credential template come from the rule it names here, never from the
+   * message. Called per request, so a reloaded policy applies at once.
+   */
+  readonly policy: () => Policy;
   /** This replica's name, recorded on revocations. */
   readonly replicaId: string;
   readonly log: Logger;
@@ -68,7 +76,23 @@ export const brokerDefaults = {
   /** Messages of one consumer handled at once by one replica. */
   maxInFlight: 64,
   orphanAfterMs: 10_000,
+  /**
+   * Deliveries of one message before it is given up (terminated and audited). A message that
+   * cannot be decoded or fails for good is terminated at once.
+   */
+  maxDeliver: 8,
+  /** Redelivery delays after a transient failure, by attempt (the last one repeats), in ms. */
+  redeliveryBackoffMs: [250, 1000, 2000, 5000, 10_000],
 } as const;
+
+/** A message that will fail the same way at every delivery: terminated and audited, never redelivered. */
+class PoisonMessage extends Error {
+  readonly reason: RefusalReason;
+  constructor(reason: RefusalReason, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.reason = reason;
+  }
+}
 
 const verdicts: Record<Outcome, Verdict> = { approved: Verdict.APPROVED, denied: Verdict.DENIED, expired: Verdict.EXPIRED, cancelled: Verdict.CANCELLED };
 
@@ -153,12 +177,19 @@ export class Broker {
         [brokerDefaults.completionConsumer, streams.completions.name, "airlock.completion.>"],
         [brokerDefaults.securityConsumer, streams.security.name, "airlock.security.>"],
       ] as const) {
-        await jsm.consumers.add(stream, { durable_name: durable, ack_policy: AckPolicy.Explicit, filter_subject: filter, deliver_policy: DeliverPolicy.All, ack_wait: 30_000_000_000 });
+        await jsm.consumers.add(stream, {
+          durable_name: durable,
+          ack_policy: AckPolicy.Explicit,
+          filter_subject: filter,
+          deliver_policy: DeliverPolicy.All,
+          ack_wait: 30_000_000_000,
+          max_deliver: brokerDefaults.maxDeliver,
+        });
         const messages = await (await broker.js.consumers.get(stream, durable)).consume();
         broker.consumers.push(messages);
         const handlers = {
-          [brokerDefaults.intakeConsumer]: (data: Uint8Array) => broker.takeRequest(data),
-          [brokerDefaults.completionConsumer]: (data: Uint8Array) => broker.takeCompletion(data),
+          [brokerDefaults.intakeConsumer]: (data: Uint8Array, subject: string) => broker.takeRequest(data, subject),
+          [brokerDefaults.completionConsumer]: (data: Uint8Array, subject: string) => broker.takeCompletion(data, subject),
           [brokerDefaults.securityConsumer]: (data: Uint8Array, subject: string) => broker.takeSecurityEvent(data, subject),
         };
         const handle = handlers[durable];
@@ -170,10 +201,7 @@ export class Broker {
             for await (const message of messages) {
               const handled = handle(message.data, message.subject).then(
                 () => message.ack(),
-                (error: unknown) => {
-                  options.log.error({ err: error }, "could not process a message; it will be redelivered");
-                  message.nak(1000);
-                },
+                (error: unknown) => broker.failed(error, message.subject, message.info.deliveryCount, (delayMs) => (delayMs === undefined ? message.term() : message.nak(delayMs))),
               );
               inFlight.add(handled);
               void handled.finally(() => inFlight.delete(handled));
@@ -190,6 +218,44 @@ export class Broker {
       broker.ticking = broker.ticking.then(() => broker.tickOnce()).catch((error: unknown) => options.log.error({ err: error }, "tick failed"));
     }, options.tickIntervalMs ?? brokerDefaults.tickIntervalMs);
     return broker;
+  }
+
+  /**
+   * A message whose handling failed: a poison message (undecodable, or failing for good) and
+   * one out of deliveries are terminated and audited; a transient failure is redelivered
+   * after a backoff. `settle` terminates (undefined) or redelivers after a delay.
+   */
+  private async failed(error: unknown, subject: string, deliveries: number, settle: (delayMs?: number) => void): Promise<void> {
+    const failure = error instanceof PoisonMessage ? undefined : AirlockError.from(error);
+    if (failure?.retryable === true && deliveries < brokerDefaults.maxDeliver) {
+      this.options.log.error({ err: error, subject, deliveries }, "could not process a message; it will be redelivered");
+      const backoff = brokerDefaults.redeliveryBackoffMs;
+      settle(backoff[Math.min(deliveries, backoff.length) - 1] ?? backoff[0]);
+      return;
+    }
+    settle(undefined);
+    const refusal: Refusal =
+      error instanceof PoisonMessage
+        ? { reason: error.reason, message: error.message }
+        : { reason: "undecodable", message: `given up after ${deliveries} deliveries: ${failure?.rawMessage ?? String(error)}` };
+    await this.refuse(refusal, subject).catch((auditError: unknown) => this.options.log.error({ err: auditError, subject }, "could not audit a terminated message"));
+  }
+
+  /**
+   * Records a refused message: a flagged SECURITY_EVENT in the trail (actor: the
+   * host the subject names, which the server vouches for), a metric and a log line.
+   */
+  private async refuse(refusal: Refusal, subject: string, requestId = ""): Promise<void> {
+    const host = subject.split(".")[2] ?? "";
+    this.metrics.refusals.labels(refusal.reason).inc();
+    this.options.log.warn({ reason: refusal.reason, subject, requestId }, `refused: ${refusal.message}`);
+    await this.audit.append({
+      type: AuditEventType.SECURITY_EVENT,
+      actor: `sidecar:${host}`,
+      requestId,
+      details: { refused: refusal.reason, detail: refusal.message.slice(0, 500), subject: subject.slice(0, 300) },
+      flagged: true,
+    });
   }
 
   /** Stops consuming and ticking. State stays in KV for the other replicas. */
@@ -290,9 +356,25 @@ export class Broker {
     if (events.length > 0) await this.audit.appendAll(this.auditEntries(events, actor));
   }
 
-  private async takeRequest(data: Uint8Array): Promise<void> {
-    const request = fromBinary(ApprovalRequestSchema, data);
+  private async takeRequest(data: Uint8Array, subject: string): Promise<void> {
+    let sent: ApprovalRequest;
+    try {
+      sent = fromBinary(ApprovalRequestSchema, data);
+    } catch (error) {
+      throw new PoisonMessage("undecodable", `an ApprovalRequest that does not decode on ${subject}`, { cause: error });
+    }
     const now = new Date();
+    const vetted = vetRequest(subject, sent, this.options.policy(), now);
+    if (!vetted.ok) {
+      await this.refuse(vetted.refusal, subject, sent.id);
+      // The agent learns at once, through the host the server vouches for.
+      const host = subject.split(".")[2] ?? "";
+      if (host !== "" && /^[0-9a-f-]{36}$/.test(sent.id)) {
+        await this.publishDecision({ ...sent, host }, { verdict: Verdict.DENIED, reason: `refused: ${vetted.refusal.message}`, decisionId: randomUUID(), record: undefined });
+      }
+      return;
+    }
+    const request = vetted.request;
     const result = intake(request, this.options.approvals, now);
     if (!result.ok) {
       this.options.log.warn({ requestId: request.id, reason: result.error.rawMessage }, "request refused at intake");
@@ -476,13 +558,24 @@ export class Broker {
     await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: `sidecar:${host}`, requestId, details: { reason, detail: field("detail"), host, at: field("at") }, flagged: true });
   }
 
-  private async takeCompletion(data: Uint8Array): Promise<void> {
-    const completion = fromBinary(CompletionSchema, data);
+  private async takeCompletion(data: Uint8Array, subject: string): Promise<void> {
+    let completion;
+    try {
+      completion = fromBinary(CompletionSchema, data);
+    } catch (error) {
+      throw new PoisonMessage("undecodable", `a Completion that does not decode on ${subject}`, { cause: error });
+    }
     const requestId = completion.requestId;
     const arrived = performance.now();
+    const stored = await this.store.get(requestId);
+    const vetted = vetCompletion(subject, completion, stored?.record);
+    if (vetted === "duplicate") return;
+    if (vetted !== undefined) {
+      await this.refuse(vetted, subject, requestId);
+      return;
+    }
     // Revocation first: it is what ends the credential. The record and the trail then take the
     // revocation and the completion together, side by side: one write each.
-    const stored = await this.store.get(requestId);
     const revoked = stored === undefined ? undefined : await this.revokeInVault(stored.record);
     this.metrics.revokeLag.observe((performance.now() - arrived) / 1000);
     const completed: AuditEntry = {
@@ -582,7 +675,26 @@ export class Broker {
       await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId: takeover.decisionId, record: takeover });
       return;
     }
+    if (record.state === RequestState.APPROVED && !this.approvalJustified(record, request, now)) {
+      // Only brokers can write records (the server enforces it), so this is defence in depth: an
+      // approval that neither votes nor an auto rule account for is never acted on.
+      const reason = "the record says approved, but neither its votes nor an auto rule account for it: refused";
+      await this.refuse({ reason: "unjustified_approval", message: reason }, subjects.request(request.host, request.id), request.id);
+      await this.store.mutate(request.id, (current) => {
+        const failed = markFailed(current, reason, new Date());
+        return failed.ok ? failed.record : undefined;
+      });
+      await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId: takeover.decisionId, record: takeover });
+      return;
+    }
     await this.finalize({ record: takeover, revision });
+  }
+
+  /** Whether an approved record's approval is accounted for: its requirement met by approving votes, or an auto rule that approves it. */
+  private approvalJustified(record: RequestRecord, request: ApprovalRequest, now: Date): boolean {
+    if (record.outstanding.length === 0 && record.votes.some((v) => v.approve) && !record.votes.some((v) => !v.approve && this.options.approvals.anyDenialDenies)) return true;
+    const auto = intake(request, this.options.approvals, now);
+    return auto.ok && auto.autoRule !== undefined && auto.record.state === RequestState.APPROVED;
   }
 
   private async decisionPublished(request: ApprovalRequest): Promise<boolean> {

@@ -2,10 +2,10 @@ import { fromBinary, toBinary } from "@bufbuild/protobuf";
 import { type KV, Kvm, KvWatchInclude } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../common/errors.js";
+import { stateBucket } from "../common/subjects.js";
 import { type RequestRecord, RequestRecordSchema } from "../proto/index.js";
 
-/** The KV bucket holding every request's record, keyed by request id. */
-export const stateBucket = "AIRLOCK_STATE";
+export { stateBucket };
 
 /** A record and the KV revision it was read at: what a compare-and-set builds on. */
 export interface StoredRecord {

@@ -4,16 +4,19 @@
  *   airlock sidecar --config sidecar.yaml
  *   airlock broker --config broker.yaml
  *   airlock policy test --policy policy.yaml --call call.json
- *   airlock audit verify (--nats <url> | --file <audit.jsonl>)
- *   airlock audit export --nats <url> [--since <ISO time>]
+ *   airlock audit verify (--nats <url> --nats-seed <file> [--nats-ca <file>] | --file <audit.jsonl>)
+ *   airlock audit export --nats <url> --nats-seed <file> [--nats-ca <file>] [--since <ISO time>]
+ *   airlock nats init --dir <dir> [--server-name <name>]… | add-host <host> --dir <dir> | revoke-host <host> --dir <dir> [--reload-pid <pid>]
  *   airlock requests ls | show <id> | approve <id> [--reason …] | deny <id> --reason …
  */
 import { readFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
 import type { JsonObject } from "@bufbuild/protobuf";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { auditEventsFromJsonl, auditEventToJsonLine, loadBrokerConfig, readAuditEvents, startBroker, verifyChain } from "../broker/index.js";
 import { AirlockError, Code } from "../common/errors.js";
+import { connectNats } from "../common/nats.js";
+import { runNatsAdmin } from "./nats-admin.js";
 import { runRequests } from "./requests.js";
 import type { AuditEvent } from "../proto/index.js";
 import { explainCall, loadSidecarConfig, Policy, type PolicyCall, startSidecar } from "../sidecar/index.js";
@@ -24,6 +27,11 @@ const usage = `usage:
   airlock policy test --policy <policy.yaml> --call <call.json>
   airlock audit verify (--nats <url> | --file <audit.jsonl>)
   airlock audit export --nats <url> [--since <ISO time>]
+    (NATS as the audit-reader role: --nats-seed <file> or $AIRLOCK_NATS_SEED_FILE,
+     the CA: --nats-ca <file> or $AIRLOCK_NATS_CA)
+  airlock nats init --dir <dir> [--server-name <dns name or IP>]…
+  airlock nats add-host <host> --dir <dir>
+  airlock nats revoke-host <host> --dir <dir> [--reload-pid <nats-server pid>]
   airlock requests ls [--state pending] [--mine] [--agent <id>] [--min-risk high]
   airlock requests show <id>
   airlock requests approve <id> [--reason <text>]
@@ -31,13 +39,15 @@ const usage = `usage:
     (the broker: --url or $AIRLOCK_URL, default http://127.0.0.1:9465;
      the reviewer token: $AIRLOCK_TOKEN or --token-file <file>)`;
 
-async function withNats<T>(url: string, work: (nc: NatsConnection) => Promise<T>): Promise<T> {
-  let nc: NatsConnection;
-  try {
-    nc = await connect({ servers: url, maxReconnectAttempts: 2 });
-  } catch (error) {
-    throw new AirlockError(Code.Unavailable, `cannot connect to NATS at ${url}`, { cause: error });
-  }
+/** Connects as the read-only audit role: the seed and CA come from flags or the environment, never a command-line secret. */
+async function withNats<T>(options: { url: string; seed: string | undefined; ca: string | undefined }, work: (nc: NatsConnection) => Promise<T>): Promise<T> {
+  const seedFile = options.seed ?? process.env.AIRLOCK_NATS_SEED_FILE;
+  if (seedFile === undefined) throw new AirlockError(Code.InvalidArgument, "--nats-seed (or $AIRLOCK_NATS_SEED_FILE) is required: the audit-reader credential's seed file");
+  const caFile = options.ca ?? process.env.AIRLOCK_NATS_CA;
+  const nc = await connectNats(
+    { servers: [options.url], auth: { kind: "nkey", seedFile }, ...(caFile === undefined ? {} : { tls: { caFile } }) },
+    { role: { kind: "audit" }, name: "airlock-audit", extra: { maxReconnectAttempts: 2 } },
+  );
   try {
     return await work(nc);
   } finally {
@@ -46,13 +56,18 @@ async function withNats<T>(url: string, work: (nc: NatsConnection) => Promise<T>
 }
 
 async function runAudit(sub: string | undefined, args: string[]): Promise<void> {
-  const { values } = parseArgs({ args, options: { nats: { type: "string" }, file: { type: "string" }, since: { type: "string" } }, strict: true });
+  const { values } = parseArgs({
+    args,
+    options: { nats: { type: "string" }, "nats-seed": { type: "string" }, "nats-ca": { type: "string" }, file: { type: "string" }, since: { type: "string" } },
+    strict: true,
+  });
+  const nats = (url: string) => ({ url, seed: values["nats-seed"], ca: values["nats-ca"] });
   if (sub === "verify") {
     let events: AuditEvent[];
     if (values.file !== undefined) {
       events = auditEventsFromJsonl(await readFile(values.file, "utf8"));
     } else if (values.nats !== undefined) {
-      events = await withNats(values.nats, async (nc) => {
+      events = await withNats(nats(values.nats), async (nc) => {
         const all: AuditEvent[] = [];
         for await (const event of readAuditEvents(nc)) all.push(event);
         return all;
@@ -73,7 +88,7 @@ async function runAudit(sub: string | undefined, args: string[]): Promise<void> 
     if (values.nats === undefined) throw new AirlockError(Code.InvalidArgument, "--nats is required");
     const since = values.since === undefined ? undefined : new Date(values.since);
     if (since !== undefined && Number.isNaN(since.getTime())) throw new AirlockError(Code.InvalidArgument, `--since ${values.since} is not a time`);
-    await withNats(values.nats, async (nc) => {
+    await withNats(nats(values.nats), async (nc) => {
       for await (const event of readAuditEvents(nc, since === undefined ? {} : { since })) process.stdout.write(`${auditEventToJsonLine(event)}\n`);
     });
     return;
@@ -138,6 +153,7 @@ async function main(argv: string[]): Promise<void> {
   if (command === "policy" && sub === "test") return runPolicyTest(rest);
   if (command === "audit") return runAudit(sub, rest);
   if (command === "requests") return runRequests(sub, rest);
+  if (command === "nats") return runNatsAdmin(sub, rest);
   console.error(usage);
   process.exitCode = 2;
 }

@@ -68,6 +68,8 @@ export function httpStatusFor(code: Code): number {
   return httpStatuses[code];
 }
 
+const retryableCodes: ReadonlySet<Code> = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Aborted, Code.ResourceExhausted, Code.Unknown]);
+
 /** Options of {@link AirlockError}. */
 export interface AirlockErrorOptions {
   /** The error that caused this one. */
@@ -109,6 +111,16 @@ export class AirlockError extends Error {
     if (reason instanceof AirlockError) return reason;
     if (reason instanceof Error) return new AirlockError(fallbackCode, reason.message, { cause: reason });
     return new AirlockError(fallbackCode, String(reason), { cause: reason });
+  }
+
+  /**
+   * Whether trying the same thing again can help: the failure was in reaching or
+   * waiting for something (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED,
+   * RESOURCE_EXHAUSTED), or it is not classified (UNKNOWN). Bad input, refused
+   * rights and broken invariants fail the same way every time.
+   */
+  get retryable(): boolean {
+    return retryableCodes.has(this.code);
   }
 
   /** A plain JSON form for HTTP bodies and logs: code name, message, details. */

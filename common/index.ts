@@ -25,7 +25,10 @@ export {
   type VaultTokenInfo,
   type UnwrappedSecret,
 } from "./vault.js";
-export { ensureStreams, hostPattern, streams, subjects } from "./subjects.js";
+export { auditStream, ensureStreams, hostPattern, stateBucket, streams, subjects } from "./subjects.js";
+export { type BusPermissions, type BusRole, busInboxPrefix, busPermissions } from "./bus.js";
+export { addBusHost, type BusRegistry, busMaterialFiles, busSeedFile, initBusMaterial, renderAuthConfig, renderServerConfig, revokeBusHost } from "./bus-material.js";
+export { type ConnectNatsOptions, connectNats, type NatsConnectionConfig, parseNatsConfig } from "./nats.js";
 export { type ConfigEnv, ConfigReader, expandConfigVariables, type ListenAddress, parseAddress, type ReadConfigOptions, readConfigFile } from "./config.js";
 export {
   type DecisionExpectation,

@@ -13,6 +13,12 @@ export const streams = {
   security: { name: "AIRLOCK_SECURITY", subjects: ["airlock.security.>"] },
 } as const;
 
+/** The append-only audit trail's stream and its one subject (only brokers write it). */
+export const auditStream = { name: "AIRLOCK_AUDIT", subject: "airlock.audit" } as const;
+
+/** The KV bucket holding every request's record, keyed by request id (only brokers touch it). */
+export const stateBucket = "AIRLOCK_STATE";
+
 /** A host name usable as one NATS subject token. */
 export const hostPattern = /^[A-Za-z0-9_-]{1,64}$/;
 
@@ -30,13 +36,17 @@ export const subjects = {
   security: (host: string) => `airlock.security.${host}`,
 } as const;
 
-/** Creates the streams if they do not exist yet (idempotent; an existing stream is left as it is). */
+/**
+ * Creates the streams if they do not exist yet (idempotent; an existing stream is left as it is).
+ * Direct get is on, so a sidecar can read back its own host's requests and decisions by subject
+ * (`$JS.API.DIRECT.GET.<stream>.<subject>`), a right the server can scope to the host.
+ */
 export async function ensureStreams(jsm: JetStreamManager): Promise<void> {
   for (const stream of Object.values(streams)) {
     try {
       await jsm.streams.info(stream.name);
     } catch {
-      await jsm.streams.add({ name: stream.name, subjects: [...stream.subjects], duplicate_window: 2 * 60 * 1_000_000_000 });
+      await jsm.streams.add({ name: stream.name, subjects: [...stream.subjects], duplicate_window: 2 * 60 * 1_000_000_000, allow_direct: true });
     }
   }
 }

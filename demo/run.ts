@@ -25,6 +25,7 @@ import { parseSidecarConfig, startSidecar } from "../sidecar/index.js";
 import { type AgentStepResult, demoAgentDefaults, runDemoAgent } from "./agent.js";
 import { startOpsServer } from "./ops/index.js";
 import { configureDemoVault, prepareDemoDatabase, writeDemoKeys } from "./setup.js";
+import { type BusCheck, busCheckLine, checkBusBoundary } from "./bus-check.js";
 
 /** Options of {@link runDemo}. */
 export interface DemoOptions {
@@ -58,6 +59,8 @@ export interface DemoResult {
   readonly failures: readonly string[];
   readonly actions: readonly DemoActionSummary[];
   readonly steps: readonly AgentStepResult[];
+  /** What the NATS server answered the demo sidecar's credential when it tried to cross the boundary. */
+  readonly bus: BusCheck;
 }
 
 /** A running demo, stoppable at any point. */
@@ -113,7 +116,7 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     }) as [Awaited<ReturnType<typeof startNats>>, Awaited<ReturnType<typeof startVault>>, Awaited<ReturnType<typeof startPostgres>>];
     const database = await postgres.createDatabase();
     await track({ name: "the demo database", close: () => database.drop() });
-    print(`demo   NATS ${nats.version} at ${nats.url}, Vault ${vault.version} at ${vault.address}, PostgreSQL ${postgres.version} database ${database.name}`);
+    print(`demo   NATS server ${nats.version} at ${nats.url} (TLS, an nkey credential per role and host), Vault ${vault.version} at ${vault.address}, PostgreSQL ${postgres.version} database ${database.name}`);
 
     const keys = await makeTempDir("airlock-demo-");
     await track({ name: "the key directory", close: () => keys.remove() });
@@ -130,8 +133,13 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
 
     const tokens = { dana: `dana-${randomBytes(12).toString("hex")}`, sam: `sam-${randomBytes(12).toString("hex")}` };
     const logLevel = options.logLevel ?? "warn";
+    const demoHost = "demo-host";
+    const brokerNats = await nats.credentials({ kind: "broker" });
+    const sidecarNats = await nats.credentials({ kind: "sidecar", host: demoHost });
     const env: Record<string, string> = {
       AIRLOCK_NATS_URL: nats.url,
+      AIRLOCK_NATS_CA: nats.caFile,
+      AIRLOCK_HOST: demoHost,
       AIRLOCK_VAULT_ADDR: vault.address,
       AIRLOCK_VAULT_TOKEN: vault.rootToken,
       AIRLOCK_DIR: keys.path,
@@ -147,14 +155,17 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     const log = createLogger({ name: "demo", level: logLevel, destination: process.stderr });
     let broker: RunningBroker;
     try {
-      broker = await startBroker(parseBrokerConfig(await readConfigFile(`${configDir}broker.yaml`, { env })), { log });
+      broker = await startBroker(parseBrokerConfig(await readConfigFile(`${configDir}broker.yaml`, { env: { ...env, AIRLOCK_NATS_SEED_FILE: brokerNats.auth.seedFile } })), { log });
     } catch (error) {
       if (options.brokerHttp !== undefined) throw error;
       // 9465 is taken (another demo, another broker): any free port will do.
-      broker = await startBroker(parseBrokerConfig(await readConfigFile(`${configDir}broker.yaml`, { env: { ...env, AIRLOCK_BROKER_HTTP: "127.0.0.1:0" } })), { log });
+      broker = await startBroker(
+        parseBrokerConfig(await readConfigFile(`${configDir}broker.yaml`, { env: { ...env, AIRLOCK_NATS_SEED_FILE: brokerNats.auth.seedFile, AIRLOCK_BROKER_HTTP: "127.0.0.1:0" } })),
+        { log },
+      );
     }
     await track({ name: "the broker", close: () => broker.close() });
-    const sidecar = await startSidecar(parseSidecarConfig(await readConfigFile(`${configDir}sidecar.yaml`, { env })), { log });
+    const sidecar = await startSidecar(parseSidecarConfig(await readConfigFile(`${configDir}sidecar.yaml`, { env: { ...env, AIRLOCK_NATS_SEED_FILE: sidecarNats.auth.seedFile } })), { log });
     await track({ name: "the sidecar", close: () => sidecar.close() });
     print(`demo   broker, sidecar (${sidecar.address}) and ops upstream running (${((Date.now() - started) / 1000).toFixed(1)} s)`);
     print("");
@@ -180,13 +191,19 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     const steps = await runDemoAgent({ sidecarAddress: sidecar.address, privateKey, issuer: demoAgentDefaults.issuer, audience: demoAgentDefaults.audience, print, signal: abort.signal });
     if (abort.signal.aborted) throw new AirlockError(Code.Canceled, "the demo was stopped");
     const actions = await tracker.settle(steps);
+    // The boundary, tried with the demo sidecar's own credential: what an agent on its host can read.
+    const bus = await checkBusBoundary(sidecarNats, demoHost);
+    print(`check  ${busCheckLine(bus)}`);
     // A human may deny a held step: that is the product working, not the demo failing.
     const heldAndDenied = (step: AgentStepResult): boolean => options.autoApprove !== true && step.outcome === "permission_denied" && actions.some((a) => a.action === step.method && a.decision === "denied");
     const failures = [
       ...steps.filter((s) => s.outcome !== s.expected && !heldAndDenied(s)).map((s) => `step "${s.step}" ended ${s.outcome} (${s.summary}), expected ${s.expected}`),
       ...actions.filter((a) => a.decision === "approved" && a.revokedAfterMs === undefined).map((a) => `the credential of ${a.action} was not revoked`),
+      ...Object.entries(bus)
+        .filter(([, answer]) => answer !== "refused")
+        .map(([attempt]) => `the NATS server allowed the sidecar's credential an attempt it must refuse: ${attempt}`),
     ];
-    return { ok: failures.length === 0, failures, actions, steps };
+    return { ok: failures.length === 0, failures, actions, steps, bus };
   })();
   return { done, stop };
 }

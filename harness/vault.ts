@@ -1,11 +1,11 @@
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { copyFile, mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
-import { homedir } from "node:os";
-import { delimiter, dirname, join } from "node:path";
+import { copyFile, mkdir, readFile, rename } from "node:fs/promises";
+import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createVaultClient } from "../common/vault.js";
-import { delay, freePort, ManagedProcess, makeTempDir, waitUntil } from "./resources.js";
+import { acquireLock, defaultCacheDir, goBinary, onPath } from "./gobuild.js";
+import { freePort, ManagedProcess, makeTempDir, waitUntil } from "./resources.js";
 
 const wrapperDir = join(dirname(fileURLToPath(import.meta.url)), "vault-build");
 const wrapperFiles = ["go.mod", "go.sum", "main.go"] as const;
@@ -25,57 +25,6 @@ export interface ResolveVaultOptions {
   readonly cacheDir?: string;
   /** Receives progress lines while Vault builds. @default writes to standard error */
   readonly onProgress?: (line: string) => void;
-}
-
-/** The cache dir for built binaries: `$AIRLOCK_CACHE_DIR`, else `~/.cache/airlock`. */
-export function defaultCacheDir(): string {
-  return process.env.AIRLOCK_CACHE_DIR ?? join(homedir(), ".cache", "airlock");
-}
-
-function onPath(name: string): string | undefined {
-  for (const dir of (process.env.PATH ?? "").split(delimiter)) {
-    const candidate = join(dir, name);
-    if (dir !== "" && existsSync(candidate)) return candidate;
-  }
-  return undefined;
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
-
-/**
- * Takes a cross-process lock (an atomically created directory holding the
- * owner's pid). A lock whose owner died is broken. Returns the release function.
- */
-async function acquireLock(lockDir: string, onWait: () => void): Promise<() => Promise<void>> {
-  let waited = false;
-  for (;;) {
-    try {
-      await mkdir(lockDir);
-      await writeFile(join(lockDir, "pid"), String(process.pid));
-      return () => rm(lockDir, { recursive: true, force: true });
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
-      const owner = Number.parseInt(await readFile(join(lockDir, "pid"), "utf8").catch(() => ""), 10);
-      if (Number.isInteger(owner) && !processAlive(owner)) {
-        await rm(lockDir, { recursive: true, force: true });
-        continue;
-      }
-      if (!waited) onWait();
-      waited = true;
-      await delay(500);
-    }
-  }
-}
-
-function goBinary(): string | undefined {
-  return onPath("go") ?? (existsSync("/usr/local/go/bin/go") ? "/usr/local/go/bin/go" : undefined);
 }
 
 async function wrapperKey(): Promise<{ key: string; version: string }> {

@@ -15,10 +15,12 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
-import { connect } from "@nats-io/transport-node";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { exportSPKI, generateKeyPair, SignJWT } from "jose";
 import { RequestStore } from "../broker/store.js";
 import { generateDecisionKey } from "../common/decision.js";
+import type { NatsConnectionConfig } from "../common/nats.js";
+import { ensureStreams } from "../common/subjects.js";
 import { createVaultClient } from "../common/vault.js";
 import { freePort, startNats, startVault, waitUntil } from "../harness/index.js";
 import { descriptorSetPath } from "../proto/index.js";
@@ -107,8 +109,18 @@ function median(values: number[]): number {
   return sorted[Math.floor(sorted.length / 2)] ?? Number.NaN;
 }
 
+/** A config's `nats` line for a role's credential (TLS, the role's own nkey seed file). */
+function natsYaml(config: NatsConnectionConfig): string {
+  return `nats: { url: "${config.servers[0] ?? ""}", auth: { kind: nkey, seed_file: "${config.auth.seedFile}" }, tls: { ca_file: "${config.tls?.caFile ?? ""}" } }`;
+}
+
 async function benchSidecar(): Promise<void> {
   const nats = await startNats();
+  // No broker here: the streams are made as an operator would, before the sidecar starts.
+  const admin = await nats.connect({ kind: "admin" });
+  await ensureStreams(await jetstreamManager(admin));
+  await admin.close();
+  const sidecarNats = natsYaml(await nats.credentials({ kind: "sidecar", host: "bench" }));
   const dir = await mkdtemp(join(tmpdir(), "airlock-bench-"));
   const children: ChildProcess[] = [];
   try {
@@ -129,7 +141,7 @@ async function benchSidecar(): Promise<void> {
         `listen: 127.0.0.1:${listenPort}`,
         "upstreams:",
         `  - { name: ops, address: "${upstreamAddress}", descriptor_sets: ["${descriptorSetPath}"] }`,
-        `nats: { url: "${nats.url}" }`,
+        sidecarNats,
         `vault: { address: "http://127.0.0.1:1" }`,
         "broker_keys: { bench: broker.pem }",
         "host: bench",
@@ -240,7 +252,9 @@ async function benchPrivileged(): Promise<void> {
   const vault = await startVault();
   const dir = await mkdtemp(join(tmpdir(), "airlock-bench-"));
   const children: ChildProcess[] = [];
-  const nc = await connect({ servers: nats.url });
+  const nc = await nats.connect({ kind: "broker" });
+  const brokerNats = natsYaml(await nats.credentials({ kind: "broker" }));
+  const sidecarNats = natsYaml(await nats.credentials({ kind: "sidecar", host: "bench" }));
   try {
     const upstream = await startProcess(["bench/privileged/upstream.ts", vault.address], /listening (\S+)/);
     children.push(upstream.child);
@@ -275,9 +289,10 @@ async function benchPrivileged(): Promise<void> {
     await writeFile(
       join(dir, "broker.yaml"),
       [
-        `nats: { url: "${nats.url}" }`,
+        brokerNats,
         `vault: { address: "${vault.address}", auth: { kind: token, token: "${vault.rootToken}" } }`,
         "signing_key: { key_id: bench, file: broker-private.pem }",
+        "policy: policy.yaml",
         "approvals:",
         "  groups: { security: [sam@corp] }",
         "  auto_rules: [{ id: low-risk, effect: approve, when: { max_risk: low }, reason: pre-approved }]",
@@ -293,7 +308,7 @@ async function benchPrivileged(): Promise<void> {
         `listen: 127.0.0.1:${listenPort}`,
         "upstreams:",
         `  - { name: ops, address: "${upstream.match[1] ?? ""}", descriptor_sets: ["${descriptorSetPath}"] }`,
-        `nats: { url: "${nats.url}" }`,
+        sidecarNats,
         `vault: { address: "${vault.address}" }`,
         "broker_keys: { bench: broker-public.pem }",
         "host: bench",

@@ -4,6 +4,7 @@
  */
 import { parseArgs } from "node:util";
 import { AirlockError } from "../common/errors.js";
+import { busCheckLine } from "../demo/bus-check.js";
 import { runDemo, summaryTable } from "../demo/run.js";
 
 const { values } = parseArgs({ options: { "auto-approve": { type: "boolean" }, "broker-http": { type: "string" }, "log-level": { type: "string" } }, strict: true });
@@ -42,6 +43,7 @@ try {
   for (const line of summaryTable(result.actions)) console.log(`       ${line}`);
   console.log("");
   for (const failure of result.failures) console.log(`demo   FAILED: ${failure}`);
+  console.log(busCheckLine(result.bus));
   if (autoApprove) {
     if (result.ok) console.log("demo ok");
     else process.exitCode = 1;

@@ -1,6 +1,6 @@
 /**
- * `npm test`: makes sure a Vault binary exists (building it once per machine,
- * with progress, before any test's timeout starts), runs tap with the given
+ * `npm test`: makes sure the Vault and nats-server binaries exist (building them once per
+ * machine, with progress, before any test's timeout starts), runs tap with the given
  * arguments, then prints the plain summary line `N passed, N failed` that CI reads.
  *
  * A test is a top-level test point of a test file (a `t.test` block or a
@@ -12,6 +12,7 @@ import { existsSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { buildConsole } from "../approver-console/build.js";
+import { resolveNatsServer } from "../harness/nats.js";
 import { resolveVaultBinary } from "../harness/vault.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
@@ -19,6 +20,8 @@ const resultsDir = join(root, ".tap", "test-results");
 
 const vault = await resolveVaultBinary();
 process.stderr.write(`vault binary: ${vault.path} (${vault.source})\n`);
+// The pinned nats-server too (built once per machine from the Go module proxy), before any test's timeout starts.
+process.stderr.write(`nats-server binary: ${await resolveNatsServer()}\n`);
 
 // The broker serves the built console and the browser tests drive it: build it from the current sources.
 try {

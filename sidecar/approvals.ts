@@ -2,7 +2,7 @@ import { createHash, randomUUID } from "node:crypto";
 import { create, fromBinary, fromJson, type JsonValue, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import { type ConsumerMessages, DeliverPolicy, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import { errors as natsErrors, type NatsConnection } from "@nats-io/transport-node";
 import { type DecisionKeyRing, ReplayGuard, verifyDecision } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
@@ -16,12 +16,11 @@ import {
   type DecisionBody,
   DecisionBodySchema,
   DecisionSchema,
-  Risk,
   Verdict,
 } from "../proto/index.js";
 import type { ApprovedCall, HeldCall } from "./proxy.js";
 import type { SidecarMetrics } from "./metrics.js";
-import { redact } from "./policy.js";
+import { approvalTerms, redact } from "./policy.js";
 
 /** Options of {@link ApprovalFlow}. */
 export interface ApprovalFlowOptions {
@@ -35,8 +34,6 @@ export interface ApprovalFlowOptions {
   /** How long a publish to JetStream may take before the call fails closed, in ms. @default 5000 */
   readonly publishTimeoutMs?: number;
 }
-
-const risks: Record<string, Risk> = { low: Risk.LOW, medium: Risk.MEDIUM, high: Risk.HIGH, critical: Risk.CRITICAL };
 
 interface Waiter {
   readonly requestId: string;
@@ -65,13 +62,27 @@ export class ApprovalFlow {
     this.jsm = jsm;
   }
 
-  /** Starts following this host's decisions (an ordered consumer, which survives reconnects and server restarts). */
+  /**
+   * Starts following this host's decisions: an ordered push consumer (recreated by nats.js after
+   * reconnects and server restarts) whose filter is in the create request's subject, so the
+   * server lets this host's credential create it for this host's decisions only, delivered to
+   * this host's own inboxes. The decisions stream must exist (a broker creates it).
+   */
   static async start(options: ApprovalFlowOptions): Promise<ApprovalFlow> {
     const flow = new ApprovalFlow(options, await jetstreamManager(options.nc));
-    const consumer = await flow.js.consumers.get(streams.decisions.name, {
-      filter_subjects: subjects.decisionsFor(options.host),
-      deliver_policy: DeliverPolicy.New,
-    });
+    let consumer;
+    try {
+      consumer = await flow.js.consumers.getPushConsumer(streams.decisions.name, {
+        // A string, not a list: nats.js then puts the filter in the create subject.
+        filter_subjects: subjects.decisionsFor(options.host),
+        deliver_policy: DeliverPolicy.New,
+      });
+    } catch (error) {
+      if (permissionViolation(error)) {
+        throw new AirlockError(Code.PermissionDenied, `the NATS credential is not host ${options.host}'s: the server refused it this host's decisions`, { cause: error, details: { field: "nats.auth.seed_file" } });
+      }
+      throw new AirlockError(Code.Unavailable, `cannot follow this host's decisions on ${streams.decisions.name} (is a broker running? it creates the streams)`, { cause: error });
+    }
     const messages = await consumer.consume();
     flow.decisions = messages;
     flow.loop = (async () => {
@@ -183,7 +194,6 @@ export class ApprovalFlow {
     const approve = call.verdict.approve;
     const { redactedValues, removed } = redactAll(call.decoded, approve.redact);
     const now = Date.now();
-    const credential = approve.credential;
     const value: JsonValue = call.method.method.methodKind === "client_streaming" ? redactedValues : (redactedValues[0] ?? {});
     return create(ApprovalRequestSchema, {
       id: randomUUID(),
@@ -195,22 +205,8 @@ export class ApprovalFlow {
       requestSha256,
       redactedFields: removed,
       reason: header(call.metadata, "x-airlock-reason") ?? "",
-      risk: risks[approve.risk] ?? Risk.UNSPECIFIED,
       ruleId: call.verdict.ruleId,
-      reviewers: {
-        allOf: approve.reviewers.allOf.map((g) => ({ group: g.group, minApprovals: g.minApprovals })),
-        escalationGroup: approve.reviewers.escalation?.group ?? "",
-        ...(approve.reviewers.escalation === undefined ? {} : { escalateAfter: durationFromMs(approve.reviewers.escalation.afterMs) }),
-        breakGlassAllowed: approve.reviewers.breakGlass,
-      },
-      credential: {
-        kind:
-          credential.kind === "database"
-            ? { case: "database", value: { mount: credential.mount, role: credential.role } }
-            : { case: "vaultToken", value: { policies: [...credential.policies], numUses: credential.numUses } },
-        ttl: durationFromMs(credential.ttlMs),
-        injectHeader: credential.injectHeader,
-      },
+      ...approvalTerms(approve),
       createdAt: timestampFromMs(now),
       deadline: timestampFromMs(now + approve.timeoutMs),
     });
@@ -231,10 +227,10 @@ export class ApprovalFlow {
     if (!/^[0-9a-f-]{36}$/.test(requestId)) throw new AirlockError(Code.InvalidArgument, "x-airlock-request-id is not a request id");
     let stored;
     try {
-      stored = await this.jsm.streams.getMessage(streams.requests.name, { last_by_subj: subjects.request(this.options.host, requestId) });
+      // Direct get by subject: the server lets this host read back its own requests only.
+      stored = await this.jsm.direct.getMessage(streams.requests.name, { last_by_subj: subjects.request(this.options.host, requestId) });
     } catch (error) {
-      if (String(error).includes("no message found")) stored = null;
-      else throw new AirlockError(Code.Unavailable, "cannot reach NATS to resume the request: privileged calls fail closed", { cause: error });
+      throw new AirlockError(Code.Unavailable, "cannot reach NATS to resume the request: privileged calls fail closed", { cause: error });
     }
     if (stored === null) throw new AirlockError(Code.NotFound, `no held request ${requestId} from this host`, { details: { requestId } });
     const request = fromBinary(ApprovalRequestSchema, stored.data);
@@ -248,7 +244,7 @@ export class ApprovalFlow {
     }
     let decision: Decision | undefined;
     try {
-      const found = await this.jsm.streams.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(this.options.host, requestId) });
+      const found = await this.jsm.direct.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(this.options.host, requestId) });
       if (found !== null) decision = fromBinary(DecisionSchema, found.data);
     } catch {
       // Not decided yet: wait for it like a fresh request.
@@ -293,7 +289,8 @@ export class ApprovalFlow {
         if (completed) return;
         completed = true;
         const completion = create(CompletionSchema, {
-          completionId: `${requestId}.completion`,
+          // The decision id is in the de-duplication id: no one can spend it before the decision exists.
+          completionId: `${requestId}.${body.decisionId}.completion`,
           requestId,
           decisionId: body.decisionId,
           statusCode: status,
@@ -308,6 +305,12 @@ export class ApprovalFlow {
       },
     };
   }
+}
+
+/** Whether the NATS server refused an operation by its permissions (anywhere in the cause chain). */
+function permissionViolation(error: unknown): boolean {
+  for (let cause: unknown = error; cause instanceof Error; cause = cause.cause) if (cause instanceof natsErrors.PermissionViolationError) return true;
+  return false;
 }
 
 function header(metadata: HeldCall["metadata"], name: string): string | undefined {

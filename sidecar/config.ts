@@ -1,5 +1,6 @@
 import { AirlockError, Code } from "../common/errors.js";
 import { type ConfigReader, parseAddress, readConfigFile } from "../common/config.js";
+import { type NatsConnectionConfig, parseNatsConfig } from "../common/nats.js";
 import { hostPattern } from "../common/subjects.js";
 import type { AgentAuthOptions } from "./identity.js";
 
@@ -19,7 +20,8 @@ export interface SidecarConfig {
   /** TLS for agents; with `clientCa`, client certificates are required and verified (mTLS). */
   readonly tls?: { readonly cert: string; readonly key: string; readonly clientCa?: string };
   readonly upstreams: readonly UpstreamConfig[];
-  readonly nats: { readonly url: string; readonly token?: string; readonly user?: string; readonly password?: string };
+  /** NATS, with this host's own credential. */
+  readonly nats: NatsConnectionConfig;
   readonly vault: { readonly address: string };
   /** Broker public keys (PEM file paths) by key id. */
   readonly brokerKeys: Readonly<Record<string, string>>;
@@ -92,13 +94,7 @@ export function parseSidecarConfig(root: ConfigReader): SidecarConfig {
     entry.done();
     return upstream;
   });
-  const nats = root.object("nats");
-  const natsConfig = {
-    url: nats.string("url"),
-    ...(nats.has("token") ? { token: nats.string("token") } : {}),
-    ...(nats.has("user") ? { user: nats.string("user"), password: nats.string("password") } : {}),
-  };
-  nats.done();
+  const natsConfig = parseNatsConfig(root.object("nats"));
   const vault = root.object("vault");
   const vaultConfig = { address: vault.string("address") };
   vault.done();

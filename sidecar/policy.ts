@@ -24,6 +24,7 @@
  */
 export { explainCall, Policy } from "./policy/engine.js";
 export { redact } from "./policy/redact.js";
+export { approvalTerms, type ApprovalTerms } from "./policy/terms.js";
 export {
   type ApproveSpec,
   type CallIdentity,

@@ -576,7 +576,8 @@ function fixedVerdict(policy: Policy, method: ProxiedMethod, host: string): Poli
   if (verdict === undefined) {
     const service = method.service.typeName;
     const name = method.method.name;
-    const first = policy.rules.find((rule) => (rule.service === "*" || rule.service === service) && (rule.method === "*" || rule.method === name));
+    // Rules for other hosts never apply here: the first rule that does decides whether the verdict is fixed.
+    const first = policy.rules.find((rule) => (rule.service === "*" || rule.service === service) && (rule.method === "*" || rule.method === name) && (rule.hosts === undefined || rule.hosts.includes(host)));
     verdict = first === undefined || first.when === undefined ? policy.evaluate({ service, method: name, host, request: () => ({}) }) : null;
     byPath.set(method.path, verdict);
   }

@@ -4,13 +4,12 @@ import type { IncomingHttpHeaders } from "node:http2";
 import { createServer as createNetServer, type Server as NetServer, type Socket } from "node:net";
 import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import type { Server as HttpServer } from "node:http";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { decodeJwt } from "jose";
-import { jetstreamManager } from "@nats-io/jetstream";
 import { DecisionKeyRing } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { createLogger, type Logger } from "../common/logger.js";
-import { ensureStreams } from "../common/subjects.js";
+import { connectNats } from "../common/nats.js";
 import { createVaultClient } from "../common/vault.js";
 import { ApprovalFlow } from "./approvals.js";
 import type { SidecarConfig } from "./config.js";
@@ -78,21 +77,12 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     });
     cleanups.push(() => watcher.close());
 
-    let nc: NatsConnection;
-    try {
-      nc = await connect({
-        servers: config.nats.url,
-        maxReconnectAttempts: -1,
-        reconnectTimeWait: 250,
-        // No Error (stack capture) built up front for every publish: see the broker's connection.
-        noAsyncTraces: true,
-        name: `airlock-sidecar-${config.host}`,
-        ...(config.nats.token === undefined ? {} : { token: config.nats.token }),
-        ...(config.nats.user === undefined ? {} : { user: config.nats.user, pass: config.nats.password ?? "" }),
-      });
-    } catch (error) {
-      throw new AirlockError(Code.Unavailable, `cannot connect to NATS at ${config.nats.url}`, { cause: error });
-    }
+    const nc: NatsConnection = await connectNats(config.nats, {
+      role: { kind: "sidecar", host: config.host },
+      name: `airlock-sidecar-${config.host}`,
+      // No Error (stack capture) built up front for every publish: see the broker's connection.
+      extra: { maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true },
+    });
     cleanups.push(() => nc.close());
     let natsConnected = true;
     void (async () => {
@@ -102,7 +92,6 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
         if (status.type === "disconnect" || status.type === "reconnect") log.warn({ nats: status.type }, "NATS connection changed");
       }
     })();
-    await ensureStreams(await jetstreamManager(nc));
     const flow = await ApprovalFlow.start({ nc, host: config.host, keyRing, vault: createVaultClient({ address: config.vault.address }), metrics, log });
     cleanups.push(() => flow.close());
 

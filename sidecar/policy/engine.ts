@@ -6,6 +6,8 @@ import type { ApproveSpec, PolicyCall, PolicyVerdict, RuleSummary } from "./type
 interface CompiledRule {
   readonly summary: RuleSummary;
   readonly condition: CompiledCondition | undefined;
+  /** `match.hosts`; undefined: every host. */
+  readonly hosts: ReadonlySet<string> | undefined;
   /** The verdict when the rule fires; built once so the hot path allocates nothing. */
   readonly verdict: PolicyVerdict;
 }
@@ -43,6 +45,7 @@ function compileRule(rule: RuleDefinition): CompiledRule {
     id: rule.id,
     service: rule.service,
     method: rule.method,
+    ...(rule.hosts === undefined ? {} : { hosts: rule.hosts }),
     effect: rule.effect,
     ...(rule.when === undefined ? {} : { when: rule.when.source }),
     ...(rule.reason === undefined ? {} : { reason: rule.reason }),
@@ -57,7 +60,7 @@ function compileRule(rule: RuleDefinition): CompiledRule {
     reason: rule.reason ?? matched,
     ...(rule.approve === undefined ? {} : { approve: rule.approve }),
   };
-  return { summary: deepFreeze(summary), condition: rule.when, verdict: deepFreeze(verdict) };
+  return { summary: deepFreeze(summary), condition: rule.when, hosts: rule.hosts === undefined ? undefined : new Set(rule.hosts), verdict: deepFreeze(verdict) };
 }
 
 /** Bindings for one evaluation, built on first use and shared by the rules it reaches. */
@@ -178,6 +181,7 @@ export class Policy {
     const plan = this.#plan(call.service, call.method);
     let bindings: CallBindings | undefined;
     for (const rule of plan.rules) {
+      if (rule.hosts !== undefined && !rule.hosts.has(call.host)) continue;
       if (rule.condition === undefined) return rule.verdict;
       bindings ??= new CallBindings(call);
       const verdict = decide(rule, bindings.evaluate(rule.condition));
@@ -206,7 +210,7 @@ export class Policy {
         if (!matchesName(rule.summary.service, service) || !matchesName(rule.summary.method, method)) continue;
         rules.push(rule);
         needsRequest ||= rule.summary.needsRequest;
-        if (rule.condition === undefined) break;
+        if (rule.condition === undefined && rule.hosts === undefined) break;
       }
       plan = { rules, needsRequest };
       if (this.#planCount >= maxCachedPlans) {
@@ -253,6 +257,10 @@ export function explainCall(policy: Policy, call: PolicyCall): string[] {
     }
     if (!matchesName(method, call.method)) {
       lines.push(`${name}: no match: method ${call.method} is not ${method}`);
+      continue;
+    }
+    if (rule.hosts !== undefined && !rule.hosts.has(call.host)) {
+      lines.push(`${name}: no match: host ${call.host} is not one of ${[...rule.hosts].join(", ")}`);
       continue;
     }
     const result: ConditionResult = rule.condition === undefined ? { kind: "true" } : bindings.evaluate(rule.condition);

@@ -9,6 +9,8 @@ export interface RuleDefinition {
   readonly id: string;
   readonly service: string;
   readonly method: string;
+  /** The hosts whose calls the rule applies to; absent: every host. */
+  readonly hosts?: readonly string[];
   readonly when?: CompiledCondition;
   readonly effect: Effect;
   readonly reason?: string;
@@ -38,6 +40,7 @@ const credentialKinds: readonly CredentialSpec["kind"][] = ["database", "vault_t
 // Rule ids travel into approval requests, audit events and metric labels.
 const ruleIdPattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 const identifier = "[A-Za-z_][A-Za-z0-9_]*";
+const hostPattern = /^[A-Za-z0-9_-]{1,64}$/;
 const servicePattern = new RegExp(`^${identifier}(?:\\.${identifier})*$`);
 const methodPattern = new RegExp(`^${identifier}$`);
 const fieldPathPattern = /^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$/;
@@ -182,11 +185,16 @@ export function readPolicy(yamlText: string, source: string): PolicyDefinition {
 function readRule(reader: PolicyReader, value: unknown, path: Path): RuleDefinition {
   const rule = reader.mapping(value, path, ["id", "match", "when", "effect", "reason", "approve"], ["id", "match", "effect"]);
   const id = reader.string(rule.id, [...path, "id"], ruleIdPattern, "a rule id (letters, digits, '.', '_', '-', at most 128)");
-  const match = reader.mapping(rule.match, [...path, "match"], ["service", "method"], ["service", "method"]);
+  const match = reader.mapping(rule.match, [...path, "match"], ["service", "method", "hosts"], ["service", "method"]);
   const service = match.service === "*" ? "*" : reader.string(match.service, [...path, "match", "service"], servicePattern, 'a fully qualified service name or "*"');
   const method = match.method === "*" ? "*" : reader.string(match.method, [...path, "match", "method"], methodPattern, 'a method name or "*"');
   const effect = reader.oneOf(rule.effect, [...path, "effect"], effects);
   const definition: { -readonly [K in keyof RuleDefinition]: RuleDefinition[K] } = { id, service, method, effect };
+  if (match.hosts !== undefined) {
+    const hosts = reader.list(match.hosts, [...path, "match", "hosts"]).map((entry, index) => reader.string(entry, [...path, "match", "hosts", index], hostPattern, "a host name (letters, digits, '-' or '_')"));
+    if (hosts.length === 0) reader.fail([...path, "match", "hosts"], "needs at least one host (leave it out for every host)");
+    definition.hosts = [...new Set(hosts)];
+  }
   if (rule.when !== undefined) {
     const source = reader.string(rule.when, [...path, "when"]);
     try {

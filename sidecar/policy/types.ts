@@ -117,6 +117,11 @@ export interface RuleSummary {
   readonly service: string;
   /** Method name, or `"*"` for any. */
   readonly method: string;
+  /**
+   * The hosts whose calls the rule applies to (`match.hosts`); absent: every host. The broker
+   * also enforces it: a request naming this rule from another host is refused.
+   */
+  readonly hosts?: readonly string[];
   /** The CEL condition as written, when the rule has one. */
   readonly when?: string;
   readonly effect: Effect;

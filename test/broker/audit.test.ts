@@ -5,17 +5,21 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { DiscardPolicy, jetstreamManager } from "@nats-io/jetstream";
-import { connect } from "@nats-io/transport-node";
 import t from "tap";
 import { AuditLog, auditEventsFromJsonl, auditEventToJsonLine, auditStream, readAuditEvents, verifyChain } from "../../broker/audit.js";
 import { useInfra } from "../../harness/index.js";
 import { type AuditEvent, AuditEventType } from "../../proto/index.js";
 
 const { nats } = await useInfra(t, { nats: true });
-const nc = await connect({ servers: nats.url });
+// Two broker replicas' connections, and an operator's (stream settings only an operator may change).
+const nc = await nats.connect({ kind: "broker" });
 t.teardown(() => nc.close());
-const other = await connect({ servers: nats.url });
+const other = await nats.connect({ kind: "broker" });
 t.teardown(() => other.close());
+const operator = await nats.connect({ kind: "admin" });
+t.teardown(() => operator.close());
+const auditReader = await nats.credentials({ kind: "audit" });
+const readerFlags = ["--nats-seed", auditReader.auth.seedFile, "--nats-ca", nats.caFile];
 
 async function everything(): Promise<AuditEvent[]> {
   const events: AuditEvent[] = [];
@@ -70,8 +74,8 @@ await t.test("an edited or removed event in an export is found, naming the first
   t.throws(() => auditEventsFromJsonl("{not json"), /line 1 is not an audit event/);
 });
 
-await t.test("the stream refuses deletes and purges", async (t) => {
-  const jsm = await jetstreamManager(nc);
+await t.test("the stream refuses deletes and purges, even to an operator's credential", async (t) => {
+  const jsm = await jetstreamManager(operator);
   await t.rejects(jsm.streams.deleteMessage(auditStream.name, 1), "delete refused");
   await t.rejects(jsm.streams.purge(auditStream.name), "purge refused");
   t.equal((await jsm.streams.info(auditStream.name)).state.messages, 32, "every event still there");
@@ -91,21 +95,21 @@ async function airlock(...args: string[]): Promise<{ code: number; stdout: strin
 await t.test("airlock audit export and verify, against the stream and an edited file", async (t) => {
   const dir = await mkdtemp(join(tmpdir(), "airlock-audit-test-"));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
-  const live = await airlock("audit", "verify", "--nats", nats.url);
+  const live = await airlock("audit", "verify", "--nats", nats.url, ...readerFlags);
   t.equal(live.code, 0);
   t.match(live.stdout, /audit chain intact: 32 events/);
-  const exported = await airlock("audit", "export", "--nats", nats.url);
+  const exported = await airlock("audit", "export", "--nats", nats.url, ...readerFlags);
   t.equal(exported.stdout.trim().split("\n").length, 32);
   await writeFile(join(dir, "audit.jsonl"), exported.stdout.replace('"actor":"rita@corp"', '"actor":"mallory@corp"'));
   const edited = await airlock("audit", "verify", "--file", join(dir, "audit.jsonl"));
   t.equal(edited.code, 1);
   t.match(edited.stdout, /BROKEN at event 2: event 2 was altered/);
-  const recent = await airlock("audit", "export", "--nats", nats.url, "--since", new Date(Date.now() + 60_000).toISOString());
+  const recent = await airlock("audit", "export", "--nats", nats.url, ...readerFlags, "--since", new Date(Date.now() + 60_000).toISOString());
   t.equal(recent.stdout.trim(), "", "nothing after a future time");
 });
 
 await t.test("appends made during a write go in the next one; each resolves or rejects by its own events", async (t) => {
-  const jsm = await jetstreamManager(nc);
+  const jsm = await jetstreamManager(operator);
   const before = await jsm.streams.info(auditStream.name);
   // Room for four more events: the first two appends fit, the third does not.
   await jsm.streams.update(auditStream.name, { ...before.config, max_msgs: before.state.messages + 4, discard: DiscardPolicy.New });

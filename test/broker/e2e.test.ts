@@ -1,6 +1,5 @@
 import { join } from "node:path";
 import { Client, credentials, type Metadata } from "@grpc/grpc-js";
-import { connect } from "@nats-io/transport-node";
 import { clone, toJsonString } from "@bufbuild/protobuf";
 import { timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import t from "tap";
@@ -14,6 +13,7 @@ import { type AirlockError, Code, callServerStream, callUnary, createLogger, cre
 import { useInfra } from "../../harness/index.js";
 import { AuditEventType, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
+import { Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
 import { exportRoles, opsPolicy, seedExportEngine, startAgentPath } from "../helpers/stack.js";
 
@@ -23,7 +23,9 @@ const log = createLogger({ name: "test", level: "silent" });
 const admin = await seedExportEngine(t, { nats, vault, database });
 const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
 
-const { key, agentKeys, dir, sidecar } = await startAgentPath(t, { nats, vault, database }, { name: "e2e", host: "e2e-host", policy: opsPolicy({ rotateRisk: "low", timeout: "20s" }), log });
+const policyText = opsPolicy({ rotateRisk: "low", timeout: "20s" });
+const policy = Policy.parse(policyText);
+const { key, agentKeys, dir, sidecar } = await startAgentPath(t, { nats, vault, database }, { name: "e2e", host: "e2e-host", policy: policyText, log });
 
 const approvals = parseApprovalConfig(
   new ConfigReader(
@@ -35,9 +37,9 @@ const approvals = parseApprovalConfig(
     join(dir, "broker.yaml"),
   ),
 );
-const nc = await connect({ servers: nats.url });
+const nc = await nats.connect({ kind: "broker" });
 t.teardown(() => nc.close());
-const broker = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, replicaId: "broker-1", log, tickIntervalMs: 200, orphanAfterMs: 1000 });
+const broker = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, policy: () => policy, replicaId: "broker-1", log, tickIntervalMs: 200, orphanAfterMs: 1000 });
 t.teardown(() => broker.close());
 
 const client = new Client(sidecar.address, credentials.createInsecure());
@@ -144,7 +146,7 @@ await t.test("the audit trail holds every step and verifies", async (t) => {
 });
 
 await t.test("two replicas racing on the same requests decide and issue each exactly once", async (t) => {
-  const second = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, replicaId: "broker-2", log, tickIntervalMs: 200 });
+  const second = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, policy: () => policy, replicaId: "broker-2", log, tickIntervalMs: 200 });
   t.teardown(() => second.close());
   // Auto-approved RotateKey calls land on whichever replica the shared consumer hands them to.
   const calls = await Promise.all(Array.from({ length: 8 }, async (_, i) => callUnary(client, OpsService.method.rotateKey, { keyId: `race-${i}` }, { metadata: await agent() })));

@@ -1,7 +1,6 @@
 import { join } from "node:path";
 import { Client, credentials } from "@grpc/grpc-js";
 import { DiscardPolicy, jetstreamManager } from "@nats-io/jetstream";
-import { connect } from "@nats-io/transport-node";
 import t from "tap";
 import { auditStream, readAuditEvents, verifyChain } from "../../broker/audit.js";
 import { CredentialIssuer } from "../../broker/credentials.js";
@@ -15,6 +14,7 @@ import type { AuditEvent, RequestRecord } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { agentMetadata } from "../helpers/agent.js";
 import { opsPolicy, startAgentPath } from "../helpers/stack.js";
+import { Policy } from "../../sidecar/index.js";
 
 // The broker writes an approved action's lease record and its audit batch side by side; only when
 // both are stored does the decision leave. Here the audit trail refuses writes (a full stream), so
@@ -25,15 +25,20 @@ const { nats, vault } = infra;
 const log = createLogger({ name: "test", level: "silent" });
 const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
 
-const { key, agentKeys, dir, sidecar } = await startAgentPath(t, infra, { name: "fail-closed", host: "fail-host", policy: opsPolicy({ rotateRisk: "low", timeout: "20s" }), log });
+const policyText = opsPolicy({ rotateRisk: "low", timeout: "20s" });
+const policy = Policy.parse(policyText);
+const { key, agentKeys, dir, sidecar } = await startAgentPath(t, infra, { name: "fail-closed", host: "fail-host", policy: policyText, log });
 
 const approvals = parseApprovalConfig(
   new ConfigReader({ groups: { security: ["sam@corp"] }, auto_rules: [{ id: "low-risk", effect: "approve", when: { max_risk: "low" }, reason: "pre-approved" }] }, "", join(dir, "broker.yaml")),
 );
-const nc = await connect({ servers: nats.url });
+const nc = await nats.connect({ kind: "broker" });
 t.teardown(() => nc.close());
-const jsm = await jetstreamManager(nc);
-const broker = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, replicaId: "broker-1", log, tickIntervalMs: 200 });
+// Stream settings are an operator's to change, not the broker's.
+const operator = await nats.connect({ kind: "admin" });
+t.teardown(() => operator.close());
+const jsm = await jetstreamManager(operator);
+const broker = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: rootVault }), signingKey: key.signing, approvals, policy: () => policy, replicaId: "broker-1", log, tickIntervalMs: 200 });
 t.teardown(() => broker.close());
 
 const client = new Client(sidecar.address, credentials.createInsecure());

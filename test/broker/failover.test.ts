@@ -2,7 +2,6 @@ import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Client, credentials } from "@grpc/grpc-js";
 import t from "tap";
-import { connect } from "@nats-io/transport-node";
 import { parseBrokerConfig, readAuditEvents, type RunningBroker, startBroker } from "../../broker/index.js";
 import { ConfigReader } from "../../common/config.js";
 import { AirlockError, callServerStream, Code, createLogger, createVaultClient } from "../../common/index.js";
@@ -10,7 +9,7 @@ import { freePort, useInfra } from "../../harness/index.js";
 import { AuditEventType, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { agentMetadata } from "../helpers/agent.js";
-import { type BrokerProcess, exportRoles, opsPolicy, seedExportEngine, startAgentPath, startBrokerProcess } from "../helpers/stack.js";
+import { type BrokerProcess, exportRoles, natsSection, opsPolicy, seedExportEngine, startAgentPath, startBrokerProcess } from "../helpers/stack.js";
 
 // Two broker replicas: A is a real `airlock broker` process that a failpoint stops at an
 // exact step of an approval, where the test kills it with SIGKILL; B runs on and must
@@ -23,9 +22,11 @@ const rootVault = createVaultClient({ address: vault.address, token: vault.rootT
 const { agentKeys, dir, sidecar } = await startAgentPath(t, { nats, vault, database }, { name: "failover", host: "failover-host", policy: opsPolicy(), log });
 
 const danaToken = "dana-failover-token";
+const brokerNats = natsSection(await nats.credentials({ kind: "broker" }));
 function brokerConfig(replica: string, http: string): Record<string, unknown> {
   return {
-    nats: { url: nats.url },
+    nats: brokerNats,
+    policy: join(dir, "policy.yaml"),
     vault: { address: vault.address, auth: { kind: "token", token: vault.rootToken } },
     signing_key: { key_id: "k1", file: join(dir, "broker-signing.pem") },
     approvals: { groups: { "data-owners": ["dana@example.com"] } },
@@ -57,7 +58,7 @@ async function startReplicaA(failpointName: string): Promise<BrokerProcess> {
 }
 
 async function connectNats() {
-  const nc = await connect({ servers: nats.url });
+  const nc = await nats.connect({ kind: "broker" });
   t.teardown(() => nc.close());
   return nc;
 }

@@ -8,18 +8,22 @@ import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { type AirlockError, Code, createLogger } from "../../common/index.js";
 import { useInfra } from "../../harness/index.js";
+import { natsSection } from "../helpers/stack.js";
 
 const { nats, vault } = await useInfra(t, { nats: true, vault: true });
 const dir = await mkdtemp(join(tmpdir(), "airlock-reviewer-config-"));
 t.teardown(() => rm(dir, { recursive: true, force: true }));
 const key = generateDecisionKey("k1");
 await writeFile(join(dir, "signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
+await writeFile(join(dir, "policy.yaml"), "version: 1\ndefault: deny\nrules: []\n");
+const brokerNats = natsSection(await nats.credentials({ kind: "broker" }));
 
 function config(reviewers: unknown, extra: Record<string, unknown> = {}): Record<string, unknown> {
   return {
-    nats: { url: nats.url },
+    nats: brokerNats,
     vault: { address: vault.address, auth: { kind: "token", token: vault.rootToken } },
     signing_key: { key_id: "k1", file: "signing.pem" },
+    policy: "policy.yaml",
     approvals: { groups: { security: ["sam@example.com"] } },
     http: "127.0.0.1:0",
     ...(reviewers === undefined ? {} : { reviewers }),

@@ -11,7 +11,6 @@ import { type CryptoKey, exportJWK, generateKeyPair, type JWK, SignJWT } from "j
 import t from "tap";
 import { randomBytes } from "node:crypto";
 import { create, toBinary } from "@bufbuild/protobuf";
-import { connect } from "@nats-io/transport-node";
 import { ReviewerAuthenticator } from "../../broker/index.js";
 import { callServerStream, callUnary, type AirlockError, Code, subjects } from "../../common/index.js";
 import { DecisionBodySchema, DecisionSchema, RequestState, ReviewerService, Verdict } from "../../proto/index.js";
@@ -366,7 +365,8 @@ await t.test("the CLI: requests ls / show / approve / deny with a token from env
 });
 
 await t.test("a forged decision is refused by the sidecar and lands in the broker's audit trail, flagged", async (t) => {
-  const nc = await connect({ servers: stack.natsUrl });
+  // Only a broker or an operator can publish a decision now: the forger here holds the admin credential.
+  const nc = await stack.nats.connect({ kind: "admin" });
   t.teardown(() => nc.close());
   const call = stack.callExportTable("forgery target");
   const held = await pendingFor(dana, "ExportTable");

@@ -20,7 +20,9 @@ const brokerPath = join(configDir, "broker.yaml");
 const policyPath = join(configDir, "policy.yaml");
 
 const env: ConfigEnv = {
-  AIRLOCK_NATS_URL: "nats://nats:4222",
+  AIRLOCK_NATS_URL: "tls://nats:4222",
+  AIRLOCK_NATS_SEED_FILE: "/nats/demo-host.nk",
+  AIRLOCK_NATS_CA: "/nats/ca.pem",
   AIRLOCK_VAULT_ADDR: "http://vault:8200",
   AIRLOCK_VAULT_TOKEN: "root-token",
   AIRLOCK_OPS_ADDR: "ops:50051",
@@ -44,7 +46,7 @@ await t.test("sidecar.yaml parses with parseSidecarConfig and the test environme
   t.equal(config.upstreams[0]?.address, "ops:50051");
   t.same(config.upstreams[0]?.descriptorSets, [descriptorSetPath], "the checked-in descriptor set, resolved against demo/config/");
   t.ok(existsSync(descriptorSetPath));
-  t.equal(config.nats.url, "nats://nats:4222");
+  t.same(config.nats, { servers: ["tls://nats:4222"], auth: { kind: "nkey", seedFile: "/nats/demo-host.nk" }, tls: { caFile: "/nats/ca.pem" } });
   t.equal(config.vault.address, "http://vault:8200");
   t.same(config.brokerKeys, { [demoKeyId]: `/airlock/${demoKeyFileNames.brokerPublicKey}` });
   t.equal(config.host, "demo-host");
@@ -107,8 +109,9 @@ await t.test("policy.yaml loads with the real policy loader and gives each metho
   t.same(rotate.approve?.reviewers.allOf, [{ group: "security", minApprovals: 1 }]);
   t.same(rotate.approve?.credential, { kind: "vault_token", policies: ["default"], numUses: 5, ttlMs: 60_000, injectHeader: "x-airlock-credential" });
 
-  const importRows = policy.evaluate(call("ImportRows"));
-  t.equal(importRows.effect, "approve");
+  t.equal(policy.evaluate(call("ImportRows")).effect, "deny", "the write-capable import is not for the demo host");
+  const importRows = policy.evaluate({ ...call("ImportRows"), host: "ingest-host" });
+  t.equal(importRows.effect, "approve", "only for the ingest host");
   t.equal(importRows.approve?.risk, "high");
   t.same(importRows.approve?.credential, { kind: "database", mount: "database", role: "import", ttlMs: 300_000, injectHeader: "x-airlock-credential" });
 });
@@ -136,7 +139,7 @@ await t.test("broker.yaml: the other sections, after expansion", async (t) => {
   t.equal(broker.address("http").text, "127.0.0.1:9465", "the console on loopback by default");
   t.equal((await readConfigFile(brokerPath, { env: { ...env, AIRLOCK_BROKER_HTTP: "0.0.0.0:9465" } })).address("http").text, "0.0.0.0:9465");
   const nats = broker.object("nats");
-  t.equal(nats.string("url"), "nats://nats:4222");
+  t.equal(nats.string("url"), "tls://nats:4222");
   const vault = broker.object("vault");
   t.equal(vault.string("address"), "http://vault:8200");
   t.same({ kind: vault.object("auth").string("kind"), token: vault.object("auth").string("token") }, { kind: "token", token: "root-token" });
@@ -157,4 +160,5 @@ await t.test("broker.yaml as a whole parses with parseBrokerConfig", async (t) =
   t.equal(config.signingKey.keyId, demoKeyId);
   t.same(config.http, { host: "127.0.0.1", port: 9465 });
   t.ok(config.reviewers !== undefined, "with the reviewers' API");
+  t.equal(config.policyFile, policyPath, "the central policy is the sidecar's policy file");
 });

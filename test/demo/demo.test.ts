@@ -22,6 +22,8 @@ await t.test("npm run demo -- --auto-approve: every step as scripted, credential
   t.equal(code, 0, `exit code (stderr: ${stderr.slice(-2000)})`);
   const lines = stdout.trimEnd().split("\n");
   t.equal(lines.at(-1), "demo ok", "the last line is `demo ok`");
+  t.equal(lines.at(-2), "bus ok anonymous=refused foreign_host=refused state_write=refused audit_write=refused", "the bus boundary line, from what the NATS server answered, just before");
+  t.match(stdout, /NATS server 2\.\d+\.\d+ at tls:\/\/127\.0\.0\.1:\d+/, "the NATS line names the server's version, over TLS");
   t.match(stdout, /approver console: http:\/\/127\.0\.0\.1:\d+\/console\//, "prints the console URL");
   t.match(stdout, /sign in as dana@example\.com .* with token dana-[0-9a-f]+/, "prints a reviewer sign-in");
   t.match(stdout, /step 1\/4: done: demo\.v1\.OpsService/, "the status check passed straight through");
@@ -61,7 +63,7 @@ await t.test("Ctrl-C while the agent waits for a human: everything stops, nothin
   process.kill(-(child.pid ?? 0), "SIGINT");
   t.ok(["130", "SIGINT"].includes(await exited), "the demo ends as Ctrl-C asked (exit 130, or npm's own death by SIGINT)");
   t.match(stdout, /stopped; nothing left running/);
-  const nats = /NATS \S+ at nats:\/\/127\.0\.0\.1:(\d+)/.exec(stdout)?.[1];
+  const nats = /NATS server \S+ at tls:\/\/127\.0\.0\.1:(\d+)/.exec(stdout)?.[1];
   const vault = /Vault \S+ at http:\/\/127\.0\.0\.1:(\d+)/.exec(stdout)?.[1];
   const database = /database (airlock_\w+)/.exec(stdout)?.[1];
   for (const [name, port] of [["NATS", nats], ["Vault", vault]] as const) {

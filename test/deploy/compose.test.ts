@@ -6,6 +6,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { dirname, join, normalize, posix } from "node:path";
 import { fileURLToPath } from "node:url";
 import t from "tap";
+import { natsServerRelease } from "../../harness/index.js";
 import { parse as parseYaml } from "yaml";
 import { parseBrokerConfig } from "../../broker/server.js";
 import { type ConfigEnv, expandConfigVariables, readConfigFile } from "../../common/index.js";
@@ -109,8 +110,10 @@ const dependencies = { ...mapping(packageJson.dependencies), ...mapping(packageJ
 await t.test("the expected services exist, each with an image or a build", async (t) => {
   for (const name of ["nats", "vault", "postgres", "setup", "ops", "broker", "sidecar", "agent"]) t.ok(names.includes(name), `service ${name}`);
   for (const name of names) t.ok(typeof service(name).image === "string" || service(name).build !== undefined, `${name} has image or build`);
-  t.match(service("nats").image, /^nats:2\.10(\b|-)/, "nats 2.10");
-  t.same(strings(service("nats").command).slice(0, 1), ["-js"], "NATS runs with JetStream");
+  t.equal(service("nats").image, `nats:${natsServerRelease.version.slice(1)}-alpine`, "the nats-server release the project pins");
+  t.ok(strings(service("nats").command).includes("-js"), "NATS runs with JetStream");
+  t.same(strings(service("nats").command).slice(0, 2), ["-c", "/nats/nats-server.conf"], "with the generated config: TLS and a user per role and host");
+  t.match(strings(service("nats-setup").command).join(" "), /airlock\.ts nats init --dir \/nats/, "the material is made by airlock nats init");
   t.equal(service("vault").image, "hashicorp/vault:1.21");
   t.same(strings(service("vault").command), ["server", "-dev"], "Vault in dev mode");
   t.ok(environment("vault").VAULT_DEV_ROOT_TOKEN_ID !== undefined && environment("vault").VAULT_DEV_ROOT_TOKEN_ID !== "", "with a known root token");
@@ -254,7 +257,9 @@ await t.test("the broker's environment makes demo/config/broker.yaml valid, list
   const config = parseBrokerConfig(await configOf("broker", environment("broker")));
   t.same(config.http, { host: "0.0.0.0", port: 9465 }, "reachable from the published port");
   t.match(strings(mapping(service("broker").healthcheck).test).join(" "), `:${config.http.port}/readyz`);
-  t.equal(config.nats.url, "nats://nats:4222");
+  t.same(config.nats.servers, ["tls://nats:4222"]);
+  t.equal(config.nats.auth.seedFile, "/nats/broker.nk", "the broker role's credential");
+  t.ok(mounts("broker").some((mount) => mount.source === "nats-security" && mount.target === "/nats" && mount.readOnly), "from its own part of the material");
   t.equal(config.vault.address, "http://vault:8200");
   t.equal(config.vault.auth.kind === "token" ? config.vault.auth.token : "", environment("vault").VAULT_DEV_ROOT_TOKEN_ID, "the broker's token is Vault's dev root token");
 });
@@ -276,6 +281,8 @@ await t.test("the sidecar's environment makes demo/config/sidecar.yaml valid; th
   t.match(strings(mapping(service("sidecar").healthcheck).test).join(" "), `:${config.metrics.port}/readyz`);
   t.equal(config.upstreams[0]?.address, `ops:${environment("ops").AIRLOCK_OPS_LISTEN?.split(":").at(-1)}`, "the upstream is the ops service's port");
   t.match(strings(mapping(service("ops").healthcheck).test).join(" "), /connect\(50051,/);
+  t.equal(config.nats.auth.seedFile, `/nats/${config.host}.nk`, "this host's own NATS credential");
+  t.match(strings(service("nats-setup").command).join(" "), new RegExp(`add-host ${config.host} `), "made for this host by airlock nats add-host");
   const agent = environment("agent");
   t.equal(agent.AIRLOCK_SIDECAR_ADDR, `sidecar:${config.listen.port}`);
   const auth = config.agentAuth[0];

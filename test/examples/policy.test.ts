@@ -173,7 +173,7 @@ await t.test("examples/sidecar.yaml parses with parseSidecarConfig, fronting the
     ["mtls", "jwt"],
   );
   t.ok(config.tls?.clientCa !== undefined, "agents must present a client certificate");
-  t.equal(config.nats.url, "nats://nats.internal:4222", "the default when AIRLOCK_NATS_URL is unset");
+  t.same(config.nats.servers, ["tls://nats.internal:4222"], "the default when AIRLOCK_NATS_URL is unset");
 });
 
 await t.test("examples/broker.yaml parses with parseBrokerConfig and defines every group the policy names", async (t) => {

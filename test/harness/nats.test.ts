@@ -1,16 +1,16 @@
 import { existsSync } from "node:fs";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
-import { connect } from "@nats-io/transport-node";
 import t from "tap";
-import { natsServerVersion, startNats, useInfra } from "../../harness/index.js";
+import { natsServerRelease, natsServerVersion, startNats, useInfra } from "../../harness/index.js";
 
 const { nats } = await useInfra(t, { nats: true });
 
-await t.test("the server runs JetStream on a loopback port", async (t) => {
-  t.match(nats.url, /^nats:\/\/127\.0\.0\.1:\d+$/);
+await t.test("the server is the pinned release and runs JetStream over TLS on a loopback port", async (t) => {
+  t.match(nats.url, /^tls:\/\/127\.0\.0\.1:\d+$/);
   t.equal(nats.version, await natsServerVersion());
-  const nc = await connect({ servers: nats.url });
+  t.equal(`v${nats.version}`, natsServerRelease.version, "the project's pinned nats-server, not whatever the machine has");
+  const nc = await nats.connect({ kind: "admin" });
   t.teardown(() => nc.close());
   const jsm = await jetstreamManager(nc);
   await jsm.streams.add({ name: "HARNESS", subjects: ["harness.>"] });
@@ -31,17 +31,17 @@ await t.test("the server runs JetStream on a loopback port", async (t) => {
 await t.test("pause and resume keep the port and the JetStream store", async (t) => {
   const port = nats.port;
   await nats.pause();
-  await t.rejects(connect({ servers: nats.url, reconnect: false, timeout: 1000 }), "no server while paused");
+  await t.rejects(nats.connect({ kind: "admin" }, { reconnect: false, timeout: 1000 }), "no server while paused");
   await nats.resume();
   t.equal(nats.port, port);
-  const nc = await connect({ servers: nats.url });
+  const nc = await nats.connect({ kind: "admin" });
   t.teardown(() => nc.close());
   const stored = await (await jetstreamManager(nc)).streams.getMessage("HARNESS", { seq: 1 });
   t.equal(stored?.string(), "world", "the stream survived the restart");
 });
 
 await t.test("a connected client reconnects after restart", async (t) => {
-  const nc = await connect({ servers: nats.url, reconnectTimeWait: 100, maxReconnectAttempts: -1 });
+  const nc = await nats.connect({ kind: "admin" }, { reconnectTimeWait: 100, maxReconnectAttempts: -1 });
   t.teardown(() => nc.close());
   const reconnected = (async () => {
     for await (const status of nc.status()) if (status.type === "reconnect") return true;
@@ -58,8 +58,9 @@ await t.test("a connected client reconnects after restart", async (t) => {
 await t.test("stop frees the port and removes the store dir", async (t) => {
   const other = await startNats();
   t.ok(existsSync(other.storeDir));
+  t.ok(existsSync(other.securityDir));
   t.not(other.port, nats.port, "each server gets its own port");
   await other.stop();
   t.notOk(existsSync(other.storeDir), "store dir removed");
-  await t.rejects(connect({ servers: other.url, reconnect: false, timeout: 1000 }));
+  t.notOk(existsSync(other.securityDir), "security material removed");
 });

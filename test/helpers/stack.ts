@@ -19,7 +19,10 @@ import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { AirlockError, callServerStream, callUnary, Code, createLogger, createVaultClient, type Logger } from "../../common/index.js";
 import { startOpsServer } from "../../demo/ops/index.js";
-import { useInfra } from "../../harness/index.js";
+import { type NatsServer, useInfra } from "../../harness/index.js";
+import { ensureStreams } from "../../common/subjects.js";
+import type { NatsConnectionConfig } from "../../common/nats.js";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { descriptorSetPath } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, type Sidecar, startSidecar } from "../../sidecar/index.js";
@@ -38,8 +41,8 @@ export interface Stack {
   readonly brokerUrl: string;
   /** The broker replica. */
   readonly broker: RunningBroker;
-  /** `nats://127.0.0.1:<port>` of the stack's NATS. */
-  readonly natsUrl: string;
+  /** The stack's NATS. */
+  readonly nats: NatsServer;
   /** The sidecar's host name (in NATS subjects). */
   readonly host: string;
   /** Static reviewer tokens: dana@example.com (data-owners), sam@example.com (security), alice@example.com (the agent's human; data-owners too). */
@@ -104,7 +107,7 @@ ${rotate}`;
 
 /** The servers a test's building blocks sit on (what `useInfra` returns). */
 export interface StackInfra {
-  readonly nats: { readonly url: string };
+  readonly nats: Pick<NatsServer, "url" | "credentials" | "connect">;
   readonly vault: { readonly address: string; readonly rootToken: string };
   readonly database: { readonly url: string; readonly host: string; readonly port: number; readonly name: string };
 }
@@ -196,15 +199,34 @@ export interface TestSidecarOptions {
   readonly log: Logger;
 }
 
+/** The `nats` section of a YAML config for a connection config. */
+export function natsSection(config: NatsConnectionConfig): Record<string, unknown> {
+  return { url: config.servers[0], auth: { kind: "nkey", seed_file: config.auth.seedFile }, ...(config.tls?.caFile === undefined ? {} : { tls: { ca_file: config.tls.caFile } }) };
+}
+
+/**
+ * Creates the bus streams as an operator would before any sidecar starts (a broker creates
+ * them too; a sidecar may not).
+ */
+export async function provisionStreams(nats: Pick<NatsServer, "connect">): Promise<void> {
+  const admin = await nats.connect({ kind: "admin" });
+  try {
+    await ensureStreams(await jetstreamManager(admin));
+  } finally {
+    await admin.close();
+  }
+}
+
 /** A sidecar in front of the demo upstream, trusting broker key k1; closed at teardown. */
 export async function startTestSidecar(t: Test, infra: StackInfra, options: TestSidecarOptions): Promise<Sidecar> {
+  await provisionStreams(infra.nats);
   const sidecar = await startSidecar(
     parseSidecarConfig(
       new ConfigReader(
         {
           listen: "127.0.0.1:0",
           upstreams: [{ name: "ops", address: options.upstream, descriptor_sets: [descriptorSetPath] }],
-          nats: { url: infra.nats.url },
+          nats: natsSection(await infra.nats.credentials({ kind: "sidecar", host: options.host })),
           vault: { address: infra.vault.address },
           broker_keys: { k1: "broker.pem" },
           host: options.host,
@@ -270,9 +292,10 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
     parseBrokerConfig(
       new ConfigReader(
         {
-          nats: { url: nats.url },
+          nats: natsSection(await nats.credentials({ kind: "broker" })),
           vault: { address: vault.address, auth: { kind: "token", token: vault.rootToken } },
           signing_key: { key_id: "k1", file: "broker-signing.pem" },
+          policy: "policy.yaml",
           approvals: { groups: { "data-owners": ["dana@example.com", "alice@example.com"], security: ["sam@example.com"] } },
           http: "127.0.0.1:0",
           reviewers: {
@@ -311,7 +334,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
   return {
     brokerUrl: broker.httpUrl,
     broker,
-    natsUrl: nats.url,
+    nats,
     host: "stack-host",
     tokens,
     async callExportTable(reason, extra = {}) {

@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Client, credentials } from "@grpc/grpc-js";
 import t from "tap";
+import { natsSection, provisionStreams } from "../helpers/stack.js";
 import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { type AirlockError, Code, callUnary } from "../../common/index.js";
@@ -33,6 +34,8 @@ rules:
     effect: allow
 `,
 );
+await provisionStreams(nats);
+const sidecarNats = natsSection(await nats.credentials({ kind: "sidecar", host: "mtls-host" }));
 const sidecar = await startSidecar(
   parseSidecarConfig(
     new ConfigReader(
@@ -40,7 +43,7 @@ const sidecar = await startSidecar(
         listen: "127.0.0.1:0",
         tls: { cert: pki.path("server.crt"), key: pki.path("server.key"), client_ca: pki.path("ca.crt") },
         upstreams: [{ name: "ops", address: ops.address, descriptor_sets: [descriptorSetPath] }],
-        nats: { url: nats.url },
+        nats: sidecarNats,
         vault: { address: "http://127.0.0.1:1" },
         broker_keys: { k1: "broker.pem" },
         host: "mtls-host",

@@ -6,7 +6,6 @@ import { create, fromBinary, toBinary, toJsonString } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Client, credentials, Metadata } from "@grpc/grpc-js";
 import { type ConsumerMessages, DeliverPolicy, jetstream } from "@nats-io/jetstream";
-import { connect } from "@nats-io/transport-node";
 import { connect as netConnect } from "node:net";
 import { exportSPKI, generateKeyPair } from "jose";
 import pg from "pg";
@@ -21,6 +20,7 @@ import { type ApprovalRequest, ApprovalRequestSchema, CompletionSchema, Decision
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
 import { agentMetadata as signedAgentMetadata } from "../helpers/agent.js";
+import { natsSection, provisionStreams } from "../helpers/stack.js";
 import { clientPreface, FrameSplitter, frame, frameFlag, frameType, settingsFrame } from "../helpers/h2-frames.js";
 import { encodeHeaderBlock, HpackDecoder } from "../../sidecar/h2/hpack.js";
 import { frameMessage } from "../../sidecar/wire.js";
@@ -101,6 +101,8 @@ rules:
       timeout: 4s
 `;
 await writeFile(join(dir, "policy.yaml"), policyYaml);
+await provisionStreams(nats);
+const sidecarNats = natsSection(await nats.credentials({ kind: "sidecar", host }));
 
 function sidecarConfig(overrides: Record<string, unknown> = {}) {
   return parseSidecarConfig(
@@ -108,7 +110,7 @@ function sidecarConfig(overrides: Record<string, unknown> = {}) {
       {
         listen: "127.0.0.1:0",
         upstreams: [{ name: "ops", address: ops.address, descriptor_sets: [descriptorSetPath], services: ["demo.v1.OpsService"] }],
-        nats: { url: nats.url },
+        nats: sidecarNats,
         vault: { address: vault.address },
         broker_keys: { k1: "broker-k1.pem" },
         host,
@@ -131,7 +133,7 @@ const client = new Client(sidecar.address, credentials.createInsecure());
 t.teardown(() => client.close());
 
 // --- a stand-in broker: reads requests, answers with signed decisions carrying real Vault wrapping tokens
-const nc = await connect({ servers: nats.url });
+const nc = await nats.connect({ kind: "broker" });
 t.teardown(() => nc.close());
 const js = jetstream(nc);
 const requestConsumer = await js.consumers.get(streams.requests.name, { filter_subjects: "airlock.request.>", deliver_policy: DeliverPolicy.New });
@@ -549,10 +551,11 @@ await t.test("NATS down: privileged calls fail closed with UNAVAILABLE, allowed 
 
 await t.test("upstream down: UNAVAILABLE", async (t) => {
   const port = await freePort();
-  const config = sidecarConfig({
-    upstreams: [{ name: "ops", address: `127.0.0.1:${port}`, descriptor_sets: [descriptorSetPath], services: ["demo.v1.OpsService"] }],
-    host: "other-host",
-  });
+  const upstreams = [{ name: "ops", address: `127.0.0.1:${port}`, descriptor_sets: [descriptorSetPath], services: ["demo.v1.OpsService"] }];
+  // Host test-host's credential is not good for other-host: the server refuses it that host's decisions.
+  const borrowed = await startSidecar(sidecarConfig({ upstreams, host: "other-host" })).catch((e: unknown) => e);
+  t.match(borrowed, { code: Code.PermissionDenied, details: { field: "nats.auth.seed_file" } }, "a sidecar with another host's credential does not start");
+  const config = sidecarConfig({ upstreams, host: "other-host", nats: natsSection(await nats.credentials({ kind: "sidecar", host: "other-host" })) });
   const lonely = await startSidecar(config);
   const lonelyClient = new Client(lonely.address, credentials.createInsecure());
   const error = await failure(callUnary(lonelyClient, OpsService.method.getStatus, {}));
