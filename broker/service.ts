@@ -698,12 +698,8 @@ export class Broker {
   }
 
   private async decisionPublished(request: ApprovalRequest): Promise<boolean> {
-    try {
-      return (await this.jsm.streams.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(request.host, request.id) })) !== null;
-    } catch (error) {
-      if (String(error).includes("no message found")) return false;
-      throw error;
-    }
+    // Direct get answers "not found" as null, not as an error to tell apart by its text.
+    return (await this.jsm.direct.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(request.host, request.id) })) !== null;
   }
 
   private following: Promise<void> = Promise.resolve();

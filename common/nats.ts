@@ -44,6 +44,20 @@ export function parseNatsConfig(reader: ConfigReader): NatsConnectionConfig {
   return { servers, auth: { kind: "nkey", seedFile }, ...(tls === undefined ? {} : { tls }) };
 }
 
+/**
+ * How the NATS server refused something, found anywhere in an error's cause chain (nats.js
+ * wraps the server's answer): `permissions` for a publish or subscribe outside the
+ * credential's rights, `authorization` for a refused credential; undefined when it was not
+ * a refusal (a timeout, a closed connection).
+ */
+export function natsRefusal(error: unknown): "permissions" | "authorization" | undefined {
+  for (let cause: unknown = error; cause instanceof Error; cause = cause.cause) {
+    if (cause instanceof natsErrors.PermissionViolationError) return "permissions";
+    if (cause instanceof natsErrors.AuthorizationError) return "authorization";
+  }
+  return undefined;
+}
+
 /** Options of {@link connectNats}. */
 export interface ConnectNatsOptions {
   /** The role the credential is for: it picks the reply-inbox prefix the server lets this role read. */
@@ -83,7 +97,7 @@ export async function connectNats(config: NatsConnectionConfig, options: Connect
     });
   } catch (error) {
     const where = config.servers.join(", ");
-    if (error instanceof natsErrors.AuthorizationError || (error instanceof Error && error.cause instanceof natsErrors.AuthorizationError)) {
+    if (natsRefusal(error) === "authorization") {
       throw new AirlockError(Code.Unauthenticated, `NATS at ${where} refused this credential (${seedFile}): revoked, or not one of the server's users`, { cause: error });
     }
     throw new AirlockError(Code.Unavailable, `cannot connect to NATS at ${where}`, { cause: error });

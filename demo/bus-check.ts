@@ -5,8 +5,8 @@
  */
 import { randomUUID } from "node:crypto";
 import { jetstream } from "@nats-io/jetstream";
-import { connect, errors as natsErrors, type NatsConnection } from "@nats-io/transport-node";
-import { connectNats, type NatsConnectionConfig } from "../common/nats.js";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { connectNats, type NatsConnectionConfig, natsRefusal } from "../common/nats.js";
 import { auditStream, stateBucket, subjects } from "../common/subjects.js";
 
 /** What the server answered each attempt: `refused` by its permissions or authentication, else `ALLOWED`. */
@@ -23,17 +23,12 @@ export function busCheckLine(check: BusCheck): string {
   return `bus ${ok ? "ok" : "BROKEN"} anonymous=${check.anonymous} foreign_host=${check.foreignHost} state_write=${check.stateWrite} audit_write=${check.auditWrite}`;
 }
 
-function refusedBy(error: unknown, kind: typeof natsErrors.PermissionViolationError | typeof natsErrors.AuthorizationError): boolean {
-  for (let cause: unknown = error; cause instanceof Error; cause = cause.cause) if (cause instanceof kind) return true;
-  return false;
-}
-
 async function attempt(nc: NatsConnection, subject: string): Promise<"refused" | "ALLOWED"> {
   try {
     await jetstream(nc).publish(subject, new TextEncoder().encode("forged by the demo's bus check"), { timeout: 3000 });
     return "ALLOWED";
   } catch (error) {
-    return refusedBy(error, natsErrors.PermissionViolationError) ? "refused" : "ALLOWED";
+    return natsRefusal(error) === "permissions" ? "refused" : "ALLOWED";
   }
 }
 
@@ -49,7 +44,7 @@ export async function checkBusBoundary(config: NatsConnectionConfig, host: strin
     const nc = await connect({ servers: [...config.servers], tls: config.tls?.caFile === undefined ? {} : { caFile: config.tls.caFile }, reconnect: false, timeout: 3000 });
     await nc.close();
   } catch (error) {
-    if (refusedBy(error, natsErrors.AuthorizationError)) anonymous = "refused";
+    if (natsRefusal(error) === "authorization") anonymous = "refused";
   }
   const nc = await connectNats(config, { role: { kind: "sidecar", host }, name: `airlock-bus-check-${host}`, extra: { reconnect: false } });
   try {

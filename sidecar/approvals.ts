@@ -2,9 +2,10 @@ import { createHash, randomUUID } from "node:crypto";
 import { create, fromBinary, fromJson, type JsonValue, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import { type ConsumerMessages, DeliverPolicy, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { errors as natsErrors, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { type DecisionKeyRing, ReplayGuard, verifyDecision } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
+import { natsRefusal } from "../common/nats.js";
 import type { Logger } from "../common/logger.js";
 import { subjects, streams } from "../common/subjects.js";
 import type { VaultClient } from "../common/vault.js";
@@ -69,17 +70,18 @@ export class ApprovalFlow {
    * this host's own inboxes. The decisions stream must exist (a broker creates it).
    */
   static async start(options: ApprovalFlowOptions): Promise<ApprovalFlow> {
-    const flow = new ApprovalFlow(options, await jetstreamManager(options.nc));
+    let flow: ApprovalFlow;
     let consumer;
     try {
+      flow = new ApprovalFlow(options, await jetstreamManager(options.nc));
       consumer = await flow.js.consumers.getPushConsumer(streams.decisions.name, {
         // A string, not a list: nats.js then puts the filter in the create subject.
         filter_subjects: subjects.decisionsFor(options.host),
         deliver_policy: DeliverPolicy.New,
       });
     } catch (error) {
-      if (permissionViolation(error)) {
-        throw new AirlockError(Code.PermissionDenied, `the NATS credential is not host ${options.host}'s: the server refused it this host's decisions`, { cause: error, details: { field: "nats.auth.seed_file" } });
+      if (natsRefusal(error) === "permissions") {
+        throw new AirlockError(Code.PermissionDenied, `the NATS credential is not host ${options.host}'s: the server refused it this host's inbox and decisions`, { cause: error, details: { field: "nats.auth.seed_file" } });
       }
       throw new AirlockError(Code.Unavailable, `cannot follow this host's decisions on ${streams.decisions.name} (is a broker running? it creates the streams)`, { cause: error });
     }
@@ -305,12 +307,6 @@ export class ApprovalFlow {
       },
     };
   }
-}
-
-/** Whether the NATS server refused an operation by its permissions (anywhere in the cause chain). */
-function permissionViolation(error: unknown): boolean {
-  for (let cause: unknown = error; cause instanceof Error; cause = cause.cause) if (cause instanceof natsErrors.PermissionViolationError) return true;
-  return false;
 }
 
 function header(metadata: HeldCall["metadata"], name: string): string | undefined {

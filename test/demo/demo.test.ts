@@ -39,6 +39,7 @@ await t.test("npm run demo -- --auto-approve: every step as scripted, credential
   t.match(table.find((l) => l.includes("RotateKey")) ?? "", /approved\s+sam@example\.com\s+\S+\s+\d+ ms/);
   t.notMatch(stdout + stderr, /dana-[0-9a-f]+.*dana-[0-9a-f]+.*dana-[0-9a-f]+/s, "the reviewer token is printed for sign-in only, not logged");
   t.notMatch(stdout + stderr, /"password"|hvs\.[A-Za-z0-9]{20,}/, "no credential appears in the output");
+  t.notMatch(stdout + stderr, /\bS[UAON][A-Z2-7]{50,}/, "no NATS nkey seed appears in the output");
 });
 
 await t.test("a bad option fails with a clear message and a non-zero exit", async (t) => {

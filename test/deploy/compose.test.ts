@@ -35,7 +35,7 @@ const names = Object.keys(services);
 const service = (name: string): Mapping => mapping(services[name]);
 /** One-shot services run to completion and are never restarted; they need no healthcheck. */
 const oneShot = new Set(names.filter((name) => service(name).restart === "no"));
-const airlockServices = ["setup", "ops", "broker", "sidecar", "agent"];
+const airlockServices = ["nats-setup", "setup", "ops", "broker", "sidecar", "agent"];
 
 /** A service's environment as the container sees it: compose's `${NAME:-default}` resolved with nothing set in the shell. */
 function environment(name: string): Record<string, string> {
@@ -174,7 +174,7 @@ await t.test("ports: the console on localhost 9465, nothing published on every i
 });
 
 await t.test("every long-running service has a healthcheck", async (t) => {
-  t.same([...oneShot].sort(), ["agent", "setup"], "the one-shot services");
+  t.same([...oneShot].sort(), ["agent", "nats-setup", "setup"], "the one-shot services");
   for (const name of names) {
     const healthcheck = mapping(service(name).healthcheck);
     if (oneShot.has(name)) {
