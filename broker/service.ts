@@ -246,7 +246,9 @@ export class Broker {
    * host the subject names, which the server vouches for), a metric and a log line.
    */
   private async refuse(refusal: Refusal, subject: string, requestId = ""): Promise<void> {
-    const host = subject.split(".")[2] ?? "";
+    const [, , host = "", subjectId = ""] = subject.split(".");
+    // A message too broken to name its request is filed under the id its subject carries.
+    requestId ||= subjectId.slice(0, 64);
     this.metrics.refusals.labels(refusal.reason).inc();
     this.options.log.warn({ reason: refusal.reason, subject, requestId }, `refused: ${refusal.message}`);
     await this.audit.append({

@@ -25,7 +25,7 @@ import { parseSidecarConfig, startSidecar } from "../sidecar/index.js";
 import { type AgentStepResult, demoAgentDefaults, runDemoAgent } from "./agent.js";
 import { startOpsServer } from "./ops/index.js";
 import { configureDemoVault, prepareDemoDatabase, writeDemoKeys } from "./setup.js";
-import { type BusCheck, busCheckLine, checkBusBoundary } from "./bus-check.js";
+import { type BusCheck, checkBusBoundary } from "./bus-check.js";
 
 /** Options of {@link runDemo}. */
 export interface DemoOptions {
@@ -193,7 +193,6 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     const actions = await tracker.settle(steps);
     // The boundary, tried with the demo sidecar's own credential: what an agent on its host can read.
     const bus = await checkBusBoundary(sidecarNats, demoHost);
-    print(`check  ${busCheckLine(bus)}`);
     // A human may deny a held step: that is the product working, not the demo failing.
     const heldAndDenied = (step: AgentStepResult): boolean => options.autoApprove !== true && step.outcome === "permission_denied" && actions.some((a) => a.action === step.method && a.decision === "denied");
     const failures = [
