@@ -1,7 +1,7 @@
 import { createHash, randomUUID } from "node:crypto";
 import { create, fromBinary, fromJson, type JsonValue, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
-import { type ConsumerMessages, DeliverPolicy, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { type ConsumerMessages, DeliverPolicy, JetStreamApiCodes, JetStreamApiError, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { type DecisionKeyRing, ReplayGuard, verifyDecision } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
@@ -34,7 +34,12 @@ export interface ApprovalFlowOptions {
   readonly log: Logger;
   /** How long a publish to JetStream may take before the call fails closed, in ms. @default 5000 */
   readonly publishTimeoutMs?: number;
+  /** How long start-up waits for a broker to create the decisions stream, in ms. @default 30000 */
+  readonly streamWaitMs?: number;
 }
+
+/** Defaults of {@link ApprovalFlowOptions}. */
+export const approvalFlowDefaults = { publishTimeoutMs: 5000, streamWaitMs: 30_000 } as const;
 
 interface Waiter {
   readonly requestId: string;
@@ -72,18 +77,28 @@ export class ApprovalFlow {
   static async start(options: ApprovalFlowOptions): Promise<ApprovalFlow> {
     let flow: ApprovalFlow;
     let consumer;
-    try {
-      flow = new ApprovalFlow(options, await jetstreamManager(options.nc));
-      consumer = await flow.js.consumers.getPushConsumer(streams.decisions.name, {
-        // A string, not a list: nats.js then puts the filter in the create subject.
-        filter_subjects: subjects.decisionsFor(options.host),
-        deliver_policy: DeliverPolicy.New,
-      });
-    } catch (error) {
-      if (natsRefusal(error) === "permissions") {
-        throw new AirlockError(Code.PermissionDenied, `the NATS credential is not host ${options.host}'s: the server refused it this host's inbox and decisions`, { cause: error, details: { field: "nats.auth.seed_file" } });
+    const waitUntil = Date.now() + (options.streamWaitMs ?? approvalFlowDefaults.streamWaitMs);
+    for (let attempt = 1; ; attempt++) {
+      try {
+        flow = new ApprovalFlow(options, await jetstreamManager(options.nc));
+        consumer = await flow.js.consumers.getPushConsumer(streams.decisions.name, {
+          // A string, not a list: nats.js then puts the filter in the create subject.
+          filter_subjects: subjects.decisionsFor(options.host),
+          deliver_policy: DeliverPolicy.New,
+        });
+        break;
+      } catch (error) {
+        if (natsRefusal(error) === "permissions") {
+          throw new AirlockError(Code.PermissionDenied, `the NATS credential is not host ${options.host}'s: the server refused it this host's inbox and decisions`, { cause: error, details: { field: "nats.auth.seed_file" } });
+        }
+        // A broker creates the streams (a sidecar may not): one starting alongside this sidecar may not have yet.
+        const noStream = error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamNotFound;
+        if (!noStream || Date.now() >= waitUntil) {
+          throw new AirlockError(Code.Unavailable, `cannot follow this host's decisions on ${streams.decisions.name}${noStream ? ": the stream does not exist (start a broker: it creates the streams)" : ""}`, { cause: error });
+        }
+        if (attempt === 1) options.log.warn({ stream: streams.decisions.name }, "waiting for a broker to create the streams");
+        await new Promise((resolve) => setTimeout(resolve, Math.min(1000, 100 * attempt)));
       }
-      throw new AirlockError(Code.Unavailable, `cannot follow this host's decisions on ${streams.decisions.name} (is a broker running? it creates the streams)`, { cause: error });
     }
     const messages = await consumer.consume();
     flow.decisions = messages;
@@ -218,7 +233,7 @@ export class ApprovalFlow {
     try {
       await this.js.publish(subjects.request(this.options.host, request.id), toBinary(ApprovalRequestSchema, request), {
         msgID: request.id,
-        timeout: this.options.publishTimeoutMs ?? 5000,
+        timeout: this.options.publishTimeoutMs ?? approvalFlowDefaults.publishTimeoutMs,
       });
     } catch (error) {
       throw new AirlockError(Code.Unavailable, "cannot reach NATS to ask for approval: privileged calls fail closed", { cause: error, details: { requestId: request.id } });
