@@ -1,7 +1,7 @@
 import { createHash, randomUUID } from "node:crypto";
 import { create, fromJson, type JsonObject, type JsonValue, toJson } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import { DeliverPolicy, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager, type StoredMsg } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../common/errors.js";
 import { auditStream } from "../common/subjects.js";
@@ -102,39 +102,45 @@ export async function ensureAuditStream(jsm: JetStreamManager): Promise<void> {
   try {
     await jsm.streams.info(auditStream.name);
   } catch {
-    await jsm.streams.add({ name: auditStream.name, subjects: [auditStream.subject], deny_delete: true, deny_purge: true, allow_rollup_hdrs: false });
+    // Direct get on: the audit reader reads the trail through it, as it may create no consumer.
+    await jsm.streams.add({ name: auditStream.name, subjects: [auditStream.subject], deny_delete: true, deny_purge: true, allow_rollup_hdrs: false, allow_direct: true });
   }
 }
 
+/** Events one batched read of {@link readAuditEvents} asks for. */
+const auditReadBatch = 256;
+
 /**
  * Reads the audit stream in order: from the start, from a time (`since`), or
- * only the newest `last` events (without reading the ones before them).
+ * only the newest `last` events (without reading the ones before them). It
+ * reads by batched direct get, which the read-only audit role may do (it may
+ * create no consumer), and stops at the stream's end as of the call.
  */
 export async function* readAuditEvents(nc: NatsConnection, options: { since?: Date; last?: number } = {}): AsyncGenerator<AuditEvent> {
-  const jsm = await jetstreamManager(nc);
-  const info = await jsm.streams.info(auditStream.name);
-  const last = info.state.last_seq;
-  if (info.state.messages === 0) return;
-  const start =
-    options.last !== undefined
-      ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: Math.max(info.state.first_seq, last - Math.max(1, options.last) + 1) }
-      : options.since === undefined
-        ? { deliver_policy: DeliverPolicy.All }
-        : { deliver_policy: DeliverPolicy.StartTime, opt_start_time: options.since.toISOString() };
-  const consumer = await jetstream(nc).consumers.get(auditStream.name, start);
-  // Stop at the stream's end as of now; a start time past the last event means nothing to read.
-  const pending = (await consumer.info()).num_pending;
-  if (pending === 0) return;
-  const messages = await consumer.consume();
-  let read = 0;
-  try {
-    for await (const message of messages) {
-      yield fromJson(AuditEventSchema, message.json<JsonValue>());
-      read++;
-      if (read >= pending || message.seq >= last) break;
+  const jsm = await jetstreamManager(nc, { checkAPI: false });
+  // The trail has one subject: its last message is the end to read to.
+  const end = await jsm.direct.getMessage(auditStream.name, { last_by_subj: auditStream.subject });
+  if (end === null) return;
+  const last = end.seq;
+  // A batch from a sequence starts at the first message at or after it.
+  let next = options.last === undefined ? 1 : Math.max(1, last - Math.max(1, options.last) + 1);
+  let query: { seq: number } | { start_time: string } = options.since === undefined ? { seq: next } : { start_time: options.since.toISOString() };
+  while (next <= last) {
+    const batch: StoredMsg[] = [];
+    try {
+      for await (const message of await jsm.direct.getBatch(auditStream.name, { ...query, batch: auditReadBatch })) batch.push(message);
+    } catch (error) {
+      // JetStream's status 404: nothing at or after the start (a start time past the last event).
+      if (error instanceof Error && "code" in error && error.code === 404) return;
+      throw error;
     }
-  } finally {
-    await messages.close();
+    if (batch.length === 0) return;
+    for (const message of batch) {
+      if (message.seq > last) return;
+      next = message.seq + 1;
+      yield fromJson(AuditEventSchema, message.json<JsonValue>());
+    }
+    query = { seq: next };
   }
 }
 

@@ -12,6 +12,21 @@ function requireDir(dir: string | undefined): string {
   return dir;
 }
 
+/**
+ * Has nats-server reload its config, twice a second apart: nats-server 2.15.3 wires the
+ * imports of an account a reload adds only on the next reload. Without a pid, says how.
+ */
+async function reloadServer(pid: number | undefined): Promise<void> {
+  if (pid === undefined) {
+    console.log("reload nats-server twice to apply it (kill -HUP <pid>, a second later again; or pass --reload-pid)");
+    return;
+  }
+  process.kill(pid, "SIGHUP");
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  process.kill(pid, "SIGHUP");
+  console.log(`reloaded nats-server (pid ${pid}) twice`);
+}
+
 /** Runs one `airlock nats …` subcommand. */
 export async function runNatsAdmin(sub: string | undefined, args: string[]): Promise<void> {
   const { values, positionals } = parseArgs({
@@ -32,24 +47,19 @@ export async function runNatsAdmin(sub: string | undefined, args: string[]): Pro
   }
   const host = positionals[0];
   if (host === undefined) throw new AirlockError(Code.InvalidArgument, `airlock nats ${sub ?? ""} needs a host name`);
+  const pid = values["reload-pid"] === undefined ? undefined : Number.parseInt(values["reload-pid"], 10);
+  if (pid !== undefined && (!Number.isInteger(pid) || pid <= 0)) throw new AirlockError(Code.InvalidArgument, `--reload-pid ${values["reload-pid"] ?? ""} is not a process id`, { details: { field: "reload-pid" } });
   if (sub === "add-host") {
     const added = await addBusHost(dir, host);
     console.log(`${added.created ? "added" : "already present:"} host ${host}: seed ${added.seedFile} (${added.publicKey})`);
-    console.log("reload nats-server to apply it (nats-server --signal reload, or SIGHUP), then give the seed file to that host's sidecar only");
+    await reloadServer(pid);
+    console.log("give the seed file and ca.pem to that host's sidecar only");
     return;
   }
   if (sub === "revoke-host") {
     const revoked = await revokeBusHost(dir, host);
     console.log(`revoked host ${host} (${revoked.publicKey}); its seed file is deleted`);
-    const pid = values["reload-pid"];
-    if (pid !== undefined) {
-      const number = Number.parseInt(pid, 10);
-      if (!Number.isInteger(number) || number <= 0) throw new AirlockError(Code.InvalidArgument, `--reload-pid ${pid} is not a process id`);
-      process.kill(number, "SIGHUP");
-      console.log(`sent SIGHUP to nats-server (pid ${number}): it reloads and closes ${host}'s connections`);
-    } else {
-      console.log("reload nats-server to apply it (nats-server --signal reload, or SIGHUP); the server then closes that host's connections");
-    }
+    await reloadServer(pid);
     return;
   }
   throw new AirlockError(Code.InvalidArgument, `unknown subcommand: airlock nats ${sub ?? ""} (init, add-host, revoke-host)`);

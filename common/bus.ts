@@ -22,49 +22,102 @@ export interface BusPermissions {
   readonly subscribe: { readonly allow: readonly string[] };
 }
 
+/**
+ * One subject an untrusted role's account shares with the Airlock account:
+ * a `service` it may send to (a request, a publish into a stream, a read),
+ * whose answers come back to its own account only; or a `stream` of messages
+ * the Airlock account sends it. `responses: "stream"` for a service that answers
+ * with several messages (a batched direct get).
+ */
+export interface BusLink {
+  readonly kind: "service" | "stream";
+  readonly subject: string;
+  readonly responses?: "stream";
+}
+
+/** The account the streams, the state bucket, the broker and operators live in. */
+export const airlockAccount = "AIRLOCK";
+
 const api = "$JS.API";
 
 /**
+ * The account a role's users belong to. Brokers and operators share the
+ * Airlock account, which holds JetStream. Each sidecar host and the audit
+ * reader have an account of their own, joined to the Airlock account only by
+ * {@link busLinks}: NATS answers a request to whatever reply subject it names,
+ * inside the requester's account, so an untrusted role in the Airlock account
+ * could have the server write into any stream (a PubAck into the audit trail,
+ * an API answer over a state record). In an account of its own it can reach
+ * nothing but its own subjects.
+ */
+export function busAccount(role: BusRole): string {
+  if (role.kind === "sidecar") {
+    if (!hostPattern.test(role.host)) throw new Error(`not a host name: ${role.host}`);
+    return `HOST_${role.host}`;
+  }
+  return role.kind === "audit" ? "AIRLOCK_AUDIT" : airlockAccount;
+}
+
+/**
+ * What an untrusted role's account shares with the Airlock account (empty for
+ * the broker and admin, who are in it). The server config exports each link
+ * from the Airlock account to that account alone and imports it there.
+ */
+export function busLinks(role: BusRole): readonly BusLink[] {
+  switch (role.kind) {
+    case "sidecar": {
+      const host = role.host;
+      busAccount(role);
+      return [
+        // Publishing into the streams, with their acknowledgements coming back.
+        { kind: "service", subject: `airlock.request.${host}.>` },
+        { kind: "service", subject: `airlock.completion.${host}.>` },
+        { kind: "service", subject: `airlock.security.${host}` },
+        // Reading back its own requests and decisions, for resume and catch-up: direct get by subject.
+        { kind: "service", subject: `${api}.DIRECT.GET.${streams.requests.name}.airlock.request.${host}.>` },
+        { kind: "service", subject: `${api}.DIRECT.GET.${streams.decisions.name}.airlock.decision.${host}.>` },
+        // Its decisions as the broker publishes them.
+        { kind: "stream", subject: `airlock.decision.${host}.>` },
+      ];
+    }
+    case "audit":
+      // Direct gets only: JetStream answers an API request that crossed an import (stream info,
+      // consumers) in the importer's account, which has no JetStream. The trail's last event
+      // by subject, then batches from a sequence or a time.
+      return [
+        { kind: "service", subject: `${api}.DIRECT.GET.${auditStream.name}.${auditStream.subject}` },
+        { kind: "service", subject: `${api}.DIRECT.GET.${auditStream.name}`, responses: "stream" },
+      ];
+    default:
+      return [];
+  }
+}
+
+/**
  * The prefix of a role's reply inboxes. Each role subscribes only under its own
- * prefix, so no one can read the replies (JetStream acks, fetched messages,
- * pushed decisions) another party asked for.
+ * prefix, so no one can read the replies (JetStream acks, fetched messages)
+ * another party of its account asked for.
  */
 export function busInboxPrefix(role: BusRole): string {
   return role.kind === "sidecar" ? `_INBOX_airlock.sidecar.${role.host}` : `_INBOX_airlock.${role.kind}`;
 }
 
-function readStream(stream: string): string[] {
-  return [`${api}.STREAM.INFO.${stream}`, `${api}.CONSUMER.INFO.${stream}.*`, `${api}.CONSUMER.MSG.NEXT.${stream}.*`, `${api}.DIRECT.GET.${stream}`, `${api}.DIRECT.GET.${stream}.>`, `${api}.STREAM.MSG.GET.${stream}`];
-}
-
 /**
- * The rights of a role. Anything not listed is refused by the server, in
- * particular every stream or consumer deletion, purge and update, and for a
- * sidecar every subject of another host.
+ * The rights of a role's user inside its account. Anything not listed is
+ * refused by the server, in particular every stream or consumer deletion,
+ * purge and update, and, for the untrusted roles, everything but their links
+ * (no consumer creation at all: a consumer's `deliver_subject` is not checked
+ * against the creator's rights).
  */
 export function busPermissions(role: BusRole): BusPermissions {
   const inbox = `${busInboxPrefix(role)}.>`;
   switch (role.kind) {
-    case "sidecar": {
-      const host = role.host;
-      if (!hostPattern.test(host)) throw new Error(`not a host name: ${host}`);
+    case "sidecar":
+    case "audit": {
+      const links = busLinks(role);
       return {
-        publish: {
-          allow: [
-            `airlock.request.${host}.>`,
-            `airlock.completion.${host}.>`,
-            `airlock.security.${host}`,
-            `${api}.INFO`,
-            // Consumers on this host's decisions only: the server checks that the filter subject in
-            // the request's subject is the one in its body. Delivery goes to this host's inboxes.
-            `${api}.CONSUMER.CREATE.${streams.decisions.name}.*.airlock.decision.${host}.>`,
-            `$JS.FC.${streams.decisions.name}.>`,
-            // Reading back its own requests and decisions, for resume: direct get by subject.
-            `${api}.DIRECT.GET.${streams.requests.name}.airlock.request.${host}.>`,
-            `${api}.DIRECT.GET.${streams.decisions.name}.airlock.decision.${host}.>`,
-          ],
-        },
-        subscribe: { allow: [inbox] },
+        publish: { allow: links.filter((link) => link.kind === "service").map((link) => link.subject) },
+        subscribe: { allow: [...links.filter((link) => link.kind === "stream").map((link) => link.subject), inbox] },
       };
     }
     case "broker": {
@@ -79,24 +132,26 @@ export function busPermissions(role: BusRole): BusPermissions {
             `${api}.INFO`,
             // Creating is idempotent; updating, deleting and purging are not granted.
             ...owned.map((name) => `${api}.STREAM.CREATE.${name}`),
-            ...owned.flatMap(readStream),
-            ...owned.map((name) => `${api}.CONSUMER.CREATE.${name}.>`),
-            ...owned.map((name) => `${api}.CONSUMER.DURABLE.CREATE.${name}.*`),
+            ...owned.flatMap((name) => [
+              `${api}.STREAM.INFO.${name}`,
+              `${api}.STREAM.MSG.GET.${name}`,
+              `${api}.DIRECT.GET.${name}`,
+              `${api}.DIRECT.GET.${name}.>`,
+              `${api}.CONSUMER.CREATE.${name}.>`,
+              `${api}.CONSUMER.DURABLE.CREATE.${name}.*`,
+              `${api}.CONSUMER.INFO.${name}.*`,
+              `${api}.CONSUMER.MSG.NEXT.${name}.*`,
+              `$JS.ACK.${name}.>`,
+              `$JS.FC.${name}.>`,
+            ]),
             // The KV watchers and audit readers are ordered consumers, which delete their own consumer when done.
             `${api}.CONSUMER.DELETE.${kvStream}.*`,
             `${api}.CONSUMER.DELETE.${auditStream.name}.*`,
-            ...owned.map((name) => `$JS.ACK.${name}.>`),
-            ...owned.map((name) => `$JS.FC.${name}.>`),
           ],
         },
         subscribe: { allow: [inbox] },
       };
     }
-    case "audit":
-      return {
-        publish: { allow: [`${api}.INFO`, ...readStream(auditStream.name), `${api}.CONSUMER.CREATE.${auditStream.name}.>`, `${api}.CONSUMER.DELETE.${auditStream.name}.*`, `$JS.FC.${auditStream.name}.>`] },
-        subscribe: { allow: [inbox] },
-      };
     case "admin":
       return { publish: { allow: [">"] }, subscribe: { allow: [">"] } };
   }

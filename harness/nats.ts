@@ -101,11 +101,12 @@ export async function startNats(options: NatsServerOptions = {}): Promise<NatsSe
   const store: TempDir = await makeTempDir("nats");
   const security: TempDir = await makeTempDir("nats-security");
   let port = await freePort();
+  const monitorPort = await freePort();
   let server: ManagedProcess | undefined;
   const configFile = join(security.path, busMaterialFiles.serverConf);
 
   const launch = async (): Promise<void> => {
-    await writeFile(configFile, renderServerConfig({ dir: security.path, listen: `127.0.0.1:${port}`, storeDir: store.path }));
+    await writeFile(configFile, renderServerConfig({ dir: security.path, listen: `127.0.0.1:${port}`, storeDir: store.path, monitor: `127.0.0.1:${monitorPort}` }));
     const process = new ManagedProcess("nats-server", binary, ["-c", configFile]);
     server = process;
     try {
@@ -147,8 +148,20 @@ export async function startNats(options: NatsServerOptions = {}): Promise<NatsSe
       return false;
     }
   };
-  const reloadUntil = async (probe: () => Promise<boolean>, what: string) => {
+  const configLoadTime = async (): Promise<string> => {
+    const varz = (await (await fetch(`http://127.0.0.1:${monitorPort}/varz`)).json()) as { config_load_time?: string };
+    return varz.config_load_time ?? "";
+  };
+  const reload = async () => {
+    const before = await configLoadTime();
     server?.child.kill("SIGHUP");
+    if (!(await waitUntil(async () => (await configLoadTime()) !== before, 10_000, 25))) throw new Error("nats-server did not reload its configuration");
+  };
+  // nats-server 2.15.3 wires a service import of an account that a reload adds only on the
+  // next reload (measured: "no responders" after one SIGHUP, PubAcks after two): reload twice.
+  const reloadUntil = async (probe: () => Promise<boolean>, what: string) => {
+    await reload();
+    await reload();
     if (!(await waitUntil(probe, 10_000, 25))) throw new Error(`nats-server did not apply ${what} after a reload`);
   };
   const stopProcess = async () => {

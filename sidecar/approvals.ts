@@ -1,8 +1,8 @@
 import { createHash, randomUUID } from "node:crypto";
 import { create, fromBinary, fromJson, type JsonValue, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
-import { type ConsumerMessages, DeliverPolicy, JetStreamApiCodes, JetStreamApiError, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { type DecisionKeyRing, ReplayGuard, verifyDecision } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { natsRefusal } from "../common/nats.js";
@@ -34,12 +34,10 @@ export interface ApprovalFlowOptions {
   readonly log: Logger;
   /** How long a publish to JetStream may take before the call fails closed, in ms. @default 5000 */
   readonly publishTimeoutMs?: number;
-  /** How long start-up waits for a broker to create the decisions stream, in ms. @default 30000 */
-  readonly streamWaitMs?: number;
 }
 
 /** Defaults of {@link ApprovalFlowOptions}. */
-export const approvalFlowDefaults = { publishTimeoutMs: 5000, streamWaitMs: 30_000 } as const;
+export const approvalFlowDefaults = { publishTimeoutMs: 5000 } as const;
 
 interface Waiter {
   readonly requestId: string;
@@ -59,8 +57,8 @@ export class ApprovalFlow {
   private readonly jsm: JetStreamManager;
   private readonly waiters = new Map<string, Waiter>();
   private readonly replay = new ReplayGuard();
-  private decisions: ConsumerMessages | undefined;
-  private loop: Promise<void> | undefined;
+  private decisions: Subscription | undefined;
+  private readonly loops: Array<Promise<void>> = [];
 
   private constructor(options: ApprovalFlowOptions, jsm: JetStreamManager) {
     this.options = options;
@@ -69,49 +67,52 @@ export class ApprovalFlow {
   }
 
   /**
-   * Starts following this host's decisions: an ordered push consumer (recreated by nats.js after
-   * reconnects and server restarts) whose filter is in the create request's subject, so the
-   * server lets this host's credential create it for this host's decisions only, delivered to
-   * this host's own inboxes. The decisions stream must exist (a broker creates it).
+   * Starts following this host's decisions: a subscription to `airlock.decision.<host>.>`, the
+   * only decisions the server passes to this host's account, and after every reconnect a
+   * catch-up that reads each waiting request's decision back from the stream (direct get by
+   * subject), so one published while the connection was down is not missed. A sidecar may not
+   * create consumers: a consumer's delivery subject is not checked against its creator's rights.
+   * Fails with PERMISSION_DENIED naming the credential when it is not this host's.
    */
   static async start(options: ApprovalFlowOptions): Promise<ApprovalFlow> {
-    let flow: ApprovalFlow;
-    let consumer;
-    const waitUntil = Date.now() + (options.streamWaitMs ?? approvalFlowDefaults.streamWaitMs);
-    for (let attempt = 1; ; attempt++) {
-      try {
-        flow = new ApprovalFlow(options, await jetstreamManager(options.nc));
-        consumer = await flow.js.consumers.getPushConsumer(streams.decisions.name, {
-          // A string, not a list: nats.js then puts the filter in the create subject.
-          filter_subjects: subjects.decisionsFor(options.host),
-          deliver_policy: DeliverPolicy.New,
-        });
-        break;
-      } catch (error) {
-        if (natsRefusal(error) === "permissions") {
-          throw new AirlockError(Code.PermissionDenied, `the NATS credential is not host ${options.host}'s: the server refused it this host's inbox and decisions`, { cause: error, details: { field: "nats.auth.seed_file" } });
-        }
-        // A broker creates the streams (a sidecar may not): one starting alongside this sidecar may not have yet.
-        const noStream = error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamNotFound;
-        if (!noStream || Date.now() >= waitUntil) {
-          throw new AirlockError(Code.Unavailable, `cannot follow this host's decisions on ${streams.decisions.name}${noStream ? ": the stream does not exist (start a broker: it creates the streams)" : ""}`, { cause: error });
-        }
-        if (attempt === 1) options.log.warn({ stream: streams.decisions.name }, "waiting for a broker to create the streams");
-        await new Promise((resolve) => setTimeout(resolve, Math.min(1000, 100 * attempt)));
+    // No $JS.API.INFO for a sidecar: it reaches JetStream only through its links.
+    const flow = new ApprovalFlow(options, await jetstreamManager(options.nc, { checkAPI: false }));
+    try {
+      // A read of this host's decisions, to learn at start whether the credential is this host's.
+      await flow.jsm.direct.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(options.host, "start-up-check") });
+    } catch (error) {
+      if (natsRefusal(error) === "permissions") {
+        throw new AirlockError(Code.PermissionDenied, `the NATS credential is not host ${options.host}'s: the server refused it this host's decisions`, { cause: error, details: { field: "nats.auth.seed_file" } });
       }
+      // No stream yet (no broker has run) or no responder: privileged calls fail closed until one does.
+      options.log.warn({ stream: streams.decisions.name, reason: AirlockError.from(error).rawMessage }, "the decisions stream does not answer yet; privileged calls fail closed until a broker runs");
     }
-    const messages = await consumer.consume();
-    flow.decisions = messages;
-    flow.loop = (async () => {
-      for await (const message of messages) flow.route(message.data);
-    })();
+    const decisions = options.nc.subscribe(subjects.decisionsFor(options.host));
+    flow.decisions = decisions;
+    flow.loops.push(
+      (async () => {
+        for await (const message of decisions) flow.route(message.data);
+      })(),
+      (async () => {
+        for await (const status of options.nc.status()) if (status.type === "reconnect") await flow.catchUp();
+      })(),
+    );
     return flow;
+  }
+
+  /** Offers every waiting request the decision the stream holds for it, if any (after a reconnect). */
+  private async catchUp(): Promise<void> {
+    for (const waiter of [...this.waiters.values()]) {
+      const stored = await this.jsm.direct.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(this.options.host, waiter.requestId) }).catch(() => null);
+      if (stored !== null) this.route(stored.data);
+    }
   }
 
   /** Stops following decisions; calls still waiting fail with UNAVAILABLE. */
   async close(): Promise<void> {
-    await this.decisions?.close();
-    await this.loop;
+    this.decisions?.unsubscribe();
+    // The status loop ends when the connection closes; only the subscription's loop is awaited here.
+    await this.loops[0];
   }
 
   private route(bytes: Uint8Array): void {
@@ -165,10 +166,14 @@ export class ApprovalFlow {
 
     let cleanup: () => void = () => undefined;
     const decided = new Promise<DecisionBody>((resolve, reject) => {
+      let accepted = false;
       const offer = (decision: Decision) => {
+        // The same decision can arrive twice (live and from a catch-up): once accepted, the rest is moot.
+        if (accepted) return;
         try {
           const body = verifyDecision(decision, this.options.keyRing, { requestId, requestSha256 });
           this.replay.accept(body);
+          accepted = true;
           resolve(body);
         } catch (error) {
           const refused = AirlockError.from(error);

@@ -5,10 +5,11 @@
  */
 import { randomUUID } from "node:crypto";
 import { connect as netConnect } from "node:net";
-import { DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { connect, headers, type NatsConnection } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
+import { ensureAuditStream } from "../../broker/audit.js";
 import { ensureStreams } from "../../common/subjects.js";
 import { auditStream, stateBucket, streams, subjects } from "../../common/subjects.js";
 import { connectNats, natsRefusal } from "../../common/nats.js";
@@ -26,7 +27,7 @@ const broker = await nats.connect({ kind: "broker" });
 t.teardown(() => broker.close());
 const kv = await new Kvm(broker).create(stateBucket, { history: 10 });
 await kv.put("existing", "the broker's record");
-await adminJsm.streams.add({ name: auditStream.name, subjects: [auditStream.subject], deny_delete: true, deny_purge: true });
+await ensureAuditStream(adminJsm);
 await jetstream(broker).publish(auditStream.subject, "a real event");
 
 const hostA = await nats.connect({ kind: "sidecar", host: "host-a" });
@@ -63,16 +64,16 @@ await t.test("host A's sidecar may do its own work", async (t) => {
   const ack = await jsA.publish(subjects.request("host-a", id), "a request", { msgID: id });
   t.ok(ack.seq > 0, "publish its own request");
   t.equal((await jsmA.direct.getMessage(streams.requests.name, { last_by_subj: subjects.request("host-a", id) }))?.string(), "a request", "read it back for resume");
-  const consumer = await jsA.consumers.getPushConsumer(streams.decisions.name, { filter_subjects: subjects.decisionsFor("host-a"), deliver_policy: DeliverPolicy.New });
-  const messages = await consumer.consume();
+  const decisions = hostA.subscribe(subjects.decisionsFor("host-a"));
+  await hostA.flush();
   const first = (async () => {
-    for await (const message of messages) return message.subject;
+    for await (const message of decisions) return message.subject;
     return undefined;
   })();
   await jetstream(broker).publish(subjects.decision("host-b", id), "B's decision");
   await jetstream(broker).publish(subjects.decision("host-a", id), "A's decision");
   t.equal(await first, subjects.decision("host-a", id), "follow its own decisions, and only those");
-  await messages.close();
+  t.equal((await jsmA.direct.getMessage(streams.decisions.name, { last_by_subj: subjects.decision("host-a", id) }))?.string(), "A's decision", "and read them back after a reconnect");
 });
 
 await t.test("the state bucket: no get, put or delete", async (t) => {
@@ -98,6 +99,13 @@ await t.test("another host's subjects: no requests, completions or security even
   await refused(t, "read B's decision", () => jsmA.direct.getMessage(streams.decisions.name, { last_by_subj: subjects.decision("host-b", id) }));
   await refused(t, "a consumer on B's decisions", () => jsA.consumers.getPushConsumer(streams.decisions.name, { filter_subjects: subjects.decisionsFor("host-b") }));
   await refused(t, "a consumer on every decision", () => jsA.consumers.getPushConsumer(streams.decisions.name, { filter_subjects: "airlock.decision.>" }));
+  await refused(t, "a consumer on its own decisions that delivers into the audit stream", () =>
+    hostA.request(
+      `$JS.API.CONSUMER.CREATE.${streams.decisions.name}.x1.airlock.decision.host-a.>`,
+      JSON.stringify({ stream_name: streams.decisions.name, config: { name: "x1", filter_subject: "airlock.decision.host-a.>", deliver_subject: auditStream.subject, idle_heartbeat: 500_000_000 } }),
+      { timeout: 3000 },
+    ),
+  );
   await refused(t, "a consumer on the requests", () =>
     hostA.request(`$JS.API.CONSUMER.CREATE.${streams.requests.name}.spy.airlock.request.host-b.>`, JSON.stringify({ stream_name: streams.requests.name, config: { name: "spy", filter_subject: "airlock.request.host-b.>" } }), { timeout: 3000 }),
   );
@@ -110,6 +118,25 @@ await t.test("another host's subjects: no requests, completions or security even
     hostA.subscribe(subject);
     t.match(await violation, /Permissions Violation for Subscription/, `subscribing to ${subject} is refused`);
   }
+});
+
+await t.test("the server's answers cannot be aimed at the broker's streams: a host's account reaches only its own subjects", async (t) => {
+  // NATS answers a request to whatever reply subject it names. In the Airlock account a PubAck or
+  // an API answer aimed at airlock.audit or a state record would be stored there; a host's
+  // account has none of those subjects.
+  const before = await snapshot();
+  const id = randomUUID();
+  hostA.publish(subjects.request("host-a", id), "a request", { reply: auditStream.subject });
+  hostA.publish(subjects.request("host-a", randomUUID()), "a request", { reply: `$KV.${stateBucket}.existing` });
+  hostA.publish(subjects.request("host-a", randomUUID()), "a request", { reply: subjects.request("host-b", randomUUID()) });
+  hostA.publish(`$JS.API.DIRECT.GET.${streams.requests.name}.${subjects.request("host-a", id)}`, "", { reply: auditStream.subject });
+  await hostA.flush();
+  await jetstream(broker).publish(subjects.decision("host-a", randomUUID()), "a marker after the attempts");
+  const after = await snapshot();
+  t.equal(after[auditStream.name], before[auditStream.name], "nothing reached the audit stream");
+  t.equal(after[`KV_${stateBucket}`], before[`KV_${stateBucket}`], "nothing reached the state bucket");
+  t.equal(after[streams.requests.name], (before[streams.requests.name] ?? 0) + 3, "only host A's own three requests were stored");
+  t.equal((await kv.get("existing"))?.string(), "the broker's record", "the record is untouched");
 });
 
 await t.test("stream and bucket management: no create, update, delete or purge", async (t) => {
@@ -135,9 +162,15 @@ await t.test("the broker role cannot rewrite history either: no stream update, d
 await t.test("the audit reader reads the trail and writes nothing", async (t) => {
   const reader = await nats.connect({ kind: "audit" });
   t.teardown(() => reader.close());
-  const jsm = await jetstreamManager(reader, { timeout: 3000 });
-  t.equal((await jsm.streams.getMessage(auditStream.name, { seq: 1 }))?.string(), "a real event", "reads the audit trail");
+  const jsm = await jetstreamManager(reader, { checkAPI: false, timeout: 3000 });
+  t.equal((await jsm.direct.getMessage(auditStream.name, { last_by_subj: auditStream.subject }))?.string(), "a real event", "reads the audit trail");
   const js = jetstream(reader, { timeout: 3000 });
+  const before = await snapshot();
+  reader.publish(`$JS.API.DIRECT.GET.${auditStream.name}`, JSON.stringify({ seq: 1 }), { reply: auditStream.subject });
+  await reader.flush();
+  await jetstream(broker).publish(subjects.decision("host-a", randomUUID()), "a marker");
+  t.equal((await snapshot())[auditStream.name], before[auditStream.name], "an answer aimed at the audit stream does not reach it");
+  await refused(t, "the audit reader creates a consumer", () => reader.request(`$JS.API.CONSUMER.CREATE.${auditStream.name}.spy`, JSON.stringify({ stream_name: auditStream.name, config: { name: "spy", deliver_subject: auditStream.subject } }), { timeout: 3000 }));
   await refused(t, "the audit reader appends", () => js.publish(auditStream.subject, "forged"));
   await refused(t, "the audit reader reads the state", () => jsm.direct.getMessage(`KV_${stateBucket}`, { last_by_subj: `$KV.${stateBucket}.existing` }));
   await refused(t, "the audit reader publishes a decision", () => js.publish(subjects.decision("host-a", randomUUID()), "forged"));
