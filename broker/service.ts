@@ -28,7 +28,7 @@ import type { CredentialIssuer, IssuedCredential } from "./credentials.js";
 import { type ApprovalConfig, type ApprovalEvent, type Ballot, intake, isFinal, markCompleted, markExecuting, markFailed, type Outcome, tick, vote } from "./rules.js";
 import { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
 import { RequestStore, type StoredRecord } from "./store.js";
-import { type Refusal, type RefusalReason, vetCompletion, vetRequest } from "./trust.js";
+import { type Refusal, type RefusalReason, subjectHost, subjectParts, vetCompletion, vetRequest } from "./trust.js";
 import type { Policy } from "../sidecar/index.js";
 
 /** Options of {@link Broker.start}. */
@@ -237,7 +237,7 @@ export class Broker {
     const refusal: Refusal =
       error instanceof PoisonMessage
         ? { reason: error.reason, message: error.message }
-        : { reason: "undecodable", message: `given up after ${deliveries} deliveries: ${failure?.rawMessage ?? String(error)}` };
+        : { reason: "failed_permanently", message: `given up after ${deliveries} ${deliveries === 1 ? "delivery" : "deliveries"}: ${failure?.rawMessage ?? String(error)}` };
     await this.refuse(refusal, subject).catch((auditError: unknown) => this.options.log.error({ err: auditError, subject }, "could not audit a terminated message"));
   }
 
@@ -246,9 +246,9 @@ export class Broker {
    * host the subject names, which the server vouches for), a metric and a log line.
    */
   private async refuse(refusal: Refusal, subject: string, requestId = ""): Promise<void> {
-    const [, , host = "", subjectId = ""] = subject.split(".");
+    const host = subjectHost(subject);
     // A message too broken to name its request is filed under the id its subject carries.
-    requestId ||= subjectId.slice(0, 64);
+    requestId ||= subjectParts(subject, "request")?.id ?? subjectParts(subject, "completion")?.id ?? "";
     this.metrics.refusals.labels(refusal.reason).inc();
     this.options.log.warn({ reason: refusal.reason, subject, requestId }, `refused: ${refusal.message}`);
     await this.audit.append({
@@ -370,7 +370,7 @@ export class Broker {
     if (!vetted.ok) {
       await this.refuse(vetted.refusal, subject, sent.id);
       // The agent learns at once, through the host the server vouches for.
-      const host = subject.split(".")[2] ?? "";
+      const host = subjectHost(subject);
       if (host !== "" && /^[0-9a-f-]{36}$/.test(sent.id)) {
         await this.publishDecision({ ...sent, host }, { verdict: Verdict.DENIED, reason: `refused: ${vetted.refusal.message}`, decisionId: randomUUID(), record: undefined });
       }

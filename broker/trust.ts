@@ -30,12 +30,20 @@ export type RefusalReason =
   /** A completion that names another decision than the one the action runs under. */
   | "completion_decision_mismatch"
   /** A record that says approved without votes or an auto rule that account for it. */
-  | "unjustified_approval";
+  | "unjustified_approval"
+  /** A message whose handling failed in a way no redelivery can mend, or failed at every delivery. */
+  | "failed_permanently";
 
 /** A refused message: the reason and a message for the trail and logs (no secret). */
 export interface Refusal {
   readonly reason: RefusalReason;
   readonly message: string;
+}
+
+/** The host an `airlock.<kind>.<host>…` subject names (the one the server let publish it), or "". */
+export function subjectHost(subject: string): string {
+  const host = subject.split(".")[2] ?? "";
+  return hostPattern.test(host) ? host : "";
 }
 
 /** The host and id a request or completion subject names: `airlock.<kind>.<host>.<id>`. */

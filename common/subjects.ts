@@ -3,8 +3,8 @@ import type { JetStreamManager } from "@nats-io/jetstream";
 /**
  * The JetStream streams Airlock's parts talk through. Sidecars publish
  * requests, completions and security events; brokers publish decisions.
- * Subjects carry the sidecar's host so each sidecar consumes only its own
- * decisions (nats-server 2.9 allows one filter subject per consumer).
+ * Subjects carry the sidecar's host as a whole token, so the server's
+ * permissions and account exports can give each host its own subjects only.
  */
 export const streams = {
   requests: { name: "AIRLOCK_REQUESTS", subjects: ["airlock.request.>"] },

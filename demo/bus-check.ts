@@ -25,7 +25,8 @@ export function busCheckLine(check: BusCheck): string {
 
 async function attempt(nc: NatsConnection, subject: string): Promise<"refused" | "ALLOWED"> {
   try {
-    await jetstream(nc).publish(subject, new TextEncoder().encode("forged by the demo's bus check"), { timeout: 3000 });
+    // Were the boundary broken, the stream's last-sequence check still keeps this out of a stream with anything in it.
+    await jetstream(nc).publish(subject, new Uint8Array(0), { timeout: 3000, expect: { lastSequence: 0 } });
     return "ALLOWED";
   } catch (error) {
     return natsRefusal(error) === "permissions" ? "refused" : "ALLOWED";

@@ -1,4 +1,5 @@
 import { isNode, LineCounter, parseDocument, type Document } from "yaml";
+import { hostPattern } from "../../common/subjects.js";
 import { AirlockError, Code } from "../../common/errors.js";
 import { type CompiledCondition, compileCondition, ConditionError } from "./condition.js";
 import { parseDuration } from "../../common/duration.js";
@@ -40,7 +41,6 @@ const credentialKinds: readonly CredentialSpec["kind"][] = ["database", "vault_t
 // Rule ids travel into approval requests, audit events and metric labels.
 const ruleIdPattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 const identifier = "[A-Za-z_][A-Za-z0-9_]*";
-const hostPattern = /^[A-Za-z0-9_-]{1,64}$/;
 const servicePattern = new RegExp(`^${identifier}(?:\\.${identifier})*$`);
 const methodPattern = new RegExp(`^${identifier}$`);
 const fieldPathPattern = /^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$/;
