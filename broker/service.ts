@@ -170,6 +170,12 @@ export class Broker {
   static async start(options: BrokerOptions): Promise<Broker> {
     const jsm = await jetstreamManager(options.nc);
     await ensureStreams(jsm);
+    // Streams made before direct get was on keep it off, and the broker may not update a stream.
+    for (const name of [streams.requests.name, streams.decisions.name]) {
+      if ((await jsm.streams.info(name)).config.allow_direct !== true) {
+        options.log.error({ stream: name }, "this stream has no direct get: sidecars cannot resume or catch up on decisions; an operator must turn allow_direct on (admin credential)");
+      }
+    }
     const broker = new Broker(options, await RequestStore.open(options.nc), await AuditLog.open(options.nc), jsm);
     if (options.consume ?? true) {
       for (const [durable, stream, filter] of [
