@@ -7,7 +7,7 @@ import type { Logger } from "../common/logger.js";
 import { H2Connection, type H2Stream } from "./h2/connection.js";
 import { H2ErrorCode } from "./h2/frames.js";
 import type { HeaderField } from "./h2/hpack.js";
-import type { AgentIdentity } from "./identity.js";
+import type { AgentIdentity, Authentication } from "./identity.js";
 import type { SidecarMetrics } from "./metrics.js";
 import type { MethodTable, ProxiedMethod } from "./methods.js";
 import type { Policy, PolicyVerdict } from "./policy.js";
@@ -49,7 +49,12 @@ export interface ProxyOptions {
   readonly methods: MethodTable;
   readonly upstreams: ReadonlyMap<string, UpstreamTarget>;
   readonly policy: () => Policy;
-  readonly authenticate: (headers: IncomingHttpHeaders, socket: TLSSocket | undefined) => Promise<AgentIdentity | undefined>;
+  /**
+   * Who is calling (the sidecar's `AgentAuthenticator.identify`): asked on every
+   * path, synchronously answered when it can be (the fast path stays synchronous).
+   * May throw or reject with an AirlockError (`unauthenticated`, `unavailable`).
+   */
+  readonly authenticate: (headers: IncomingHttpHeaders, socket: TLSSocket | undefined) => Authentication | Promise<Authentication>;
   readonly hold: (call: HeldCall) => Promise<ApprovedCall>;
   readonly host: string;
   /** Largest request message accepted, in bytes. */
@@ -76,6 +81,8 @@ interface Forwarding {
   readonly ended: boolean;
   readonly started: bigint;
   readonly inject?: { readonly name: string; readonly value: string };
+  /** The header the agent's token came in: never forwarded. */
+  readonly strip: string | undefined;
   readonly onEnd?: (status: number, message: string) => void;
 }
 
@@ -127,17 +134,26 @@ export class GrpcProxy {
       }
     }
     // The hot path: when the first rule for this method has no condition, its
-    // effect holds whoever calls, so an allowed call is forwarded at once, with
-    // no identity check, no decoding and no promise.
+    // effect holds whoever calls, so an allowed call is forwarded at once: no
+    // decoding and no promise. Identity is still decided (and the agent's token
+    // header stripped), from the authenticator's cache when the token was seen before.
     const fixed = fixedVerdict(this.options.policy(), method, this.options.host);
     if (fixed?.effect === "allow") {
-      let counter = this.allowCounters.get(method.path);
-      if (counter === undefined) {
-        counter = this.options.metrics.calls.labels(method.path, "allow");
-        this.allowCounters.set(method.path, counter);
+      let authentication: Authentication | Promise<Authentication>;
+      try {
+        authentication = this.options.authenticate(headers, tlsSocketOf(stream));
+      } catch (error) {
+        this.refuseIdentity(stream, error);
+        return;
       }
-      counter.inc();
-      this.forward(stream, method, { buffered: [], ended: false, started });
+      if (authentication instanceof Promise) {
+        authentication.then(
+          (done) => this.allowFixed(stream, method, done, started),
+          (error: unknown) => this.refuseIdentity(stream, error),
+        );
+        return;
+      }
+      this.allowFixed(stream, method, authentication, started);
       return;
     }
     this.route(stream, method, started).catch((error: unknown) => {
@@ -145,13 +161,37 @@ export class GrpcProxy {
     });
   }
 
+  /** Forwards a call the fixed verdict allows, once its identity is decided. */
+  private allowFixed(stream: H2Stream, method: ProxiedMethod, authentication: Authentication, started: bigint): void {
+    let counter = this.allowCounters.get(method.path);
+    if (counter === undefined) {
+      counter = this.options.metrics.calls.labels(method.path, "allow");
+      this.allowCounters.set(method.path, counter);
+    }
+    counter.inc();
+    this.forward(stream, method, { buffered: [], ended: false, started, strip: authentication.consumedHeader });
+  }
+
+  /** Answers a call whose credential did not verify (or whose keys could not be fetched). */
+  private refuseIdentity(stream: H2Stream, error: unknown): void {
+    const failure = AirlockError.from(error, Code.Unauthenticated);
+    this.reject(stream, failure, failure.code === Code.Unauthenticated ? "unauthenticated" : "auth_unavailable");
+  }
+
   private async route(stream: H2Stream, method: ProxiedMethod, started: bigint): Promise<void> {
     const { service, method: desc } = method;
     const headers = stream.headers;
     const policy = this.options.policy();
     const needsRequest = policy.needsRequest(service.typeName, desc.name);
-    const socket = stream.connection.socket as TLSSocket;
-    const identity = await this.options.authenticate(headers, socket.encrypted === true ? socket : undefined);
+    let authentication: Authentication;
+    try {
+      authentication = await this.options.authenticate(headers, tlsSocketOf(stream));
+    } catch (error) {
+      this.refuseIdentity(stream, error);
+      return;
+    }
+    const identity = authentication.identity;
+    const strip = authentication.consumedHeader;
 
     let reader: MessageReader | undefined;
     let first: ReadSoFar | undefined;
@@ -168,16 +208,12 @@ export class GrpcProxy {
     });
     this.options.metrics.calls.labels(method.path, verdict.effect).inc();
 
-    if (identity?.authenticatedBy === "jwt") {
-      // The agent's token proves who it is to the sidecar; the upstream must not receive (and could replay) it.
-      delete headers.authorization;
-      delete headers["x-airlock-agent-token"];
-    }
     if (verdict.effect === "allow") {
       this.forward(stream, method, {
         buffered: [...(first?.messages ?? []).map((m) => m.framed), ...(reader === undefined ? [] : [reader.peekPartial()])],
         ended: first?.ended ?? false,
         started,
+        strip,
       });
       return;
     }
@@ -196,7 +232,7 @@ export class GrpcProxy {
       this.reject(stream, new AirlockError(Code.InvalidArgument, `rule ${verdict.ruleId} requires a justification: send it in metadata x-airlock-reason`), "reason_missing");
       return;
     }
-    await this.holdThenForward(stream, method, { ...verdict, approve }, identity, reader, first, started);
+    await this.holdThenForward(stream, method, { ...verdict, approve }, identity, strip, reader, first, started);
   }
 
   private async holdThenForward(
@@ -204,6 +240,7 @@ export class GrpcProxy {
     method: ProxiedMethod,
     verdict: HeldCall["verdict"],
     identity: AgentIdentity,
+    strip: string | undefined,
     reader: MessageReader | undefined,
     first: ReadSoFar | undefined,
     started: bigint,
@@ -281,6 +318,7 @@ export class GrpcProxy {
       buffered: [...held.map((m) => m.framed), partial, ...later],
       ended,
       started,
+      strip,
       inject: { name: approved.injectHeader, value: approved.secret },
       onEnd: approved.complete,
     });
@@ -325,9 +363,10 @@ export class GrpcProxy {
       [":path", method.path],
       [":authority", target.address],
     ];
+    const strip = options.strip;
     for (const name in stream.headers) {
       // The agent's token is for the sidecar alone, whichever path the call took.
-      if (name.charCodeAt(0) === 58 /* ':' */ || name === "x-airlock-agent-token") continue;
+      if (name.charCodeAt(0) === 58 /* ':' */ || name === strip || name === "x-airlock-agent-token") continue;
       const value = stream.headers[name];
       if (typeof value === "string") outgoing.push([name, value]);
       else if (value !== undefined) for (const item of value) outgoing.push([name, item]);
@@ -552,6 +591,12 @@ function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessa
     stream.onclose = () => finish(new AirlockError(Code.Canceled, "the agent cancelled the call"));
     stream.resume();
   });
+}
+
+/** The call's TLS socket, when the agent connected over TLS. */
+function tlsSocketOf(stream: H2Stream): TLSSocket | undefined {
+  const socket = stream.connection.socket as TLSSocket;
+  return socket.encrypted === true ? socket : undefined;
 }
 
 function splitAddress(address: string): { host: string; port: number } {

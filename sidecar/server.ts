@@ -1,11 +1,9 @@
 import { readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
-import type { IncomingHttpHeaders } from "node:http2";
 import { createServer as createNetServer, type Server as NetServer, type Socket } from "node:net";
 import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import type { Server as HttpServer } from "node:http";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { decodeJwt } from "jose";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { DecisionKeyRing } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
@@ -14,7 +12,7 @@ import { ensureStreams } from "../common/subjects.js";
 import { createVaultClient } from "../common/vault.js";
 import { ApprovalFlow } from "./approvals.js";
 import type { SidecarConfig } from "./config.js";
-import { type AgentIdentity, AgentAuthenticator } from "./identity.js";
+import { AgentAuthenticator } from "./identity.js";
 import { startHealthServer } from "../common/health.js";
 import { createSidecarMetrics, type SidecarMetrics } from "./metrics.js";
 import { loadMethodTable } from "./methods.js";
@@ -58,13 +56,12 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     }
   }
   const keyRing = DecisionKeyRing.fromPem(keyPems);
-  let identities: Pick<IdentityCache, "authenticate">;
+  let authenticator: AgentAuthenticator;
   if (config.agentAuth.length === 0) {
-    // Allow and deny rules work without agent identity; a held call without identity is refused.
-    log.warn("no agent_auth configured: every call that needs approval will be refused as unauthenticated");
-    identities = { authenticate: () => Promise.resolve(undefined) };
+    log.warn("no agent_auth configured: every call that needs an agent identity will be refused as unauthenticated");
+    authenticator = AgentAuthenticator.none();
   } else {
-    identities = new IdentityCache(await AgentAuthenticator.create(config.agentAuth));
+    authenticator = await AgentAuthenticator.create(config.agentAuth);
   }
 
   const cleanups: Array<() => Promise<void> | void> = [];
@@ -121,7 +118,7 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
       methods,
       upstreams: new Map<string, UpstreamTarget>(config.upstreams.map((u) => [u.name, { name: u.name, address: u.address }])),
       policy: () => watcher.current(),
-      authenticate: (headers, socket) => identities.authenticate(headers, socket),
+      authenticate: (headers, socket) => authenticator.identify(headers, socket),
       hold: (call) => flow.hold(call),
       host: config.host,
       maxMessageBytes: config.limits.maxMessageBytes,
@@ -154,8 +151,13 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
             },
             (socket: TLSSocket) => {
               // gRPC clients negotiate h2 by ALPN; anything else (HTTP/1.1) is not served.
-              if (socket.alpnProtocol !== "h2" && socket.alpnProtocol !== false) socket.destroy();
-              else accept(socket);
+              if (socket.alpnProtocol !== "h2" && socket.alpnProtocol !== false) {
+                socket.destroy();
+                return;
+              }
+              // The client certificate is the agent's identity for the connection's life: no renegotiation.
+              socket.disableRenegotiation();
+              accept(socket);
             },
           );
     server.on("tlsClientError", () => undefined);
@@ -192,40 +194,5 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
   } catch (error) {
     await cleanup();
     throw error;
-  }
-}
-
-/**
- * Verifying an agent token costs about 0.3 ms of CPU (EdDSA), too much for
- * every call: a verified token's identity is remembered for at most `ttlMs`
- * and never past the token's own `exp`. mTLS identities are cheap and not cached.
- */
-class IdentityCache {
-  private readonly authenticator: AgentAuthenticator;
-  private readonly entries = new Map<string, { identity: AgentIdentity; until: number }>();
-  private readonly ttlMs: number;
-  private readonly maxEntries: number;
-
-  constructor(authenticator: AgentAuthenticator, ttlMs = 30_000, maxEntries = 10_000) {
-    this.authenticator = authenticator;
-    this.ttlMs = ttlMs;
-    this.maxEntries = maxEntries;
-  }
-
-  async authenticate(headers: IncomingHttpHeaders, socket: TLSSocket | undefined): Promise<AgentIdentity | undefined> {
-    const peer = socket !== undefined && socket.authorized ? { peerCertificate: socket.getPeerCertificate(), peerAuthorized: true } : {};
-    const token = headers.authorization ?? headers["x-airlock-agent-token"];
-    if (typeof token !== "string" || "peerCertificate" in peer) return this.authenticator.authenticate({ headers, ...peer });
-    const now = Date.now();
-    const cached = this.entries.get(token);
-    if (cached !== undefined && cached.until > now) return cached.identity;
-    const identity = await this.authenticator.authenticate({ headers });
-    if (identity !== undefined) {
-      // Verified just above, so reading its claims unverified here is safe; the authenticator requires exp.
-      const expiresMs = (decodeJwt(token.replace(/^Bearer\s+/i, "")).exp ?? 0) * 1000;
-      if (this.entries.size >= this.maxEntries) this.entries.clear();
-      this.entries.set(token, { identity, until: Math.min(now + this.ttlMs, expiresMs) });
-    }
-    return identity;
   }
 }
