@@ -148,12 +148,12 @@ export class GrpcProxy {
       }
       if (authentication instanceof Promise) {
         authentication.then(
-          (done) => this.allowFixed(stream, method, done, started),
+          (done) => this.allowFixed(stream, method, fixed, done, started),
           (error: unknown) => this.refuseIdentity(stream, error),
         );
         return;
       }
-      this.allowFixed(stream, method, authentication, started);
+      this.allowFixed(stream, method, fixed, authentication, started);
       return;
     }
     this.route(stream, method, started).catch((error: unknown) => {
@@ -162,7 +162,11 @@ export class GrpcProxy {
   }
 
   /** Forwards a call the fixed verdict allows, once its identity is decided. */
-  private allowFixed(stream: H2Stream, method: ProxiedMethod, authentication: Authentication, started: bigint): void {
+  private allowFixed(stream: H2Stream, method: ProxiedMethod, verdict: PolicyVerdict, authentication: Authentication, started: bigint): void {
+    if (authentication.identity === undefined && verdict.anonymous !== true) {
+      this.rejectAnonymous(stream, method, verdict);
+      return;
+    }
     let counter = this.allowCounters.get(method.path);
     if (counter === undefined) {
       counter = this.options.metrics.calls.labels(method.path, "allow");
@@ -170,6 +174,12 @@ export class GrpcProxy {
     }
     counter.inc();
     this.forward(stream, method, { buffered: [], ended: false, started, strip: authentication.consumedHeader });
+  }
+
+  /** Every call needs an authenticated agent unless the rule that decided it says `anonymous: true`. */
+  private rejectAnonymous(stream: H2Stream, method: ProxiedMethod, verdict: PolicyVerdict): void {
+    const rule = verdict.ruleId === "default" ? "the policy default" : `rule ${verdict.ruleId}`;
+    this.reject(stream, new AirlockError(Code.Unauthenticated, `${method.path} needs an authenticated agent (${rule} is not anonymous): present an agent certificate or token`), "unauthenticated");
   }
 
   /** Answers a call whose credential did not verify (or whose keys could not be fetched). */
@@ -207,6 +217,10 @@ export class GrpcProxy {
       request: () => first?.decoded[0] ?? {},
     });
     this.options.metrics.calls.labels(method.path, verdict.effect).inc();
+    if (identity === undefined && verdict.anonymous !== true) {
+      this.rejectAnonymous(stream, method, verdict);
+      return;
+    }
 
     if (verdict.effect === "allow") {
       this.forward(stream, method, {
@@ -223,10 +237,7 @@ export class GrpcProxy {
     }
     const approve = verdict.approve;
     if (approve === undefined) throw new AirlockError(Code.Internal, `rule ${verdict.ruleId} holds calls but has no approval settings`);
-    if (identity === undefined) {
-      this.reject(stream, new AirlockError(Code.Unauthenticated, `${method.path} is privileged: present an agent certificate or token`), "unauthenticated");
-      return;
-    }
+    if (identity === undefined) throw new AirlockError(Code.Internal, `rule ${verdict.ruleId} holds calls but let a caller without identity through`);
     const reason = headers["x-airlock-reason"];
     if (approve.requireReason && (typeof reason !== "string" || reason.trim() === "")) {
       this.reject(stream, new AirlockError(Code.InvalidArgument, `rule ${verdict.ruleId} requires a justification: send it in metadata x-airlock-reason`), "reason_missing");

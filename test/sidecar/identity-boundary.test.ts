@@ -42,6 +42,10 @@ rules:
     match: { service: demo.v1.OpsService, method: ExportTable }
     when: 'identity.agent == "spiffe://corp/agent/etl"'
     effect: allow
+  - id: grants-anyone
+    match: { service: demo.v1.OpsService, method: GrantRole }
+    effect: allow
+    anonymous: true
 `,
 );
 const sidecar = await startSidecar(
@@ -164,4 +168,23 @@ await t.test("a verified client certificate is the identity on both paths; a tok
   t.equal(seen.authorization, undefined, "the certificate decided (etl), and the token did not travel on");
   const fast = await forwardedHeaders(t, () => callUnary(agent, OpsService.method.getStatus, {}));
   t.equal(fast.authorization, undefined);
+});
+
+await t.test("every call needs an authenticated agent unless its rule says anonymous: true", async (t) => {
+  const before = upstream.calls.length;
+  const fast = await failure(callUnary(tokenOnly, OpsService.method.getStatus, {}));
+  t.equal(fast.code, Code.Unauthenticated, "fast path without a credential");
+  t.match(fast.rawMessage, /rule status is not anonymous/);
+  const slow = await failure(drain(callServerStream(tokenOnly, OpsService.method.exportTable, { table: "t" })));
+  t.equal(slow.code, Code.Unauthenticated, "slow path without a credential");
+  const denied = await failure(callUnary(tokenOnly, OpsService.method.rotateKey, { keyId: "k" }));
+  t.equal(denied.code, Code.Unauthenticated, "the default verdict is not anonymous either");
+  t.equal(upstream.calls.length, before, "none of them was forwarded");
+
+  await forwardedHeaders(t, () => callUnary(tokenOnly, OpsService.method.grantRole, { user: "u", role: "r" }));
+  const agentToken = await token();
+  const seen = await forwardedHeaders(t, () => callUnary(tokenOnly, OpsService.method.grantRole, { user: "u", role: "r" }, { metadata: metadata({ authorization: `Bearer ${agentToken}` }) }));
+  t.equal(seen.authorization, undefined, "an anonymous rule still strips a presented token");
+  const bad = await failure(callUnary(tokenOnly, OpsService.method.grantRole, { user: "u", role: "r" }, { metadata: metadata({ "x-airlock-agent-token": "not-a-jwt" }) }));
+  t.equal(bad.code, Code.Unauthenticated, "a presented token that does not verify is refused, anonymous rule or not");
 });

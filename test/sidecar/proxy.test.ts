@@ -59,9 +59,11 @@ rules:
   - id: status
     match: { service: demo.v1.OpsService, method: GetStatus }
     effect: allow
+    anonymous: true
   - id: tail
     match: { service: demo.v1.OpsService, method: Tail }
     effect: allow
+    anonymous: true
   - id: import-held
     match: { service: demo.v1.OpsService, method: ImportRows }
     when: 'request.table == "held_rows"'
@@ -74,6 +76,7 @@ rules:
   - id: import-open
     match: { service: demo.v1.OpsService, method: ImportRows }
     effect: allow
+    anonymous: true
   - id: no-grants
     match: { service: demo.v1.OpsService, method: GrantRole }
     effect: deny
@@ -82,6 +85,7 @@ rules:
     match: { service: demo.v1.OpsService, method: ExportTable }
     when: 'request.table == "public_stats"'
     effect: allow
+    anonymous: true
   - id: export
     match: { service: demo.v1.OpsService, method: ExportTable }
     effect: approve
