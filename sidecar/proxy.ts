@@ -11,6 +11,7 @@ import type { AgentIdentity, Authentication } from "./identity.js";
 import type { SidecarMetrics } from "./metrics.js";
 import type { MethodTable, ProxiedMethod } from "./methods.js";
 import type { Policy, PolicyVerdict } from "./policy.js";
+import { healthPaths, serveHealth } from "./health.js";
 import { type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, statusResponse } from "./wire.js";
 
 /** An upstream the sidecar forwards to. */
@@ -65,6 +66,8 @@ export interface ProxyOptions {
   readonly reservedHeaders: () => ReadonlySet<string>;
   readonly metrics: SidecarMetrics;
   readonly log: Logger;
+  /** Whether the sidecar is ready, for `grpc.health.v1.Health` (the same checks as `/readyz`). @default always */
+  readonly ready?: () => boolean;
 }
 
 /** What the first messages of a call held back for inspection left behind. */
@@ -103,9 +106,13 @@ export class GrpcProxy {
   private readonly allowCounters = new Map<string, { inc(): void }>();
   private readonly durations = new Map<string, { observe(value: number): void }>();
   private closed = false;
+  private readonly health: { knows: (service: string) => boolean; ready: () => boolean };
 
   constructor(options: ProxyOptions) {
     this.options = options;
+    const services = new Set([""]);
+    for (const method of options.methods.values()) services.add(method.service.typeName);
+    this.health = { knows: (service) => services.has(service), ready: options.ready ?? (() => true) };
   }
 
   /** Closes the upstream connections. Calls in flight are cancelled. */
@@ -124,6 +131,10 @@ export class GrpcProxy {
     const path = typeof rawPath === "string" ? rawPath : "";
     const method = this.options.methods.get(path);
     if (method === undefined) {
+      if (path === healthPaths.check || path === healthPaths.watch) {
+        serveHealth(stream, path === healthPaths.watch, this.health);
+        return;
+      }
       this.reject(stream, new AirlockError(Code.Unimplemented, `method ${path} is not served by this sidecar`, { details: { method: path } }), "unknown_method");
       return;
     }
@@ -157,7 +168,8 @@ export class GrpcProxy {
       return;
     }
     this.route(stream, method, started).catch((error: unknown) => {
-      this.reject(stream, AirlockError.from(error, Code.Internal), "internal");
+      const failure = AirlockError.from(error, Code.Internal);
+      this.reject(stream, failure, routeRejection(failure.code));
     });
   }
 
@@ -602,6 +614,39 @@ function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessa
     stream.onclose = () => finish(new AirlockError(Code.Canceled, "the agent cancelled the call"));
     stream.resume();
   });
+}
+
+/**
+ * The `rejections_total` reason of a call that the slow path (reading, holding)
+ * ended with an error: the outcome it stands for, so a reviewer's denial or a
+ * no-wait call is not counted as the sidecar failing. Only codes that mean a
+ * fault inside the sidecar are `internal`.
+ */
+export function routeRejection(code: Code): string {
+  switch (code) {
+    case Code.PermissionDenied:
+      return "approval_denied"; // a reviewer denied, or the decision or credential was refused
+    case Code.DeadlineExceeded:
+      return "approval_expired";
+    case Code.Aborted:
+      return "held_not_waiting"; // x-airlock-wait: false, or the broker cancelled the request
+    case Code.Canceled:
+      return "agent_cancelled";
+    case Code.FailedPrecondition:
+      return "already_used";
+    case Code.NotFound:
+      return "unknown_request";
+    case Code.InvalidArgument:
+      return "bad_request";
+    case Code.ResourceExhausted:
+      return "too_large";
+    case Code.Unauthenticated:
+      return "unauthenticated";
+    case Code.Unavailable:
+      return "unavailable"; // NATS or Vault unreachable: privileged calls fail closed
+    default:
+      return "internal";
+  }
 }
 
 /** The call's TLS socket, when the agent connected over TLS. */

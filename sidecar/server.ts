@@ -126,6 +126,7 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
       reservedHeaders,
       metrics,
       log,
+      ready: () => natsConnected && !nc.isClosed(),
     });
     cleanups.push(() => proxy.close());
 

@@ -574,6 +574,11 @@ await t.test("/metrics, /healthz and /readyz", async (t) => {
   t.match(metrics, /airlock_sidecar_calls_total\{method="\/demo\.v1\.OpsService\/GetStatus",effect="allow"\} [1-9]/);
   t.match(metrics, /airlock_sidecar_calls_total\{method="\/demo\.v1\.OpsService\/GrantRole",effect="deny"\} [1-9]/);
   t.match(metrics, /airlock_sidecar_rejections_total\{reason="unknown_method"\} [1-9]/);
+  // Outcomes are not errors: a reviewer's denial, a no-wait hold, an expiry and a used decision each have their reason.
+  for (const reason of ["approval_denied", "held_not_waiting", "approval_expired", "already_used", "policy_deny"]) {
+    t.match(metrics, new RegExp(`airlock_sidecar_rejections_total\\{reason="${reason}"\\} [1-9]`), reason);
+  }
+  t.notMatch(metrics, /reason="internal"/, "nothing in this file is a fault inside the sidecar");
   t.match(metrics, /airlock_sidecar_approval_wait_seconds_count [1-9]/);
   t.match(metrics, /airlock_sidecar_security_events_total\{reason="bad_signature"\} [1-9]/);
   t.equal((await fetch(`${base}/healthz`)).status, 200);
