@@ -53,7 +53,7 @@ function processAlive(pid: number): boolean {
  * Takes a cross-process lock (an atomically created directory holding the
  * owner's pid). A lock whose owner died is broken. Returns the release function.
  */
-async function acquireLock(lockDir: string, onWait: () => void): Promise<() => Promise<void>> {
+export async function acquireLock(lockDir: string, onWait: () => void): Promise<() => Promise<void>> {
   let waited = false;
   for (;;) {
     try {
@@ -74,7 +74,7 @@ async function acquireLock(lockDir: string, onWait: () => void): Promise<() => P
   }
 }
 
-function goBinary(): string | undefined {
+export function goBinary(): string | undefined {
   return onPath("go") ?? (existsSync("/usr/local/go/bin/go") ? "/usr/local/go/bin/go" : undefined);
 }
 

@@ -19,7 +19,7 @@ import { descriptorSetPath } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
 import { makeTestPki } from "../helpers/pki.js";
-import { startRecordingUpstream } from "../helpers/recording-upstream.js";
+import { startRecordingUpstream } from "../../harness/recording-upstream.js";
 
 const { nats } = await useInfra(t, { nats: true });
 const pki = makeTestPki();

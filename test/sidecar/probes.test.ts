@@ -14,7 +14,7 @@ import { useInfra, waitUntil } from "../../harness/index.js";
 import { descriptorSetPath } from "../../proto/index.js";
 import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
 import { healthRequestService } from "../../sidecar/health.js";
-import { startRecordingUpstream } from "../helpers/recording-upstream.js";
+import { startRecordingUpstream } from "../../harness/recording-upstream.js";
 
 const { nats } = await useInfra(t, { nats: true });
 const dir = await mkdtemp(join(tmpdir(), "airlock-probes-"));
