@@ -2,6 +2,7 @@ import { AirlockError, Code } from "../common/errors.js";
 import { type ConfigReader, parseAddress, readConfigFile } from "../common/config.js";
 import { hostPattern } from "../common/subjects.js";
 import type { AgentAuthOptions } from "./identity.js";
+import { readLimits, type SidecarLimits, sidecarLimitDefaults } from "./h2/limits.js";
 
 /** One upstream service the sidecar fronts. */
 export interface UpstreamConfig {
@@ -27,7 +28,8 @@ export interface SidecarConfig {
   readonly host: string;
   readonly policyFile: string;
   readonly agentAuth: readonly AgentAuthOptions[];
-  readonly limits: { readonly maxMessageBytes: number; readonly maxBufferedMessages: number };
+  /** Every data-plane limit (`sidecar/h2/limits.ts`). */
+  readonly limits: SidecarLimits;
   /** Where /metrics, /healthz and /readyz are served. @default 127.0.0.1:9464 */
   readonly metrics: { readonly host: string; readonly port: number };
   /** @default info */
@@ -38,8 +40,8 @@ export interface SidecarConfig {
 export const sidecarConfigDefaults = {
   listen: "127.0.0.1:7443",
   metrics: "127.0.0.1:9464",
-  maxMessageBytes: 4 * 1024 * 1024,
-  maxBufferedMessages: 1000,
+  maxMessageBytes: sidecarLimitDefaults.maxMessageBytes,
+  maxBufferedMessages: sidecarLimitDefaults.maxBufferedMessages,
   logLevel: "info",
 } as const;
 
@@ -109,12 +111,7 @@ export function parseSidecarConfig(root: ConfigReader): SidecarConfig {
   keys.done();
   const host = root.string("host");
   if (!hostPattern.test(host)) throw root.fail("host", "must be letters, digits, '-' or '_' (it is a NATS subject token)");
-  const limits = root.optionalObject("limits");
-  const limitsConfig = {
-    maxMessageBytes: limits?.integer("max_message_bytes", sidecarConfigDefaults.maxMessageBytes, 1, 64 * 1024 * 1024) ?? sidecarConfigDefaults.maxMessageBytes,
-    maxBufferedMessages: limits?.integer("max_buffered_messages", sidecarConfigDefaults.maxBufferedMessages, 1, 100_000) ?? sidecarConfigDefaults.maxBufferedMessages,
-  };
-  limits?.done();
+  const limitsConfig = readLimits(root.optionalObject("limits"));
   const metrics = root.optionalObject("metrics");
   const metricsListen = metrics?.address("listen", sidecarConfigDefaults.metrics) ?? parseAddress(sidecarConfigDefaults.metrics);
   if (metricsListen === undefined) throw root.fail("metrics.listen", "must be host:port");

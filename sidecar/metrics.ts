@@ -21,6 +21,8 @@ export interface SidecarMetrics {
   readonly rejections: Counter<"reason">;
   /** Decisions refused (forged, mismatched, expired, replayed) and failed unwraps. */
   readonly securityEvents: Counter<"reason">;
+  /** Data-plane limits hit, by name (`LimitName` in sidecar/h2/limits.ts). */
+  readonly limitHits: Counter<"limit">;
 }
 
 /**
@@ -49,6 +51,7 @@ export function createSidecarMetrics(): SidecarMetrics {
       registers: [registry],
     }),
     rejections: new Counter({ name: "airlock_sidecar_rejections_total", help: "Calls the sidecar ended itself, by reason", labelNames: ["reason"], registers: [registry] }),
+    limitHits: new Counter({ name: "airlock_sidecar_limit_hits_total", help: "Data-plane limits hit (the offender refused), by limit", labelNames: ["limit"], registers: [registry] }),
     securityEvents: new Counter({
       name: "airlock_sidecar_security_events_total",
       help: "Refused decisions and failed credential unwraps, by reason",

@@ -12,6 +12,7 @@ import type { SidecarMetrics } from "./metrics.js";
 import type { MethodTable, ProxiedMethod } from "./methods.js";
 import type { Policy, PolicyVerdict } from "./policy.js";
 import { healthPaths, serveHealth } from "./health.js";
+import { type SidecarLimits, sidecarLimitDefaults } from "./h2/limits.js";
 import { type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, statusResponse } from "./wire.js";
 
 /** An upstream the sidecar forwards to. */
@@ -62,6 +63,8 @@ export interface ProxyOptions {
   readonly maxMessageBytes: number;
   /** Largest number of client messages buffered while a streaming call waits for its decision. */
   readonly maxBufferedMessages: number;
+  /** The other data-plane limits the proxy enforces (sidecar/h2/limits.ts). @default sidecarLimitDefaults */
+  readonly limits?: Pick<SidecarLimits, "maxHeldBytes" | "maxOutstandingApprovalsPerAgent" | "maxUpstreamConnections">;
   /** Metadata keys an agent may never send: the credential headers the sidecar injects. */
   readonly reservedHeaders: () => ReadonlySet<string>;
   readonly metrics: SidecarMetrics;
@@ -86,6 +89,8 @@ interface Forwarding {
   readonly inject?: { readonly name: string; readonly value: string };
   /** The header the agent's token came in: never forwarded. */
   readonly strip: string | undefined;
+  /** Who is calling (`""` when anonymous): picks the upstream connection. */
+  readonly agent: string;
   readonly onEnd?: (status: number, message: string) => void;
 }
 
@@ -98,8 +103,15 @@ interface Forwarding {
  */
 export class GrpcProxy {
   private readonly options: ProxyOptions;
-  /** The connection new calls to each upstream use. */
-  private readonly connections = new Map<string, H2Connection>();
+  /**
+   * The connection new calls use, per upstream and agent: one agent's
+   * cancellations (RST_STREAM floods an upstream may punish with GOAWAY) cost
+   * only its own calls. Insertion order is age: past the limit the oldest goes.
+   */
+  private readonly connections = new Map<string, Map<string, H2Connection>>();
+  /** Approval requests outstanding per agent: calls held now, and no-wait requests until their deadline (request id → ms). */
+  private readonly outstanding = new Map<string, { holding: number; noWait: Map<string, number> }>();
+  private readonly limits: NonNullable<ProxyOptions["limits"]>;
   /** Every upstream connection still open, including ones draining after a GOAWAY. */
   private readonly openConnections = new Set<H2Connection>();
   /** Prometheus children per label set: looking one up by labels costs more than the rest of an allowed call. */
@@ -110,6 +122,7 @@ export class GrpcProxy {
 
   constructor(options: ProxyOptions) {
     this.options = options;
+    this.limits = options.limits ?? sidecarLimitDefaults;
     const services = new Set([""]);
     for (const method of options.methods.values()) services.add(method.service.typeName);
     this.health = { knows: (service) => services.has(service), ready: options.ready ?? (() => true) };
@@ -169,6 +182,7 @@ export class GrpcProxy {
     }
     this.route(stream, method, started).catch((error: unknown) => {
       const failure = AirlockError.from(error, Code.Internal);
+      if (failure.details.limit === "held_bytes") this.options.metrics.limitHits.inc({ limit: "held_bytes" });
       this.reject(stream, failure, routeRejection(failure.code));
     });
   }
@@ -185,7 +199,40 @@ export class GrpcProxy {
       this.allowCounters.set(method.path, counter);
     }
     counter.inc();
-    this.forward(stream, method, { buffered: [], ended: false, started, strip: authentication.consumedHeader });
+    this.forward(stream, method, { buffered: [], ended: false, started, strip: authentication.consumedHeader, agent: authentication.identity?.agent ?? "" });
+  }
+
+  /**
+   * Counts an approval request against its agent's outstanding budget, or
+   * refuses it (RESOURCE_EXHAUSTED). A resume of a request the agent made
+   * without waiting is not a new request. Returns what to call with the hold's
+   * outcome: a no-wait request (ABORTED with its id) stays counted until its deadline.
+   */
+  private admitApproval(agent: string, metadata: IncomingHttpHeaders, timeoutMs: number): (outcome: unknown) => void {
+    let entry = this.outstanding.get(agent);
+    if (entry === undefined) {
+      entry = { holding: 0, noWait: new Map() };
+      this.outstanding.set(agent, entry);
+    }
+    const now = Date.now();
+    for (const [id, until] of entry.noWait) if (until <= now) entry.noWait.delete(id);
+    const resumeId = metadata["x-airlock-request-id"];
+    const resuming = typeof resumeId === "string" && entry.noWait.delete(resumeId);
+    if (!resuming && entry.holding + entry.noWait.size >= this.limits.maxOutstandingApprovalsPerAgent) {
+      this.options.metrics.limitHits.inc({ limit: "outstanding_approvals" });
+      if (entry.holding + entry.noWait.size === 0) this.outstanding.delete(agent);
+      throw new AirlockError(Code.ResourceExhausted, `agent ${agent} already has ${this.limits.maxOutstandingApprovalsPerAgent} approval requests outstanding: wait for them to be decided or to expire`, {
+        details: { limit: "outstanding_approvals" },
+      });
+    }
+    const counted = entry;
+    counted.holding++;
+    return (outcome) => {
+      counted.holding--;
+      const requestId = outcome instanceof AirlockError && outcome.code === Code.Aborted ? outcome.details.requestId : undefined;
+      if (typeof requestId === "string") counted.noWait.set(requestId, Date.now() + timeoutMs);
+      if (counted.holding + counted.noWait.size === 0 && this.outstanding.get(agent) === counted) this.outstanding.delete(agent);
+    };
   }
 
   /** Every call needs an authenticated agent unless the rule that decided it says `anonymous: true`. */
@@ -240,6 +287,7 @@ export class GrpcProxy {
         ended: first?.ended ?? false,
         started,
         strip,
+        agent: identity?.agent ?? "",
       });
       return;
     }
@@ -280,7 +328,7 @@ export class GrpcProxy {
     // One message past the buffer is enough to know the call is too long.
     const wanted = kind === "bidi_streaming" ? 1 : this.options.maxBufferedMessages + 1;
     if (!ended && messages.length < wanted) {
-      const more = await readMessages(stream, activeReader, method.method.input, wanted - messages.length);
+      const more = await readMessages(stream, activeReader, method.method.input, wanted - messages.length, this.limits.maxHeldBytes - heldBytesOf(messages));
       messages.push(...more.messages);
       decoded.push(...more.decoded);
       ended = more.ended;
@@ -296,10 +344,18 @@ export class GrpcProxy {
     const partial = activeReader.peekPartial();
     const later: Buffer[] = [];
     let laterCount = 0;
+    let heldBytes = heldBytesOf(held) + partial.length;
     const abort = new AbortController();
     if (!ended) {
       stream.ondata = (chunk) => {
         later.push(chunk);
+        heldBytes += chunk.length;
+        if (heldBytes > this.limits.maxHeldBytes) {
+          abort.abort();
+          this.options.metrics.limitHits.inc({ limit: "held_bytes" });
+          this.reject(stream, new AirlockError(Code.ResourceExhausted, `more than ${this.limits.maxHeldBytes} bytes buffered while waiting for approval`), "buffer_full");
+          return;
+        }
         try {
           laterCount += activeReader.push(chunk).length;
         } catch (error) {
@@ -319,11 +375,16 @@ export class GrpcProxy {
     stream.onclose = () => abort.abort();
     if (stream.closed) abort.abort();
     stream.resume();
+    const settle = this.admitApproval(identity.agent, stream.headers, verdict.approve.timeoutMs);
     this.options.metrics.held.inc();
     const waitStarted = Date.now();
     let approved: ApprovedCall;
     try {
       approved = await this.options.hold({ method, identity, verdict, messages: held, decoded, metadata: stream.headers, signal: abort.signal });
+      settle(undefined);
+    } catch (error) {
+      settle(error);
+      throw error;
     } finally {
       this.options.metrics.held.dec();
       this.options.metrics.approvalWait.observe((Date.now() - waitStarted) / 1000);
@@ -342,14 +403,27 @@ export class GrpcProxy {
       ended,
       started,
       strip,
+      agent: identity.agent,
       inject: { name: approved.injectHeader, value: approved.secret },
       onEnd: approved.complete,
     });
   }
 
-  private upstreamConnection(target: UpstreamTarget): H2Connection {
-    const existing = this.connections.get(target.name);
+  private upstreamConnection(target: UpstreamTarget, agent: string): H2Connection {
+    let byAgent = this.connections.get(target.name);
+    if (byAgent === undefined) {
+      byAgent = new Map();
+      this.connections.set(target.name, byAgent);
+    }
+    const existing = byAgent.get(agent);
     if (existing?.usable === true) return existing;
+    if (existing === undefined && byAgent.size >= this.limits.maxUpstreamConnections) {
+      // Past the limit the oldest agent's connection finishes its calls and goes; that agent gets a new one when it calls again.
+      const [oldestAgent, oldest] = byAgent.entries().next().value ?? ["", undefined];
+      byAgent.delete(oldestAgent);
+      oldest?.closeWhenIdle();
+      this.options.metrics.limitHits.inc({ limit: "upstream_connections" });
+    }
     // Out of stream ids or at the peer's stream limit: it finishes its calls, then goes.
     existing?.closeWhenIdle();
     const { host, port } = splitAddress(target.address);
@@ -358,7 +432,7 @@ export class GrpcProxy {
     const connection: H2Connection = new H2Connection(socket, {
       role: "client",
       onUnusable: () => {
-        if (this.connections.get(target.name) === connection) this.connections.delete(target.name);
+        if (byAgent.get(agent) === connection) byAgent.delete(agent);
         connection.closeWhenIdle();
       },
     });
@@ -366,7 +440,8 @@ export class GrpcProxy {
     if (this.closed) {
       connection.close();
     } else {
-      this.connections.set(target.name, connection);
+      byAgent.delete(agent);
+      byAgent.set(agent, connection);
       this.openConnections.add(connection);
     }
     return connection;
@@ -400,7 +475,7 @@ export class GrpcProxy {
       sensitive = new Set([...alwaysSensitive, options.inject.name]);
     }
 
-    const upstream = this.upstreamConnection(target).openStream(outgoing, false, sensitive);
+    const upstream = this.upstreamConnection(target, options.agent).openStream(outgoing, false, sensitive);
     let responded = false;
     let finished = false;
     let finalStatus: number = Code.Unknown;
@@ -561,7 +636,7 @@ function grpcStatus(fields: readonly HeaderField[]): { code: number; message: st
  * half-closes. Bytes past the last whole message stay in `reader`; the stream
  * is left paused.
  */
-function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessage, count: number): Promise<ReadSoFar> {
+function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessage, count: number, maxBytes = Number.POSITIVE_INFINITY): Promise<ReadSoFar> {
   return new Promise((resolve, reject) => {
     const messages: GrpcMessage[] = [];
     const decoded: JsonObject[] = [];
@@ -587,7 +662,13 @@ function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessa
       ended();
       return;
     }
+    let bytes = 0;
     stream.ondata = (chunk) => {
+      bytes += chunk.length;
+      if (bytes > maxBytes) {
+        finish(new AirlockError(Code.ResourceExhausted, `more than ${maxBytes} request bytes in a held call`, { details: { limit: "held_bytes" } }));
+        return;
+      }
       let complete: GrpcMessage[];
       try {
         complete = reader.push(chunk);
@@ -653,6 +734,13 @@ export function routeRejection(code: Code): string {
 function tlsSocketOf(stream: H2Stream): TLSSocket | undefined {
   const socket = stream.connection.socket as TLSSocket;
   return socket.encrypted === true ? socket : undefined;
+}
+
+/** Bytes of whole messages held for a decision. */
+function heldBytesOf(messages: readonly GrpcMessage[]): number {
+  let bytes = 0;
+  for (const message of messages) bytes += message.framed.length;
+  return bytes;
 }
 
 function splitAddress(address: string): { host: string; port: number } {

@@ -18,6 +18,7 @@ import { createSidecarMetrics, type SidecarMetrics } from "./metrics.js";
 import { loadMethodTable } from "./methods.js";
 import { type Policy, PolicyWatcher, policyDefaults } from "./policy.js";
 import { H2Connection } from "./h2/connection.js";
+import type { LimitName } from "./h2/limits.js";
 import { GrpcProxy, type UpstreamTarget } from "./proxy.js";
 
 /** A running sidecar. */
@@ -123,6 +124,7 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
       host: config.host,
       maxMessageBytes: config.limits.maxMessageBytes,
       maxBufferedMessages: config.limits.maxBufferedMessages,
+      limits: config.limits,
       reservedHeaders,
       metrics,
       log,
@@ -131,18 +133,52 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     cleanups.push(() => proxy.close());
 
     const connections = new Set<H2Connection>();
+    const limits = config.limits;
+    const h2Limits = {
+      handshakeTimeoutMs: limits.handshakeTimeoutMs,
+      idleTimeoutMs: limits.idleTimeoutMs,
+      maxSettingsPerSecond: limits.maxSettingsPerSecond,
+      maxPingsPerSecond: limits.maxPingsPerSecond,
+      maxResetsPerSecond: limits.maxResetsPerSecond,
+    };
+    const onLimit = (limit: LimitName) => metrics.limitHits.inc({ limit });
+    // Connections open now, in all and by peer address (counted from accept, TLS handshake included).
+    let open = 0;
+    const perPeer = new Map<string, number>();
+    const admit = (socket: Socket): boolean => {
+      const peer = socket.remoteAddress ?? "";
+      const fromPeer = perPeer.get(peer) ?? 0;
+      const limit: LimitName | undefined = open >= limits.maxConnections ? "connections" : fromPeer >= limits.maxConnectionsPerPeer ? "connections_per_peer" : undefined;
+      if (limit !== undefined) {
+        onLimit(limit);
+        socket.destroy();
+        return false;
+      }
+      open++;
+      perPeer.set(peer, fromPeer + 1);
+      socket.once("close", () => {
+        open--;
+        const left = (perPeer.get(peer) ?? 1) - 1;
+        if (left === 0) perPeer.delete(peer);
+        else perPeer.set(peer, left);
+      });
+      return true;
+    };
     const accept = (socket: Socket) => {
       // gRPC messages are small and latency-bound: Nagle's algorithm with delayed ACKs would hold them back.
       socket.setNoDelay(true);
-      const connection = new H2Connection(socket, { role: "server", onStream: (stream) => proxy.serve(stream) });
+      const connection = new H2Connection(socket, { role: "server", onStream: (stream) => proxy.serve(stream), limits: h2Limits, onLimit });
       connections.add(connection);
       socket.once("close", () => connections.delete(connection));
     };
     const server: NetServer =
       config.tls === undefined
-        ? createNetServer(accept)
+        ? createNetServer((socket) => {
+            if (admit(socket)) accept(socket);
+          })
         : createTlsServer(
             {
+              handshakeTimeout: limits.handshakeTimeoutMs,
               cert: readFileSync(config.tls.cert),
               key: readFileSync(config.tls.key),
               ALPNProtocols: ["h2"],
@@ -161,6 +197,8 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
               accept(socket);
             },
           );
+    // TLS: counted from the TCP accept, before the handshake, so half-open handshakes count too.
+    if (config.tls !== undefined) server.on("connection", (socket: Socket) => void admit(socket));
     server.on("tlsClientError", () => undefined);
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);

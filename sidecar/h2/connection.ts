@@ -17,6 +17,7 @@ import {
   writeFrameHeader,
 } from "./frames.js";
 import { encodeHeaderBlock, type HeaderField, HpackDecoder } from "./hpack.js";
+import { type LimitName, sidecarLimitDefaults } from "./limits.js";
 
 /** Limits of one HTTP/2 connection of the data plane. */
 export interface H2Limits {
@@ -28,6 +29,14 @@ export interface H2Limits {
   readonly maxConcurrentStreams: number;
   /** Largest header block (HEADERS plus CONTINUATION) accepted. */
   readonly maxHeaderBlockBytes: number;
+  /** Server connections: time to receive the client preface and its first SETTINGS; the socket is closed after. */
+  readonly handshakeTimeoutMs: number;
+  /** Server connections: time without an open stream before GOAWAY and close. */
+  readonly idleTimeoutMs: number;
+  /** Server connections: SETTINGS, PING and stream resets (either way) a second before GOAWAY ENHANCE_YOUR_CALM. */
+  readonly maxSettingsPerSecond: number;
+  readonly maxPingsPerSecond: number;
+  readonly maxResetsPerSecond: number;
 }
 
 /** The data plane's HTTP/2 limits. */
@@ -40,6 +49,11 @@ export const h2Defaults: H2Limits = {
   maxConcurrentStreams: 1000,
   /** @default 64 KiB */
   maxHeaderBlockBytes: 1 << 16,
+  handshakeTimeoutMs: sidecarLimitDefaults.handshakeTimeoutMs,
+  idleTimeoutMs: sidecarLimitDefaults.idleTimeoutMs,
+  maxSettingsPerSecond: sidecarLimitDefaults.maxSettingsPerSecond,
+  maxPingsPerSecond: sidecarLimitDefaults.maxPingsPerSecond,
+  maxResetsPerSecond: sidecarLimitDefaults.maxResetsPerSecond,
 };
 
 /** What an {@link H2Connection} tells its owner. */
@@ -51,6 +65,8 @@ export interface H2ConnectionOptions {
   /** The peer will accept no new streams (GOAWAY), or the connection is gone. */
   readonly onUnusable?: () => void;
   readonly limits?: Partial<H2Limits>;
+  /** A limit was hit on this connection (for `airlock_sidecar_limit_hits_total`). */
+  readonly onLimit?: (limit: LimitName) => void;
 }
 
 /** Outbound bytes a stream queues (waiting for flow-control window) before `write` asks its writer to wait. */
@@ -74,8 +90,6 @@ const maxContinuationFrames = 64;
 /** Stream ids of resets a server connection remembers, to ignore frames the peer sent before it saw them. */
 const maxRememberedResets = 1024;
 
-/** Streams a peer may reset per second on a server connection before it is told to calm down (CVE-2023-44487). */
-const maxPeerResetsPerSecond = 1000;
 
 /**
  * One HTTP/2 connection (RFC 9113) over a socket, for the sidecar's data
@@ -112,8 +126,14 @@ export class H2Connection {
   private receiveWindow: number;
   /** Streams waiting for the socket to drain. */
   private readonly congested = new Set<H2Stream>();
-  private peerResets = 0;
-  private peerResetsSince = 0;
+  /** Per-second budgets of a server connection: resets (CVE-2023-44487, CVE-2025-8671), SETTINGS and PING. */
+  private readonly budgets = { resets: { count: 0, since: 0 }, settings: { count: 0, since: 0 }, pings: { count: 0, since: 0 } };
+  private readonly onLimit: ((limit: LimitName) => void) | undefined;
+  /** Server connections: the handshake deadline, then the idle check. */
+  private timer: NodeJS.Timeout | undefined;
+  private handshaken = false;
+  /** When the last stream closed (ms), for the idle timeout. */
+  private idleSince = Date.now();
   private unusable = false;
   private draining = false;
   private readonly blocked = new Set<H2Stream>();
@@ -151,6 +171,16 @@ export class H2Connection {
       this.queue(encodeUint32Frame(FrameType.windowUpdate, 0, this.limits.connectionWindow - defaultWindowSize));
     }
 
+    this.onLimit = options.onLimit;
+    if (this.role === "server") {
+      this.timer = setTimeout(() => {
+        // No preface and SETTINGS in time: a slowloris holds a socket for free otherwise.
+        this.onLimit?.("handshake_timeout");
+        this.shutDown(new Error("no HTTP/2 handshake in time"));
+        this.socket.destroy();
+      }, this.limits.handshakeTimeoutMs);
+      this.timer.unref();
+    }
     socket.on("data", (chunk: Buffer) => this.receive(chunk));
     socket.on("drain", () => this.drained());
     socket.on("error", () => undefined);
@@ -278,6 +308,7 @@ export class H2Connection {
   /** @internal */
   forget(stream: H2Stream): void {
     this.streams.delete(stream.id);
+    if (this.streams.size === 0) this.idleSince = Date.now();
     this.blocked.delete(stream);
     this.congested.delete(stream);
     // Closed on a later turn: the stream's own close handlers are still running.
@@ -327,6 +358,7 @@ export class H2Connection {
   private shutDown(error: Error): void {
     if (this.closed) return;
     this.closed = true;
+    clearTimeout(this.timer);
     for (const stream of [...this.streams.values()]) stream.close(H2ErrorCode.cancel, error);
     this.streams.clear();
     this.blocked.clear();
@@ -401,6 +433,7 @@ export class H2Connection {
       case FrameType.ping:
         if (streamId !== 0) throw new ProtocolViolation(H2ErrorCode.protocolError);
         if (payload.length !== 8) throw new ProtocolViolation(H2ErrorCode.frameSizeError);
+        if ((flags & FrameFlag.ack) === 0) this.spend("pings", this.limits.maxPingsPerSecond, "ping_flood");
         if ((flags & FrameFlag.ack) === 0) this.queue(encodeFrame(FrameType.ping, FrameFlag.ack, 0, payload));
         return;
       case FrameType.goaway:
@@ -600,6 +633,8 @@ export class H2Connection {
       return;
     }
     if (payload.length % 6 !== 0) throw new ProtocolViolation(H2ErrorCode.frameSizeError);
+    if (!this.handshaken && this.role === "server") this.handshakeDone();
+    else this.spend("settings", this.limits.maxSettingsPerSecond, "settings_flood");
     let initialWindow: number | undefined;
     for (let offset = 0; offset < payload.length; offset += 6) {
       const id = payload.readUInt16BE(offset);
@@ -699,13 +734,45 @@ export class H2Connection {
    * (CVE-2023-44487), whether the peer resets them or makes us do it (CVE-2025-8671).
    */
   private countReset(): void {
+    this.spend("resets", this.limits.maxResetsPerSecond, "reset_flood");
+  }
+
+  /** Spends one unit of a per-second budget of a server connection; past it, GOAWAY ENHANCE_YOUR_CALM. */
+  private spend(budget: "resets" | "settings" | "pings", perSecond: number, limit: LimitName): void {
     if (this.role !== "server") return;
+    const state = this.budgets[budget];
     const now = Date.now();
-    if (now - this.peerResetsSince >= 1000) {
-      this.peerResetsSince = now;
-      this.peerResets = 0;
+    if (now - state.since >= 1000) {
+      state.since = now;
+      state.count = 0;
     }
-    if (++this.peerResets > maxPeerResetsPerSecond) throw new ProtocolViolation(H2ErrorCode.enhanceYourCalm);
+    if (++state.count > perSecond) {
+      this.onLimit?.(limit);
+      throw new ProtocolViolation(H2ErrorCode.enhanceYourCalm);
+    }
+  }
+
+  /** The client's preface and first SETTINGS arrived: the handshake deadline gives way to the idle check. */
+  private handshakeDone(): void {
+    this.handshaken = true;
+    clearTimeout(this.timer);
+    this.idleSince = Date.now();
+    this.armIdle(this.limits.idleTimeoutMs);
+  }
+
+  private armIdle(ms: number): void {
+    // One timer per connection, never touched per stream: a stream only moves idleSince when the last one closes.
+    this.timer = setTimeout(() => {
+      if (this.closed) return;
+      const idleFor = Date.now() - this.idleSince;
+      if (this.streams.size > 0 || idleFor < this.limits.idleTimeoutMs) {
+        this.armIdle(this.streams.size > 0 ? this.limits.idleTimeoutMs : this.limits.idleTimeoutMs - idleFor);
+        return;
+      }
+      this.onLimit?.("idle_timeout");
+      this.close(H2ErrorCode.noError);
+    }, ms);
+    this.timer.unref();
   }
 
   /** Resets a stream because its peer broke the protocol on it; counts toward the reset budget. */
