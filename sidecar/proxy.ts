@@ -464,7 +464,8 @@ export class GrpcProxy {
     const strip = options.strip;
     for (const name in stream.headers) {
       // The agent's token is for the sidecar alone, whichever path the call took.
-      if (name.charCodeAt(0) === 58 /* ':' */ || name === strip || name === "x-airlock-agent-token") continue;
+      // `host` names what the agent asked for; the upstream gets the sidecar's own :authority instead.
+      if (name.charCodeAt(0) === 58 /* ':' */ || name === strip || name === "x-airlock-agent-token" || name === "host") continue;
       const value = stream.headers[name];
       if (typeof value === "string") outgoing.push([name, value]);
       else if (value !== undefined) for (const item of value) outgoing.push([name, item]);

@@ -1078,7 +1078,9 @@ const connectionSpecific: ReadonlySet<string> = new Set(["connection", "keep-ali
  * each of `:method`, `:scheme` and a non-empty `:path`, at most one
  * `:authority`, no other pseudo-header and none after a regular field, no
  * connection-specific field, `te` only as `trailers`, no NUL/CR/LF in values,
- * and a content-length of digits. CONNECT is refused (no gRPC call uses it).
+ * a content-length of digits, and a `host` that is not empty and, next to
+ * `:authority`, the same (§8.3.1; found by the differential fuzzer against
+ * nghttp2). CONNECT is refused (no gRPC call uses it).
  * @returns {@link malformed}, or the content-length (-1 when absent).
  */
 function malformedRequest(fields: readonly HeaderField[]): number {
@@ -1086,6 +1088,8 @@ function malformedRequest(fields: readonly HeaderField[]): number {
   let scheme = 0;
   let path = 0;
   let authority = 0;
+  let authorityValue: string | undefined;
+  let host: string | undefined;
   let regular = false;
   let contentLength = -1;
   for (const [name, value] of fields) {
@@ -1100,6 +1104,7 @@ function malformedRequest(fields: readonly HeaderField[]): number {
         if (++path > 1 || value === "") return malformed;
       } else if (name === ":authority") {
         if (++authority > 1) return malformed;
+        authorityValue = value;
       } else {
         return malformed;
       }
@@ -1111,10 +1116,14 @@ function malformedRequest(fields: readonly HeaderField[]): number {
     } else if (name === "content-length") {
       if (contentLength !== -1 || !/^[0-9]{1,15}$/.test(value)) return malformed;
       contentLength = Number(value);
+    } else if (name === "host") {
+      if (host !== undefined || value === "") return malformed;
+      host = value;
     } else if (connectionSpecific.has(name)) {
       return malformed;
     }
   }
+  if (host !== undefined && authorityValue !== undefined && host !== authorityValue) return malformed;
   return method === 1 && scheme === 1 && path === 1 ? contentLength : malformed;
 }
 
