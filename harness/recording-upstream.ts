@@ -7,6 +7,8 @@ export interface RecordingUpstream {
   readonly address: string;
   /** The request headers of every call, oldest first. */
   readonly calls: IncomingHttpHeaders[];
+  /** The request body bytes of every call that ended, in the order they ended. */
+  readonly bodies: Buffer[];
   /** Closes the server and every session. */
   close(): Promise<void>;
 }
@@ -18,6 +20,7 @@ export interface RecordingUpstream {
  */
 export async function startRecordingUpstream(): Promise<RecordingUpstream> {
   const calls: IncomingHttpHeaders[] = [];
+  const bodies: Buffer[] = [];
   const server: Http2Server = createServer();
   const sessions = new Set<ServerHttp2Session>();
   server.on("session", (session) => {
@@ -26,9 +29,11 @@ export async function startRecordingUpstream(): Promise<RecordingUpstream> {
   });
   server.on("stream", (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
     calls.push({ ...headers });
-    stream.on("data", () => undefined);
+    const chunks: Buffer[] = [];
+    stream.on("data", (chunk: Buffer) => chunks.push(chunk));
     stream.on("error", () => undefined);
     stream.once("end", () => {
+      bodies.push(Buffer.concat(chunks));
       if (stream.destroyed) return;
       stream.respond({ ":status": 200, "content-type": "application/grpc" }, { waitForTrailers: true });
       stream.once("wantTrailers", () => stream.sendTrailers({ "grpc-status": "0" }));
@@ -41,6 +46,7 @@ export async function startRecordingUpstream(): Promise<RecordingUpstream> {
   return {
     address: `127.0.0.1:${port}`,
     calls,
+    bodies,
     close: () =>
       new Promise<void>((resolve) => {
         server.close(() => resolve());

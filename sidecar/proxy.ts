@@ -1,7 +1,7 @@
 import type { IncomingHttpHeaders } from "node:http2";
 import { connect as netConnect } from "node:net";
 import type { TLSSocket } from "node:tls";
-import { type DescMessage, fromBinary, type JsonObject, toJson } from "@bufbuild/protobuf";
+import { type DescMessage, fromBinary, type JsonObject, toBinary, toJson } from "@bufbuild/protobuf";
 import { AirlockError, Code } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 import { H2Connection, type H2Stream } from "./h2/connection.js";
@@ -13,7 +13,7 @@ import type { MethodTable, ProxiedMethod } from "./methods.js";
 import type { Policy, PolicyVerdict } from "./policy.js";
 import { healthPaths, serveHealth } from "./health.js";
 import { type SidecarLimits, sidecarLimitDefaults } from "./h2/limits.js";
-import { type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, statusResponse } from "./wire.js";
+import { frameMessage, type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, statusResponse } from "./wire.js";
 
 /** An upstream the sidecar forwards to. */
 export interface UpstreamTarget {
@@ -682,13 +682,25 @@ function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessa
           finish(new AirlockError(Code.InvalidArgument, "compressed request messages cannot be inspected by policy: send them uncompressed"));
           return;
         }
+        let canonical: GrpcMessage;
         try {
-          decoded.push(toJson(schema, fromBinary(schema, message.payload)) as JsonObject);
+          const parsed = fromBinary(schema, message.payload);
+          const bytes = toBinary(schema, parsed, { writeUnknownFields: false });
+          // Fields the descriptors do not know reach no rule and no reviewer, but an upstream may act on them.
+          if (toBinary(schema, parsed).length !== bytes.length) {
+            finish(new AirlockError(Code.InvalidArgument, `the ${schema.typeName} message has fields this sidecar's descriptors do not know: policy and reviewers cannot see them`));
+            return;
+          }
+          decoded.push(toJson(schema, parsed) as JsonObject);
+          // What policy read (and reviewers will see) is what goes upstream: the canonical re-encoding,
+          // never bytes another protobuf parser might read differently (duplicate fields, overlong varints).
+          const framed = frameMessage(bytes);
+          canonical = { compressed: false, payload: framed.subarray(5), framed };
         } catch (error) {
           finish(new AirlockError(Code.InvalidArgument, `malformed ${schema.typeName} message`, { cause: error }));
           return;
         }
-        messages.push(message);
+        messages.push(canonical);
       }
       if (messages.length >= count) finish({ ended: false });
     };
