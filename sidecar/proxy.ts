@@ -1,6 +1,6 @@
 import type { IncomingHttpHeaders } from "node:http2";
-import { connect as netConnect } from "node:net";
-import type { TLSSocket } from "node:tls";
+import { connect as netConnect, type Socket } from "node:net";
+import { connect as tlsConnect, type TLSSocket } from "node:tls";
 import { type DescMessage, fromBinary, type JsonObject, toBinary, toJson } from "@bufbuild/protobuf";
 import { AirlockError, Code } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
@@ -18,8 +18,10 @@ import { frameMessage, type GrpcMessage, MessageReader, MessageSizeGuard, messag
 /** An upstream the sidecar forwards to. */
 export interface UpstreamTarget {
   readonly name: string;
-  /** `host:port` of a plaintext HTTP/2 gRPC server. */
+  /** `host:port` of an HTTP/2 gRPC server, or `unix:/path`. */
   readonly address: string;
+  /** TLS to the upstream (PEM bytes); absent for plaintext (loopback, unix socket, or `insecure: true`). */
+  readonly tls?: { readonly ca?: Buffer; readonly cert?: Buffer; readonly key?: Buffer; readonly serverName?: string };
 }
 
 /** A privileged call the proxy hands to the approval flow, with its client messages buffered. */
@@ -426,9 +428,7 @@ export class GrpcProxy {
     }
     // Out of stream ids or at the peer's stream limit: it finishes its calls, then goes.
     existing?.closeWhenIdle();
-    const { host, port } = splitAddress(target.address);
-    // gRPC messages are small and latency-bound: Nagle's algorithm with delayed ACKs would hold them back.
-    const socket = netConnect({ host, port, noDelay: true });
+    const socket = connectUpstream(target);
     const connection: H2Connection = new H2Connection(socket, {
       role: "client",
       onUnusable: () => {
@@ -457,9 +457,9 @@ export class GrpcProxy {
     }
     const outgoing: HeaderField[] = [
       [":method", "POST"],
-      [":scheme", "http"],
+      [":scheme", target.tls === undefined ? "http" : "https"],
       [":path", method.path],
-      [":authority", target.address],
+      [":authority", target.address.startsWith("unix:") ? "localhost" : target.address],
     ];
     const strip = options.strip;
     for (const name in stream.headers) {
@@ -754,6 +754,26 @@ function heldBytesOf(messages: readonly GrpcMessage[]): number {
   let bytes = 0;
   for (const message of messages) bytes += message.framed.length;
   return bytes;
+}
+
+/** A socket to the upstream: TLS with ALPN h2, a unix socket, or plain TCP. */
+function connectUpstream(target: UpstreamTarget): Socket {
+  if (target.address.startsWith("unix:")) return netConnect({ path: target.address.slice("unix:".length) });
+  const { host, port } = splitAddress(target.address);
+  // gRPC messages are small and latency-bound: Nagle's algorithm with delayed ACKs would hold them back.
+  if (target.tls === undefined) return netConnect({ host, port, noDelay: true });
+  const tls = target.tls;
+  const socket = tlsConnect({
+    host,
+    port,
+    ALPNProtocols: ["h2"],
+    servername: tls.serverName ?? (/^[\d.:]+$/.test(host) ? "" : host),
+    ...(tls.ca === undefined ? {} : { ca: tls.ca }),
+    ...(tls.cert === undefined ? {} : { cert: tls.cert }),
+    ...(tls.key === undefined ? {} : { key: tls.key }),
+  });
+  socket.setNoDelay(true);
+  return socket;
 }
 
 function splitAddress(address: string): { host: string; port: number } {

@@ -11,7 +11,7 @@ import { createLogger, type Logger } from "../common/logger.js";
 import { ensureStreams } from "../common/subjects.js";
 import { createVaultClient } from "../common/vault.js";
 import { ApprovalFlow } from "./approvals.js";
-import type { SidecarConfig } from "./config.js";
+import type { SidecarConfig, UpstreamConfig } from "./config.js";
 import { AgentAuthenticator } from "./identity.js";
 import { startHealthServer } from "../common/health.js";
 import { createSidecarMetrics, type SidecarMetrics } from "./metrics.js";
@@ -57,6 +57,11 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     }
   }
   const keyRing = DecisionKeyRing.fromPem(keyPems);
+  for (const upstream of config.upstreams) {
+    if (upstream.transport.kind === "plaintext" && upstream.transport.why === "insecure") {
+      log.warn({ upstream: upstream.name, address: upstream.address }, "upstream is reached in cleartext over the network (insecure: true): injected credentials can be read on the way");
+    }
+  }
   let authenticator: AgentAuthenticator;
   if (config.agentAuth.length === 0) {
     log.warn("no agent_auth configured: every call that needs an agent identity will be refused as unauthenticated");
@@ -117,7 +122,7 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     };
     const proxy = new GrpcProxy({
       methods,
-      upstreams: new Map<string, UpstreamTarget>(config.upstreams.map((u) => [u.name, { name: u.name, address: u.address }])),
+      upstreams: new Map<string, UpstreamTarget>(config.upstreams.map((u) => [u.name, upstreamTarget(u)])),
       policy: () => watcher.current(),
       authenticate: (headers, socket) => authenticator.identify(headers, socket),
       hold: (call) => flow.hold(call),
@@ -234,4 +239,26 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     await cleanup();
     throw error;
   }
+}
+
+/** The proxy's view of an upstream: its address and, for TLS, the PEM files read. */
+function upstreamTarget(upstream: UpstreamConfig): UpstreamTarget {
+  const transport = upstream.transport;
+  if (transport.kind !== "tls") return { name: upstream.name, address: upstream.address };
+  const read = (file: string | undefined, field: string): Buffer | undefined => {
+    if (file === undefined) return undefined;
+    try {
+      return readFileSync(file);
+    } catch (error) {
+      throw new AirlockError(Code.InvalidArgument, `cannot read ${file} for upstream ${upstream.name}`, { cause: error, details: { field } });
+    }
+  };
+  const ca = read(transport.ca, "tls.ca");
+  const cert = read(transport.cert, "tls.cert");
+  const key = read(transport.key, "tls.key");
+  return {
+    name: upstream.name,
+    address: upstream.address,
+    tls: { ...(ca === undefined ? {} : { ca }), ...(cert === undefined ? {} : { cert }), ...(key === undefined ? {} : { key }), ...(transport.serverName === undefined ? {} : { serverName: transport.serverName }) },
+  };
 }
