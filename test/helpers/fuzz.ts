@@ -15,7 +15,7 @@ export function fuzzSeconds(): number {
 /** fast-check parameters for a time-bounded run: as many runs as fit, shrinking included. */
 export function fuzzParameters<T>(extra: Parameters<T> = {}): Parameters<T> {
   const seed = process.env.AIRLOCK_FUZZ_SEED === undefined ? undefined : Number(process.env.AIRLOCK_FUZZ_SEED);
-  return { numRuns: 1_000_000, interruptAfterTimeLimit: fuzzSeconds() * 1000, markInterruptAsFailure: false, ...(seed === undefined ? {} : { seed }), ...extra };
+  return { numRuns: 1_000_000_000, interruptAfterTimeLimit: fuzzSeconds() * 1000, markInterruptAsFailure: false, ...(seed === undefined ? {} : { seed }), ...extra };
 }
 
 const corpusDir = join(dirname(fileURLToPath(import.meta.url)), "..", "fixtures", "fuzz");
