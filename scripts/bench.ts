@@ -68,10 +68,14 @@ async function stop(child: ChildProcess): Promise<void> {
   clearTimeout(timer);
 }
 
-async function load(address: string, mode: "saturate" | "rate", amount: number): Promise<LoadResult> {
+async function load(address: string, mode: "saturate" | "rate", amount: number, agentToken: string): Promise<LoadResult> {
   return new Promise((resolve, reject) => {
     const duration = mode === "rate" ? rateSeconds : seconds;
-    const generator = spawn(process.execPath, [...tsx, "bench/sidecar/loadgen.ts", address, mode, String(duration), String(amount)], { cwd: root, stdio: ["ignore", "pipe", "inherit"] });
+    const generator = spawn(process.execPath, [...tsx, "bench/sidecar/loadgen.ts", address, mode, String(duration), String(amount)], {
+      cwd: root,
+      stdio: ["ignore", "pipe", "inherit"],
+      env: { ...process.env, AGENT_TOKEN: agentToken },
+    });
     let output = "";
     generator.stdout.on("data", (chunk: Buffer) => (output += chunk.toString("utf8")));
     generator.once("exit", (code) => {
@@ -129,6 +133,17 @@ async function benchSidecar(): Promise<void> {
     const upstreamAddress = upstream.match[1] ?? "";
     const key = generateDecisionKey("bench");
     await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
+    // Every call is authenticated (the product's default): the agent resends one token, so the
+    // sidecar verifies it once and answers later calls from its cache, as in production.
+    const agentKeys = await generateKeyPair("EdDSA");
+    const agentPublicPem = await exportSPKI(agentKeys.publicKey);
+    const agentToken = await new SignJWT({ act_for: "bench@corp" })
+      .setProtectedHeader({ alg: "EdDSA" })
+      .setSubject("spiffe://bench/agent")
+      .setIssuer("https://idp.bench")
+      .setAudience("airlock")
+      .setExpirationTime("2h")
+      .sign(agentKeys.privateKey);
     await writeFile(
       join(dir, "policy.yaml"),
       "version: 1\ndefault: deny\nrules:\n  - id: status\n    match: { service: demo.v1.OpsService, method: GetStatus }\n    effect: allow\n",
@@ -146,6 +161,7 @@ async function benchSidecar(): Promise<void> {
         "broker_keys: { bench: broker.pem }",
         "host: bench",
         "policy: policy.yaml",
+        `agent_auth: [{ kind: jwt, issuer: "https://idp.bench", audience: airlock, keys: { kind: static, public_keys: [${JSON.stringify(agentPublicPem)}] } }]`,
         `metrics: { listen: "127.0.0.1:${metricsPort}" }`,
         "log_level: error",
       ].join("\n"),
@@ -162,9 +178,9 @@ async function benchSidecar(): Promise<void> {
     const through: LoadResult[] = [];
     const cpuPer1kSaturated: number[] = [];
     for (let round = 0; round < rounds; round++) {
-      direct.push(await load(upstreamAddress, "saturate", 32));
+      direct.push(await load(upstreamAddress, "saturate", 32, agentToken));
       const beforeSaturation = cpuMs(pid);
-      const saturated = await load(proxied, "saturate", 32);
+      const saturated = await load(proxied, "saturate", 32, agentToken);
       cpuPer1kSaturated.push(((cpuMs(pid) - beforeSaturation) / (saturated.count + saturated.failures + 200)) * 1000);
       through.push(saturated);
     }
@@ -176,18 +192,18 @@ async function benchSidecar(): Promise<void> {
     for (let round = 0; round < rateRounds; round++) {
       const runProxied = async () => {
         const before = cpuMs(pid);
-        const rated = await load(proxied, "rate", 500);
+        const rated = await load(proxied, "rate", 500, agentToken);
         sidecarCpuMs += cpuMs(pid) - before;
         // The generator warms up with 200 calls before it measures; they count too.
         proxiedCalls += rated.count + rated.failures + 200;
         throughRate.push(rated);
       };
       if (round % 2 === 0) {
-        directRate.push(await load(upstreamAddress, "rate", 500));
+        directRate.push(await load(upstreamAddress, "rate", 500, agentToken));
         await runProxied();
       } else {
         await runProxied();
-        directRate.push(await load(upstreamAddress, "rate", 500));
+        directRate.push(await load(upstreamAddress, "rate", 500, agentToken));
       }
     }
     const failures = [...direct, ...through, ...directRate, ...throughRate].reduce((sum, r) => sum + r.failures, 0);

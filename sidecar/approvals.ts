@@ -271,6 +271,12 @@ export class ApprovalFlow {
     } catch {
       // Not decided yet: wait for it like a fresh request.
     }
+    if (decision !== undefined && this.replay.has(decidedId(decision))) {
+      // This sidecar already ran the call with that decision: waiting would only hang until the deadline.
+      throw new AirlockError(Code.FailedPrecondition, `request ${requestId} was already decided and its decision used; make the call again without x-airlock-request-id to ask anew`, {
+        details: { requestId, reason: "already_used" },
+      });
+    }
     return decision === undefined ? { request } : { request, decision };
   }
 
@@ -326,6 +332,15 @@ export class ApprovalFlow {
           .catch((error: unknown) => this.options.log.error({ err: error, requestId }, "could not report completion; the broker's reconciler revokes the lease at its deadline"));
       },
     };
+  }
+}
+
+/** A stored decision's id, read without verifying (only to refuse a resume). */
+function decidedId(decision: Decision): string {
+  try {
+    return fromBinary(DecisionBodySchema, decision.body).decisionId;
+  } catch {
+    return "";
   }
 }
 

@@ -3,12 +3,23 @@ import { type ConfigReader, parseAddress, readConfigFile } from "../common/confi
 import { type NatsConnectionConfig, parseNatsConfig } from "../common/nats.js";
 import { hostPattern } from "../common/subjects.js";
 import type { AgentAuthOptions } from "./identity.js";
+import { readLimits, type SidecarLimits, sidecarLimitDefaults } from "./h2/limits.js";
+
+/**
+ * How the sidecar reaches an upstream that receives injected credentials:
+ * TLS (optionally with a client certificate), or plaintext only over loopback,
+ * a unix socket, or with an explicit `insecure: true` (warned about at start).
+ */
+export type UpstreamTransport =
+  | { readonly kind: "tls"; readonly ca?: string; readonly cert?: string; readonly key?: string; readonly serverName?: string }
+  | { readonly kind: "plaintext"; readonly why: "loopback" | "unix" | "insecure" };
 
 /** One upstream service the sidecar fronts. */
 export interface UpstreamConfig {
   readonly name: string;
-  /** `host:port`, plaintext HTTP/2 (the sidecar runs next to it). */
+  /** `host:port`, or `unix:/path/to.sock`. */
   readonly address: string;
+  readonly transport: UpstreamTransport;
   readonly descriptorSets: readonly string[];
   readonly services?: readonly string[];
 }
@@ -29,7 +40,8 @@ export interface SidecarConfig {
   readonly host: string;
   readonly policyFile: string;
   readonly agentAuth: readonly AgentAuthOptions[];
-  readonly limits: { readonly maxMessageBytes: number; readonly maxBufferedMessages: number };
+  /** Every data-plane limit (`sidecar/h2/limits.ts`). */
+  readonly limits: SidecarLimits;
   /** Where /metrics, /healthz and /readyz are served. @default 127.0.0.1:9464 */
   readonly metrics: { readonly host: string; readonly port: number };
   /** @default info */
@@ -40,8 +52,8 @@ export interface SidecarConfig {
 export const sidecarConfigDefaults = {
   listen: "127.0.0.1:7443",
   metrics: "127.0.0.1:9464",
-  maxMessageBytes: 4 * 1024 * 1024,
-  maxBufferedMessages: 1000,
+  maxMessageBytes: sidecarLimitDefaults.maxMessageBytes,
+  maxBufferedMessages: sidecarLimitDefaults.maxBufferedMessages,
   logLevel: "info",
 } as const;
 
@@ -69,6 +81,45 @@ function agentAuth(entry: ConfigReader): AgentAuthOptions {
   return options;
 }
 
+/** Loopback hosts: plaintext to them never leaves the machine. */
+function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
+}
+
+/** An upstream's address and transport: `tls`, or plaintext to loopback / a unix socket / with `insecure: true`. */
+function upstreamTransport(entry: ConfigReader): { address: string; transport: UpstreamTransport } {
+  const text = entry.string("address");
+  const field = (key: string) => (entry.path === "" ? key : `${entry.path}.${key}`);
+  const unix = text.startsWith("unix:") ? text.slice("unix:".length) : undefined;
+  const address = unix === undefined ? entry.address("address").text : text;
+  if (unix !== undefined && !unix.startsWith("/")) throw entry.fail(field("address"), "a unix socket address is unix:/absolute/path");
+  const tlsReader = entry.optionalObject("tls");
+  const insecure = entry.boolean("insecure", false);
+  if (tlsReader !== undefined) {
+    if (insecure) throw entry.fail(field("insecure"), "cannot be set together with tls");
+    if (unix !== undefined) throw entry.fail(field("tls"), "is not used over a unix socket");
+    const ca = tlsReader.optionalFile("ca");
+    const cert = tlsReader.optionalFile("cert");
+    const key = tlsReader.optionalFile("key");
+    const serverName = tlsReader.optionalString("server_name");
+    if ((cert === undefined) !== (key === undefined)) throw entry.fail(field("tls"), "a client certificate needs both cert and key");
+    tlsReader.done();
+    return {
+      address,
+      transport: { kind: "tls", ...(ca === undefined ? {} : { ca }), ...(cert === undefined ? {} : { cert }), ...(key === undefined ? {} : { key }), ...(serverName === undefined ? {} : { serverName }) },
+    };
+  }
+  if (unix !== undefined) return { address, transport: { kind: "plaintext", why: "unix" } };
+  if (isLoopback(parseAddress(address)?.host ?? "")) return { address, transport: { kind: "plaintext", why: "loopback" } };
+  if (!insecure) {
+    throw entry.fail(
+      field("address"),
+      `${address} is not loopback: the injected credentials would cross the network in cleartext. Configure tls (ca, and cert/key for a client certificate), or set insecure: true to accept that`,
+    );
+  }
+  return { address, transport: { kind: "plaintext", why: "insecure" } };
+}
+
 /** Validates a parsed sidecar config; every error names the field. */
 export function parseSidecarConfig(root: ConfigReader): SidecarConfig {
   const listen = root.address("listen", sidecarConfigDefaults.listen);
@@ -85,9 +136,11 @@ export function parseSidecarConfig(root: ConfigReader): SidecarConfig {
     if (names.has(name)) throw entry.fail(`${entry.path}.name`, `repeats the upstream name ${name}`);
     names.add(name);
     const services = entry.has("services") ? entry.strings("services") : undefined;
+    const { address, transport } = upstreamTransport(entry);
     const upstream: UpstreamConfig = {
       name,
-      address: entry.address("address").text,
+      address,
+      transport,
       descriptorSets: entry.files("descriptor_sets"),
       ...(services === undefined ? {} : { services }),
     };
@@ -105,12 +158,7 @@ export function parseSidecarConfig(root: ConfigReader): SidecarConfig {
   keys.done();
   const host = root.string("host");
   if (!hostPattern.test(host)) throw root.fail("host", "must be letters, digits, '-' or '_' (it is a NATS subject token)");
-  const limits = root.optionalObject("limits");
-  const limitsConfig = {
-    maxMessageBytes: limits?.integer("max_message_bytes", sidecarConfigDefaults.maxMessageBytes, 1, 64 * 1024 * 1024) ?? sidecarConfigDefaults.maxMessageBytes,
-    maxBufferedMessages: limits?.integer("max_buffered_messages", sidecarConfigDefaults.maxBufferedMessages, 1, 100_000) ?? sidecarConfigDefaults.maxBufferedMessages,
-  };
-  limits?.done();
+  const limitsConfig = readLimits(root.optionalObject("limits"));
   const metrics = root.optionalObject("metrics");
   const metricsListen = metrics?.address("listen", sidecarConfigDefaults.metrics) ?? parseAddress(sidecarConfigDefaults.metrics);
   if (metricsListen === undefined) throw root.fail("metrics.listen", "must be host:port");

@@ -9,7 +9,7 @@
  * @module
  */
 import { createHash, createPublicKey, type JsonWebKey as NodeJsonWebKey } from "node:crypto";
-import type { PeerCertificate } from "node:tls";
+import type { PeerCertificate, TLSSocket } from "node:tls";
 import { type CryptoKey, createRemoteJWKSet, decodeJwt, decodeProtectedHeader, errors, importJWK, type JWK, type JWTPayload, type JWTVerifyGetKey, jwtVerify } from "jose";
 import { AirlockError, Code } from "../common/errors.js";
 
@@ -77,7 +77,7 @@ export const agentAuthDefaults = {
 };
 
 /**
- * Limits of the verified-token cache each JWT issuer keeps. Agents send the same
+ * Limits of the verified-token cache {@link AgentAuthenticator} keeps (the sidecar's only one). Agents send the same
  * token on every call until it expires, and checking its signature costs more
  * CPU than proxying the call (about 0.3 ms for EdDSA here); a token seen before
  * is answered from the cache. The cache never stretches a token's life: an
@@ -203,11 +203,21 @@ function buildChain(...principals: readonly string[]): string[] {
 
 function headerValues(headers: AuthenticationInput["headers"], name: string): string[] {
   const values: string[] = [];
-  for (const [key, value] of Object.entries(headers)) {
-    if (key.toLowerCase() !== name || value === undefined) continue;
+  for (const key in headers) {
+    const value = headers[key];
+    if (value === undefined || (key !== name && key.toLowerCase() !== name)) continue;
     for (const v of Array.isArray(value) ? value : [value]) values.push(v);
   }
   return values;
+}
+
+/** The metadata keys an agent token may travel in. */
+export type AgentTokenHeader = "authorization" | typeof agentTokenHeader;
+
+/** A token a call presents and the metadata key it came in. */
+interface PresentedToken {
+  readonly token: string;
+  readonly header: AgentTokenHeader;
 }
 
 /**
@@ -215,14 +225,15 @@ function headerValues(headers: AuthenticationInput["headers"], name: string): st
  * `x-airlock-agent-token`. `undefined` when neither is present; an empty or
  * repeated token is an error (an agent must not leave the sidecar guessing which one counts).
  */
-function presentedToken(headers: AuthenticationInput["headers"]): string | undefined {
+function presentedToken(headers: AuthenticationInput["headers"]): PresentedToken | undefined {
   const bearer = headerValues(headers, "authorization").filter((v) => /^bearer(\s|$)/i.test(v.trim()));
+  const header: AgentTokenHeader = bearer.length > 0 ? "authorization" : agentTokenHeader;
   const candidates = bearer.length > 0 ? bearer.map((v) => v.trim().slice("bearer".length).trim()) : headerValues(headers, agentTokenHeader).map((v) => v.trim());
   if (candidates.length === 0) return undefined;
   if (candidates.length > 1) throw unauthenticated("malformed_token", "jwt", "more than one agent token presented");
   const token = candidates[0] ?? "";
   if (token.length === 0) throw unauthenticated("malformed_token", "jwt", "the agent token is empty");
-  return token;
+  return { token, header };
 }
 
 /** One configured JWT issuer, ready to verify. */
@@ -272,27 +283,10 @@ class JwtVerifier {
     return new JwtVerifier(options.issuer, options.audience, algorithms, clockToleranceSec, humanClaim, keys);
   }
 
-  /** Tokens verified before, by SHA-256: the identity each gave and until when (ms) it may be reused. */
-  private readonly verified = new Map<string, { readonly identity: AgentIdentity; readonly untilMs: number }>();
-
-  async verify(token: string): Promise<AgentIdentity> {
-    const key = createHash("sha256").update(token).digest("base64");
-    const now = Date.now();
-    const cached = this.verified.get(key);
-    if (cached !== undefined) {
-      if (now < cached.untilMs) return cached.identity;
-      this.verified.delete(key);
-    }
+  /** Verifies a token: its identity and the `exp` / `nbf` of its verified claims (seconds). */
+  async verify(token: string): Promise<{ identity: AgentIdentity; exp: number | undefined; nbf: number | undefined }> {
     const payload = await this.verifySignatureAndClaims(token);
-    const identity = this.identityOf(payload);
-    const { exp, nbf } = payload;
-    const untilMs = Math.min((exp ?? 0) * 1000, now + verifiedTokenCacheDefaults.maxAgeMs);
-    if (untilMs > now && (nbf === undefined || nbf * 1000 <= now)) {
-      // Oldest first out: a Map iterates in insertion order.
-      if (this.verified.size >= verifiedTokenCacheDefaults.maxEntries) this.verified.delete(this.verified.keys().next().value ?? "");
-      this.verified.set(key, { identity, untilMs });
-    }
-    return identity;
+    return { identity: this.identityOf(payload), exp: payload.exp, nbf: payload.nbf };
   }
 
   /** The identity a verified token's claims name. */
@@ -462,11 +456,31 @@ async function assertUsable(jwk: JWK, index: number, algorithms: readonly string
   throw invalidOption(`jwt: static key #${index} (${jwk.kty ?? "?"}${jwk.crv === undefined ? "" : ` ${jwk.crv}`}) fits none of the allowed algorithms ${algorithms.join(", ")}`);
 }
 
+/** What {@link AgentAuthenticator.identify} decided for one call. */
+export interface Authentication {
+  /** Who is calling; `undefined` when the call presents no credential at all. */
+  readonly identity: AgentIdentity | undefined;
+  /**
+   * The metadata key the call's agent token came in, whichever method won.
+   * The token is for the sidecar alone: the caller strips this header before
+   * anything is forwarded. `undefined` when the call presents no token.
+   */
+  readonly consumedHeader: AgentTokenHeader | undefined;
+}
+
+const noCredential: Authentication = Object.freeze({ identity: undefined, consumedHeader: undefined });
+
 /**
- * Authenticates the agents calling a sidecar with the configured methods.
- * Build it with {@link AgentAuthenticator.create}.
+ * Authenticates the agents calling a sidecar with the configured methods. It
+ * is the sidecar's one identity boundary: the proxy asks it on every path
+ * (the allow fast path included), and it keeps the one cache of verified
+ * tokens. Build it with {@link AgentAuthenticator.create} (or
+ * {@link AgentAuthenticator.none} when no method is configured).
  */
 export class AgentAuthenticator {
+  /** Tokens verified before, by SHA-256: the identity each gave and until when (ms) it may be reused. */
+  private readonly verified = new Map<string, { readonly identity: AgentIdentity; readonly untilMs: number }>();
+
   private constructor(
     private readonly mtls: { onBehalfOfPrefix: string } | undefined,
     private readonly jwt: readonly JwtVerifier[],
@@ -499,6 +513,14 @@ export class AgentAuthenticator {
   }
 
   /**
+   * An authenticator with no method: every call is anonymous, and a call that
+   * presents a token is refused (`tokens_not_accepted`), since nothing here can verify it.
+   */
+  static none(): AgentAuthenticator {
+    return new AgentAuthenticator(undefined, []);
+  }
+
+  /**
    * Who is calling. A verified client certificate with a URI SAN wins (when
    * mtls is configured); otherwise the agent token is verified (signature,
    * issuer, audience, `exp` required, `nbf`, allowed algorithms).
@@ -512,11 +534,29 @@ export class AgentAuthenticator {
    * contain the token.
    */
   async authenticate(input: AuthenticationInput): Promise<AgentIdentity | undefined> {
+    return (await this.decide(input.headers, input.peerCertificate, input.peerAuthorized)).identity;
+  }
+
+  /**
+   * The proxy's entry point: {@link AgentAuthenticator.authenticate} for one
+   * call on a connection, plus the header the token came in. Answers
+   * synchronously (a plain object) when no I/O or signature check is needed (no
+   * credential, a client certificate, a token verified before), else with a
+   * promise; the allow fast path stays synchronous for agents that resend
+   * their token. The TLS peer is read only when mtls is configured.
+   * @throws AirlockError as {@link AgentAuthenticator.authenticate} (thrown
+   * synchronously or as a rejection).
+   */
+  identify(headers: AuthenticationInput["headers"], socket: TLSSocket | undefined): Authentication | Promise<Authentication> {
+    if (this.mtls === undefined || socket === undefined) return this.decide(headers, undefined, undefined);
+    return this.decide(headers, socket.getPeerCertificate(), socket.authorized);
+  }
+
+  private decide(headers: AuthenticationInput["headers"], cert: PeerCertificate | undefined, peerAuthorized: boolean | undefined): Authentication | Promise<Authentication> {
     let certificateProblem: AirlockError | undefined;
-    const cert = input.peerCertificate;
     // getPeerCertificate() answers {} when the client sent no certificate.
     if (this.mtls !== undefined && cert !== undefined && Object.keys(cert).length > 0) {
-      if (input.peerAuthorized === false) {
+      if (peerAuthorized === false) {
         certificateProblem = unauthenticated("certificate_not_verified", "mtls", "client certificate is not signed by a trusted CA");
       } else {
         const uris = parseSubjectAltName(cert.subjectaltname ?? "")
@@ -527,24 +567,35 @@ export class AgentAuthenticator {
         if (agent !== undefined) {
           const human = uris.find((u) => u.startsWith(prefix));
           const onBehalfOf = human === undefined ? "" : decodePercent(human.slice(prefix.length));
-          return { agent, onBehalfOf, chain: buildChain(agent, onBehalfOf), authenticatedBy: "mtls" };
+          // A token sent alongside is still the agent's: it is consumed (not forwarded), though the certificate decided.
+          return { identity: { agent, onBehalfOf, chain: buildChain(agent, onBehalfOf), authenticatedBy: "mtls" }, consumedHeader: tokenHeaderOf(headers) };
         }
         certificateProblem = unauthenticated("certificate_without_uri_san", "mtls", "client certificate has no URI SAN naming the agent");
       }
     }
 
-    const token = presentedToken(input.headers);
-    if (token === undefined) {
+    const presented = presentedToken(headers);
+    if (presented === undefined) {
       if (certificateProblem !== undefined) throw certificateProblem;
-      return undefined;
+      return noCredential;
     }
     // An unverified certificate is an attack or a misconfiguration: refuse even with a token.
     if (certificateProblem?.details["reason"] === "certificate_not_verified") throw certificateProblem;
     if (this.jwt.length === 0) throw unauthenticated("tokens_not_accepted", "jwt", "this sidecar does not accept agent tokens; use a client certificate");
 
+    const key = createHash("sha256").update(presented.token).digest("base64");
+    const cached = this.verified.get(key);
+    if (cached !== undefined) {
+      if (Date.now() < cached.untilMs) return { identity: cached.identity, consumedHeader: presented.header };
+      this.verified.delete(key);
+    }
+    return this.verifyToken(presented, key);
+  }
+
+  private async verifyToken(presented: PresentedToken, key: string): Promise<Authentication> {
     let issuer: unknown;
     try {
-      issuer = decodeJwt(token).iss;
+      issuer = decodeJwt(presented.token).iss;
     } catch {
       throw unauthenticated("malformed_token", "jwt", "agent token is not a well-formed JWT");
     }
@@ -554,8 +605,22 @@ export class AgentAuthenticator {
     if (verifier === undefined) {
       throw unauthenticated("wrong_issuer", "jwt", typeof issuer === "string" ? `agent token issuer ${quote(issuer)} is not trusted` : "agent token has no issuer");
     }
-    return verifier.verify(token);
+    const { identity, exp, nbf } = await verifier.verify(presented.token);
+    const now = Date.now();
+    const untilMs = Math.min((exp ?? 0) * 1000, now + verifiedTokenCacheDefaults.maxAgeMs);
+    if (untilMs > now && (nbf === undefined || nbf * 1000 <= now)) {
+      // Oldest first out: a Map iterates in insertion order.
+      if (this.verified.size >= verifiedTokenCacheDefaults.maxEntries) this.verified.delete(this.verified.keys().next().value ?? "");
+      this.verified.set(key, { identity, untilMs });
+    }
+    return { identity, consumedHeader: presented.header };
   }
+}
+
+/** The header an agent token is in, without validating it: `authorization` when it carries a bearer token, else `x-airlock-agent-token` when present. */
+function tokenHeaderOf(headers: AuthenticationInput["headers"]): AgentTokenHeader | undefined {
+  if (headerValues(headers, "authorization").some((v) => /^bearer(\s|$)/i.test(v.trim()))) return "authorization";
+  return headerValues(headers, agentTokenHeader).length > 0 ? agentTokenHeader : undefined;
 }
 
 /** Percent-decodes a URI component, keeping the raw text when it is not valid percent-encoding. */

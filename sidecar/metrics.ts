@@ -1,4 +1,4 @@
-import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
 
 /** The sidecar's Prometheus metrics, on a registry of its own. */
 export interface SidecarMetrics {
@@ -11,15 +11,28 @@ export interface SidecarMetrics {
   readonly held: Gauge;
   /** Seconds a held call waited for its decision. */
   readonly approvalWait: Histogram;
-  /** Calls the sidecar ended itself, by reason. */
+  /**
+   * Calls the sidecar ended itself, by reason. Outcomes (`policy_deny`,
+   * `approval_denied`, `approval_expired`, `held_not_waiting`, `agent_cancelled`,
+   * `already_used`) are told apart from refusals of bad input (`unauthenticated`,
+   * `bad_request`, `too_large`, `unknown_method`, …), from what the sidecar could
+   * not reach (`unavailable`, `upstream_unavailable`) and from its own faults (`internal`).
+   */
   readonly rejections: Counter<"reason">;
   /** Decisions refused (forged, mismatched, expired, replayed) and failed unwraps. */
   readonly securityEvents: Counter<"reason">;
+  /** Data-plane limits hit, by name (`LimitName` in sidecar/h2/limits.ts). */
+  readonly limitHits: Counter<"limit">;
 }
 
-/** Creates the metrics on a fresh registry. */
+/**
+ * Creates the metrics on a fresh registry, with prom-client's process and
+ * runtime metrics (CPU, resident memory, heap, open file descriptors, GC, and
+ * event-loop lag: `nodejs_eventloop_lag_seconds` and its percentiles).
+ */
 export function createSidecarMetrics(): SidecarMetrics {
   const registry = new Registry();
+  collectDefaultMetrics({ register: registry });
   return {
     registry,
     calls: new Counter({ name: "airlock_sidecar_calls_total", help: "Calls by method and policy effect", labelNames: ["method", "effect"], registers: [registry] }),
@@ -38,6 +51,7 @@ export function createSidecarMetrics(): SidecarMetrics {
       registers: [registry],
     }),
     rejections: new Counter({ name: "airlock_sidecar_rejections_total", help: "Calls the sidecar ended itself, by reason", labelNames: ["reason"], registers: [registry] }),
+    limitHits: new Counter({ name: "airlock_sidecar_limit_hits_total", help: "Data-plane limits hit (the offender refused), by limit", labelNames: ["limit"], registers: [registry] }),
     securityEvents: new Counter({
       name: "airlock_sidecar_security_events_total",
       help: "Refused decisions and failed credential unwraps, by reason",

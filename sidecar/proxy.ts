@@ -1,23 +1,27 @@
 import type { IncomingHttpHeaders } from "node:http2";
-import { connect as netConnect } from "node:net";
-import type { TLSSocket } from "node:tls";
-import { type DescMessage, fromBinary, type JsonObject, toJson } from "@bufbuild/protobuf";
+import { connect as netConnect, type Socket } from "node:net";
+import { connect as tlsConnect, type TLSSocket } from "node:tls";
+import { type DescMessage, fromBinary, type JsonObject, toBinary, toJson } from "@bufbuild/protobuf";
 import { AirlockError, Code } from "../common/errors.js";
 import type { Logger } from "../common/logger.js";
 import { H2Connection, type H2Stream } from "./h2/connection.js";
 import { H2ErrorCode } from "./h2/frames.js";
 import type { HeaderField } from "./h2/hpack.js";
-import type { AgentIdentity } from "./identity.js";
+import type { AgentIdentity, Authentication } from "./identity.js";
 import type { SidecarMetrics } from "./metrics.js";
 import type { MethodTable, ProxiedMethod } from "./methods.js";
 import type { Policy, PolicyVerdict } from "./policy.js";
-import { type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, statusResponse } from "./wire.js";
+import { healthPaths, serveHealth } from "./health.js";
+import { type SidecarLimits, sidecarLimitDefaults } from "./h2/limits.js";
+import { frameMessage, type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, statusResponse } from "./wire.js";
 
 /** An upstream the sidecar forwards to. */
 export interface UpstreamTarget {
   readonly name: string;
-  /** `host:port` of a plaintext HTTP/2 gRPC server. */
+  /** `host:port` of an HTTP/2 gRPC server, or `unix:/path`. */
   readonly address: string;
+  /** TLS to the upstream (PEM bytes); absent for plaintext (loopback, unix socket, or `insecure: true`). */
+  readonly tls?: { readonly ca?: Buffer; readonly cert?: Buffer; readonly key?: Buffer; readonly serverName?: string };
 }
 
 /** A privileged call the proxy hands to the approval flow, with its client messages buffered. */
@@ -49,17 +53,26 @@ export interface ProxyOptions {
   readonly methods: MethodTable;
   readonly upstreams: ReadonlyMap<string, UpstreamTarget>;
   readonly policy: () => Policy;
-  readonly authenticate: (headers: IncomingHttpHeaders, socket: TLSSocket | undefined) => Promise<AgentIdentity | undefined>;
+  /**
+   * Who is calling (the sidecar's `AgentAuthenticator.identify`): asked on every
+   * path, synchronously answered when it can be (the fast path stays synchronous).
+   * May throw or reject with an AirlockError (`unauthenticated`, `unavailable`).
+   */
+  readonly authenticate: (headers: IncomingHttpHeaders, socket: TLSSocket | undefined) => Authentication | Promise<Authentication>;
   readonly hold: (call: HeldCall) => Promise<ApprovedCall>;
   readonly host: string;
   /** Largest request message accepted, in bytes. */
   readonly maxMessageBytes: number;
   /** Largest number of client messages buffered while a streaming call waits for its decision. */
   readonly maxBufferedMessages: number;
+  /** The other data-plane limits the proxy enforces (sidecar/h2/limits.ts). @default sidecarLimitDefaults */
+  readonly limits?: Pick<SidecarLimits, "maxHeldBytes" | "maxOutstandingApprovalsPerAgent" | "maxUpstreamConnections">;
   /** Metadata keys an agent may never send: the credential headers the sidecar injects. */
   readonly reservedHeaders: () => ReadonlySet<string>;
   readonly metrics: SidecarMetrics;
   readonly log: Logger;
+  /** Whether the sidecar is ready, for `grpc.health.v1.Health` (the same checks as `/readyz`). @default always */
+  readonly ready?: () => boolean;
 }
 
 /** What the first messages of a call held back for inspection left behind. */
@@ -76,6 +89,10 @@ interface Forwarding {
   readonly ended: boolean;
   readonly started: bigint;
   readonly inject?: { readonly name: string; readonly value: string };
+  /** The header the agent's token came in: never forwarded. */
+  readonly strip: string | undefined;
+  /** Who is calling (`""` when anonymous): picks the upstream connection. */
+  readonly agent: string;
   readonly onEnd?: (status: number, message: string) => void;
 }
 
@@ -88,17 +105,29 @@ interface Forwarding {
  */
 export class GrpcProxy {
   private readonly options: ProxyOptions;
-  /** The connection new calls to each upstream use. */
-  private readonly connections = new Map<string, H2Connection>();
+  /**
+   * The connection new calls use, per upstream and agent: one agent's
+   * cancellations (RST_STREAM floods an upstream may punish with GOAWAY) cost
+   * only its own calls. Insertion order is age: past the limit the oldest goes.
+   */
+  private readonly connections = new Map<string, Map<string, H2Connection>>();
+  /** Approval requests outstanding per agent: calls held now, and no-wait requests until their deadline (request id → ms). */
+  private readonly outstanding = new Map<string, { holding: number; noWait: Map<string, number> }>();
+  private readonly limits: NonNullable<ProxyOptions["limits"]>;
   /** Every upstream connection still open, including ones draining after a GOAWAY. */
   private readonly openConnections = new Set<H2Connection>();
   /** Prometheus children per label set: looking one up by labels costs more than the rest of an allowed call. */
   private readonly allowCounters = new Map<string, { inc(): void }>();
   private readonly durations = new Map<string, { observe(value: number): void }>();
   private closed = false;
+  private readonly health: { knows: (service: string) => boolean; ready: () => boolean };
 
   constructor(options: ProxyOptions) {
     this.options = options;
+    this.limits = options.limits ?? sidecarLimitDefaults;
+    const services = new Set([""]);
+    for (const method of options.methods.values()) services.add(method.service.typeName);
+    this.health = { knows: (service) => services.has(service), ready: options.ready ?? (() => true) };
   }
 
   /** Closes the upstream connections. Calls in flight are cancelled. */
@@ -117,6 +146,10 @@ export class GrpcProxy {
     const path = typeof rawPath === "string" ? rawPath : "";
     const method = this.options.methods.get(path);
     if (method === undefined) {
+      if (path === healthPaths.check || path === healthPaths.watch) {
+        serveHealth(stream, path === healthPaths.watch, this.health);
+        return;
+      }
       this.reject(stream, new AirlockError(Code.Unimplemented, `method ${path} is not served by this sidecar`, { details: { method: path } }), "unknown_method");
       return;
     }
@@ -127,22 +160,93 @@ export class GrpcProxy {
       }
     }
     // The hot path: when the first rule for this method has no condition, its
-    // effect holds whoever calls, so an allowed call is forwarded at once, with
-    // no identity check, no decoding and no promise.
+    // effect holds whoever calls, so an allowed call is forwarded at once: no
+    // decoding and no promise. Identity is still decided (and the agent's token
+    // header stripped), from the authenticator's cache when the token was seen before.
     const fixed = fixedVerdict(this.options.policy(), method, this.options.host);
     if (fixed?.effect === "allow") {
-      let counter = this.allowCounters.get(method.path);
-      if (counter === undefined) {
-        counter = this.options.metrics.calls.labels(method.path, "allow");
-        this.allowCounters.set(method.path, counter);
+      let authentication: Authentication | Promise<Authentication>;
+      try {
+        authentication = this.options.authenticate(headers, tlsSocketOf(stream));
+      } catch (error) {
+        this.refuseIdentity(stream, error);
+        return;
       }
-      counter.inc();
-      this.forward(stream, method, { buffered: [], ended: false, started });
+      if (authentication instanceof Promise) {
+        authentication.then(
+          (done) => this.allowFixed(stream, method, fixed, done, started),
+          (error: unknown) => this.refuseIdentity(stream, error),
+        );
+        return;
+      }
+      this.allowFixed(stream, method, fixed, authentication, started);
       return;
     }
     this.route(stream, method, started).catch((error: unknown) => {
-      this.reject(stream, AirlockError.from(error, Code.Internal), "internal");
+      const failure = AirlockError.from(error, Code.Internal);
+      if (failure.details.limit === "held_bytes") this.options.metrics.limitHits.inc({ limit: "held_bytes" });
+      this.reject(stream, failure, routeRejection(failure.code));
     });
+  }
+
+  /** Forwards a call the fixed verdict allows, once its identity is decided. */
+  private allowFixed(stream: H2Stream, method: ProxiedMethod, verdict: PolicyVerdict, authentication: Authentication, started: bigint): void {
+    if (authentication.identity === undefined && verdict.anonymous !== true) {
+      this.rejectAnonymous(stream, method, verdict);
+      return;
+    }
+    let counter = this.allowCounters.get(method.path);
+    if (counter === undefined) {
+      counter = this.options.metrics.calls.labels(method.path, "allow");
+      this.allowCounters.set(method.path, counter);
+    }
+    counter.inc();
+    this.forward(stream, method, { buffered: [], ended: false, started, strip: authentication.consumedHeader, agent: authentication.identity?.agent ?? "" });
+  }
+
+  /**
+   * Counts an approval request against its agent's outstanding budget, or
+   * refuses it (RESOURCE_EXHAUSTED). A resume of a request the agent made
+   * without waiting is not a new request. Returns what to call with the hold's
+   * outcome: a no-wait request (ABORTED with its id) stays counted until its deadline.
+   */
+  private admitApproval(agent: string, metadata: IncomingHttpHeaders, timeoutMs: number): (outcome: unknown) => void {
+    let entry = this.outstanding.get(agent);
+    if (entry === undefined) {
+      entry = { holding: 0, noWait: new Map() };
+      this.outstanding.set(agent, entry);
+    }
+    const now = Date.now();
+    for (const [id, until] of entry.noWait) if (until <= now) entry.noWait.delete(id);
+    const resumeId = metadata["x-airlock-request-id"];
+    const resuming = typeof resumeId === "string" && entry.noWait.delete(resumeId);
+    if (!resuming && entry.holding + entry.noWait.size >= this.limits.maxOutstandingApprovalsPerAgent) {
+      this.options.metrics.limitHits.inc({ limit: "outstanding_approvals" });
+      if (entry.holding + entry.noWait.size === 0) this.outstanding.delete(agent);
+      throw new AirlockError(Code.ResourceExhausted, `agent ${agent} already has ${this.limits.maxOutstandingApprovalsPerAgent} approval requests outstanding: wait for them to be decided or to expire`, {
+        details: { limit: "outstanding_approvals" },
+      });
+    }
+    const counted = entry;
+    counted.holding++;
+    return (outcome) => {
+      counted.holding--;
+      const requestId = outcome instanceof AirlockError && outcome.code === Code.Aborted ? outcome.details.requestId : undefined;
+      if (typeof requestId === "string") counted.noWait.set(requestId, Date.now() + timeoutMs);
+      if (counted.holding + counted.noWait.size === 0 && this.outstanding.get(agent) === counted) this.outstanding.delete(agent);
+    };
+  }
+
+  /** Every call needs an authenticated agent unless the rule that decided it says `anonymous: true`. */
+  private rejectAnonymous(stream: H2Stream, method: ProxiedMethod, verdict: PolicyVerdict): void {
+    const rule = verdict.ruleId === "default" ? "the policy default" : `rule ${verdict.ruleId}`;
+    this.reject(stream, new AirlockError(Code.Unauthenticated, `${method.path} needs an authenticated agent (${rule} is not anonymous): present an agent certificate or token`), "unauthenticated");
+  }
+
+  /** Answers a call whose credential did not verify (or whose keys could not be fetched). */
+  private refuseIdentity(stream: H2Stream, error: unknown): void {
+    const failure = AirlockError.from(error, Code.Unauthenticated);
+    this.reject(stream, failure, failure.code === Code.Unauthenticated ? "unauthenticated" : "auth_unavailable");
   }
 
   private async route(stream: H2Stream, method: ProxiedMethod, started: bigint): Promise<void> {
@@ -150,8 +254,15 @@ export class GrpcProxy {
     const headers = stream.headers;
     const policy = this.options.policy();
     const needsRequest = policy.needsRequest(service.typeName, desc.name);
-    const socket = stream.connection.socket as TLSSocket;
-    const identity = await this.options.authenticate(headers, socket.encrypted === true ? socket : undefined);
+    let authentication: Authentication;
+    try {
+      authentication = await this.options.authenticate(headers, tlsSocketOf(stream));
+    } catch (error) {
+      this.refuseIdentity(stream, error);
+      return;
+    }
+    const identity = authentication.identity;
+    const strip = authentication.consumedHeader;
 
     let reader: MessageReader | undefined;
     let first: ReadSoFar | undefined;
@@ -167,17 +278,18 @@ export class GrpcProxy {
       request: () => first?.decoded[0] ?? {},
     });
     this.options.metrics.calls.labels(method.path, verdict.effect).inc();
-
-    if (identity?.authenticatedBy === "jwt") {
-      // The agent's token proves who it is to the sidecar; the upstream must not receive (and could replay) it.
-      delete headers.authorization;
-      delete headers["x-airlock-agent-token"];
+    if (identity === undefined && verdict.anonymous !== true) {
+      this.rejectAnonymous(stream, method, verdict);
+      return;
     }
+
     if (verdict.effect === "allow") {
       this.forward(stream, method, {
         buffered: [...(first?.messages ?? []).map((m) => m.framed), ...(reader === undefined ? [] : [reader.peekPartial()])],
         ended: first?.ended ?? false,
         started,
+        strip,
+        agent: identity?.agent ?? "",
       });
       return;
     }
@@ -187,16 +299,13 @@ export class GrpcProxy {
     }
     const approve = verdict.approve;
     if (approve === undefined) throw new AirlockError(Code.Internal, `rule ${verdict.ruleId} holds calls but has no approval settings`);
-    if (identity === undefined) {
-      this.reject(stream, new AirlockError(Code.Unauthenticated, `${method.path} is privileged: present an agent certificate or token`), "unauthenticated");
-      return;
-    }
+    if (identity === undefined) throw new AirlockError(Code.Internal, `rule ${verdict.ruleId} holds calls but let a caller without identity through`);
     const reason = headers["x-airlock-reason"];
     if (approve.requireReason && (typeof reason !== "string" || reason.trim() === "")) {
       this.reject(stream, new AirlockError(Code.InvalidArgument, `rule ${verdict.ruleId} requires a justification: send it in metadata x-airlock-reason`), "reason_missing");
       return;
     }
-    await this.holdThenForward(stream, method, { ...verdict, approve }, identity, reader, first, started);
+    await this.holdThenForward(stream, method, { ...verdict, approve }, identity, strip, reader, first, started);
   }
 
   private async holdThenForward(
@@ -204,6 +313,7 @@ export class GrpcProxy {
     method: ProxiedMethod,
     verdict: HeldCall["verdict"],
     identity: AgentIdentity,
+    strip: string | undefined,
     reader: MessageReader | undefined,
     first: ReadSoFar | undefined,
     started: bigint,
@@ -220,7 +330,7 @@ export class GrpcProxy {
     // One message past the buffer is enough to know the call is too long.
     const wanted = kind === "bidi_streaming" ? 1 : this.options.maxBufferedMessages + 1;
     if (!ended && messages.length < wanted) {
-      const more = await readMessages(stream, activeReader, method.method.input, wanted - messages.length);
+      const more = await readMessages(stream, activeReader, method.method.input, wanted - messages.length, this.limits.maxHeldBytes - heldBytesOf(messages));
       messages.push(...more.messages);
       decoded.push(...more.decoded);
       ended = more.ended;
@@ -236,10 +346,18 @@ export class GrpcProxy {
     const partial = activeReader.peekPartial();
     const later: Buffer[] = [];
     let laterCount = 0;
+    let heldBytes = heldBytesOf(held) + partial.length;
     const abort = new AbortController();
     if (!ended) {
       stream.ondata = (chunk) => {
         later.push(chunk);
+        heldBytes += chunk.length;
+        if (heldBytes > this.limits.maxHeldBytes) {
+          abort.abort();
+          this.options.metrics.limitHits.inc({ limit: "held_bytes" });
+          this.reject(stream, new AirlockError(Code.ResourceExhausted, `more than ${this.limits.maxHeldBytes} bytes buffered while waiting for approval`), "buffer_full");
+          return;
+        }
         try {
           laterCount += activeReader.push(chunk).length;
         } catch (error) {
@@ -259,11 +377,16 @@ export class GrpcProxy {
     stream.onclose = () => abort.abort();
     if (stream.closed) abort.abort();
     stream.resume();
+    const settle = this.admitApproval(identity.agent, stream.headers, verdict.approve.timeoutMs);
     this.options.metrics.held.inc();
     const waitStarted = Date.now();
     let approved: ApprovedCall;
     try {
       approved = await this.options.hold({ method, identity, verdict, messages: held, decoded, metadata: stream.headers, signal: abort.signal });
+      settle(undefined);
+    } catch (error) {
+      settle(error);
+      throw error;
     } finally {
       this.options.metrics.held.dec();
       this.options.metrics.approvalWait.observe((Date.now() - waitStarted) / 1000);
@@ -281,23 +404,35 @@ export class GrpcProxy {
       buffered: [...held.map((m) => m.framed), partial, ...later],
       ended,
       started,
+      strip,
+      agent: identity.agent,
       inject: { name: approved.injectHeader, value: approved.secret },
       onEnd: approved.complete,
     });
   }
 
-  private upstreamConnection(target: UpstreamTarget): H2Connection {
-    const existing = this.connections.get(target.name);
+  private upstreamConnection(target: UpstreamTarget, agent: string): H2Connection {
+    let byAgent = this.connections.get(target.name);
+    if (byAgent === undefined) {
+      byAgent = new Map();
+      this.connections.set(target.name, byAgent);
+    }
+    const existing = byAgent.get(agent);
     if (existing?.usable === true) return existing;
+    if (existing === undefined && byAgent.size >= this.limits.maxUpstreamConnections) {
+      // Past the limit the oldest agent's connection finishes its calls and goes; that agent gets a new one when it calls again.
+      const [oldestAgent, oldest] = byAgent.entries().next().value ?? ["", undefined];
+      byAgent.delete(oldestAgent);
+      oldest?.closeWhenIdle();
+      this.options.metrics.limitHits.inc({ limit: "upstream_connections" });
+    }
     // Out of stream ids or at the peer's stream limit: it finishes its calls, then goes.
     existing?.closeWhenIdle();
-    const { host, port } = splitAddress(target.address);
-    // gRPC messages are small and latency-bound: Nagle's algorithm with delayed ACKs would hold them back.
-    const socket = netConnect({ host, port, noDelay: true });
+    const socket = connectUpstream(target);
     const connection: H2Connection = new H2Connection(socket, {
       role: "client",
       onUnusable: () => {
-        if (this.connections.get(target.name) === connection) this.connections.delete(target.name);
+        if (byAgent.get(agent) === connection) byAgent.delete(agent);
         connection.closeWhenIdle();
       },
     });
@@ -305,7 +440,8 @@ export class GrpcProxy {
     if (this.closed) {
       connection.close();
     } else {
-      this.connections.set(target.name, connection);
+      byAgent.delete(agent);
+      byAgent.set(agent, connection);
       this.openConnections.add(connection);
     }
     return connection;
@@ -321,13 +457,15 @@ export class GrpcProxy {
     }
     const outgoing: HeaderField[] = [
       [":method", "POST"],
-      [":scheme", "http"],
+      [":scheme", target.tls === undefined ? "http" : "https"],
       [":path", method.path],
-      [":authority", target.address],
+      [":authority", target.address.startsWith("unix:") ? "localhost" : target.address],
     ];
+    const strip = options.strip;
     for (const name in stream.headers) {
       // The agent's token is for the sidecar alone, whichever path the call took.
-      if (name.charCodeAt(0) === 58 /* ':' */ || name === "x-airlock-agent-token") continue;
+      // `host` names what the agent asked for; the upstream gets the sidecar's own :authority instead.
+      if (name.charCodeAt(0) === 58 /* ':' */ || name === strip || name === "x-airlock-agent-token" || name === "host") continue;
       const value = stream.headers[name];
       if (typeof value === "string") outgoing.push([name, value]);
       else if (value !== undefined) for (const item of value) outgoing.push([name, item]);
@@ -338,7 +476,7 @@ export class GrpcProxy {
       sensitive = new Set([...alwaysSensitive, options.inject.name]);
     }
 
-    const upstream = this.upstreamConnection(target).openStream(outgoing, false, sensitive);
+    const upstream = this.upstreamConnection(target, options.agent).openStream(outgoing, false, sensitive);
     let responded = false;
     let finished = false;
     let finalStatus: number = Code.Unknown;
@@ -499,7 +637,7 @@ function grpcStatus(fields: readonly HeaderField[]): { code: number; message: st
  * half-closes. Bytes past the last whole message stay in `reader`; the stream
  * is left paused.
  */
-function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessage, count: number): Promise<ReadSoFar> {
+function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessage, count: number, maxBytes = Number.POSITIVE_INFINITY): Promise<ReadSoFar> {
   return new Promise((resolve, reject) => {
     const messages: GrpcMessage[] = [];
     const decoded: JsonObject[] = [];
@@ -525,7 +663,13 @@ function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessa
       ended();
       return;
     }
+    let bytes = 0;
     stream.ondata = (chunk) => {
+      bytes += chunk.length;
+      if (bytes > maxBytes) {
+        finish(new AirlockError(Code.ResourceExhausted, `more than ${maxBytes} request bytes in a held call`, { details: { limit: "held_bytes" } }));
+        return;
+      }
       let complete: GrpcMessage[];
       try {
         complete = reader.push(chunk);
@@ -538,13 +682,25 @@ function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessa
           finish(new AirlockError(Code.InvalidArgument, "compressed request messages cannot be inspected by policy: send them uncompressed"));
           return;
         }
+        let canonical: GrpcMessage;
         try {
-          decoded.push(toJson(schema, fromBinary(schema, message.payload)) as JsonObject);
+          const parsed = fromBinary(schema, message.payload);
+          const bytes = toBinary(schema, parsed, { writeUnknownFields: false });
+          // Fields the descriptors do not know reach no rule and no reviewer, but an upstream may act on them.
+          if (toBinary(schema, parsed).length !== bytes.length) {
+            finish(new AirlockError(Code.InvalidArgument, `the ${schema.typeName} message has fields this sidecar's descriptors do not know: policy and reviewers cannot see them`));
+            return;
+          }
+          decoded.push(toJson(schema, parsed) as JsonObject);
+          // What policy read (and reviewers will see) is what goes upstream: the canonical re-encoding,
+          // never bytes another protobuf parser might read differently (duplicate fields, overlong varints).
+          const framed = frameMessage(bytes);
+          canonical = { compressed: false, payload: framed.subarray(5), framed };
         } catch (error) {
           finish(new AirlockError(Code.InvalidArgument, `malformed ${schema.typeName} message`, { cause: error }));
           return;
         }
-        messages.push(message);
+        messages.push(canonical);
       }
       if (messages.length >= count) finish({ ended: false });
     };
@@ -552,6 +708,72 @@ function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessa
     stream.onclose = () => finish(new AirlockError(Code.Canceled, "the agent cancelled the call"));
     stream.resume();
   });
+}
+
+/**
+ * The `rejections_total` reason of a call that the slow path (reading, holding)
+ * ended with an error: the outcome it stands for, so a reviewer's denial or a
+ * no-wait call is not counted as the sidecar failing. Only codes that mean a
+ * fault inside the sidecar are `internal`.
+ */
+export function routeRejection(code: Code): string {
+  switch (code) {
+    case Code.PermissionDenied:
+      return "approval_denied"; // a reviewer denied, or the decision or credential was refused
+    case Code.DeadlineExceeded:
+      return "approval_expired";
+    case Code.Aborted:
+      return "held_not_waiting"; // x-airlock-wait: false, or the broker cancelled the request
+    case Code.Canceled:
+      return "agent_cancelled";
+    case Code.FailedPrecondition:
+      return "already_used";
+    case Code.NotFound:
+      return "unknown_request";
+    case Code.InvalidArgument:
+      return "bad_request";
+    case Code.ResourceExhausted:
+      return "too_large";
+    case Code.Unauthenticated:
+      return "unauthenticated";
+    case Code.Unavailable:
+      return "unavailable"; // NATS or Vault unreachable: privileged calls fail closed
+    default:
+      return "internal";
+  }
+}
+
+/** The call's TLS socket, when the agent connected over TLS. */
+function tlsSocketOf(stream: H2Stream): TLSSocket | undefined {
+  const socket = stream.connection.socket as TLSSocket;
+  return socket.encrypted === true ? socket : undefined;
+}
+
+/** Bytes of whole messages held for a decision. */
+function heldBytesOf(messages: readonly GrpcMessage[]): number {
+  let bytes = 0;
+  for (const message of messages) bytes += message.framed.length;
+  return bytes;
+}
+
+/** A socket to the upstream: TLS with ALPN h2, a unix socket, or plain TCP. */
+function connectUpstream(target: UpstreamTarget): Socket {
+  if (target.address.startsWith("unix:")) return netConnect({ path: target.address.slice("unix:".length) });
+  const { host, port } = splitAddress(target.address);
+  // gRPC messages are small and latency-bound: Nagle's algorithm with delayed ACKs would hold them back.
+  if (target.tls === undefined) return netConnect({ host, port, noDelay: true });
+  const tls = target.tls;
+  const socket = tlsConnect({
+    host,
+    port,
+    ALPNProtocols: ["h2"],
+    servername: tls.serverName ?? (/^[\d.:]+$/.test(host) ? "" : host),
+    ...(tls.ca === undefined ? {} : { ca: tls.ca }),
+    ...(tls.cert === undefined ? {} : { cert: tls.cert }),
+    ...(tls.key === undefined ? {} : { key: tls.key }),
+  });
+  socket.setNoDelay(true);
+  return socket;
 }
 
 function splitAddress(address: string): { host: string; port: number } {

@@ -1,24 +1,23 @@
 import { readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
-import type { IncomingHttpHeaders } from "node:http2";
 import { createServer as createNetServer, type Server as NetServer, type Socket } from "node:net";
 import { createServer as createTlsServer, type TLSSocket } from "node:tls";
 import type { Server as HttpServer } from "node:http";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { decodeJwt } from "jose";
 import { DecisionKeyRing } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { createLogger, type Logger } from "../common/logger.js";
 import { connectNats } from "../common/nats.js";
 import { createVaultClient } from "../common/vault.js";
 import { ApprovalFlow } from "./approvals.js";
-import type { SidecarConfig } from "./config.js";
-import { type AgentIdentity, AgentAuthenticator } from "./identity.js";
+import type { SidecarConfig, UpstreamConfig } from "./config.js";
+import { AgentAuthenticator } from "./identity.js";
 import { startHealthServer } from "../common/health.js";
 import { createSidecarMetrics, type SidecarMetrics } from "./metrics.js";
 import { loadMethodTable } from "./methods.js";
 import { type Policy, PolicyWatcher, policyDefaults } from "./policy.js";
 import { H2Connection } from "./h2/connection.js";
+import type { LimitName } from "./h2/limits.js";
 import { GrpcProxy, type UpstreamTarget } from "./proxy.js";
 
 /** A running sidecar. */
@@ -57,13 +56,17 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     }
   }
   const keyRing = DecisionKeyRing.fromPem(keyPems);
-  let identities: Pick<IdentityCache, "authenticate">;
+  for (const upstream of config.upstreams) {
+    if (upstream.transport.kind === "plaintext" && upstream.transport.why === "insecure") {
+      log.warn({ upstream: upstream.name, address: upstream.address }, "upstream is reached in cleartext over the network (insecure: true): injected credentials can be read on the way");
+    }
+  }
+  let authenticator: AgentAuthenticator;
   if (config.agentAuth.length === 0) {
-    // Allow and deny rules work without agent identity; a held call without identity is refused.
-    log.warn("no agent_auth configured: every call that needs approval will be refused as unauthenticated");
-    identities = { authenticate: () => Promise.resolve(undefined) };
+    log.warn("no agent_auth configured: every call that needs an agent identity will be refused as unauthenticated");
+    authenticator = AgentAuthenticator.none();
   } else {
-    identities = new IdentityCache(await AgentAuthenticator.create(config.agentAuth));
+    authenticator = await AgentAuthenticator.create(config.agentAuth);
   }
 
   const cleanups: Array<() => Promise<void> | void> = [];
@@ -108,32 +111,68 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     };
     const proxy = new GrpcProxy({
       methods,
-      upstreams: new Map<string, UpstreamTarget>(config.upstreams.map((u) => [u.name, { name: u.name, address: u.address }])),
+      upstreams: new Map<string, UpstreamTarget>(config.upstreams.map((u) => [u.name, upstreamTarget(u)])),
       policy: () => watcher.current(),
-      authenticate: (headers, socket) => identities.authenticate(headers, socket),
+      authenticate: (headers, socket) => authenticator.identify(headers, socket),
       hold: (call) => flow.hold(call),
       host: config.host,
       maxMessageBytes: config.limits.maxMessageBytes,
       maxBufferedMessages: config.limits.maxBufferedMessages,
+      limits: config.limits,
       reservedHeaders,
       metrics,
       log,
+      ready: () => natsConnected && !nc.isClosed(),
     });
     cleanups.push(() => proxy.close());
 
     const connections = new Set<H2Connection>();
+    const limits = config.limits;
+    const h2Limits = {
+      handshakeTimeoutMs: limits.handshakeTimeoutMs,
+      idleTimeoutMs: limits.idleTimeoutMs,
+      maxSettingsPerSecond: limits.maxSettingsPerSecond,
+      maxPingsPerSecond: limits.maxPingsPerSecond,
+      maxResetsPerSecond: limits.maxResetsPerSecond,
+    };
+    const onLimit = (limit: LimitName) => metrics.limitHits.inc({ limit });
+    // Connections open now, in all and by peer address (counted from accept, TLS handshake included).
+    let open = 0;
+    const perPeer = new Map<string, number>();
+    const admit = (socket: Socket): boolean => {
+      const peer = socket.remoteAddress ?? "";
+      const fromPeer = perPeer.get(peer) ?? 0;
+      const limit: LimitName | undefined = open >= limits.maxConnections ? "connections" : fromPeer >= limits.maxConnectionsPerPeer ? "connections_per_peer" : undefined;
+      if (limit !== undefined) {
+        onLimit(limit);
+        socket.destroy();
+        return false;
+      }
+      open++;
+      perPeer.set(peer, fromPeer + 1);
+      socket.once("close", () => {
+        open--;
+        const left = (perPeer.get(peer) ?? 1) - 1;
+        if (left === 0) perPeer.delete(peer);
+        else perPeer.set(peer, left);
+      });
+      return true;
+    };
     const accept = (socket: Socket) => {
       // gRPC messages are small and latency-bound: Nagle's algorithm with delayed ACKs would hold them back.
       socket.setNoDelay(true);
-      const connection = new H2Connection(socket, { role: "server", onStream: (stream) => proxy.serve(stream) });
+      const connection = new H2Connection(socket, { role: "server", onStream: (stream) => proxy.serve(stream), limits: h2Limits, onLimit });
       connections.add(connection);
       socket.once("close", () => connections.delete(connection));
     };
     const server: NetServer =
       config.tls === undefined
-        ? createNetServer(accept)
+        ? createNetServer((socket) => {
+            if (admit(socket)) accept(socket);
+          })
         : createTlsServer(
             {
+              handshakeTimeout: limits.handshakeTimeoutMs,
               cert: readFileSync(config.tls.cert),
               key: readFileSync(config.tls.key),
               ALPNProtocols: ["h2"],
@@ -143,10 +182,17 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
             },
             (socket: TLSSocket) => {
               // gRPC clients negotiate h2 by ALPN; anything else (HTTP/1.1) is not served.
-              if (socket.alpnProtocol !== "h2" && socket.alpnProtocol !== false) socket.destroy();
-              else accept(socket);
+              if (socket.alpnProtocol !== "h2" && socket.alpnProtocol !== false) {
+                socket.destroy();
+                return;
+              }
+              // The client certificate is the agent's identity for the connection's life: no renegotiation.
+              socket.disableRenegotiation();
+              accept(socket);
             },
           );
+    // TLS: counted from the TCP accept, before the handshake, so half-open handshakes count too.
+    if (config.tls !== undefined) server.on("connection", (socket: Socket) => void admit(socket));
     server.on("tlsClientError", () => undefined);
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
@@ -184,37 +230,24 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
   }
 }
 
-/**
- * Verifying an agent token costs about 0.3 ms of CPU (EdDSA), too much for
- * every call: a verified token's identity is remembered for at most `ttlMs`
- * and never past the token's own `exp`. mTLS identities are cheap and not cached.
- */
-class IdentityCache {
-  private readonly authenticator: AgentAuthenticator;
-  private readonly entries = new Map<string, { identity: AgentIdentity; until: number }>();
-  private readonly ttlMs: number;
-  private readonly maxEntries: number;
-
-  constructor(authenticator: AgentAuthenticator, ttlMs = 30_000, maxEntries = 10_000) {
-    this.authenticator = authenticator;
-    this.ttlMs = ttlMs;
-    this.maxEntries = maxEntries;
-  }
-
-  async authenticate(headers: IncomingHttpHeaders, socket: TLSSocket | undefined): Promise<AgentIdentity | undefined> {
-    const peer = socket !== undefined && socket.authorized ? { peerCertificate: socket.getPeerCertificate(), peerAuthorized: true } : {};
-    const token = headers.authorization ?? headers["x-airlock-agent-token"];
-    if (typeof token !== "string" || "peerCertificate" in peer) return this.authenticator.authenticate({ headers, ...peer });
-    const now = Date.now();
-    const cached = this.entries.get(token);
-    if (cached !== undefined && cached.until > now) return cached.identity;
-    const identity = await this.authenticator.authenticate({ headers });
-    if (identity !== undefined) {
-      // Verified just above, so reading its claims unverified here is safe; the authenticator requires exp.
-      const expiresMs = (decodeJwt(token.replace(/^Bearer\s+/i, "")).exp ?? 0) * 1000;
-      if (this.entries.size >= this.maxEntries) this.entries.clear();
-      this.entries.set(token, { identity, until: Math.min(now + this.ttlMs, expiresMs) });
+/** The proxy's view of an upstream: its address and, for TLS, the PEM files read. */
+function upstreamTarget(upstream: UpstreamConfig): UpstreamTarget {
+  const transport = upstream.transport;
+  if (transport.kind !== "tls") return { name: upstream.name, address: upstream.address };
+  const read = (file: string | undefined, field: string): Buffer | undefined => {
+    if (file === undefined) return undefined;
+    try {
+      return readFileSync(file);
+    } catch (error) {
+      throw new AirlockError(Code.InvalidArgument, `cannot read ${file} for upstream ${upstream.name}`, { cause: error, details: { field } });
     }
-    return identity;
-  }
+  };
+  const ca = read(transport.ca, "tls.ca");
+  const cert = read(transport.cert, "tls.cert");
+  const key = read(transport.key, "tls.key");
+  return {
+    name: upstream.name,
+    address: upstream.address,
+    tls: { ...(ca === undefined ? {} : { ca }), ...(cert === undefined ? {} : { cert }), ...(key === undefined ? {} : { key }), ...(transport.serverName === undefined ? {} : { serverName: transport.serverName }) },
+  };
 }

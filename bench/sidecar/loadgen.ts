@@ -20,13 +20,16 @@ const path = "/demo.v1.OpsService/GetStatus";
 // GetStatusRequest has no fields: its encoding is empty. Pre-encoded so the generator spends nothing on protobuf.
 const request = Buffer.alloc(0);
 const passBytes = (bytes: Buffer) => bytes;
+// The agent's token (AGENT_TOKEN), sent on every call to both targets: the upstream ignores it.
+const metadata = new Metadata();
+if (process.env.AGENT_TOKEN !== undefined) metadata.set("authorization", `Bearer ${process.env.AGENT_TOKEN}`);
 const latencies: number[] = [];
 let failures = 0;
 
 function call(): Promise<void> {
   const started = process.hrtime.bigint();
   return new Promise((resolve) => {
-    client.makeUnaryRequest(path, passBytes, passBytes, request, new Metadata(), {}, (error) => {
+    client.makeUnaryRequest(path, passBytes, passBytes, request, metadata, {}, (error) => {
       if (error === null) latencies.push(Number(process.hrtime.bigint() - started) / 1e6);
       else failures++;
       resolve();

@@ -17,6 +17,7 @@ import {
   writeFrameHeader,
 } from "./frames.js";
 import { encodeHeaderBlock, type HeaderField, HpackDecoder } from "./hpack.js";
+import { type LimitName, sidecarLimitDefaults } from "./limits.js";
 
 /** Limits of one HTTP/2 connection of the data plane. */
 export interface H2Limits {
@@ -28,6 +29,14 @@ export interface H2Limits {
   readonly maxConcurrentStreams: number;
   /** Largest header block (HEADERS plus CONTINUATION) accepted. */
   readonly maxHeaderBlockBytes: number;
+  /** Server connections: time to receive the client preface and its first SETTINGS; the socket is closed after. */
+  readonly handshakeTimeoutMs: number;
+  /** Server connections: time without an open stream before GOAWAY and close. */
+  readonly idleTimeoutMs: number;
+  /** Server connections: SETTINGS, PING and stream resets (either way) a second before GOAWAY ENHANCE_YOUR_CALM. */
+  readonly maxSettingsPerSecond: number;
+  readonly maxPingsPerSecond: number;
+  readonly maxResetsPerSecond: number;
 }
 
 /** The data plane's HTTP/2 limits. */
@@ -40,6 +49,11 @@ export const h2Defaults: H2Limits = {
   maxConcurrentStreams: 1000,
   /** @default 64 KiB */
   maxHeaderBlockBytes: 1 << 16,
+  handshakeTimeoutMs: sidecarLimitDefaults.handshakeTimeoutMs,
+  idleTimeoutMs: sidecarLimitDefaults.idleTimeoutMs,
+  maxSettingsPerSecond: sidecarLimitDefaults.maxSettingsPerSecond,
+  maxPingsPerSecond: sidecarLimitDefaults.maxPingsPerSecond,
+  maxResetsPerSecond: sidecarLimitDefaults.maxResetsPerSecond,
 };
 
 /** What an {@link H2Connection} tells its owner. */
@@ -51,6 +65,8 @@ export interface H2ConnectionOptions {
   /** The peer will accept no new streams (GOAWAY), or the connection is gone. */
   readonly onUnusable?: () => void;
   readonly limits?: Partial<H2Limits>;
+  /** A limit was hit on this connection (for `airlock_sidecar_limit_hits_total`). */
+  readonly onLimit?: (limit: LimitName) => void;
 }
 
 /** Outbound bytes a stream queues (waiting for flow-control window) before `write` asks its writer to wait. */
@@ -71,8 +87,9 @@ const socketHardLimit = 16 << 20;
 /** Most CONTINUATION frames one header block may take (an empty one costs us a frame and a buffer). */
 const maxContinuationFrames = 64;
 
-/** Streams a peer may reset per second on a server connection before it is told to calm down (CVE-2023-44487). */
-const maxPeerResetsPerSecond = 1000;
+/** Stream ids of resets a server connection remembers, to ignore frames the peer sent before it saw them. */
+const maxRememberedResets = 1024;
+
 
 /**
  * One HTTP/2 connection (RFC 9113) over a socket, for the sidecar's data
@@ -109,8 +126,14 @@ export class H2Connection {
   private receiveWindow: number;
   /** Streams waiting for the socket to drain. */
   private readonly congested = new Set<H2Stream>();
-  private peerResets = 0;
-  private peerResetsSince = 0;
+  /** Per-second budgets of a server connection: resets (CVE-2023-44487, CVE-2025-8671), SETTINGS and PING. */
+  private readonly budgets = { resets: { count: 0, since: 0 }, settings: { count: 0, since: 0 }, pings: { count: 0, since: 0 } };
+  private readonly onLimit: ((limit: LimitName) => void) | undefined;
+  /** Server connections: the handshake deadline, then the idle check. */
+  private timer: NodeJS.Timeout | undefined;
+  private handshaken = false;
+  /** When the last stream closed (ms), for the idle timeout. */
+  private idleSince = Date.now();
   private unusable = false;
   private draining = false;
   private readonly blocked = new Set<H2Stream>();
@@ -119,6 +142,12 @@ export class H2Connection {
   private flushScheduled = false;
   private goawayReceived = false;
   private closed = false;
+  /**
+   * Server connections: ids of peer streams this side reset, most recent last. Frames the peer
+   * sent before it saw our RST_STREAM may still arrive and are ignored (RFC 9113 §5.1 "closed");
+   * on any other closed stream they are errors.
+   */
+  private readonly resetByUs = new Set<number>();
 
   constructor(socket: Socket, options: H2ConnectionOptions) {
     this.socket = socket;
@@ -142,6 +171,16 @@ export class H2Connection {
       this.queue(encodeUint32Frame(FrameType.windowUpdate, 0, this.limits.connectionWindow - defaultWindowSize));
     }
 
+    this.onLimit = options.onLimit;
+    if (this.role === "server") {
+      this.timer = setTimeout(() => {
+        // No preface and SETTINGS in time: a slowloris holds a socket for free otherwise.
+        this.onLimit?.("handshake_timeout");
+        this.shutDown(new Error("no HTTP/2 handshake in time"));
+        this.socket.destroy();
+      }, this.limits.handshakeTimeoutMs);
+      this.timer.unref();
+    }
     socket.on("data", (chunk: Buffer) => this.receive(chunk));
     socket.on("drain", () => this.drained());
     socket.on("error", () => undefined);
@@ -269,6 +308,7 @@ export class H2Connection {
   /** @internal */
   forget(stream: H2Stream): void {
     this.streams.delete(stream.id);
+    if (this.streams.size === 0) this.idleSince = Date.now();
     this.blocked.delete(stream);
     this.congested.delete(stream);
     // Closed on a later turn: the stream's own close handlers are still running.
@@ -318,6 +358,7 @@ export class H2Connection {
   private shutDown(error: Error): void {
     if (this.closed) return;
     this.closed = true;
+    clearTimeout(this.timer);
     for (const stream of [...this.streams.values()]) stream.close(H2ErrorCode.cancel, error);
     this.streams.clear();
     this.blocked.clear();
@@ -392,6 +433,7 @@ export class H2Connection {
       case FrameType.ping:
         if (streamId !== 0) throw new ProtocolViolation(H2ErrorCode.protocolError);
         if (payload.length !== 8) throw new ProtocolViolation(H2ErrorCode.frameSizeError);
+        if ((flags & FrameFlag.ack) === 0) this.spend("pings", this.limits.maxPingsPerSecond, "ping_flood");
         if ((flags & FrameFlag.ack) === 0) this.queue(encodeFrame(FrameType.ping, FrameFlag.ack, 0, payload));
         return;
       case FrameType.goaway:
@@ -403,8 +445,14 @@ export class H2Connection {
       case FrameType.pushPromise:
         // Clients announce SETTINGS_ENABLE_PUSH=0 and servers never receive one.
         throw new ProtocolViolation(H2ErrorCode.protocolError);
+      case FrameType.priority:
+        // Nothing the proxy acts on, but still checked (RFC 9113 §6.3).
+        if (streamId === 0) throw new ProtocolViolation(H2ErrorCode.protocolError);
+        if (payload.length !== 5) this.resetId(streamId, H2ErrorCode.frameSizeError);
+        else if ((payload.readUInt32BE(0) & 0x7fffffff) === streamId) this.resetId(streamId, H2ErrorCode.protocolError);
+        return;
       default:
-        // PRIORITY and unknown frame types carry nothing the proxy acts on.
+        // Unknown frame types carry nothing the proxy acts on.
         return;
     }
   }
@@ -438,10 +486,22 @@ export class H2Connection {
       this.consumed(undefined, payload.length);
       if (stream !== undefined) this.resetForMisbehaviour(stream, H2ErrorCode.streamClosed);
       else if (this.isIdle(streamId)) throw new ProtocolViolation(H2ErrorCode.protocolError);
+      // A stream that ended both ways, or that the peer reset: its DATA is an error (§5.1).
+      else if (this.role === "server" && !this.resetByUs.has(streamId)) this.resetId(streamId, H2ErrorCode.streamClosed);
       return;
     }
     this.consumed(stream, payload.length - data.length);
-    stream.receiveData(data, (flags & FrameFlag.endStream) !== 0);
+    const endStream = (flags & FrameFlag.endStream) !== 0;
+    if (stream.contentLength >= 0) {
+      // §8.1.1: DATA that does not add up to content-length makes the request malformed.
+      stream.contentLength -= data.length;
+      if (stream.contentLength < 0 || (endStream && stream.contentLength !== 0)) {
+        this.consumed(undefined, data.length);
+        this.resetForMisbehaviour(stream, H2ErrorCode.protocolError);
+        return;
+      }
+    }
+    stream.receiveData(data, endStream);
   }
 
   private receiveHeaders(flags: number, streamId: number, payload: Buffer): void {
@@ -452,8 +512,18 @@ export class H2Connection {
       start = 1;
       end -= payload[0] ?? 0;
     }
+    const dependsOnItself = (flags & FrameFlag.priority) !== 0 && payload.length >= start + 4 && (payload.readUInt32BE(start) & 0x7fffffff) === streamId;
     if ((flags & FrameFlag.priority) !== 0) start += 5;
     if (end < start) throw new ProtocolViolation(H2ErrorCode.protocolError);
+    if (dependsOnItself) {
+      // A stream error (§5.3.1); the header block is still decoded, since it changed the HPACK table.
+      if ((flags & FrameFlag.endHeaders) !== 0) {
+        this.decodeBlock(payload.subarray(start, end));
+        if (this.role === "server" && streamId > this.lastPeerStreamId) this.lastPeerStreamId = streamId;
+        this.resetId(streamId, H2ErrorCode.protocolError);
+        return;
+      }
+    }
     const fragment = payload.subarray(start, end);
     const endStream = (flags & FrameFlag.endStream) !== 0;
     if ((flags & FrameFlag.endHeaders) !== 0) {
@@ -476,20 +546,33 @@ export class H2Connection {
     this.receiveHeaderBlock(streamId, Buffer.concat(continuation.fragments, continuation.bytes), continuation.endStream);
   }
 
-  private receiveHeaderBlock(streamId: number, block: Buffer, endStream: boolean): void {
+  private decodeBlock(block: Buffer): HeaderField[] {
     if (block.length > this.limits.maxHeaderBlockBytes) throw new ProtocolViolation(H2ErrorCode.enhanceYourCalm);
-    let fields: HeaderField[];
     try {
       // Decoded even for streams already closed: the peer's HPACK table changed either way.
-      fields = this.decoder.decode(block);
+      return this.decoder.decode(block);
     } catch {
       throw new ProtocolViolation(H2ErrorCode.compressionError);
     }
+  }
+
+  private receiveHeaderBlock(streamId: number, block: Buffer, endStream: boolean): void {
+    const fields = this.decodeBlock(block);
     const existing = this.streams.get(streamId);
     if (existing !== undefined) {
+      if (existing.remoteEnded) {
+        // Half-closed (remote): the peer already ended its side (§5.1).
+        this.resetForMisbehaviour(existing, H2ErrorCode.streamClosed);
+        return;
+      }
       // After a request's headers (or a response's) only trailers may follow, and they end the
       // stream; anything else would sit in a paused stream's inbox outside flow control.
       if (!endStream && (existing.openedByPeer || existing.responseHeadersReceived)) {
+        this.resetForMisbehaviour(existing, H2ErrorCode.protocolError);
+        return;
+      }
+      // Request trailers carry no pseudo-header fields (§8.1).
+      if (existing.openedByPeer && malformedTrailers(fields)) {
         this.resetForMisbehaviour(existing, H2ErrorCode.protocolError);
         return;
       }
@@ -499,24 +582,48 @@ export class H2Connection {
     if (this.role === "client") return;
     if (streamId % 2 === 0) throw new ProtocolViolation(H2ErrorCode.protocolError);
     if (streamId <= this.lastPeerStreamId) {
-      // Trailers of a stream this side has already closed.
-      return;
+      // Trailers of a stream this side reset, sent before the peer saw the reset: ignored. Any other
+      // HEADERS on a lower id reopens a closed stream or opens one out of order (§5.1, §5.1.1).
+      if (this.resetByUs.has(streamId)) return;
+      throw new ProtocolViolation(H2ErrorCode.protocolError);
     }
     this.lastPeerStreamId = streamId;
     const stream = new H2Stream(this, streamId, this.peerInitialWindow, true);
     if (this.streams.size >= this.limits.maxConcurrentStreams) {
-      this.queue(encodeUint32Frame(FrameType.rstStream, streamId, H2ErrorCode.refusedStream));
+      this.resetId(streamId, H2ErrorCode.refusedStream);
       return;
     }
-    if (fields.some(invalidField)) {
-      // RFC 9113 §8.2.1: a NUL, CR or LF in a field value makes the request malformed.
+    const contentLength = malformedRequest(fields);
+    if (contentLength === malformed) {
+      // RFC 9113 §8.1.1: a malformed request is a stream error; it is never forwarded.
       this.resetForMisbehaviour(stream, H2ErrorCode.protocolError);
       return;
     }
     this.streams.set(streamId, stream);
     stream.headers = toHeaderObject(fields);
-    if (endStream) stream.receiveData(emptyBuffer, true);
+    stream.contentLength = contentLength;
+    if (endStream) {
+      if (contentLength > 0) {
+        this.resetForMisbehaviour(stream, H2ErrorCode.protocolError);
+        return;
+      }
+      stream.receiveData(emptyBuffer, true);
+    }
     this.onStream?.(stream);
+  }
+
+  /** Sends RST_STREAM for a stream that has no stream object (idle, refused or closed); counts toward the reset budget. */
+  private resetId(streamId: number, code: number): void {
+    this.queue(encodeUint32Frame(FrameType.rstStream, streamId, code));
+    this.noteReset(streamId);
+    this.countReset();
+  }
+
+  /** @internal Remembers that this side reset a peer's stream, so frames already in flight are ignored. */
+  noteReset(streamId: number): void {
+    if (this.role !== "server") return;
+    if (this.resetByUs.size >= maxRememberedResets) this.resetByUs.delete(this.resetByUs.values().next().value ?? 0);
+    this.resetByUs.add(streamId);
   }
 
   private receiveSettings(flags: number, streamId: number, payload: Buffer): void {
@@ -526,6 +633,8 @@ export class H2Connection {
       return;
     }
     if (payload.length % 6 !== 0) throw new ProtocolViolation(H2ErrorCode.frameSizeError);
+    if (!this.handshaken && this.role === "server") this.handshakeDone();
+    else this.spend("settings", this.limits.maxSettingsPerSecond, "settings_flood");
     let initialWindow: number | undefined;
     for (let offset = 0; offset < payload.length; offset += 6) {
       const id = payload.readUInt16BE(offset);
@@ -625,13 +734,45 @@ export class H2Connection {
    * (CVE-2023-44487), whether the peer resets them or makes us do it (CVE-2025-8671).
    */
   private countReset(): void {
+    this.spend("resets", this.limits.maxResetsPerSecond, "reset_flood");
+  }
+
+  /** Spends one unit of a per-second budget of a server connection; past it, GOAWAY ENHANCE_YOUR_CALM. */
+  private spend(budget: "resets" | "settings" | "pings", perSecond: number, limit: LimitName): void {
     if (this.role !== "server") return;
+    const state = this.budgets[budget];
     const now = Date.now();
-    if (now - this.peerResetsSince >= 1000) {
-      this.peerResetsSince = now;
-      this.peerResets = 0;
+    if (now - state.since >= 1000) {
+      state.since = now;
+      state.count = 0;
     }
-    if (++this.peerResets > maxPeerResetsPerSecond) throw new ProtocolViolation(H2ErrorCode.enhanceYourCalm);
+    if (++state.count > perSecond) {
+      this.onLimit?.(limit);
+      throw new ProtocolViolation(H2ErrorCode.enhanceYourCalm);
+    }
+  }
+
+  /** The client's preface and first SETTINGS arrived: the handshake deadline gives way to the idle check. */
+  private handshakeDone(): void {
+    this.handshaken = true;
+    clearTimeout(this.timer);
+    this.idleSince = Date.now();
+    this.armIdle(this.limits.idleTimeoutMs);
+  }
+
+  private armIdle(ms: number): void {
+    // One timer per connection, never touched per stream: a stream only moves idleSince when the last one closes.
+    this.timer = setTimeout(() => {
+      if (this.closed) return;
+      const idleFor = Date.now() - this.idleSince;
+      if (this.streams.size > 0 || idleFor < this.limits.idleTimeoutMs) {
+        this.armIdle(this.streams.size > 0 ? this.limits.idleTimeoutMs : this.limits.idleTimeoutMs - idleFor);
+        return;
+      }
+      this.onLimit?.("idle_timeout");
+      this.close(H2ErrorCode.noError);
+    }, ms);
+    this.timer.unref();
   }
 
   /** Resets a stream because its peer broke the protocol on it; counts toward the reset budget. */
@@ -684,6 +825,8 @@ export class H2Stream {
   readonly openedByPeer: boolean;
   /** @internal A response's headers have arrived (client streams). */
   responseHeadersReceived = false;
+  /** @internal Request bytes still expected by the request's content-length; -1 without one. */
+  contentLength = -1;
   private readonly inbox: Array<Buffer | { readonly fields: HeaderField[]; readonly endStream: boolean }> = [];
   private outbox: Buffer[] = [];
   private outboxBytes = 0;
@@ -763,7 +906,10 @@ export class H2Stream {
     // END_STREAM sent both ways means the stream is closed for the peer already: a RST_STREAM then
     // is a frame on a closed stream, which node:http2 counts as invalid (GOAWAY after 1,000).
     const endSent = this.localEnded && this.trailersQueued === undefined && !this.endQueued;
-    if (!(endSent && this.remoteEnded)) this.connection.queue(encodeUint32Frame(FrameType.rstStream, this.id, code));
+    if (!(endSent && this.remoteEnded)) {
+      this.connection.queue(encodeUint32Frame(FrameType.rstStream, this.id, code));
+      if (this.openedByPeer) this.connection.noteReset(this.id);
+    }
     this.close(code);
   }
 
@@ -917,7 +1063,74 @@ function toHeaderObject(fields: readonly HeaderField[]): IncomingHttpHeaders {
 }
 
 /** A field value with NUL, CR or LF (RFC 9113 §8.2.1). */
-function invalidField(field: HeaderField): boolean {
-  const value = field[1];
+function invalidValue(value: string): boolean {
   return value.includes("\r") || value.includes("\n") || value.includes("\0");
+}
+
+/** {@link malformedRequest}'s answer for a malformed request. */
+const malformed = -2;
+
+/** Fields that are only about one HTTP/1.1 connection and make an HTTP/2 message malformed (§8.2.2). */
+const connectionSpecific: ReadonlySet<string> = new Set(["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"]);
+
+/**
+ * Checks a request's header fields (RFC 9113 §8.1.1, 8.2, 8.3): exactly one
+ * each of `:method`, `:scheme` and a non-empty `:path`, at most one
+ * `:authority`, no other pseudo-header and none after a regular field, no
+ * connection-specific field, `te` only as `trailers`, no NUL/CR/LF in values,
+ * a content-length of digits, and a `host` that is not empty and, next to
+ * `:authority`, the same (§8.3.1; found by the differential fuzzer against
+ * nghttp2). CONNECT is refused (no gRPC call uses it).
+ * @returns {@link malformed}, or the content-length (-1 when absent).
+ */
+function malformedRequest(fields: readonly HeaderField[]): number {
+  let method = 0;
+  let scheme = 0;
+  let path = 0;
+  let authority = 0;
+  let authorityValue: string | undefined;
+  let host: string | undefined;
+  let regular = false;
+  let contentLength = -1;
+  for (const [name, value] of fields) {
+    if (invalidValue(value)) return malformed;
+    if (name.charCodeAt(0) === 58 /* ':' */) {
+      if (regular) return malformed;
+      if (name === ":method") {
+        if (++method > 1 || value === "CONNECT") return malformed;
+      } else if (name === ":scheme") {
+        if (++scheme > 1) return malformed;
+      } else if (name === ":path") {
+        if (++path > 1 || value === "") return malformed;
+      } else if (name === ":authority") {
+        if (++authority > 1) return malformed;
+        authorityValue = value;
+      } else {
+        return malformed;
+      }
+      continue;
+    }
+    regular = true;
+    if (name === "te") {
+      if (value !== "trailers") return malformed;
+    } else if (name === "content-length") {
+      if (contentLength !== -1 || !/^[0-9]{1,15}$/.test(value)) return malformed;
+      contentLength = Number(value);
+    } else if (name === "host") {
+      if (host !== undefined || value === "") return malformed;
+      host = value;
+    } else if (connectionSpecific.has(name)) {
+      return malformed;
+    }
+  }
+  if (host !== undefined && authorityValue !== undefined && host !== authorityValue) return malformed;
+  return method === 1 && scheme === 1 && path === 1 ? contentLength : malformed;
+}
+
+/** Request trailers: no pseudo-header fields, no connection-specific fields, no NUL/CR/LF. */
+function malformedTrailers(fields: readonly HeaderField[]): boolean {
+  for (const [name, value] of fields) {
+    if (name.charCodeAt(0) === 58 || connectionSpecific.has(name) || invalidValue(value)) return true;
+  }
+  return false;
 }

@@ -52,6 +52,7 @@ function compileRule(rule: RuleDefinition): CompiledRule {
     ...(rule.approve === undefined ? {} : { approve: rule.approve }),
     // An approval carries the (redacted) request to reviewers, so approve rules always need it.
     needsRequest: rule.effect === "approve" || rule.when?.referencesRequest === true,
+    anonymous: rule.anonymous,
   };
   const matched = `matched ${rule.service}/${rule.method}${rule.when === undefined ? "" : " and its condition"}`;
   const verdict: PolicyVerdict = {
@@ -59,6 +60,7 @@ function compileRule(rule: RuleDefinition): CompiledRule {
     ruleId: rule.id,
     reason: rule.reason ?? matched,
     ...(rule.approve === undefined ? {} : { approve: rule.approve }),
+    ...(rule.anonymous ? { anonymous: true as const } : {}),
   };
   return { summary: deepFreeze(summary), condition: rule.when, hosts: rule.hosts === undefined ? undefined : new Set(rule.hosts), verdict: deepFreeze(verdict) };
 }
@@ -283,5 +285,8 @@ export function explainCall(policy: Policy, call: PolicyCall): string[] {
   }
   const approve = verdict.approve === undefined ? "" : ` [${describeApprove(verdict.approve)}]`;
   lines.push(`verdict: ${verdict.effect} by ${verdict.ruleId === "default" ? "the default" : `rule ${verdict.ruleId}`}: ${verdict.reason}${approve}`);
+  if (call.identity === undefined && verdict.anonymous !== true) {
+    lines.push(`but the caller is unauthenticated and ${verdict.ruleId === "default" ? "the default" : `rule ${verdict.ruleId}`} is not anonymous: the sidecar answers UNAUTHENTICATED`);
+  }
   return lines;
 }

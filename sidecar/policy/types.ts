@@ -108,6 +108,12 @@ export interface PolicyVerdict {
   readonly reason: string;
   /** Present exactly when `effect` is `approve`. */
   readonly approve?: ApproveSpec;
+  /**
+   * Present (and true) only when the deciding rule has `anonymous: true`: the
+   * call may go ahead without an authenticated agent. Every other verdict,
+   * the default's included, needs one (the sidecar answers UNAUTHENTICATED).
+   */
+  readonly anonymous?: true;
 }
 
 /** A rule as loaded, for listing and dry runs. */
@@ -130,6 +136,8 @@ export interface RuleSummary {
   readonly approve?: ApproveSpec;
   /** Whether firing or even considering this rule needs the decoded request. */
   readonly needsRequest: boolean;
+  /** Whether callers without an agent identity may pass this rule (`anonymous: true`). */
+  readonly anonymous: boolean;
 }
 
 /** The defaults the policy file falls back to. */

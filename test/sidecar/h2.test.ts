@@ -873,6 +873,110 @@ await t.test("server role against misbehaving raw peers", async (t) => {
     t.equal(server.records.length, 0, "the owner never saw them");
   });
 
+  await t.test("malformed requests (RFC 9113 §8.1.1, 8.2, 8.3) are refused with RST_STREAM PROTOCOL_ERROR and never reach the owner", async (t) => {
+    const server = await startH2Server(t, echo);
+    const peer = await RawPeer.connect(t, server.port);
+    const base: HeaderField[] = [
+      [":method", "POST"],
+      [":scheme", "http"],
+      [":path", "/raw"],
+      [":authority", "raw.test"],
+    ];
+    const without = (name: string) => base.filter(([n]) => n !== name);
+    const cases: Array<[string, HeaderField[]]> = [
+      ["unknown pseudo-header", [...base, [":unknown", "x"]]],
+      ["response pseudo-header", [...base, [":status", "200"]]],
+      ["pseudo-header after a regular field", [...without(":authority"), ["x-a", "1"], [":authority", "raw.test"]]],
+      ["connection-specific field", [...base, ["connection", "keep-alive"]]],
+      ["transfer-encoding", [...base, ["transfer-encoding", "chunked"]]],
+      ["te other than trailers", [...base, ["te", "gzip"]]],
+      ["empty :path", [...without(":path"), [":path", ""]]],
+      ["no :method", without(":method")],
+      ["no :scheme", without(":scheme")],
+      ["no :path", without(":path")],
+      ["two :method", [...base.slice(0, 1), ...base]],
+      ["two :path", [...base, [":path", "/other"]]],
+      ["CONNECT", [[":method", "CONNECT"], [":authority", "raw.test:443"]]],
+      ["content-length that is not a number", [...base, ["content-length", "1e3"]]],
+      // Found by the differential fuzzer (test/sidecar/fuzz/headers.test.ts): nghttp2 refuses these, the data plane accepted them.
+      ["empty host", [...base, ["host", ""]]],
+      ["host naming another authority than :authority", [...base, ["host", "elsewhere.test"]]],
+    ];
+    peer.send(hello(), ...cases.map(([, fields], i) => frame(type.headers, flag.endHeaders | flag.endStream, 1 + 2 * i, encodeHeaderBlock(fields))));
+    t.ok(await peer.sync(), "the connection stays up");
+    const resets = peer.resets();
+    for (const [i, [name]] of cases.entries()) {
+      t.same(resets.find((r) => r.streamId === 1 + 2 * i)?.errorCode, code.protocolError, name);
+    }
+    t.equal(server.records.length, 0, "the owner never saw any of them");
+    // te: trailers is how gRPC clients ask for trailers: still accepted.
+    peer.send(frame(type.headers, flag.endHeaders | flag.endStream, 1 + 2 * cases.length, encodeHeaderBlock([...base, ["te", "trailers"]])));
+    t.ok(await peer.sync());
+    t.equal(server.records.length, 1, "a well-formed request with te: trailers is served");
+  });
+
+  await t.test("content-length that DATA does not add up to: RST_STREAM PROTOCOL_ERROR", async (t) => {
+    const server = await startH2Server(t, () => undefined);
+    const peer = await RawPeer.connect(t, server.port);
+    const declared = encodeHeaderBlock([
+      [":method", "POST"],
+      [":scheme", "http"],
+      [":path", "/raw"],
+      [":authority", "raw.test"],
+      ["content-length", "4"],
+    ]);
+    peer.send(hello(), frame(type.headers, flag.endHeaders, 1, declared), frame(type.data, flag.endStream, 1, Buffer.from("abc")));
+    peer.send(frame(type.headers, flag.endHeaders, 3, declared), frame(type.data, 0, 3, Buffer.from("abc")), frame(type.data, flag.endStream, 3, Buffer.from("de")));
+    t.ok(await peer.sync());
+    t.same(peer.resets(), [
+      { streamId: 1, errorCode: code.protocolError },
+      { streamId: 3, errorCode: code.protocolError },
+    ]);
+  });
+
+  await t.test("stream state errors: HEADERS on half-closed (remote), frames on closed streams, lower stream ids, PRIORITY checks", async (t) => {
+    const streamClosed = 0x5;
+    {
+      const server = await startH2Server(t, () => undefined);
+      const peer = await RawPeer.connect(t, server.port);
+      // Half-closed (remote) while the owner has not answered: a second HEADERS is STREAM_CLOSED.
+      peer.send(hello(), headersFrame(1, true), frame(type.headers, flag.endHeaders | flag.endStream, 1, encodeHeaderBlock([["x-late", "1"]])));
+      t.ok(await peer.sync());
+      t.same(peer.resets(), [{ streamId: 1, errorCode: streamClosed }], "HEADERS on half-closed (remote)");
+      // The peer resets a stream, then sends DATA on it: STREAM_CLOSED.
+      peer.send(headersFrame(3, false), uint32Frame(type.rstStream, 3, code.cancel), frame(type.data, 0, 3, Buffer.from("x")));
+      t.ok(await peer.sync());
+      t.same(peer.resets().at(-1), { streamId: 3, errorCode: streamClosed }, "DATA after the peer's own RST_STREAM");
+      // PRIORITY: wrong length is a stream error, depending on itself too, stream 0 a connection error.
+      peer.send(frame(0x2, 0, 5, Buffer.alloc(4)), frame(0x2, 0, 7, Buffer.from([0, 0, 0, 7, 16])));
+      t.ok(await peer.sync());
+      t.same(peer.resets().slice(-2), [
+        { streamId: 5, errorCode: code.frameSizeError },
+        { streamId: 7, errorCode: code.protocolError },
+      ], "PRIORITY with 4 octets, PRIORITY on itself");
+      peer.send(frame(0x2, 0, 0, Buffer.from([0, 0, 0, 1, 16])));
+      await peer.closed();
+      t.same(peer.goaway()?.errorCode, code.protocolError, "PRIORITY on stream 0: GOAWAY PROTOCOL_ERROR");
+    }
+    {
+      const server = await startH2Server(t, echo);
+      const peer = await RawPeer.connect(t, server.port);
+      peer.send(hello(), headersFrame(5, true), headersFrame(3, true));
+      await peer.closed();
+      t.same(peer.goaway()?.errorCode, code.protocolError, "a stream id lower than one already used: GOAWAY PROTOCOL_ERROR");
+    }
+    {
+      const server = await startH2Server(t, () => undefined);
+      const peer = await RawPeer.connect(t, server.port);
+      // HEADERS whose priority names the stream itself.
+      const priority = Buffer.from([0, 0, 0, 1, 16]);
+      peer.send(hello(), frame(type.headers, flag.endHeaders | flag.endStream | flag.priority, 1, Buffer.concat([priority, requestBlock()])));
+      t.ok(await peer.sync());
+      t.same(peer.resets(), [{ streamId: 1, errorCode: code.protocolError }], "HEADERS depending on itself");
+      t.equal(server.records.length, 0, "never reached the owner");
+    }
+  });
+
   await t.test("a field named __proto__ stays a field", async (t) => {
     const server = await startH2Server(t, () => undefined);
     const peer = await RawPeer.connect(t, server.port);

@@ -501,6 +501,7 @@ rules:
     "call demo.v1.OpsService/GetStatus by an unauthenticated caller on host prod-db-1",
     "no rule matched: the default is allow",
     "verdict: allow by the default: no rule matched demo.v1.OpsService/GetStatus; the policy default is allow",
+    "but the caller is unauthenticated and the default is not anonymous: the sidecar answers UNAUTHENTICATED",
   ]);
 });
 
@@ -571,4 +572,56 @@ await t.test("PolicyWatcher.start fails on a missing or invalid file and leaves 
   await writeFile(path, "version: 1\nrules: nope\n");
   await t.rejects(PolicyWatcher.start(path), { code: Code.InvalidArgument, details: { field: "rules", source: path } });
   t.equal(openWatchers(), watchersBefore, "no file watcher is left open");
+});
+
+await t.test("anonymous: true lets callers without identity pass a rule; it is refused on approve rules", async (t) => {
+  const policy = Policy.parse(
+    `
+version: 1
+rules:
+  - id: health
+    match: { service: demo.v1.OpsService, method: GetStatus }
+    effect: allow
+    anonymous: true
+  - id: tail
+    match: { service: demo.v1.OpsService, method: Tail }
+    effect: allow
+`,
+    "anon.yaml",
+  );
+  t.same(
+    policy.rules.map((rule) => [rule.id, rule.anonymous]),
+    [
+      ["health", true],
+      ["tail", false],
+    ],
+  );
+  const call = (method: string): PolicyCall => ({ service: ops, method, host: "h", request: () => ({}) });
+  t.equal(policy.evaluate(call("GetStatus")).anonymous, true);
+  t.equal(policy.evaluate(call("Tail")).anonymous, undefined, "a rule without the flag needs an authenticated agent");
+  t.equal(policy.evaluate(call("GrantRole")).anonymous, undefined, "so does the default");
+  t.match(explainCall(policy, call("Tail")).at(-1), /unauthenticated and rule tail is not anonymous/);
+  t.notMatch(explainCall(policy, call("GetStatus")).join("\n"), /UNAUTHENTICATED/);
+
+  const refused = (() => {
+    try {
+      Policy.parse(
+        `version: 1
+rules:
+  - id: rotate
+    match: { service: demo.v1.OpsService, method: RotateKey }
+    effect: approve
+    anonymous: true
+    approve: { risk: low, reviewers: { all_of: [{ group: security }] }, credential: { kind: vault_token, policies: [p] } }
+`,
+        "bad.yaml",
+      );
+    } catch (error) {
+      return error as AirlockError;
+    }
+    return undefined;
+  })();
+  t.equal(refused?.code, Code.InvalidArgument);
+  t.match(refused?.rawMessage, /rules\[0\]\.anonymous/);
+  t.match(refused?.rawMessage, /needs an authenticated agent/);
 });
