@@ -28,7 +28,7 @@ export {
 export { auditStream, ensureStreams, hostPattern, stateBucket, streams, subjects } from "./subjects.js";
 export { type BusPermissions, type BusRole, busInboxPrefix, busPermissions } from "./bus.js";
 export { addBusHost, type BusRegistry, busMaterialFiles, busSeedFile, initBusMaterial, renderAuthConfig, renderServerConfig, revokeBusHost } from "./bus-material.js";
-export { type ConnectNatsOptions, connectNats, type NatsConnectionConfig, natsRefusal, parseNatsConfig } from "./nats.js";
+export { type ConnectNatsOptions, connectNats, natsConfigSection, type NatsConnectionConfig, natsRefusal, parseNatsConfig } from "./nats.js";
 export { type ConfigEnv, ConfigReader, expandConfigVariables, type ListenAddress, parseAddress, type ReadConfigOptions, readConfigFile } from "./config.js";
 export {
   type DecisionExpectation,

@@ -58,6 +58,16 @@ export function natsRefusal(error: unknown): "permissions" | "authorization" | u
   return undefined;
 }
 
+/** The `nats` section of a config file for a connection config: the inverse of {@link parseNatsConfig}. */
+export function natsConfigSection(config: NatsConnectionConfig): Record<string, unknown> {
+  const tls = config.tls;
+  return {
+    ...(config.servers.length === 1 ? { url: config.servers[0] } : { urls: [...config.servers] }),
+    auth: { kind: config.auth.kind, seed_file: config.auth.seedFile },
+    ...(tls === undefined ? {} : { tls: { ...(tls.caFile === undefined ? {} : { ca_file: tls.caFile }), ...(tls.certFile === undefined ? {} : { cert_file: tls.certFile, key_file: tls.keyFile }) } }),
+  };
+}
+
 /** Options of {@link connectNats}. */
 export interface ConnectNatsOptions {
   /** The role the credential is for: it picks the reply-inbox prefix the server lets this role read. */

@@ -11,6 +11,7 @@ import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { ConfigReader } from "../common/config.js";
 import { generateDecisionKey } from "../common/decision.js";
+import { natsConfigSection, type NatsConnectionConfig } from "../common/nats.js";
 import { descriptorSetPath } from "../proto/index.js";
 import { parseSidecarConfig, startSidecar } from "../sidecar/index.js";
 import { startRecordingUpstream } from "./recording-upstream.js";
@@ -25,8 +26,11 @@ export interface ConformanceTarget {
   close(): Promise<void>;
 }
 
-/** Starts the conformance target against the NATS at `natsUrl`. */
-export async function startConformanceSidecar(natsUrl: string): Promise<ConformanceTarget> {
+/** The host the conformance target runs as (its NATS credential must be this host's). */
+export const conformanceHost = "conformance";
+
+/** Starts the conformance target with `nats`, the connection config of host {@link conformanceHost}'s sidecar. */
+export async function startConformanceSidecar(nats: NatsConnectionConfig): Promise<ConformanceTarget> {
   const dir = await makeTempDir("conformance");
   const upstream = await startRecordingUpstream();
   try {
@@ -41,10 +45,10 @@ export async function startConformanceSidecar(natsUrl: string): Promise<Conforma
           {
             listen: "127.0.0.1:0",
             upstreams: [{ name: "ops", address: upstream.address, descriptor_sets: [descriptorSetPath] }],
-            nats: { url: natsUrl },
+            nats: natsConfigSection(nats),
             vault: { address: "http://127.0.0.1:1" },
             broker_keys: { k1: "broker.pem" },
-            host: "conformance",
+            host: conformanceHost,
             policy: "policy.yaml",
             metrics: { listen: "127.0.0.1:0" },
             log_level: "error",

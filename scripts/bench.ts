@@ -19,7 +19,7 @@ import { jetstreamManager } from "@nats-io/jetstream";
 import { exportSPKI, generateKeyPair, SignJWT } from "jose";
 import { RequestStore } from "../broker/store.js";
 import { generateDecisionKey } from "../common/decision.js";
-import type { NatsConnectionConfig } from "../common/nats.js";
+import { natsConfigSection, type NatsConnectionConfig } from "../common/nats.js";
 import { ensureStreams } from "../common/subjects.js";
 import { createVaultClient } from "../common/vault.js";
 import { freePort, startNats, startVault, waitUntil } from "../harness/index.js";
@@ -115,7 +115,8 @@ function median(values: number[]): number {
 
 /** A config's `nats` line for a role's credential (TLS, the role's own nkey seed file). */
 function natsYaml(config: NatsConnectionConfig): string {
-  return `nats: { url: "${config.servers[0] ?? ""}", auth: { kind: nkey, seed_file: "${config.auth.seedFile}" }, tls: { ca_file: "${config.tls?.caFile ?? ""}" } }`;
+  // YAML reads JSON.
+  return `nats: ${JSON.stringify(natsConfigSection(config))}`;
 }
 
 async function benchSidecar(): Promise<void> {

@@ -4,13 +4,13 @@
  * `h2spec: generic=P/T http2=P/T hpack=P/T`. With `--failures`, each case that
  * did not pass is listed first, with what h2spec expected and saw.
  */
-import { startConformanceSidecar, conformancePath } from "../harness/conformance.js";
+import { conformanceHost, conformancePath, startConformanceSidecar } from "../harness/conformance.js";
 import { formatH2specCounts, runH2spec } from "../harness/h2spec.js";
 import { startNats } from "../harness/nats.js";
 
 const nats = await startNats();
 try {
-  const target = await startConformanceSidecar(nats.url);
+  const target = await startConformanceSidecar(await nats.credentials({ kind: "sidecar", host: conformanceHost }));
   try {
     const report = await runH2spec({ port: target.port, path: conformancePath });
     if (process.argv.includes("--failures")) {

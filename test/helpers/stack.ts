@@ -21,7 +21,7 @@ import { AirlockError, callServerStream, callUnary, Code, createLogger, createVa
 import { startOpsServer } from "../../demo/ops/index.js";
 import { type NatsServer, useInfra } from "../../harness/index.js";
 import { ensureStreams } from "../../common/subjects.js";
-import type { NatsConnectionConfig } from "../../common/nats.js";
+import { natsConfigSection, type NatsConnectionConfig } from "../../common/nats.js";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { descriptorSetPath } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
@@ -199,10 +199,8 @@ export interface TestSidecarOptions {
   readonly log: Logger;
 }
 
-/** The `nats` section of a YAML config for a connection config. */
-export function natsSection(config: NatsConnectionConfig): Record<string, unknown> {
-  return { url: config.servers[0], auth: { kind: "nkey", seed_file: config.auth.seedFile }, ...(config.tls?.caFile === undefined ? {} : { tls: { ca_file: config.tls.caFile } }) };
-}
+/** The `nats` section of a config for a connection config. */
+export const natsSection: (config: NatsConnectionConfig) => Record<string, unknown> = natsConfigSection;
 
 /**
  * Creates the bus streams as an operator would before any sidecar starts (a broker creates

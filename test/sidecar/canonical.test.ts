@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { Client, credentials, Metadata } from "@grpc/grpc-js";
 import t from "tap";
+import { natsConfigSection } from "../../common/nats.js";
 import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { Code } from "../../common/index.js";
@@ -46,7 +47,7 @@ const sidecar = await startSidecar(
       {
         listen: "127.0.0.1:0",
         upstreams: [{ name: "ops", address: upstream.address, descriptor_sets: [descriptorSetPath], services: ["demo.v1.OpsService"] }],
-        nats: { url: nats.url },
+        nats: natsConfigSection(await nats.credentials({ kind: "sidecar", host: "canonical-host" })),
         vault: { address: "http://127.0.0.1:1" },
         broker_keys: { k1: "broker.pem" },
         host: "canonical-host",

@@ -4,7 +4,7 @@
  * it with a reason. `npm run conformance` prints the same counts.
  */
 import t from "tap";
-import { conformancePath, startConformanceSidecar } from "../../harness/conformance.js";
+import { conformanceHost, conformancePath, startConformanceSidecar } from "../../harness/conformance.js";
 import { formatH2specCounts, resolveH2spec, runH2spec } from "../../harness/h2spec.js";
 import { useInfra } from "../../harness/index.js";
 
@@ -18,7 +18,7 @@ const allowed: Readonly<Record<string, string>> = {};
 // Built before the infrastructure starts, so no server waits on a first-time Go build.
 await resolveH2spec();
 const { nats } = await useInfra(t, { nats: true });
-const target = await startConformanceSidecar(nats.url);
+const target = await startConformanceSidecar(await nats.credentials({ kind: "sidecar", host: conformanceHost }));
 t.teardown(() => target.close());
 
 await t.test("h2spec: every case passes, or is allowed with a reason", async (t) => {

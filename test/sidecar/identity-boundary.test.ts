@@ -9,6 +9,7 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Client, credentials, Metadata } from "@grpc/grpc-js";
+import { natsConfigSection } from "../../common/nats.js";
 import { exportSPKI, generateKeyPair, SignJWT } from "jose";
 import t, { type Test } from "tap";
 import { ConfigReader } from "../../common/config.js";
@@ -55,7 +56,7 @@ const sidecar = await startSidecar(
         listen: "127.0.0.1:0",
         tls: { cert: pki.path("server.crt"), key: pki.path("server.key"), client_ca: pki.path("ca.crt") },
         upstreams: [{ name: "ops", address: upstream.address, descriptor_sets: [descriptorSetPath], services: ["demo.v1.OpsService"] }],
-        nats: { url: nats.url },
+        nats: natsConfigSection(await nats.credentials({ kind: "sidecar", host: "identity-host" })),
         vault: { address: "http://127.0.0.1:1" },
         broker_keys: { k1: "broker.pem" },
         host: "identity-host",

@@ -12,6 +12,8 @@ import { Client, credentials, type Metadata } from "@grpc/grpc-js";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { exportSPKI, generateKeyPair } from "jose";
 import t from "tap";
+import { provisionStreams } from "../helpers/stack.js";
+import { natsConfigSection } from "../../common/nats.js";
 import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { type AirlockError, Code, callBidiStream, callClientStream, callUnary } from "../../common/index.js";
@@ -24,6 +26,9 @@ import { agentMetadata } from "../helpers/agent.js";
 import { clientPreface, FrameSplitter, frame, frameFlag, frameType, settingsFrame } from "../helpers/h2-frames.js";
 
 const { nats } = await useInfra(t, { nats: true });
+const hNats = natsConfigSection(await nats.credentials({ kind: "sidecar", host: "h" }));
+// No broker here: the streams a sidecar publishes into are made as an operator would.
+await provisionStreams(nats);
 const dir = await mkdtemp(join(tmpdir(), "airlock-limits-"));
 t.teardown(() => rm(dir, { recursive: true, force: true }));
 const agentKeys = await generateKeyPair("EdDSA");
@@ -98,7 +103,7 @@ async function sidecarWith(limits: Record<string, unknown>): Promise<Sidecar> {
         {
           listen: "127.0.0.1:0",
           upstreams: [{ name: "ops", address: upstreamAddress, descriptor_sets: [descriptorSetPath], services: ["demo.v1.OpsService"] }],
-          nats: { url: nats.url },
+          nats: natsConfigSection(await nats.credentials({ kind: "sidecar", host: "limits-host" })),
           vault: { address: "http://127.0.0.1:1" },
           broker_keys: { k1: "broker.pem" },
           host: "limits-host",
@@ -298,7 +303,7 @@ await t.test("limits are read once from config, naming a bad field; unset ones t
       new ConfigReader(
         {
           upstreams: [{ name: "ops", address: upstreamAddress, descriptor_sets: [descriptorSetPath] }],
-          nats: { url: nats.url },
+          nats: hNats,
           vault: { address: "http://127.0.0.1:1" },
           broker_keys: { k1: "broker.pem" },
           host: "h",

@@ -8,6 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Client, credentials, Metadata, type ClientReadableStream } from "@grpc/grpc-js";
 import t from "tap";
+import { natsConfigSection } from "../../common/nats.js";
 import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { useInfra, waitUntil } from "../../harness/index.js";
@@ -29,7 +30,7 @@ const sidecar = await startSidecar(
       {
         listen: "127.0.0.1:0",
         upstreams: [{ name: "ops", address: upstream.address, descriptor_sets: [descriptorSetPath], services: ["demo.v1.OpsService"] }],
-        nats: { url: nats.url },
+        nats: natsConfigSection(await nats.credentials({ kind: "sidecar", host: "probe-host" })),
         vault: { address: "http://127.0.0.1:1" },
         broker_keys: { k1: "broker.pem" },
         host: "probe-host",

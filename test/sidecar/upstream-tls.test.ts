@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Client, credentials } from "@grpc/grpc-js";
 import t from "tap";
+import { natsConfigSection } from "../../common/nats.js";
 import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { type AirlockError, Code, callUnary } from "../../common/index.js";
@@ -27,13 +28,15 @@ t.teardown(() => rm(dir, { recursive: true, force: true }));
 await writeFile(join(dir, "broker.pem"), generateDecisionKey("k1").publicKeyPem);
 await writeFile(join(dir, "policy.yaml"), "version: 1\ndefault: deny\nrules:\n  - id: status\n    match: { service: demo.v1.OpsService, method: GetStatus }\n    effect: allow\n    anonymous: true\n");
 
+const tlsHostNats = natsConfigSection(await nats.credentials({ kind: "sidecar", host: "tls-host" }));
+
 function config(upstream: Record<string, unknown>) {
   return parseSidecarConfig(
     new ConfigReader(
       {
         listen: "127.0.0.1:0",
         upstreams: [{ name: "ops", descriptor_sets: [descriptorSetPath], services: ["demo.v1.OpsService"], ...upstream }],
-        nats: { url: nats.url },
+        nats: tlsHostNats,
         vault: { address: "http://127.0.0.1:1" },
         broker_keys: { k1: "broker.pem" },
         host: "tls-host",
