@@ -66,7 +66,7 @@ export interface ProxyOptions {
   /** Largest number of client messages buffered while a streaming call waits for its decision. */
   readonly maxBufferedMessages: number;
   /** The other data-plane limits the proxy enforces (sidecar/h2/limits.ts). @default sidecarLimitDefaults */
-  readonly limits?: Pick<SidecarLimits, "maxHeldBytes" | "maxOutstandingApprovalsPerAgent" | "maxUpstreamConnections">;
+  readonly limits?: Pick<SidecarLimits, "maxHeldBytes" | "maxHeldBytesPerConnection" | "maxOutstandingApprovalsPerAgent" | "maxUpstreamConnections">;
   /** Metadata keys an agent may never send: the credential headers the sidecar injects. */
   readonly reservedHeaders: () => ReadonlySet<string>;
   readonly metrics: SidecarMetrics;
@@ -114,6 +114,8 @@ export class GrpcProxy {
   /** Approval requests outstanding per agent: calls held now, and no-wait requests until their deadline (request id → ms). */
   private readonly outstanding = new Map<string, { holding: number; noWait: Map<string, number> }>();
   private readonly limits: NonNullable<ProxyOptions["limits"]>;
+  /** Request bytes the held calls of each agent connection buffer now. */
+  private readonly heldPerConnection = new WeakMap<H2Connection, { bytes: number }>();
   /** Every upstream connection still open, including ones draining after a GOAWAY. */
   private readonly openConnections = new Set<H2Connection>();
   /** Prometheus children per label set: looking one up by labels costs more than the rest of an allowed call. */
@@ -347,15 +349,36 @@ export class GrpcProxy {
     const later: Buffer[] = [];
     let laterCount = 0;
     let heldBytes = heldBytesOf(held) + partial.length;
+    let account = this.heldPerConnection.get(stream.connection);
+    if (account === undefined) {
+      account = { bytes: 0 };
+      this.heldPerConnection.set(stream.connection, account);
+    }
+    const connectionHeld = account;
+    connectionHeld.bytes += heldBytes;
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      connectionHeld.bytes -= heldBytes;
+    };
+    if (connectionHeld.bytes > this.limits.maxHeldBytesPerConnection) {
+      release();
+      this.options.metrics.limitHits.inc({ limit: "held_bytes_per_connection" });
+      throw new AirlockError(Code.ResourceExhausted, `the calls held on this connection already buffer more than ${this.limits.maxHeldBytesPerConnection} bytes`);
+    }
     const abort = new AbortController();
     if (!ended) {
       stream.ondata = (chunk) => {
         later.push(chunk);
         heldBytes += chunk.length;
-        if (heldBytes > this.limits.maxHeldBytes) {
+        connectionHeld.bytes += chunk.length;
+        const overCall = heldBytes > this.limits.maxHeldBytes;
+        if (overCall || connectionHeld.bytes > this.limits.maxHeldBytesPerConnection) {
           abort.abort();
-          this.options.metrics.limitHits.inc({ limit: "held_bytes" });
-          this.reject(stream, new AirlockError(Code.ResourceExhausted, `more than ${this.limits.maxHeldBytes} bytes buffered while waiting for approval`), "buffer_full");
+          this.options.metrics.limitHits.inc({ limit: overCall ? "held_bytes" : "held_bytes_per_connection" });
+          const what = overCall ? `more than ${this.limits.maxHeldBytes} bytes buffered while waiting for approval` : `the calls held on this connection buffer more than ${this.limits.maxHeldBytesPerConnection} bytes`;
+          this.reject(stream, new AirlockError(Code.ResourceExhausted, what), "buffer_full");
           return;
         }
         try {
@@ -377,7 +400,13 @@ export class GrpcProxy {
     stream.onclose = () => abort.abort();
     if (stream.closed) abort.abort();
     stream.resume();
-    const settle = this.admitApproval(identity.agent, stream.headers, verdict.approve.timeoutMs);
+    let settle: (outcome: unknown) => void;
+    try {
+      settle = this.admitApproval(identity.agent, stream.headers, verdict.approve.timeoutMs);
+    } catch (error) {
+      release();
+      throw error;
+    }
     this.options.metrics.held.inc();
     const waitStarted = Date.now();
     let approved: ApprovedCall;
@@ -388,6 +417,8 @@ export class GrpcProxy {
       settle(error);
       throw error;
     } finally {
+      // Waiting is over: the bytes go upstream now (or nowhere), under the upstream stream's flow control.
+      release();
       this.options.metrics.held.dec();
       this.options.metrics.approvalWait.observe((Date.now() - waitStarted) / 1000);
       stream.pause();

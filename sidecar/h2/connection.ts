@@ -1067,6 +1067,13 @@ function invalidValue(value: string): boolean {
   return value.includes("\r") || value.includes("\n") || value.includes("\0");
 }
 
+/** An HTTP method: a token (RFC 9110 §5.6.2). Empty is not one (found by the differential fuzzer). */
+const tokenPattern = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+/** A URI scheme (RFC 3986 §3.1). */
+const schemePattern = /^[A-Za-z][A-Za-z0-9+.-]*$/;
+/** An authority (host and port, RFC 3986 §3.2), with the characters nghttp2 accepts; not empty. */
+const authorityPattern = /^[A-Za-z0-9\-._~%!$&'()*+,;=:@[\]]+$/;
+
 /** {@link malformedRequest}'s answer for a malformed request. */
 const malformed = -2;
 
@@ -1079,8 +1086,10 @@ const connectionSpecific: ReadonlySet<string> = new Set(["connection", "keep-ali
  * `:authority`, no other pseudo-header and none after a regular field, no
  * connection-specific field, `te` only as `trailers`, no NUL/CR/LF in values,
  * a content-length of digits, and a `host` that is not empty and, next to
- * `:authority`, the same (§8.3.1; found by the differential fuzzer against
- * nghttp2). CONNECT is refused (no gRPC call uses it).
+ * `:authority`, the same (§8.3.1); `:method` a token, `:scheme` a scheme,
+ * `:path` starting with `/`, `:authority` and `host` of authority characters
+ * (the differential fuzzer against nghttp2 found the last two groups). CONNECT
+ * is refused (no gRPC call uses it).
  * @returns {@link malformed}, or the content-length (-1 when absent).
  */
 function malformedRequest(fields: readonly HeaderField[]): number {
@@ -1097,13 +1106,13 @@ function malformedRequest(fields: readonly HeaderField[]): number {
     if (name.charCodeAt(0) === 58 /* ':' */) {
       if (regular) return malformed;
       if (name === ":method") {
-        if (++method > 1 || value === "CONNECT") return malformed;
+        if (++method > 1 || value === "CONNECT" || !tokenPattern.test(value)) return malformed;
       } else if (name === ":scheme") {
-        if (++scheme > 1) return malformed;
+        if (++scheme > 1 || !schemePattern.test(value)) return malformed;
       } else if (name === ":path") {
-        if (++path > 1 || value === "") return malformed;
+        if (++path > 1 || value.charCodeAt(0) !== 47 /* '/' */) return malformed;
       } else if (name === ":authority") {
-        if (++authority > 1) return malformed;
+        if (++authority > 1 || !authorityPattern.test(value)) return malformed;
         authorityValue = value;
       } else {
         return malformed;
@@ -1117,7 +1126,7 @@ function malformedRequest(fields: readonly HeaderField[]): number {
       if (contentLength !== -1 || !/^[0-9]{1,15}$/.test(value)) return malformed;
       contentLength = Number(value);
     } else if (name === "host") {
-      if (host !== undefined || value === "") return malformed;
+      if (host !== undefined || !authorityPattern.test(value)) return malformed;
       host = value;
     } else if (connectionSpecific.has(name)) {
       return malformed;

@@ -16,6 +16,8 @@ export interface SidecarLimits {
   readonly maxBufferedMessages: number;
   /** Most request bytes one held call may buffer while waiting (RESOURCE_EXHAUSTED). `max_held_bytes`. @default 8 MiB */
   readonly maxHeldBytes: number;
+  /** Most request bytes all held calls of one agent connection may buffer together (RESOURCE_EXHAUSTED). `max_held_bytes_per_connection`. @default 32 MiB */
+  readonly maxHeldBytesPerConnection: number;
   /** Agent connections open at once; more are closed at accept. `max_connections`. @default 4096 */
   readonly maxConnections: number;
   /** Agent connections open at once from one peer address. `max_connections_per_peer`. @default 256 */
@@ -46,6 +48,7 @@ export const sidecarLimitDefaults: SidecarLimits = Object.freeze({
   maxMessageBytes: 4 * 1024 * 1024,
   maxBufferedMessages: 1000,
   maxHeldBytes: 8 * 1024 * 1024,
+  maxHeldBytesPerConnection: 32 * 1024 * 1024,
   maxConnections: 4096,
   maxConnectionsPerPeer: 256,
   handshakeTimeoutMs: 10_000,
@@ -67,6 +70,7 @@ export type LimitName =
   | "ping_flood"
   | "reset_flood"
   | "held_bytes"
+  | "held_bytes_per_connection"
   | "outstanding_approvals"
   | "upstream_connections";
 
@@ -84,6 +88,7 @@ export function readLimits(limits: ConfigReader | undefined): SidecarLimits {
     maxMessageBytes: limits.integer("max_message_bytes", d.maxMessageBytes, 1, 64 * 1024 * 1024),
     maxBufferedMessages: limits.integer("max_buffered_messages", d.maxBufferedMessages, 1, 100_000),
     maxHeldBytes: limits.integer("max_held_bytes", d.maxHeldBytes, 1, 1024 * 1024 * 1024),
+    maxHeldBytesPerConnection: limits.integer("max_held_bytes_per_connection", d.maxHeldBytesPerConnection, 1, 16 * 1024 * 1024 * 1024),
     maxConnections: limits.integer("max_connections", d.maxConnections, 1, 1_000_000),
     maxConnectionsPerPeer: limits.integer("max_connections_per_peer", d.maxConnectionsPerPeer, 1, 1_000_000),
     handshakeTimeoutMs: ms("handshake_timeout", d.handshakeTimeoutMs),

@@ -901,6 +901,12 @@ await t.test("server role against misbehaving raw peers", async (t) => {
       // Found by the differential fuzzer (test/sidecar/fuzz/headers.test.ts): nghttp2 refuses these, the data plane accepted them.
       ["empty host", [...base, ["host", ""]]],
       ["host naming another authority than :authority", [...base, ["host", "elsewhere.test"]]],
+      // Finding 2 of the differential fuzzer: empty :method and :scheme were accepted.
+      ["empty :method", [[":method", ""], ...without(":method")]],
+      ["empty :scheme", [[":method", "POST"], [":scheme", ""], [":path", "/raw"], [":authority", "raw.test"]]],
+      [":method that is not a token", [[":method", "GE T"], ...without(":method")]],
+      [":path that does not start with /", [...without(":path"), [":path", "demo.v1.OpsService/GetStatus"]]],
+      [":authority with a space", [...without(":authority"), [":authority", "a b"]]],
     ];
     peer.send(hello(), ...cases.map(([, fields], i) => frame(type.headers, flag.endHeaders | flag.endStream, 1 + 2 * i, encodeHeaderBlock(fields))));
     t.ok(await peer.sync(), "the connection stays up");

@@ -191,6 +191,7 @@ const main = await sidecarWith({
   max_pings_per_second: 10,
   max_resets_per_second: 1000,
   max_held_bytes: 65536,
+  max_held_bytes_per_connection: 100000,
   max_message_bytes: 32768,
   max_outstanding_approvals_per_agent: 2,
 });
@@ -254,6 +255,25 @@ await t.test("held bytes: a held client stream that buffers past max_held_bytes 
   t.equal(await hits(main, "held_bytes"), 1);
   const other = await failure(callUnary(mainClient, OpsService.method.rotateKey, { keyId: "k" }, { metadata: await agent("spiffe://corp/agent/polite", { "x-airlock-wait": "false" }) }));
   t.equal(other.code, Code.Aborted, "another agent's held call is taken (held, not waiting)");
+});
+
+await t.test("held bytes per connection: held calls of one connection together past the limit are refused; other connections go on", async (t) => {
+  const rows = (n: number) => Array.from({ length: n }, () => ({ table: "t".repeat(20_000), row: { id: 1 } }));
+  // A connection of its own: grpc-js otherwise shares one subchannel (one connection) between clients of an address.
+  const sameConnection = new Client(main.address, credentials.createInsecure(), { "grpc.use_local_subchannel_pool": 1 });
+  t.teardown(() => sameConnection.close());
+  // The first call waits for a decision that never comes, holding ~60 KB on this connection until cancelled.
+  const waiting = new AbortController();
+  const first = callClientStream(sameConnection, OpsService.method.importRows, rows(3), { metadata: await agent("spiffe://corp/agent/first"), signal: waiting.signal }).catch((e: unknown) => e);
+  t.ok(await waitUntil(async () => (await main.metrics.held.get()).values[0]?.value === 1, 5000), "the first call is held");
+  const second = await failure(callClientStream(sameConnection, OpsService.method.importRows, rows(3), { metadata: await agent("spiffe://corp/agent/second") }));
+  t.equal(second.code, Code.ResourceExhausted, second.rawMessage);
+  t.match(second.rawMessage, /held on this connection/);
+  t.equal(await hits(main, "held_bytes_per_connection"), 1);
+  const elsewhere = await failure(callClientStream(mainClient, OpsService.method.importRows, rows(3), { metadata: await agent("spiffe://corp/agent/third", { "x-airlock-wait": "false" }) }));
+  t.equal(elsewhere.code, Code.Aborted, "the same call on another connection is held");
+  waiting.abort();
+  await first;
 });
 
 await t.test("outstanding approval requests per agent: no-wait calls cannot mint requests without bound", async (t) => {
