@@ -112,6 +112,9 @@ nodeServer.on("session", (session) => {
   nodeSessions.add(session);
   session.on("error", () => undefined);
   session.once("close", () => nodeSessions.delete(session));
+  // After a connection error node:http2 keeps the server side of the socket open even once the
+  // client has gone (a long npm run fuzz ran out of file descriptors): idle sessions are ended here.
+  session.setTimeout(1000, () => session.destroy());
 });
 nodeServer.on("stream", (stream: ServerHttp2Stream) => {
   stream.on("error", () => undefined);
