@@ -144,9 +144,8 @@ export function busPermissions(role: BusRole): BusPermissions {
               `$JS.ACK.${name}.>`,
               `$JS.FC.${name}.>`,
             ]),
-            // The KV watchers and audit readers are ordered consumers, which delete their own consumer when done.
+            // The KV watchers are ordered consumers, which delete their own consumer when done.
             `${api}.CONSUMER.DELETE.${kvStream}.*`,
-            `${api}.CONSUMER.DELETE.${auditStream.name}.*`,
           ],
         },
         subscribe: { allow: [inbox] },
