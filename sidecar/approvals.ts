@@ -58,7 +58,7 @@ export class ApprovalFlow {
   private readonly waiters = new Map<string, Waiter>();
   private readonly replay = new ReplayGuard();
   private decisions: Subscription | undefined;
-  private readonly loops: Array<Promise<void>> = [];
+  private following: Promise<void> = Promise.resolve();
 
   private constructor(options: ApprovalFlowOptions, jsm: JetStreamManager) {
     this.options = options;
@@ -89,14 +89,13 @@ export class ApprovalFlow {
     }
     const decisions = options.nc.subscribe(subjects.decisionsFor(options.host));
     flow.decisions = decisions;
-    flow.loops.push(
-      (async () => {
-        for await (const message of decisions) flow.route(message.data);
-      })(),
-      (async () => {
-        for await (const status of options.nc.status()) if (status.type === "reconnect") await flow.catchUp();
-      })(),
-    );
+    flow.following = (async () => {
+      for await (const message of decisions) flow.route(message.data);
+    })();
+    // Ends with the connection.
+    void (async () => {
+      for await (const status of options.nc.status()) if (status.type === "reconnect") await flow.catchUp();
+    })();
     return flow;
   }
 
@@ -111,8 +110,7 @@ export class ApprovalFlow {
   /** Stops following decisions; calls still waiting fail with UNAVAILABLE. */
   async close(): Promise<void> {
     this.decisions?.unsubscribe();
-    // The status loop ends when the connection closes; only the subscription's loop is awaited here.
-    await this.loops[0];
+    await this.following;
   }
 
   private route(bytes: Uint8Array): void {
