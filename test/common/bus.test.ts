@@ -4,6 +4,7 @@
  * own subjects is refused by the NATS server itself, and changes nothing.
  */
 import { randomUUID } from "node:crypto";
+import { readFile, rm, writeFile } from "node:fs/promises";
 import { connect as netConnect } from "node:net";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
@@ -199,7 +200,6 @@ await t.test("nothing is anonymous, and a revoked host is cut off alone", async 
 
   const victim = await nats.connect({ kind: "sidecar", host: "host-lost" }, { maxReconnectAttempts: -1, reconnectTimeWait: 100 });
   const seed = (await nats.credentials({ kind: "sidecar", host: "host-lost" })).auth.seedFile;
-  const { readFile } = await import("node:fs/promises");
   const stolen = await readFile(seed, "utf8");
   const cutOff = (async () => {
     for await (const status of victim.status()) if (status.type === "disconnect") return true;
@@ -208,7 +208,6 @@ await t.test("nothing is anonymous, and a revoked host is cut off alone", async 
   await nats.revokeHost("host-lost");
   t.ok(await cutOff, "the revoked host's live connection is closed by the reload");
   await victim.close().catch(() => undefined);
-  const { writeFile, rm } = await import("node:fs/promises");
   const copy = `${nats.securityDir}/stolen.nk`;
   await writeFile(copy, stolen, { mode: 0o600 });
   t.teardown(() => rm(copy, { force: true }));

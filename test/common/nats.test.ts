@@ -2,8 +2,8 @@
  * The `nats` config section, the one way parts connect, and the operator's
  * commands for the security material (`airlock nats init | add-host | revoke-host`).
  */
-import { execFile } from "node:child_process";
-import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { execFile, execFileSync } from "node:child_process";
+import { mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -52,7 +52,6 @@ await t.test("connecting: a missing seed file and a seed the server does not kno
   const missing = await connectNats({ ...config, auth: { kind: "nkey", seedFile: join(dir, "none.nk") } }, { role: { kind: "broker" }, name: "t", extra: { reconnect: false } }).catch((e: unknown) => e);
   t.match(missing, { code: Code.FailedPrecondition, details: { field: "nats.auth.seed_file" } });
   const stranger = join(dir, "stranger.nk");
-  const { writeFile } = await import("node:fs/promises");
   await writeFile(stranger, new TextDecoder().decode(createUser().getSeed()));
   const refused = await connectNats({ ...config, auth: { kind: "nkey", seedFile: stranger } }, { role: { kind: "broker" }, name: "t", extra: { reconnect: false, timeout: 3000 } }).catch((e: unknown) => e);
   t.match(refused, { code: Code.Unauthenticated }, "an nkey that is no user of the server is unauthenticated");
@@ -105,6 +104,5 @@ await t.test("airlock nats prints paths and public keys, never a seed", async (t
   t.match(bad.out, /airlock: host web-07 has no NATS credential/);
   const server = await readFile(join(material, "server.pem"), "utf8");
   t.match(server, /BEGIN CERTIFICATE/);
-  const { execFileSync } = await import("node:child_process");
   t.match(execFileSync("openssl", ["x509", "-in", join(material, "server.pem"), "-noout", "-ext", "subjectAltName"]).toString(), /DNS:nats\.internal/, "the certificate is valid for the named server");
 });
