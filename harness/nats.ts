@@ -139,9 +139,10 @@ export async function startNats(options: NatsServerOptions = {}): Promise<NatsSe
   const url = `tls://127.0.0.1:${port}`;
   const caFile = join(security.path, busMaterialFiles.caCert);
   const configOf = (role: BusRole): NatsConnectionConfig => ({ servers: [url], auth: { kind: "nkey", seedFile: busSeedFile(security.path, role) }, tls: { caFile } });
-  const accepted = async (role: BusRole): Promise<boolean> => {
+  /** Whether the server accepts a connection with `config` now. */
+  const connects = async (config: NatsConnectionConfig, role: BusRole): Promise<boolean> => {
     try {
-      const nc = await connectNats(configOf(role), { role, name: "harness-probe", extra: { reconnect: false, timeout: 2000 } });
+      const nc = await connectNats(config, { role, name: "harness-probe", extra: { reconnect: false, timeout: 2000 } });
       await nc.close();
       return true;
     } catch {
@@ -180,7 +181,7 @@ export async function startNats(options: NatsServerOptions = {}): Promise<NatsSe
     },
     async credentials(role) {
       if (role.kind === "sidecar" && (await addBusHost(security.path, role.host)).created) {
-        await reloadUntil(() => accepted(role), `host ${role.host}'s new credential`);
+        await reloadUntil(() => connects(configOf(role), role), `host ${role.host}'s new credential`);
       }
       return configOf(role);
     },
@@ -194,16 +195,7 @@ export async function startNats(options: NatsServerOptions = {}): Promise<NatsSe
       await copyFile(busSeedFile(security.path, role), probeSeed);
       try {
         await revokeBusHost(security.path, host);
-        const refused = async () => {
-          try {
-            const nc = await connectNats({ ...configOf(role), auth: { kind: "nkey", seedFile: probeSeed } }, { role, name: "harness-probe", extra: { reconnect: false, timeout: 2000 } });
-            await nc.close();
-            return false;
-          } catch {
-            return true;
-          }
-        };
-        await reloadUntil(refused, `the revocation of host ${host}`);
+        await reloadUntil(async () => !(await connects({ ...configOf(role), auth: { kind: "nkey", seedFile: probeSeed } }, role)), `the revocation of host ${host}`);
       } finally {
         await rm(probeSeed, { force: true });
       }
