@@ -21,7 +21,8 @@ RUN npm run build:console
 
 # The keys directory (AIRLOCK_DIR). A named volume mounted here starts with this
 # directory's owner, so the unprivileged user can write the demo keys into it.
-RUN mkdir -p /airlock && chown node:node /airlock
+# /checkpoints: a new named volume takes this ownership, so the broker (as node) can write its audit checkpoints.
+RUN mkdir -p /airlock /checkpoints && chown node:node /airlock /checkpoints
 USER node
 ENV AIRLOCK_DIR=/airlock
 

@@ -17,6 +17,8 @@ export interface BrokerMetrics {
   readonly natsReconnects: Counter;
   /** Messages refused or terminated, by reason (`RefusalReason`): each one is also a flagged audit event. */
   readonly refusals: Counter<"reason">;
+  /** Audit checkpoints by outcome: `written`, `failed`, or why the trail contradicts the last one (`trail_replaced`, `trail_truncated`, `trail_edited`). */
+  readonly auditCheckpoints: Counter<"outcome">;
 }
 
 /** Creates the metrics on a fresh registry. */
@@ -42,5 +44,6 @@ export function createBrokerMetrics(): BrokerMetrics {
     revokeLag: new Histogram({ name: "airlock_broker_revoke_lag_seconds", help: "From completion to revocation", buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 5, 30], registers }),
     natsReconnects: new Counter({ name: "airlock_broker_nats_reconnects_total", help: "NATS reconnects", registers }),
     refusals: new Counter({ name: "airlock_broker_refusals_total", help: "Messages from sidecars refused or terminated, by reason", labelNames: ["reason"], registers }),
+    auditCheckpoints: new Counter({ name: "airlock_broker_audit_checkpoints_total", help: "Audit checkpoints by outcome; anything but written needs an operator", labelNames: ["outcome"], registers }),
   };
 }

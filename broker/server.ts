@@ -1,5 +1,5 @@
 import { readFile } from "node:fs/promises";
-import { createPrivateKey } from "node:crypto";
+import { createPrivateKey, type KeyObject } from "node:crypto";
 import { hostname } from "node:os";
 import { type ConfigReader, readConfigFile } from "../common/config.js";
 import { parseDuration } from "../common/duration.js";
@@ -9,6 +9,7 @@ import { connectNats, type NatsConnectionConfig, parseNatsConfig } from "../comm
 import { createVaultClient } from "../common/vault.js";
 import { configureTokenRole, CredentialIssuer, type TokenRoleConfig } from "./credentials.js";
 import { type ApprovalConfig, parseApprovalConfig } from "./rules.js";
+import { AuditKeyRing, checkpointDefaults, DirectoryCheckpointSink } from "./audit/index.js";
 import { Broker } from "./service.js";
 import { PolicyWatcher } from "../sidecar/index.js";
 import { parseReviewerAuthConfig, ReviewerAuthenticator, type ReviewerAuthConfig } from "./reviewers/auth.js";
@@ -26,6 +27,8 @@ export interface BrokerConfig {
   readonly vault: { readonly address: string; readonly auth: VaultAuth; readonly tokenRole?: TokenRoleSetup };
   /** The Ed25519 private key (PKCS#8 PEM file) decisions are signed with, and its key id. */
   readonly signingKey: { readonly keyId: string; readonly file: string };
+  /** The audit trail's signing key, key ring and checkpoints. */
+  readonly audit: AuditConfig;
   readonly approvals: ApprovalConfig;
   /**
    * The policy file (the sidecars' format): each request's reviewer requirement and credential
@@ -56,6 +59,37 @@ export interface BrokerConfig {
 export interface TokenRoleSetup extends TokenRoleConfig {
   /** Write the role at start (needs `auth/token/roles/*` on the broker's token); else it must exist. @default false */
   readonly configure: boolean;
+}
+
+/** Where checkpoints go: a union keyed by `kind`, so object stores and webhooks can follow. */
+export type CheckpointSinkConfig = { readonly kind: "directory"; readonly dir: string; readonly periodMs: number };
+
+/** The `audit` section of {@link BrokerConfig}. */
+export interface AuditConfig {
+  /** The key this replica signs audit events and checkpoints with. @default the decision `signing_key` */
+  readonly signingKey?: { readonly keyId: string; readonly file: string };
+  /** The key ring file naming every replica's audit key (see `AuditKeyRing.load`). @default this replica's key alone */
+  readonly keyringFile?: string;
+  /** Signed checkpoints outside NATS; none when absent (the broker then warns at start). */
+  readonly checkpoints?: { readonly sink: CheckpointSinkConfig; readonly everyEvents: number; readonly intervalMs: number };
+}
+
+function auditConfig(reader: ConfigReader | undefined): AuditConfig {
+  if (reader === undefined) return {};
+  const signing = reader.optionalObject("signing_key");
+  const signingKey = signing === undefined ? undefined : { keyId: signing.string("key_id"), file: signing.file("file") };
+  signing?.done();
+  const keyringFile = reader.optionalFile("keyring");
+  const section = reader.optionalObject("checkpoints");
+  let checkpoints: AuditConfig["checkpoints"];
+  if (section !== undefined) {
+    section.oneOf("kind", ["directory"] as const);
+    const sink: CheckpointSinkConfig = { kind: "directory", dir: section.file("dir"), periodMs: durationField(section, "period", checkpointDefaults.period) };
+    checkpoints = { sink, everyEvents: section.integer("every_events", checkpointDefaults.everyEvents, 1, 1_000_000), intervalMs: durationField(section, "interval", checkpointDefaults.interval) };
+    section.done();
+  }
+  reader.done();
+  return { ...(signingKey === undefined ? {} : { signingKey }), ...(keyringFile === undefined ? {} : { keyringFile }), ...(checkpoints === undefined ? {} : { checkpoints }) };
 }
 
 /** The reviewers' API section of {@link BrokerConfig}. */
@@ -124,6 +158,7 @@ export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
   const signingKey = { keyId: signing.string("key_id"), file: signing.file("file") };
   signing.done();
   const approvals = parseApprovalConfig(root.object("approvals"));
+  const audit = auditConfig(root.optionalObject("audit"));
   const policyFile = root.file("policy");
   const http = root.address("http", brokerConfigDefaults.http);
   const reviewers = root.has("reviewers") ? reviewerApiConfig(root.object("reviewers")) : undefined;
@@ -134,6 +169,7 @@ export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
     nats: natsConfig,
     vault: vaultConfig,
     signingKey,
+    audit,
     approvals,
     policyFile,
     http: { host: http.host, port: http.port },
@@ -177,17 +213,35 @@ export interface RunningBroker {
   close(): Promise<void>;
 }
 
-/** Starts a broker replica from a validated config: NATS, Vault, signing key, consumers, health endpoints. */
+/** Reads an Ed25519 private key (PKCS#8 PEM); errors name the config field. */
+async function readSigningKey(file: string, field: string): Promise<KeyObject> {
+  let pem: string;
+  try {
+    pem = await readFile(file, "utf8");
+  } catch (error) {
+    throw new AirlockError(Code.InvalidArgument, `cannot read the signing key ${file}`, { cause: error, details: { field } });
+  }
+  let key: KeyObject;
+  try {
+    key = createPrivateKey(pem);
+  } catch (error) {
+    throw new AirlockError(Code.InvalidArgument, `${file} is not a PEM private key`, { cause: error, details: { field } });
+  }
+  if (key.asymmetricKeyType !== "ed25519") throw new AirlockError(Code.InvalidArgument, "the signing key must be an Ed25519 private key", { details: { field } });
+  return key;
+}
+
+/** Starts a broker replica from a validated config: NATS, Vault, signing keys, consumers, health endpoints. */
 export async function startBroker(config: BrokerConfig, options: { log?: Logger } = {}): Promise<RunningBroker> {
   const log = options.log ?? createLogger({ name: "broker", level: config.logLevel });
-  let signingPem: string;
-  try {
-    signingPem = await readFile(config.signingKey.file, "utf8");
-  } catch (error) {
-    throw new AirlockError(Code.InvalidArgument, `cannot read the signing key ${config.signingKey.file}`, { cause: error, details: { field: "signing_key.file" } });
+  const privateKey = await readSigningKey(config.signingKey.file, "signing_key.file");
+  const auditSigner = config.audit.signingKey === undefined ? { keyId: config.signingKey.keyId, privateKey } : { keyId: config.audit.signingKey.keyId, privateKey: await readSigningKey(config.audit.signingKey.file, "audit.signing_key.file") };
+  const auditKeys = config.audit.keyringFile === undefined ? AuditKeyRing.ofSigner(auditSigner) : await AuditKeyRing.load(config.audit.keyringFile);
+  if (!auditKeys.keyIds().includes(auditSigner.keyId)) {
+    throw new AirlockError(Code.InvalidArgument, `the audit key ring ${config.audit.keyringFile ?? ""} does not hold this replica's audit key ${JSON.stringify(auditSigner.keyId)}`, { details: { field: "audit.keyring" } });
   }
-  const privateKey = createPrivateKey(signingPem);
-  if (privateKey.asymmetricKeyType !== "ed25519") throw new AirlockError(Code.InvalidArgument, "the signing key must be an Ed25519 private key", { details: { field: "signing_key.file" } });
+  const checkpointSettings = config.audit.checkpoints;
+  if (checkpointSettings === undefined) log.warn("no audit.checkpoints: the trail is signed, but nothing outside NATS can show it was truncated or replaced");
   const token = await vaultToken(config.vault.address, config.vault.auth);
   const vault = createVaultClient({ address: config.vault.address, token });
   const tokenRole = config.vault.tokenRole;
@@ -227,6 +281,11 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
     nc,
     issuer: new CredentialIssuer({ vault, logger: log, ...(tokenRole === undefined ? {} : { tokenRole: tokenRole.name }) }),
     signingKey: { keyId: config.signingKey.keyId, privateKey },
+    auditSigner,
+    auditKeys,
+    ...(checkpointSettings === undefined
+      ? {}
+      : { checkpoints: { sink: new DirectoryCheckpointSink(checkpointSettings.sink.dir, checkpointSettings.sink.periodMs), everyEvents: checkpointSettings.everyEvents, intervalMs: checkpointSettings.intervalMs } }),
     approvals: config.approvals,
     policy: () => watcher.current(),
     replicaId: config.replicaId,

@@ -23,7 +23,7 @@ import {
   RequestState,
   Verdict,
 } from "../proto/index.js";
-import { type AuditEntry, AuditLog } from "./audit.js";
+import { type AuditEntry, AuditKeyRing, AuditLog, type AuditSigner, Checkpointer, type CheckpointSink } from "./audit/index.js";
 import type { CredentialIssuer, IssuedCredential } from "./credentials.js";
 import { type ApprovalConfig, type ApprovalEvent, type Ballot, intake, isFinal, markCompleted, markExecuting, markFailed, type Outcome, tick, vote } from "./rules.js";
 import { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
@@ -60,6 +60,15 @@ export interface BrokerOptions {
   /** @default fresh metrics on a registry of their own */
   readonly metrics?: BrokerMetrics;
   /**
+   * The key this replica signs its audit events and checkpoints with.
+   * @default the decision signing key (signatures name their purpose, so the two never mix)
+   */
+  readonly auditSigner?: AuditSigner;
+  /** The keys the trail is verified against (every replica's). @default the ring of {@link auditSigner} alone */
+  readonly auditKeys?: AuditKeyRing;
+  /** Where and how often this replica writes checkpoints of the trail; none when absent. */
+  readonly checkpoints?: { readonly sink: CheckpointSink; readonly everyEvents: number; readonly intervalMs: number };
+  /**
    * Told what happened to a request once it is written and audited (notifications
    * hang here). Called synchronously and must not block: it runs on the approval path.
    */
@@ -84,6 +93,9 @@ export const brokerDefaults = {
   /** Redelivery delays after a transient failure, by attempt (the last one repeats), in ms. */
   redeliveryBackoffMs: [250, 1000, 2000, 5000, 10_000],
 } as const;
+
+/** Bounds on a sidecar's batch of call reports. */
+const callReportLimits = { maxPerBatch: 500, maxField: 300 } as const;
 
 /** A message that will fail the same way at every delivery: terminated and audited, never redelivered. */
 class PoisonMessage extends Error {
@@ -156,11 +168,15 @@ export class Broker {
   private closed = false;
 
   private readonly jsm: JetStreamManager;
+  /** The keys the audit trail is verified against. */
+  readonly auditKeys: AuditKeyRing;
+  private checkpointer: Checkpointer | undefined;
 
-  private constructor(options: BrokerOptions, store: RequestStore, audit: AuditLog, jsm: JetStreamManager) {
+  private constructor(options: BrokerOptions, store: RequestStore, audit: AuditLog, jsm: JetStreamManager, metrics: BrokerMetrics) {
     this.options = options;
     this.jsm = jsm;
-    this.metrics = options.metrics ?? createBrokerMetrics();
+    this.metrics = metrics;
+    this.auditKeys = options.auditKeys ?? AuditKeyRing.ofSigner(options.auditSigner ?? options.signingKey);
     this.js = jetstream(options.nc);
     this.store = store;
     this.audit = audit;
@@ -176,7 +192,21 @@ export class Broker {
         options.log.error({ stream: name }, "this stream has no direct get: sidecars cannot resume or catch up on decisions; an operator must turn allow_direct on (admin credential)");
       }
     }
-    const broker = new Broker(options, await RequestStore.open(options.nc), await AuditLog.open(options.nc), jsm);
+    const metrics = options.metrics ?? createBrokerMetrics();
+    const signer = options.auditSigner ?? options.signingKey;
+    let checkpointer: Checkpointer | undefined;
+    if (options.checkpoints !== undefined) {
+      checkpointer = await Checkpointer.start({
+        nc: options.nc,
+        signer,
+        ...options.checkpoints,
+        log: options.log,
+        onOutcome: (outcome) => metrics.auditCheckpoints.inc({ outcome }),
+      });
+    }
+    const audit = await AuditLog.open(options.nc, { signer, ...(checkpointer === undefined ? {} : { onWritten: (count: number) => checkpointer.noteWritten(count) }) });
+    const broker = new Broker(options, await RequestStore.open(options.nc), audit, jsm, metrics);
+    broker.checkpointer = checkpointer;
     if (options.consume ?? true) {
       for (const [durable, stream, filter] of [
         [brokerDefaults.intakeConsumer, streams.requests.name, "airlock.request.>"],
@@ -275,6 +305,13 @@ export class Broker {
     await this.following;
     for (const messages of this.consumers) await messages.close();
     await Promise.all(this.loops);
+    // Last, so the checkpoint covers everything this replica wrote.
+    await this.checkpointer?.close();
+  }
+
+  /** Takes a checkpoint of the audit trail now, if this replica writes them (the demo and tests). */
+  async checkpointAudit(): Promise<void> {
+    await this.checkpointer?.checkpoint();
   }
 
   /** A request's record, or NOT_FOUND. */
@@ -546,6 +583,40 @@ export class Broker {
    * failed unwrap, a resume by another agent) goes into the audit trail, flagged.
    * The event is untrusted input: only known fields, as strings, capped in length.
    */
+  /**
+   * A sidecar's batch of calls it decided alone (see sidecar/reports.ts): each distinct report
+   * becomes one audit event. The host is the subject's, which the NATS server enforces; the rest
+   * is the sidecar's account of its own calls, bounded and truncated like any sidecar input.
+   */
+  private async takeCallReports(batch: Record<string, unknown>, host: string): Promise<void> {
+    const types = { denied: AuditEventType.CALL_DENIED, refused: AuditEventType.CALL_REFUSED, timed_out: AuditEventType.CALL_TIMED_OUT, allowed: AuditEventType.CALLS_ALLOWED } as const;
+    const calls = Array.isArray(batch.calls) ? (batch.calls as unknown[]).slice(0, callReportLimits.maxPerBatch) : [];
+    const entries: AuditEntry[] = [];
+    let malformed = 0;
+    for (const call of calls) {
+      const report = call !== null && typeof call === "object" ? (call as Record<string, unknown>) : {};
+      const text = (key: string) => (typeof report[key] === "string" ? report[key].slice(0, callReportLimits.maxField) : "");
+      const outcome = text("outcome");
+      const count = typeof report.count === "number" && Number.isSafeInteger(report.count) && report.count > 0 ? report.count : 0;
+      if (!(outcome in types) || count === 0 || text("method") === "") {
+        malformed++;
+        continue;
+      }
+      entries.push({
+        type: types[outcome as keyof typeof types],
+        actor: `sidecar:${host}`,
+        requestId: text("requestId"),
+        details: { host, method: text("method"), rule: text("rule"), agent: text("agent"), onBehalfOf: text("onBehalfOf"), reason: text("reason"), count, firstAt: text("firstAt"), lastAt: text("lastAt") },
+        flagged: outcome === "refused",
+      });
+    }
+    const dropped = typeof batch.dropped === "number" && Number.isSafeInteger(batch.dropped) ? batch.dropped : 0;
+    if (malformed > 0 || dropped > 0 || (Array.isArray(batch.calls) && batch.calls.length > callReportLimits.maxPerBatch)) {
+      entries.push({ type: AuditEventType.SECURITY_EVENT, actor: `sidecar:${host}`, details: { reason: "call_reports_incomplete", host, malformed, dropped }, flagged: true });
+    }
+    await this.audit.appendAll(entries);
+  }
+
   private async takeSecurityEvent(data: Uint8Array, subject: string): Promise<void> {
     const host = subject.slice("airlock.security.".length).slice(0, 253);
     let parsed: Record<string, unknown> = {};
@@ -556,6 +627,10 @@ export class Broker {
       // Not JSON: recorded as such below.
     }
     if (Object.keys(parsed).length === 0) parsed = { reason: "malformed_security_event" };
+    if (parsed.kind === "calls") {
+      await this.takeCallReports(parsed, host);
+      return;
+    }
     const field = (name: string): string => {
       const value = parsed[name];
       return typeof value === "string" ? value.slice(0, 500) : "";

@@ -4,7 +4,8 @@
  *   airlock sidecar --config sidecar.yaml
  *   airlock broker --config broker.yaml
  *   airlock policy test --policy policy.yaml --call call.json
- *   airlock audit verify (--nats <url> --nats-seed <file> [--nats-ca <file>] | --file <audit.jsonl>)
+ *   airlock audit verify (--nats <url> --nats-seed <file> [--nats-ca <file>] | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
+ *   airlock audit keygen --key-id <id> --out <dir>
  *   airlock audit export --nats <url> --nats-seed <file> [--nats-ca <file>] [--since <ISO time>]
  *   airlock nats init --dir <dir> [--server-name <name>]… | add-host <host> --dir <dir> | revoke-host <host> --dir <dir> [--reload-pid <pid>]
  *   airlock requests ls | show <id> | approve <id> [--reason …] | deny <id> --reason …
@@ -13,19 +14,19 @@ import { readFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
 import type { JsonObject } from "@bufbuild/protobuf";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { auditEventsFromJsonl, auditEventToJsonLine, loadBrokerConfig, readAuditEvents, startBroker, verifyChain } from "../broker/index.js";
+import { AuditKeyRing, auditEventsFromJsonl, auditEventToJsonLine, loadBrokerConfig, readAuditEvents, readCheckpointDirectory, startBroker, TrailVerifier, trailVerdictLine, writeAuditKey } from "../broker/index.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { connectNats } from "../common/nats.js";
 import { runNatsAdmin } from "./nats-admin.js";
 import { runRequests } from "./requests.js";
-import type { AuditEvent } from "../proto/index.js";
 import { explainCall, loadSidecarConfig, Policy, type PolicyCall, startSidecar } from "../sidecar/index.js";
 
 const usage = `usage:
   airlock sidecar --config <sidecar.yaml>
   airlock broker --config <broker.yaml>
   airlock policy test --policy <policy.yaml> --call <call.json>
-  airlock audit verify (--nats <url> | --file <audit.jsonl>)
+  airlock audit verify (--nats <url> | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
+  airlock audit keygen --key-id <id> --out <dir>
   airlock audit export --nats <url> [--since <ISO time>]
     (NATS as the audit-reader role: --nats-seed <file> or $AIRLOCK_NATS_SEED_FILE,
      the CA: --nats-ca <file> or $AIRLOCK_NATS_CA)
@@ -58,30 +59,45 @@ async function withNats<T>(options: { url: string; seed: string | undefined; ca:
 async function runAudit(sub: string | undefined, args: string[]): Promise<void> {
   const { values } = parseArgs({
     args,
-    options: { nats: { type: "string" }, "nats-seed": { type: "string" }, "nats-ca": { type: "string" }, file: { type: "string" }, since: { type: "string" } },
+    options: {
+      nats: { type: "string" },
+      "nats-seed": { type: "string" },
+      "nats-ca": { type: "string" },
+      file: { type: "string" },
+      since: { type: "string" },
+      keys: { type: "string" },
+      checkpoints: { type: "string" },
+      "key-id": { type: "string" },
+      out: { type: "string" },
+    },
     strict: true,
   });
   const nats = (url: string) => ({ url, seed: values["nats-seed"], ca: values["nats-ca"] });
   if (sub === "verify") {
-    let events: AuditEvent[];
+    if (values.keys === undefined) throw new AirlockError(Code.InvalidArgument, "--keys is required: the key ring of every broker's audit key (signatures are what make the trail evidence)");
+    const keys = await AuditKeyRing.load(values.keys);
+    const found = values.checkpoints === undefined ? undefined : await readCheckpointDirectory(values.checkpoints);
+    const verifier = new TrailVerifier({ keys, ...(found === undefined ? {} : { checkpoints: found.checkpoints, malformedCheckpoints: found.malformed }) });
     if (values.file !== undefined) {
-      events = auditEventsFromJsonl(await readFile(values.file, "utf8"));
+      for (const event of auditEventsFromJsonl(await readFile(values.file, "utf8"))) verifier.add(event);
     } else if (values.nats !== undefined) {
-      events = await withNats(nats(values.nats), async (nc) => {
-        const all: AuditEvent[] = [];
-        for await (const event of readAuditEvents(nc)) all.push(event);
-        return all;
+      await withNats(nats(values.nats), async (nc) => {
+        for await (const event of readAuditEvents(nc)) verifier.add(event);
       });
     } else {
       throw new AirlockError(Code.InvalidArgument, "--nats or --file is required");
     }
-    const verdict = verifyChain(events);
-    if (verdict.intact) {
-      console.log(`audit chain intact: ${verdict.eventsChecked} events`);
-    } else {
-      console.log(`audit chain BROKEN at event ${verdict.firstBrokenSequence}: ${verdict.problem}`);
-      process.exitCode = 1;
-    }
+    const verdict = verifier.finish();
+    console.log(trailVerdictLine(verdict));
+    if (!verdict.intact) process.exitCode = 1;
+    return;
+  }
+  if (sub === "keygen") {
+    if (values["key-id"] === undefined || values.out === undefined) throw new AirlockError(Code.InvalidArgument, "--key-id and --out are required");
+    const written = await writeAuditKey(values.out, values["key-id"]);
+    console.log(`private key ${written.privateKeyFile} (mode 0600: only the broker replica reads it)`);
+    console.log(`public key  ${written.publicKeyFile}`);
+    console.log(`key ring entry:\n  - key_id: ${values["key-id"]}\n    public_key_file: ${written.publicKeyFile}`);
     return;
   }
   if (sub === "export") {

@@ -82,16 +82,17 @@ export class DecisionKeyRing {
 
   /**
    * @param keys - Ed25519 public keys by key id.
+   * @param label - What the keys are, for error messages. @default "decision key"
    * @throws AirlockError `invalid_argument` naming the key id if a key is not an
    * Ed25519 public key (a private key is refused too: sidecars must never hold
    * the broker's signing key), or if a key id is empty.
    */
-  constructor(keys: Readonly<Record<string, KeyObject>>) {
+  constructor(keys: Readonly<Record<string, KeyObject>>, label = "decision key") {
     for (const [keyId, key] of Object.entries(keys)) {
-      if (keyId.length === 0) throw new AirlockError(Code.InvalidArgument, "decision key id must not be empty");
+      if (keyId.length === 0) throw new AirlockError(Code.InvalidArgument, `${label} id must not be empty`);
       if (key.type !== "public" || key.asymmetricKeyType !== "ed25519") {
         const what = key.type === "public" ? `a ${key.asymmetricKeyType ?? "unknown"} key` : `a ${key.type} key`;
-        throw new AirlockError(Code.InvalidArgument, `decision key ${JSON.stringify(keyId)} must be an Ed25519 public key, got ${what}`, {
+        throw new AirlockError(Code.InvalidArgument, `${label} ${JSON.stringify(keyId)} must be an Ed25519 public key, got ${what}`, {
           details: { keyId },
         });
       }
@@ -101,29 +102,30 @@ export class DecisionKeyRing {
 
   /**
    * A ring from PEM-encoded SPKI public keys by key id.
+   * @param label - What the keys are, for error messages. @default "decision key"
    * @throws AirlockError `invalid_argument` naming the key id if a PEM does not
    * parse or is not an Ed25519 public key.
    */
-  static fromPem(keys: Readonly<Record<string, string>>): DecisionKeyRing {
+  static fromPem(keys: Readonly<Record<string, string>>, label = "decision key"): DecisionKeyRing {
     const parsed: Record<string, KeyObject> = {};
     for (const [keyId, pem] of Object.entries(keys)) {
       // createPublicKey also derives a public key from a *private* PEM; refuse that
       // so a misconfigured sidecar does not end up holding the signing key.
       if (/-----BEGIN [A-Z ]*PRIVATE KEY-----/.test(pem)) {
-        throw new AirlockError(Code.InvalidArgument, `decision key ${JSON.stringify(keyId)} is a private key; configure its public key (SPKI PEM)`, {
+        throw new AirlockError(Code.InvalidArgument, `${label} ${JSON.stringify(keyId)} is a private key; configure its public key (SPKI PEM)`, {
           details: { keyId },
         });
       }
       try {
         parsed[keyId] = createPublicKey({ key: pem, format: "pem" });
       } catch (cause) {
-        throw new AirlockError(Code.InvalidArgument, `decision key ${JSON.stringify(keyId)} is not a parsable SPKI PEM public key`, {
+        throw new AirlockError(Code.InvalidArgument, `${label} ${JSON.stringify(keyId)} is not a parsable SPKI PEM public key`, {
           cause,
           details: { keyId },
         });
       }
     }
-    return new DecisionKeyRing(parsed);
+    return new DecisionKeyRing(parsed, label);
   }
 
   /** The key ids in the ring. */

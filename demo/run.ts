@@ -10,10 +10,11 @@
  */
 import { createPrivateKey, randomBytes } from "node:crypto";
 import { readFile } from "node:fs/promises";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import pg from "pg";
 import { buildConsole } from "../approver-console/build.js";
-import { isSettled, parseBrokerConfig, type RunningBroker, startBroker, stateName } from "../broker/index.js";
+import { isSettled, parseBrokerConfig, type RunningBroker, startBroker, stateName, type TrailVerdict } from "../broker/index.js";
 import { ReviewerClient } from "../cli/reviewer-client.js";
 import { readConfigFile } from "../common/config.js";
 import { AirlockError, Code } from "../common/errors.js";
@@ -24,8 +25,9 @@ import { type RequestRecord, RequestState } from "../proto/index.js";
 import { parseSidecarConfig, startSidecar } from "../sidecar/index.js";
 import { type AgentStepResult, demoAgentDefaults, runDemoAgent } from "./agent.js";
 import { startOpsServer } from "./ops/index.js";
-import { configureDemoVault, prepareDemoDatabase, writeDemoKeys } from "./setup.js";
+import { configureDemoVault, demoKeyId, prepareDemoDatabase, writeDemoKeys } from "./setup.js";
 import { type BusCheck, checkBusBoundary } from "./bus-check.js";
+import { checkAuditTrail, demoCheckpointDir } from "./audit-check.js";
 
 /** Options of {@link runDemo}. */
 export interface DemoOptions {
@@ -61,6 +63,8 @@ export interface DemoResult {
   readonly steps: readonly AgentStepResult[];
   /** What the NATS server answered the demo sidecar's credential when it tried to cross the boundary. */
   readonly bus: BusCheck;
+  /** The trail verified as the audit role against the broker's key and its checkpoints. */
+  readonly audit: TrailVerdict;
 }
 
 /** A running demo, stoppable at any point. */
@@ -143,6 +147,7 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
       AIRLOCK_VAULT_ADDR: vault.address,
       AIRLOCK_VAULT_TOKEN: vault.rootToken,
       AIRLOCK_DIR: keys.path,
+      AIRLOCK_AUDIT_CHECKPOINTS: demoCheckpointDir(keys.path),
       AIRLOCK_OPS_ADDR: ops.address,
       AIRLOCK_DEMO_DANA_TOKEN: tokens.dana,
       AIRLOCK_DEMO_SAM_TOKEN: tokens.sam,
@@ -193,6 +198,14 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     const actions = await tracker.settle(steps);
     // The boundary, tried with the demo sidecar's own credential: what an agent on its host can read.
     const bus = await checkBusBoundary(sidecarNats, demoHost);
+    // The trail as evidence: a checkpoint of its head now, then the whole trail verified against it.
+    await broker.broker.checkpointAudit();
+    const audit = await checkAuditTrail(await nats.credentials({ kind: "audit" }), {
+      keyId: demoKeyId,
+      publicKeyFile: keyFiles.brokerPublicKey,
+      checkpointDir: demoCheckpointDir(keys.path),
+      keyringFile: join(keys.path, "audit-keyring.yaml"),
+    });
     // A human may deny a held step: that is the product working, not the demo failing.
     const heldAndDenied = (step: AgentStepResult): boolean => options.autoApprove !== true && step.outcome === "permission_denied" && actions.some((a) => a.action === step.method && a.decision === "denied");
     const failures = [
@@ -201,8 +214,9 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
       ...Object.entries(bus)
         .filter(([, answer]) => answer !== "refused")
         .map(([attempt]) => `the NATS server allowed the sidecar's credential an attempt it must refuse: ${attempt}`),
+      ...(audit.intact ? [] : [`the audit trail does not verify: ${audit.error ?? ""} ${audit.problem}`]),
     ];
-    return { ok: failures.length === 0, failures, actions, steps, bus };
+    return { ok: failures.length === 0, failures, actions, steps, bus, audit };
   })();
   return { done, stop };
 }

@@ -5,6 +5,7 @@
 import { parseArgs } from "node:util";
 import { AirlockError } from "../common/errors.js";
 import { busCheckLine } from "../demo/bus-check.js";
+import { trailVerdictLine } from "../broker/index.js";
 import { runDemo, summaryTable } from "../demo/run.js";
 
 const { values } = parseArgs({ options: { "auto-approve": { type: "boolean" }, "broker-http": { type: "string" }, "log-level": { type: "string" } }, strict: true });
@@ -46,6 +47,7 @@ try {
   console.log("");
   for (const failure of result.failures) console.log(`demo   FAILED: ${failure}`);
   console.log(busCheckLine(result.bus));
+  console.log(trailVerdictLine(result.audit));
   if (autoApprove) {
     if (result.ok) console.log("demo ok");
     else process.exitCode = 1;

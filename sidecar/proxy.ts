@@ -11,6 +11,7 @@ import type { AgentIdentity, Authentication } from "./identity.js";
 import type { SidecarMetrics } from "./metrics.js";
 import type { MethodTable, ProxiedMethod } from "./methods.js";
 import type { Policy, PolicyVerdict } from "./policy.js";
+import type { CallReport } from "./reports.js";
 import { healthPaths, serveHealth } from "./health.js";
 import { type SidecarLimits, sidecarLimitDefaults } from "./h2/limits.js";
 import { frameMessage, type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, statusResponse } from "./wire.js";
@@ -60,6 +61,8 @@ export interface ProxyOptions {
    */
   readonly authenticate: (headers: IncomingHttpHeaders, socket: TLSSocket | undefined) => Authentication | Promise<Authentication>;
   readonly hold: (call: HeldCall) => Promise<ApprovedCall>;
+  /** Told each call the sidecar decided alone that the audit trail must hold (see `CallReporter`). Must not block. */
+  readonly report: (report: CallReport) => void;
   readonly host: string;
   /** Largest request message accepted, in bytes. */
   readonly maxMessageBytes: number;
@@ -171,13 +174,13 @@ export class GrpcProxy {
       try {
         authentication = this.options.authenticate(headers, tlsSocketOf(stream));
       } catch (error) {
-        this.refuseIdentity(stream, error);
+        this.refuseIdentity(stream, method, error);
         return;
       }
       if (authentication instanceof Promise) {
         authentication.then(
           (done) => this.allowFixed(stream, method, fixed, done, started),
-          (error: unknown) => this.refuseIdentity(stream, error),
+          (error: unknown) => this.refuseIdentity(stream, method, error),
         );
         return;
       }
@@ -191,12 +194,18 @@ export class GrpcProxy {
     });
   }
 
+  /** Reports a call an `audit: true` rule allowed. */
+  private reportAllowed(method: ProxiedMethod, verdict: PolicyVerdict, identity: AgentIdentity | undefined): void {
+    this.options.report({ outcome: "allowed", method: method.path, rule: verdict.ruleId, agent: identity?.agent ?? "", onBehalfOf: identity?.onBehalfOf ?? "", reason: "allowed" });
+  }
+
   /** Forwards a call the fixed verdict allows, once its identity is decided. */
   private allowFixed(stream: H2Stream, method: ProxiedMethod, verdict: PolicyVerdict, authentication: Authentication, started: bigint): void {
     if (authentication.identity === undefined && verdict.anonymous !== true) {
       this.rejectAnonymous(stream, method, verdict);
       return;
     }
+    if (verdict.audit === true) this.reportAllowed(method, verdict, authentication.identity);
     let counter = this.allowCounters.get(method.path);
     if (counter === undefined) {
       counter = this.options.metrics.calls.labels(method.path, "allow");
@@ -242,13 +251,16 @@ export class GrpcProxy {
   /** Every call needs an authenticated agent unless the rule that decided it says `anonymous: true`. */
   private rejectAnonymous(stream: H2Stream, method: ProxiedMethod, verdict: PolicyVerdict): void {
     const rule = verdict.ruleId === "default" ? "the policy default" : `rule ${verdict.ruleId}`;
+    this.options.report({ outcome: "refused", method: method.path, rule: verdict.ruleId, agent: "", onBehalfOf: "", reason: "unauthenticated" });
     this.reject(stream, new AirlockError(Code.Unauthenticated, `${method.path} needs an authenticated agent (${rule} is not anonymous): present an agent certificate or token`), "unauthenticated");
   }
 
   /** Answers a call whose credential did not verify (or whose keys could not be fetched). */
-  private refuseIdentity(stream: H2Stream, error: unknown): void {
+  private refuseIdentity(stream: H2Stream, method: ProxiedMethod, error: unknown): void {
     const failure = AirlockError.from(error, Code.Unauthenticated);
-    this.reject(stream, failure, failure.code === Code.Unauthenticated ? "unauthenticated" : "auth_unavailable");
+    const reason = failure.code === Code.Unauthenticated ? "unauthenticated" : "auth_unavailable";
+    this.options.report({ outcome: "refused", method: method.path, rule: "", agent: "", onBehalfOf: "", reason });
+    this.reject(stream, failure, reason);
   }
 
   private async route(stream: H2Stream, method: ProxiedMethod, started: bigint): Promise<void> {
@@ -260,7 +272,7 @@ export class GrpcProxy {
     try {
       authentication = await this.options.authenticate(headers, tlsSocketOf(stream));
     } catch (error) {
-      this.refuseIdentity(stream, error);
+      this.refuseIdentity(stream, method, error);
       return;
     }
     const identity = authentication.identity;
@@ -286,6 +298,7 @@ export class GrpcProxy {
     }
 
     if (verdict.effect === "allow") {
+      if (verdict.audit === true) this.reportAllowed(method, verdict, identity);
       this.forward(stream, method, {
         buffered: [...(first?.messages ?? []).map((m) => m.framed), ...(reader === undefined ? [] : [reader.peekPartial()])],
         ended: first?.ended ?? false,
@@ -296,6 +309,7 @@ export class GrpcProxy {
       return;
     }
     if (verdict.effect === "deny") {
+      this.options.report({ outcome: "denied", method: method.path, rule: verdict.ruleId, agent: identity?.agent ?? "", onBehalfOf: identity?.onBehalfOf ?? "", reason: "policy_deny" });
       this.reject(stream, new AirlockError(Code.PermissionDenied, `denied by rule ${verdict.ruleId}: ${verdict.reason}`, { details: { rule: verdict.ruleId } }), "policy_deny");
       return;
     }
@@ -304,6 +318,7 @@ export class GrpcProxy {
     if (identity === undefined) throw new AirlockError(Code.Internal, `rule ${verdict.ruleId} holds calls but let a caller without identity through`);
     const reason = headers["x-airlock-reason"];
     if (approve.requireReason && (typeof reason !== "string" || reason.trim() === "")) {
+      this.options.report({ outcome: "refused", method: method.path, rule: verdict.ruleId, agent: identity.agent, onBehalfOf: identity.onBehalfOf, reason: "reason_missing" });
       this.reject(stream, new AirlockError(Code.InvalidArgument, `rule ${verdict.ruleId} requires a justification: send it in metadata x-airlock-reason`), "reason_missing");
       return;
     }
@@ -415,6 +430,11 @@ export class GrpcProxy {
       settle(undefined);
     } catch (error) {
       settle(error);
+      const failure = AirlockError.from(error);
+      if (failure.code === Code.DeadlineExceeded) {
+        const requestId = typeof failure.details.requestId === "string" ? failure.details.requestId : undefined;
+        this.options.report({ outcome: "timed_out", method: method.path, rule: verdict.ruleId, agent: identity.agent, onBehalfOf: identity.onBehalfOf, reason: "deadline_exceeded", ...(requestId === undefined ? {} : { requestId }) });
+      }
       throw error;
     } finally {
       // Waiting is over: the bytes go upstream now (or nowhere), under the upstream stream's flow control.

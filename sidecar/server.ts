@@ -9,6 +9,7 @@ import { AirlockError, Code } from "../common/errors.js";
 import { createLogger, type Logger } from "../common/logger.js";
 import { connectNats } from "../common/nats.js";
 import { createVaultClient } from "../common/vault.js";
+import { CallReporter } from "./reports.js";
 import { ApprovalFlow } from "./approvals.js";
 import type { SidecarConfig, UpstreamConfig } from "./config.js";
 import { AgentAuthenticator } from "./identity.js";
@@ -97,6 +98,9 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
     })();
     const flow = await ApprovalFlow.start({ nc, host: config.host, keyRing, vault: createVaultClient({ address: config.vault.address }), metrics, log });
     cleanups.push(() => flow.close());
+    // Closed before the connection (cleanups run in reverse), so its last batch still goes out.
+    const reporter = new CallReporter({ nc, host: config.host });
+    cleanups.push(() => reporter.close());
 
     // The credential headers of the policy in force: an agent may never send one itself.
     const reservedByPolicy = new WeakMap<Policy, ReadonlySet<string>>();
@@ -115,6 +119,7 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
       policy: () => watcher.current(),
       authenticate: (headers, socket) => authenticator.identify(headers, socket),
       hold: (call) => flow.hold(call),
+      report: (report) => reporter.report(report),
       host: config.host,
       maxMessageBytes: config.limits.maxMessageBytes,
       maxBufferedMessages: config.limits.maxBufferedMessages,

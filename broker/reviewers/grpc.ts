@@ -22,7 +22,7 @@ import {
   type WatchRequestsRequest,
   WatchRequestsResponseSchema,
 } from "../../proto/index.js";
-import { readAuditEvents, verifyChain } from "../audit.js";
+import { readAuditEvents, TrailVerifier } from "../audit/index.js";
 import type { ApprovalConfig } from "../rules.js";
 import type { Broker } from "../service.js";
 import { bearerToken, type Reviewer, type ReviewerAuthenticator } from "./auth.js";
@@ -102,14 +102,16 @@ export async function startReviewerGrpc(options: ReviewerGrpcOptions): Promise<R
       return create(DecideResponseSchema, { request: record });
     }),
     verifyAudit: unary(async () => {
-      const events = [];
-      for await (const event of readAuditEvents(options.nc)) events.push(event);
-      const verdict = verifyChain(events);
+      const verifier = new TrailVerifier({ keys: options.broker.auditKeys });
+      for await (const event of readAuditEvents(options.nc)) verifier.add(event);
+      const verdict = verifier.finish();
       return create(VerifyAuditResponseSchema, {
         intact: verdict.intact,
         eventsChecked: BigInt(verdict.eventsChecked),
         firstBrokenSequence: BigInt(verdict.firstBrokenSequence),
         problem: verdict.problem,
+        error: verdict.error ?? "",
+        signed: BigInt(verdict.signed),
       });
     }),
     watchRequests: (call: ServerWritableStream<WatchRequestsRequest, unknown>) => {

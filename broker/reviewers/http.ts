@@ -16,7 +16,7 @@ import { AirlockError, Code, codeName } from "../../common/errors.js";
 import type { ReadinessChecks } from "../../common/health.js";
 import type { Logger } from "../../common/logger.js";
 import { AuditEventSchema, type RequestRecord, RequestState } from "../../proto/index.js";
-import { readAuditEvents, verifyChain } from "../audit.js";
+import { readAuditEvents, TrailVerifier } from "../audit/index.js";
 import { type ApprovalConfig, type Ballot, stateName } from "../rules.js";
 import type { Broker } from "../service.js";
 import { bearerToken, type Reviewer, type ReviewerAuthenticator } from "./auth.js";
@@ -354,9 +354,9 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
 
   app.get("/api/v1/audit/verify", async (request) => {
     await reviewerOf(request);
-    const events = [];
-    for await (const event of readAuditEvents(options.nc)) events.push(event);
-    return verifyChain(events);
+    const verifier = new TrailVerifier({ keys: options.broker.auditKeys });
+    for await (const event of readAuditEvents(options.nc)) verifier.add(event);
+    return verifier.finish();
   });
 
   app.get("/api/v1/events", async (request, reply) => {

@@ -53,6 +53,7 @@ function compileRule(rule: RuleDefinition): CompiledRule {
     // An approval carries the (redacted) request to reviewers, so approve rules always need it.
     needsRequest: rule.effect === "approve" || rule.when?.referencesRequest === true,
     anonymous: rule.anonymous,
+    audit: rule.audit,
   };
   const matched = `matched ${rule.service}/${rule.method}${rule.when === undefined ? "" : " and its condition"}`;
   const verdict: PolicyVerdict = {
@@ -61,6 +62,7 @@ function compileRule(rule: RuleDefinition): CompiledRule {
     reason: rule.reason ?? matched,
     ...(rule.approve === undefined ? {} : { approve: rule.approve }),
     ...(rule.anonymous ? { anonymous: true as const } : {}),
+    ...(rule.audit ? { audit: true as const } : {}),
   };
   return { summary: deepFreeze(summary), condition: rule.when, hosts: rule.hosts === undefined ? undefined : new Set(rule.hosts), verdict: deepFreeze(verdict) };
 }

@@ -18,6 +18,8 @@ export interface RuleDefinition {
   readonly approve?: ApproveSpec;
   /** Whether the rule lets callers without an agent identity through. @default false */
   readonly anonymous: boolean;
+  /** Whether calls the rule allows are reported to the audit trail too (batched). @default false */
+  readonly audit: boolean;
 }
 
 /** A policy file after validation. */
@@ -185,16 +187,19 @@ export function readPolicy(yamlText: string, source: string): PolicyDefinition {
 }
 
 function readRule(reader: PolicyReader, value: unknown, path: Path): RuleDefinition {
-  const rule = reader.mapping(value, path, ["id", "match", "when", "effect", "reason", "approve", "anonymous"], ["id", "match", "effect"]);
+  const rule = reader.mapping(value, path, ["id", "match", "when", "effect", "reason", "approve", "anonymous", "audit"], ["id", "match", "effect"]);
   const id = reader.string(rule.id, [...path, "id"], ruleIdPattern, "a rule id (letters, digits, '.', '_', '-', at most 128)");
   const match = reader.mapping(rule.match, [...path, "match"], ["service", "method", "hosts"], ["service", "method"]);
   const service = match.service === "*" ? "*" : reader.string(match.service, [...path, "match", "service"], servicePattern, 'a fully qualified service name or "*"');
   const method = match.method === "*" ? "*" : reader.string(match.method, [...path, "match", "method"], methodPattern, 'a method name or "*"');
   const effect = reader.oneOf(rule.effect, [...path, "effect"], effects);
   const anonymous = reader.boolean(rule.anonymous, [...path, "anonymous"], false);
+  // Denied and held calls are always in the trail; `audit` adds the calls an allow rule lets through.
+  const audit = reader.boolean(rule.audit, [...path, "audit"], false);
+  if (audit && effect !== "allow") reader.fail([...path, "audit"], 'is only for effect "allow": denied and held calls are always audited');
   // A held call goes to reviewers with the agent's identity and the chain that keeps humans from approving their own requests.
   if (anonymous && effect === "approve") reader.fail([...path, "anonymous"], 'is not allowed when effect is "approve": a held call needs an authenticated agent');
-  const definition: { -readonly [K in keyof RuleDefinition]: RuleDefinition[K] } = { id, service, method, effect, anonymous };
+  const definition: { -readonly [K in keyof RuleDefinition]: RuleDefinition[K] } = { id, service, method, effect, anonymous, audit };
   if (match.hosts !== undefined) {
     const hosts = reader.list(match.hosts, [...path, "match", "hosts"]).map((entry, index) => reader.string(entry, [...path, "match", "hosts", index], hostPattern, "a host name (letters, digits, '-' or '_')"));
     if (hosts.length === 0) reader.fail([...path, "match", "hosts"], "needs at least one host (leave it out for every host)");

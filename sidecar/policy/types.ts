@@ -114,6 +114,8 @@ export interface PolicyVerdict {
    * the default's included, needs one (the sidecar answers UNAUTHENTICATED).
    */
   readonly anonymous?: true;
+  /** Present (and true) only when the deciding allow rule has `audit: true`: the call is reported to the audit trail. */
+  readonly audit?: true;
 }
 
 /** A rule as loaded, for listing and dry runs. */
@@ -138,6 +140,8 @@ export interface RuleSummary {
   readonly needsRequest: boolean;
   /** Whether callers without an agent identity may pass this rule (`anonymous: true`). */
   readonly anonymous: boolean;
+  /** Whether the calls it allows are reported to the audit trail (`audit: true`). */
+  readonly audit: boolean;
 }
 
 /** The defaults the policy file falls back to. */

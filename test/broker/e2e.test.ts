@@ -2,8 +2,9 @@ import { join } from "node:path";
 import { Client, credentials, type Metadata } from "@grpc/grpc-js";
 import { clone, toJsonString } from "@bufbuild/protobuf";
 import { timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
+import { generateKeyPair } from "jose";
 import t from "tap";
-import { readAuditEvents, verifyChain } from "../../broker/audit.js";
+import { readAuditEvents, verifyTrail } from "../../broker/audit/index.js";
 import { CredentialIssuer } from "../../broker/credentials.js";
 import { parseApprovalConfig, vote } from "../../broker/rules.js";
 import { RequestStore } from "../../broker/store.js";
@@ -11,7 +12,7 @@ import { Broker } from "../../broker/service.js";
 import { ConfigReader } from "../../common/config.js";
 import { type AirlockError, Code, callServerStream, callUnary, createLogger, createVaultClient } from "../../common/index.js";
 import { useInfra } from "../../harness/index.js";
-import { AuditEventType, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
+import { type AuditEvent, AuditEventType, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
@@ -23,7 +24,7 @@ const log = createLogger({ name: "test", level: "silent" });
 const admin = await seedExportEngine(t, { nats, vault, database });
 const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
 
-const policyText = opsPolicy({ rotateRisk: "low", timeout: "20s" });
+const policyText = opsPolicy({ rotateRisk: "low", timeout: "20s", auditStatus: true });
 const policy = Policy.parse(policyText);
 const { key, agentKeys, dir, sidecar } = await startAgentPath(t, { nats, vault, database }, { name: "e2e", host: "e2e-host", policy: policyText, log });
 
@@ -134,10 +135,38 @@ await t.test("a reviewer's denial reaches the agent with the reason", async (t) 
   t.match(error?.rawMessage ?? "", /not before the audit/);
 });
 
+await t.test("calls the sidecar decides alone are in the trail: denied by policy, refused, allowed by an audited rule", async (t) => {
+  for (let i = 0; i < 3; i++) await callUnary(client, OpsService.method.getStatus, {}, { metadata: await agent() });
+  const denied = await callUnary(client, OpsService.method.grantRole, { user: "mallory", role: "admin" }, { metadata: await agent() }).then(
+    () => undefined,
+    (e: unknown) => e as AirlockError,
+  );
+  t.equal(denied?.code, Code.PermissionDenied);
+  const forged = await agentMetadata({ privateKey: (await generateKeyPair("EdDSA")).privateKey, issuer: "https://idp.test", audience: "airlock" });
+  const refused = await callUnary(client, OpsService.method.getStatus, {}, { metadata: forged }).then(
+    () => undefined,
+    (e: unknown) => e as AirlockError,
+  );
+  t.equal(refused?.code, Code.Unauthenticated);
+  const want = [AuditEventType.CALLS_ALLOWED, AuditEventType.CALL_DENIED, AuditEventType.CALL_REFUSED];
+  let found: Map<AuditEventType, AuditEvent> = new Map();
+  for (const until = Date.now() + 10_000; found.size < want.length && Date.now() < until; ) {
+    found = new Map();
+    for await (const event of readAuditEvents(nc)) if (want.includes(event.type)) found.set(event.type, event);
+    if (found.size < want.length) await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  const details = (type: AuditEventType) => found.get(type)?.details ?? {};
+  t.match(details(AuditEventType.CALL_DENIED), { method: "/demo.v1.OpsService/GrantRole", rule: "default", agent: "spiffe://corp/agent/etl", onBehalfOf: "alice@corp", reason: "policy_deny", host: "e2e-host", count: 1 });
+  t.match(details(AuditEventType.CALLS_ALLOWED), { method: "/demo.v1.OpsService/GetStatus", rule: "status", agent: "spiffe://corp/agent/etl", count: 3 }, "three allowed calls, one event");
+  t.match(details(AuditEventType.CALL_REFUSED), { method: "/demo.v1.OpsService/GetStatus", reason: "unauthenticated", agent: "" });
+  t.equal(found.get(AuditEventType.CALL_REFUSED)?.flagged, true, "a refused credential is flagged for alerting");
+  t.equal(found.get(AuditEventType.CALL_DENIED)?.actor, "sidecar:e2e-host", "the host comes from the subject the server enforces");
+});
+
 await t.test("the audit trail holds every step and verifies", async (t) => {
   const events = [];
   for await (const event of readAuditEvents(nc)) events.push(event);
-  t.ok(verifyChain(events).intact);
+  t.ok(verifyTrail(events).intact);
   const types = new Set(events.map((e) => e.type));
   for (const type of [AuditEventType.REQUEST_RECEIVED, AuditEventType.VOTE_RECORDED, AuditEventType.DECIDED, AuditEventType.CREDENTIAL_ISSUED, AuditEventType.ACTION_COMPLETED, AuditEventType.CREDENTIAL_REVOKED]) {
     t.ok(types.has(type), `${AuditEventType[type]} is recorded`);

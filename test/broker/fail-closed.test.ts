@@ -2,7 +2,7 @@ import { join } from "node:path";
 import { Client, credentials } from "@grpc/grpc-js";
 import { DiscardPolicy, jetstreamManager } from "@nats-io/jetstream";
 import t from "tap";
-import { auditStream, readAuditEvents, verifyChain } from "../../broker/audit.js";
+import { auditStream, readAuditEvents, verifyTrail } from "../../broker/audit/index.js";
 import { CredentialIssuer } from "../../broker/credentials.js";
 import { parseApprovalConfig } from "../../broker/rules.js";
 import { Broker } from "../../broker/service.js";
@@ -86,7 +86,7 @@ await t.test("the audit trail refuses writes: the issued token is revoked at onc
   await restore();
   const events: AuditEvent[] = [];
   for await (const event of readAuditEvents(nc)) events.push(event);
-  t.ok(verifyChain(events).intact, "the trail is still one unbroken chain");
+  t.ok(verifyTrail(events).intact, "the trail is still one unbroken chain");
   t.notOk(
     events.some((event) => event.requestId === requestId && event.details?.verdict === "APPROVED"),
     "no DECIDED event claims an approval that never left",

@@ -11,7 +11,7 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
-import { readAuditEvents, verifyChain } from "../../broker/audit.js";
+import { readAuditEvents, verifyTrail } from "../../broker/audit/index.js";
 import { CredentialIssuer } from "../../broker/credentials.js";
 import { parseApprovalConfig } from "../../broker/rules.js";
 import { Broker } from "../../broker/service.js";
@@ -248,7 +248,7 @@ await t.test("junk is terminated and audited once; intake and the trail keep wor
   t.ok(await waitUntil(async () => (await broker.get(next.id).catch(() => undefined)) !== undefined, 10_000), "the next request is taken");
   const events = [];
   for await (const event of readAuditEvents(brokerNc)) events.push(event);
-  t.ok(verifyChain(events).intact, "the audit chain is intact");
+  t.ok(verifyTrail(events).intact, "the audit chain is intact");
 });
 
 await t.test("an approved record no vote or auto rule accounts for is never acted on", async (t) => {

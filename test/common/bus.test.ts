@@ -10,7 +10,7 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { connect, headers, type NatsConnection } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
-import { ensureAuditStream } from "../../broker/audit.js";
+import { ensureAuditStream } from "../../broker/audit/index.js";
 import { ensureStreams } from "../../common/subjects.js";
 import { auditStream, stateBucket, streams, subjects } from "../../common/subjects.js";
 import { connectNats, natsRefusal } from "../../common/nats.js";

@@ -192,7 +192,7 @@ await t.test("history filters by agent and outcome; the audit trail verifies", a
   const verify = page.getByTestId("audit-verify");
   await verify.waitFor();
   t.equal(await verify.getAttribute("data-intact"), "true");
-  t.match(await verify.textContent(), /^✓ Chain intact: \d+ events checked\.$/);
+  t.match(await verify.textContent(), /^✓ Chain intact: (\d+) events checked, \1 signatures verified\.$/);
   await page.getByTestId("audit-row").first().waitFor();
   t.ok((await page.getByTestId("audit-row").count()) > 5, "the trail is listed");
   await page.getByTestId("audit-filter").fill("dana@example.com");

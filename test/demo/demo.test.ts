@@ -22,7 +22,11 @@ await t.test("npm run demo -- --auto-approve: every step as scripted, credential
   t.equal(code, 0, `exit code (stderr: ${stderr.slice(-2000)})`);
   const lines = stdout.trimEnd().split("\n");
   t.equal(lines.at(-1), "demo ok", "the last line is `demo ok`");
-  t.equal(lines.at(-2), "bus ok anonymous=refused foreign_host=refused state_write=refused audit_write=refused", "the bus boundary line, from what the NATS server answered, just before");
+  t.equal(lines.at(-3), "bus ok anonymous=refused foreign_host=refused state_write=refused audit_write=refused", "the bus boundary line, from what the NATS server answered");
+  const audit = /^audit ok events=(\d+) signed=(\d+) checkpoints=(\d+) verified=yes$/.exec(lines.at(-2) ?? "");
+  t.ok(audit !== null, `the audit line, from verifying the trail against the checkpoints, just before: ${lines.at(-2) ?? ""}`);
+  t.ok(Number(audit?.[1]) > 10 && audit?.[2] === audit?.[1], "every event of the trail is signed");
+  t.ok(Number(audit?.[3]) >= 1, "at least one checkpoint written outside NATS");
   t.match(stdout, /NATS server 2\.\d+\.\d+ at tls:\/\/127\.0\.0\.1:\d+/, "the NATS line names the server's version, over TLS");
   t.match(stdout, /approver console: http:\/\/127\.0\.0\.1:\d+\/console\//, "prints the console URL");
   t.match(stdout, /sign in as dana@example\.com .* with token dana-[0-9a-f]+/, "prints a reviewer sign-in");

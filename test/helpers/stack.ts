@@ -67,6 +67,8 @@ export interface OpsPolicyOptions {
   readonly rotateRisk?: "low" | "medium";
   /** How long a held call waits for its decision. @default "60s" */
   readonly timeout?: string;
+  /** Report the GetStatus calls the policy allows to the audit trail (`audit: true`). */
+  readonly auditStatus?: boolean;
 }
 
 /**
@@ -93,7 +95,7 @@ default: deny
 rules:
   - id: status
     match: { service: demo.v1.OpsService, method: GetStatus }
-    effect: allow
+    effect: allow${options.auditStatus === true ? "\n    audit: true" : ""}
   - id: export
     match: { service: demo.v1.OpsService, method: ExportTable }
     effect: approve

@@ -8,13 +8,14 @@ import { alertBox, heading, type View } from "../ui.js";
 
 function verification(result: VerifyAuditResponse): HTMLElement {
   if (result.intact) {
-    return h("p", { class: "verify ok", "data-testid": "audit-verify", "data-intact": "true" }, h("span", { "aria-hidden": "true" }, "✓ "), `Chain intact: ${result.eventsChecked} event${result.eventsChecked === 1n ? "" : "s"} checked.`);
+    return h("p", { class: "verify ok", "data-testid": "audit-verify", "data-intact": "true" }, h("span", { "aria-hidden": "true" }, "✓ "), `Chain intact: ${result.eventsChecked} event${result.eventsChecked === 1n ? "" : "s"} checked, ${result.signed} signature${result.signed === 1n ? "" : "s"} verified.`);
   }
   return h(
     "p",
     { class: "verify broken", "data-testid": "audit-verify", "data-intact": "false" },
     h("span", { "aria-hidden": "true" }, "✗ "),
     `Chain broken at sequence ${result.firstBrokenSequence}`,
+    result.error ? ` (${result.error})` : "",
     result.problem ? `: ${result.problem}` : "",
     ` (${result.eventsChecked} checked).`,
   );

@@ -1,11 +1,12 @@
 import { createHash, randomUUID } from "node:crypto";
 import { create, fromJson, type JsonObject, type JsonValue, toJson } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
-import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager, type StoredMsg } from "@nats-io/jetstream";
+import { JetStreamApiCodes, JetStreamApiError, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager, type StoredMsg } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { AirlockError, Code } from "../common/errors.js";
-import { auditStream } from "../common/subjects.js";
-import { type AuditEvent, AuditEventSchema, type AuditEventType } from "../proto/index.js";
+import { AirlockError, Code } from "../../common/errors.js";
+import { auditStream } from "../../common/subjects.js";
+import { type AuditEvent, AuditEventSchema, type AuditEventType } from "../../proto/index.js";
+import { type AuditSigner, signHash } from "./signing.js";
 
 /** The audit stream: append-only, with deletes and purges refused by the server itself. */
 export { auditStream };
@@ -21,16 +22,8 @@ export interface AuditEntry {
   readonly flagged?: boolean;
 }
 
-/** The outcome of {@link verifyChain}. */
-export interface ChainVerdict {
-  readonly intact: boolean;
-  readonly eventsChecked: number;
-  /** The sequence of the first event whose link is broken; 0 when intact. */
-  readonly firstBrokenSequence: number;
-  readonly problem: string;
-}
-
-function sortKeys(value: JsonValue): JsonValue {
+/** JSON with keys sorted at every level: the canonical form hashes are taken over. */
+export function sortKeys(value: JsonValue): JsonValue {
   if (Array.isArray(value)) return value.map(sortKeys);
   if (value !== null && typeof value === "object") {
     return Object.fromEntries(
@@ -44,38 +37,18 @@ function sortKeys(value: JsonValue): JsonValue {
 
 /**
  * The hash of an event: SHA-256 over the previous event's hash and the
- * event's protobuf JSON with keys sorted (its own `sha256` left out). JSON with
+ * event's protobuf JSON with keys sorted (its own `sha256` and `signature` left
+ * out; the key id is in). JSON with
  * sorted keys, not protobuf bytes, so an exported JSONL file verifies exactly
  * like the stream does, whatever order a map's keys were written in.
  */
 export function eventHash(event: AuditEvent): Uint8Array {
-  const json = toJson(AuditEventSchema, { ...event, sha256: new Uint8Array(0) }) as JsonObject;
+  const json = toJson(AuditEventSchema, { ...event, sha256: new Uint8Array(0), signature: new Uint8Array(0) }) as JsonObject;
   return createHash("sha256")
     .update(Buffer.from(event.prevSha256))
     .update("\n")
     .update(JSON.stringify(sortKeys(json)))
     .digest();
-}
-
-/**
- * Recomputes the chain: sequences 1, 2, 3… without gaps, each event's
- * `prev_sha256` equal to the previous event's `sha256`, and each `sha256` equal
- * to the recomputed hash. Names the first broken link.
- */
-export function verifyChain(events: Iterable<AuditEvent>): ChainVerdict {
-  let previous: Uint8Array = new Uint8Array(0);
-  let expected = 1n;
-  let checked = 0;
-  for (const event of events) {
-    checked++;
-    const broken = (problem: string): ChainVerdict => ({ intact: false, eventsChecked: checked, firstBrokenSequence: Number(event.sequence), problem });
-    if (event.sequence !== expected) return broken(`expected sequence ${expected}, found ${event.sequence}: an event is missing or out of order`);
-    if (!Buffer.from(event.prevSha256).equals(Buffer.from(previous))) return broken(`event ${event.sequence} does not link to the hash of event ${event.sequence - 1n}`);
-    if (!Buffer.from(event.sha256).equals(Buffer.from(eventHash(event)))) return broken(`event ${event.sequence} was altered: its hash does not match its content`);
-    previous = event.sha256;
-    expected++;
-  }
-  return { intact: true, eventsChecked: checked, firstBrokenSequence: 0, problem: "" };
 }
 
 /** One event as a JSONL line (protobuf JSON). */
@@ -144,8 +117,19 @@ export async function* readAuditEvents(nc: NatsConnection, options: { since?: Da
   }
 }
 
+/** Options of {@link AuditLog.open}. */
+export interface AuditLogOptions {
+  /** Signs every event this replica writes. Without one, events are only hash-chained (tests of the chain alone). */
+  readonly signer?: AuditSigner;
+  /** Told how many events were just written (the checkpointer counts them). */
+  readonly onWritten?: (count: number) => void;
+}
+
+/** JetStream's answers to a publish whose expected last sequence or message id no longer holds: another replica appended first. */
+const lostRace: ReadonlySet<number> = new Set([JetStreamApiCodes.StreamWrongLastSequence, JetStreamApiCodes.StreamWrongLastSequenceUnknown, 10070]);
+
 /**
- * Appends events to the hash-chained audit stream. Replicas append
+ * Appends events to the hash-chained, signed audit stream. Replicas append
  * concurrently: each append states the stream's last sequence it built on
  * (JetStream's expected-last-sequence check), and retries on a conflict, so
  * the chain never forks. An append that cannot be written rejects: callers
@@ -154,18 +138,20 @@ export async function* readAuditEvents(nc: NatsConnection, options: { since?: Da
 export class AuditLog {
   private readonly js: JetStreamClient;
   private readonly jsm: JetStreamManager;
+  private readonly options: AuditLogOptions;
   private tail: { sequence: bigint; streamSeq: number; sha256: Uint8Array } | undefined;
 
-  private constructor(js: JetStreamClient, jsm: JetStreamManager) {
+  private constructor(js: JetStreamClient, jsm: JetStreamManager, options: AuditLogOptions) {
     this.js = js;
     this.jsm = jsm;
+    this.options = options;
   }
 
   /** Opens the log on an existing connection, creating the stream if needed. */
-  static async open(nc: NatsConnection): Promise<AuditLog> {
+  static async open(nc: NatsConnection, options: AuditLogOptions = {}): Promise<AuditLog> {
     const jsm = await jetstreamManager(nc);
     await ensureAuditStream(jsm);
-    return new AuditLog(jetstream(nc), jsm);
+    return new AuditLog(jetstream(nc), jsm, options);
   }
 
   private async readTail(): Promise<{ sequence: bigint; streamSeq: number; sha256: Uint8Array }> {
@@ -250,6 +236,7 @@ export class AuditLog {
       try {
         this.tail ??= await this.readTail();
         const tail = this.tail;
+        const signer = this.options.signer;
         let previous = tail.sha256;
         const events = remaining.map((entry, index) => {
           const event = create(AuditEventSchema, {
@@ -262,8 +249,10 @@ export class AuditLog {
             ...(entry.details === undefined ? {} : { details: entry.details }),
             flagged: entry.flagged ?? false,
             prevSha256: previous,
+            keyId: signer?.keyId ?? "",
           });
           event.sha256 = eventHash(event);
+          if (signer !== undefined) event.signature = signHash("event", event.sha256, signer);
           previous = event.sha256;
           return event;
         });
@@ -290,6 +279,7 @@ export class AuditLog {
           accepted++;
         }
         remaining = remaining.slice(accepted);
+        if (accepted > 0) this.options.onWritten?.(accepted);
         if (remaining.length === 0) break;
       } catch (error) {
         failure = error;
@@ -297,7 +287,7 @@ export class AuditLog {
       // Another replica appended first (wrong last sequence), or the tail is stale: re-read it and try again.
       this.tail = undefined;
       // Only a lost race is worth another try; a refusal (a full stream, no stream) stays a refusal.
-      const conflict = /wrong last (sequence|msg)/i.test(String(failure));
+      const conflict = failure instanceof JetStreamApiError && lostRace.has(failure.code);
       if (!conflict || attempt >= auditLogDefaults.conflictAttempts) {
         return { written, failure: new AirlockError(Code.Unavailable, "the audit event could not be written: failing closed", { cause: failure }) };
       }

@@ -1,0 +1,250 @@
+import { execFile } from "node:child_process";
+import { createHash, createPrivateKey, type KeyObject, sign } from "node:crypto";
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { clone } from "@bufbuild/protobuf";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import t from "tap";
+import {
+  AuditKeyRing,
+  AuditLog,
+  auditEventToJsonLine,
+  auditStream,
+  Checkpointer,
+  DirectoryCheckpointSink,
+  ensureAuditStream,
+  eventHash,
+  readAuditEvents,
+  readCheckpointDirectory,
+  signatureContexts,
+  TrailVerifier,
+  writeAuditKey,
+} from "../../broker/audit/index.js";
+import { createLogger } from "../../common/logger.js";
+import { useInfra } from "../../harness/index.js";
+import { type AuditEvent, AuditEventSchema, AuditEventType } from "../../proto/index.js";
+
+// The attacker here holds NATS's administrator credential: it may update, delete and
+// recreate the audit stream. What it lacks is a broker's private key and the checkpoint sink.
+const { nats } = await useInfra(t, { nats: true });
+const broker = await nats.connect({ kind: "broker" });
+t.teardown(() => broker.close());
+const admin = await nats.connect({ kind: "admin" });
+t.teardown(() => admin.close());
+const adminJsm = await jetstreamManager(admin);
+const adminJs = jetstream(admin);
+
+const dir = await mkdtemp(join(tmpdir(), "airlock-audit-evidence-"));
+t.teardown(() => rm(dir, { recursive: true, force: true }));
+const keyDir = join(dir, "keys");
+const checkpointDir = join(dir, "checkpoints");
+async function loadSigner(keyId: string): Promise<{ keyId: string; privateKey: KeyObject }> {
+  const files = await writeAuditKey(keyDir, keyId);
+  return { keyId, privateKey: createPrivateKey(await readFile(files.privateKeyFile, "utf8")) };
+}
+const replica = await loadSigner("broker-1");
+const attacker = await loadSigner("mallory");
+const keyringFile = join(keyDir, "keyring.yaml");
+await writeFile(keyringFile, "keys:\n  - key_id: broker-1\n    public_key_file: broker-1.pub.pem\n");
+const keys = await AuditKeyRing.load(keyringFile);
+
+const silent = createLogger({ name: "test", level: "silent" });
+const outcomes: string[] = [];
+const checkpointer = await Checkpointer.start({
+  nc: broker,
+  sink: new DirectoryCheckpointSink(checkpointDir, 1000),
+  signer: replica,
+  everyEvents: 5,
+  intervalMs: 3_600_000,
+  log: silent,
+  onOutcome: (outcome) => outcomes.push(outcome),
+});
+t.teardown(() => checkpointer.close());
+const log = await AuditLog.open(broker, { signer: replica, onWritten: (count) => checkpointer.noteWritten(count) });
+
+async function trail(): Promise<AuditEvent[]> {
+  const events: AuditEvent[] = [];
+  for await (const event of readAuditEvents(broker)) events.push(event);
+  return events;
+}
+
+/** Verifies what is in the stream now, against the checkpoints on disk (or none). */
+async function verify(withCheckpoints = true) {
+  const found = withCheckpoints ? await readCheckpointDirectory(checkpointDir) : undefined;
+  const verifier = new TrailVerifier({ keys, ...(found === undefined ? {} : { checkpoints: found.checkpoints, malformedCheckpoints: found.malformed }) });
+  for (const event of await trail()) verifier.add(event);
+  return verifier.finish();
+}
+
+/** The administrator's rewrite: delete the stream, make it again, publish the given events. */
+async function rewrite(events: readonly AuditEvent[]): Promise<void> {
+  await adminJsm.streams.delete(auditStream.name);
+  await ensureAuditStream(adminJsm);
+  for (const event of events) await adminJs.publish(auditStream.subject, auditEventToJsonLine(event));
+}
+
+/** Signs an event as `signer` would (its hash recomputed for the new key id). */
+function signAs(event: AuditEvent, signer: { keyId: string; privateKey: KeyObject }): void {
+  event.keyId = signer.keyId;
+  event.signature = new Uint8Array(0);
+  event.sha256 = eventHash(event);
+  event.signature = new Uint8Array(sign(null, Buffer.concat([Buffer.from(signatureContexts.event), event.sha256]), signer.privateKey));
+}
+
+/** The events re-linked from the first, hashed, and signed with `signer` (or unsigned). */
+function rechain(events: readonly AuditEvent[], signer: { keyId: string; privateKey: KeyObject } | undefined): AuditEvent[] {
+  let previous: Uint8Array = new Uint8Array(0);
+  return events.map((original, index) => {
+    const event = clone(AuditEventSchema, original);
+    event.sequence = BigInt(index + 1);
+    event.prevSha256 = previous;
+    if (signer === undefined) {
+      event.keyId = "";
+      event.signature = new Uint8Array(0);
+      event.sha256 = eventHash(event);
+    } else {
+      signAs(event, signer);
+    }
+    previous = event.sha256;
+    return event;
+  });
+}
+
+for (let i = 0; i < 12; i++) {
+  await log.append({ type: AuditEventType.DECIDED, actor: i === 3 ? "dana@corp" : `reviewer-${i}`, requestId: `r${i}`, details: { verdict: i === 3 ? "denied" : "approved" } });
+}
+await checkpointer.checkpoint();
+const original = await trail();
+/** The lowest sequence a checkpoint names above `sequence` (checkpoints name the head when they run). */
+async function checkpointAbove(sequence: number): Promise<number> {
+  return Math.min(...(await readCheckpointDirectory(checkpointDir)).checkpoints.map((c) => c.sequence).filter((s) => s > sequence));
+}
+
+await t.test("a signed trail with its checkpoints verifies; each checkpoint names the head then", async (t) => {
+  t.equal(original.length, 12);
+  const verdict = await verify();
+  t.same({ intact: verdict.intact, eventsChecked: verdict.eventsChecked, signed: verdict.signed, problem: verdict.problem }, { intact: true, eventsChecked: 12, signed: 12, problem: "" });
+  const found = await readCheckpointDirectory(checkpointDir);
+  const sequences = found.checkpoints.map((c) => c.sequence);
+  // Taken while appends go on, a checkpoint names the head when it runs: at or after its trigger.
+  t.ok(sequences.length >= 3 && (sequences[0] ?? 0) >= 5 && (sequences[1] ?? 0) >= 10 && sequences.at(-1) === 12, `one after every 5 events and one on demand: ${sequences.join(",")}`);
+  for (const checkpoint of found.checkpoints) t.equal(checkpoint.headSha256, Buffer.from(original[checkpoint.sequence - 1]?.sha256 ?? []).toString("hex"), `checkpoint ${checkpoint.index} names event ${checkpoint.sequence}'s hash`);
+  t.same(new Set(outcomes), new Set(["written"]));
+});
+
+await t.test("a forged event chained with the plain SHA-256 is found: it carries no broker's signature", async (t) => {
+  const forged = clone(AuditEventSchema, original[11] as AuditEvent);
+  forged.sequence = 13n;
+  forged.actor = "dana@corp";
+  forged.details = { verdict: "approved" };
+  forged.prevSha256 = (original[11] as AuditEvent).sha256;
+  forged.keyId = "";
+  forged.signature = new Uint8Array(0);
+  forged.sha256 = eventHash(forged);
+  await adminJs.publish(auditStream.subject, auditEventToJsonLine(forged));
+  const verdict = await verify();
+  t.same([verdict.error, verdict.firstBrokenSequence], ["unsigned_event", 13]);
+  // Signed with a key of the attacker's own, it is no better.
+  signAs(forged, attacker);
+  await rewrite([...original, forged]);
+  const withKey = await verify();
+  t.same([withKey.error, withKey.firstBrokenSequence], ["unknown_key", 13]);
+  await rewrite(original);
+  t.equal((await verify()).problem, "", "restored");
+});
+
+await t.test("a stream update that drops history is found: the trail no longer starts at event 1", async (t) => {
+  const info = await adminJsm.streams.info(auditStream.name);
+  await adminJsm.streams.update(auditStream.name, { ...info.config, max_msgs: 5 });
+  const verdict = await verify();
+  t.same([verdict.error, verdict.firstBrokenSequence], ["event_missing", 8]);
+  await rewrite(original);
+});
+
+await t.test("a trail replaced by another history is found by the checkpoints, signed or not", async (t) => {
+  const madeUp = original.slice(0, 5).map((event) => clone(AuditEventSchema, event));
+  (madeUp[3] as AuditEvent).details = { verdict: "approved" };
+  (madeUp[0] as AuditEvent).eventId = "another-history";
+  await rewrite(rechain(madeUp, undefined));
+  t.same([(await verify(false)).error], ["unsigned_event"], "without checkpoints, the missing signatures show");
+  t.same([(await verify()).error], ["trail_replaced"]);
+  // Even with the broker's own key (stolen), only the checkpoints can tell.
+  await rewrite(rechain(madeUp, replica));
+  t.ok((await verify(false)).intact, "a stolen key makes a replaced trail verify on its own");
+  const verdict = await verify();
+  t.same([verdict.error, verdict.firstBrokenSequence], ["trail_replaced", 1]);
+  // The broker's checkpointer refuses to bless it.
+  const before = (await readCheckpointDirectory(checkpointDir)).checkpoints.length;
+  await checkpointer.checkpoint();
+  t.equal(outcomes.at(-1), "trail_replaced");
+  t.equal((await readCheckpointDirectory(checkpointDir)).checkpoints.length, before, "no checkpoint was written of the replaced trail");
+  // And the command-line check names it too.
+  const cli = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "cli", "airlock.ts");
+  const reader = await nats.credentials({ kind: "audit" });
+  const run = await promisify(execFile)(process.execPath, ["--import", import.meta.resolve("tsx"), cli, "audit", "verify", "--nats", nats.url, "--nats-seed", reader.auth.seedFile, "--nats-ca", nats.caFile, "--keys", keyringFile, "--checkpoints", checkpointDir]).catch(
+    (error: unknown) => error as { code: number; stdout: string },
+  );
+  t.equal("code" in run ? run.code : 0, 1);
+  t.match(run.stdout, /^audit BROKEN error=trail_replaced at=1 /m);
+  await rewrite(original);
+});
+
+await t.test("a trail truncated after a checkpoint is found", async (t) => {
+  await rewrite(original.slice(0, 8));
+  t.ok((await verify(false)).intact, "a prefix of a signed trail verifies on its own");
+  const verdict = await verify();
+  t.same([verdict.error, verdict.firstBrokenSequence], ["trail_truncated", await checkpointAbove(8)]);
+  await rewrite(original);
+});
+
+await t.test("a trail edited before the newest checkpoint and re-signed with a stolen key is found", async (t) => {
+  const edited = original.map((event) => clone(AuditEventSchema, event));
+  (edited[3] as AuditEvent).details = { verdict: "approved" };
+  await rewrite(rechain(edited, replica));
+  t.ok((await verify(false)).intact);
+  const verdict = await verify();
+  t.same([verdict.error, verdict.firstBrokenSequence], ["trail_edited", await checkpointAbove(3)]);
+  await rewrite(original);
+});
+
+await t.test("a dropped event, an event edited in place, an event signed by an unknown key", async (t) => {
+  await rewrite(original.filter((_, index) => index !== 6));
+  t.same([(await verify()).error, (await verify()).firstBrokenSequence], ["event_missing", 8]);
+  const inPlace = original.map((event) => clone(AuditEventSchema, event));
+  (inPlace[2] as AuditEvent).actor = "someone-else";
+  await rewrite(inPlace);
+  t.same([(await verify()).error, (await verify()).firstBrokenSequence], ["event_altered", 3]);
+  const resigned = original.map((event) => clone(AuditEventSchema, event));
+  signAs(resigned[9] as AuditEvent, attacker);
+  await rewrite(resigned);
+  t.same([(await verify(false)).error, (await verify(false)).firstBrokenSequence], ["unknown_key", 10]);
+  await rewrite(original);
+  t.ok((await verify()).intact);
+});
+
+await t.test("a missing checkpoint is a gap; a corrupt one is named", async (t) => {
+  // The three checkpoints may span period files: gather them into one (verification reads every file).
+  const writerDir = join(checkpointDir, "broker-1");
+  const files = (await readdir(writerDir)).sort();
+  const texts = await Promise.all(files.map((name) => readFile(join(writerDir, name), "utf8")));
+  const text = texts.join("");
+  for (const name of files.slice(1)) await rm(join(writerDir, name));
+  const path = join(writerDir, files[0] ?? "");
+  const lines = text.trim().split("\n");
+  t.equal(lines.length, 3);
+  await writeFile(path, `${[lines[0], lines[2]].join("\n")}\n`);
+  const gap = await verify();
+  t.same([gap.error], ["checkpoint_gap"]);
+  await writeFile(path, `${[lines[0], "{not a checkpoint", lines[1], lines[2]].join("\n")}\n`);
+  t.same([(await verify()).error], ["checkpoint_malformed"]);
+  // A checkpoint rewritten to match an edited trail needs the broker's key.
+  const changed = JSON.parse(lines[2] ?? "{}") as Record<string, unknown>;
+  changed.head_sha256 = createHash("sha256").update("other").digest("hex");
+  await writeFile(path, `${[lines[0], lines[1], JSON.stringify(changed)].join("\n")}\n`);
+  t.same([(await verify()).error], ["checkpoint_bad_signature"]);
+  await writeFile(path, text);
+  t.ok((await verify()).intact, "the original files verify again");
+});
