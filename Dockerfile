@@ -21,8 +21,9 @@ RUN npm run build:console
 
 # The keys directory (AIRLOCK_DIR). A named volume mounted here starts with this
 # directory's owner, so the unprivileged user can write the demo keys into it.
-# /checkpoints: a new named volume takes this ownership, so the broker (as node) can write its audit checkpoints.
-RUN mkdir -p /airlock /checkpoints && chown node:node /airlock /checkpoints
+# /checkpoints and /session: new named volumes take this ownership, so the broker can write its
+# audit checkpoints and the demo identity provider the human's session (both run as node).
+RUN mkdir -p /airlock /checkpoints /session && chown node:node /airlock /checkpoints /session
 USER node
 ENV AIRLOCK_DIR=/airlock
 

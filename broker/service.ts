@@ -432,7 +432,16 @@ export class Broker {
       type: AuditEventType.REQUEST_RECEIVED,
       actor: request.identity?.agent ?? "",
       requestId: request.id,
-      details: { service: request.service, method: request.method, host: request.host, rule: request.ruleId, reason: request.reason, onBehalfOf: request.identity?.onBehalfOf ?? "" },
+      details: {
+        service: request.service,
+        method: request.method,
+        host: request.host,
+        rule: request.ruleId,
+        reason: request.reason,
+        onBehalfOf: request.identity?.onBehalfOf ?? "",
+        agentAttestedBy: request.identity?.agentAttestedBy ?? "",
+        humanAttestedBy: request.identity?.humanAttestedBy ?? "",
+      },
     };
     const record = result.decided === undefined ? result.record : withDecisionId(result.record);
     const intakeAudit = [received, ...this.auditEntries(result.events, result.autoRule === undefined ? this.options.replicaId : `auto-rule:${result.autoRule}`)];

@@ -1,37 +1,29 @@
 /**
  * The demo agent: a short, readable script of tool calls an AI agent makes
- * through the Airlock sidecar, each with its reason. It holds no credential of
- * its own, only its identity token; privileged calls wait for a human.
+ * through the Airlock sidecar, each with its reason. It holds no credential for
+ * the upstream and no signing key: its token comes from the identity provider
+ * (demo/issuer.ts), which exchanges the human's session for a token naming the
+ * human as subject and the agent as actor. Privileged calls wait for a human.
  *
  * Run by `npm run demo` in-process, or on its own (docker compose) with
- * `AIRLOCK_SIDECAR_ADDR` and `AIRLOCK_DIR` (holding `agent.pem`) set.
+ * `AIRLOCK_SIDECAR_ADDR`, `AIRLOCK_ISSUER_URL`, `AIRLOCK_AGENT_CLIENT_SECRET` and
+ * `AIRLOCK_HUMAN_SESSION_FILE` set.
  * @module
  */
-import { createPrivateKey, type KeyObject } from "node:crypto";
 import { readFile } from "node:fs/promises";
-import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { Client, credentials, Metadata } from "@grpc/grpc-js";
-import { SignJWT } from "jose";
 import { AirlockError, Code, codeName } from "../common/errors.js";
 import { callServerStream, callUnary } from "../common/grpc.js";
 import { OpsService } from "../proto/gen/demo/v1/ops_pb.js";
-import { demoKeyFileNames } from "./setup.js";
+import { demoIssuerDefaults, exchangeToken } from "./issuer.js";
 
 /** Who the demo agent is and where its sidecar listens. */
 export interface DemoAgentOptions {
   /** `host:port` of the sidecar. */
   readonly sidecarAddress: string;
-  /** The agent's Ed25519 JWT signing key (the sidecar trusts its public half). */
-  readonly privateKey: KeyObject;
-  /** @default "airlock-demo" (demo/config/sidecar.yaml) */
-  readonly issuer?: string;
-  /** @default "airlock-sidecar" */
-  readonly audience?: string;
-  /** @default "spiffe://demo/agent/ops-assistant" */
-  readonly agent?: string;
-  /** The human the agent acts for. @default "alice@example.com" */
-  readonly actFor?: string;
+  /** Gets the agent's token for the sidecar from the identity provider (once per step: it may have expired). */
+  readonly token: () => Promise<string>;
   /** Where progress lines go. @default console.log */
   readonly print?: (line: string) => void;
   /** How long one call may wait, approval included, in ms. @default 900000 (15 minutes: a human is deciding) */
@@ -42,10 +34,6 @@ export interface DemoAgentOptions {
 
 /** Defaults of {@link DemoAgentOptions}. */
 export const demoAgentDefaults = {
-  issuer: "airlock-demo",
-  audience: "airlock-sidecar",
-  agent: "spiffe://demo/agent/ops-assistant",
-  actFor: "alice@example.com",
   callTimeoutMs: 900_000,
 } as const;
 
@@ -107,14 +95,7 @@ export async function runDemoAgent(options: DemoAgentOptions): Promise<AgentStep
 }
 
 async function agentMetadata(options: DemoAgentOptions, reason: string): Promise<Metadata> {
-  const token = await new SignJWT({ act_for: options.actFor ?? demoAgentDefaults.actFor })
-    .setProtectedHeader({ alg: "EdDSA" })
-    .setSubject(options.agent ?? demoAgentDefaults.agent)
-    .setIssuer(options.issuer ?? demoAgentDefaults.issuer)
-    .setAudience(options.audience ?? demoAgentDefaults.audience)
-    .setIssuedAt()
-    .setExpirationTime("20m")
-    .sign(options.privateKey);
+  const token = await options.token();
   const metadata = new Metadata();
   metadata.set("authorization", `Bearer ${token}`);
   if (reason !== "") metadata.set("x-airlock-reason", reason);
@@ -150,10 +131,15 @@ async function callStep(client: Client, method: string, metadata: Metadata, dead
 
 async function main(): Promise<void> {
   const sidecarAddress = process.env.AIRLOCK_SIDECAR_ADDR;
-  const dir = process.env.AIRLOCK_DIR;
-  if (sidecarAddress === undefined || dir === undefined) throw new AirlockError(Code.InvalidArgument, "set AIRLOCK_SIDECAR_ADDR (host:port) and AIRLOCK_DIR (holding agent.pem)");
-  const privateKey = createPrivateKey(await readFile(join(dir, demoKeyFileNames.agentPrivateKey), "utf8"));
-  const results = await runDemoAgent({ sidecarAddress, privateKey });
+  const tokenUrl = process.env.AIRLOCK_ISSUER_URL;
+  const clientSecret = process.env.AIRLOCK_AGENT_CLIENT_SECRET;
+  const sessionFile = process.env.AIRLOCK_HUMAN_SESSION_FILE;
+  if (sidecarAddress === undefined || tokenUrl === undefined || clientSecret === undefined || sessionFile === undefined) {
+    throw new AirlockError(Code.InvalidArgument, "set AIRLOCK_SIDECAR_ADDR (host:port), AIRLOCK_ISSUER_URL (the token endpoint), AIRLOCK_AGENT_CLIENT_SECRET and AIRLOCK_HUMAN_SESSION_FILE");
+  }
+  const subjectToken = (await readFile(sessionFile, "utf8")).trim();
+  const token = () => exchangeToken({ tokenUrl, clientId: demoIssuerDefaults.clientId, clientSecret, subjectToken, audience: demoIssuerDefaults.audience });
+  const results = await runDemoAgent({ sidecarAddress, token });
   const unexpected = results.filter((r) => r.outcome !== r.expected);
   if (unexpected.length > 0) {
     console.error(`agent: ${unexpected.map((r) => `${r.step} ended ${r.outcome}, expected ${r.expected}`).join("; ")}`);

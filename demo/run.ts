@@ -23,11 +23,12 @@ import { createVaultClient } from "../common/vault.js";
 import { makeTempDir, resolveVaultBinary, startNats, startPostgres, startVault } from "../harness/index.js";
 import { type RequestRecord, RequestState } from "../proto/index.js";
 import { parseSidecarConfig, startSidecar } from "../sidecar/index.js";
-import { type AgentStepResult, demoAgentDefaults, runDemoAgent } from "./agent.js";
+import { type AgentStepResult, runDemoAgent } from "./agent.js";
 import { startOpsServer } from "./ops/index.js";
 import { configureDemoVault, demoKeyId, prepareDemoDatabase, writeDemoKeys } from "./setup.js";
 import { type BusCheck, checkBusBoundary } from "./bus-check.js";
 import { checkAuditTrail, demoCheckpointDir } from "./audit-check.js";
+import { demoIssuerDefaults, exchangeToken, startDemoIssuer } from "./issuer.js";
 
 /** Options of {@link runDemo}. */
 export interface DemoOptions {
@@ -154,7 +155,7 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
       AIRLOCK_BROKER_HTTP: options.brokerHttp ?? "127.0.0.1:9465",
       AIRLOCK_SIDECAR_LISTEN: "127.0.0.1:0",
       AIRLOCK_SIDECAR_METRICS: "127.0.0.1:0",
-      AIRLOCK_AGENT_PUBLIC_KEY: (await readFile(keyFiles.agentPublicKey, "utf8")).trim(),
+      AIRLOCK_IDP_PUBLIC_KEY: (await readFile(keyFiles.idpPublicKey, "utf8")).trim(),
       AIRLOCK_LOG_LEVEL: logLevel,
     };
     const log = createLogger({ name: "demo", level: logLevel, destination: process.stderr });
@@ -192,8 +193,19 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
       print("demo   privileged steps wait for you: approve or deny them in the console (or with the CLI)");
     }
 
-    const privateKey = createPrivateKey(await readFile(keyFiles.agentPrivateKey, "utf8"));
-    const steps = await runDemoAgent({ sidecarAddress: sidecar.address, privateKey, issuer: demoAgentDefaults.issuer, audience: demoAgentDefaults.audience, print, signal: abort.signal });
+    // The identity provider holds the token key; the agent holds a client secret and the human's session.
+    const clientSecret = randomBytes(24).toString("hex");
+    const idp = await startDemoIssuer({
+      privateKey: createPrivateKey(await readFile(keyFiles.idpPrivateKey, "utf8")),
+      issuer: demoIssuerDefaults.issuer,
+      audiences: [demoIssuerDefaults.audience],
+      clients: { [demoIssuerDefaults.clientId]: { secret: clientSecret, agent: demoIssuerDefaults.agent } },
+    });
+    await track({ name: "the identity provider", close: () => idp.close() });
+    const session = await idp.signIn(demoIssuerDefaults.human);
+    print(`demo   identity provider at ${idp.tokenUrl}: ${demoIssuerDefaults.human} signed in; the agent exchanges that session for its tokens (RFC 8693)`);
+    const token = () => exchangeToken({ tokenUrl: idp.tokenUrl, clientId: demoIssuerDefaults.clientId, clientSecret, subjectToken: session, audience: demoIssuerDefaults.audience });
+    const steps = await runDemoAgent({ sidecarAddress: sidecar.address, token, print, signal: abort.signal });
     if (abort.signal.aborted) throw new AirlockError(Code.Canceled, "the demo was stopped");
     const actions = await tracker.settle(steps);
     // The boundary, tried with the demo sidecar's own credential: what an agent on its host can read.

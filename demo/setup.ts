@@ -22,10 +22,10 @@ export const demoKeyFileNames = {
   brokerPrivateKey: "broker.pem",
   /** Its public half, SPKI PEM (sidecar.yaml `broker_keys`). */
   brokerPublicKey: "broker.pub.pem",
-  /** The demo agent's Ed25519 JWT signing key, PKCS#8 PEM (for jose `importPKCS8(pem, "EdDSA")`). */
-  agentPrivateKey: "agent.pem",
-  /** Its public half, SPKI PEM: the sidecar's `AIRLOCK_AGENT_PUBLIC_KEY`. */
-  agentPublicKey: "agent.pub.pem",
+  /** The demo identity provider's Ed25519 token-signing key, PKCS#8 PEM (demo/issuer.ts; never the agent's). */
+  idpPrivateKey: "idp.pem",
+  /** Its public half, SPKI PEM: the sidecar's `AIRLOCK_IDP_PUBLIC_KEY`. */
+  idpPublicKey: "idp.pub.pem",
 } as const;
 
 /** Absolute paths of the demo's key files. */
@@ -63,7 +63,7 @@ async function exists(path: string): Promise<boolean> {
 
 /**
  * Makes sure the demo's key files exist in `dir` (created when missing): the
- * broker's decision key pair and the demo agent's JWT key pair, both Ed25519.
+ * broker's decision key pair and the demo identity provider's token key pair, both Ed25519.
  * Existing files are kept, so parts that already loaded them stay in agreement;
  * when only some exist, every pair is written afresh. Private keys are mode 0600.
  */
@@ -71,15 +71,15 @@ export async function writeDemoKeys(dir: string): Promise<DemoKeyFiles> {
   const files: DemoKeyFiles = {
     brokerPrivateKey: join(dir, demoKeyFileNames.brokerPrivateKey),
     brokerPublicKey: join(dir, demoKeyFileNames.brokerPublicKey),
-    agentPrivateKey: join(dir, demoKeyFileNames.agentPrivateKey),
-    agentPublicKey: join(dir, demoKeyFileNames.agentPublicKey),
+    idpPrivateKey: join(dir, demoKeyFileNames.idpPrivateKey),
+    idpPublicKey: join(dir, demoKeyFileNames.idpPublicKey),
   };
   await mkdir(dir, { recursive: true });
   const present = await Promise.all(Object.values(files).map(exists));
   if (present.every(Boolean)) return files;
   for (const [privatePath, publicPath] of [
     [files.brokerPrivateKey, files.brokerPublicKey],
-    [files.agentPrivateKey, files.agentPublicKey],
+    [files.idpPrivateKey, files.idpPublicKey],
   ] as const) {
     const { privateKey, publicKey } = generateKeyPairSync("ed25519");
     await writeFile(privatePath, privateKey.export({ type: "pkcs8", format: "pem" }).toString(), { mode: 0o600 });

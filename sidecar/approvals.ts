@@ -217,7 +217,14 @@ export class ApprovalFlow {
     const value: JsonValue = call.method.method.methodKind === "client_streaming" ? redactedValues : (redactedValues[0] ?? {});
     return create(ApprovalRequestSchema, {
       id: randomUUID(),
-      identity: { agent: call.identity.agent, onBehalfOf: call.identity.onBehalfOf, chain: [...call.identity.chain], authenticatedBy: call.identity.authenticatedBy },
+      identity: {
+        agent: call.identity.agent,
+        onBehalfOf: call.identity.onBehalfOf,
+        chain: [...call.identity.chain],
+        authenticatedBy: call.identity.authenticatedBy,
+        agentAttestedBy: call.identity.attestation.agent,
+        humanAttestedBy: call.identity.attestation.human,
+      },
       host: this.options.host,
       service: call.method.service.typeName,
       method: call.method.method.name,

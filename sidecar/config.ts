@@ -73,6 +73,7 @@ function agentAuth(entry: ConfigReader): AgentAuthOptions {
     issuer: entry.string("issuer"),
     audience: entry.string("audience"),
     keys: keySource,
+    ...(entry.has("delegation") ? { delegation: entry.oneOf("delegation", ["claim", "token_exchange"] as const) } : {}),
     ...(entry.has("human_claim") ? { humanClaim: entry.string("human_claim") } : {}),
     ...(entry.has("clock_tolerance_sec") ? { clockToleranceSec: entry.integer("clock_tolerance_sec", 30, 0, 3600) } : {}),
     ...(entry.has("algorithms") ? { algorithms: entry.strings("algorithms") } : {}),

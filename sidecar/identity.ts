@@ -23,6 +23,21 @@ export interface AgentIdentity {
   readonly chain: readonly string[];
   /** How the agent proved who it is. */
   readonly authenticatedBy: "mtls" | "jwt";
+  /** Who vouches for each link of the chain, for the record (see {@link Attestation}). */
+  readonly attestation: Attestation;
+}
+
+/**
+ * How each link of the identity chain was attested, as recorded on the
+ * approval request: `jwt:<issuer>` (the subject of a token the issuer signed),
+ * `token_exchange:<issuer>` (RFC 8693: the issuer exchanged the human's own
+ * token and names the agent in `act`), `claim:<issuer>:<claim>` (a claim in a
+ * token the issuer signed), `mtls` / `mtls_san` (the client certificate, or
+ * one of its URI SANs), empty for no human.
+ */
+export interface Attestation {
+  readonly agent: string;
+  readonly human: string;
 }
 
 /** Where the public keys that verify agent tokens come from. */
@@ -40,7 +55,15 @@ export interface JwtAuthOptions {
   /** A value the token's `aud` must be or contain. */
   readonly audience: string;
   readonly keys: AgentTokenKeys;
-  /** The claim naming the human the agent acts for. @default "act_for" */
+  /**
+   * How the human is attested. `token_exchange`: the token's `sub` is the human and its `act`
+   * claim (RFC 8693) names the agent, so the issuer vouches for both, having exchanged the
+   * human's own token; a token naming the human in `humanClaim` instead is refused
+   * (`unattested_human`). `claim`: the agent is `sub` and the human is `humanClaim`, which is
+   * only as good as who holds the issuer's key. @default "claim"
+   */
+  readonly delegation?: "claim" | "token_exchange";
+  /** The claim naming the human the agent acts for (`delegation: claim`). @default "act_for" */
   readonly humanClaim?: string;
   /** Leeway for `exp` and `nbf`, in seconds, for clock skew between issuer and sidecar. @default 30 */
   readonly clockToleranceSec?: number;
@@ -141,6 +164,8 @@ export type AuthFailureReason =
   | "algorithm_not_allowed"
   | "no_matching_key"
   | "invalid_claim"
+  /** With token exchange, the token names a human in a claim of its own instead of as its subject. */
+  | "unattested_human"
   | "tokens_not_accepted"
   | "certificate_not_verified"
   | "certificate_without_uri_san";
@@ -244,6 +269,7 @@ class JwtVerifier {
     private readonly algorithms: string[],
     private readonly clockToleranceSec: number,
     private readonly humanClaim: string,
+    private readonly delegation: "claim" | "token_exchange",
     private readonly keys: { kind: "remote"; url: string; set: JWTVerifyGetKey } | { kind: "static"; jwks: JWK[] },
   ) {}
 
@@ -262,7 +288,9 @@ class JwtVerifier {
     const humanClaim = options.humanClaim ?? agentAuthDefaults.humanClaim;
     if (humanClaim.length === 0) throw invalidOption("jwt: humanClaim must not be empty");
 
-    let keys: ConstructorParameters<typeof JwtVerifier>[5];
+    const delegation = options.delegation ?? "claim";
+    if (delegation !== "claim" && delegation !== "token_exchange") throw invalidOption(`jwt: delegation must be claim or token_exchange, got ${quote(String(delegation))}`);
+    let keys: ConstructorParameters<typeof JwtVerifier>[6];
     if (options.keys.kind === "jwks_url") {
       let url: URL;
       try {
@@ -280,7 +308,7 @@ class JwtVerifier {
       for (const [index, jwk] of jwks.entries()) await assertUsable(jwk, index, algorithms);
       keys = { kind: "static", jwks };
     }
-    return new JwtVerifier(options.issuer, options.audience, algorithms, clockToleranceSec, humanClaim, keys);
+    return new JwtVerifier(options.issuer, options.audience, algorithms, clockToleranceSec, humanClaim, delegation, keys);
   }
 
   /** Verifies a token: its identity and the `exp` / `nbf` of its verified claims (seconds). */
@@ -291,8 +319,10 @@ class JwtVerifier {
 
   /** The identity a verified token's claims name. */
   private identityOf(payload: JWTPayload): AgentIdentity {
-    const agent = payload.sub;
-    if (typeof agent !== "string" || agent.length === 0) throw unauthenticated("invalid_claim", "jwt", "agent token has no subject (sub)");
+    const subject = payload.sub;
+    if (typeof subject !== "string" || subject.length === 0) throw unauthenticated("invalid_claim", "jwt", "agent token has no subject (sub)");
+    if (this.delegation === "token_exchange") return this.delegatedIdentity(payload, subject);
+    const agent = subject;
     const human = payload[this.humanClaim];
     if (human !== undefined && typeof human !== "string") {
       throw unauthenticated("invalid_claim", "jwt", `agent token claim ${quote(this.humanClaim)} must be a string`);
@@ -302,8 +332,34 @@ class JwtVerifier {
       throw unauthenticated("invalid_claim", "jwt", 'agent token claim "chain" must be an array of strings');
     }
     const onBehalfOf = human ?? "";
+    const attestation = Object.freeze({ agent: `jwt:${this.issuer}`, human: onBehalfOf === "" ? "" : `claim:${this.issuer}:${this.humanClaim}` });
     // Shared by every call that presents this token (the cache): nobody may change it.
-    return Object.freeze({ agent, onBehalfOf, chain: Object.freeze(buildChain(agent, onBehalfOf, ...(extra ?? []))), authenticatedBy: "jwt" as const });
+    return Object.freeze({ agent, onBehalfOf, chain: Object.freeze(buildChain(agent, onBehalfOf, ...(extra ?? []))), authenticatedBy: "jwt" as const, attestation });
+  }
+
+  /**
+   * RFC 8693: `sub` is the human, `act.sub` the agent acting for them, and a nested `act` the
+   * actors before it (outermost is the current actor). Without `act` the token is the agent's
+   * own (an unattended pipeline): `sub` is the agent and there is no human.
+   */
+  private delegatedIdentity(payload: JWTPayload, subject: string): AgentIdentity {
+    if (payload[this.humanClaim] !== undefined) {
+      throw unauthenticated("unattested_human", "jwt", `agent token names a human in ${quote(this.humanClaim)}; with token exchange the human must be the token's subject, attested by the issuer`);
+    }
+    const actors: string[] = [];
+    let act: unknown = payload["act"];
+    while (act !== undefined) {
+      const actor = act !== null && typeof act === "object" && !Array.isArray(act) ? (act as Record<string, unknown>) : undefined;
+      if (actor === undefined || typeof actor.sub !== "string" || actor.sub.length === 0 || actors.length >= 8) {
+        throw unauthenticated("invalid_claim", "jwt", 'agent token claim "act" must be an object with a subject (sub), nested at most 8 deep');
+      }
+      actors.push(actor.sub);
+      act = actor.act;
+    }
+    const [agent, ...earlier] = actors;
+    const attestation = Object.freeze({ agent: agent === undefined ? `jwt:${this.issuer}` : `token_exchange:${this.issuer}`, human: agent === undefined ? "" : `token_exchange:${this.issuer}` });
+    if (agent === undefined) return Object.freeze({ agent: subject, onBehalfOf: "", chain: Object.freeze([subject]), authenticatedBy: "jwt" as const, attestation });
+    return Object.freeze({ agent, onBehalfOf: subject, chain: Object.freeze(buildChain(agent, subject, ...earlier)), authenticatedBy: "jwt" as const, attestation });
   }
 
   private async verifySignatureAndClaims(token: string): Promise<JWTPayload> {
@@ -568,7 +624,8 @@ export class AgentAuthenticator {
           const human = uris.find((u) => u.startsWith(prefix));
           const onBehalfOf = human === undefined ? "" : decodePercent(human.slice(prefix.length));
           // A token sent alongside is still the agent's: it is consumed (not forwarded), though the certificate decided.
-          return { identity: { agent, onBehalfOf, chain: buildChain(agent, onBehalfOf), authenticatedBy: "mtls" }, consumedHeader: tokenHeaderOf(headers) };
+          const attestation = { agent: "mtls", human: onBehalfOf === "" ? "" : "mtls_san" };
+          return { identity: { agent, onBehalfOf, chain: buildChain(agent, onBehalfOf), authenticatedBy: "mtls", attestation }, consumedHeader: tokenHeaderOf(headers) };
         }
         certificateProblem = unauthenticated("certificate_without_uri_san", "mtls", "client certificate has no URI SAN naming the agent");
       }

@@ -27,7 +27,8 @@ const env: ConfigEnv = {
   AIRLOCK_VAULT_TOKEN: "root-token",
   AIRLOCK_OPS_ADDR: "ops:50051",
   AIRLOCK_DIR: "/airlock",
-  AIRLOCK_AGENT_PUBLIC_KEY: generateKeyPairSync("ed25519").publicKey.export({ type: "spki", format: "pem" }).toString(),
+  AIRLOCK_AUDIT_CHECKPOINTS: "/checkpoints",
+  AIRLOCK_IDP_PUBLIC_KEY: generateKeyPairSync("ed25519").publicKey.export({ type: "spki", format: "pem" }).toString(),
   AIRLOCK_DEMO_DANA_TOKEN: "dana-token",
   AIRLOCK_DEMO_SAM_TOKEN: "sam-token",
 };
@@ -57,7 +58,7 @@ await t.test("sidecar.yaml parses with parseSidecarConfig and the test environme
   if (auth?.kind === "jwt") {
     t.equal(auth.issuer, "airlock-demo");
     t.equal(auth.audience, "airlock-sidecar");
-    t.same(auth.keys, { kind: "static", publicKeys: [env.AIRLOCK_AGENT_PUBLIC_KEY] }, "the key text from the environment, newlines kept");
+    t.same(auth.keys, { kind: "static", publicKeys: [env.AIRLOCK_IDP_PUBLIC_KEY] }, "the key text from the environment, newlines kept");
   }
   t.equal(config.logLevel, "info");
 });

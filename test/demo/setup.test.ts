@@ -4,11 +4,13 @@
 import { createPrivateKey, createPublicKey, sign, verify } from "node:crypto";
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { importPKCS8, SignJWT } from "jose";
+import { generateKeyPair, SignJWT } from "jose";
 import pg from "pg";
 import t from "tap";
 import { DecisionKeyRing } from "../../common/decision.js";
 import { createVaultClient } from "../../common/vault.js";
+import { Code } from "../../common/errors.js";
+import { demoIssuerDefaults, exchangeToken, startDemoIssuer } from "../../demo/issuer.js";
 import { configureDemoVault, type DemoDatabase, demoDatabaseEngine, demoKeyId, prepareDemoDatabase, writeDemoKeys } from "../../demo/setup.js";
 import { makeTempDir, useInfra } from "../../harness/index.js";
 import { AgentAuthenticator } from "../../sidecar/identity.js";
@@ -64,7 +66,7 @@ async function roleExists(name: string): Promise<boolean> {
 
 await t.test("the keys: written once, private ones 0600, and kept on a second run", async (t) => {
   t.same(keysAgain, keys);
-  for (const path of [keys.brokerPrivateKey, keys.agentPrivateKey]) t.equal((await stat(path)).mode & 0o777, 0o600, `${path} is 0600`);
+  for (const path of [keys.brokerPrivateKey, keys.idpPrivateKey]) t.equal((await stat(path)).mode & 0o777, 0o600, `${path} is 0600`);
   const second = await Promise.all(Object.values(keysAgain).map((path) => readFile(path, "utf8")));
   const first = await Promise.all(Object.values(keys).map((path) => readFile(path, "utf8")));
   t.same(second, first, "a second run keeps the same keys");
@@ -79,20 +81,31 @@ await t.test("the broker key pair: an Ed25519 signing key the sidecar's key ring
   t.ok(verify(null, message, createPublicKey(publicPem), sign(null, message, privateKey)), "the two halves belong together");
 });
 
-await t.test("the agent key pair: a token signed with agent.pem passes the sidecar's check with agent.pub.pem's text", async (t) => {
+await t.test("the identity provider: the agent exchanges the human's session for a token the sidecar attests both of; forged sessions and wrong secrets are refused", async (t) => {
   const authenticator = await AgentAuthenticator.create([
-    { kind: "jwt", issuer: "airlock-demo", audience: "airlock-sidecar", keys: { kind: "static", publicKeys: [await readFile(keys.agentPublicKey, "utf8")] } },
+    { kind: "jwt", issuer: demoIssuerDefaults.issuer, audience: demoIssuerDefaults.audience, delegation: "token_exchange", keys: { kind: "static", publicKeys: [await readFile(keys.idpPublicKey, "utf8")] } },
   ]);
-  const token = await new SignJWT({ act_for: "alex@example.com" })
-    .setProtectedHeader({ alg: "EdDSA" })
-    .setSubject("spiffe://demo/agent/ops-bot")
-    .setIssuer("airlock-demo")
-    .setAudience("airlock-sidecar")
-    .setExpirationTime("1m")
-    .sign(await importPKCS8(await readFile(keys.agentPrivateKey, "utf8"), "EdDSA"));
+  const idp = await startDemoIssuer({
+    privateKey: createPrivateKey(await readFile(keys.idpPrivateKey, "utf8")),
+    issuer: demoIssuerDefaults.issuer,
+    audiences: [demoIssuerDefaults.audience],
+    clients: { "ops-bot": { secret: "s3cret", agent: "spiffe://demo/agent/ops-bot" } },
+  });
+  t.teardown(() => idp.close());
+  const exchange = (subjectToken: string, clientSecret = "s3cret", audience: string = demoIssuerDefaults.audience) => exchangeToken({ tokenUrl: idp.tokenUrl, clientId: "ops-bot", clientSecret, subjectToken, audience });
+  const token = await exchange(await idp.signIn("alex@example.com"));
   const identity = await authenticator.authenticate({ headers: { authorization: `Bearer ${token}` } });
-  t.equal(identity?.agent, "spiffe://demo/agent/ops-bot");
-  t.equal(identity?.onBehalfOf, "alex@example.com");
+  t.same([identity?.agent, identity?.onBehalfOf, identity?.attestation], ["spiffe://demo/agent/ops-bot", "alex@example.com", { agent: "token_exchange:airlock-demo", human: "token_exchange:airlock-demo" }]);
+  // The agent cannot make up a human: a session it signed itself is not the provider's.
+  const forgedSession = await new SignJWT({}).setProtectedHeader({ alg: "EdDSA" }).setSubject("dana@example.com").setIssuer(demoIssuerDefaults.issuer).setAudience(demoIssuerDefaults.sessionAudience).setExpirationTime("1m").sign((await generateKeyPair("EdDSA")).privateKey);
+  await t.rejects(exchange(forgedSession), { code: Code.Unauthenticated, details: { error: "invalid_grant" } });
+  await t.rejects(exchange(await idp.signIn("alex@example.com"), "wrong"), { code: Code.Unauthenticated, details: { error: "invalid_client" } });
+  await t.rejects(exchange(await idp.signIn("alex@example.com"), "s3cret", "another-service"), { code: Code.Unauthenticated, details: { error: "invalid_target" } });
+  // An exchanged token is not a session: it cannot be exchanged again for another audience or actor.
+  await t.rejects(exchange(token), { code: Code.Unauthenticated, details: { error: "invalid_grant" } });
+  // A self-signed agent token naming its human in a claim is refused by the sidecar.
+  const selfMade = await new SignJWT({ act_for: "alex@example.com" }).setProtectedHeader({ alg: "EdDSA" }).setSubject("spiffe://demo/agent/ops-bot").setIssuer(demoIssuerDefaults.issuer).setAudience(demoIssuerDefaults.audience).setExpirationTime("1m").sign((await generateKeyPair("EdDSA")).privateKey);
+  await t.rejects(authenticator.authenticate({ headers: { authorization: `Bearer ${selfMade}` } }), { code: Code.Unauthenticated });
 });
 
 await t.test("the demo table holds its rows once, however often setup runs", async (t) => {

@@ -10,7 +10,7 @@ import { natsServerRelease } from "../../harness/index.js";
 import { parse as parseYaml } from "yaml";
 import { parseBrokerConfig } from "../../broker/server.js";
 import { type ConfigEnv, expandConfigVariables, readConfigFile } from "../../common/index.js";
-import { demoAgentDefaults } from "../../demo/agent.js";
+import { demoIssuerDefaults } from "../../demo/issuer.js";
 import { parseSidecarConfig } from "../../sidecar/index.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -214,7 +214,7 @@ await t.test("depends_on: existing services, each with a condition that fits it,
     return found;
   };
   t.notOk(names.some(cycle), "no dependency cycle");
-  t.same(Object.keys(mapping(service("agent").depends_on)).sort(), ["broker", "sidecar"], "the agent starts once the sidecar and broker are healthy");
+  t.same(Object.keys(mapping(service("agent").depends_on)).sort(), ["broker", "issuer", "sidecar"], "the agent starts once the sidecar, the broker and the identity provider (with the human's session written) are healthy");
 });
 
 await t.test("mounts: bind sources exist, named volumes are declared, the configs are read-only", async (t) => {
@@ -237,7 +237,7 @@ await t.test("mounts: bind sources exist, named volumes are declared, the config
       `${name} mounts demo/config/`,
     );
   }
-  for (const name of ["setup", "broker", "sidecar", "agent"]) {
+  for (const name of ["setup", "broker", "sidecar", "issuer"]) {
     const dir = environment(name).AIRLOCK_DIR;
     t.ok(dir !== undefined && mounts(name).some((mount) => mount.target === dir), `${name}: AIRLOCK_DIR (${String(dir)}) is a mounted volume`);
   }
@@ -245,7 +245,7 @@ await t.test("mounts: bind sources exist, named volumes are declared, the config
 });
 
 // A real-looking key for what the sidecar's entrypoint reads from the keys volume at start.
-const agentPublicKey = generateKeyPairSync("ed25519").publicKey.export({ type: "spki", format: "pem" }).toString();
+const idpPublicKey = generateKeyPairSync("ed25519").publicKey.export({ type: "spki", format: "pem" }).toString();
 
 async function configOf(name: string, env: ConfigEnv): Promise<ReturnType<typeof readConfigFile>> {
   const path = repoPathsIn(name).find((word) => word.endsWith(".yaml"));
@@ -269,10 +269,10 @@ await t.test("the sidecar's environment makes demo/config/sidecar.yaml valid; th
   // Compose interpolates `$NAME` from the host's environment: the container's shell gets `$` only when written `$$`.
   t.notMatch(raw.replace(/\$\$/g, ""), /\$/, "every $ meant for the container's shell is escaped as $$");
   const entrypoint = raw.replace(/\$\$/g, "$");
-  t.match(entrypoint, /AIRLOCK_AGENT_PUBLIC_KEY="\$\(cat "\$AIRLOCK_DIR\/agent\.pub\.pem"\)"/, "the entrypoint sets AIRLOCK_AGENT_PUBLIC_KEY from the keys volume");
-  t.match(entrypoint, /export AIRLOCK_AGENT_PUBLIC_KEY/);
+  t.match(entrypoint, /AIRLOCK_IDP_PUBLIC_KEY="\$\(cat "\$AIRLOCK_DIR\/idp\.pub\.pem"\)"/, "the entrypoint sets AIRLOCK_IDP_PUBLIC_KEY from the keys volume");
+  t.match(entrypoint, /export AIRLOCK_IDP_PUBLIC_KEY/);
   t.match(entrypoint, /exec node --import tsx cli\/airlock\.ts sidecar --config demo\/config\/sidecar\.yaml/, "the same program as the image's entrypoint");
-  const config = parseSidecarConfig(await configOf("sidecar", { ...environment("sidecar"), AIRLOCK_AGENT_PUBLIC_KEY: agentPublicKey }));
+  const config = parseSidecarConfig(await configOf("sidecar", { ...environment("sidecar"), AIRLOCK_IDP_PUBLIC_KEY: idpPublicKey }));
   t.same(config.listen, { host: "0.0.0.0", port: 7443 });
   t.same(
     ports("sidecar").map((port) => port.containerPort),
@@ -286,7 +286,10 @@ await t.test("the sidecar's environment makes demo/config/sidecar.yaml valid; th
   const agent = environment("agent");
   t.equal(agent.AIRLOCK_SIDECAR_ADDR, `sidecar:${config.listen.port}`);
   const auth = config.agentAuth[0];
-  t.ok(auth?.kind === "jwt" && auth.issuer === demoAgentDefaults.issuer && auth.audience === demoAgentDefaults.audience, "the demo agent signs tokens for this sidecar's issuer and audience");
+  t.ok(auth?.kind === "jwt" && auth.issuer === demoIssuerDefaults.issuer && auth.audience === demoIssuerDefaults.audience && auth.delegation === "token_exchange", "the identity provider issues tokens for this sidecar's issuer and audience, by token exchange");
+  t.equal(agent.AIRLOCK_ISSUER_URL, `http://issuer:${environment("issuer").AIRLOCK_ISSUER_LISTEN?.split(":").at(-1)}/token`, "the agent reaches the provider's token endpoint");
+  t.equal(agent.AIRLOCK_AGENT_CLIENT_SECRET, environment("issuer").AIRLOCK_AGENT_CLIENT_SECRET, "with the client secret the provider knows");
+  t.notOk(mounts("agent").some((mount) => mount.source === "airlock-keys"), "the agent does not mount the keys: it holds no signing key");
 });
 
 await t.test("setup and ops get what they read", async (t) => {

@@ -83,6 +83,7 @@ await t.test("a valid token gives the agent, the human and the deduplicated chai
     onBehalfOf: "alice@corp.com",
     chain: ["spiffe://corp/agent/etl", "alice@corp.com", "etl-scheduler"],
     authenticatedBy: "jwt",
+    attestation: { agent: `jwt:${issuer}`, human: `claim:${issuer}:act_for` },
   });
   // ES256 against the JSON JWK (with kid), in the fallback header, header name in any case.
   const es256 = await token({ alg: "ES256", key: es.privateKey, kid: "es-1", claims: { act_for: "bob@corp.com", chain: undefined } });
@@ -91,12 +92,13 @@ await t.test("a valid token gives the agent, the human and the deduplicated chai
     onBehalfOf: "bob@corp.com",
     chain: ["spiffe://corp/agent/etl", "bob@corp.com"],
     authenticatedBy: "jwt",
+    attestation: { agent: `jwt:${issuer}`, human: `claim:${issuer}:act_for` },
   });
   // A kid the PEM key does not name still verifies against it (the PEM has no kid).
   t.equal((await auth.authenticate(bearer(await token({ kid: "whatever" }))))?.agent, "spiffe://corp/agent/etl");
   // No human: an unattended pipeline.
   const alone = await auth.authenticate({ headers: { authorization: `bearer ${await token({ claims: { act_for: undefined, chain: undefined } })}` } });
-  t.same(alone, { agent: "spiffe://corp/agent/etl", onBehalfOf: "", chain: ["spiffe://corp/agent/etl"], authenticatedBy: "jwt" });
+  t.same(alone, { agent: "spiffe://corp/agent/etl", onBehalfOf: "", chain: ["spiffe://corp/agent/etl"], authenticatedBy: "jwt", attestation: { agent: `jwt:${issuer}`, human: "" } });
   // A custom human claim.
   const custom = await AgentAuthenticator.create([{ ...staticJwt, humanClaim: "on_behalf_of" }]);
   t.equal((await custom.authenticate(bearer(await token({ claims: { on_behalf_of: "carol@corp.com" } }))))?.onBehalfOf, "carol@corp.com");
@@ -231,6 +233,7 @@ await t.test("JWKS URL: keys fetched from a real HTTP server", async (t) => {
     onBehalfOf: "alice@corp.com",
     chain: ["spiffe://corp/agent/etl", "alice@corp.com", "etl-scheduler"],
     authenticatedBy: "jwt",
+    attestation: { agent: `jwt:${issuer}`, human: `claim:${issuer}:act_for` },
   });
   t.equal((await remote.authenticate(bearer(await token({ alg: "ES256", key: es.privateKey, kid: "es-1" }))))?.agent, "spiffe://corp/agent/etl");
   // Without a kid, the one EdDSA key in the set is used.
@@ -283,6 +286,7 @@ await t.test("mTLS with a PeerCertificate-shaped object", async (t) => {
     onBehalfOf: "alice@corp.com",
     chain: ["spiffe://corp/agent/etl", "alice@corp.com"],
     authenticatedBy: "mtls",
+    attestation: { agent: "mtls", human: "mtls_san" },
   });
   // Order does not matter: the human's URI is recognised by its prefix.
   t.same(await auth.authenticate({ headers: {}, peerCertificate: peer("DNS:x, URI:airlock://on-behalf-of/bob@corp.com, URI:spiffe://corp/agent/etl") }), {
@@ -290,6 +294,7 @@ await t.test("mTLS with a PeerCertificate-shaped object", async (t) => {
     onBehalfOf: "bob@corp.com",
     chain: ["spiffe://corp/agent/etl", "bob@corp.com"],
     authenticatedBy: "mtls",
+    attestation: { agent: "mtls", human: "mtls_san" },
   });
   // mTLS wins over a token presented on the same call (here, an invalid one: it is not even looked at).
   t.equal((await auth.authenticate({ headers: { authorization: "Bearer junk" }, peerCertificate: peer("URI:spiffe://corp/agent/etl") }))?.authenticatedBy, "mtls");
@@ -395,6 +400,7 @@ await t.test("mTLS over a real TLS handshake with openssl-issued certificates", 
     onBehalfOf: "alice@corp.com",
     chain: ["spiffe://corp/agent/etl", "alice@corp.com"],
     authenticatedBy: "mtls",
+    attestation: { agent: "mtls", human: "mtls_san" },
   });
 
   const noUri = await handshake("nouri");
@@ -409,4 +415,35 @@ await t.test("mTLS over a real TLS handshake with openssl-issued certificates", 
   t.same(Object.keys(none.cert), [], "no client certificate: an empty object");
   t.equal(await auth.authenticate({ headers: {}, peerCertificate: none.cert, peerAuthorized: none.authorized }), undefined);
   t.equal((await auth.authenticate({ ...bearer(await token()), peerCertificate: none.cert, peerAuthorized: none.authorized }))?.authenticatedBy, "jwt");
+});
+
+await t.test("token exchange (RFC 8693): the issuer attests the human as the subject and the agent in act; a self-named human is refused", async (t) => {
+  const exchanged = await AgentAuthenticator.create([{ ...staticJwt, delegation: "token_exchange" }]);
+  const delegated = await new SignJWT({ act: { sub: "spiffe://corp/agent/etl", act: { sub: "spiffe://corp/agent/scheduler" } } })
+    .setProtectedHeader({ alg: "EdDSA" })
+    .setSubject("alice@corp.com")
+    .setIssuer(issuer)
+    .setAudience(audience)
+    .setExpirationTime(nowSec() + 300)
+    .sign(ed.privateKey);
+  t.same(await exchanged.authenticate(bearer(delegated)), {
+    agent: "spiffe://corp/agent/etl",
+    onBehalfOf: "alice@corp.com",
+    chain: ["spiffe://corp/agent/etl", "alice@corp.com", "spiffe://corp/agent/scheduler"],
+    authenticatedBy: "jwt",
+    attestation: { agent: `token_exchange:${issuer}`, human: `token_exchange:${issuer}` },
+  });
+  // The agent's own token (no act): the agent alone, no human.
+  const own = await new SignJWT({}).setProtectedHeader({ alg: "EdDSA" }).setSubject("spiffe://corp/agent/etl").setIssuer(issuer).setAudience(audience).setExpirationTime(nowSec() + 300).sign(ed.privateKey);
+  const alone2 = await exchanged.authenticate(bearer(own));
+  t.match(alone2, { agent: "spiffe://corp/agent/etl", onBehalfOf: "", attestation: { agent: `jwt:${issuer}`, human: "" } });
+  // A human named in a claim of the token's own is not attested by the exchange.
+  await fails(t, exchanged.authenticate(bearer(await token())), "unattested_human");
+  const badAct = await new SignJWT({ act: "spiffe://corp/agent/etl" }).setProtectedHeader({ alg: "EdDSA" }).setSubject("alice@corp.com").setIssuer(issuer).setAudience(audience).setExpirationTime(nowSec() + 300).sign(ed.privateKey);
+  await fails(t, exchanged.authenticate(bearer(badAct)), "invalid_claim");
+  // And a token signed by a key the issuer does not hold (the agent's own) is refused whatever it says.
+  const selfMade = await new SignJWT({ act: { sub: "spiffe://corp/agent/etl" } }).setProtectedHeader({ alg: "EdDSA" }).setSubject("bob@corp.com").setIssuer(issuer).setAudience(audience).setExpirationTime(nowSec() + 300).sign(stranger.privateKey);
+  await fails(t, exchanged.authenticate(bearer(selfMade)), "bad_signature");
+  // The claim mode records that the human is only a claim.
+  t.match(await auth.authenticate(bearer(await token())), { attestation: { agent: `jwt:${issuer}`, human: `claim:${issuer}:act_for` } });
 });
