@@ -167,7 +167,9 @@ async function benchSidecar(): Promise<void> {
         "log_level: error",
       ].join("\n"),
     );
-    const sidecar = spawn(process.execPath, [...tsx, "cli/airlock.ts", "sidecar", "--config", join(dir, "sidecar.yaml")], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
+    // BENCH_CPU_PROF=<dir>: the sidecar writes a V8 CPU profile there when it exits, to see where its time goes.
+    const profile = process.env.BENCH_CPU_PROF === undefined ? [] : ["--cpu-prof", `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`];
+    const sidecar = spawn(process.execPath, [...profile, ...tsx, "cli/airlock.ts", "sidecar", "--config", join(dir, "sidecar.yaml")], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
     children.push(sidecar);
     const healthy = await waitUntil(async () => (await fetch(`http://127.0.0.1:${metricsPort}/healthz`)).ok, 20_000);
     if (!healthy) throw new Error("the sidecar did not become healthy");

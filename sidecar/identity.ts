@@ -8,6 +8,7 @@
  * an error, never "anonymous".
  * @module
  */
+import * as crypto from "node:crypto";
 import { createHash, createPublicKey, type JsonWebKey as NodeJsonWebKey } from "node:crypto";
 import type { PeerCertificate, TLSSocket } from "node:tls";
 import { type CryptoKey, createRemoteJWKSet, decodeJwt, decodeProtectedHeader, errors, importJWK, type JWK, type JWTPayload, type JWTVerifyGetKey, jwtVerify } from "jose";
@@ -245,15 +246,51 @@ interface PresentedToken {
   readonly header: AgentTokenHeader;
 }
 
+const bearerPattern = /^bearer(\s|$)/i;
+
+/** The token of an `authorization` value when it is a bearer credential, else undefined. */
+function bearerToken(value: string): string | undefined {
+  const trimmed = value.trim();
+  return bearerPattern.test(trimmed) ? trimmed.slice("bearer".length).trim() : undefined;
+}
+
 /**
  * The agent token a call presents: the bearer token of `authorization`, else
  * `x-airlock-agent-token`. `undefined` when neither is present; an empty or
  * repeated token is an error (an agent must not leave the sidecar guessing which one counts).
  */
 function presentedToken(headers: AuthenticationInput["headers"]): PresentedToken | undefined {
-  const bearer = headerValues(headers, "authorization").filter((v) => /^bearer(\s|$)/i.test(v.trim()));
+  return tokenAmong(headerValues(headers, "authorization"), headerValues(headers, agentTokenHeader));
+}
+
+/**
+ * {@link presentedToken} for a header object whose names are all lowercase, as
+ * the sidecar's HTTP/2 stack builds them (HPACK refuses uppercase names): two
+ * property reads instead of a walk over every header (the allow path asks this on every call).
+ */
+function presentedTokenLowercase(headers: AuthenticationInput["headers"]): PresentedToken | undefined {
+  const authorization = headers["authorization"];
+  const agentToken = headers[agentTokenHeader];
+  if (typeof authorization === "string" && agentToken === undefined) {
+    // The common case, one authorization value: no arrays.
+    const token = bearerToken(authorization);
+    if (token === undefined) return undefined;
+    if (token.length === 0) throw unauthenticated("malformed_token", "jwt", "the agent token is empty");
+    return { token, header: "authorization" };
+  }
+  const values = (value: string | string[] | undefined): string[] => (value === undefined ? [] : Array.isArray(value) ? value : [value]);
+  return tokenAmong(values(authorization), values(agentToken));
+}
+
+/** The one token among a call's `authorization` and `x-airlock-agent-token` values (see {@link presentedToken}). */
+function tokenAmong(authorization: readonly string[], agentToken: readonly string[]): PresentedToken | undefined {
+  const bearer: string[] = [];
+  for (const value of authorization) {
+    const token = bearerToken(value);
+    if (token !== undefined) bearer.push(token);
+  }
   const header: AgentTokenHeader = bearer.length > 0 ? "authorization" : agentTokenHeader;
-  const candidates = bearer.length > 0 ? bearer.map((v) => v.trim().slice("bearer".length).trim()) : headerValues(headers, agentTokenHeader).map((v) => v.trim());
+  const candidates = bearer.length > 0 ? bearer : agentToken.map((v) => v.trim());
   if (candidates.length === 0) return undefined;
   if (candidates.length > 1) throw unauthenticated("malformed_token", "jwt", "more than one agent token presented");
   const token = candidates[0] ?? "";
@@ -534,8 +571,14 @@ const noCredential: Authentication = Object.freeze({ identity: undefined, consum
  * {@link AgentAuthenticator.none} when no method is configured).
  */
 export class AgentAuthenticator {
-  /** Tokens verified before, by SHA-256: the identity each gave and until when (ms) it may be reused. */
-  private readonly verified = new Map<string, { readonly identity: AgentIdentity; readonly untilMs: number }>();
+  /**
+   * Tokens verified before, by SHA-256: the identity each gave and until when (ms) it may be
+   * reused, with the answer for each header the token may come in, so a repeated call allocates nothing.
+   */
+  private readonly verified = new Map<
+    string,
+    { readonly identity: AgentIdentity; readonly untilMs: number; readonly viaAuthorization: Authentication; readonly viaAgentTokenHeader: Authentication }
+  >();
 
   private constructor(
     private readonly mtls: { onBehalfOfPrefix: string } | undefined,
@@ -590,7 +633,7 @@ export class AgentAuthenticator {
    * contain the token.
    */
   async authenticate(input: AuthenticationInput): Promise<AgentIdentity | undefined> {
-    return (await this.decide(input.headers, input.peerCertificate, input.peerAuthorized)).identity;
+    return (await this.decide(input.headers, input.peerCertificate, input.peerAuthorized, false)).identity;
   }
 
   /**
@@ -599,16 +642,17 @@ export class AgentAuthenticator {
    * synchronously (a plain object) when no I/O or signature check is needed (no
    * credential, a client certificate, a token verified before), else with a
    * promise; the allow fast path stays synchronous for agents that resend
-   * their token. The TLS peer is read only when mtls is configured.
+   * their token. The TLS peer is read only when mtls is configured. Header
+   * names must be lowercase, as HTTP/2 requires and the sidecar's stack ensures.
    * @throws AirlockError as {@link AgentAuthenticator.authenticate} (thrown
    * synchronously or as a rejection).
    */
   identify(headers: AuthenticationInput["headers"], socket: TLSSocket | undefined): Authentication | Promise<Authentication> {
-    if (this.mtls === undefined || socket === undefined) return this.decide(headers, undefined, undefined);
-    return this.decide(headers, socket.getPeerCertificate(), socket.authorized);
+    if (this.mtls === undefined || socket === undefined) return this.decide(headers, undefined, undefined, true);
+    return this.decide(headers, socket.getPeerCertificate(), socket.authorized, true);
   }
 
-  private decide(headers: AuthenticationInput["headers"], cert: PeerCertificate | undefined, peerAuthorized: boolean | undefined): Authentication | Promise<Authentication> {
+  private decide(headers: AuthenticationInput["headers"], cert: PeerCertificate | undefined, peerAuthorized: boolean | undefined, lowercaseNames: boolean): Authentication | Promise<Authentication> {
     let certificateProblem: AirlockError | undefined;
     // getPeerCertificate() answers {} when the client sent no certificate.
     if (this.mtls !== undefined && cert !== undefined && Object.keys(cert).length > 0) {
@@ -631,7 +675,7 @@ export class AgentAuthenticator {
       }
     }
 
-    const presented = presentedToken(headers);
+    const presented = lowercaseNames ? presentedTokenLowercase(headers) : presentedToken(headers);
     if (presented === undefined) {
       if (certificateProblem !== undefined) throw certificateProblem;
       return noCredential;
@@ -640,10 +684,10 @@ export class AgentAuthenticator {
     if (certificateProblem?.details["reason"] === "certificate_not_verified") throw certificateProblem;
     if (this.jwt.length === 0) throw unauthenticated("tokens_not_accepted", "jwt", "this sidecar does not accept agent tokens; use a client certificate");
 
-    const key = createHash("sha256").update(presented.token).digest("base64");
+    const key = tokenDigest(presented.token);
     const cached = this.verified.get(key);
     if (cached !== undefined) {
-      if (Date.now() < cached.untilMs) return { identity: cached.identity, consumedHeader: presented.header };
+      if (Date.now() < cached.untilMs) return presented.header === "authorization" ? cached.viaAuthorization : cached.viaAgentTokenHeader;
       this.verified.delete(key);
     }
     return this.verifyToken(presented, key);
@@ -668,15 +712,27 @@ export class AgentAuthenticator {
     if (untilMs > now && (nbf === undefined || nbf * 1000 <= now)) {
       // Oldest first out: a Map iterates in insertion order.
       if (this.verified.size >= verifiedTokenCacheDefaults.maxEntries) this.verified.delete(this.verified.keys().next().value ?? "");
-      this.verified.set(key, { identity, untilMs });
+      this.verified.set(key, {
+        identity,
+        untilMs,
+        viaAuthorization: Object.freeze({ identity, consumedHeader: "authorization" }),
+        viaAgentTokenHeader: Object.freeze({ identity, consumedHeader: agentTokenHeader }),
+      });
     }
     return { identity, consumedHeader: presented.header };
   }
 }
 
+/**
+ * The verified-token cache's key for a token: its SHA-256, so the cache holds no bearer token.
+ * The one-shot `crypto.hash` (Node 20.12 on) costs half of a Hash object on this path, taken on every call.
+ */
+const tokenDigest: (token: string) => string =
+  typeof (crypto as { hash?: unknown }).hash === "function" ? (token) => crypto.hash("sha256", token, "base64") : (token) => createHash("sha256").update(token).digest("base64");
+
 /** The header an agent token is in, without validating it: `authorization` when it carries a bearer token, else `x-airlock-agent-token` when present. */
 function tokenHeaderOf(headers: AuthenticationInput["headers"]): AgentTokenHeader | undefined {
-  if (headerValues(headers, "authorization").some((v) => /^bearer(\s|$)/i.test(v.trim()))) return "authorization";
+  if (headerValues(headers, "authorization").some((v) => bearerToken(v) !== undefined)) return "authorization";
   return headerValues(headers, agentTokenHeader).length > 0 ? agentTokenHeader : undefined;
 }
 

@@ -121,9 +121,6 @@ export class GrpcProxy {
   private readonly heldPerConnection = new WeakMap<H2Connection, { bytes: number }>();
   /** Every upstream connection still open, including ones draining after a GOAWAY. */
   private readonly openConnections = new Set<H2Connection>();
-  /** Prometheus children per label set: looking one up by labels costs more than the rest of an allowed call. */
-  private readonly allowCounters = new Map<string, { inc(): void }>();
-  private readonly durations = new Map<string, { observe(value: number): void }>();
   private closed = false;
   private readonly health: { knows: (service: string) => boolean; ready: () => boolean };
 
@@ -206,12 +203,7 @@ export class GrpcProxy {
       return;
     }
     if (verdict.audit === true) this.reportAllowed(method, verdict, authentication.identity);
-    let counter = this.allowCounters.get(method.path);
-    if (counter === undefined) {
-      counter = this.options.metrics.calls.labels(method.path, "allow");
-      this.allowCounters.set(method.path, counter);
-    }
-    counter.inc();
+    this.options.metrics.tally(method.path).allowed();
     this.forward(stream, method, { buffered: [], ended: false, started, strip: authentication.consumedHeader, agent: authentication.identity?.agent ?? "" });
   }
 
@@ -536,12 +528,7 @@ export class GrpcProxy {
     const report = () => {
       if (reported) return;
       reported = true;
-      let duration = this.durations.get(method.path);
-      if (duration === undefined) {
-        duration = this.options.metrics.passThrough.labels(method.path);
-        this.durations.set(method.path, duration);
-      }
-      duration.observe(Number(process.hrtime.bigint() - options.started) / 1e9);
+      this.options.metrics.tally(method.path).finished(Number(process.hrtime.bigint() - options.started) / 1e9);
       options.onEnd?.(finalStatus, finalMessage);
     };
 

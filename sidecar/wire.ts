@@ -52,8 +52,12 @@ export class MessageSizeGuard {
   /** Bytes of the current message's payload still to come. */
   private remaining = 0;
   /** Prefix bytes seen so far of a prefix split across chunks. */
-  private readonly prefix = Buffer.alloc(prefixLength);
   private prefixFill = 0;
+  /**
+   * The length read so far from a prefix split across chunks. A number, not a
+   * buffer: a guard is made for every forwarded call, and a Buffer allocated for each showed in the allow path's profile.
+   */
+  private partialSize = 0;
 
   constructor(limit: number) {
     this.limit = limit;
@@ -69,16 +73,22 @@ export class MessageSizeGuard {
         offset += take;
         continue;
       }
-      const take = Math.min(prefixLength - this.prefixFill, chunk.length - offset);
-      chunk.copy(this.prefix, this.prefixFill, offset, offset + take);
-      this.prefixFill += take;
-      offset += take;
-      if (this.prefixFill === prefixLength) {
+      let size: number;
+      if (this.prefixFill === 0 && chunk.length - offset >= prefixLength) {
+        size = chunk.readUInt32BE(offset + 1);
+        offset += prefixLength;
+      } else {
+        // Byte 0 is the compressed flag; bytes 1–4 the big-endian length.
+        if (this.prefixFill > 0) this.partialSize = this.partialSize * 256 + chunk[offset]!;
+        this.prefixFill++;
+        offset++;
+        if (this.prefixFill < prefixLength) continue;
+        size = this.partialSize;
         this.prefixFill = 0;
-        const size = this.prefix.readUInt32BE(1);
-        if (size > this.limit) return size;
-        this.remaining = size;
+        this.partialSize = 0;
       }
+      if (size > this.limit) return size;
+      this.remaining = size;
     }
     return undefined;
   }
