@@ -169,13 +169,21 @@ await t.test("alice cannot approve her own agent's request; one decided elsewher
   t.ok(await notReloaded(page));
 });
 
-await t.test("history filters by agent and outcome; the audit trail verifies", async (t) => {
+await t.test("history filters by agent and outcome, and lists calls the sidecar denied; the audit trail verifies", async (t) => {
+  t.equal((await stack.callGrantRole()).code, 7, "GrantRole is denied by policy at the sidecar");
   const page = await newPage(t, browser);
   await signIn(page, stack.tokens.dana, "#/history?outcome=denied");
   await page.getByTestId("history-row").first().waitFor();
   const denied = await page.getByTestId("history-row").count();
   t.equal(denied, 2, "the two denials");
   t.equal(await page.getByTestId("history-outcome").inputValue(), "denied", "the filter shows in the form");
+  // The sidecar reports its denial in a batch: reload until it is in the trail.
+  const sidecarDenial = page.getByTestId("sidecar-decision").filter({ hasText: "GrantRole" });
+  for (const until = Date.now() + 15_000; (await sidecarDenial.count()) === 0 && Date.now() < until; ) {
+    await page.reload();
+    await page.getByTestId("sidecar-decisions").locator("li").first().waitFor();
+  }
+  t.match(await sidecarDenial.first().textContent(), /denied by policy.*OpsService\.GrantRole.*rule default: policy_deny/s, "the policy denial is in the history");
 
   await page.getByTestId("history-outcome").selectOption("");
   await page.getByTestId("history-agent").fill("spiffe://example/agent/reporter");

@@ -51,6 +51,8 @@ export interface Stack {
   callExportTable(reason: string, extra?: Record<string, string>): Promise<CallOutcome>;
   /** RotateKey through the sidecar, held for security. */
   callRotateKey(reason: string): Promise<CallOutcome>;
+  /** GrantRole through the sidecar: no rule allows it, so the policy default denies it there. */
+  callGrantRole(): Promise<CallOutcome>;
 }
 
 /** Options of {@link startStack}. */
@@ -351,6 +353,14 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
     async callRotateKey(reason) {
       try {
         await callUnary(client, OpsService.method.rotateKey, { keyId: "signing" }, { metadata: await agent({ "x-airlock-reason": reason }) });
+        return { code: 0, details: "" };
+      } catch (error) {
+        return outcomeOf(error);
+      }
+    },
+    async callGrantRole() {
+      try {
+        await callUnary(client, OpsService.method.grantRole, { user: "mallory", role: "admin" }, { metadata: await agent() });
         return { code: 0, details: "" };
       } catch (error) {
         return outcomeOf(error);

@@ -1,5 +1,6 @@
 // Decided requests, filtered by agent and outcome.
-import { ApiError, history, type RequestView } from "../api.js";
+import { ApiError, auditEvents, history, type RequestView } from "../api.js";
+import { type AuditEvent, AuditEventType } from "../../../proto/gen/airlock/v1/audit_pb.js";
 import { h, listNavigation, replaceChildren } from "../dom.js";
 import { outcomes, shortMethod, timestampDate, when } from "../format.js";
 import { alertBox, heading, riskBadge, sinceLabel, startClock, stateBadge, type View } from "../ui.js";
@@ -23,6 +24,24 @@ function row(view: RequestView): HTMLElement {
       h("span", { class: "row-reason" }, decidedBy(view)),
       h("span", { class: "row-time" }, "requested ", sinceLabel(timestampDate(request?.createdAt)), ", last change ", when(timestampDate(view.record.updatedAt))),
     ),
+  );
+}
+
+/** Calls the sidecar decided alone (denied by policy, refused, timed out): they never became requests. */
+const sidecarDecisions: ReadonlySet<AuditEventType> = new Set([AuditEventType.CALL_DENIED, AuditEventType.CALL_REFUSED, AuditEventType.CALL_TIMED_OUT]);
+
+function sidecarRow(event: AuditEvent): HTMLElement {
+  const details = (event.details ?? {}) as Record<string, unknown>;
+  const text = (key: string) => (typeof details[key] === "string" ? details[key] : "");
+  const what = event.type === AuditEventType.CALL_DENIED ? "denied by policy" : event.type === AuditEventType.CALL_REFUSED ? "refused" : "timed out";
+  const count = typeof details.count === "number" && details.count > 1 ? ` ×${details.count}` : "";
+  return h(
+    "li",
+    { class: "row", "data-testid": "sidecar-decision", "data-type": AuditEventType[event.type] ?? "" },
+    h("span", { class: "row-top" }, h("span", { class: "badge state-denied" }, what), h("strong", { class: "method" }, text("method").replace(/^\//, "").replace("/", ".")), count),
+    h("span", { class: "row-who" }, h("span", { class: "agent" }, text("agent") || "no authenticated agent"), text("onBehalfOf") ? ` for ${text("onBehalfOf")}` : "", ` on ${text("host")}`),
+    h("span", { class: "row-reason" }, `${text("rule") ? `rule ${text("rule")}: ` : ""}${text("reason")}`),
+    h("span", { class: "row-time" }, when(timestampDate(event.at))),
   );
 }
 
@@ -50,7 +69,11 @@ export function historyView(params: URLSearchParams): View {
     });
     const list = h("ul", { class: "rows", "data-testid": "history-list", "aria-label": "Decided requests" });
     const status = h("div", { role: "status" }, h("p", { class: "hint" }, "Loading…"));
-    replaceChildren(main, h("section", { class: "view" }, heading("History"), form, status, list));
+    const sidecarList = h("ul", { class: "rows", "data-testid": "sidecar-decisions", "aria-label": "Calls decided at the sidecar" });
+    replaceChildren(
+      main,
+      h("section", { class: "view" }, heading("History"), form, status, list, h("h2", {}, "Decided at the sidecar"), h("p", { class: "hint" }, "Calls denied by policy, refused or timed out: they never reached a reviewer."), sidecarList),
+    );
 
     let closed = false;
     history({ agent: params.get("agent") ?? undefined, outcome: params.get("outcome") ?? undefined, limit: 100 }).then(
@@ -61,6 +84,17 @@ export function historyView(params: URLSearchParams): View {
       },
       (error: unknown) => {
         if (!closed) replaceChildren(status, alertBox(error instanceof ApiError ? error.describe() : String(error)));
+      },
+    );
+    auditEvents(200).then(
+      (events) => {
+        if (closed) return;
+        const agentFilter = params.get("agent") ?? "";
+        const decided = events.filter((event) => sidecarDecisions.has(event.type) && (agentFilter === "" || (event.details as Record<string, unknown> | undefined)?.agent === agentFilter)).reverse();
+        replaceChildren(sidecarList, decided.length === 0 ? h("li", { class: "empty" }, "None in the recent audit trail.") : decided.map(sidecarRow));
+      },
+      () => {
+        if (!closed) replaceChildren(sidecarList, h("li", { class: "empty" }, "The audit trail could not be read."));
       },
     );
     const stops = [startClock(list), listNavigation(list, "a.row-link")];
