@@ -43,6 +43,15 @@ await t.test("a good config: defaults filled in, secrets from the environment, p
   t.match(config.sinks[2], { name: "webhook", kind: "webhook", secret: "s3cret" });
 });
 
+await t.test("the example config in forwarder/ parses", async (t) => {
+  const example = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "forwarder", "forwarder.example.yaml");
+  const config = await loadForwarderConfig(example, { env: { SPLUNK_HEC_TOKEN: "t", AIRLOCK_AUDIT_WEBHOOK_SECRET: "s" } });
+  t.same(
+    config.sinks.map((sink) => `${sink.name}:${sink.kind}`),
+    ["splunk:splunk_hec", "syslog:syslog", "soar:webhook"],
+  );
+});
+
 await t.test("bad input fails with invalid_argument naming the field", async (t) => {
   const cases: Array<[string, Record<string, unknown>, string, RegExp, Record<string, string>?]> = [
     ["an unknown sink kind", { sinks: [{ kind: "kafka", url: "x" }] }, "sinks[0].kind", /must be one of splunk_hec, syslog, webhook/],
