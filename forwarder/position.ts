@@ -1,4 +1,5 @@
-import { open, readFile, rename } from "node:fs/promises";
+import { constants } from "node:fs";
+import { access, open, readFile, rename } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { AirlockError, Code } from "../common/errors.js";
 
@@ -27,10 +28,17 @@ export class PositionStore {
 
   /**
    * Reads the file; a missing file is every sink at 0 (nothing delivered yet).
+   * @throws AirlockError `failed_precondition` when its directory is missing or not writable.
    * @throws AirlockError `data_loss` when the file exists but is not a position file:
    * guessing a position could skip events or resend the whole trail.
    */
   static async open(file: string): Promise<PositionStore> {
+    // Checked now: a directory that cannot be written would otherwise show only after the first delivery.
+    try {
+      await access(dirname(file), constants.W_OK);
+    } catch (error) {
+      throw new AirlockError(Code.FailedPrecondition, `the position file's directory ${dirname(file)} does not exist or cannot be written`, { cause: error, details: { field: "position_file" } });
+    }
     let text: string;
     try {
       text = await readFile(file, "utf8");

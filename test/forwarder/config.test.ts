@@ -86,6 +86,7 @@ await t.test("the position file: written whole by rename, read back, a damaged o
   t.same(JSON.parse(await readFile(file, "utf8")), { version: 1, sinks: { splunk: { sequence: "7" }, hook: { sequence: "3" } } });
   t.same((await PositionStore.open(file)).all(), new Map([["splunk", 7n], ["hook", 3n]]), "read back after a restart");
   await writeFile(file, '{"version":1,"sinks":{"splunk":{"sequence":"7"');
+  await t.rejects(PositionStore.open(join(dir, "missing", "p.json")), { code: Code.FailedPrecondition, details: { field: "position_file" } }, "a directory that is not there fails at start");
   await t.rejects(PositionStore.open(file), { code: Code.DataLoss, details: { field: "position_file" } }, "a torn or edited file is refused, not guessed at");
 });
 
