@@ -3,6 +3,7 @@
  * The one command-line entry point of every Airlock part:
  *   airlock sidecar --config sidecar.yaml
  *   airlock broker --config broker.yaml
+ *   airlock forwarder --config forwarder.yaml
  *   airlock policy test --policy policy.yaml --call call.json
  *   airlock audit verify (--nats <url> --nats-seed <file> [--nats-ca <file>] | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
  *   airlock audit keygen --key-id <id> --out <dir>
@@ -17,6 +18,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { AuditKeyRing, auditEventsFromJsonl, auditEventToJsonLine, loadBrokerConfig, readAuditEvents, readCheckpointDirectory, startBroker, TrailVerifier, trailVerdictLine, writeAuditKey } from "../broker/index.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { connectNats } from "../common/nats.js";
+import { runForwarder } from "./forwarder.js";
 import { runNatsAdmin } from "./nats-admin.js";
 import { runRequests } from "./requests.js";
 import { explainCall, loadSidecarConfig, Policy, type PolicyCall, startSidecar } from "../sidecar/index.js";
@@ -24,6 +26,7 @@ import { explainCall, loadSidecarConfig, Policy, type PolicyCall, startSidecar }
 const usage = `usage:
   airlock sidecar --config <sidecar.yaml>
   airlock broker --config <broker.yaml>
+  airlock forwarder --config <forwarder.yaml>   (the audit trail to Splunk HEC, syslog/TLS, webhooks)
   airlock policy test --policy <policy.yaml> --call <call.json>
   airlock audit verify (--nats <url> | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
   airlock audit keygen --key-id <id> --out <dir>
@@ -166,6 +169,7 @@ async function main(argv: string[]): Promise<void> {
   const [command, sub, ...rest] = argv;
   if (command === "sidecar") return serveFromConfig(argv.slice(1), async (path) => startSidecar(await loadSidecarConfig(path)));
   if (command === "broker") return serveFromConfig(argv.slice(1), async (path) => startBroker(await loadBrokerConfig(path)));
+  if (command === "forwarder") return runForwarder(argv.slice(1));
   if (command === "policy" && sub === "test") return runPolicyTest(rest);
   if (command === "audit") return runAudit(sub, rest);
   if (command === "requests") return runRequests(sub, rest);

@@ -85,18 +85,21 @@ const auditReadBatch = 256;
 
 /**
  * Reads the audit stream in order: from the start, from a time (`since`), or
- * only the newest `last` events (without reading the ones before them). It
- * reads by batched direct get, which the read-only audit role may do (it may
+ * only the newest `last` events (without reading the ones before them), or
+ * from audit sequence `from` on (the SIEM forwarder resuming: the trail holds
+ * only events, each appended at the next stream sequence with deletes
+ * refused, so an event's `sequence` is its stream sequence). It reads by
+ * batched direct get, which the read-only audit role may do (it may
  * create no consumer), and stops at the stream's end as of the call.
  */
-export async function* readAuditEvents(nc: NatsConnection, options: { since?: Date; last?: number } = {}): AsyncGenerator<AuditEvent> {
+export async function* readAuditEvents(nc: NatsConnection, options: { since?: Date; last?: number; from?: number } = {}): AsyncGenerator<AuditEvent> {
   const jsm = await jetstreamManager(nc, { checkAPI: false });
   // The trail has one subject: its last message is the end to read to.
   const end = await jsm.direct.getMessage(auditStream.name, { last_by_subj: auditStream.subject });
   if (end === null) return;
   const last = end.seq;
   // A batch from a sequence starts at the first message at or after it.
-  let next = options.last === undefined ? 1 : Math.max(1, last - Math.max(1, options.last) + 1);
+  let next = options.from !== undefined ? Math.max(1, options.from) : options.last === undefined ? 1 : Math.max(1, last - Math.max(1, options.last) + 1);
   let query: { seq: number } | { start_time: string } = options.since === undefined ? { seq: next } : { start_time: options.since.toISOString() };
   while (next <= last) {
     const batch: StoredMsg[] = [];
