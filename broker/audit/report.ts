@@ -143,8 +143,12 @@ interface Action {
   completed?: { at: Date; statusCode: string; statusMessage: string };
   expiredAt?: Date;
   refusedAtIntake: string;
+  /** Why the approved action could not run or never reported back (the rules' `failed`). */
+  failed: string;
   readonly security: AuditEvent[];
   breakGlass: boolean;
+  /** The highest sequence among the request's events: past a broken link, what the card says is unproven. */
+  lastSequence: number;
   /** An event of the request falls inside the period. */
   inPeriod: boolean;
 }
@@ -153,13 +157,14 @@ interface Action {
 const callReports: ReadonlySet<AuditEventType> = new Set([AuditEventType.CALL_DENIED, AuditEventType.CALL_REFUSED, AuditEventType.CALL_TIMED_OUT, AuditEventType.CALLS_ALLOWED]);
 
 function newAction(requestId: string): Action {
-  return { requestId, votes: [], verdict: "", decisionReason: "", cause: "", autoRule: "", by: [], revoked: [], refusedAtIntake: "", security: [], breakGlass: false, inPeriod: false };
+  return { requestId, votes: [], verdict: "", decisionReason: "", cause: "", autoRule: "", by: [], revoked: [], refusedAtIntake: "", failed: "", security: [], breakGlass: false, lastSequence: 0, inPeriod: false };
 }
 
 /** Folds one event into its request's action. The shapes are those broker/service.ts writes. */
 function fold(action: Action, event: AuditEvent): void {
   const at = auditEventTime(event);
   const d = event.details;
+  action.lastSequence = Math.max(action.lastSequence, Number(event.sequence));
   switch (event.type) {
     case AuditEventType.REQUEST_RECEIVED:
       action.received ??= { at, agent: event.actor, onBehalfOf: field(d, "onBehalfOf"), reason: field(d, "reason"), rule: field(d, "rule"), service: field(d, "service"), method: field(d, "method"), host: field(d, "host") };
@@ -199,7 +204,10 @@ function fold(action: Action, event: AuditEvent): void {
       action.expiredAt = at;
       return;
     case AuditEventType.POLICY_EVALUATED:
+      // The rules' other steps land here too: `cancelled` and `failed` say how the request ended.
       if (field(d, "refused") !== "") action.refusedAtIntake = field(d, "refused");
+      if (field(d, "kind") === "failed") action.failed = field(d, "reason") || "failed";
+      if (field(d, "kind") === "cancelled" && action.verdict === "") action.verdict = "CANCELLED";
       return;
     case AuditEventType.SECURITY_EVENT:
       action.security.push(event);
@@ -216,6 +224,7 @@ function outcome(action: Action): { text: string; tone: "ok" | "denied" | "open"
     return code === "0" || code === "" ? { text: "Completed", tone: "ok" } : { text: `Completed with error (status ${code})`, tone: "failed" };
   }
   if (action.refusedAtIntake !== "") return { text: "Refused at intake", tone: "denied" };
+  if (action.failed !== "") return { text: `Failed: ${action.failed}`, tone: "failed" };
   switch (action.verdict) {
     case "APPROVED":
       return { text: action.issued === undefined ? "Approved" : "Approved, credential issued", tone: "ok" };
@@ -277,6 +286,7 @@ td { overflow-wrap: anywhere; }
 .pill.denied { color: var(--bad); background: var(--badbg); }
 .pill.failed { color: var(--warn); background: var(--warnbg); }
 .pill.open { color: var(--muted); background: #fff; }
+.pill.unproven { color: #fff; background: var(--warn); border-color: var(--warn); }
 .vote-yes { color: var(--ok); font-weight: 600; }
 .vote-no { color: var(--bad); font-weight: 600; }
 .break-glass-label { display: inline-block; white-space: nowrap; background: var(--bad); color: #fff; font-weight: 700; font-size: 12px; letter-spacing: .06em; padding: 2px 8px; border-radius: 4px; }
@@ -301,14 +311,24 @@ function coveringCheckpoints(checkpoints: readonly Checkpoint[], since: Date, un
   return chosen.sort((a, b) => time(a) - time(b) || a.writer.localeCompare(b.writer) || a.index - b.index);
 }
 
+/**
+ * Whether something resting on events up to `sequence` is unproven: the trail broke at or
+ * before it (`brokenAt` is the first bad event, 0 when the trail verified).
+ */
+function unproven(sequence: number, brokenAt: number): boolean {
+  return brokenAt > 0 && sequence >= brokenAt;
+}
+
+const unprovenLabel = html`<span class="pill unproven" title="this rests on events after the trail's first broken link">UNPROVEN</span>`;
+
 /** A call a sidecar decided alone, as a table row. */
-function callRow(event: AuditEvent): Html {
+function callRow(event: AuditEvent, brokenAt: number): Html {
   const d = event.details;
   const first = field(d, "firstAt");
   const last = field(d, "lastAt");
   const span = first !== "" && last !== "" && first !== last ? `${first} – ${last}` : first;
   return html`<tr class="${event.flagged ? "flagged" : ""}" data-sequence="${event.sequence}">
-    <td>${when(auditEventTime(event))}${span === "" ? "" : html`<div class="after-period">calls: ${span}</div>`}</td>
+    <td>${when(auditEventTime(event))}${unproven(Number(event.sequence), brokenAt) && html` ${unprovenLabel}`}${span === "" ? "" : html`<div class="after-period">calls: ${span}</div>`}</td>
     <td>${shown(field(d, "host"))}</td>
     <td>${shown(field(d, "agent"))}</td>
     <td>${shown(field(d, "onBehalfOf"))}</td>
@@ -319,15 +339,15 @@ function callRow(event: AuditEvent): Html {
   </tr>`;
 }
 
-function callTable(kind: string, events: readonly AuditEvent[], empty: string): Html {
+function callTable(kind: string, events: readonly AuditEvent[], empty: string, brokenAt: number): Html {
   if (events.length === 0) return html`<p class="empty">${empty}</p>`;
   return html`<table class="calls ${kind}">
     <thead><tr><th>Reported</th><th>Host</th><th>Agent</th><th>On behalf of</th><th>Method</th><th>Rule</th><th>Reason</th><th>Calls</th></tr></thead>
-    <tbody>${events.map(callRow)}</tbody>
+    <tbody>${events.map((event) => callRow(event, brokenAt))}</tbody>
   </table>`;
 }
 
-function actionCard(action: Action, until: Date): Html {
+function actionCard(action: Action, until: Date, brokenAt: number): Html {
   const r = action.received;
   const end = outcome(action);
   const after = (at: Date) => (at.getTime() >= until.getTime() ? html` <span class="after-period">(after the period)</span>` : "");
@@ -353,6 +373,7 @@ function actionCard(action: Action, until: Date): Html {
       <h3 class="mono">${r === undefined ? "(request received before the period)" : callName(r)}</h3>
       ${action.breakGlass && html`<span class="break-glass-label">BREAK-GLASS</span>`}
       <span class="pill outcome ${end.tone}">${end.text}</span>
+      ${unproven(action.lastSequence, brokenAt) && unprovenLabel}
     </header>
     <dl class="facts">
       <div><dt>Request</dt><dd class="mono">${action.requestId}</dd></div>
@@ -414,19 +435,25 @@ export function renderAuditReport(input: AuditReportInput): string {
   const security = periodEvents.filter((event) => event.type === AuditEventType.SECURITY_EVENT || event.type === AuditEventType.AUTH_FAILED);
   const counts = new Map<string, number>();
   for (const event of periodEvents) counts.set(typeName(event.type), (counts.get(typeName(event.type)) ?? 0) + 1);
-  const sequences = periodEvents.map((event) => Number(event.sequence));
-  const firstSequence = sequences.length === 0 ? 0 : Math.min(...sequences);
-  const lastSequence = sequences.length === 0 ? 0 : Math.max(...sequences);
+  // Loops, not Math.min(...): a busy period has more events than a call may take arguments.
+  let firstSequence = 0;
+  let lastSequence = 0;
+  for (const event of periodEvents) {
+    const sequence = Number(event.sequence);
+    if (firstSequence === 0 || sequence < firstSequence) firstSequence = sequence;
+    if (sequence > lastSequence) lastSequence = sequence;
+  }
   const covering = coveringCheckpoints(input.checkpoints, since, until);
-  const anchoredTo = Math.max(0, ...input.checkpoints.map((checkpoint) => checkpoint.sequence));
+  const anchoredTo = input.checkpoints.reduce((highest, checkpoint) => Math.max(highest, checkpoint.sequence), 0);
   const line = trailVerdictLine(verdict);
+  const brokenAt = verdict.intact ? 0 : Math.max(1, verdict.firstBrokenSequence);
 
   const verification = html`<section class="verification ${verdict.intact ? "verified" : "broken"}" id="verification">
     <p class="verdict">${verdict.intact ? "Verified" : html`BROKEN: <code class="error-name">${verdict.error ?? "unknown"}</code>`}</p>
     <p>${
       verdict.intact
         ? `The whole trail (${verdict.eventsChecked} events, from event 1) is intact: every event links to the one before it, ${verdict.signed} signatures verify against the key ring, and it agrees with ${verdict.checkpoints} checkpoint${verdict.checkpoints === 1 ? "" : "s"}.`
-        : `The trail fails verification at event ${verdict.firstBrokenSequence}: ${verdict.problem}. What this report shows from that event on is not proven; treat it as unreliable.`
+        : `The trail fails verification at event ${verdict.firstBrokenSequence}: ${verdict.problem}. What this report shows from that event on is not proven (marked UNPROVEN); treat it as unreliable.`
     }</p>
     <code class="verdict-line">${line}</code>
     ${
@@ -509,7 +536,7 @@ ${
 }
 
 <h2 id="actions">Privileged actions (${listed.length})</h2>
-${listed.length === 0 ? html`<p class="empty">No privileged action in the period.</p>` : listed.map((action) => actionCard(action, until))}
+${listed.length === 0 ? html`<p class="empty">No privileged action in the period.</p>` : listed.map((action) => actionCard(action, until, brokenAt))}
 
 <h2 id="denials">Denials</h2>
 <h4>Denied by reviewers or refused by the broker (${reviewerDenials.length})</h4>
@@ -529,13 +556,13 @@ ${
       </table>`
 }
 <h4>Denied by policy at a sidecar (${policyDenials.length})</h4>
-${callTable("policy-denials", policyDenials, "No call was denied by policy in the period.")}
+${callTable("policy-denials", policyDenials, "No call was denied by policy in the period.", brokenAt)}
 
 <h2 id="refused">Refused calls (${refused.length})</h2>
 <p class="sub">Calls a sidecar refused before policy could allow them: no or a bad token, a missing reason, a limit.</p>
-${callTable("refused-calls", refused, "No call was refused in the period.")}
-${timedOut.length > 0 && html`<h4>Calls whose agent stopped waiting (${timedOut.length})</h4>${callTable("timed-out-calls", timedOut, "")}`}
-${allowed.length > 0 && html`<h4>Calls allowed by rules with audit: true (${allowed.length})</h4>${callTable("allowed-calls", allowed, "")}`}
+${callTable("refused-calls", refused, "No call was refused in the period.", brokenAt)}
+${timedOut.length > 0 && html`<h4>Calls whose agent stopped waiting (${timedOut.length})</h4>${callTable("timed-out-calls", timedOut, "", brokenAt)}`}
+${allowed.length > 0 && html`<h4>Calls allowed by rules with audit: true (${allowed.length})</h4>${callTable("allowed-calls", allowed, "", brokenAt)}`}
 
 <h2 id="security">Security events (${security.length})</h2>
 ${

@@ -216,6 +216,7 @@ await t.test("the report of a verified trail: actions, approvers, break-glass, d
   t.equal(await drop.locator(".reason").textContent(), `cleanup ${script}`, "the reason shows as text");
 
   t.same(requests, [pathToFileURL(out).href], "the page fetched nothing but itself");
+  t.equal(await page.locator(".unproven").count(), 0, "nothing is marked unproven");
   await screenshot(t, page, "verified");
 });
 
@@ -237,7 +238,11 @@ await t.test("a tampered export gives a report that says BROKEN and names the er
   t.match(await page.locator("#verification").getAttribute("class"), /\bbroken\b/);
   t.equal(await page.locator(".verdict").textContent(), "BROKEN: event_altered", "BROKEN, with the error's name");
   t.match(await page.locator(".verdict-line").textContent(), /^audit BROKEN error=event_altered /);
-  t.match(await page.locator("#verification").textContent(), /not proven; treat it as unreliable/);
+  t.match(await page.locator("#verification").textContent(), /not proven \(marked UNPROVEN\); treat it as unreliable/);
+  // What rests on the edited event and after is marked; the request before it is not.
+  t.equal(await page.locator('article[data-request-id="req-drop"] header .unproven').count(), 1, "the tampered request is marked unproven");
+  t.equal(await page.locator('article[data-request-id="req-deploy"] .unproven').count(), 0, "an earlier request is not");
+  t.equal(await page.locator("table.policy-denials .unproven").count(), 1, "nor are later events proven");
   await screenshot(t, page, "broken");
 });
 
