@@ -3,7 +3,7 @@
  * revocation on completion, signed decisions, and the audit chain.
  * @module
  */
-export { AuditKeyRing, type AuditSigner, AuditLog, auditEventsFromJsonl, auditEventToJsonLine, readAuditEvents, readCheckpointDirectory, TrailVerifier, type TrailVerdict, trailErrors, trailVerdictLine, verifyTrail, writeAuditKey } from "./audit/index.js";
+export { AuditKeyRing, type AuditSigner, AuditLog, auditEventsFromJsonl, auditEventTime, auditEventToJsonLine, readAuditEvents, renderAuditReport, readCheckpointDirectory, TrailVerifier, type TrailVerdict, trailErrors, trailVerdictLine, verifyTrail, writeAuditKey } from "./audit/index.js";
 export { CredentialIssuer, configureDatabaseEngine, postgresRoleStatements } from "./credentials.js";
 export { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
 export { type ApprovalConfig, type Ballot, isFinal, isSettled, parseApprovalConfig, stateName } from "./rules.js";

@@ -6,16 +6,18 @@
  *   airlock forwarder --config forwarder.yaml
  *   airlock policy test --policy policy.yaml --call call.json
  *   airlock audit verify (--nats <url> --nats-seed <file> [--nats-ca <file>] | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
+ *   airlock audit report --since <ISO> --until <ISO> --out <report.html> (--nats <url> … | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
  *   airlock audit keygen --key-id <id> --out <dir>
  *   airlock audit export --nats <url> --nats-seed <file> [--nats-ca <file>] [--since <ISO time>]
  *   airlock nats init --dir <dir> [--server-name <name>]… | add-host <host> --dir <dir> | revoke-host <host> --dir <dir> [--reload-pid <pid>]
  *   airlock requests ls | show <id> | approve <id> [--reason …] | deny <id> --reason …
  */
-import { readFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
 import type { JsonObject } from "@bufbuild/protobuf";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { AuditKeyRing, auditEventsFromJsonl, auditEventToJsonLine, loadBrokerConfig, readAuditEvents, readCheckpointDirectory, startBroker, TrailVerifier, trailVerdictLine, writeAuditKey } from "../broker/index.js";
+import type { AuditEvent } from "../proto/index.js";
+import { AuditKeyRing, auditEventsFromJsonl, auditEventTime, auditEventToJsonLine, loadBrokerConfig, readAuditEvents, readCheckpointDirectory, renderAuditReport, startBroker, TrailVerifier, trailVerdictLine, writeAuditKey } from "../broker/index.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { connectNats } from "../common/nats.js";
 import { runForwarder } from "./forwarder.js";
@@ -29,6 +31,8 @@ const usage = `usage:
   airlock forwarder --config <forwarder.yaml>   (the audit trail to Splunk HEC, syslog/TLS, webhooks)
   airlock policy test --policy <policy.yaml> --call <call.json>
   airlock audit verify (--nats <url> | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
+  airlock audit report --since <ISO time> --until <ISO time> --out <report.html>
+                       (--nats <url> | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
   airlock audit keygen --key-id <id> --out <dir>
   airlock audit export --nats <url> [--since <ISO time>]
     (NATS as the audit-reader role: --nats-seed <file> or $AIRLOCK_NATS_SEED_FILE,
@@ -68,6 +72,7 @@ async function runAudit(sub: string | undefined, args: string[]): Promise<void> 
       "nats-ca": { type: "string" },
       file: { type: "string" },
       since: { type: "string" },
+      until: { type: "string" },
       keys: { type: "string" },
       checkpoints: { type: "string" },
       "key-id": { type: "string" },
@@ -76,22 +81,53 @@ async function runAudit(sub: string | undefined, args: string[]): Promise<void> 
     strict: true,
   });
   const nats = (url: string) => ({ url, seed: values["nats-seed"], ca: values["nats-ca"] });
-  if (sub === "verify") {
+  const time = (flag: string, text: string | undefined): Date | undefined => {
+    const date = text === undefined ? undefined : new Date(text);
+    if (date !== undefined && Number.isNaN(date.getTime())) throw new AirlockError(Code.InvalidArgument, `--${flag} ${text} is not a time`);
+    return date;
+  };
+  /** Verifies the whole trail from --file or --nats, handing each event to `also` as it goes (one read serves both). */
+  const verifyTrailFrom = async (also: (event: AuditEvent) => void = () => undefined) => {
     if (values.keys === undefined) throw new AirlockError(Code.InvalidArgument, "--keys is required: the key ring of every broker's audit key (signatures are what make the trail evidence)");
     const keys = await AuditKeyRing.load(values.keys);
     const found = values.checkpoints === undefined ? undefined : await readCheckpointDirectory(values.checkpoints);
     const verifier = new TrailVerifier({ keys, ...(found === undefined ? {} : { checkpoints: found.checkpoints, malformedCheckpoints: found.malformed }) });
+    const take = (event: AuditEvent) => {
+      verifier.add(event);
+      also(event);
+    };
     if (values.file !== undefined) {
-      for (const event of auditEventsFromJsonl(await readFile(values.file, "utf8"))) verifier.add(event);
+      for (const event of auditEventsFromJsonl(await readFile(values.file, "utf8"))) take(event);
     } else if (values.nats !== undefined) {
       await withNats(nats(values.nats), async (nc) => {
-        for await (const event of readAuditEvents(nc)) verifier.add(event);
+        for await (const event of readAuditEvents(nc)) take(event);
       });
     } else {
       throw new AirlockError(Code.InvalidArgument, "--nats or --file is required");
     }
-    const verdict = verifier.finish();
+    return { verdict: verifier.finish(), checkpoints: found?.checkpoints };
+  };
+  if (sub === "verify") {
+    const { verdict } = await verifyTrailFrom();
     console.log(trailVerdictLine(verdict));
+    if (!verdict.intact) process.exitCode = 1;
+    return;
+  }
+  if (sub === "report") {
+    const since = time("since", values.since);
+    const until = time("until", values.until);
+    if (since === undefined || until === undefined || values.out === undefined) throw new AirlockError(Code.InvalidArgument, "--since, --until and --out are required");
+    if (until.getTime() <= since.getTime()) throw new AirlockError(Code.InvalidArgument, "--until must be after --since");
+    // The whole trail is verified, but only events from the period's start on are kept:
+    // earlier ones cannot appear in the report, and a long trail need not sit in memory.
+    const kept: AuditEvent[] = [];
+    const { verdict, checkpoints } = await verifyTrailFrom((event) => {
+      if (auditEventTime(event).getTime() >= since.getTime()) kept.push(event);
+    });
+    await writeFile(values.out, renderAuditReport({ events: kept, verdict, checkpoints: checkpoints ?? [], checkpointsGiven: checkpoints !== undefined, since, until, generatedAt: new Date() }));
+    console.log(trailVerdictLine(verdict));
+    console.log(`report written to ${values.out}`);
+    // A broken trail still gets its report (it says BROKEN), and the exit code says so too.
     if (!verdict.intact) process.exitCode = 1;
     return;
   }
@@ -105,8 +141,7 @@ async function runAudit(sub: string | undefined, args: string[]): Promise<void> 
   }
   if (sub === "export") {
     if (values.nats === undefined) throw new AirlockError(Code.InvalidArgument, "--nats is required");
-    const since = values.since === undefined ? undefined : new Date(values.since);
-    if (since !== undefined && Number.isNaN(since.getTime())) throw new AirlockError(Code.InvalidArgument, `--since ${values.since} is not a time`);
+    const since = time("since", values.since);
     await withNats(nats(values.nats), async (nc) => {
       for await (const event of readAuditEvents(nc, since === undefined ? {} : { since })) process.stdout.write(`${auditEventToJsonLine(event)}\n`);
     });
