@@ -94,6 +94,15 @@ export const brokerDefaults = {
   redeliveryBackoffMs: [250, 1000, 2000, 5000, 10_000],
 } as const;
 
+/** A completion's `touched` map as audit details: at most 16 pairs, keys and values capped. */
+function touchedOf(touched: Readonly<Record<string, string>>): Record<string, string> {
+  return Object.fromEntries(
+    Object.entries(touched)
+      .slice(0, 16)
+      .map(([key, value]) => [key.slice(0, 32), value.slice(0, 128)]),
+  );
+}
+
 /** Bounds on a sidecar's batch of call reports. */
 const callReportLimits = { maxPerBatch: 500, maxField: 300 } as const;
 
@@ -674,7 +683,8 @@ export class Broker {
       type: AuditEventType.ACTION_COMPLETED,
       actor: `sidecar:${completion.host}`,
       requestId,
-      details: { statusCode: completion.statusCode, statusMessage: completion.statusMessage },
+      // What the upstream said the action touched (the airlock-touched trailer), capped like any sidecar input.
+      details: { statusCode: completion.statusCode, statusMessage: completion.statusMessage, touched: touchedOf(completion.touched) },
     };
     await Promise.all([
       this.store.mutate(

@@ -318,7 +318,7 @@ export class ApprovalFlow {
       requestId,
       injectHeader: delivery.injectHeader,
       secret,
-      complete: (status, message) => {
+      complete: (status, message, touched = {}) => {
         if (completed) return;
         completed = true;
         const completion = create(CompletionSchema, {
@@ -331,6 +331,7 @@ export class ApprovalFlow {
           duration: durationFromMs(Date.now() - started),
           host: this.options.host,
           finishedAt: timestampFromMs(Date.now()),
+          touched,
         });
         this.js
           .publish(subjects.completion(this.options.host, requestId), toBinary(CompletionSchema, completion), { msgID: completion.completionId })

@@ -14,7 +14,7 @@ import type { Policy, PolicyVerdict } from "./policy.js";
 import type { CallReport } from "./reports.js";
 import { healthPaths, serveHealth } from "./health.js";
 import { type SidecarLimits, sidecarLimitDefaults } from "./h2/limits.js";
-import { frameMessage, type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, statusResponse } from "./wire.js";
+import { frameMessage, type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, parseTouched, statusResponse, touchedTrailer } from "./wire.js";
 
 /** An upstream the sidecar forwards to. */
 export interface UpstreamTarget {
@@ -45,8 +45,8 @@ export interface ApprovedCall {
   readonly injectHeader: string;
   /** The unwrapped secret. Injected into the upstream call only; never logged or returned to the agent. */
   readonly secret: string;
-  /** Called once when the upstream call ends, with its gRPC status. */
-  readonly complete: (status: number, message: string) => void;
+  /** Called once when the upstream call ends, with its gRPC status and what the upstream reported it touched. */
+  readonly complete: (status: number, message: string, touched?: Readonly<Record<string, string>>) => void;
 }
 
 /** The proxy's collaborators and limits. */
@@ -96,7 +96,8 @@ interface Forwarding {
   readonly strip: string | undefined;
   /** Who is calling (`""` when anonymous): picks the upstream connection. */
   readonly agent: string;
-  readonly onEnd?: (status: number, message: string) => void;
+  /** Told how an approved call ended, with what its upstream reported it touched (`airlock-touched`). */
+  readonly onEnd?: (status: number, message: string, touched: Readonly<Record<string, string>>) => void;
 }
 
 /**
@@ -495,7 +496,7 @@ export class GrpcProxy {
     if (target === undefined) throw new AirlockError(Code.Internal, `no upstream named ${method.upstream}`);
     if (stream.closed) {
       // Cancelled before it could be forwarded (during an async policy step): the upstream never hears of it.
-      options.onEnd?.(Code.Canceled, "the agent cancelled the call");
+      options.onEnd?.(Code.Canceled, "the agent cancelled the call", {});
       return;
     }
     const outgoing: HeaderField[] = [
@@ -524,12 +525,17 @@ export class GrpcProxy {
     let finished = false;
     let finalStatus: number = Code.Unknown;
     let finalMessage = "";
+    let touched: Readonly<Record<string, string>> = {};
     let reported = false;
     const report = () => {
       if (reported) return;
       reported = true;
       this.options.metrics.tally(method.path).finished(Number(process.hrtime.bigint() - options.started) / 1e9);
-      options.onEnd?.(finalStatus, finalMessage);
+      options.onEnd?.(finalStatus, finalMessage, touched);
+    };
+    // Only approved calls report a completion: the allow path does not look at trailers.
+    const noteTouched = options.onEnd === undefined ? undefined : (fields: readonly HeaderField[]) => {
+      for (const [name, value] of fields) if (name === touchedTrailer) touched = parseTouched(value);
     };
 
     upstream.onheaders = (fields, endStream) => {
@@ -542,6 +548,7 @@ export class GrpcProxy {
           finished = true;
           finalStatus = status?.code ?? Code.Unknown;
           finalMessage = status?.message ?? "";
+          noteTouched?.(fields);
           stream.sendHeaders(fields, true);
           report();
           return;
@@ -552,6 +559,7 @@ export class GrpcProxy {
       finished = true;
       finalStatus = status?.code ?? Code.Unknown;
       finalMessage = status?.message ?? "";
+      noteTouched?.(fields);
       stream.sendHeaders(fields, true);
       report();
     };

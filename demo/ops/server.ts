@@ -203,9 +203,15 @@ export async function startOpsServer(options: OpsServerOptions): Promise<OpsServ
           call.write(create(ExportTableResponseSchema, { row: toJson(row) as JsonObject }));
         }
         log(`ExportTable table=${call.request.table} rows=${rows.length} user=${credential.username}`);
+        return rows.length;
       };
       run().then(
-        () => call.end(),
+        // What the action touched, for the audit trail (Airlock's documented airlock-touched trailer).
+        (count) => {
+          const trailer = new Metadata();
+          if (count !== undefined) trailer.set("airlock-touched", `rows=${count}; table=${call.request.table}`);
+          call.end(trailer);
+        },
         (error: unknown) => call.emit("error", toServiceError(error)),
       );
     },

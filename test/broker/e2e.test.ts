@@ -172,6 +172,8 @@ await t.test("the audit trail holds every step and verifies", async (t) => {
     t.ok(types.has(type), `${AuditEventType[type]} is recorded`);
   }
   t.notMatch(JSON.stringify(events.map((e) => e.details)), /hvs\.|"password"/, "no secret in the audit trail");
+  const exported = events.find((e) => e.type === AuditEventType.ACTION_COMPLETED && (e.details?.touched as Record<string, unknown> | undefined)?.table === "customers");
+  t.same(exported?.details?.touched, { rows: "2", table: "customers" }, "what the export touched, from the upstream's airlock-touched trailer, is in its completion event");
 });
 
 await t.test("two replicas racing on the same requests decide and issue each exactly once", async (t) => {

@@ -21,7 +21,7 @@ import { startRecordingUpstream } from "../../harness/recording-upstream.js";
 import { descriptorSetPath } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
-import { frameMessage } from "../../sidecar/wire.js";
+import { frameMessage, parseTouched } from "../../sidecar/wire.js";
 
 const { nats } = await useInfra(t, { nats: true });
 const dir = await mkdtemp(join(tmpdir(), "airlock-canonical-"));
@@ -110,4 +110,16 @@ await t.test("a canonical message passes unchanged", async (t) => {
   const { code, body } = await forwarded(canonical("public_stats", 7));
   t.equal(code, 0);
   t.same(body, frameMessage(canonical("public_stats", 7)));
+});
+
+await t.test("what an action touched: the airlock-touched trailer is parsed into bounded pairs, the rest marked truncated", async (t) => {
+  t.same(parseTouched("rows=3; table=customers"), { rows: "3", table: "customers" });
+  t.same(parseTouched(" rows = 3 ;;"), { rows: "3" }, "spaces and empty parts are fine");
+  t.same(parseTouched("Rows=3; ok=1"), { ok: "1", truncated: "true" }, "a key that is not lowercase letters, digits and _ is left out, and says so");
+  const many = Array.from({ length: 20 }, (_, i) => `k${i}=v`).join(";");
+  const parsed = parseTouched(many);
+  t.equal(Object.keys(parsed).length, 17, "at most 16 pairs, and the truncated mark");
+  t.equal(parsed.truncated, "true");
+  t.equal(parseTouched(`note=${"x".repeat(1000)}`).note?.length, 128, "a value is cut at 128 characters");
+  t.equal(parseTouched(`note=${"x".repeat(1000)}`).truncated, "true", "a trailer past 512 bytes is cut, and says so");
 });
