@@ -492,6 +492,12 @@ export class Broker {
     if (request.createdAt !== undefined) this.metrics.timeToDecision.observe((Date.now() - timestampDate(request.createdAt).getTime()) / 1000);
     let issued: IssuedCredential | undefined;
     if (outcome === "approved") {
+      // No credential for an action whose agent has stopped waiting: it could only be used late, or by someone else.
+      const deadlineMs = request.deadline === undefined ? undefined : timestampDate(request.deadline).getTime();
+      if (deadlineMs !== undefined && Date.now() > deadlineMs) {
+        await this.failPastDeadline(stored, earlierAudit, "approved after the action's deadline: nothing was issued");
+        return;
+      }
       const started = performance.now();
       await failpoint("broker.before_issue");
       try {
@@ -509,6 +515,21 @@ export class Broker {
         return;
       }
       const lease = issued;
+      if (deadlineMs !== undefined && Date.now() > deadlineMs) {
+        // Vault answered after the deadline (a stall): the credential dies now, before anyone can hold it.
+        const revoked = await this.options.issuer.revoke(lease).then(
+          () => true,
+          (error: unknown) => {
+            this.options.log.error({ err: error, requestId, leaseId: lease.leaseId }, "a credential issued past its action's deadline could not be revoked");
+            return false;
+          },
+        );
+        const entry: AuditEntry = revoked
+          ? { type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why: "issued_past_deadline", kind: lease.kind } }
+          : { type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId, details: { failed: "issued past the deadline and not revoked", leaseId: lease.leaseId, kind: lease.kind }, flagged: true };
+        await this.failPastDeadline(stored, [...earlierAudit, this.issuedEntry(requestId, lease), entry], "the credential came after the action's deadline and was revoked at once");
+        return;
+      }
       const body = this.decisionBody(request, { verdict: Verdict.APPROVED, reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed, issued });
       // The lease record and the audit batch go to different streams: written side by side, both
       // before the decision leaves, so the agent's wait has one round trip fewer.
@@ -551,6 +572,20 @@ export class Broker {
       return;
     }
     await this.publishDecision(request, { verdict: verdicts[outcome], reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed }, earlierAudit);
+  }
+
+  /** Ends an approved request whose deadline passed before its credential could go out: failed, audited, and the agent told. */
+  private async failPastDeadline(stored: StoredRecord, earlierAudit: readonly AuditEntry[], reason: string): Promise<void> {
+    const request = stored.record.request;
+    if (request === undefined) return;
+    await this.store.mutate(request.id, (record) => {
+      const failed = markFailed(record, reason, new Date());
+      return failed.ok ? failed.record : undefined;
+    });
+    await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId: stored.record.decisionId, record: stored.record }, [
+      ...earlierAudit,
+      { type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId: request.id, details: { failed: reason }, flagged: true },
+    ]);
   }
 
   private issuedEntry(requestId: string, issued: IssuedCredential): AuditEntry {

@@ -115,6 +115,13 @@ export interface VaultServer {
   readonly pid: number;
   /** Stops the server; its in-memory state is gone. */
   stop(): Promise<void>;
+  /**
+   * Stalls the server (SIGSTOP): connections stay open and requests hang, as in a Vault that
+   * stops answering, until {@link VaultServer.thaw}. Its state is kept.
+   */
+  freeze(): void;
+  /** Lets a frozen server go on (SIGCONT): the requests it held are answered. */
+  thaw(): void;
 }
 
 /** Defaults of {@link VaultServerOptions}. */
@@ -158,8 +165,16 @@ export async function startVault(options: VaultServerOptions = {}): Promise<Vaul
     binary,
     pid: server.child.pid ?? 0,
     async stop() {
+      // A frozen process would hold its SIGTERM until it runs again.
+      if (!server.hasExited) server.child.kill("SIGCONT");
       await server.stop();
       await home.remove();
+    },
+    freeze() {
+      server.child.kill("SIGSTOP");
+    },
+    thaw() {
+      server.child.kill("SIGCONT");
     },
   };
 }
