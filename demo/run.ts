@@ -317,7 +317,8 @@ class ActionTracker {
     if (record.lease !== undefined && record.lease.leaseId !== "") {
       this.once(tracked, "issued", `broker ${name} approved by ${approvers(record)}; Vault issued a one-action ${record.lease.kind} credential (${shortLease(record.lease.leaseId)})`);
       if (record.lease.kind === "database" && tracked.databaseUser === undefined && record.lease.revokedAt === undefined) {
-        const users = await this.admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'").catch(() => ({ rows: [] }));
+        // Roles belong to the whole PostgreSQL server: only one that can read this database's table is the action's.
+        const users = await this.admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%' AND has_table_privilege(rolname, 'customers', 'SELECT')").catch(() => ({ rows: [] }));
         const user = users.rows[0]?.rolname;
         if (user !== undefined) tracked.databaseUser = user;
       }

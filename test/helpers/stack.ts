@@ -139,9 +139,13 @@ export async function seedExportEngine(t: Test, infra: StackInfra): Promise<pg.C
   return admin;
 }
 
-/** Names of the dynamic database users Vault made for the `export` role that still exist. */
+/**
+ * Names of the dynamic database users Vault made for the `export` role that still exist and can
+ * read this test's `customers`. Roles are shared by every database of a PostgreSQL server, and
+ * test files run side by side on one server: the privilege check keeps another file's users out.
+ */
 export async function exportRoles(admin: pg.Client): Promise<string[]> {
-  return (await admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%export%'")).rows.map((r) => r.rolname);
+  return (await admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%export%' AND has_table_privilege(rolname, 'customers', 'SELECT')")).rows.map((r) => r.rolname);
 }
 
 /** An `airlock broker` running as its own process. */
