@@ -8,6 +8,7 @@ import { AirlockError, Code } from "../common/errors.js";
 import { failpoint } from "../common/failpoints.js";
 import type { Logger } from "../common/logger.js";
 import { ensureStreams, streams, subjects } from "../common/subjects.js";
+import { boundTouched } from "../common/touched.js";
 import {
   type ApprovalRequest,
   ApprovalRequestSchema,
@@ -94,17 +95,12 @@ export const brokerDefaults = {
   redeliveryBackoffMs: [250, 1000, 2000, 5000, 10_000],
 } as const;
 
-/** A completion's `touched` map as audit details: at most 16 pairs, keys and values capped. */
-function touchedOf(touched: Readonly<Record<string, string>>): Record<string, string> {
-  return Object.fromEntries(
-    Object.entries(touched)
-      .slice(0, 16)
-      .map(([key, value]) => [key.slice(0, 32), value.slice(0, 128)]),
-  );
-}
-
-/** Bounds on a sidecar's batch of call reports. */
-const callReportLimits = { maxPerBatch: 500, maxField: 300 } as const;
+/**
+ * Bounds on what a sidecar's call reports may cost: entries per message, bytes
+ * per field, and audit events per host per minute (a hostile host must not be
+ * able to flood the trail; what is over is counted in one flagged event).
+ */
+const callReportLimits = { maxPerBatch: 500, maxField: 300, eventsPerHostPerMinute: 1_000 } as const;
 
 /** A message that will fail the same way at every delivery: terminated and audited, never redelivered. */
 class PoisonMessage extends Error {
@@ -173,6 +169,8 @@ export class Broker {
    */
   private readonly active = new Map<string, StoredRecord>();
   private readonly stopWatching = new AbortController();
+  /** Each host's call-report budget this minute (see callReportLimits). */
+  private readonly reportBudgets = new Map<string, { since: number; used: number; overflowReported: boolean }>();
   private ticking: Promise<void> = Promise.resolve();
   private closed = false;
 
@@ -527,7 +525,7 @@ export class Broker {
         const entry: AuditEntry = revoked
           ? { type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why: "issued_past_deadline", kind: lease.kind } }
           : { type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId, details: { failed: "issued past the deadline and not revoked", leaseId: lease.leaseId, kind: lease.kind }, flagged: true };
-        await this.failPastDeadline(stored, [...earlierAudit, this.issuedEntry(requestId, lease), entry], "the credential came after the action's deadline and was revoked at once");
+        await this.failPastDeadline(stored, [...earlierAudit, this.issuedEntry(requestId, lease), entry], revoked ? "the credential came after the action's deadline and was revoked at once" : "the credential came after the action's deadline; its revocation failed and is retried", { issued: lease, revoked });
         return;
       }
       const body = this.decisionBody(request, { verdict: Verdict.APPROVED, reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed, issued });
@@ -575,12 +573,28 @@ export class Broker {
   }
 
   /** Ends an approved request whose deadline passed before its credential could go out: failed, audited, and the agent told. */
-  private async failPastDeadline(stored: StoredRecord, earlierAudit: readonly AuditEntry[], reason: string): Promise<void> {
+  /**
+   * Fails a request whose deadline passed before it could run. A credential Vault
+   * handed over late is recorded with the failure: revoked, or, when revoking it
+   * failed, live, so the lease reconciler of every replica keeps trying.
+   */
+  private async failPastDeadline(stored: StoredRecord, earlierAudit: readonly AuditEntry[], reason: string, late?: { issued: IssuedCredential; revoked: boolean }): Promise<void> {
     const request = stored.record.request;
     if (request === undefined) return;
     await this.store.mutate(request.id, (record) => {
       const failed = markFailed(record, reason, new Date());
-      return failed.ok ? failed.record : undefined;
+      if (!failed.ok) return undefined;
+      if (late === undefined) return failed.record;
+      const next = clone(RequestRecordSchema, failed.record);
+      const now = timestampFromDate(new Date());
+      next.lease = create(LeaseRecordSchema, {
+        leaseId: late.issued.leaseId,
+        kind: late.issued.kind,
+        issuedAt: now,
+        expiresAt: timestampFromDate(late.issued.expiresAt),
+        ...(late.revoked ? { revokedAt: now, revokedBy: this.options.replicaId } : {}),
+      });
+      return next;
     });
     await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId: stored.record.decisionId, record: stored.record }, [
       ...earlierAudit,
@@ -646,6 +660,13 @@ export class Broker {
     const calls = Array.isArray(batch.calls) ? (batch.calls as unknown[]).slice(0, callReportLimits.maxPerBatch) : [];
     const entries: AuditEntry[] = [];
     let malformed = 0;
+    let foreign = 0;
+    // A host reports only on its own requests: one naming another host's request is not attached to it.
+    const hostOf = new Map<string, string | undefined>();
+    const ownRequest = async (requestId: string): Promise<boolean> => {
+      if (!hostOf.has(requestId)) hostOf.set(requestId, (await this.store.get(requestId))?.record.request?.host);
+      return hostOf.get(requestId) === host;
+    };
     for (const call of calls) {
       const report = call !== null && typeof call === "object" ? (call as Record<string, unknown>) : {};
       const text = (key: string) => (typeof report[key] === "string" ? report[key].slice(0, callReportLimits.maxField) : "");
@@ -655,19 +676,45 @@ export class Broker {
         malformed++;
         continue;
       }
-      entries.push({
-        type: types[outcome as keyof typeof types],
-        actor: `sidecar:${host}`,
-        requestId: text("requestId"),
-        details: { host, method: text("method"), rule: text("rule"), agent: text("agent"), onBehalfOf: text("onBehalfOf"), reason: text("reason"), count, firstAt: text("firstAt"), lastAt: text("lastAt") },
-        flagged: outcome === "refused",
-      });
+      let requestId = text("requestId");
+      const details: Record<string, string | number> = { host, method: text("method"), rule: text("rule"), agent: text("agent"), onBehalfOf: text("onBehalfOf"), reason: text("reason"), count, firstAt: text("firstAt"), lastAt: text("lastAt") };
+      if (requestId !== "" && !(await ownRequest(requestId))) {
+        foreign++;
+        details.claimedRequestId = requestId;
+        requestId = "";
+      }
+      entries.push({ type: types[outcome as keyof typeof types], actor: `sidecar:${host}`, requestId, details, flagged: outcome === "refused" || details.claimedRequestId !== undefined });
     }
     const dropped = typeof batch.dropped === "number" && Number.isSafeInteger(batch.dropped) ? batch.dropped : 0;
-    if (malformed > 0 || dropped > 0 || (Array.isArray(batch.calls) && batch.calls.length > callReportLimits.maxPerBatch)) {
-      entries.push({ type: AuditEventType.SECURITY_EVENT, actor: `sidecar:${host}`, details: { reason: "call_reports_incomplete", host, malformed, dropped }, flagged: true });
+    if (malformed > 0 || dropped > 0 || foreign > 0 || (Array.isArray(batch.calls) && batch.calls.length > callReportLimits.maxPerBatch)) {
+      entries.push({ type: AuditEventType.SECURITY_EVENT, actor: `sidecar:${host}`, details: { reason: "call_reports_incomplete", host, malformed, dropped, foreign }, flagged: true });
     }
-    await this.audit.appendAll(entries);
+    await this.audit.appendAll(this.withinReportBudget(host, entries));
+  }
+
+  /**
+   * The entries a host's reports may still add this minute; past the budget,
+   * the rest is dropped and one flagged event per host and minute says so.
+   */
+  private withinReportBudget(host: string, entries: AuditEntry[]): AuditEntry[] {
+    const now = Date.now();
+    let budget = this.reportBudgets.get(host);
+    if (budget === undefined || now - budget.since >= 60_000) {
+      // Bounded: hosts are few, and a minute-old entry is replaced before the map is touched again for it.
+      if (this.reportBudgets.size >= 10_000) this.reportBudgets.clear();
+      budget = { since: now, used: 0, overflowReported: false };
+      this.reportBudgets.set(host, budget);
+    }
+    const room = Math.max(0, callReportLimits.eventsPerHostPerMinute - budget.used);
+    budget.used += Math.min(room, entries.length);
+    if (entries.length <= room) return entries;
+    const kept = entries.slice(0, room);
+    if (!budget.overflowReported) {
+      budget.overflowReported = true;
+      this.options.log.warn({ host, limit: callReportLimits.eventsPerHostPerMinute }, "a sidecar's call reports are over their budget; the rest of this minute's are dropped");
+      kept.push({ type: AuditEventType.SECURITY_EVENT, actor: `sidecar:${host}`, details: { reason: "call_reports_rate_limited", host, limitPerMinute: callReportLimits.eventsPerHostPerMinute }, flagged: true });
+    }
+    return kept;
   }
 
   private async takeSecurityEvent(data: Uint8Array, subject: string): Promise<void> {
@@ -719,7 +766,7 @@ export class Broker {
       actor: `sidecar:${completion.host}`,
       requestId,
       // What the upstream said the action touched (the airlock-touched trailer), capped like any sidecar input.
-      details: { statusCode: completion.statusCode, statusMessage: completion.statusMessage, touched: touchedOf(completion.touched) },
+      details: { statusCode: completion.statusCode, statusMessage: completion.statusMessage, touched: boundTouched(completion.touched) },
     };
     await Promise.all([
       this.store.mutate(

@@ -5,7 +5,7 @@
  *   airlock broker --config broker.yaml
  *   airlock forwarder --config forwarder.yaml
  *   airlock policy test --policy policy.yaml --call call.json
- *   airlock audit verify (--nats <url> --nats-seed <file> [--nats-ca <file>] | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
+ *   airlock audit verify (--nats <url> --nats-seed <file> [--nats-ca <file>] | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir> [--writers <id,…>]]
  *   airlock audit report --since <ISO> --until <ISO> --out <report.html> (--nats <url> … | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
  *   airlock audit keygen --key-id <id> --out <dir>
  *   airlock audit export --nats <url> --nats-seed <file> [--nats-ca <file>] [--since <ISO time>]
@@ -30,7 +30,8 @@ const usage = `usage:
   airlock broker --config <broker.yaml>
   airlock forwarder --config <forwarder.yaml>   (the audit trail to Splunk HEC, syslog/TLS, webhooks)
   airlock policy test --policy <policy.yaml> --call <call.json>
-  airlock audit verify (--nats <url> | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
+  airlock audit verify (--nats <url> | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir> [--writers <id,…>]]
+                       (verified=yes needs --checkpoints; --writers names the checkpoint chains that must be there)
   airlock audit report --since <ISO time> --until <ISO time> --out <report.html>
                        (--nats <url> | --file <audit.jsonl>) --keys <keyring.yaml> [--checkpoints <dir>]
   airlock audit keygen --key-id <id> --out <dir>
@@ -75,6 +76,7 @@ async function runAudit(sub: string | undefined, args: string[]): Promise<void> 
       until: { type: "string" },
       keys: { type: "string" },
       checkpoints: { type: "string" },
+      writers: { type: "string" },
       "key-id": { type: "string" },
       out: { type: "string" },
     },
@@ -91,7 +93,9 @@ async function runAudit(sub: string | undefined, args: string[]): Promise<void> 
     if (values.keys === undefined) throw new AirlockError(Code.InvalidArgument, "--keys is required: the key ring of every broker's audit key (signatures are what make the trail evidence)");
     const keys = await AuditKeyRing.load(values.keys);
     const found = values.checkpoints === undefined ? undefined : await readCheckpointDirectory(values.checkpoints);
-    const verifier = new TrailVerifier({ keys, ...(found === undefined ? {} : { checkpoints: found.checkpoints, malformedCheckpoints: found.malformed }) });
+    if (values.writers !== undefined && found === undefined) throw new AirlockError(Code.InvalidArgument, "--writers needs --checkpoints: it names the checkpoint writers whose chains must be there");
+    const expectedWriters = values.writers?.split(",").map((writer) => writer.trim()).filter((writer) => writer !== "");
+    const verifier = new TrailVerifier({ keys, ...(found === undefined ? {} : { checkpoints: found.checkpoints, malformedCheckpoints: found.malformed }), ...(expectedWriters === undefined ? {} : { expectedWriters }) });
     const take = (event: AuditEvent) => {
       verifier.add(event);
       also(event);

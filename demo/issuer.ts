@@ -102,7 +102,9 @@ export async function startDemoIssuer(options: DemoIssuerOptions): Promise<Runni
   const exchange = async (request: IncomingMessage, response: ServerResponse): Promise<void> => {
     const basic = /^Basic ([A-Za-z0-9+/=]+)$/.exec(request.headers.authorization ?? "");
     const [clientId = "", secret = ""] = basic?.[1] === undefined ? [] : Buffer.from(basic[1], "base64").toString("utf8").split(":");
-    const client = options.clients[decodeURIComponent(clientId)];
+    const id = decodeURIComponent(clientId);
+    // Own properties only: a client id such as "__proto__" or "constructor" is no client.
+    const client = Object.hasOwn(options.clients, id) ? options.clients[id] : undefined;
     if (client === undefined || !same(client.secret, decodeURIComponent(secret))) return oauthError(response, 401, "invalid_client", "client authentication failed");
     const form = await formOf(request);
     if (form.get("grant_type") !== tokenExchange.grantType) return oauthError(response, 400, "unsupported_grant_type", "only token exchange is supported");

@@ -74,6 +74,7 @@ function agentAuth(entry: ConfigReader): AgentAuthOptions {
     audience: entry.string("audience"),
     keys: keySource,
     ...(entry.has("delegation") ? { delegation: entry.oneOf("delegation", ["claim", "token_exchange"] as const) } : {}),
+    ...(entry.has("unattended") ? { unattended: entry.boolean("unattended", false) } : {}),
     ...(entry.has("human_claim") ? { humanClaim: entry.string("human_claim") } : {}),
     ...(entry.has("clock_tolerance_sec") ? { clockToleranceSec: entry.integer("clock_tolerance_sec", 30, 0, 3600) } : {}),
     ...(entry.has("algorithms") ? { algorithms: entry.strings("algorithms") } : {}),

@@ -64,6 +64,14 @@ export interface JwtAuthOptions {
    * only as good as who holds the issuer's key. @default "claim"
    */
   readonly delegation?: "claim" | "token_exchange";
+  /**
+   * With `delegation: token_exchange`, whether a token without `act` is accepted as an
+   * unattended agent (`sub` is the agent, no human). Off by default: the same issuer signs
+   * people's own tokens, and one of those must not pass as an agent named after the person
+   * (`unattested_agent`). Turn it on only for an issuer whose non-exchanged tokens are all
+   * agents' (a workload identity provider). @default false
+   */
+  readonly unattended?: boolean;
   /** The claim naming the human the agent acts for (`delegation: claim`). @default "act_for" */
   readonly humanClaim?: string;
   /** Leeway for `exp` and `nbf`, in seconds, for clock skew between issuer and sidecar. @default 30 */
@@ -167,6 +175,8 @@ export type AuthFailureReason =
   | "invalid_claim"
   /** With token exchange, the token names a human in a claim of its own instead of as its subject. */
   | "unattested_human"
+  /** With token exchange, the token has no `act`: a person's own token, not an agent's (unless `unattended` is set). */
+  | "unattested_agent"
   | "tokens_not_accepted"
   | "certificate_not_verified"
   | "certificate_without_uri_san";
@@ -307,6 +317,7 @@ class JwtVerifier {
     private readonly clockToleranceSec: number,
     private readonly humanClaim: string,
     private readonly delegation: "claim" | "token_exchange",
+    private readonly unattended: boolean,
     private readonly keys: { kind: "remote"; url: string; set: JWTVerifyGetKey } | { kind: "static"; jwks: JWK[] },
   ) {}
 
@@ -327,7 +338,7 @@ class JwtVerifier {
 
     const delegation = options.delegation ?? "claim";
     if (delegation !== "claim" && delegation !== "token_exchange") throw invalidOption(`jwt: delegation must be claim or token_exchange, got ${quote(String(delegation))}`);
-    let keys: ConstructorParameters<typeof JwtVerifier>[6];
+    let keys: ConstructorParameters<typeof JwtVerifier>[7];
     if (options.keys.kind === "jwks_url") {
       let url: URL;
       try {
@@ -345,7 +356,7 @@ class JwtVerifier {
       for (const [index, jwk] of jwks.entries()) await assertUsable(jwk, index, algorithms);
       keys = { kind: "static", jwks };
     }
-    return new JwtVerifier(options.issuer, options.audience, algorithms, clockToleranceSec, humanClaim, delegation, keys);
+    return new JwtVerifier(options.issuer, options.audience, algorithms, clockToleranceSec, humanClaim, delegation, options.unattended === true, keys);
   }
 
   /** Verifies a token: its identity and the `exp` / `nbf` of its verified claims (seconds). */
@@ -376,8 +387,8 @@ class JwtVerifier {
 
   /**
    * RFC 8693: `sub` is the human, `act.sub` the agent acting for them, and a nested `act` the
-   * actors before it (outermost is the current actor). Without `act` the token is the agent's
-   * own (an unattended pipeline): `sub` is the agent and there is no human.
+   * actors before it (outermost is the current actor). Without `act` the token is refused,
+   * unless `unattended` is set: then it is the agent's own (a pipeline), with no human.
    */
   private delegatedIdentity(payload: JWTPayload, subject: string): AgentIdentity {
     if (payload[this.humanClaim] !== undefined) {
@@ -394,6 +405,9 @@ class JwtVerifier {
       act = actor.act;
     }
     const [agent, ...earlier] = actors;
+    if (agent === undefined && !this.unattended) {
+      throw unauthenticated("unattested_agent", "jwt", 'agent token has no "act" claim: with token exchange that is a person\'s own token, not an agent\'s (set unattended: true for an issuer of agents\' own tokens)');
+    }
     const attestation = Object.freeze({ agent: agent === undefined ? `jwt:${this.issuer}` : `token_exchange:${this.issuer}`, human: agent === undefined ? "" : `token_exchange:${this.issuer}` });
     if (agent === undefined) return Object.freeze({ agent: subject, onBehalfOf: "", chain: Object.freeze([subject]), authenticatedBy: "jwt" as const, attestation });
     return Object.freeze({ agent, onBehalfOf: subject, chain: Object.freeze(buildChain(agent, subject, ...earlier)), authenticatedBy: "jwt" as const, attestation });

@@ -14,7 +14,8 @@ import type { Policy, PolicyVerdict } from "./policy.js";
 import type { CallReport } from "./reports.js";
 import { healthPaths, serveHealth } from "./health.js";
 import { type SidecarLimits, sidecarLimitDefaults } from "./h2/limits.js";
-import { frameMessage, type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, parseTouched, statusResponse, touchedTrailer } from "./wire.js";
+import { parseTouched, touchedTrailer } from "../common/touched.js";
+import { frameMessage, type GrpcMessage, MessageReader, MessageSizeGuard, messageTooLarge, statusResponse } from "./wire.js";
 
 /** An upstream the sidecar forwards to. */
 export interface UpstreamTarget {

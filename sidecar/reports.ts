@@ -6,6 +6,7 @@
  * turns into one NATS message (or one audit event) per call.
  * @module
  */
+import { randomUUID } from "node:crypto";
 import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { subjects } from "../common/subjects.js";
@@ -40,7 +41,10 @@ export interface ReportedCalls extends CallReport {
 export interface CallReportBatch {
   readonly kind: "calls";
   readonly calls: readonly ReportedCalls[];
-  /** Reports left out because the batch already held {@link callReporterDefaults.maxDistinct} distinct ones. */
+  /**
+   * Calls left out: the batch already held {@link callReporterDefaults.maxDistinct}
+   * distinct reports, or an older batch was given up while JetStream did not store it.
+   */
   readonly dropped: number;
 }
 
@@ -62,8 +66,10 @@ export const callReporterDefaults = {
 export class CallReporter {
   private readonly nc: NatsConnection;
   private readonly js: JetStreamClient;
-  private unsent: CallReportBatch[] = [];
-  private sending: Promise<void> = Promise.resolve();
+  /** Batches not yet stored, each with the message id that lets JetStream drop a second copy. */
+  private unsent: Array<{ readonly id: string; readonly batch: CallReportBatch }> = [];
+  /** The send in progress, if any: one at a time, so an outage does not pile up a send per flush. */
+  private sending: Promise<void> | undefined;
   private readonly subject: string;
   private readonly now: () => Date;
   private pending = new Map<string, { report: CallReport; count: number; firstAt: string; lastAt: string }>();
@@ -100,23 +106,30 @@ export class CallReporter {
   flush(): Promise<void> {
     if (this.pending.size > 0 || this.dropped > 0) {
       this.unsent.push({
-        kind: "calls",
-        calls: [...this.pending.values()].map(({ report, count, firstAt, lastAt }) => ({ ...report, count, firstAt, lastAt })),
-        dropped: this.dropped,
+        id: randomUUID(),
+        batch: { kind: "calls", calls: [...this.pending.values()].map(({ report, count, firstAt, lastAt }) => ({ ...report, count, firstAt, lastAt })), dropped: this.dropped },
       });
       this.pending = new Map();
       this.dropped = 0;
-      if (this.unsent.length > callReporterDefaults.maxUnsent) this.unsent.shift();
+      if (this.unsent.length > callReporterDefaults.maxUnsent) {
+        // The oldest batch is given up, but not silently: its calls are counted as dropped in the next one.
+        const lost = (this.unsent.shift() as { batch: CallReportBatch }).batch;
+        this.dropped += lost.calls.reduce((calls, line) => calls + line.count, 0) + lost.dropped;
+      }
     }
-    this.sending = this.sending.then(() => this.send());
+    // A send in progress takes what was just queued too (it sends until nothing is left).
+    this.sending ??= this.send().finally(() => {
+      this.sending = undefined;
+    });
     return this.sending;
   }
 
   private async send(): Promise<void> {
     while (this.unsent.length > 0 && !this.nc.isClosed()) {
-      const batch = this.unsent[0] as CallReportBatch;
+      const { id, batch } = this.unsent[0] as { id: string; batch: CallReportBatch };
       try {
-        await this.js.publish(this.subject, JSON.stringify(batch), { timeout: 2000 });
+        // A publish that timed out while disconnected is still sent on reconnect; the id makes the retry a duplicate JetStream drops.
+        await this.js.publish(this.subject, JSON.stringify(batch), { timeout: 2000, msgID: id });
       } catch {
         return; // Kept, and tried again with the next flush.
       }

@@ -145,31 +145,3 @@ export class MessageReader {
 export function messageTooLarge(size: number, limit: number): AirlockError {
   return new AirlockError(Code.ResourceExhausted, `request message of ${size} bytes is over the limit of ${limit}`, { details: { size, limit } });
 }
-
-/** The response trailer an upstream reports what an action touched in: `rows=3; table=customers`. */
-export const touchedTrailer = "airlock-touched";
-
-/** Bounds on {@link parseTouched}: the report is evidence, not a data channel. */
-export const touchedLimits = { maxBytes: 512, maxPairs: 16 } as const;
-
-/**
- * What an upstream says an action touched, from its `airlock-touched` trailer:
- * `key=value` pairs separated by `;`, keys of lowercase letters, digits and
- * `_` (at most 32), values trimmed and cut at 128 characters. Anything past
- * {@link touchedLimits} or not of that form is left out, and a `truncated` key says so.
- */
-export function parseTouched(value: string): Record<string, string> {
-  const touched: Record<string, string> = {};
-  let truncated = value.length > touchedLimits.maxBytes;
-  for (const part of value.slice(0, touchedLimits.maxBytes).split(";")) {
-    if (part.trim() === "") continue;
-    const match = /^\s*([a-z0-9_]{1,32})\s*=\s*(.*?)\s*$/.exec(part);
-    if (match?.[1] === undefined || Object.keys(touched).length >= touchedLimits.maxPairs) {
-      truncated = true;
-      continue;
-    }
-    touched[match[1]] = (match[2] ?? "").slice(0, 128);
-  }
-  if (truncated) touched.truncated = "true";
-  return touched;
-}

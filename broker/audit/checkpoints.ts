@@ -8,7 +8,7 @@
  * @module
  */
 import { createHash } from "node:crypto";
-import { mkdir, open, readdir, readFile } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, truncate } from "node:fs/promises";
 import { join } from "node:path";
 import type { JsonValue } from "@bufbuild/protobuf";
 import { fromJson } from "@bufbuild/protobuf";
@@ -131,17 +131,30 @@ export class DirectoryCheckpointSink implements CheckpointSink {
     this.description = `directory ${dir}`;
   }
 
+  /**
+   * The writer's checkpoint with the highest index, wherever it is: a clock set
+   * back puts a newer checkpoint in an older period's file. A line torn by a
+   * crash mid-append (the file does not end in a newline) was never a written
+   * checkpoint (its append never resolved), so it is cut off here rather than
+   * left to block the chain or to glue itself to the next line.
+   */
   async last(writer: string): Promise<Checkpoint | undefined> {
-    const files = await checkpointFiles(join(this.dir, writer));
-    for (const file of files.reverse()) {
-      const lines = (await readFile(file, "utf8")).split("\n").filter((line) => line.trim() !== "");
-      const last = lines.at(-1);
-      if (last === undefined) continue;
-      const checkpoint = checkpointFromJsonLine(last);
-      if (checkpoint === undefined) throw new AirlockError(Code.DataLoss, `the newest checkpoint in ${file} does not parse: the checkpoint chain cannot be continued`, { details: { file } });
-      return checkpoint;
+    let newest: Checkpoint | undefined;
+    for (const file of await checkpointFiles(join(this.dir, writer))) {
+      let text = await readFile(file, "utf8");
+      if (text !== "" && !text.endsWith("\n")) {
+        const kept = text.lastIndexOf("\n") + 1;
+        await truncate(file, Buffer.byteLength(text.slice(0, kept)));
+        text = text.slice(0, kept);
+      }
+      for (const line of text.split("\n")) {
+        if (line.trim() === "") continue;
+        const checkpoint = checkpointFromJsonLine(line);
+        // A whole line that does not parse is verification's finding (checkpoint_malformed); the chain continues past it.
+        if (checkpoint !== undefined && checkpoint.writer === writer && (newest === undefined || checkpoint.index > newest.index)) newest = checkpoint;
+      }
     }
-    return undefined;
+    return newest;
   }
 
   async append(checkpoint: Checkpoint): Promise<void> {
@@ -304,6 +317,13 @@ export class Checkpointer {
       const head = last === null ? undefined : fromJson(AuditEventSchema, last.json<JsonValue>());
       const genesis = head === undefined ? undefined : await this.event(1);
       const previous = this.previous;
+      // Two replicas checkpointing under one key id would fork the chain (and verification would call it a gap): refuse, loudly.
+      const stored = await this.options.sink.last(this.options.signer.keyId);
+      if (stored?.index !== previous?.index) {
+        this.options.onOutcome?.("writer_conflict");
+        this.options.log.error({ keyId: this.options.signer.keyId, ours: previous?.index ?? 0, stored: stored?.index ?? 0 }, "another writer adds checkpoints under this key id; each broker replica needs its own audit key; no checkpoint written");
+        return;
+      }
       const hex = (bytes: Uint8Array | undefined) => (bytes === undefined ? "" : Buffer.from(bytes).toString("hex"));
       if (previous !== undefined && previous.sequence > 0) {
         // The trail must still be the history the previous checkpoint named.
@@ -329,7 +349,8 @@ export class Checkpointer {
         sequence: head === undefined ? 0 : Number(head.sequence),
         headSha256: hex(head?.sha256),
         genesisSha256: hex(genesis?.sha256),
-        at: (this.options.now?.() ?? new Date()).toISOString(),
+        // Never before the previous checkpoint (verification requires it), even if the clock was set back.
+        at: new Date(Math.max((this.options.now?.() ?? new Date()).getTime(), previous === undefined ? 0 : Date.parse(previous.at))).toISOString(),
         prevSha256: previous === undefined ? "" : hex(checkpointHash(previous)),
         keyId: this.options.signer.keyId,
       };

@@ -142,7 +142,7 @@ export class AuditLog {
   private readonly js: JetStreamClient;
   private readonly jsm: JetStreamManager;
   private readonly options: AuditLogOptions;
-  private tail: { sequence: bigint; streamSeq: number; sha256: Uint8Array } | undefined;
+  private tail: { sequence: bigint; streamSeq: number; sha256: Uint8Array; atMs: number } | undefined;
 
   private constructor(js: JetStreamClient, jsm: JetStreamManager, options: AuditLogOptions) {
     this.js = js;
@@ -157,13 +157,13 @@ export class AuditLog {
     return new AuditLog(jetstream(nc), jsm, options);
   }
 
-  private async readTail(): Promise<{ sequence: bigint; streamSeq: number; sha256: Uint8Array }> {
+  private async readTail(): Promise<{ sequence: bigint; streamSeq: number; sha256: Uint8Array; atMs: number }> {
     const info = await this.jsm.streams.info(auditStream.name);
-    if (info.state.messages === 0) return { sequence: 0n, streamSeq: 0, sha256: new Uint8Array(0) };
+    if (info.state.messages === 0) return { sequence: 0n, streamSeq: 0, sha256: new Uint8Array(0), atMs: 0 };
     const last = await this.jsm.streams.getMessage(auditStream.name, { seq: info.state.last_seq });
     if (last === null) throw new AirlockError(Code.DataLoss, "the audit stream's last event cannot be read");
     const event = fromJson(AuditEventSchema, last.json<JsonValue>());
-    return { sequence: event.sequence, streamSeq: last.seq, sha256: event.sha256 };
+    return { sequence: event.sequence, streamSeq: last.seq, sha256: event.sha256, atMs: event.at === undefined ? 0 : timestampMs(event.at) };
   }
 
   /** Appends waiting for the writer: the next write takes all of them as one pipelined batch. */
@@ -241,12 +241,14 @@ export class AuditLog {
         const tail = this.tail;
         const signer = this.options.signer;
         let previous = tail.sha256;
+        // Never dated before the event it follows (verification requires it), even if this replica's clock is behind.
+        const atMs = Math.max(Date.now(), tail.atMs);
         const events = remaining.map((entry, index) => {
           const event = create(AuditEventSchema, {
             sequence: tail.sequence + BigInt(index + 1),
             eventId: randomUUID(),
             type: entry.type,
-            at: timestampFromMs(Date.now()),
+            at: timestampFromMs(atMs),
             actor: entry.actor,
             requestId: entry.requestId ?? "",
             ...(entry.details === undefined ? {} : { details: entry.details }),
@@ -277,7 +279,7 @@ export class AuditLog {
             break;
           }
           const event = events[accepted] as AuditEvent;
-          this.tail = { sequence: event.sequence, streamSeq: ack.value.seq, sha256: event.sha256 };
+          this.tail = { sequence: event.sequence, streamSeq: ack.value.seq, sha256: event.sha256, atMs };
           written.push(event);
           accepted++;
         }

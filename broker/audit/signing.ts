@@ -120,7 +120,8 @@ export class AuditKeyRing {
     if (keyId === "" || signature.length === 0) return "unsigned";
     const entry = this.#keys.get(keyId);
     if (entry === undefined) return "unknown_key";
-    if (entry.retiredAt !== undefined && at.getTime() > entry.retiredAt.getTime()) return "retired_key";
+    // Written so an unreadable time (NaN) counts as after retirement: a key's retirement must not be dodged by a bad date.
+    if (entry.retiredAt !== undefined && !(at.getTime() <= entry.retiredAt.getTime())) return "retired_key";
     try {
       return verify(null, Buffer.concat([Buffer.from(signatureContexts[context]), hash]), entry.key, signature) ? undefined : "bad_signature";
     } catch {

@@ -29,6 +29,12 @@ export const trailErrors = [
   "retired_key",
   /** An event's signature does not verify. */
   "bad_signature",
+  /**
+   * An event has no time, or is dated earlier than the event before it by more
+   * than the allowed clock skew. Times only move forward, so a retired key cannot
+   * sign a new event back-dated to before its retirement.
+   */
+  "time_reversed",
   /** The trail's first event is not the one the checkpoints name: another history. */
   "trail_replaced",
   /** The trail ends before an event a checkpoint names. */
@@ -72,7 +78,17 @@ export interface TrailExpectations {
   readonly checkpoints?: readonly Checkpoint[];
   /** Lines of the checkpoint files that did not parse. */
   readonly malformedCheckpoints?: ReadonlyArray<{ readonly file: string; readonly line: number }>;
+  /**
+   * Checkpoint writers whose chains must be there. Without it, deleting one
+   * writer's whole chain while another's remains would go unseen.
+   */
+  readonly expectedWriters?: readonly string[];
+  /** How far an event may be dated before the one it follows (replicas' clocks differ a little). @default 2000 */
+  readonly maxClockSkewMs?: number;
 }
+
+/** The default of {@link TrailExpectations.maxClockSkewMs}. */
+export const defaultMaxClockSkewMs = 2_000;
 
 const hex = (bytes: Uint8Array) => Buffer.from(bytes).toString("hex");
 
@@ -88,6 +104,7 @@ export class TrailVerifier {
   private checked = 0;
   private lastSequence = 0;
   private signed = 0;
+  private latestAtMs = Number.NEGATIVE_INFINITY;
   private failure: TrailVerdict | undefined;
 
   constructor(expect: TrailExpectations = {}) {
@@ -108,9 +125,15 @@ export class TrailVerifier {
     if (event.sequence !== this.expected) return fail("event_missing", `expected event ${this.expected}, found ${event.sequence}: events are missing or out of order`);
     if (!Buffer.from(event.prevSha256).equals(Buffer.from(this.previous))) return fail("chain_broken", `event ${event.sequence} does not link to the hash of event ${event.sequence - 1n}`);
     if (!Buffer.from(event.sha256).equals(Buffer.from(eventHash(event)))) return fail("event_altered", `event ${event.sequence} was altered: its hash does not match its content`);
+    if (event.at === undefined) return fail("time_reversed", `event ${event.sequence} carries no time`);
+    const atMs = timestampMs(event.at);
+    if (!Number.isFinite(atMs) || atMs + (this.expect.maxClockSkewMs ?? defaultMaxClockSkewMs) < this.latestAtMs) {
+      return fail("time_reversed", `event ${event.sequence} is dated ${new Date(atMs).toISOString()}, before the event it follows (${new Date(this.latestAtMs).toISOString()})`);
+    }
+    this.latestAtMs = Math.max(this.latestAtMs, atMs);
     const keys = this.expect.keys;
     if (keys !== undefined) {
-      const at = new Date(event.at === undefined ? 0 : timestampMs(event.at));
+      const at = new Date(atMs);
       const problem = keys.check("event", event.sha256, event.keyId, event.signature, at);
       if (problem !== undefined) {
         const says = { unsigned: ["unsigned_event", "carries no signature"], unknown_key: ["unknown_key", `is signed by key ${JSON.stringify(event.keyId)}, which is not trusted`], retired_key: ["retired_key", `is signed by key ${JSON.stringify(event.keyId)} after it was retired`], bad_signature: ["bad_signature", `has a signature that does not verify with key ${JSON.stringify(event.keyId)}`] } as const;
@@ -141,6 +164,9 @@ export class TrailVerifier {
     if (checkpoints.length === 0) return fail("no_checkpoints", 0, "no checkpoints were found to verify the trail against");
     const byWriter = new Map<string, Checkpoint[]>();
     for (const checkpoint of checkpoints) byWriter.set(checkpoint.writer, [...(byWriter.get(checkpoint.writer) ?? []), checkpoint]);
+    for (const writer of this.expect.expectedWriters ?? []) {
+      if (!byWriter.has(writer)) return fail("checkpoint_gap", 0, `there are no checkpoints from writer ${JSON.stringify(writer)}: its chain was deleted, or it never wrote one`);
+    }
     for (const [writer, chain] of byWriter) {
       chain.sort((a, b) => a.index - b.index);
       let previous: Checkpoint | undefined;
@@ -153,6 +179,8 @@ export class TrailVerifier {
         const expectedIndex = (previous?.index ?? 0) + 1;
         if (checkpoint.index !== expectedIndex) return fail("checkpoint_gap", checkpoint.sequence, `${name} follows checkpoint ${expectedIndex - 1}: checkpoints are missing`);
         if (checkpoint.prevSha256 !== (previous === undefined ? "" : hex(checkpointHash(previous)))) return fail("checkpoint_gap", checkpoint.sequence, `${name} does not link to the checkpoint before it`);
+        // A checkpoint is dated no earlier than the one before it, so a retired key cannot add one back-dated.
+        if (previous !== undefined && !(Date.parse(checkpoint.at) >= Date.parse(previous.at))) return fail("checkpoint_bad_signature", checkpoint.sequence, `${name} is dated before the checkpoint it follows`);
         previous = checkpoint;
       }
     }
@@ -180,9 +208,15 @@ export function verifyTrail(events: Iterable<AuditEvent>, expect: TrailExpectati
   return verifier.finish();
 }
 
-/** One line for a verdict: `audit ok events=… signed=… checkpoints=… verified=yes`, or the named error and where. */
+/**
+ * One line for a verdict: `audit ok events=… signed=… checkpoints=… verified=…`,
+ * or the named error and where. `verified=yes` only when every event's signature
+ * was checked and the trail was held to checkpoints outside NATS;
+ * `verified=unanchored` when no checkpoints were given (a replaced or truncated
+ * trail then goes unseen), `verified=unsigned` when signatures were not checked.
+ */
 export function trailVerdictLine(verdict: TrailVerdict): string {
   const counts = `events=${verdict.eventsChecked} signed=${verdict.signed} checkpoints=${verdict.checkpoints}`;
-  if (verdict.intact) return `audit ok ${counts} verified=yes`;
+  if (verdict.intact) return `audit ok ${counts} verified=${verdict.signed < verdict.eventsChecked ? "unsigned" : verdict.checkpoints === 0 ? "unanchored" : "yes"}`;
   return `audit BROKEN error=${verdict.error ?? "unknown"} at=${verdict.firstBrokenSequence} ${counts}: ${verdict.problem}`;
 }

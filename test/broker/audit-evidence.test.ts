@@ -1,11 +1,12 @@
 import { execFile } from "node:child_process";
 import { createHash, createPrivateKey, type KeyObject, sign } from "node:crypto";
-import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { appendFile, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { clone } from "@bufbuild/protobuf";
+import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import t from "tap";
 import {
@@ -21,6 +22,8 @@ import {
   readCheckpointDirectory,
   signatureContexts,
   TrailVerifier,
+  trailVerdictLine,
+  verifyTrail,
   writeAuditKey,
 } from "../../broker/audit/index.js";
 import { createLogger } from "../../common/logger.js";
@@ -257,4 +260,72 @@ await t.test("a missing checkpoint is a gap; a corrupt one is named", async (t) 
   t.same([(await verify()).error], ["checkpoint_bad_signature"]);
   await writeFile(path, text);
   t.ok((await verify()).intact, "the original files verify again");
+});
+
+await t.test("a retired key cannot sign an event back-dated to before its retirement, nor one without a time", async (t) => {
+  const last = original[original.length - 1] as AuditEvent;
+  const lastMs = timestampMs(last.at ?? timestampFromMs(0));
+  // broker-1 retired a minute after the last event; the attacker stole its private key later.
+  const retiredRing = AuditKeyRing.fromPem({ "broker-1": await readFile(join(keyDir, "broker-1.pub.pem"), "utf8") }, { "broker-1": new Date(lastMs + 60_000) });
+  t.ok(verifyTrail(original, { keys: retiredRing }).intact, "the real trail predates the retirement");
+  const forge = (at: number | undefined): AuditEvent => {
+    const event = clone(AuditEventSchema, last);
+    event.sequence = last.sequence + 1n;
+    event.prevSha256 = last.sha256;
+    event.details = { verdict: "approved", forged: "yes" };
+    if (at === undefined) delete event.at;
+    else event.at = timestampFromMs(at);
+    signAs(event, replica);
+    return event;
+  };
+  const now = verifyTrail([...original, forge(lastMs + 3_600_000)], { keys: retiredRing });
+  t.same([now.error, now.firstBrokenSequence], ["retired_key", 13], "dated truthfully, it is past the retirement");
+  const backdated = verifyTrail([...original, forge(lastMs - 3_600_000)], { keys: retiredRing });
+  t.same([backdated.error, backdated.firstBrokenSequence], ["time_reversed", 13], "back-dated, it goes before the event it follows");
+  const timeless = verifyTrail([...original, forge(undefined)], { keys: retiredRing });
+  t.same([timeless.error, timeless.firstBrokenSequence], ["time_reversed", 13], "no time at all is refused, not read as 1970");
+  const skewed = verifyTrail([...original, forge(lastMs - 500)], { keys: retiredRing });
+  t.ok(skewed.intact, "half a second behind is a replica's clock skew, not a forgery");
+});
+
+await t.test("a writer's whole checkpoint chain deleted is found when the writers are named; the verdict line says what was checked", async (t) => {
+  const found = await readCheckpointDirectory(checkpointDir);
+  const named = verifyTrail(original, { keys, checkpoints: found.checkpoints, expectedWriters: ["broker-1"] });
+  t.ok(named.intact, named.problem);
+  t.match(trailVerdictLine(named), /^audit ok events=12 signed=12 checkpoints=\d+ verified=yes$/);
+  // broker-2's chain was removed from the sink: the checkpoints that remain still verify, but the writer is missing.
+  const missing = verifyTrail(original, { keys, checkpoints: found.checkpoints, expectedWriters: ["broker-1", "broker-2"] });
+  t.same([missing.error, missing.intact], ["checkpoint_gap", false]);
+  t.match(missing.problem, /no checkpoints from writer "broker-2"/);
+  t.equal(trailVerdictLine(verifyTrail(original, { keys })), "audit ok events=12 signed=12 checkpoints=0 verified=unanchored", "signatures hold, nothing outside NATS anchors them");
+  t.equal(trailVerdictLine(verifyTrail(original)), "audit ok events=12 signed=0 checkpoints=0 verified=unsigned", "a chain without signatures is not called verified");
+});
+
+await t.test("the checkpoint sink continues from the highest index, cuts a line torn by a crash, and refuses a second writer under one key id", async (t) => {
+  const sinkDir = join(dir, "sink-recovery");
+  const sink = new DirectoryCheckpointSink(sinkDir, 3_600_000);
+  const stub = (index: number, at: string) => ({ writer: "w1", index, stream: "AIRLOCK_AUDIT", sequence: index, headSha256: "aa", genesisSha256: "bb", at, prevSha256: "", keyId: "w1", signature: "c2ln" });
+  await sink.append(stub(1, "2026-12-04T20:10:00.000Z"));
+  // The clock was set back an hour: checkpoint 2 lands in an older period's file, which sorts first.
+  await sink.append(stub(2, "2026-12-04T19:10:00.000Z"));
+  t.equal((await sink.last("w1"))?.index, 2, "the highest index, not the file that sorts last");
+  const newestFile = join(sinkDir, "w1", "2026-12-04T200000.jsonl");
+  await appendFile(newestFile, '{"writer":"w1","index":3,"str');
+  t.equal((await sink.last("w1"))?.index, 2, "a torn line is not a checkpoint, and does not stop the chain");
+  t.ok((await readFile(newestFile, "utf8")).endsWith("\n"), "the torn bytes were cut off");
+  await sink.append(stub(3, "2026-12-04T20:20:00.000Z"));
+  const read = await readCheckpointDirectory(sinkDir);
+  t.same([read.checkpoints.map((c) => c.index).sort(), read.malformed], [[1, 2, 3], []], "the next checkpoint is a line of its own; nothing malformed is left");
+
+  // Two replicas configured with one key id: the second sees a chain it did not write and writes nothing.
+  const conflictDir = join(dir, "sink-conflict");
+  const seen: string[][] = [[], []];
+  const writers = await Promise.all(
+    [0, 1].map((i) => Checkpointer.start({ nc: broker, sink: new DirectoryCheckpointSink(conflictDir, 3_600_000), signer: replica, everyEvents: 1_000, intervalMs: 3_600_000, log: silent, onOutcome: (outcome) => seen[i]?.push(outcome) })),
+  );
+  for (const writer of writers) t.teardown(() => writer.close());
+  await writers[0]?.checkpoint();
+  await writers[1]?.checkpoint();
+  t.same(seen, [["written"], ["writer_conflict"]]);
+  t.equal((await readCheckpointDirectory(conflictDir)).checkpoints.length, 1, "the chain did not fork");
 });

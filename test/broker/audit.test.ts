@@ -114,7 +114,7 @@ await t.test("airlock audit export and verify, against the stream and an edited 
   t.teardown(() => rm(dir, { recursive: true, force: true }));
   const live = await airlock("audit", "verify", "--nats", nats.url, ...readerFlags, "--keys", keyring);
   t.equal(live.code, 0);
-  t.match(live.stdout, /^audit ok events=32 signed=32 checkpoints=0 verified=yes$/m);
+  t.match(live.stdout, /^audit ok events=32 signed=32 checkpoints=0 verified=unanchored$/m, "without checkpoints the signatures hold, but nothing outside NATS anchors the trail");
   const unkeyed = await airlock("audit", "verify", "--nats", nats.url, ...readerFlags);
   t.not(unkeyed.code, 0, "verification without a key ring is refused, not reported as intact");
   const exported = await airlock("audit", "export", "--nats", nats.url, ...readerFlags);

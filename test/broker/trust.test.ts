@@ -267,3 +267,53 @@ await t.test("an approved record no vote or auto rule accounts for is never acte
   t.equal(after.lease, undefined, "no credential was issued");
   t.equal((await decisionFor(hostA, "host-a", forged.id))?.verdict, Verdict.CANCELLED, "the agent is told no");
 });
+
+/** The audit events of one kind a host's call reports produced, read from the trail. */
+async function reportEvents(host: string): Promise<AuditEvent[]> {
+  const found: AuditEvent[] = [];
+  for await (const event of readAuditEvents(brokerNc)) if (event.actor === `sidecar:${host}`) found.push(event);
+  return found;
+}
+
+await t.test("a call report naming another host's request is not attached to it; a host's reports have a budget", async (t) => {
+  const own = request();
+  await send(hostA, subjects.request("host-a", own.id), toBinary(ApprovalRequestSchema, own));
+  t.ok(await waitUntil(async () => (await broker.get(own.id).catch(() => undefined)) !== undefined, 10_000), "host A's request is taken");
+  const report = (requestId: string, agent: string) => ({ outcome: "timed_out", method: "/demo.v1.OpsService/ExportTable", rule: "export", agent, requestId, count: 1 });
+  const encode = (body: unknown) => new TextEncoder().encode(JSON.stringify(body));
+  // Host B, which an agent controls, claims host A's request timed out.
+  await send(hostB, subjects.security("host-b"), encode({ kind: "calls", calls: [report(own.id, "forger")] }));
+  await send(hostA, subjects.security("host-a"), encode({ kind: "calls", calls: [report(own.id, "honest")] }));
+  let fromB: AuditEvent[] = [];
+  let fromA: AuditEvent[] = [];
+  t.ok(
+    await waitUntil(async () => {
+      fromB = await reportEvents("host-b");
+      fromA = (await reportEvents("host-a")).filter((event) => event.type === AuditEventType.CALL_TIMED_OUT);
+      return fromB.length >= 2 && fromA.length >= 1;
+    }, 10_000),
+    "both reports are in the trail",
+  );
+  const forged = fromB.find((event) => event.type === AuditEventType.CALL_TIMED_OUT);
+  t.equal(forged?.requestId, "", "host B's report is not attached to host A's request");
+  t.match(forged?.details, { claimedRequestId: own.id, agent: "forger" });
+  t.equal(forged?.flagged, true);
+  t.match(fromB.find((event) => event.type === AuditEventType.SECURITY_EVENT && event.details?.reason === "call_reports_incomplete")?.details, { foreign: 1, malformed: 0 }, "the batch is flagged as naming a foreign request");
+  t.equal(fromA[0]?.requestId, own.id, "host A's report on its own request keeps it");
+
+  // Host B floods: three full batches in a minute are over the budget; what is over is counted once.
+  const before = (await reportEvents("host-b")).length;
+  const batch = Array.from({ length: 500 }, (_, i) => ({ outcome: "denied", method: `/demo.v1.OpsService/M${i}`, rule: "default", agent: "flood", count: 1 }));
+  for (let i = 0; i < 3; i++) await send(hostB, subjects.security("host-b"), encode({ kind: "calls", calls: batch }));
+  let flood: AuditEvent[] = [];
+  t.ok(
+    await waitUntil(async () => {
+      flood = (await reportEvents("host-b")).slice(before);
+      return flood.some((event) => event.details?.reason === "call_reports_rate_limited");
+    }, 20_000),
+    "the overflow is reported",
+  );
+  flood = (await reportEvents("host-b")).slice(before);
+  t.ok(flood.length <= 1_000 + 1, `at most a minute's budget and one overflow event reached the trail (${flood.length})`);
+  t.equal(flood.filter((event) => event.details?.reason === "call_reports_rate_limited").length, 1, "one overflow event, not one per batch");
+});

@@ -100,6 +100,12 @@ await t.test("the identity provider: the agent exchanges the human's session for
   const forgedSession = await new SignJWT({}).setProtectedHeader({ alg: "EdDSA" }).setSubject("dana@example.com").setIssuer(demoIssuerDefaults.issuer).setAudience(demoIssuerDefaults.sessionAudience).setExpirationTime("1m").sign((await generateKeyPair("EdDSA")).privateKey);
   await t.rejects(exchange(forgedSession), { code: Code.Unauthenticated, details: { error: "invalid_grant" } });
   await t.rejects(exchange(await idp.signIn("alex@example.com"), "wrong"), { code: Code.Unauthenticated, details: { error: "invalid_client" } });
+  // A client id that names an inherited property of the client table is no client.
+  for (const clientId of ["__proto__", "constructor", "toString"]) {
+    await t.rejects(exchangeToken({ tokenUrl: idp.tokenUrl, clientId, clientSecret: "s3cret", subjectToken: await idp.signIn("alex@example.com"), audience: demoIssuerDefaults.audience }), { code: Code.Unauthenticated, details: { error: "invalid_client" } }, clientId);
+  }
+  // The provider's session token for a person, presented to the sidecar as an agent token, is refused.
+  await t.rejects(authenticator.authenticate({ headers: { authorization: `Bearer ${await idp.signIn("alex@example.com")}` } }), { code: Code.Unauthenticated });
   await t.rejects(exchange(await idp.signIn("alex@example.com"), "s3cret", "another-service"), { code: Code.Unauthenticated, details: { error: "invalid_target" } });
   // An exchanged token is not a session: it cannot be exchanged again for another audience or actor.
   await t.rejects(exchange(token), { code: Code.Unauthenticated, details: { error: "invalid_grant" } });

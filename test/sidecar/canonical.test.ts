@@ -21,7 +21,8 @@ import { startRecordingUpstream } from "../../harness/recording-upstream.js";
 import { descriptorSetPath } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
-import { frameMessage, parseTouched } from "../../sidecar/wire.js";
+import { boundTouched, parseTouched } from "../../common/touched.js";
+import { frameMessage } from "../../sidecar/wire.js";
 
 const { nats } = await useInfra(t, { nats: true });
 const dir = await mkdtemp(join(tmpdir(), "airlock-canonical-"));
@@ -122,4 +123,20 @@ await t.test("what an action touched: the airlock-touched trailer is parsed into
   t.equal(parsed.truncated, "true");
   t.equal(parseTouched(`note=${"x".repeat(1000)}`).note?.length, 128, "a value is cut at 128 characters");
   t.equal(parseTouched(`note=${"x".repeat(1000)}`).truncated, "true", "a trailer past 512 bytes is cut, and says so");
+  t.same(parseTouched("truncated=false; rows=1"), { rows: "1", truncated: "true" }, "the upstream cannot set the marker itself");
+});
+
+await t.test("what a completion says was touched is bounded again at the broker; the truncated mark survives the cap", async (t) => {
+  // What the sidecar makes of 20 pairs: 16 and the mark. Bounding it again keeps the mark.
+  const fromSidecar = parseTouched(Array.from({ length: 20 }, (_, i) => `k${i}=v`).join(";"));
+  t.same(boundTouched(fromSidecar), fromSidecar, "a sidecar's bounded report passes unchanged, mark included");
+  // A hostile host sends its own map: more pairs, odd keys, long values.
+  const hostile: Record<string, string> = Object.fromEntries([...Array.from({ length: 30 }, (_, i): [string, string] => [`k${i}`, "v".repeat(500)]), ["Bad Key", "x"]]);
+  const bounded = boundTouched(hostile);
+  t.equal(Object.keys(bounded).length, 17, "16 pairs and the mark");
+  t.equal(bounded.truncated, "true");
+  t.equal(bounded.k0?.length, 128, "values capped");
+  t.equal(bounded["Bad Key"], undefined, "a key of another form is left out");
+  t.same(boundTouched({ rows: "2", table: "customers" }), { rows: "2", table: "customers" }, "a small honest report is untouched");
+  t.same(boundTouched({ rows: "2", "x y": "1" }), { rows: "2", truncated: "true" }, "leaving out one bad key says so");
 });

@@ -433,10 +433,14 @@ await t.test("token exchange (RFC 8693): the issuer attests the human as the sub
     authenticatedBy: "jwt",
     attestation: { agent: `token_exchange:${issuer}`, human: `token_exchange:${issuer}` },
   });
-  // The agent's own token (no act): the agent alone, no human.
+  // A token without act is a person's own token (the issuer signs those too): not an agent's.
   const own = await new SignJWT({}).setProtectedHeader({ alg: "EdDSA" }).setSubject("spiffe://corp/agent/etl").setIssuer(issuer).setAudience(audience).setExpirationTime(nowSec() + 300).sign(ed.privateKey);
-  const alone2 = await exchanged.authenticate(bearer(own));
-  t.match(alone2, { agent: "spiffe://corp/agent/etl", onBehalfOf: "", attestation: { agent: `jwt:${issuer}`, human: "" } });
+  const humansOwn = await new SignJWT({}).setProtectedHeader({ alg: "EdDSA" }).setSubject("alice@corp.com").setIssuer(issuer).setAudience(audience).setExpirationTime(nowSec() + 300).sign(ed.privateKey);
+  await fails(t, exchanged.authenticate(bearer(humansOwn)), "unattested_agent");
+  await fails(t, exchanged.authenticate(bearer(own)), "unattested_agent");
+  // With unattended: true (an issuer of agents' own tokens), it is the agent alone, no human.
+  const workloads = await AgentAuthenticator.create([{ ...staticJwt, delegation: "token_exchange", unattended: true }]);
+  t.match(await workloads.authenticate(bearer(own)), { agent: "spiffe://corp/agent/etl", onBehalfOf: "", attestation: { agent: `jwt:${issuer}`, human: "" } });
   // A human named in a claim of the token's own is not attested by the exchange.
   await fails(t, exchanged.authenticate(bearer(await token())), "unattested_human");
   const badAct = await new SignJWT({ act: "spiffe://corp/agent/etl" }).setProtectedHeader({ alg: "EdDSA" }).setSubject("alice@corp.com").setIssuer(issuer).setAudience(audience).setExpirationTime(nowSec() + 300).sign(ed.privateKey);
