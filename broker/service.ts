@@ -52,6 +52,13 @@ export interface BrokerOptions {
   /** How long an approval may be acted on after it is decided, in ms. @default 300000 */
   readonly decisionTtlMs?: number;
   /**
+   * How long before the action's deadline an approval must be finalized for a credential to
+   * be issued, in ms: the decision still has to reach the sidecar and its credential be
+   * unwrapped, and one that arrives after the agent stopped waiting would leave a live
+   * credential no action uses. @default 1000
+   */
+  readonly deadlineMarginMs?: number;
+  /**
    * How long a decided request may stay without a published decision before
    * another replica takes it over (its publisher died), in ms. @default 10000
    */
@@ -80,6 +87,7 @@ export interface BrokerOptions {
 export const brokerDefaults = {
   tickIntervalMs: 500,
   decisionTtlMs: 300_000,
+  deadlineMarginMs: 1_000,
   intakeConsumer: "airlock-broker-intake",
   completionConsumer: "airlock-broker-completions",
   securityConsumer: "airlock-broker-security",
@@ -491,9 +499,10 @@ export class Broker {
     let issued: IssuedCredential | undefined;
     if (outcome === "approved") {
       // No credential for an action whose agent has stopped waiting: it could only be used late, or by someone else.
-      const deadlineMs = request.deadline === undefined ? undefined : timestampDate(request.deadline).getTime();
+      // The latest time a credential may be handed over: the decision must still reach the sidecar in time.
+      const deadlineMs = request.deadline === undefined ? undefined : timestampDate(request.deadline).getTime() - (this.options.deadlineMarginMs ?? brokerDefaults.deadlineMarginMs);
       if (deadlineMs !== undefined && Date.now() > deadlineMs) {
-        await this.failPastDeadline(stored, earlierAudit, "approved after the action's deadline: nothing was issued");
+        await this.failPastDeadline(stored, earlierAudit, "approved too close to or after the action's deadline: nothing was issued");
         return;
       }
       const started = performance.now();

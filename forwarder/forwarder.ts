@@ -104,6 +104,8 @@ export class Forwarder {
   private readonly sleep: Sleep;
   private readonly onSinkFailed: ForwarderOptions["onSinkFailed"];
   private readonly stopping = new AbortController();
+  /** Stream sequences of messages that are not audit events, already logged. */
+  private readonly undecodable = new Set<number>();
   private readonly loops: Promise<void>[];
   private closed: Promise<void> | undefined;
 
@@ -180,7 +182,15 @@ export class Forwarder {
   /** Up to `batch_size` events from sequence `from` on, as far as the trail reaches now. */
   private async readBatch(from: bigint): Promise<AuditEvent[]> {
     const events: AuditEvent[] = [];
-    for await (const event of readAuditEvents(this.nc, { from: Number(from) })) {
+    // A message that is not an event cannot be forwarded: skipped, so it does not stall every sink; the
+    // sequence it held shows as a gap (lost, logged), and airlock audit verify names it.
+    const onUndecodable = (streamSequence: number) => {
+      // Each sink reads past it, and again after a restart: said once per message, not once per read.
+      if (this.undecodable.has(streamSequence) || this.undecodable.size >= 1000) return;
+      this.undecodable.add(streamSequence);
+      this.log.error({ streamSequence }, "an audit stream message is not an audit event; skipped (run airlock audit verify)");
+    };
+    for await (const event of readAuditEvents(this.nc, { from: Number(from), onUndecodable })) {
       events.push(event);
       if (events.length >= this.config.batchSize) break;
     }

@@ -60,8 +60,14 @@ export class HttpPoster {
         this.url,
         { method: "POST", agent: this.agent, signal, headers: { "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(body)), ...headers } },
         (response) => {
+          // A receiver's answer is read to its end (the connection is reused) but kept only up to a bound.
           const chunks: Buffer[] = [];
-          response.on("data", (chunk: Buffer) => chunks.push(chunk));
+          let kept = 0;
+          response.on("data", (chunk: Buffer) => {
+            if (kept >= httpAnswerLimitBytes) return;
+            chunks.push(chunk.subarray(0, httpAnswerLimitBytes - kept));
+            kept += Math.min(chunk.length, httpAnswerLimitBytes - kept);
+          });
           response.once("error", fail);
           response.once("end", () => resolve({ status: response.statusCode ?? 0, text: Buffer.concat(chunks).toString("utf8") }));
         },
@@ -76,6 +82,9 @@ export class HttpPoster {
     this.agent.destroy();
   }
 }
+
+/** How much of a receiver's answer is kept (its status and a short excerpt are all that are used). */
+export const httpAnswerLimitBytes = 64 * 1024;
 
 /** A short, one-line excerpt of a receiver's answer for an error message. */
 export function excerpt(text: string): string {

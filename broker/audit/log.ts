@@ -92,7 +92,16 @@ const auditReadBatch = 256;
  * batched direct get, which the read-only audit role may do (it may
  * create no consumer), and stops at the stream's end as of the call.
  */
-export async function* readAuditEvents(nc: NatsConnection, options: { since?: Date; last?: number; from?: number } = {}): AsyncGenerator<AuditEvent> {
+export async function* readAuditEvents(
+  nc: NatsConnection,
+  options: {
+    since?: Date;
+    last?: number;
+    from?: number;
+    /** Told of a message that is not an audit event, which is then skipped; without it, reading throws there. */
+    onUndecodable?: (streamSequence: number, error: unknown) => void;
+  } = {},
+): AsyncGenerator<AuditEvent> {
   const jsm = await jetstreamManager(nc, { checkAPI: false });
   // The trail has one subject: its last message is the end to read to.
   const end = await jsm.direct.getMessage(auditStream.name, { last_by_subj: auditStream.subject });
@@ -114,7 +123,15 @@ export async function* readAuditEvents(nc: NatsConnection, options: { since?: Da
     for (const message of batch) {
       if (message.seq > last) return;
       next = message.seq + 1;
-      yield fromJson(AuditEventSchema, message.json<JsonValue>());
+      let event: AuditEvent;
+      try {
+        event = fromJson(AuditEventSchema, message.json<JsonValue>());
+      } catch (error) {
+        if (options.onUndecodable === undefined) throw new AirlockError(Code.DataLoss, `audit stream message ${message.seq} is not an audit event`, { cause: error, details: { streamSequence: message.seq } });
+        options.onUndecodable(message.seq, error);
+        continue;
+      }
+      yield event;
     }
     query = { seq: next };
   }

@@ -106,15 +106,19 @@ async function tokenThatCannotRevoke(): Promise<string> {
   return created.auth.client_token;
 }
 
+let stuck: Broker | undefined;
+let healthy: Broker | undefined;
+
 await t.test("a late credential whose revocation fails stays on record as live, and a replica that can revoke it does", async (t) => {
   await broker.close();
   const stuckNc = await nats.connect({ kind: "broker" });
   t.teardown(() => stuckNc.close());
   const stuckVault = createVaultClient({ address: vault.address, token: await tokenThatCannotRevoke(), timeoutMs: 30_000 });
-  const stuck = await Broker.start({ nc: stuckNc, issuer: new CredentialIssuer({ vault: stuckVault }), signingKey: key.signing, approvals, policy: () => policy, replicaId: "broker-stuck", log, tickIntervalMs: 200 });
-  t.teardown(() => stuck.close());
+  stuck = await Broker.start({ nc: stuckNc, issuer: new CredentialIssuer({ vault: stuckVault }), signingKey: key.signing, approvals, policy: () => policy, replicaId: "broker-stuck", log, tickIntervalMs: 200 });
+  const stuckReplica = stuck;
+  t.teardown(() => stuckReplica.close());
 
-  const { id, failed, outcome } = await approvePastDeadline(t, stuck);
+  const { id, failed, outcome } = await approvePastDeadline(t, stuckReplica);
   t.ok(failed.lease !== undefined && failed.lease.leaseId !== "" && failed.lease.revokedAt === undefined, "the late lease is on record as live: the reconciler will not forget it");
   t.not(await outcome, undefined, "the agent's call did not run");
   t.equal((await exportRoles(admin)).length, 1, "Vault refused the revoke: the late database user still exists");
@@ -123,12 +127,40 @@ await t.test("a late credential whose revocation fails stays on record as live, 
   t.match(events.find((e) => e.type === AuditEventType.SECURITY_EVENT && e.details?.leaseId !== undefined)?.details, { failed: "issued past the deadline and not revoked" }, "the trail flags the live credential");
 
   // Another replica, whose token may revoke, reconciles the recorded lease.
-  const healthy = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: patientVault }), signingKey: key.signing, approvals, policy: () => policy, replicaId: "broker-2", log, tickIntervalMs: 200 });
-  t.teardown(() => healthy.close());
+  healthy = await Broker.start({ nc, issuer: new CredentialIssuer({ vault: patientVault }), signingKey: key.signing, approvals, policy: () => policy, replicaId: "broker-2", log, tickIntervalMs: 200 });
+  const healthyReplica = healthy;
+  t.teardown(() => healthyReplica.close());
   const revoked = await until("the reconciler to revoke it", async () => {
-    const record = await healthy.get(id);
+    const record = await healthyReplica.get(id);
     return record.lease?.revokedAt !== undefined ? record : undefined;
   });
   t.equal(revoked.lease?.revokedBy, "broker-2");
   t.same(await exportRoles(admin), [], "the database user is gone");
+});
+
+await t.test("an approval finalized inside the deadline margin issues nothing: the decision could not reach the agent in time", async (t) => {
+  await Promise.all([stuck?.close(), healthy?.close()]);
+  const marginNc = await nats.connect({ kind: "broker" });
+  t.teardown(() => marginNc.close());
+  // The policy's timeout is 3 s: with a 2.9 s margin, an approval given after the first 100 ms is too late to act on.
+  const marginal = await Broker.start({ nc: marginNc, issuer: new CredentialIssuer({ vault: patientVault }), signingKey: key.signing, approvals, policy: () => policy, replicaId: "broker-margin", log, tickIntervalMs: 200, deadlineMarginMs: 2_900 });
+  t.teardown(() => marginal.close());
+  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" });
+  const outcome = streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata })) as Promise<AirlockError | undefined>;
+  const pending = await until("the pending export", async () => (await marginal.list()).find((r) => r.state === RequestState.PENDING && r.request?.method === "ExportTable"));
+  const id = pending.request?.id ?? "";
+  const createdAt = pending.request?.createdAt;
+  if (createdAt === undefined) throw new Error("the held request has no creation time");
+  await until("the margin to start", async () => (Date.now() > timestampDate(createdAt).getTime() + 200 ? true : undefined));
+  await marginal.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
+  const failed = await until("the request to fail", async () => {
+    const record = await marginal.get(id);
+    return record.state === RequestState.FAILED ? record : undefined;
+  });
+  t.equal(failed.lease, undefined, "no credential was issued");
+  t.not(await outcome, undefined, "the agent's call did not run");
+  const events = [];
+  for await (const event of readAuditEvents(nc)) if (event.requestId === id) events.push(event);
+  t.equal(events.filter((e) => e.type === AuditEventType.CREDENTIAL_ISSUED).length, 0, "the trail has no issuance");
+  t.match(events.find((e) => e.type === AuditEventType.SECURITY_EVENT && e.flagged)?.details?.failed, /too close to or after the action's deadline: nothing was issued/);
 });

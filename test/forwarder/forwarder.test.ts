@@ -5,11 +5,13 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import t, { type Test } from "tap";
 import { stringify } from "yaml";
-import { AuditLog } from "../../broker/audit/index.js";
+import { clone } from "@bufbuild/protobuf";
+import { jetstream } from "@nats-io/jetstream";
+import { AuditLog, auditEventToJsonLine, auditStream, readAuditEvents } from "../../broker/audit/index.js";
 import { AirlockError, Code } from "../../common/errors.js";
 import { Forwarder, type ForwarderConfig, loadForwarderConfig } from "../../forwarder/index.js";
 import { useInfra, waitUntil } from "../../harness/index.js";
-import { AuditEventType } from "../../proto/index.js";
+import { type AuditEvent, AuditEventSchema, AuditEventType } from "../../proto/index.js";
 import { makeTestPki } from "../helpers/pki.js";
 import { startHecReceiver, startSyslogReceiver, startWebhookReceiver } from "../helpers/siem-receivers.js";
 
@@ -251,4 +253,36 @@ await t.test("airlock forwarder exits 1 naming the sink when HEC refuses the tok
   t.equal(await result.exited, 1);
   t.match(result.output(), /forwarder sink splunk stopped: \[permission_denied\] .*HTTP 403/);
   t.match(result.output(), /forwarder sink=splunk kind=splunk_hec forwarded=0 lost=0 retries=0 failures=1 position=0 state=failed/);
+});
+
+// Last in the file: it leaves a message in the trail that is not an event.
+await t.test("a message in the trail that is not an audit event is skipped and logged once; it does not stall the sinks", async (t) => {
+  const { hec, webhook, sinks } = await receivers(t);
+  const n = await append(3);
+  // Only an administrator can write this: the junk, then an event after it.
+  const admin = await nats.connect({ kind: "admin" });
+  t.teardown(() => admin.close());
+  const js = jetstream(admin);
+  await js.publish(auditStream.subject, "{not an audit event");
+  let last: AuditEvent | undefined;
+  for await (const event of readAuditEvents(broker, { onUndecodable: () => undefined })) last = event;
+  const after = clone(AuditEventSchema, last as AuditEvent);
+  after.sequence = BigInt(n + 1);
+  after.eventId = `${after.eventId}-after`;
+  await js.publish(auditStream.subject, auditEventToJsonLine(after));
+  logged.length = 0;
+  const forwarder = await start(t, await loadForwarderConfig(await writeConfig("junk", [sinks[0], sinks[2]]), { env }));
+  await until(t, "both sinks passed the junk", () => hec.accepted.length >= n + 1 && webhook.accepted.length >= n + 1 && allAt(forwarder, n + 1));
+  await forwarder.close();
+  t.same(hec.accepted, upTo(n + 1), "HEC: every event, the one after the junk too");
+  t.same(webhook.accepted, upTo(n + 1));
+  for (const s of forwarder.stats()) t.match(s, { lost: 0, failures: 0, readErrors: 0 }, s.name);
+  t.equal(logged.filter((line) => line.includes("not an audit event")).length, 1, "logged once, not once per sink or per read");
+  await t.rejects(
+    (async () => {
+      for await (const event of readAuditEvents(broker)) void event;
+    })(),
+    { code: Code.DataLoss },
+    "a reader that does not skip (verification) stops there with data_loss",
+  );
 });
