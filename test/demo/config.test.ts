@@ -97,8 +97,9 @@ await t.test("policy.yaml loads with the real policy loader and gives each metho
   t.equal(exportTable.effect, "approve");
   t.same(exportTable.approve, {
     risk: "high",
+    description: "An export copies customer records (names, emails, plans) out of the database; once out, they cannot be called back.",
     reviewers: { allOf: [{ group: "data-owners", minApprovals: 1 }], breakGlass: false },
-    credential: { kind: "database", mount: "database", role: "export", ttlMs: 300_000, injectHeader: "x-airlock-credential" },
+    credential: { kind: "database", mount: "database", role: "export", ttlMs: 300_000, injectHeader: "x-airlock-credential", description: "SELECT on customers" },
     redact: [],
     requireReason: true,
     timeoutMs: 3_600_000,
@@ -108,13 +109,13 @@ await t.test("policy.yaml loads with the real policy loader and gives each metho
   t.equal(rotate.effect, "approve");
   t.equal(rotate.approve?.risk, "medium");
   t.same(rotate.approve?.reviewers.allOf, [{ group: "security", minApprovals: 1 }]);
-  t.same(rotate.approve?.credential, { kind: "vault_token", policies: ["default"], numUses: 5, ttlMs: 60_000, injectHeader: "x-airlock-credential" });
+  t.same(rotate.approve?.credential, { kind: "vault_token", policies: ["default"], numUses: 5, ttlMs: 60_000, injectHeader: "x-airlock-credential", description: "Vault's default policy only (the token can look itself up)" });
 
   t.equal(policy.evaluate(call("ImportRows")).effect, "deny", "the write-capable import is not for the demo host");
   const importRows = policy.evaluate({ ...call("ImportRows"), host: "ingest-host" });
   t.equal(importRows.effect, "approve", "only for the ingest host");
   t.equal(importRows.approve?.risk, "high");
-  t.same(importRows.approve?.credential, { kind: "database", mount: "database", role: "import", ttlMs: 300_000, injectHeader: "x-airlock-credential" });
+  t.same(importRows.approve?.credential, { kind: "database", mount: "database", role: "import", ttlMs: 300_000, injectHeader: "x-airlock-credential", description: "SELECT and INSERT on customers" });
 });
 
 await t.test("the database credentials the policy asks for are the ones demo/setup.ts configures in Vault", async (t) => {
