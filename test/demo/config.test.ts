@@ -31,6 +31,7 @@ const env: ConfigEnv = {
   AIRLOCK_IDP_PUBLIC_KEY: generateKeyPairSync("ed25519").publicKey.export({ type: "spki", format: "pem" }).toString(),
   AIRLOCK_DEMO_DANA_TOKEN: "dana-token",
   AIRLOCK_DEMO_SAM_TOKEN: "sam-token",
+  AIRLOCK_NOTIFY_SECRET: "a-notify-secret-for-tests",
 };
 
 const policy = Policy.parse(await readFile(policyPath, "utf8"), policyPath);
@@ -162,5 +163,11 @@ await t.test("broker.yaml as a whole parses with parseBrokerConfig", async (t) =
   t.equal(config.signingKey.keyId, demoKeyId);
   t.same(config.http, { host: "127.0.0.1", port: 9465 });
   t.ok(config.reviewers !== undefined, "with the reviewers' API");
+  t.same(
+    config.notifications.webhooks.map((webhook) => webhook.url),
+    ["http://127.0.0.1:9466/airlock/notifications"],
+    "someone is notified: the demo's webhook receiver on loopback, by default",
+  );
+  t.equal(config.notifications.webhooks[0]?.secret, "a-notify-secret-for-tests", "signed with the secret from the environment");
   t.equal(config.policyFile, policyPath, "the central policy is the sidecar's policy file");
 });

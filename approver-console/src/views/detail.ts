@@ -27,7 +27,7 @@ function credentialFact(credential: CredentialTemplate | undefined): Child {
   const kind = credential.kind;
   const technical =
     kind.case === "database"
-      ? `a database user from Vault role ${kind.value.role} (mount ${kind.value.mount})`
+      ? `a database user from Vault role ${kind.value.role}, mount ${kind.value.mount}`
       : kind.case === "vaultToken"
         ? `a Vault token with ${kind.value.policies.length === 1 ? "policy" : "policies"} ${kind.value.policies.join(", ") || "none"}`
         : "an unknown kind of credential";
