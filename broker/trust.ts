@@ -75,6 +75,7 @@ export function vetRequest(subject: string, request: ApprovalRequest, policy: Po
   const vetted = clone(ApprovalRequestSchema, request);
   const terms = approvalTerms(rule.approve);
   vetted.risk = terms.risk;
+  vetted.ruleDescription = terms.ruleDescription;
   vetted.reviewers = terms.reviewers;
   vetted.credential = terms.credential;
   const latest = now.getTime() + rule.approve.timeoutMs;

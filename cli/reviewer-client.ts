@@ -17,6 +17,15 @@ export interface RequestViewJson {
       readonly reason?: string;
       readonly risk?: string;
       readonly ruleId?: string;
+      /** Why the rule holds the call, in the policy author's words. */
+      readonly ruleDescription?: string;
+      readonly credential?: {
+        readonly vaultToken?: { readonly policies?: readonly string[]; readonly numUses?: number };
+        readonly database?: { readonly mount?: string; readonly role?: string };
+        /** Protobuf JSON duration, e.g. "300s". */
+        readonly ttl?: string;
+        readonly description?: string;
+      };
       readonly request?: unknown;
       readonly redactedFields?: readonly string[];
       readonly createdAt?: string;

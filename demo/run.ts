@@ -29,6 +29,7 @@ import { configureDemoVault, demoKeyId, prepareDemoDatabase, writeDemoKeys } fro
 import { type BusCheck, checkBusBoundary } from "./bus-check.js";
 import { checkAuditTrail, demoCheckpointDir } from "./audit-check.js";
 import { demoIssuerDefaults, exchangeToken, startDemoIssuer } from "./issuer.js";
+import { startNotificationReceiver } from "./notify-receiver.js";
 
 /** Options of {@link runDemo}. */
 export interface DemoOptions {
@@ -66,6 +67,8 @@ export interface DemoResult {
   readonly bus: BusCheck;
   /** The trail verified as the audit role against the broker's key and its checkpoints. */
   readonly audit: TrailVerdict;
+  /** Notifications the demo's webhook receiver took (signature checked), by event kind. */
+  readonly notified: ReadonlyMap<string, number>;
 }
 
 /** A running demo, stoppable at any point. */
@@ -137,6 +140,12 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     await track({ name: "the ops upstream", close: () => ops.close() });
 
     const tokens = { dana: `dana-${randomBytes(12).toString("hex")}`, sam: `sam-${randomBytes(12).toString("hex")}` };
+    // Someone is told about each request: a webhook receiver that prints every delivery.
+    const notifySecret = randomBytes(24).toString("hex");
+    // The console's address is known once the broker listens (9465, or a free port when that one is taken).
+    const links: { console?: string } = {};
+    const receiver = await startNotificationReceiver({ secret: notifySecret, print, consoleUrl: () => links.console });
+    await track({ name: "the notification receiver", close: () => receiver.close() });
     const logLevel = options.logLevel ?? "warn";
     const demoHost = "demo-host";
     const brokerNats = await nats.credentials({ kind: "broker" });
@@ -157,6 +166,9 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
       AIRLOCK_SIDECAR_METRICS: "127.0.0.1:0",
       AIRLOCK_IDP_PUBLIC_KEY: (await readFile(keyFiles.idpPublicKey, "utf8")).trim(),
       AIRLOCK_LOG_LEVEL: logLevel,
+      AIRLOCK_NOTIFY_URL: receiver.url,
+      AIRLOCK_NOTIFY_SECRET: notifySecret,
+      AIRLOCK_CONSOLE_URL: `http://${options.brokerHttp ?? "127.0.0.1:9465"}/console/`,
     };
     const log = createLogger({ name: "demo", level: logLevel, destination: process.stderr });
     let broker: RunningBroker;
@@ -171,6 +183,7 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
       );
     }
     await track({ name: "the broker", close: () => broker.close() });
+    links.console = `${broker.httpUrl}/console/`;
     const sidecar = await startSidecar(parseSidecarConfig(await readConfigFile(`${configDir}sidecar.yaml`, { env: { ...env, AIRLOCK_NATS_SEED_FILE: sidecarNats.auth.seedFile } })), { log });
     await track({ name: "the sidecar", close: () => sidecar.close() });
     print(`demo   broker, sidecar (${sidecar.address}) and ops upstream running (${((Date.now() - started) / 1000).toFixed(1)} s)`);
@@ -179,6 +192,7 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     print(`       sign in as dana@example.com (data-owners) with token ${tokens.dana}`);
     print(`       sign in as sam@example.com  (security)    with token ${tokens.sam}`);
     print(`       or from a terminal: AIRLOCK_URL=${broker.httpUrl} AIRLOCK_TOKEN=${tokens.dana} npm run airlock -- requests ls`);
+    print(`       notifications go to a signed webhook at ${receiver.url}; its lines start with "notify"`);
     print("");
 
     const admin = new pg.Client({ connectionString: database.url });
@@ -227,8 +241,9 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
         .filter(([, answer]) => answer !== "refused")
         .map(([attempt]) => `the NATS server allowed the sidecar's credential an attempt it must refuse: ${attempt}`),
       ...(audit.intact ? [] : [`the audit trail does not verify: ${audit.error ?? ""} ${audit.problem}`]),
+      ...((receiver.received.get("review_requested") ?? 0) === 0 ? ["no review request reached the notification receiver"] : []),
     ];
-    return { ok: failures.length === 0, failures, actions, steps, bus, audit };
+    return { ok: failures.length === 0, failures, actions, steps, bus, audit, notified: receiver.received };
   })();
   return { done, stop };
 }

@@ -46,6 +46,7 @@ try {
   for (const line of summaryTable(result.actions)) console.log(`       ${line}`);
   console.log("");
   for (const failure of result.failures) console.log(`demo   FAILED: ${failure}`);
+  console.log(`notify ${(result.notified.get("review_requested") ?? 0) > 0 ? "ok" : "MISSING"} ${[...result.notified].map(([kind, count]) => `${kind}=${count}`).join(" ")}`);
   console.log(busCheckLine(result.bus));
   console.log(trailVerdictLine(result.audit));
   if (autoApprove) {

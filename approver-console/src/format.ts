@@ -44,19 +44,23 @@ export function ago(date: Date | undefined, now = Date.now()): string {
   if (s < 60) return `${s} s ago`;
   if (s < 3600) return `${Math.floor(s / 60)} min ago`;
   if (s < 86_400) return `${Math.floor(s / 3600)} h ago`;
-  return date.toLocaleString();
+  return when(date);
 }
 
-/** Time left as "4:05", "1:02:03", or "expired". */
-export function timeLeft(until: Date | undefined, now = Date.now()): string {
-  if (until === undefined) return "no deadline";
-  const total = Math.ceil((until.getTime() - now) / 1000);
-  if (total <= 0) return "expired";
-  const h = Math.floor(total / 3600);
-  const m = Math.floor((total % 3600) / 60);
-  const s = total % 60;
-  const mmss = `${String(m).padStart(h > 0 ? 2 : 1, "0")}:${String(s).padStart(2, "0")}`;
-  return h > 0 ? `${h}:${mmss}` : mmss;
+/**
+ * A duration in words, as precise as it matters: "1 h 5 min", "58 min", "4 min 5 s", "45 s".
+ * Below ten minutes the seconds count; above, a minute is the unit (rounded down, so a
+ * deadline is never overstated).
+ */
+export function durationWords(ms: number): string {
+  const total = Math.max(0, Math.floor(ms / 1000));
+  const hours = Math.floor(total / 3600);
+  const minutes = Math.floor((total % 3600) / 60);
+  const seconds = total % 60;
+  if (hours > 0) return minutes === 0 ? `${hours} h` : `${hours} h ${minutes} min`;
+  if (total >= 600) return `${minutes} min`;
+  if (minutes > 0) return seconds === 0 ? `${minutes} min` : `${minutes} min ${seconds} s`;
+  return `${seconds} s`;
 }
 
 /** Lowercase hex of bytes. */
@@ -64,7 +68,15 @@ export function hex(bytes: Uint8Array): string {
   return [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** A date and time in the reviewer's locale, with seconds. */
+const withZone = new Intl.DateTimeFormat(undefined, { year: "numeric", month: "short", day: "numeric", hour: "numeric", minute: "2-digit", second: "2-digit", timeZoneName: "short" });
+const timeWithZone = new Intl.DateTimeFormat(undefined, { hour: "numeric", minute: "2-digit", second: "2-digit", timeZoneName: "short" });
+
+/** A date and time in the reviewer's locale and time zone, with seconds and the zone's name ("Mar 3, 2026, 2:05:09 PM UTC"). */
 export function when(date: Date | undefined): string {
-  return date === undefined ? "" : date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" });
+  return date === undefined ? "" : withZone.format(date);
+}
+
+/** A time of day with the zone ("2:05:09 PM UTC"), for instants within the day. */
+export function clockTime(date: Date | undefined): string {
+  return date === undefined ? "" : timeWithZone.format(date);
 }

@@ -4,7 +4,7 @@ import type { RequestState } from "../../proto/gen/airlock/v1/reviewer_pb.js";
 import type { LiveRequests } from "./live.js";
 import type { Me } from "./api.js";
 import { h } from "./dom.js";
-import { ago, riskName, stateName, timeLeft } from "./format.js";
+import { ago, durationWords, riskName, stateName, when } from "./format.js";
 
 /** What every view gets from the app. */
 export interface AppContext {
@@ -30,24 +30,26 @@ export function needsMeBadge(): HTMLElement {
   return h("span", { class: "badge needs-me", "data-testid": "needs-me" }, "needs you");
 }
 
-/** An element whose text is the time left until `until`, kept current by {@link startClock}. */
+/**
+ * An element whose text is the time left until `until`, labelled ("decide within 58 min"),
+ * kept current by {@link startClock}; its title is the deadline with its zone.
+ */
 export function countdown(until: Date | undefined, attrs: Record<string, string> = {}): HTMLElement {
-  const element = h("span", { ...attrs, class: "countdown", "data-until": until?.toISOString() });
+  const element = h("span", { ...attrs, class: "countdown", "data-until": until?.toISOString(), title: until === undefined ? undefined : `Expires ${when(until)}` });
   paintCountdown(element);
   return element;
 }
 
 /** An element whose text is how long ago `since` was, kept current by {@link startClock}. */
 export function sinceLabel(since: Date | undefined): HTMLElement {
-  return h("time", { class: "ago", "data-since": since?.toISOString(), datetime: since?.toISOString(), title: since?.toLocaleString() }, ago(since));
+  return h("time", { class: "ago", "data-since": since?.toISOString(), datetime: since?.toISOString(), title: when(since) }, ago(since));
 }
 
 function paintCountdown(element: HTMLElement): void {
   const until = element.dataset.until;
   const date = until === undefined ? undefined : new Date(until);
-  const left = timeLeft(date);
-  element.textContent = left === "expired" || left === "no deadline" ? left : `${left} left`;
   const ms = date === undefined ? Infinity : date.getTime() - Date.now();
+  element.textContent = date === undefined ? "no deadline" : ms <= 0 ? "expired" : `decide within ${durationWords(ms)}`;
   element.classList.toggle("soon", ms < 60_000);
   element.classList.toggle("expired", ms <= 0);
 }

@@ -28,7 +28,7 @@ import type { Broker } from "../service.js";
 import { bearerToken, type Reviewer, type ReviewerAuthenticator } from "./auth.js";
 import { RateLimiter } from "./rate-limit.js";
 import { liveRequests } from "./live.js";
-import { admitReviewer, matchesFilter, needsReviewer, newestFirst, page, type RequestFilter } from "./views.js";
+import { admitReviewer, matchesFilter, needsReviewer, newestFirst, page, type RequestFilter, resolveRequest } from "./views.js";
 
 /** Options of {@link startReviewerGrpc}. */
 export interface ReviewerGrpcOptions {
@@ -87,18 +87,19 @@ export async function startReviewerGrpc(options: ReviewerGrpcOptions): Promise<R
       const { items, nextCursor } = page(records, limit, request.pageToken === "" ? undefined : request.pageToken);
       return create(ListRequestsResponseSchema, { requests: items, nextPageToken: nextCursor ?? "" });
     }),
-    getRequest: unary(async (request: GetRequestRequest) => create(GetRequestResponseSchema, { request: await broker.get(request.requestId) })),
+    getRequest: unary(async (request: GetRequestRequest) => create(GetRequestResponseSchema, { request: await resolveRequest(broker, request.requestId) })),
     decide: unary(async (request: DecideRequest, reviewer) => {
       const reason = request.reason.trim();
       if (!request.approve && reason === "") throw new AirlockError(Code.InvalidArgument, "a denial needs a reason", { details: { field: "reason" } });
-      const record = await broker.decide(request.requestId, {
+      const requestId = (await resolveRequest(broker, request.requestId)).request?.id ?? request.requestId;
+      const record = await broker.decide(requestId, {
         reviewer: reviewer.id,
         approve: request.approve,
         groups: reviewer.groups,
         breakGlass: request.breakGlass,
         ...(reason === "" ? {} : { reason }),
       });
-      options.log.info({ requestId: request.requestId, reviewer: reviewer.id, approve: request.approve }, "reviewer voted over gRPC");
+      options.log.info({ requestId, reviewer: reviewer.id, approve: request.approve }, "reviewer voted over gRPC");
       return create(DecideResponseSchema, { request: record });
     }),
     verifyAudit: unary(async () => {

@@ -22,7 +22,7 @@ import type { Broker } from "../service.js";
 import { bearerToken, type Reviewer, type ReviewerAuthenticator } from "./auth.js";
 import { RateLimiter } from "./rate-limit.js";
 import { liveRequests } from "./live.js";
-import { admitReviewer, matchesFilter, newestFirst, page, parseLimit, parseRequestFilter, requestView, requireReviewer } from "./views.js";
+import { admitReviewer, matchesFilter, newestFirst, page, parseLimit, parseRequestFilter, requestIdRefusals, requestView, requireReviewer, resolveRequest } from "./views.js";
 
 /** Handles a Slack interaction: verifies it and answers Slack (see broker/notify). */
 export type SlackInteractionHandler = (
@@ -86,7 +86,8 @@ export function httpErrorOf(error: AirlockError): { status: number; code: string
     case Code.AlreadyExists:
       return { status: 409, code: "already_voted" };
     case Code.InvalidArgument:
-      return { status: 422, code: "invalid_argument" };
+      // A request id that names no one request (ambiguous, too short) has a code of its own.
+      return { status: 422, code: typeof error.details.reason === "string" && requestIdRefusals.has(error.details.reason) ? error.details.reason : "invalid_argument" };
     case Code.ResourceExhausted:
       return { status: 429, code: "rate_limited" };
     case Code.Unavailable:
@@ -286,7 +287,7 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
 
   app.get<{ Params: { id: string } }>("/api/v1/requests/:id", async (request) => {
     const reviewer = await reviewerOf(request);
-    return requestView(await broker.get(request.params.id), reviewer, approvals, new Date());
+    return requestView(await resolveRequest(broker, request.params.id), reviewer, approvals, new Date());
   });
 
   app.post<{ Params: { id: string } }>("/api/v1/requests/:id/decision", async (request) => {
@@ -297,14 +298,16 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     const reason = optionalText(body, "reason")?.trim();
     if (!approve && (reason === undefined || reason === "")) throw new AirlockError(Code.InvalidArgument, "a denial needs a reason", { details: { field: "reason" } });
     const breakGlass = optionalFlag(body, "breakGlass");
+    // A shortened id is resolved first, so the vote goes to the one request it names.
+    const requestId = (await resolveRequest(broker, request.params.id)).request?.id ?? request.params.id;
     const ballot: Ballot = { reviewer: reviewer.id, approve, groups: reviewer.groups, ...(reason === undefined ? {} : { reason }), ...(breakGlass === undefined ? {} : { breakGlass }) };
     let record: RequestRecord;
     try {
-      record = await broker.decide(request.params.id, ballot);
+      record = await broker.decide(requestId, ballot);
     } catch (error) {
-      throw await withState(error, request.params.id);
+      throw await withState(error, requestId);
     }
-    log.info({ requestId: request.params.id, reviewer: reviewer.id, approve }, "reviewer voted");
+    log.info({ requestId, reviewer: reviewer.id, approve }, "reviewer voted");
     return requestView(record, reviewer, approvals, new Date());
   });
 

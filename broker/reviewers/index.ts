@@ -8,4 +8,4 @@ export { type OidcAuthConfig, parseReviewerAuthConfig, type Reviewer, type Revie
 export { type ReviewerGrpcOptions, type RunningReviewerGrpc, startReviewerGrpc } from "./grpc.js";
 export { brokerHttpDefaults, type BrokerHttpOptions, createBrokerHttpApp, csrfTokenOf, httpErrorOf, type SlackInteractionHandler } from "./http.js";
 export { liveRequests, type LiveUpdate } from "./live.js";
-export { type RequestView, requireReviewer } from "./views.js";
+export { type RequestIdRefusal, requestIdPrefix, requestIdRefusals, type RequestView, requireReviewer, resolveRequest } from "./views.js";

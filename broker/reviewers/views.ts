@@ -9,6 +9,7 @@ import { AirlockError, Code } from "../../common/errors.js";
 import { parseDuration } from "../../common/duration.js";
 import { type RequestRecord, RequestRecordSchema, RequestState, Risk } from "../../proto/index.js";
 import type { ApprovalConfig } from "../rules.js";
+import type { Broker } from "../service.js";
 import { vote } from "../rules.js";
 import type { Reviewer } from "./auth.js";
 import type { RateLimiter } from "./rate-limit.js";
@@ -189,4 +190,64 @@ export function page<T>(items: readonly T[], limit: number, cursor: unknown): { 
   }
   const items_ = items.slice(offset, offset + limit);
   return offset + limit < items.length ? { items: items_, nextCursor: String(offset + limit) } : { items: items_ };
+}
+
+/** How request ids may be shortened: a prefix of at least `minPrefix` characters that only one request's id starts with. */
+export const requestIdPrefix = {
+  /** Shortest prefix taken; a shorter one is refused (`id_prefix_too_short`), since it would match too much to be safe. */
+  minPrefix: 6,
+  /** How many of an ambiguous prefix's matches the error lists. */
+  maxListed: 20,
+} as const;
+
+/**
+ * The stable `details.reason` of the errors {@link resolveRequest} throws; the HTTP API
+ * answers them with this as its `code`.
+ */
+export type RequestIdRefusal = "ambiguous_id" | "id_prefix_too_short";
+
+/** The refusals of {@link RequestIdRefusal}, to map them to the HTTP `code`. */
+export const requestIdRefusals: ReadonlySet<string> = new Set<RequestIdRefusal>(["ambiguous_id", "id_prefix_too_short"]);
+
+/**
+ * The request a full id or a unique id prefix names (case-insensitive). An exact id is
+ * looked up directly. A prefix shorter than {@link requestIdPrefix.minPrefix} is refused
+ * (`invalid_argument`, `details.reason: "id_prefix_too_short"`); one that no id starts with is
+ * `not_found`; one that several ids start with is `invalid_argument` with
+ * `details.reason: "ambiguous_id"` and `details.matches`, the matching requests newest first
+ * (`{ id, call, state, agent, createdAt }`, at most {@link requestIdPrefix.maxListed}), and
+ * `details.count`, how many matched.
+ */
+export async function resolveRequest(broker: Pick<Broker, "get" | "list">, idOrPrefix: string): Promise<RequestRecord> {
+  const text = idOrPrefix.trim();
+  try {
+    return await broker.get(text);
+  } catch (error) {
+    if (!(error instanceof AirlockError) || error.code !== Code.NotFound) throw error;
+  }
+  if (text.length < requestIdPrefix.minPrefix) {
+    throw new AirlockError(Code.InvalidArgument, `no request has the id ${JSON.stringify(text)}, and a shortened id needs at least ${requestIdPrefix.minPrefix} characters`, {
+      details: { field: "id", reason: "id_prefix_too_short" satisfies RequestIdRefusal, minLength: requestIdPrefix.minPrefix },
+    });
+  }
+  const prefix = text.toLowerCase();
+  const matches = (await broker.list()).filter((record) => (record.request?.id ?? "").toLowerCase().startsWith(prefix)).sort(newestFirst);
+  const [only] = matches;
+  if (only !== undefined && matches.length === 1) return only;
+  if (only === undefined) throw new AirlockError(Code.NotFound, `no request ${text} (and no request id starts with it)`, { details: { requestId: text } });
+  const listed = matches.slice(0, requestIdPrefix.maxListed).map((record) => ({
+    id: record.request?.id ?? "",
+    call: `${record.request?.service ?? ""}/${record.request?.method ?? ""}`,
+    state: stateNameOf(record.state),
+    agent: record.request?.identity?.agent ?? "",
+    createdAt: new Date(createdMs(record)).toISOString(),
+  }));
+  throw new AirlockError(Code.InvalidArgument, `${matches.length} requests have ids starting with ${JSON.stringify(text)}: ${listed.map((match) => match.id).join(", ")}${matches.length > listed.length ? ", …" : ""}; give more of the id`, {
+    details: { field: "id", reason: "ambiguous_id" satisfies RequestIdRefusal, count: matches.length, matches: listed },
+  });
+}
+
+/** "pending", "approved", … as the API's filters name states. */
+function stateNameOf(state: RequestState): string {
+  return Object.entries(stateNames).find(([, value]) => value === state)?.[0] ?? "unknown";
 }

@@ -49,6 +49,7 @@ function compileRule(rule: RuleDefinition): CompiledRule {
     effect: rule.effect,
     ...(rule.when === undefined ? {} : { when: rule.when.source }),
     ...(rule.reason === undefined ? {} : { reason: rule.reason }),
+    ...(rule.description === undefined ? {} : { description: rule.description }),
     ...(rule.approve === undefined ? {} : { approve: rule.approve }),
     // An approval carries the (redacted) request to reviewers, so approve rules always need it.
     needsRequest: rule.effect === "approve" || rule.when?.referencesRequest === true,

@@ -15,6 +15,8 @@ export interface RuleDefinition {
   readonly when?: CompiledCondition;
   readonly effect: Effect;
   readonly reason?: string;
+  /** What the rule is for and why its calls are risky, for reviewers. */
+  readonly description?: string;
   readonly approve?: ApproveSpec;
   /** Whether the rule lets callers without an agent identity through. @default false */
   readonly anonymous: boolean;
@@ -29,6 +31,9 @@ export interface PolicyDefinition {
 }
 
 type Path = readonly (string | number)[];
+
+/** Longest `description` (of a rule or a credential) a policy may carry: reviewers read it on a phone. */
+export const maxDescriptionLength = 500;
 type Mapping = Readonly<Record<string, unknown>>;
 
 /** `rules[2].approve.credential.kind`: the path as a person would write it. */
@@ -119,6 +124,13 @@ class PolicyReader {
     return value;
   }
 
+  /** Text for people: a non-empty string of at most {@link maxDescriptionLength} characters, trimmed. */
+  text(value: unknown, path: Path): string {
+    const text = this.string(value, path).trim();
+    if (text.length > maxDescriptionLength) this.fail(path, `is longer than ${maxDescriptionLength} characters`);
+    return text;
+  }
+
   oneOf<T extends string>(value: unknown, path: Path, choices: readonly T[]): T {
     if (typeof value !== "string" || !(choices as readonly string[]).includes(value)) {
       this.fail(path, `must be one of ${quoteList(choices)}, got ${describeValue(value)}`);
@@ -187,7 +199,7 @@ export function readPolicy(yamlText: string, source: string): PolicyDefinition {
 }
 
 function readRule(reader: PolicyReader, value: unknown, path: Path): RuleDefinition {
-  const rule = reader.mapping(value, path, ["id", "match", "when", "effect", "reason", "approve", "anonymous", "audit"], ["id", "match", "effect"]);
+  const rule = reader.mapping(value, path, ["id", "match", "when", "effect", "reason", "description", "approve", "anonymous", "audit"], ["id", "match", "effect"]);
   const id = reader.string(rule.id, [...path, "id"], ruleIdPattern, "a rule id (letters, digits, '.', '_', '-', at most 128)");
   const match = reader.mapping(rule.match, [...path, "match"], ["service", "method", "hosts"], ["service", "method"]);
   const service = match.service === "*" ? "*" : reader.string(match.service, [...path, "match", "service"], servicePattern, 'a fully qualified service name or "*"');
@@ -215,16 +227,17 @@ function readRule(reader: PolicyReader, value: unknown, path: Path): RuleDefinit
     }
   }
   if (rule.reason !== undefined) definition.reason = reader.string(rule.reason, [...path, "reason"]);
+  if (rule.description !== undefined) definition.description = reader.text(rule.description, [...path, "description"]);
   if (effect === "approve") {
     if (rule.approve === undefined) reader.fail([...path, "approve"], 'is required when effect is "approve"');
-    definition.approve = readApprove(reader, rule.approve, [...path, "approve"]);
+    definition.approve = readApprove(reader, rule.approve, [...path, "approve"], definition.description ?? "");
   } else if (rule.approve !== undefined) {
     reader.fail([...path, "approve"], `is only allowed when effect is "approve" (this rule's effect is "${effect}")`);
   }
   return definition;
 }
 
-function readApprove(reader: PolicyReader, value: unknown, path: Path): ApproveSpec {
+function readApprove(reader: PolicyReader, value: unknown, path: Path, description: string): ApproveSpec {
   const approve = reader.mapping(value, path, ["risk", "reviewers", "credential", "redact", "require_reason", "timeout"], ["risk", "reviewers", "credential"]);
   const redact = approve.redact === undefined ? [] : reader.list(approve.redact, [...path, "redact"]);
   const redactPaths = redact.map((entry, index) =>
@@ -232,6 +245,7 @@ function readApprove(reader: PolicyReader, value: unknown, path: Path): ApproveS
   );
   return {
     risk: reader.oneOf(approve.risk, [...path, "risk"], risks),
+    description,
     reviewers: readReviewers(reader, approve.reviewers, [...path, "reviewers"]),
     credential: readCredential(reader, approve.credential, [...path, "credential"]),
     redact: [...new Set(redactPaths)],
@@ -268,9 +282,10 @@ function readReviewers(reader: PolicyReader, value: unknown, path: Path): Review
 
 function readCredential(reader: PolicyReader, value: unknown, path: Path): CredentialSpec {
   // Check the kind first, so that a key of the other kind is reported as not belonging to this kind.
-  const kindOnly = reader.mapping(value, path, ["kind", "mount", "role", "policies", "num_uses", "ttl", "inject_header"], ["kind"]);
+  const kindOnly = reader.mapping(value, path, ["kind", "mount", "role", "policies", "num_uses", "ttl", "inject_header", "description"], ["kind"]);
   const kind = reader.oneOf(kindOnly.kind, [...path, "kind"], credentialKinds);
-  const common = ["kind", "ttl", "inject_header"];
+  const common = ["kind", "ttl", "inject_header", "description"];
+  const description = kindOnly.description === undefined ? "" : reader.text(kindOnly.description, [...path, "description"]);
   const injectHeader =
     kindOnly.inject_header === undefined
       ? policyDefaults.injectHeader
@@ -281,7 +296,7 @@ function readCredential(reader: PolicyReader, value: unknown, path: Path): Crede
   const ttlMs = reader.duration(kindOnly.ttl, [...path, "ttl"], policyDefaults.credentialTtlMs);
   if (kind === "database") {
     const credential = reader.mapping(value, path, [...common, "mount", "role"], ["mount", "role"]);
-    return { kind, mount: reader.string(credential.mount, [...path, "mount"]), role: reader.string(credential.role, [...path, "role"]), ttlMs, injectHeader };
+    return { kind, mount: reader.string(credential.mount, [...path, "mount"]), role: reader.string(credential.role, [...path, "role"]), ttlMs, injectHeader, description };
   }
   const credential = reader.mapping(value, path, [...common, "policies", "num_uses"], ["policies"]);
   const policies = reader.list(credential.policies, [...path, "policies"]).map((entry, index) => reader.string(entry, [...path, "policies", index]));
@@ -292,5 +307,6 @@ function readCredential(reader: PolicyReader, value: unknown, path: Path): Crede
     numUses: reader.integer(credential.num_uses, [...path, "num_uses"], policyDefaults.vaultTokenNumUses, 1, 1000),
     ttlMs,
     injectHeader,
+    description,
   };
 }

@@ -8,6 +8,8 @@ const risks: Record<ApproveSpec["risk"], Risk> = { low: Risk.LOW, medium: Risk.M
 /** What an `approve` rule asks for, as an ApprovalRequest carries it. */
 export interface ApprovalTerms {
   readonly risk: Risk;
+  /** The rule's description: why the call is held ("" when the rule has none). */
+  readonly ruleDescription: string;
   readonly reviewers: ReviewerRequirement;
   readonly credential: CredentialTemplate;
 }
@@ -21,6 +23,7 @@ export function approvalTerms(approve: ApproveSpec): ApprovalTerms {
   const credential = approve.credential;
   return {
     risk: risks[approve.risk],
+    ruleDescription: approve.description,
     reviewers: create(ReviewerRequirementSchema, {
       allOf: approve.reviewers.allOf.map((g) => ({ group: g.group, minApprovals: g.minApprovals })),
       escalationGroup: approve.reviewers.escalation?.group ?? "",
@@ -34,6 +37,7 @@ export function approvalTerms(approve: ApproveSpec): ApprovalTerms {
           : { case: "vaultToken", value: { policies: [...credential.policies], numUses: credential.numUses } },
       ttl: durationFromMs(credential.ttlMs),
       injectHeader: credential.injectHeader,
+      description: credential.description,
     }),
   };
 }

@@ -67,6 +67,8 @@ export type CredentialSpec =
       readonly ttlMs: number;
       /** Metadata header the sidecar puts the credential in. @default "x-airlock-credential" */
       readonly injectHeader: string;
+      /** What the credential allows, in plain words (`SELECT on customers`). @default "" */
+      readonly description: string;
     }
   | {
       readonly kind: "vault_token";
@@ -78,6 +80,8 @@ export type CredentialSpec =
       readonly ttlMs: number;
       /** Metadata header the sidecar puts the token in. @default "x-airlock-credential" */
       readonly injectHeader: string;
+      /** What the token allows, in plain words (`rotate the signing keys`). @default "" */
+      readonly description: string;
     };
 
 /**
@@ -89,6 +93,11 @@ export type CredentialSpec =
  */
 export interface ApproveSpec {
   readonly risk: "low" | "medium" | "high" | "critical";
+  /**
+   * The rule's `description`: why the call is held, its risk in the policy author's words.
+   * Reviewers see it next to the risk. @default ""
+   */
+  readonly description: string;
   readonly reviewers: ReviewerSpec;
   readonly credential: CredentialSpec;
   /** Dotted request field paths replaced before the request leaves the host (see `redact`). @default [] */
@@ -135,6 +144,8 @@ export interface RuleSummary {
   readonly effect: Effect;
   /** The reason as written, when the rule has one. */
   readonly reason?: string;
+  /** The description as written, when the rule has one. */
+  readonly description?: string;
   readonly approve?: ApproveSpec;
   /** Whether firing or even considering this rule needs the decoded request. */
   readonly needsRequest: boolean;

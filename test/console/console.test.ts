@@ -4,8 +4,9 @@
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import type { Page } from "playwright-core";
-import t from "tap";
-import { launchBrowser, newPage, screenshot } from "../helpers/browser.js";
+import t, { type Test } from "tap";
+import { join } from "node:path";
+import { launchBrowser, newPage, screenshot, screenshotDir } from "../helpers/browser.js";
 import { startStack } from "../helpers/stack.js";
 
 if (!existsSync(fileURLToPath(new URL("../../approver-console/dist/index.html", import.meta.url)))) {
@@ -51,8 +52,38 @@ async function decideByApi(token: string, id: string, approve: boolean, reason: 
   return response.status;
 }
 
+/** Where an element's box is on the screen now (the viewport's coordinates), and whether the page is scrolled. */
+interface ScreenBox {
+  readonly top: number;
+  readonly bottom: number;
+  readonly left: number;
+  readonly right: number;
+  readonly scrollY: number;
+  readonly innerHeight: number;
+  readonly innerWidth: number;
+}
+
+async function onScreen(page: Page, testid: string): Promise<ScreenBox> {
+  // A string, evaluated in the page: this file has no DOM types.
+  return page.evaluate<ScreenBox>(`(() => {
+    const box = document.querySelector('[data-testid="${testid}"]').getBoundingClientRect();
+    return { top: box.top, bottom: box.bottom, left: box.left, right: box.right, scrollY: window.scrollY, innerHeight: window.innerHeight, innerWidth: window.innerWidth };
+  })()`);
+}
+
+/** What the screen shows now, no scrolling (the full-page pictures stretch the viewport, and a fixed bar with it). */
+async function viewportShot(t: Test, page: Page, name: string): Promise<void> {
+  const path = join(screenshotDir, `console-${name}.png`);
+  await page.screenshot({ path });
+  t.comment(`screenshot: ${path}`);
+}
+
+/** A phone: 390×844, touch, no hover. */
+const phone = { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true } as const;
+
 await t.test("dana sees an export arrive live, reads it and approves it; the agent's call completes", async (t) => {
-  const page = await newPage(t, browser);
+  // A reviewer in New York: every time on the page says which zone it is in.
+  const page = await newPage(t, browser, { timezoneId: "America/New_York", locale: "en-US" });
   await signIn(page, stack.tokens.dana);
   t.equal(await page.getByTestId("need-count").textContent(), "0", "nothing needs dana yet");
 
@@ -69,7 +100,9 @@ await t.test("dana sees an export arrive live, reads it and approves it; the age
   t.equal(await row.getByTestId("risk").textContent(), "high", "risk shown at a glance");
   await page.getByTestId("need-count").filter({ hasText: /^1$/ }).waitFor();
   t.match(await page.title(), /^\(1\) /, "the count is in the title too");
-  await screenshot(t, page, "inbox");
+  t.match(await row.locator(".countdown").textContent(), /^decide within \d+ s$|^decide within 1 min$/, "the inbox labels the time left");
+  t.ok(await page.getByTestId("keyboard-hint").isVisible(), "with a mouse and keyboard, the j / k hint shows");
+  await screenshot(t, page, "inbox-1280");
 
   // By keyboard: j focuses the newest row, Enter opens it.
   await page.keyboard.press("j");
@@ -82,16 +115,27 @@ await t.test("dana sees an export arrive live, reads it and approves it; the age
   t.equal(await page.getByTestId("host").textContent(), "stack-host");
   t.equal(await page.getByTestId("call").textContent(), "demo.v1.OpsService/ExportTable");
   t.equal(await page.getByTestId("rule").textContent(), "export", "the rule that held it");
+  t.equal(await page.getByTestId("risk-description").textContent(), "Why high risk: An export copies customer records out of the database for good.", "the rule's description explains the risk");
+  t.equal(
+    await page.getByTestId("credential").textContent(),
+    "SELECT on customers · lives 5 min (a database user from Vault role export, mount database)",
+    "what an approval grants, in plain words first, then the Vault terms",
+  );
+  t.match(await page.getByTestId("requested-at").textContent(), /^[A-Z][a-z]{2} \d{1,2}, \d{4}, \d{1,2}:\d\d:\d\d [AP]M E[SD]T$/, "the request time carries the reviewer's zone");
+  t.match(await page.getByTestId("deadline").textContent(), /^decide by .* E[SD]T$/, "so does the deadline");
+  t.equal(await page.getByTestId("recent-empty").textContent(), "None before this one.", "the agent's first request: no history yet");
   t.equal(await page.getByTestId("agent-reason").textContent(), reason);
   t.match(await page.getByTestId("request-json").textContent(), /"table": "customers"/, "the decoded request");
   t.match(await page.getByTestId("outstanding").textContent(), /data-owners: 1 more approval needed/);
   t.equal(await page.getByTestId("votes").textContent(), "No votes yet.");
   const countdown = page.getByTestId("countdown");
   const before = await countdown.textContent();
-  t.match(before, /^\d+:\d\d left$/, "time left before expiry");
+  t.match(before, /^decide within (\d+ s|1 min)$/, "the time left is labelled");
   await page.getByTestId("countdown").filter({ hasNotText: before ?? "" }).waitFor();
   t.pass("the countdown ticks");
-  await screenshot(t, page, "detail");
+  const bar = await onScreen(page, "decision-bar");
+  t.ok(bar.bottom <= bar.innerHeight, "on a wide screen the decision form is in view at the top of its column");
+  await screenshot(t, page, "decision-1280");
 
   await page.getByTestId("reason-input").fill("fine for the quarterly report");
   await page.getByTestId("approve-button").click();
@@ -137,8 +181,9 @@ await t.test("sam must give a reason to deny a key rotation; the agent gets it w
 });
 
 await t.test("alice cannot approve her own agent's request; one decided elsewhere leaves her inbox", async (t) => {
-  const page = await newPage(t, browser, { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
+  const page = await newPage(t, browser, phone);
   await signIn(page, stack.tokens.alice);
+  t.notOk(await page.getByTestId("keyboard-hint").isVisible(), "a touch screen shows no j / k keyboard hint");
   // Alice is in data-owners but is the human the agent acts for: nothing needs her, so show every pending request.
   await page.getByTestId("only-mine").uncheck();
   const reason = "export for alice's own dashboard";
@@ -149,9 +194,27 @@ await t.test("alice cannot approve her own agent's request; one decided elsewher
   const id = (await row.getAttribute("data-request-id")) ?? "";
   t.equal(await page.getByTestId("need-count").textContent(), "0");
 
+  await screenshot(t, page, "inbox-390");
   await row.getByRole("link").click();
   await page.getByTestId("decision-form").waitFor();
   t.equal(await page.getByTestId("not-yours").count(), 1, "the page says she cannot vote");
+  for (const button of ["approve-button", "deny-button"]) {
+    const box = await onScreen(page, button);
+    t.equal(box.scrollY, 0, `${button}: the page is not scrolled`);
+    t.ok(box.top >= 0 && box.bottom <= box.innerHeight && box.left >= 0 && box.right <= box.innerWidth, `${button} is on screen at 390×844 without scrolling (${Math.round(box.top)}–${Math.round(box.bottom)} of ${box.innerHeight})`);
+  }
+  // The agent's earlier requests in this file: dana's approved export and sam's denied rotation.
+  const recent = page.getByTestId("recent-request");
+  await recent.nth(1).waitFor();
+  const states = await page.evaluate<string[]>(`[...document.querySelectorAll('[data-testid="recent-request"]')].map((item) => item.dataset.state)`);
+  t.ok(states.includes("denied") && states.some((state) => state === "completed" || state === "executing"), `the agent's recent requests and their outcomes are listed (${states.join(", ")})`);
+  t.match(await page.getByTestId("recent-requests").textContent(), /OpsService\.RotateKey/, "with what each was");
+  await screenshot(t, page, "decision-390");
+  await viewportShot(t, page, "decision-390-screen");
+  // Scrolled to the end, the bar still holds both buttons and hides nothing under it.
+  await page.getByTestId("recent-requests").scrollIntoViewIfNeeded();
+  const end = await onScreen(page, "approve-button");
+  t.ok(end.bottom <= end.innerHeight, "after scrolling, Approve is still on screen");
   await page.getByTestId("approve-button").click();
   const error = page.getByTestId("decision-error");
   await error.waitFor();
@@ -203,9 +266,32 @@ await t.test("history filters by agent and outcome, and lists calls the sidecar 
   t.match(await verify.textContent(), /^✓ Chain intact: (\d+) events checked, \1 signatures verified\.$/);
   await page.getByTestId("audit-row").first().waitFor();
   t.ok((await page.getByTestId("audit-row").count()) > 5, "the trail is listed");
+  await screenshot(t, page, "audit-1280");
   await page.getByTestId("audit-filter").fill("dana@example.com");
   t.ok((await page.getByTestId("audit-row").count()) >= 1, "and filters by actor");
-  await screenshot(t, page, "audit");
+
+  // On a phone: each event is a card, nothing scrolls sideways.
+  const small = await newPage(t, browser, phone);
+  await signIn(small, stack.tokens.dana, "#/audit");
+  await small.getByTestId("audit-row").nth(5).waitFor();
+  const widths = await small.evaluate<{ page: [number, number]; wrap: [number, number] }>(`(() => {
+    const wrap = document.querySelector(".table-wrap");
+    return { page: [document.documentElement.scrollWidth, document.documentElement.clientWidth], wrap: [wrap.scrollWidth, wrap.clientWidth] };
+  })()`);
+  t.ok(widths.wrap[0] <= widths.wrap[1], `the audit list does not scroll sideways at 390 px (scrollWidth ${widths.wrap[0]}, clientWidth ${widths.wrap[1]})`);
+  t.ok(widths.page[0] <= widths.page[1], `nor does the page (scrollWidth ${widths.page[0]}, clientWidth ${widths.page[1]})`);
+  t.equal(await small.evaluate(`getComputedStyle(document.querySelector('[data-testid="audit-row"] td[data-label="When"]'), "::before").content`), '"When"', "each value is labelled");
+  await screenshot(t, small, "audit-390");
+  await viewportShot(t, small, "audit-390-screen");
+
+  // A shortened id in the address opens the request, and the address then holds its full id.
+  await page.goto(`${stack.brokerUrl}/console/#/history`);
+  const someId = (await page.getByTestId("history-row").first().getAttribute("data-request-id")) ?? "";
+  await page.goto(`${stack.brokerUrl}/console/#/requests/${someId.slice(0, 8)}`);
+  await page.locator(`[data-testid="detail"][data-request-id="${someId}"] [data-testid="facts"]`).waitFor();
+  t.equal(hashOf(page), `#/requests/${someId}`, "a unique prefix in the URL opens the request and the URL gets its full id");
+  await page.goto(`${stack.brokerUrl}/console/#/requests/${someId.slice(0, 4)}`);
+  t.match(await page.getByTestId("error").textContent(), /a shortened id needs at least 6 characters/, "a too short prefix is refused with the broker's reason");
 
   await page.getByTestId("sign-out").click();
   await page.getByTestId("sign-in-form").waitFor();

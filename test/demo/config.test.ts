@@ -31,6 +31,7 @@ const env: ConfigEnv = {
   AIRLOCK_IDP_PUBLIC_KEY: generateKeyPairSync("ed25519").publicKey.export({ type: "spki", format: "pem" }).toString(),
   AIRLOCK_DEMO_DANA_TOKEN: "dana-token",
   AIRLOCK_DEMO_SAM_TOKEN: "sam-token",
+  AIRLOCK_NOTIFY_SECRET: "a-notify-secret-for-tests",
 };
 
 const policy = Policy.parse(await readFile(policyPath, "utf8"), policyPath);
@@ -97,8 +98,9 @@ await t.test("policy.yaml loads with the real policy loader and gives each metho
   t.equal(exportTable.effect, "approve");
   t.same(exportTable.approve, {
     risk: "high",
+    description: "An export copies customer records (names, emails, plans) out of the database; once out, they cannot be called back.",
     reviewers: { allOf: [{ group: "data-owners", minApprovals: 1 }], breakGlass: false },
-    credential: { kind: "database", mount: "database", role: "export", ttlMs: 300_000, injectHeader: "x-airlock-credential" },
+    credential: { kind: "database", mount: "database", role: "export", ttlMs: 300_000, injectHeader: "x-airlock-credential", description: "SELECT on customers" },
     redact: [],
     requireReason: true,
     timeoutMs: 3_600_000,
@@ -108,13 +110,13 @@ await t.test("policy.yaml loads with the real policy loader and gives each metho
   t.equal(rotate.effect, "approve");
   t.equal(rotate.approve?.risk, "medium");
   t.same(rotate.approve?.reviewers.allOf, [{ group: "security", minApprovals: 1 }]);
-  t.same(rotate.approve?.credential, { kind: "vault_token", policies: ["default"], numUses: 5, ttlMs: 60_000, injectHeader: "x-airlock-credential" });
+  t.same(rotate.approve?.credential, { kind: "vault_token", policies: ["default"], numUses: 5, ttlMs: 60_000, injectHeader: "x-airlock-credential", description: "Vault's default policy only (the token can look itself up)" });
 
   t.equal(policy.evaluate(call("ImportRows")).effect, "deny", "the write-capable import is not for the demo host");
   const importRows = policy.evaluate({ ...call("ImportRows"), host: "ingest-host" });
   t.equal(importRows.effect, "approve", "only for the ingest host");
   t.equal(importRows.approve?.risk, "high");
-  t.same(importRows.approve?.credential, { kind: "database", mount: "database", role: "import", ttlMs: 300_000, injectHeader: "x-airlock-credential" });
+  t.same(importRows.approve?.credential, { kind: "database", mount: "database", role: "import", ttlMs: 300_000, injectHeader: "x-airlock-credential", description: "SELECT and INSERT on customers" });
 });
 
 await t.test("the database credentials the policy asks for are the ones demo/setup.ts configures in Vault", async (t) => {
@@ -161,5 +163,11 @@ await t.test("broker.yaml as a whole parses with parseBrokerConfig", async (t) =
   t.equal(config.signingKey.keyId, demoKeyId);
   t.same(config.http, { host: "127.0.0.1", port: 9465 });
   t.ok(config.reviewers !== undefined, "with the reviewers' API");
+  t.same(
+    config.notifications.webhooks.map((webhook) => webhook.url),
+    ["http://127.0.0.1:9466/airlock/notifications"],
+    "someone is notified: the demo's webhook receiver on loopback, by default",
+  );
+  t.equal(config.notifications.webhooks[0]?.secret, "a-notify-secret-for-tests", "signed with the secret from the environment");
   t.equal(config.policyFile, policyPath, "the central policy is the sidecar's policy file");
 });

@@ -27,6 +27,9 @@ await t.test("npm run demo -- --auto-approve: every step as scripted, credential
   t.ok(audit !== null, `the audit line, from verifying the trail against the checkpoints, just before: ${lines.at(-2) ?? ""}`);
   t.ok(Number(audit?.[1]) > 10 && audit?.[2] === audit?.[1], "every event of the trail is signed");
   t.ok(Number(audit?.[3]) >= 1, "at least one checkpoint written outside NATS");
+  t.match(lines.at(-4) ?? "", /^notify ok review_requested=2( decided=[12])?$/, "the notification line: the webhook receiver was told of both held calls");
+  t.match(stdout, /notify review requested: ExportTable \(\w+\) → groups data-owners; reviewers dana@example\.com; http:\/\/127\.0\.0\.1:\d+\/console\/#\/requests\//, "each review request is printed as it reaches the receiver");
+  t.match(stdout, /notify → tell alice@example\.com, for whom the agent acted: ExportTable was approved/, "and each outcome, with the human to tell");
   t.match(stdout, /NATS server 2\.\d+\.\d+ at tls:\/\/127\.0\.0\.1:\d+/, "the NATS line names the server's version, over TLS");
   t.match(stdout, /approver console: http:\/\/127\.0\.0\.1:\d+\/console\//, "prints the console URL");
   t.match(stdout, /sign in as dana@example\.com .* with token dana-[0-9a-f]+/, "prints a reviewer sign-in");

@@ -108,7 +108,8 @@ await t.test("data export: personal data needs two groups and a reason; small ex
   );
   t.same(personal.approve?.redact, ["filter.email"]);
   t.equal(personal.approve?.requireReason, true);
-  t.same(personal.approve?.credential, { kind: "database", mount: "warehouse", role: "readonly", ttlMs: 900_000, injectHeader: "x-airlock-credential" });
+  t.same(personal.approve?.credential, { kind: "database", mount: "warehouse", role: "readonly", ttlMs: 900_000, injectHeader: "x-airlock-credential", description: "SELECT on the warehouse" });
+  t.match(personal.approve?.description, /personal data/, "reviewers are told why it is risky");
 
   const small = verdict(call("DataService", "ExportTable", { table: "orders", rowLimit: 500 }));
   t.equal(small.ruleId, "export-small");
@@ -122,7 +123,7 @@ await t.test("key rotation: production keys need two security approvers", async 
   const production = verdict(call("KeyService", "RotateKey", { keyId: "prod/payments-signing" }));
   t.equal(production.ruleId, "rotate-production-key");
   t.same(production.approve?.reviewers.allOf, [{ group: "security", minApprovals: 2 }]);
-  t.same(production.approve?.credential, { kind: "vault_token", policies: ["kms-rotate-prod"], numUses: 3, ttlMs: 120_000, injectHeader: "x-airlock-credential" });
+  t.same(production.approve?.credential, { kind: "vault_token", policies: ["kms-rotate-prod"], numUses: 3, ttlMs: 120_000, injectHeader: "x-airlock-credential", description: "rotate production KMS keys" });
   t.equal(verdict(call("KeyService", "RotateKey", { keyId: "staging/payments-signing" })).ruleId, "rotate-key");
 });
 

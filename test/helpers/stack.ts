@@ -100,11 +100,12 @@ rules:
     effect: allow${options.auditStatus === true ? "\n    audit: true" : ""}
   - id: export
     match: { service: demo.v1.OpsService, method: ExportTable }
+    description: An export copies customer records out of the database for good.
     effect: approve
     approve:
       risk: high
       reviewers: { all_of: [{ group: data-owners, min_approvals: 1 }] }
-      credential: { kind: database, mount: database, role: export, ttl: 5m }
+      credential: { kind: database, mount: database, role: export, ttl: 5m, description: SELECT on customers }
       timeout: ${timeout}
 ${rotate}`;
 }

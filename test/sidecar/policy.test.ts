@@ -19,6 +19,7 @@ rules:
   - id: export-customers
     match: { service: demo.v1.OpsService, method: ExportTable }
     when: 'request.table == "customers" && identity.on_behalf_of != ""'
+    description: "  An export copies customer records out for good.  "
     effect: approve
     approve:
       risk: high
@@ -34,6 +35,7 @@ rules:
         role: export
         ttl: 5m
         inject_header: x-airlock-credential
+        description: SELECT on customers
       redact: [email, filter.ssn]
       require_reason: true
       timeout: 1h
@@ -95,8 +97,10 @@ await t.test("the example policy loads with its values and defaults", async (t) 
     ],
   );
   const exportRule = policy.rules[1];
+  t.equal(exportRule?.description, "An export copies customer records out for good.", "the rule's description, trimmed");
   t.same(exportRule?.approve, {
     risk: "high",
+    description: "An export copies customer records out for good.",
     reviewers: {
       allOf: [
         { group: "security", minApprovals: 1 },
@@ -105,15 +109,16 @@ await t.test("the example policy loads with its values and defaults", async (t) 
       escalation: { group: "oncall", afterMs: 30 * 60_000 },
       breakGlass: false,
     },
-    credential: { kind: "database", mount: "database", role: "export", ttlMs: 5 * 60_000, injectHeader: "x-airlock-credential" },
+    credential: { kind: "database", mount: "database", role: "export", ttlMs: 5 * 60_000, injectHeader: "x-airlock-credential", description: "SELECT on customers" },
     redact: ["email", "filter.ssn"],
     requireReason: true,
     timeoutMs: 3_600_000,
   });
   t.same(policy.rules[3]?.approve, {
     risk: "critical",
+    description: "",
     reviewers: { allOf: [{ group: "security", minApprovals: policyDefaults.minApprovals }], breakGlass: false },
-    credential: { kind: "vault_token", policies: ["rotate-keys"], numUses: 1, ttlMs: 90_000, injectHeader: policyDefaults.injectHeader },
+    credential: { kind: "vault_token", policies: ["rotate-keys"], numUses: 1, ttlMs: 90_000, injectHeader: policyDefaults.injectHeader, description: "" },
     redact: [],
     requireReason: false,
     timeoutMs: policyDefaults.timeoutMs,
@@ -370,6 +375,10 @@ ${extra}`;
     ["redact path not a path", approveRule(database, "      redact: [email, filter..ssn]"), "rules[1].approve.redact[1]", /dotted request field path/],
     ["require_reason not a bool", approveRule(database, '      require_reason: "true"'), "rules[1].approve.require_reason", /true or false/],
     ["unknown approve key", approveRule(database, "      reviewer: x"), "rules[1].approve.reviewer", /unknown key "reviewer"/],
+    ["an empty rule description", "version: 1\nrules:\n  - id: a\n    match: { service: s.S, method: M }\n    description: ' '\n    effect: allow", "rules[0].description", /must not be empty/],
+    ["a rule description that is not text", "version: 1\nrules:\n  - id: a\n    match: { service: s.S, method: M }\n    description: [risky]\n    effect: allow", "rules[0].description", /must be a string/],
+    ["a rule description too long to read", `version: 1\nrules:\n  - id: a\n    match: { service: s.S, method: M }\n    description: ${"x".repeat(501)}\n    effect: allow`, "rules[0].description", /longer than 500/],
+    ["a credential description that is not text", approveRule("{ kind: database, mount: m, role: r, description: 5 }"), "rules[1].approve.credential.description", /must be a string/],
     [
       "duplicate rule id",
       "version: 1\nrules:\n  - id: a\n    match: { service: s.S, method: M }\n    effect: allow\n  - id: b\n    match: { service: s.S, method: N }\n    effect: allow\n  - id: a\n    match: { service: s.S, method: O }\n    effect: deny",

@@ -2,7 +2,7 @@
 import type { AuditEvent } from "../../../proto/gen/airlock/v1/audit_pb.js";
 import type { VerifyAuditResponse } from "../../../proto/gen/airlock/v1/reviewer_pb.js";
 import { ApiError, auditEvents, verifyAudit } from "../api.js";
-import { h, replaceChildren } from "../dom.js";
+import { type Child, h, replaceChildren } from "../dom.js";
 import { auditTypeName, hex, timestampDate, when } from "../format.js";
 import { alertBox, heading, type View } from "../ui.js";
 
@@ -21,18 +21,25 @@ function verification(result: VerifyAuditResponse): HTMLElement {
   );
 }
 
+/** The columns, in order; each cell also carries its label, which narrow screens show beside the value (style.css). */
+const columns = ["#", "When", "Event", "Actor", "Request", "Details", "SHA-256"] as const;
+
+function cell(column: (typeof columns)[number], attrs: Record<string, string>, ...children: Child[]): HTMLTableCellElement {
+  return h("td", { ...attrs, "data-label": column }, ...children);
+}
+
 function eventRow(event: AuditEvent): HTMLElement {
   const details = event.details === undefined || Object.keys(event.details).length === 0 ? "" : JSON.stringify(event.details);
   return h(
     "tr",
     { "data-testid": "audit-row", "data-sequence": String(event.sequence), class: event.flagged ? "flagged" : "" },
-    h("td", { class: "num" }, String(event.sequence)),
-    h("td", {}, h("time", { datetime: timestampDate(event.at)?.toISOString() }, when(timestampDate(event.at)))),
-    h("td", {}, auditTypeName(event.type), event.flagged ? [" ", h("span", { class: "badge risk-critical" }, "flagged")] : null),
-    h("td", { class: "mono" }, event.actor),
-    h("td", { class: "mono" }, event.requestId ? h("a", { href: `#/requests/${encodeURIComponent(event.requestId)}` }, event.requestId) : ""),
-    h("td", { class: "mono details" }, details),
-    h("td", { class: "mono", title: hex(event.sha256) }, hex(event.sha256).slice(0, 12)),
+    cell("#", { class: "num seq" }, String(event.sequence)),
+    cell("When", { class: "at" }, h("time", { datetime: timestampDate(event.at)?.toISOString() ?? "" }, when(timestampDate(event.at)))),
+    cell("Event", { class: "type" }, auditTypeName(event.type), event.flagged ? [" ", h("span", { class: "badge risk-critical" }, "flagged")] : null),
+    cell("Actor", { class: "mono" }, event.actor),
+    cell("Request", { class: `mono${event.requestId ? "" : " empty-cell"}` }, event.requestId ? h("a", { href: `#/requests/${encodeURIComponent(event.requestId)}` }, event.requestId) : ""),
+    cell("Details", { class: `mono details${details === "" ? " empty-cell" : ""}` }, details),
+    cell("SHA-256", { class: "mono", title: hex(event.sha256) }, hex(event.sha256).slice(0, 12)),
   );
 }
 
@@ -83,7 +90,7 @@ export const auditView: View = (main) => {
         h(
           "table",
           { class: "audit", "data-testid": "audit-table" },
-          h("thead", {}, h("tr", {}, ["#", "When", "Event", "Actor", "Request", "Details", "SHA-256"].map((label) => h("th", { scope: "col" }, label)))),
+          h("thead", {}, h("tr", {}, columns.map((label) => h("th", { scope: "col" }, label)))),
           body,
         ),
       ),

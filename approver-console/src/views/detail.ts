@@ -2,9 +2,10 @@
 import { toJson } from "@bufbuild/protobuf";
 import { ValueSchema } from "@bufbuild/protobuf/wkt";
 import { RequestState } from "../../../proto/gen/airlock/v1/reviewer_pb.js";
-import { ApiError, decide, getRequest, type RequestView } from "../api.js";
+import type { CredentialTemplate } from "../../../proto/gen/airlock/v1/approval_pb.js";
+import { ApiError, decide, getRequest, listRequests, type RequestView } from "../api.js";
 import { type Child, h, replaceChildren } from "../dom.js";
-import { ago, shortMethod, stateName, timestampDate, timestampMs, when } from "../format.js";
+import { ago, durationWords, riskName, shortMethod, stateName, timestampDate, timestampMs, when } from "../format.js";
 import { alertBox, type AppContext, countdown, heading, needsMeBadge, riskBadge, startClock, stateBadge } from "../ui.js";
 import { jsonView } from "./json.js";
 
@@ -13,9 +14,34 @@ function fact(term: string, value: Child, testid?: string): Child {
 }
 
 function durationText(seconds: bigint | undefined): string {
-  if (seconds === undefined) return "";
-  const s = Number(seconds);
-  return s >= 60 ? `${Math.round(s / 60)} min` : `${s} s`;
+  return seconds === undefined ? "" : durationWords(Number(seconds) * 1000);
+}
+
+/**
+ * What an approval buys, in plain words first ("SELECT on customers · lives 5 min · 1 use"),
+ * from the rule's credential description, the template's life and uses; then the Vault
+ * terms it is made of (database role and mount, or token policies).
+ */
+function credentialFact(credential: CredentialTemplate | undefined): Child {
+  if (credential === undefined) return h("span", { "data-testid": "credential" }, "none");
+  const kind = credential.kind;
+  const technical =
+    kind.case === "database"
+      ? `a database user from Vault role ${kind.value.role}, mount ${kind.value.mount}`
+      : kind.case === "vaultToken"
+        ? `a Vault token with ${kind.value.policies.length === 1 ? "policy" : "policies"} ${kind.value.policies.join(", ") || "none"}`
+        : "an unknown kind of credential";
+  const parts = [
+    credential.description || technical,
+    credential.ttl === undefined ? null : `lives ${durationText(credential.ttl.seconds)}`,
+    kind.case === "vaultToken" ? `${kind.value.numUses} use${kind.value.numUses === 1 ? "" : "s"}` : null,
+  ].filter((part): part is string => part !== null && part !== "");
+  return h(
+    "span",
+    { "data-testid": "credential" },
+    h("strong", { class: "credential-plain" }, parts.join(" · ")),
+    credential.description ? h("span", { class: "hint credential-terms" }, ` (${technical})`) : null,
+  );
 }
 
 /** The parts of a request that never change: who, what, why. */
@@ -23,12 +49,6 @@ function facts(view: RequestView): HTMLElement {
   const request = view.record.request;
   const identity = request?.identity;
   const credential = request?.credential;
-  const credentialText =
-    credential?.kind.case === "database"
-      ? `database role ${credential.kind.value.role} (${credential.kind.value.mount})`
-      : credential?.kind.case === "vaultToken"
-        ? `Vault token, policies ${credential.kind.value.policies.join(", ") || "none"}`
-        : "none";
   const chain = identity?.chain.filter((p) => p !== identity.agent && p !== identity.onBehalfOf) ?? [];
   return h(
     "dl",
@@ -39,9 +59,68 @@ function facts(view: RequestView): HTMLElement {
     fact("Host", h("span", { class: "mono" }, request?.host ?? ""), "host"),
     fact("Call", h("span", { class: "mono" }, `${request?.service ?? ""}/${request?.method ?? ""}`), "call"),
     fact("Rule", h("span", { class: "mono" }, request?.ruleId || "—"), "rule"),
-    fact("Credential", `${credentialText}${credential?.ttl ? `, lives ${durationText(credential.ttl.seconds)}` : ""}`),
-    fact("Requested", [when(timestampDate(request?.createdAt)), h("span", { class: "hint" }, ` (${ago(timestampDate(request?.createdAt))})`)]),
+    fact("Approval grants", credentialFact(credential)),
+    fact("Requested", [h("span", { "data-testid": "requested-at" }, when(timestampDate(request?.createdAt))), h("span", { class: "hint" }, ` (${ago(timestampDate(request?.createdAt))})`)]),
+    request?.deadline ? fact("Deadline", h("span", { "data-testid": "deadline" }, `decide by ${when(timestampDate(request.deadline))}`)) : null,
     fact("Request id", h("span", { class: "mono" }, request?.id ?? ""), "request-id"),
+  );
+}
+
+/** Why the rule holds the call: its risk level and, next to it, the rule's own description of the risk. */
+function riskWhy(view: RequestView): HTMLElement {
+  const request = view.record.request;
+  const risk = riskName(request?.risk ?? 0);
+  const description = request?.ruleDescription ?? "";
+  return h(
+    "p",
+    { class: `risk-why risk-why-${risk}`, "data-testid": "risk-description" },
+    h("strong", {}, `Why ${risk} risk: `),
+    description !== "" ? description : h("span", { class: "hint" }, `rule ${request?.ruleId ?? ""} gives no description; ask its author to add one.`),
+  );
+}
+
+/** How many of the agent's other requests the page lists. */
+const recentRequests = { count: 5 } as const;
+
+/** The agent's other recent requests and how each ended, newest first. */
+function recentList(views: readonly RequestView[]): HTMLElement {
+  return h(
+    "section",
+    { class: "card", "data-testid": "recent-requests", "aria-labelledby": "recent-title" },
+    h("h2", { id: "recent-title" }, "This agent's recent requests"),
+    views.length === 0
+      ? h("p", { class: "hint", "data-testid": "recent-empty" }, "None before this one.")
+      : h(
+          "ul",
+          { class: "recent" },
+          views.map((view) => {
+            const request = view.record.request;
+            const other = request?.id ?? "";
+            return h(
+              "li",
+              { "data-testid": "recent-request", "data-request-id": other, "data-state": stateName(view.record.state) },
+              stateBadge(view.record.state),
+              " ",
+              h("a", { href: `#/requests/${encodeURIComponent(other)}` }, shortMethod(request?.service ?? "", request?.method ?? "")),
+              h("span", { class: "hint" }, ` ${ago(timestampDate(request?.createdAt))}`),
+              request?.reason ? h("div", { class: "recent-reason" }, `“${request.reason}”`) : null,
+            );
+          }),
+        ),
+  );
+}
+
+/** The requests an ambiguous shortened id matches, as links (from the error's `details.matches`). */
+function matchList(error: ApiError): HTMLElement {
+  const matches = Array.isArray(error.details.matches) ? error.details.matches : [];
+  return h(
+    "ul",
+    { class: "recent", "data-testid": "id-matches" },
+    matches.map((match) => {
+      const fields = typeof match === "object" && match !== null && !Array.isArray(match) ? match : {};
+      const text = (key: string): string => (typeof fields[key] === "string" ? fields[key] : "");
+      return h("li", {}, h("a", { class: "mono", href: `#/requests/${encodeURIComponent(text("id"))}` }, text("id")), h("span", { class: "hint" }, ` ${text("state")} · ${text("call")} · ${when(text("createdAt") === "" ? undefined : new Date(text("createdAt")))}`));
+    }),
   );
 }
 
@@ -164,7 +243,8 @@ function decisionForm(id: string, app: AppContext, view: RequestView, hooks: Dec
     reason,
     h("p", { id: "reason-help", class: "hint" }, "Required to deny; the agent receives it. Optional to approve."),
     breakGlassAllowed ? h("label", { class: "toggle", for: "break-glass" }, breakGlass, " Break-glass (self-approval, flagged and notified; needs a reason)") : null,
-    h("div", { class: "actions" }, approve, deny),
+    // On a phone this bar stays at the bottom of the screen (style.css), so Approve and Deny never need a scroll.
+    h("div", { class: "actions decision-bar", "data-testid": "decision-bar" }, approve, deny),
     errorSlot,
   );
 }
@@ -175,11 +255,16 @@ export function detailView(id: string): (main: HTMLElement, app: AppContext) => 
     const stops: Array<() => void> = [];
     const title = heading("Request");
     const body = h("div", { class: "detail-body" }, h("p", { class: "hint", role: "status" }, "Loading…"));
-    replaceChildren(main, h("section", { class: "view detail", "data-testid": "detail", "data-request-id": id }, h("a", { href: "#/inbox", class: "back" }, "← Inbox"), title, body));
+    const section = h("section", { class: "view detail", "data-testid": "detail", "data-request-id": id }, h("a", { href: "#/inbox", class: "back" }, "← Inbox"), title, body);
+    replaceChildren(main, section);
     let closed = false;
 
     const show = (first: RequestView): void => {
       const request = first.record.request;
+      // The address may hold a shortened id: from here on, the request's full id.
+      const fullId = request?.id ?? id;
+      section.dataset.requestId = fullId;
+      if (fullId !== id) history.replaceState(history.state, "", `#/requests/${encodeURIComponent(fullId)}`);
       title.textContent = shortMethod(request?.service ?? "", request?.method ?? "");
       const badges = h("p", { class: "badges" });
       const approvalsSlot = h("div");
@@ -224,7 +309,7 @@ export function detailView(id: string): (main: HTMLElement, app: AppContext) => 
           replaceChildren(approvalsSlot, approvals(view));
           replaceChildren(outcomeSlot, outcome(view));
           if (pending) {
-            form ??= decisionForm(id, app, view, {
+            form ??= decisionForm(fullId, app, view, {
               sending: () => {
                 sending = true;
               },
@@ -251,9 +336,11 @@ export function detailView(id: string): (main: HTMLElement, app: AppContext) => 
 
       const reason = request?.reason ?? "";
       const redacted = request?.redactedFields ?? [];
+      const recentSlot = h("div");
       replaceChildren(
         body,
         badges,
+        riskWhy(first),
         result,
         h(
           "div",
@@ -271,13 +358,24 @@ export function detailView(id: string): (main: HTMLElement, app: AppContext) => 
               redacted.length > 0 ? h("p", { class: "hint", "data-testid": "redacted-fields" }, "Redacted by policy before it left the host: ", redacted.map((path, i) => [i > 0 ? ", " : "", h("code", {}, path)])) : null,
             ),
           ),
-          h("div", { class: "detail-side" }, decisionSlot, approvalsSlot, outcomeSlot),
+          h("div", { class: "detail-side" }, decisionSlot, approvalsSlot, outcomeSlot, recentSlot),
         ),
       );
       update(first);
+      const agent = request?.identity?.agent ?? "";
+      if (agent !== "") {
+        listRequests({ agent, limit: recentRequests.count + 1 }).then(
+          (views) => {
+            if (!closed) replaceChildren(recentSlot, recentList(views.filter((view) => view.record.request?.id !== fullId).slice(0, recentRequests.count)));
+          },
+          (error: unknown) => {
+            if (!closed) replaceChildren(recentSlot, h("section", { class: "card" }, h("h2", {}, "This agent's recent requests"), alertBox(`Could not list them: ${error instanceof ApiError ? error.describe() : String(error)}`, "recent-error")));
+          },
+        );
+      }
       stops.push(
         app.live.onView((view) => {
-          if (view.record.request?.id === id) update(view);
+          if (view.record.request?.id === fullId) update(view);
         }),
         startClock(body),
       );
@@ -289,6 +387,11 @@ export function detailView(id: string): (main: HTMLElement, app: AppContext) => 
       },
       (error: unknown) => {
         if (closed) return;
+        if (error instanceof ApiError && error.code === "ambiguous_id") {
+          title.textContent = "Which request?";
+          replaceChildren(body, alertBox(`More than one request has an id starting with “${id}”.`, "ambiguous-id"), matchList(error));
+          return;
+        }
         title.textContent = error instanceof ApiError && error.status === 404 ? "No such request" : "Request";
         replaceChildren(body, alertBox(error instanceof ApiError ? error.describe() : String(error)), h("p", {}, h("a", { href: "#/inbox" }, "Back to the inbox")));
       },

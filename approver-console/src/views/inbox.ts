@@ -64,7 +64,8 @@ export const inboxView: View = (main, app) => {
       status,
       list,
       empty,
-      h("p", { class: "hint keys" }, h("kbd", {}, "j"), " / ", h("kbd", {}, "k"), " move, ", h("kbd", {}, "Enter"), " opens."),
+      // Keyboard hints: hidden on touch screens (style.css), where there is no keyboard to use them.
+      h("p", { class: "hint keys", "data-testid": "keyboard-hint" }, h("kbd", {}, "j"), " / ", h("kbd", {}, "k"), " move, ", h("kbd", {}, "Enter"), " opens."),
     ),
   );
   draw();
