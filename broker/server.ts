@@ -2,7 +2,6 @@ import { readFile } from "node:fs/promises";
 import { createPrivateKey, type KeyObject } from "node:crypto";
 import { hostname } from "node:os";
 import { type ConfigReader, readConfigFile } from "../common/config.js";
-import { parseDuration } from "../common/duration.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { createLogger, type Logger } from "../common/logger.js";
 import { connectNats, type NatsConnectionConfig, parseNatsConfig } from "../common/nats.js";
@@ -48,6 +47,11 @@ export interface BrokerConfig {
    * another replica takes it over (the deciding replica died), in ms. @default 10000
    */
   readonly takeoverAfterMs: number;
+  /**
+   * How long an executing action may go without a heartbeat from its sidecar before its
+   * credential is revoked and the record fails, in ms (`heartbeat_silence`). @default 20000
+   */
+  readonly heartbeatSilenceMs: number;
   /** @default info */
   readonly logLevel: string;
 }
@@ -84,8 +88,8 @@ function auditConfig(reader: ConfigReader | undefined): AuditConfig {
   let checkpoints: AuditConfig["checkpoints"];
   if (section !== undefined) {
     section.oneOf("kind", ["directory"] as const);
-    const sink: CheckpointSinkConfig = { kind: "directory", dir: section.file("dir"), periodMs: durationField(section, "period", checkpointDefaults.period) };
-    checkpoints = { sink, everyEvents: section.integer("every_events", checkpointDefaults.everyEvents, 1, 1_000_000), intervalMs: durationField(section, "interval", checkpointDefaults.interval) };
+    const sink: CheckpointSinkConfig = { kind: "directory", dir: section.file("dir"), periodMs: section.duration("period", checkpointDefaults.period) };
+    checkpoints = { sink, everyEvents: section.integer("every_events", checkpointDefaults.everyEvents, 1, 1_000_000), intervalMs: section.duration("interval", checkpointDefaults.interval) };
     section.done();
   }
   reader.done();
@@ -104,7 +108,7 @@ export interface ReviewerApiConfig {
 }
 
 /** Defaults of {@link BrokerConfig}. */
-export const brokerConfigDefaults = { http: "127.0.0.1:9465", logLevel: "info", approleMount: "approle", ratePerMinute: 300, takeoverAfter: "10s" } as const;
+export const brokerConfigDefaults = { http: "127.0.0.1:9465", logLevel: "info", approleMount: "approle", ratePerMinute: 300, takeoverAfter: "10s", heartbeatSilence: "20s" } as const;
 
 function reviewerApiConfig(reader: ConfigReader): ReviewerApiConfig {
   const auth = parseReviewerAuthConfig(reader.object("auth"));
@@ -134,18 +138,13 @@ function tokenRoleSetup(reader: ConfigReader): TokenRoleSetup {
   const setup: TokenRoleSetup = {
     name,
     allowedPoliciesGlob: reader.strings("allowed_policies_glob"),
-    maxTtlSeconds: Math.ceil(durationField(reader, "max_ttl", "1h") / 1000),
+    maxTtlSeconds: Math.ceil(reader.duration("max_ttl", "1h") / 1000),
     configure: reader.boolean("configure", false),
   };
   reader.done();
   return setup;
 }
 
-function durationField(reader: ConfigReader, key: string, fallback: string): number {
-  const ms = parseDuration(reader.string(key, fallback));
-  if (ms === undefined || ms <= 0) throw reader.fail(reader.path === "" ? key : `${reader.path}.${key}`, "must be a positive duration such as 500ms, 10s or 1m");
-  return ms;
-}
 
 /** Validates a parsed broker config; every error names the field. */
 export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
@@ -174,7 +173,8 @@ export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
     policyFile,
     http: { host: http.host, port: http.port },
     replicaId: root.string("replica_id", `${hostname()}-${process.pid}`),
-    takeoverAfterMs: durationField(root, "takeover_after", brokerConfigDefaults.takeoverAfter),
+    takeoverAfterMs: root.duration("takeover_after", brokerConfigDefaults.takeoverAfter),
+    heartbeatSilenceMs: root.duration("heartbeat_silence", brokerConfigDefaults.heartbeatSilence),
     logLevel: root.oneOf("log_level", ["trace", "debug", "info", "warn", "error", "silent"] as const, brokerConfigDefaults.logLevel),
   };
   root.done();
@@ -290,6 +290,7 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
     policy: () => watcher.current(),
     replicaId: config.replicaId,
     orphanAfterMs: config.takeoverAfterMs,
+    heartbeatSilenceMs: config.heartbeatSilenceMs,
     log,
   }).catch(async (error: unknown) => {
     await notifier.close();

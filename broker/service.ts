@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import { clone, create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { AckPolicy, type ConsumerMessages, DeliverPolicy, jetstream, type JetStreamClient, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { type DecisionSigningKey, signDecision } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { failpoint } from "../common/failpoints.js";
@@ -59,6 +59,12 @@ export interface BrokerOptions {
    */
   readonly deadlineMarginMs?: number;
   /**
+   * How long an executing action may go without its sidecar's heartbeat before this replica
+   * revokes its credential and fails the record, in ms. Sidecars beat every 5 s by default:
+   * keep this several beats long. @default 20000
+   */
+  readonly heartbeatSilenceMs?: number;
+  /**
    * How long a decided request may stay without a published decision before
    * another replica takes it over (its publisher died), in ms. @default 10000
    */
@@ -88,6 +94,9 @@ export const brokerDefaults = {
   tickIntervalMs: 500,
   decisionTtlMs: 300_000,
   deadlineMarginMs: 1_000,
+  heartbeatSilenceMs: 20_000,
+  /** Actions one heartbeat may name (more are ignored). */
+  maxHeartbeatActions: 1_000,
   intakeConsumer: "airlock-broker-intake",
   completionConsumer: "airlock-broker-completions",
   securityConsumer: "airlock-broker-security",
@@ -177,6 +186,11 @@ export class Broker {
    */
   private readonly active = new Map<string, StoredRecord>();
   private readonly stopWatching = new AbortController();
+  /** When each executing action was last said alive by its own host's sidecar (request id to ms). */
+  private readonly heartbeats = new Map<string, number>();
+  private heartbeatSubscription: Subscription | undefined;
+  /** When this replica started: it gives every executing action a full silence before judging it. */
+  private readonly startedAt = Date.now();
   /** Each host's call-report budget this minute (see callReportLimits). */
   private readonly reportBudgets = new Map<string, { since: number; used: number; overflowReported: boolean }>();
   private ticking: Promise<void> = Promise.resolve();
@@ -263,6 +277,7 @@ export class Broker {
         );
       }
     }
+    broker.heartbeatSubscription = options.nc.subscribe(subjects.heartbeats, { callback: (error, message) => (error === null ? broker.takeHeartbeat(message.data, message.subject) : undefined) });
     await broker.followRecords();
     await broker.tickOnce();
     broker.ticker = setInterval(() => {
@@ -314,6 +329,7 @@ export class Broker {
   /** Stops consuming and ticking. State stays in KV for the other replicas. */
   async close(): Promise<void> {
     this.closed = true;
+    this.heartbeatSubscription?.unsubscribe();
     clearInterval(this.ticker);
     await this.ticking;
     this.stopWatching.abort();
@@ -726,6 +742,57 @@ export class Broker {
     return kept;
   }
 
+  /**
+   * A sidecar's heartbeat: the executing actions it still runs. An action counts only if the
+   * host the server vouches for (the subject) holds it and the decision id matches: a host
+   * cannot keep another host's credential alive. Anything else in it is ignored.
+   */
+  private takeHeartbeat(data: Uint8Array, subject: string): void {
+    const host = subject.slice("airlock.heartbeat.".length);
+    let actions: unknown;
+    try {
+      actions = (JSON.parse(new TextDecoder().decode(data)) as { actions?: unknown }).actions;
+    } catch {
+      return;
+    }
+    if (!Array.isArray(actions)) return;
+    const now = Date.now();
+    for (const action of actions.slice(0, brokerDefaults.maxHeartbeatActions)) {
+      const { requestId, decisionId } = (action ?? {}) as { requestId?: unknown; decisionId?: unknown };
+      if (typeof requestId !== "string" || typeof decisionId !== "string") continue;
+      const record = this.active.get(requestId)?.record;
+      if (record?.state === RequestState.EXECUTING && record.request?.host === host && record.decisionId === decisionId) this.heartbeats.set(requestId, now);
+    }
+  }
+
+  /**
+   * An executing action whose sidecar has said nothing of it for the heartbeat silence: its
+   * credential is revoked and the record fails (the sidecar died, or its host lost NATS). A
+   * completion that comes later still finds the credential gone.
+   */
+  private async endSilentAction(stored: StoredRecord, nowMs: number): Promise<void> {
+    const record = stored.record;
+    const id = record.request?.id ?? "";
+    if (record.state !== RequestState.EXECUTING) {
+      this.heartbeats.delete(id);
+      return;
+    }
+    const issuedAt = record.lease?.issuedAt === undefined ? 0 : timestampDate(record.lease.issuedAt).getTime();
+    const heard = Math.max(this.heartbeats.get(id) ?? 0, issuedAt, this.startedAt);
+    const silence = this.options.heartbeatSilenceMs ?? brokerDefaults.heartbeatSilenceMs;
+    if (nowMs - heard < silence) return;
+    const reason = `no heartbeat from host ${record.request?.host ?? ""} for ${Math.round((nowMs - heard) / 1000)} s: the action is ended and its credential revoked`;
+    await this.revokeLease(id, "heartbeat_lost");
+    const failed = await this.store.mutate(id, (current) => {
+      const next = markFailed(current, reason, new Date());
+      return next.ok ? next.record : undefined;
+    });
+    if (failed !== undefined) {
+      await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId: id, details: { failed: reason, host: record.request?.host ?? "" }, flagged: true });
+    }
+    this.heartbeats.delete(id);
+  }
+
   private async takeSecurityEvent(data: Uint8Array, subject: string): Promise<void> {
     const host = subject.slice("airlock.security.".length).slice(0, 253);
     let parsed: Record<string, unknown> = {};
@@ -953,6 +1020,7 @@ export class Broker {
         continue;
       }
       await this.recoverOrphan(stored, now).catch((error: unknown) => this.options.log.error({ err: error, requestId: id }, "could not take over an orphaned decision"));
+      await this.endSilentAction(stored, now.getTime()).catch((error: unknown) => this.options.log.error({ err: error, requestId: id }, "could not end an action whose sidecar went silent"));
       const lease = record.lease;
       if (lease === undefined || lease.leaseId === "" || lease.revokedAt !== undefined) continue;
       const leaseOver = lease.expiresAt !== undefined && timestampDate(lease.expiresAt).getTime() <= now.getTime();

@@ -1,4 +1,4 @@
-import { auditStream, hostPattern, stateBucket, streams } from "./subjects.js";
+import { auditStream, hostPattern, stateBucket, streams, subjects } from "./subjects.js";
 
 /**
  * Who is on the bus. Each role gets only the NATS rights it needs, and the
@@ -73,6 +73,8 @@ export function busLinks(role: BusRole): readonly BusLink[] {
         { kind: "service", subject: `airlock.request.${host}.>` },
         { kind: "service", subject: `airlock.completion.${host}.>` },
         { kind: "service", subject: `airlock.security.${host}` },
+        // Heartbeats of its running actions: core NATS, no stream, to every broker replica.
+        { kind: "service", subject: `airlock.heartbeat.${host}` },
         // Reading back its own requests and decisions, for resume and catch-up: direct get by subject.
         { kind: "service", subject: `${api}.DIRECT.GET.${streams.requests.name}.airlock.request.${host}.>` },
         { kind: "service", subject: `${api}.DIRECT.GET.${streams.decisions.name}.airlock.decision.${host}.>` },
@@ -148,7 +150,7 @@ export function busPermissions(role: BusRole): BusPermissions {
             `${api}.CONSUMER.DELETE.${kvStream}.*`,
           ],
         },
-        subscribe: { allow: [inbox] },
+        subscribe: { allow: [inbox, subjects.heartbeats] },
       };
     }
     case "admin":

@@ -1,6 +1,7 @@
 import { readFile } from "node:fs/promises";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
+import { parseDuration } from "./duration.js";
 import { AirlockError, Code } from "./errors.js";
 
 /**
@@ -68,6 +69,13 @@ export class ConfigReader {
     if (value === undefined || value === null) return fallback;
     if (typeof value !== "boolean") throw this.fail(this.field(key), "must be true or false");
     return value;
+  }
+
+  /** A positive duration (`500ms`, `10s`, `1m`) in ms; `fallback` is a duration text too. */
+  duration(key: string, fallback?: string): number {
+    const ms = parseDuration(this.string(key, fallback));
+    if (ms === undefined || ms <= 0) throw this.fail(this.field(key), "must be a positive duration such as 500ms, 10s or 1m");
+    return ms;
   }
 
   oneOf<T extends string>(key: string, choices: readonly T[], fallback?: T): T {

@@ -34,6 +34,10 @@ export const subjects = {
   completion: (host: string, requestId: string) => `airlock.completion.${host}.${requestId}`,
   /** A security event seen by `host`'s sidecar (refused decision, failed unwrap). */
   security: (host: string) => `airlock.security.${host}`,
+  /** `host`'s sidecar saying which approved actions it is still running (core NATS, every few seconds). */
+  heartbeat: (host: string) => `airlock.heartbeat.${host}`,
+  /** Every host's heartbeats, as brokers subscribe to them. */
+  heartbeats: "airlock.heartbeat.*",
 } as const;
 
 /**

@@ -34,10 +34,16 @@ export interface ApprovalFlowOptions {
   readonly log: Logger;
   /** How long a publish to JetStream may take before the call fails closed, in ms. @default 5000 */
   readonly publishTimeoutMs?: number;
+  /**
+   * How often the sidecar tells the brokers which approved actions it is still running, in ms.
+   * A broker that hears nothing of an action for its `heartbeat_silence` revokes its credential.
+   * @default 5000
+   */
+  readonly heartbeatIntervalMs?: number;
 }
 
 /** Defaults of {@link ApprovalFlowOptions}. */
-export const approvalFlowDefaults = { publishTimeoutMs: 5000 } as const;
+export const approvalFlowDefaults = { publishTimeoutMs: 5000, heartbeatIntervalMs: 5000 } as const;
 
 interface Waiter {
   readonly requestId: string;
@@ -59,6 +65,9 @@ export class ApprovalFlow {
   private readonly replay = new ReplayGuard();
   private decisions: Subscription | undefined;
   private following: Promise<void> = Promise.resolve();
+  /** Approved actions running now (request id to decision id), for the heartbeat. */
+  private readonly running = new Map<string, string>();
+  private heartbeat: NodeJS.Timeout | undefined;
 
   private constructor(options: ApprovalFlowOptions, jsm: JetStreamManager) {
     this.options = options;
@@ -92,6 +101,8 @@ export class ApprovalFlow {
     flow.following = (async () => {
       for await (const message of decisions) flow.route(message.data);
     })();
+    flow.heartbeat = setInterval(() => flow.beat(), options.heartbeatIntervalMs ?? approvalFlowDefaults.heartbeatIntervalMs);
+    flow.heartbeat.unref();
     // Ends with the connection.
     void (async () => {
       for await (const status of options.nc.status()) if (status.type === "reconnect") await flow.catchUp();
@@ -107,8 +118,24 @@ export class ApprovalFlow {
     }
   }
 
+  /**
+   * Tells the brokers which approved actions are still running: one core NATS message on the
+   * host's own subject (the server fixes the host), none when nothing runs. A lost beat costs
+   * nothing; a sidecar that dies stops beating, and the brokers revoke its actions' credentials.
+   */
+  private beat(): void {
+    if (this.running.size === 0 || this.options.nc.isClosed()) return;
+    const actions = [...this.running].map(([requestId, decisionId]) => ({ requestId, decisionId }));
+    try {
+      this.options.nc.publish(subjects.heartbeat(this.options.host), JSON.stringify({ actions }));
+    } catch (error) {
+      this.options.log.warn({ err: error }, "could not send a heartbeat");
+    }
+  }
+
   /** Stops following decisions; calls still waiting fail with UNAVAILABLE. */
   async close(): Promise<void> {
+    clearInterval(this.heartbeat);
     this.decisions?.unsubscribe();
     await this.following;
   }
@@ -314,6 +341,7 @@ export class ApprovalFlow {
     }
     const started = Date.now();
     let completed = false;
+    this.running.set(requestId, body.decisionId);
     return {
       requestId,
       injectHeader: delivery.injectHeader,
@@ -321,6 +349,7 @@ export class ApprovalFlow {
       complete: (status, message, touched = {}) => {
         if (completed) return;
         completed = true;
+        this.running.delete(requestId);
         const completion = create(CompletionSchema, {
           // The decision id is in the de-duplication id: no one can spend it before the decision exists.
           completionId: `${requestId}.${body.decisionId}.completion`,

@@ -44,6 +44,8 @@ export interface SidecarConfig {
   readonly limits: SidecarLimits;
   /** Where /metrics, /healthz and /readyz are served. @default 127.0.0.1:9464 */
   readonly metrics: { readonly host: string; readonly port: number };
+  /** How often running approved actions are reported alive to the brokers, in ms (`heartbeat_interval`). @default 5000 */
+  readonly heartbeatIntervalMs: number;
   /** @default info */
   readonly logLevel: string;
 }
@@ -55,6 +57,7 @@ export const sidecarConfigDefaults = {
   maxMessageBytes: sidecarLimitDefaults.maxMessageBytes,
   maxBufferedMessages: sidecarLimitDefaults.maxBufferedMessages,
   logLevel: "info",
+  heartbeatInterval: "5s",
 } as const;
 
 function agentAuth(entry: ConfigReader): AgentAuthOptions {
@@ -177,6 +180,7 @@ export function parseSidecarConfig(root: ConfigReader): SidecarConfig {
     agentAuth: root.list("agent_auth", false).map(agentAuth),
     limits: limitsConfig,
     metrics: { host: metricsListen.host, port: metricsListen.port },
+    heartbeatIntervalMs: root.duration("heartbeat_interval", sidecarConfigDefaults.heartbeatInterval),
     logLevel: root.oneOf("log_level", ["trace", "debug", "info", "warn", "error"] as const, sidecarConfigDefaults.logLevel),
   };
   root.done();

@@ -96,7 +96,7 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
         if (status.type === "disconnect" || status.type === "reconnect") log.warn({ nats: status.type }, "NATS connection changed");
       }
     })();
-    const flow = await ApprovalFlow.start({ nc, host: config.host, keyRing, vault: createVaultClient({ address: config.vault.address }), metrics, log });
+    const flow = await ApprovalFlow.start({ nc, host: config.host, keyRing, vault: createVaultClient({ address: config.vault.address }), metrics, log, heartbeatIntervalMs: config.heartbeatIntervalMs });
     cleanups.push(() => flow.close());
     // Closed before the connection (cleanups run in reverse), so its last batch still goes out.
     const reporter = new CallReporter({ nc, host: config.host });

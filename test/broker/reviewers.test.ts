@@ -344,16 +344,20 @@ await t.test("the CLI: requests ls / show / approve / deny with a token from env
   const call = stack.callRotateKey("cli path");
   const held = await pendingFor(sam, "RotateKey");
   const id = held.record.request.id;
-  const listed = await airlock(["ls", "--mine"], { AIRLOCK_TOKEN: sam });
+  // Side by side: none of these changes the request, and each CLI process starts slowly on a busy machine
+  // while the request's deadline runs.
+  const [listed, shown, noReason, noToken] = await Promise.all([
+    airlock(["ls", "--mine"], { AIRLOCK_TOKEN: sam }),
+    airlock(["show", id, "--token-file", join(dir, "token")], {}),
+    airlock(["deny", id], { AIRLOCK_TOKEN: sam }),
+    airlock(["ls"], { AIRLOCK_TOKEN: "" }),
+  ]);
   t.equal(listed.code, 0, listed.stderr);
   t.match(listed.stdout, new RegExp(`${id}.*pending.*medium.*demo.v1.OpsService/RotateKey.*needs you`));
-  const shown = await airlock(["show", id, "--token-file", join(dir, "token")], {});
   t.match(shown.stdout, /reason +cli path/);
   t.match(shown.stdout, /needs +1 more from security/);
-  const noReason = await airlock(["deny", id], { AIRLOCK_TOKEN: sam });
   t.equal(noReason.code, 1);
   t.match(noReason.stderr, /a denial needs --reason/);
-  const noToken = await airlock(["ls"], { AIRLOCK_TOKEN: "" });
   t.match(noToken.stderr, /no reviewer token/);
   const approved = await airlock(["approve", id, "--reason", "ok from the terminal"], { AIRLOCK_TOKEN: sam });
   t.equal(approved.code, 0, approved.stderr);

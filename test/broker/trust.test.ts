@@ -145,6 +145,16 @@ async function decisionFor(host: NatsConnection, hostName: string, requestId: st
   return body;
 }
 
+/** The first audit event of `requestId` that `match` accepts, waiting up to 10 s for it. */
+async function refusalAudit(requestId: string, match: (event: AuditEvent) => boolean): Promise<AuditEvent | undefined> {
+  let found: AuditEvent | undefined;
+  await waitUntil(async () => {
+    for await (const event of readAuditEvents(brokerNc)) if (found === undefined && event.requestId === requestId && match(event)) found = event;
+    return found !== undefined;
+  }, 10_000);
+  return found;
+}
+
 async function assertRefused(t: Test, reason: string, requestId: string, before: number): Promise<void> {
   const event = await refusalEvent(reason, requestId);
   t.ok(event !== undefined, `a flagged SECURITY_EVENT names ${reason}`);
@@ -316,4 +326,61 @@ await t.test("a call report naming another host's request is not attached to it;
   flood = (await reportEvents("host-b")).slice(before);
   t.ok(flood.length <= 1_000 + 1, `at most a minute's budget and one overflow event reached the trail (${flood.length})`);
   t.equal(flood.filter((event) => event.details?.reason === "call_reports_rate_limited").length, 1, "one overflow event, not one per batch");
+});
+
+await t.test("an executing action lives only while its own host's sidecar beats for it", async (t) => {
+  // A second replica that judges silence after 2 s (the first waits the default 20 s).
+  const watchNc = await nats.connect({ kind: "broker" });
+  t.teardown(() => watchNc.close());
+  const silenceMs = 2_000;
+  const watcher = await Broker.start({
+    nc: watchNc,
+    issuer: new CredentialIssuer({ vault: createVaultClient({ address: vault.address, token: vault.rootToken }) }),
+    signingKey: generateDecisionKey("k1").signing,
+    approvals,
+    policy: () => policy,
+    replicaId: "heartbeat-watcher",
+    log,
+    tickIntervalMs: 100,
+    consume: false,
+    heartbeatSilenceMs: silenceMs,
+  });
+  t.teardown(() => watcher.close());
+  const rotate = request({ method: "RotateKey", ruleId: "rotate", risk: Risk.HIGH });
+  await send(hostA, subjects.request("host-a", rotate.id), toBinary(ApprovalRequestSchema, rotate));
+  let record: RequestRecord | undefined;
+  await waitUntil(async () => (record = await broker.get(rotate.id).catch(() => undefined))?.state === RequestState.EXECUTING, 10_000);
+  const decisionId = record?.decisionId ?? "";
+  const beat = (nc: NatsConnection, host: string, decision: string) => nc.publish(subjects.heartbeat(host), JSON.stringify({ actions: [{ requestId: rotate.id, decisionId: decision }] }));
+
+  // Host A beats for its action for three silences: it stays alive.
+  const beatingUntil = Date.now() + 3 * silenceMs;
+  t.ok(
+    await waitUntil(async () => {
+      beat(hostA, "host-a", decisionId);
+      return Date.now() > beatingUntil;
+    }, 20_000, 300),
+    "three silences of beats",
+  );
+  t.equal((await broker.get(rotate.id)).state, RequestState.EXECUTING, "beaten for, it is still executing");
+
+  // Host A goes silent. Host B beats for A's action, and A's own beats name another decision: neither counts.
+  const silentSince = Date.now();
+  let ended: RequestRecord | undefined;
+  t.ok(
+    await waitUntil(async () => {
+      beat(hostB, "host-b", decisionId);
+      beat(hostA, "host-a", "not-the-decision");
+      ended = await broker.get(rotate.id);
+      return ended.state === RequestState.FAILED;
+    }, 20_000, 200),
+    "the action is ended",
+  );
+  t.ok(Date.now() - silentSince < silenceMs + 5_000, `within its silence and a few ticks (${Date.now() - silentSince} ms)`);
+  t.ok(ended?.lease?.revokedAt !== undefined, "its credential is revoked");
+  t.equal(ended?.lease?.revokedBy, "heartbeat-watcher");
+  const failure = await refusalAudit(rotate.id, (event) => event.type === AuditEventType.SECURITY_EVENT && typeof event.details?.failed === "string" && event.details.failed.startsWith("no heartbeat from host host-a"));
+  t.equal(failure?.flagged, true, "a flagged event says why");
+  const revoked = await refusalAudit(rotate.id, (event) => event.type === AuditEventType.CREDENTIAL_REVOKED);
+  t.equal(revoked?.details?.why, "heartbeat_lost");
 });
