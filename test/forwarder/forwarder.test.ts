@@ -102,9 +102,12 @@ const logged: string[] = [];
 const { createLogger } = await import("../../common/logger.js");
 const quietLog = createLogger({ name: "forwarder", level: "debug", destination: { write: (line: string) => logged.push(line) } as unknown as NodeJS.WritableStream });
 
-/** Waits until `probe` holds, failing the test with `what` after 20 s. */
+/**
+ * Waits until `probe` holds, failing the test with `what` after 60 s: generous, because the CLI
+ * tests start the forwarder as a process, which takes many seconds on a busy shared machine.
+ */
 async function until(t: Test, what: string, probe: () => boolean): Promise<void> {
-  t.ok(await waitUntil(async () => probe(), 20_000, 10), what);
+  t.ok(await waitUntil(async () => probe(), 60_000, 10), what);
 }
 
 /** Whether every sink of `forwarder` has acknowledged through sequence `n` (a receiver may count a batch before the forwarder reads its answer). */
@@ -225,7 +228,7 @@ await t.test("airlock forwarder: killed with SIGKILL mid-stream, restarted, then
   const crashed = runCli(["forwarder", "--config", config]);
   t.teardown(() => crashed.child.kill("SIGKILL"));
   await until(t, "the webhook holds a batch; the other sinks go on", () => webhook.held() === 1 && hec.accepted.length >= n);
-  t.ok(await waitUntil(async () => (await positions("cli")).splunk === BigInt(n) && (await positions("cli")).syslog === BigInt(n), 20_000), "HEC's and syslog's positions durable at N");
+  t.ok(await waitUntil(async () => (await positions("cli")).splunk === BigInt(n) && (await positions("cli")).syslog === BigInt(n), 60_000), "HEC's and syslog's positions durable at N");
   crashed.child.kill("SIGKILL");
   await crashed.exited;
   t.equal((await positions("cli")).hook, undefined, "the unanswered webhook batch did not move its position");
@@ -233,7 +236,7 @@ await t.test("airlock forwarder: killed with SIGKILL mid-stream, restarted, then
   const restarted = runCli(["forwarder", "--config", config]);
   t.teardown(() => restarted.child.kill("SIGKILL"));
   await until(t, "every sink caught up after the restart", () => webhook.accepted.length >= n && syslog.accepted.length >= n);
-  t.ok(await waitUntil(async () => Object.values(await positions("cli")).every((p) => p === BigInt(n)), 20_000), "every position at N");
+  t.ok(await waitUntil(async () => Object.values(await positions("cli")).every((p) => p === BigInt(n)), 60_000), "every position at N");
   restarted.child.kill("SIGTERM");
   t.equal(await restarted.exited, 0, "SIGTERM closes cleanly");
   t.same(webhook.accepted, upTo(n), "webhook: 1..N once each after the restart");

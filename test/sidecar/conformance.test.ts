@@ -22,7 +22,8 @@ const target = await startConformanceSidecar(await nats.credentials({ kind: "sid
 t.teardown(() => target.close());
 
 await t.test("h2spec: every case passes, or is allowed with a reason", async (t) => {
-  const report = await runH2spec({ port: target.port, path: conformancePath });
+  // Five seconds per answer, not h2spec's one: on a busy shared machine a correct answer can take longer than a second.
+  const report = await runH2spec({ port: target.port, path: conformancePath, timeoutSec: 5 });
   t.comment(formatH2specCounts(report));
   t.ok(report.cases.length >= 140, `h2spec ran its suites (${report.cases.length} cases)`);
   for (const c of report.cases) {
