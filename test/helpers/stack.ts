@@ -206,6 +206,8 @@ export interface TestSidecarOptions {
   /** The public key agent tokens (issuer https://idp.test, audience airlock) are verified with. */
   readonly agentPublicKey: CryptoKey;
   readonly log: Logger;
+  /** The sidecar's `heartbeat_interval`. @default the sidecar's default */
+  readonly heartbeatInterval?: string;
 }
 
 /** The `nats` section of a config for a connection config. */
@@ -240,6 +242,7 @@ export async function startTestSidecar(t: Test, infra: StackInfra, options: Test
           policy: "policy.yaml",
           agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [await exportSPKI(options.agentPublicKey)] } }],
           metrics: { listen: "127.0.0.1:0" },
+          ...(options.heartbeatInterval === undefined ? {} : { heartbeat_interval: options.heartbeatInterval }),
           log_level: "error",
         },
         "",
@@ -270,7 +273,11 @@ export interface AgentPath {
  * with a fresh broker key and agent key pair and `policy` in a temporary directory named
  * after `name`; everything is stopped and removed at teardown.
  */
-export async function startAgentPath(t: Test, infra: StackInfra, options: { readonly name: string; readonly host: string; readonly policy: string; readonly log: Logger }): Promise<AgentPath> {
+export async function startAgentPath(
+  t: Test,
+  infra: StackInfra,
+  options: { readonly name: string; readonly host: string; readonly policy: string; readonly log: Logger; readonly heartbeatInterval?: string },
+): Promise<AgentPath> {
   const { database } = infra;
   const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: infra.vault.address });
   t.teardown(() => ops.close());
@@ -281,7 +288,14 @@ export async function startAgentPath(t: Test, infra: StackInfra, options: { read
   await writeFile(join(dir, "broker.pem"), key.publicKeyPem);
   await writeFile(join(dir, "broker-signing.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }));
   await writeFile(join(dir, "policy.yaml"), options.policy);
-  const sidecar = await startTestSidecar(t, infra, { dir, upstream: ops.address, host: options.host, agentPublicKey: agentKeys.publicKey, log: options.log });
+  const sidecar = await startTestSidecar(t, infra, {
+    dir,
+    upstream: ops.address,
+    host: options.host,
+    agentPublicKey: agentKeys.publicKey,
+    log: options.log,
+    ...(options.heartbeatInterval === undefined ? {} : { heartbeatInterval: options.heartbeatInterval }),
+  });
   return { ops, key, agentKeys, dir, sidecar };
 }
 
