@@ -864,10 +864,10 @@ export class Broker {
     if (stored === undefined) return;
     const revoked = await this.revokeInVault(stored.record);
     if (revoked === undefined) return;
-    await Promise.all([
-      this.store.mutate(requestId, (record) => this.withLeaseRevoked(record, revoked), stored),
-      this.audit.append(this.revokedEntry(requestId, why, revoked)),
-    ]);
+    // Vault's revoke is idempotent; the record's is compare-and-set. Only the replica whose write
+    // recorded the revocation audits it, so replicas racing on one lease leave one event.
+    const recorded = await this.store.mutate(requestId, (record) => this.withLeaseRevoked(record, revoked), stored);
+    if (recorded !== undefined) await this.audit.append(this.revokedEntry(requestId, why, revoked));
   }
 
   /** Has Vault revoke the record's lease if the record still holds it alive; the lease it revoked, if any. */

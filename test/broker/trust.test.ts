@@ -346,6 +346,22 @@ await t.test("an executing action lives only while its own host's sidecar beats 
     heartbeatSilenceMs: silenceMs,
   });
   t.teardown(() => watcher.close());
+  // A third replica judging the same silence: the two race to end the action, and it must end once.
+  const rivalNc = await nats.connect({ kind: "broker" });
+  t.teardown(() => rivalNc.close());
+  const rival = await Broker.start({
+    nc: rivalNc,
+    issuer: new CredentialIssuer({ vault: createVaultClient({ address: vault.address, token: vault.rootToken }) }),
+    signingKey: generateDecisionKey("k1").signing,
+    approvals,
+    policy: () => policy,
+    replicaId: "heartbeat-rival",
+    log,
+    tickIntervalMs: 100,
+    consume: false,
+    heartbeatSilenceMs: silenceMs,
+  });
+  t.teardown(() => rival.close());
   const rotate = request({ method: "RotateKey", ruleId: "rotate", risk: Risk.HIGH });
   await send(hostA, subjects.request("host-a", rotate.id), toBinary(ApprovalRequestSchema, rotate));
   let record: RequestRecord | undefined;
@@ -378,9 +394,13 @@ await t.test("an executing action lives only while its own host's sidecar beats 
   );
   t.ok(Date.now() - silentSince < silenceMs + 5_000, `within its silence and a few ticks (${Date.now() - silentSince} ms)`);
   t.ok(ended?.lease?.revokedAt !== undefined, "its credential is revoked");
-  t.equal(ended?.lease?.revokedBy, "heartbeat-watcher");
+  t.ok(["heartbeat-watcher", "heartbeat-rival"].includes(ended?.lease?.revokedBy ?? ""), "by one of the replicas judging silence");
   const failure = await refusalAudit(rotate.id, (event) => event.type === AuditEventType.SECURITY_EVENT && typeof event.details?.failed === "string" && event.details.failed.startsWith("no heartbeat from host host-a"));
   t.equal(failure?.flagged, true, "a flagged event says why");
   const revoked = await refusalAudit(rotate.id, (event) => event.type === AuditEventType.CREDENTIAL_REVOKED);
   t.equal(revoked?.details?.why, "heartbeat_lost");
+  const events: AuditEvent[] = [];
+  for await (const event of readAuditEvents(brokerNc)) if (event.requestId === rotate.id) events.push(event);
+  t.equal(events.filter((event) => event.type === AuditEventType.CREDENTIAL_REVOKED).length, 1, "revoked once in the trail, though two replicas raced");
+  t.equal(events.filter((event) => event.type === AuditEventType.SECURITY_EVENT && event.flagged).length, 1, "and ended once");
 });
