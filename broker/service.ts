@@ -102,6 +102,12 @@ export const brokerDefaults = {
   securityConsumer: "airlock-broker-security",
   /** Messages of one consumer handled at once by one replica. */
   maxInFlight: 64,
+  /**
+   * How long a delivered message may go unacknowledged before JetStream gives it to another
+   * replica, in ms: what a replica's death costs a waiting agent. Long work keeps it with
+   * in-progress acknowledgements every third of it, so only a dead replica loses it.
+   */
+  ackWaitMs: 5_000,
   orphanAfterMs: 10_000,
   /**
    * Deliveries of one message before it is given up (terminated and audited). A message that
@@ -247,7 +253,7 @@ export class Broker {
           ack_policy: AckPolicy.Explicit,
           filter_subject: filter,
           deliver_policy: DeliverPolicy.All,
-          ack_wait: 30_000_000_000,
+          ack_wait: brokerDefaults.ackWaitMs * 1_000_000,
           max_deliver: brokerDefaults.maxDeliver,
         });
         const messages = await (await broker.js.consumers.get(stream, durable)).consume();
@@ -264,10 +270,14 @@ export class Broker {
             // order does not matter), up to a bound: one slow Vault call must not queue the rest.
             const inFlight = new Set<Promise<void>>();
             for await (const message of messages) {
-              const handled = handle(message.data, message.subject).then(
-                () => message.ack(),
-                (error: unknown) => broker.failed(error, message.subject, message.info.deliveryCount, (delayMs) => (delayMs === undefined ? message.term() : message.nak(delayMs))),
-              );
+              // A slow Vault or KV keeps the message this replica's while it works on it.
+              const progress = setInterval(() => message.working(), brokerDefaults.ackWaitMs / 3);
+              const handled = handle(message.data, message.subject)
+                .then(
+                  () => message.ack(),
+                  (error: unknown) => broker.failed(error, message.subject, message.info.deliveryCount, (delayMs) => (delayMs === undefined ? message.term() : message.nak(delayMs))),
+                )
+                .finally(() => clearInterval(progress));
               inFlight.add(handled);
               void handled.finally(() => inFlight.delete(handled));
               if (inFlight.size >= brokerDefaults.maxInFlight) await Promise.race(inFlight);

@@ -107,14 +107,17 @@ await t.test("replica A killed after auditing a request, before storing it: B ge
   const call = exportCall();
   await a.reached;
   await a.kill();
+  const killedAt = Date.now();
   const survivor = await survivorBroker();
-  // JetStream redelivers the unacknowledged request to B once its ack wait (30 s) has passed.
+  // JetStream redelivers the unacknowledged request to B once its ack wait (5 s) has passed.
   let record;
   for (let i = 0; i < 900 && record === undefined; i++) {
     record = (await survivor.broker.list()).find((r) => r.state === RequestState.PENDING);
     if (record === undefined) await new Promise((resolve) => setTimeout(resolve, 50));
   }
   t.ok(record !== undefined, "the request A never stored is stored by B");
+  const redeliveredMs = Date.now() - killedAt;
+  t.ok(redeliveredMs < 20_000, `redelivered within the 5 s ack wait and B's start, far inside the request's timeout (${redeliveredMs} ms)`);
   const id = record?.request?.id ?? "";
   const received = [];
   for await (const event of readAuditEvents(await connectNats())) if (event.requestId === id && event.type === AuditEventType.REQUEST_RECEIVED) received.push(event.actor);
