@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { clone, create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampDate, timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { AckPolicy, type ConsumerMessages, DeliverPolicy, jetstream, type JetStreamClient, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
+import { AckPolicy, type ConsumerMessages, DeliverPolicy, jetstream, JetStreamApiError, type JetStreamClient, type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { type DecisionSigningKey, signDecision } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
@@ -124,6 +124,9 @@ export const brokerDefaults = {
  * able to flood the trail; what is over is counted in one flagged event).
  */
 const callReportLimits = { maxPerBatch: 500, maxField: 300, eventsPerHostPerMinute: 1_000 } as const;
+
+/** JetStream's answer to creating a durable consumer that exists with other settings. */
+const consumerExists = 10148;
 
 /** A message that will fail the same way at every delivery: terminated and audited, never redelivered. */
 class PoisonMessage extends Error {
@@ -248,13 +251,11 @@ export class Broker {
         [brokerDefaults.completionConsumer, streams.completions.name, "airlock.completion.>"],
         [brokerDefaults.securityConsumer, streams.security.name, "airlock.security.>"],
       ] as const) {
-        await jsm.consumers.add(stream, {
-          durable_name: durable,
-          ack_policy: AckPolicy.Explicit,
-          filter_subject: filter,
-          deliver_policy: DeliverPolicy.All,
-          ack_wait: brokerDefaults.ackWaitMs * 1_000_000,
-          max_deliver: brokerDefaults.maxDeliver,
+        const settings = { ack_wait: brokerDefaults.ackWaitMs * 1_000_000, max_deliver: brokerDefaults.maxDeliver };
+        await jsm.consumers.add(stream, { durable_name: durable, ack_policy: AckPolicy.Explicit, filter_subject: filter, deliver_policy: DeliverPolicy.All, ...settings }).catch(async (error: unknown) => {
+          // Made by an earlier version with other settings: the editable ones are brought up to date.
+          if (!(error instanceof JetStreamApiError && error.code === consumerExists)) throw error;
+          await jsm.consumers.update(stream, durable, settings);
         });
         const messages = await (await broker.js.consumers.get(stream, durable)).consume();
         broker.consumers.push(messages);

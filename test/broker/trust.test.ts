@@ -7,7 +7,7 @@
 import { randomBytes, randomUUID } from "node:crypto";
 import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
@@ -18,7 +18,7 @@ import { Broker } from "../../broker/service.js";
 import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { createLogger, createVaultClient } from "../../common/index.js";
-import { stateBucket, streams, subjects } from "../../common/subjects.js";
+import { ensureStreams, stateBucket, streams, subjects } from "../../common/subjects.js";
 import { useInfra, waitUntil } from "../../harness/index.js";
 import {
   type ApprovalRequest,
@@ -75,6 +75,10 @@ const approvals = parseApprovalConfig(
 );
 const brokerNc = await nats.connect({ kind: "broker" });
 t.teardown(() => brokerNc.close());
+// An intake consumer as an earlier version made it (30 s ack wait): the broker must bring it up to date.
+const operatorJsm = await jetstreamManager(brokerNc);
+await ensureStreams(operatorJsm);
+await operatorJsm.consumers.add(streams.requests.name, { durable_name: "airlock-broker-intake", ack_policy: AckPolicy.Explicit, filter_subject: "airlock.request.>", deliver_policy: DeliverPolicy.All, ack_wait: 30_000_000_000, max_deliver: 8 });
 const broker = await Broker.start({
   nc: brokerNc,
   issuer: new CredentialIssuer({ vault: createVaultClient({ address: vault.address, token: vault.rootToken }) }),
@@ -161,6 +165,10 @@ async function assertRefused(t: Test, reason: string, requestId: string, before:
   t.equal(event?.flagged, true);
   t.ok((await refusals(reason)) > before, `airlock_broker_refusals_total{reason="${reason}"} counted it`);
 }
+
+await t.test("a consumer an earlier version made with a 30 s ack wait is updated at start", async (t) => {
+  t.equal((await operatorJsm.consumers.info(streams.requests.name, "airlock-broker-intake")).config.ack_wait, 5_000_000_000);
+});
 
 await t.test("a request whose body names another host is refused, audited, counted and answered", async (t) => {
   const before = await refusals("host_mismatch");
