@@ -330,6 +330,14 @@ export class Broker {
     await this.checkpointer?.close();
   }
 
+  /**
+   * Appends a reviewer's security-relevant act that concerns no request (a passkey
+   * registered or removed) to the trail, as a SECURITY_EVENT with the reviewer as actor.
+   */
+  async auditReviewerAct(reviewer: string, details: Readonly<Record<string, string>>): Promise<void> {
+    await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: reviewer, details: { ...details } });
+  }
+
   /** Takes a checkpoint of the audit trail now, if this replica writes them (the demo and tests). */
   async checkpointAudit(): Promise<void> {
     await this.checkpointer?.checkpoint();

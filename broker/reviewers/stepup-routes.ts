@@ -60,6 +60,11 @@ export function registerStepUpRoutes(app: FastifyInstance, context: StepUpRouteC
   app.post("/api/v1/passkeys", async (request, reply) => {
     const reviewer = await reviewerOf(request);
     const passkey = await stepUp.register(reviewer, bodyOf(request));
+    // No audit, no passkey: one the trail does not show is taken back.
+    await broker.auditReviewerAct(reviewer.id, { reason: "passkey_registered", passkey: passkey.id, name: passkey.name }).catch(async (error: unknown) => {
+      await stepUp.remove(reviewer, passkey.id).catch(() => undefined);
+      throw error;
+    });
     log.info({ reviewer: reviewer.id, passkey: passkey.id }, "passkey registered");
     return reply.status(201).send(passkey);
   });
@@ -67,6 +72,7 @@ export function registerStepUpRoutes(app: FastifyInstance, context: StepUpRouteC
   app.delete<{ Params: { id: string } }>("/api/v1/passkeys/:id", async (request, reply) => {
     const reviewer = await reviewerOf(request);
     await stepUp.remove(reviewer, request.params.id);
+    await broker.auditReviewerAct(reviewer.id, { reason: "passkey_removed", passkey: request.params.id });
     log.info({ reviewer: reviewer.id, passkey: request.params.id }, "passkey removed");
     return reply.status(204).send();
   });

@@ -301,7 +301,11 @@ export class StepUpService {
     }
     if (typeof proof.idToken === "string" && proof.idToken.length <= 16_384) {
       if (this.auth === undefined) throw refused("step_up_invalid", "no identity provider is configured for re-authentication");
-      const { reviewer: who, claims } = await this.auth.verifiedClaims(proof.idToken);
+      // A bad re-authentication token refuses the vote; it is no reason to end the reviewer's session (401).
+      const { reviewer: who, claims } = await this.auth.verifiedClaims(proof.idToken).catch((error: unknown) => {
+        if (!(error instanceof AirlockError) || error.code !== Code.Unauthenticated) throw error;
+        throw new AirlockError(Code.PermissionDenied, `the re-authentication token is not valid: ${error.rawMessage}`, { details: { reason: "step_up_invalid", token: error.details.reason } });
+      });
       if (principalKey(who.id) !== principalKey(reviewer.id)) throw refused("step_up_mismatch", "the re-authentication is another person's");
       const refusal = judgeReauthentication(claims, { challenge, issuedAtMs: stored.issuedAtMs, nowMs: Date.now(), maxAuthAgeMs: this.config.maxAuthAgeMs, acr: request.stepUp?.acr ?? "" });
       if (refusal !== undefined) throw refused(refusal, `the re-authentication does not confirm this vote (${refusal})`);

@@ -116,6 +116,9 @@ await t.test("dana registers a passkey in the console", async (t) => {
   const listed = await api("GET", "/api/v1/passkeys");
   t.equal((listed.body.passkeys as { id: string }[])[0]?.id, await row.getAttribute("data-passkey-id"), "the API lists the same passkey");
   t.equal(credentials[0]?.credentialId.replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, ""), await row.getAttribute("data-passkey-id"), "the one the authenticator made");
+  const audit = await api("GET", "/api/v1/audit?limit=50");
+  const registered = (audit.body.events as { type: string; actor: string; details: Record<string, unknown> }[]).find((event) => event.details.reason === "passkey_registered");
+  t.match(registered, { type: "AUDIT_EVENT_TYPE_SECURITY_EVENT", actor: "dana@example.com", details: { passkey: await row.getAttribute("data-passkey-id"), name: "test laptop" } }, "the registration is in the audit trail");
   await screenshot(t, page, "passkeys-1280");
 });
 
@@ -199,6 +202,8 @@ await t.test("a denial needs no step-up; a passkey can be removed", async (t) =>
   const listed = (await api("GET", "/api/v1/passkeys")).body.passkeys as { id: string }[];
   t.equal((await api("DELETE", `/api/v1/passkeys/${listed[0]?.id ?? ""}`)).status, 204);
   t.same((await api("GET", "/api/v1/passkeys")).body.passkeys, [], "gone");
+  const removed = ((await api("GET", "/api/v1/audit?limit=50")).body.events as { actor: string; details: Record<string, unknown> }[]).find((event) => event.details.reason === "passkey_removed");
+  t.match(removed, { actor: "dana@example.com", details: { passkey: listed[0]?.id } }, "so is the removal");
   t.match(await api("DELETE", "/api/v1/passkeys/AAAAAAAAAAAAAAAAAAAA"), { status: 404, body: { code: "not_found" } });
   const again = stack.callExportTable("step-up without a passkey");
   const next = await pending("step-up without a passkey");
