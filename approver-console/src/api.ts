@@ -260,13 +260,14 @@ export async function listPasskeys(): Promise<Passkey[]> {
 }
 
 /** Starts a registration: the WebAuthn creation options and the challenge's id. */
-export async function passkeyOptions(): Promise<{ challengeId: string; options: JsonObject }> {
+export async function passkeyOptions(): Promise<{ challengeId: string; options: JsonObject; passkey?: JsonObject }> {
   const json = asObject(await call("POST", "/passkeys/options", { body: {} }), "options");
-  return { challengeId: typeof json.challengeId === "string" ? json.challengeId : "", options: asObject(json.options, "options") };
+  return { challengeId: typeof json.challengeId === "string" ? json.challengeId : "", options: asObject(json.options, "options"), ...(isObject(json.passkey) ? { passkey: json.passkey } : {}) };
 }
 
-export async function registerPasskey(challengeId: string, response: JsonObject, name: string): Promise<Passkey> {
-  return readPasskey(await call("POST", "/passkeys", { body: { challengeId, response, name } }));
+/** Registers a passkey; `assertion` confirms it with an existing one (required once the reviewer has any). */
+export async function registerPasskey(challengeId: string, response: JsonObject, name: string, assertion?: JsonObject): Promise<Passkey> {
+  return readPasskey(await call("POST", "/passkeys", { body: { challengeId, response, name, ...(assertion === undefined ? {} : { assertion }) } }));
 }
 
 export async function removePasskey(id: string): Promise<void> {

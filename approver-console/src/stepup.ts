@@ -40,14 +40,17 @@ export async function stepUpProof(id: string, approve: boolean): Promise<JsonObj
   }
 }
 
-/** Registers a new passkey for the signed-in reviewer under `name`. */
+/** Registers a new passkey for the signed-in reviewer under `name` (confirmed with an existing one, if any). */
 export async function addPasskey(name: string): Promise<Passkey> {
-  const { challengeId, options } = await passkeyOptions();
+  const { challengeId, options, passkey } = await passkeyOptions();
   let response: unknown;
+  let assertion: unknown;
   try {
+    // With a passkey already registered, that one confirms the new one first.
+    if (passkey !== undefined) assertion = await startAuthentication({ optionsJSON: passkey as unknown as PublicKeyCredentialRequestOptionsJSON });
     response = await startRegistration({ optionsJSON: options as unknown as PublicKeyCredentialCreationOptionsJSON });
   } catch (error) {
     throw ceremonyError(error);
   }
-  return registerPasskey(challengeId, asJson(response), name);
+  return registerPasskey(challengeId, asJson(response), name, assertion === undefined ? undefined : asJson(assertion));
 }

@@ -49,6 +49,8 @@ interface StoredChallenge {
   readonly challenge: string;
   readonly issuedAtMs: number;
   readonly used: boolean;
+  /** For registrations by a reviewer who has passkeys: the challenge an existing one must sign. */
+  readonly enrolChallenge?: string;
   /** For votes: the request and the verdict the challenge confirms. */
   readonly requestId?: string;
   readonly approve?: boolean;
@@ -177,8 +179,13 @@ export class StepUpService {
     await this.challenges.create(key, JSON.stringify(value));
   }
 
-  /** Starts a passkey registration: WebAuthn creation options whose challenge the broker keeps for one use. */
-  async registrationOptions(reviewer: Reviewer): Promise<{ challengeId: string; options: PublicKeyCredentialCreationOptionsJSON }> {
+  /**
+   * Starts a passkey registration: WebAuthn creation options whose challenge the broker keeps
+   * for one use. A reviewer who has a passkey already must confirm the new one with it
+   * (`passkey`: assertion options over a second challenge), so a stolen session cannot
+   * enrol its own authenticator next to theirs.
+   */
+  async registrationOptions(reviewer: Reviewer): Promise<{ challengeId: string; options: PublicKeyCredentialCreationOptionsJSON; passkey?: PublicKeyCredentialRequestOptionsJSON }> {
     const existing = await this.storedPasskeys(reviewer.id);
     const options = await generateRegistrationOptions({
       rpName: this.config.rpName,
@@ -191,8 +198,18 @@ export class StepUpService {
       timeout: this.config.challengeTtlMs,
     });
     const challengeId = randomBytes(18).toString("base64url");
-    await this.issue(`r.${challengeId}`, { purpose: "register", reviewer: reviewer.id, challenge: options.challenge, issuedAtMs: Date.now(), used: false });
-    return { challengeId, options };
+    const issuedAtMs = Date.now();
+    const enrolChallenge = createHash("sha256").update(["airlock.passkey-enrol.v1", principalKey(reviewer.id), String(issuedAtMs), challengeId].join("\n")).digest("base64url");
+    await this.issue(`r.${challengeId}`, { purpose: "register", reviewer: reviewer.id, challenge: options.challenge, issuedAtMs, used: false, ...(existing.length > 0 ? { enrolChallenge } : {}) });
+    if (existing.length === 0) return { challengeId, options };
+    const passkey = await generateAuthenticationOptions({
+      rpID: this.config.rpId,
+      challenge: Buffer.from(enrolChallenge, "base64url"),
+      allowCredentials: existing.map((stored) => ({ id: stored.id })),
+      userVerification: "required",
+      timeout: this.config.challengeTtlMs,
+    });
+    return { challengeId, options, passkey };
   }
 
   /** Finishes a registration: verifies the authenticator's answer and stores the passkey for this reviewer. */
@@ -204,6 +221,17 @@ export class StepUpService {
     const label = name === undefined || name === null ? "passkey" : typeof name === "string" && name.trim() !== "" && name.length <= 64 ? name.trim() : undefined;
     if (label === undefined) throw invalid("name", "name must be a string of 1 to 64 characters");
     const { entry, stored } = await this.openChallenge(`r.${challengeId}`, reviewer, "register");
+    // Passkeys registered since the options were issued count too: the check is made now.
+    const existing = await this.storedPasskeys(reviewer.id);
+    let confirmedWith: Awaited<ReturnType<StepUpService["verifyPasskey"]>> | undefined;
+    if (existing.length > 0) {
+      if (stored.enrolChallenge === undefined || !isObject(body.assertion)) {
+        throw new AirlockError(Code.PermissionDenied, "adding a passkey needs a step-up with one you have: confirm with an existing passkey", {
+          details: { reason: "step_up_required", causes: ["new_passkey"] },
+        });
+      }
+      confirmedWith = await this.verifyPasskey(reviewer, body.assertion, stored.enrolChallenge);
+    }
     let verified;
     try {
       verified = await verifyRegistrationResponse({
@@ -218,6 +246,7 @@ export class StepUpService {
     }
     if (!verified.verified) throw refused("step_up_invalid", "the registration does not verify");
     await this.spend(`r.${challengeId}`, stored, entry);
+    if (confirmedWith !== undefined) await this.touch(confirmedWith.passkey, confirmedWith.counter);
     const credential = verified.registrationInfo.credential;
     const passkey: StoredPasskey = {
       id: credential.id,

@@ -82,6 +82,24 @@ async function assertion(page: Page, options: unknown): Promise<Record<string, u
   })()`);
 }
 
+/** Makes a passkey on the page's authenticator for WebAuthn creation options, as registration JSON. */
+async function creation(page: Page, options: unknown): Promise<Record<string, unknown>> {
+  return page.evaluate<Record<string, unknown>>(`(async () => {
+    const options = ${JSON.stringify(options)};
+    const bytes = (text) => Uint8Array.from(atob(text.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((text.length + 3) % 4)), (c) => c.charCodeAt(0));
+    const text = (buffer) => btoa(String.fromCharCode(...new Uint8Array(buffer))).replace(/\\+/g, "-").replace(/\\//g, "_").replace(/=+$/, "");
+    const credential = await navigator.credentials.create({ publicKey: {
+      ...options,
+      challenge: bytes(options.challenge),
+      user: { ...options.user, id: bytes(options.user.id) },
+      excludeCredentials: options.excludeCredentials.map((c) => ({ type: "public-key", id: bytes(c.id) })),
+    } });
+    const r = credential.response;
+    return { id: credential.id, rawId: text(credential.rawId), type: credential.type, clientExtensionResults: {}, response: {
+      attestationObject: text(r.attestationObject), clientDataJSON: text(r.clientDataJSON), transports: r.getTransports() } };
+  })()`);
+}
+
 /** A challenge for dana's vote on `id`, and the passkey's answer to it. */
 async function stepUpFor(page: Page, id: string, approve: boolean): Promise<{ challengeId: string; passkey: Record<string, unknown> }> {
   const challenge = await api("POST", `/api/v1/requests/${id}/step-up`, { approve });
@@ -193,6 +211,27 @@ await t.test("a step-up rule's approval: refused without step-up, with a replay,
   await screenshot(t, page, "approved-with-passkey-1280");
 });
 
+await t.test("a second passkey needs a step-up with the first", async (t) => {
+  const options = await api("POST", "/api/v1/passkeys/options", {});
+  t.ok(options.body.passkey, "the options ask for an assertion with an existing passkey");
+  const confirm = await assertion(page, options.body.passkey);
+  // The new passkey is made on a second authenticator (the first one is excluded).
+  await cdp.send("WebAuthn.removeVirtualAuthenticator", { authenticatorId });
+  await cdp.send("WebAuthn.addVirtualAuthenticator", {
+    options: { protocol: "ctap2", transport: "usb", hasResidentKey: true, hasUserVerification: true, isUserVerified: true, automaticPresenceSimulation: true },
+  });
+  const made = await creation(page, options.body.options);
+  const bare = await api("POST", "/api/v1/passkeys", { challengeId: options.body.challengeId, response: made, name: "thief's key" });
+  t.match(bare, { status: 403, body: { code: "step_up_required", details: { causes: ["new_passkey"] } } }, "without the existing passkey's confirmation it is refused");
+  t.equal(((await api("GET", "/api/v1/passkeys")).body.passkeys as unknown[]).length, 1, "and nothing was added");
+  const added = await api("POST", "/api/v1/passkeys", { challengeId: options.body.challengeId, response: made, name: "security key", assertion: confirm });
+  t.equal(added.status, 201, "confirmed with the first passkey, the second is added");
+  t.match(added.body, { name: "security key" });
+  t.equal(((await api("GET", "/api/v1/passkeys")).body.passkeys as unknown[]).length, 2);
+  const again = await api("POST", "/api/v1/passkeys", { challengeId: options.body.challengeId, response: made, name: "again", assertion: confirm });
+  t.match(again, { status: 403, body: { details: { reason: "step_up_replayed" } } }, "the registration challenge is spent");
+});
+
 await t.test("a denial needs no step-up; a passkey can be removed", async (t) => {
   const call = stack.callExportTable("step-up export denied");
   const view = await pending("step-up export denied");
@@ -200,7 +239,7 @@ await t.test("a denial needs no step-up; a passkey can be removed", async (t) =>
   t.equal(denied.status, 200, "denying is never harder than approving");
   t.not((await call).code, 0);
   const listed = (await api("GET", "/api/v1/passkeys")).body.passkeys as { id: string }[];
-  t.equal((await api("DELETE", `/api/v1/passkeys/${listed[0]?.id ?? ""}`)).status, 204);
+  for (const passkey of listed) t.equal((await api("DELETE", `/api/v1/passkeys/${passkey.id}`)).status, 204);
   t.same((await api("GET", "/api/v1/passkeys")).body.passkeys, [], "gone");
   const removed = ((await api("GET", "/api/v1/audit?limit=50")).body.events as { actor: string; details: Record<string, unknown> }[]).find((event) => event.details.reason === "passkey_removed");
   t.match(removed, { actor: "dana@example.com", details: { passkey: listed[0]?.id } }, "so is the removal");
