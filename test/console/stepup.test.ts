@@ -208,6 +208,7 @@ await t.test("a step-up rule's approval: refused without step-up, with a replay,
   t.equal((await second).code, 0, "approved in the console with the passkey; the agent's call went through");
   const record = (await api("GET", `/api/v1/requests/${twoId}`)).body.record as { votes: { stepUp?: string }[] };
   t.equal(record.votes[0]?.stepUp, "passkey");
+  t.equal(await page.getByTestId("vote-step-up").textContent(), "confirmed with a passkey", "the page says how the vote was confirmed");
   await screenshot(t, page, "approved-with-passkey-1280");
 });
 

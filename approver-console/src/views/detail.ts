@@ -160,6 +160,7 @@ function approvals(view: RequestView): HTMLElement {
               h("strong", {}, vote.reviewer),
               h("span", { class: "hint" }, ` for ${vote.group}, ${ago(timestampDate(vote.at))}`),
               vote.breakGlass ? h("span", { class: "badge risk-critical" }, "break-glass") : null,
+              vote.stepUp ? h("span", { class: "badge step-up", "data-testid": "vote-step-up", title: "The vote's audit event keeps the proof" }, `confirmed with ${vote.stepUp === "oidc" ? "a fresh sign-in" : "a passkey"}`) : null,
               vote.reason ? h("div", { class: "vote-reason" }, `“${vote.reason}”`) : null,
             ),
           ),
