@@ -203,6 +203,7 @@ await t.test("a step-up rule's approval: refused without step-up, with a replay,
 
   // Two is still pending: dana approves it in the console, which asks the passkey itself.
   await page.goto(`${consoleUrl}/console/#/requests/${twoId}`);
+  await page.getByTestId("step-up-hint").waitFor();
   await page.getByTestId("approve-button").click();
   await page.getByTestId("decision-result").filter({ hasText: /approved/i }).waitFor();
   t.equal((await second).code, 0, "approved in the console with the passkey; the agent's call went through");

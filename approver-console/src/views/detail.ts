@@ -254,6 +254,9 @@ function decisionForm(id: string, app: AppContext, view: RequestView, hooks: Dec
     h("label", { for: "reason" }, "Reason"),
     reason,
     h("p", { id: "reason-help", class: "hint" }, "Required to deny; the agent receives it. Optional to approve."),
+    view.record.request?.stepUp?.required === true
+      ? h("p", { class: "hint", "data-testid": "step-up-hint" }, "Approving needs your passkey: this rule asks for a step-up bound to this exact request.")
+      : null,
     breakGlassAllowed ? h("label", { class: "toggle", for: "break-glass" }, breakGlass, " Break-glass (self-approval, flagged and notified; needs a reason)") : null,
     // On a phone this bar stays at the bottom of the screen (style.css), so Approve and Deny never need a scroll.
     h("div", { class: "actions decision-bar", "data-testid": "decision-bar" }, approve, deny),
