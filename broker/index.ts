@@ -11,3 +11,4 @@ export { type BrokerConfig, brokerConfigDefaults, loadBrokerConfig, parseBrokerC
 export { Broker, type BrokerOptions, brokerDefaults } from "./service.js";
 export * from "./reviewers/index.js";
 export { type NotificationsConfig, parseNotificationsConfig, ReviewNotifier, verifySlackSignature, verifyWebhookSignature } from "./notify/index.js";
+export * from "./stepup/index.js";

@@ -30,4 +30,4 @@ export {
   type TimeWindow,
 } from "./rules/config.js";
 export { principalKey } from "./rules/people.js";
-export type { ApprovalEvent, Ballot, EventBase, GroupNeed, IntakeResult, IntakeSuccess, Outcome, RuleFailure, RuleResult, RuleSuccess } from "./rules/types.js";
+export type { ApprovalEvent, Ballot, EventBase, GroupNeed, IntakeResult, IntakeSuccess, Outcome, RuleFailure, RuleResult, RuleSuccess, StepUpReceipt } from "./rules/types.js";

@@ -14,6 +14,7 @@ import { PolicyWatcher } from "../sidecar/index.js";
 import { parseReviewerAuthConfig, ReviewerAuthenticator, type ReviewerAuthConfig } from "./reviewers/auth.js";
 import { startReviewerGrpc, type RunningReviewerGrpc } from "./reviewers/grpc.js";
 import { createBrokerHttpApp } from "./reviewers/http.js";
+import { parseStepUpConfig, type StepUpConfig, StepUpService } from "./stepup/index.js";
 import { type NotificationsConfig, noNotifications, parseNotificationsConfig, ReviewNotifier } from "./notify/index.js";
 
 /** How the broker authenticates to Vault: a union keyed by `kind`. */
@@ -105,6 +106,8 @@ export interface ReviewerApiConfig {
   readonly grpc?: { readonly host: string; readonly port: number };
   /** The console's public origin behind a proxy that rewrites `Host` (`https://airlock.example.com`). */
   readonly publicOrigin?: string;
+  /** Step-up for approvals (`step_up`): passkeys' relying party, and the risk from which approving needs it. */
+  readonly stepUp?: StepUpConfig;
 }
 
 /** Defaults of {@link BrokerConfig}. */
@@ -118,8 +121,15 @@ function reviewerApiConfig(reader: ConfigReader): ReviewerApiConfig {
   if (publicOrigin !== undefined && (!URL.canParse(publicOrigin) || new URL(publicOrigin).origin !== publicOrigin)) {
     throw reader.fail(`${reader.path}.public_origin`, "must be an origin such as https://airlock.example.com (scheme, host, optional port; no path)");
   }
+  const stepUp = reader.has("step_up") ? parseStepUpConfig(reader.object("step_up")) : (reader.optionalObject("step_up"), undefined);
   reader.done();
-  return { auth, ratePerMinute, ...(grpc === undefined ? {} : { grpc: { host: grpc.host, port: grpc.port } }), ...(publicOrigin === undefined ? {} : { publicOrigin }) };
+  return {
+    auth,
+    ratePerMinute,
+    ...(grpc === undefined ? {} : { grpc: { host: grpc.host, port: grpc.port } }),
+    ...(publicOrigin === undefined ? {} : { publicOrigin }),
+    ...(stepUp === undefined ? {} : { stepUp }),
+  };
 }
 
 function vaultAuth(reader: ConfigReader): VaultAuth {
@@ -287,6 +297,7 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
       ? {}
       : { checkpoints: { sink: new DirectoryCheckpointSink(checkpointSettings.sink.dir, checkpointSettings.sink.periodMs), everyEvents: checkpointSettings.everyEvents, intervalMs: checkpointSettings.intervalMs } }),
     approvals: config.approvals,
+    ...(config.reviewers?.stepUp?.minRisk === undefined ? {} : { stepUpMinRisk: config.reviewers.stepUp.minRisk }),
     policy: () => watcher.current(),
     replicaId: config.replicaId,
     orphanAfterMs: config.takeoverAfterMs,
@@ -312,6 +323,8 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
   let grpc: RunningReviewerGrpc | undefined;
   let app;
   try {
+    const stepUpConfig = config.reviewers?.stepUp;
+    const stepUp = stepUpConfig === undefined ? undefined : await StepUpService.open(nc, stepUpConfig, auth);
     const slack = notifier.slack;
     app = await createBrokerHttpApp({
       broker,
@@ -323,6 +336,7 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
       ...(auth === undefined ? {} : { auth, ratePerMinute: config.reviewers?.ratePerMinute ?? brokerConfigDefaults.ratePerMinute }),
       ...(slack === undefined ? {} : { slack: (rawBody, headers, decide) => slack.handleInteraction(rawBody, headers, decide) }),
       ...(config.reviewers?.publicOrigin === undefined ? {} : { publicOrigin: config.reviewers.publicOrigin }),
+      ...(stepUp === undefined ? {} : { stepUp }),
     });
     await app.listen({ host: config.http.host, port: config.http.port });
     if (auth !== undefined && config.reviewers?.grpc !== undefined) {

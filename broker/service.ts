@@ -26,7 +26,8 @@ import {
 } from "../proto/index.js";
 import { type AuditEntry, AuditKeyRing, AuditLog, type AuditSigner, Checkpointer, type CheckpointSink } from "./audit/index.js";
 import type { CredentialIssuer, IssuedCredential } from "./credentials.js";
-import { type ApprovalConfig, type ApprovalEvent, type Ballot, intake, isFinal, markCompleted, markExecuting, markFailed, type Outcome, tick, vote } from "./rules.js";
+import { type ApprovalConfig, type ApprovalEvent, type Ballot, intake, isFinal, markCompleted, markExecuting, markFailed, type Outcome, principalKey, type RiskLevel, tick, vote } from "./rules.js";
+import { stepUpNeed } from "./stepup/config.js";
 import { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
 import { RequestStore, type StoredRecord } from "./store.js";
 import { type Refusal, type RefusalReason, subjectHost, subjectParts, vetCompletion, vetRequest } from "./trust.js";
@@ -87,6 +88,11 @@ export interface BrokerOptions {
    * hang here). Called synchronously and must not block: it runs on the approval path.
    */
   readonly onEvents?: (events: readonly ApprovalEvent[], record: RequestRecord) => void;
+  /**
+   * Approvals of requests at this risk or above need step-up (`reviewers.step_up.min_risk`),
+   * besides those whose rule asks for it and every break-glass. Absent: risk alone never does.
+   */
+  readonly stepUpMinRisk?: RiskLevel;
 }
 
 /** Defaults of {@link BrokerOptions}. */
@@ -351,6 +357,14 @@ export class Broker {
     await this.checkpointer?.close();
   }
 
+  /**
+   * Appends a reviewer's security-relevant act that concerns no request (a passkey
+   * registered or removed) to the trail, as a SECURITY_EVENT with the reviewer as actor.
+   */
+  async auditReviewerAct(reviewer: string, details: Readonly<Record<string, string>>): Promise<void> {
+    await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: reviewer, details: { ...details } });
+  }
+
   /** Takes a checkpoint of the audit trail now, if this replica writes them (the demo and tests). */
   async checkpointAudit(): Promise<void> {
     await this.checkpointer?.checkpoint();
@@ -408,6 +422,8 @@ export class Broker {
       if (request === undefined) throw new AirlockError(Code.DataLoss, `request ${requestId} has no request`);
       const result = vote(stored.record, request, this.options.approvals, ballot, new Date());
       if (!result.ok) throw result.error;
+      // Only a vote that would count is asked for step-up; the broker's own record says whether it must.
+      checkStepUp(request, ballot, this.options.stepUpMinRisk);
       // The vote is audited before it counts: no audit, no approval.
       await this.auditEvents(result.events, ballot.reviewer);
       // The write that decides also claims the decision, so exactly one replica publishes it.
@@ -1043,6 +1059,24 @@ export class Broker {
     this.metrics.pendingDepth.set(pendingCount);
     this.metrics.oldestPendingSeconds.set(oldestPendingMs / 1000);
     this.metrics.leasesOutstanding.set(outstanding);
+  }
+}
+
+/**
+ * Refuses a vote that needs step-up without a receipt for it (`permission_denied`,
+ * `details.reason: step_up_required`, with the causes and the `acr` a fresh sign-in must
+ * carry), and a receipt made for another request, verdict or reviewer.
+ */
+function checkStepUp(request: ApprovalRequest, ballot: Ballot, minRisk: RiskLevel | undefined): void {
+  const receipt = ballot.stepUp;
+  if (receipt !== undefined && (receipt.requestId !== request.id || receipt.approve !== ballot.approve || principalKey(receipt.reviewer) !== principalKey(ballot.reviewer))) {
+    throw new AirlockError(Code.PermissionDenied, `request ${request.id}: the step-up was made for another vote`, { details: { reason: "step_up_mismatch", requestId: request.id } });
+  }
+  const need = stepUpNeed(request, ballot, minRisk);
+  if (need.required && receipt === undefined) {
+    throw new AirlockError(Code.PermissionDenied, `request ${request.id}: approving it needs a step-up (a passkey, or a fresh sign-in) bound to this request`, {
+      details: { reason: "step_up_required", requestId: request.id, causes: [...need.causes], ...(need.acr === "" ? {} : { acr: need.acr }) },
+    });
   }
 }
 

@@ -78,6 +78,7 @@ export function vetRequest(subject: string, request: ApprovalRequest, policy: Po
   vetted.ruleDescription = terms.ruleDescription;
   vetted.reviewers = terms.reviewers;
   vetted.credential = terms.credential;
+  vetted.stepUp = terms.stepUp;
   const latest = now.getTime() + rule.approve.timeoutMs;
   if (vetted.deadline === undefined || timestampDate(vetted.deadline).getTime() > latest) vetted.deadline = timestampFromMs(latest);
   return { ok: true, request: vetted };

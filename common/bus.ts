@@ -1,4 +1,4 @@
-import { auditStream, hostPattern, stateBucket, streams, subjects } from "./subjects.js";
+import { auditStream, hostPattern, passkeyBucket, stateBucket, stepUpBucket, streams, subjects } from "./subjects.js";
 
 /**
  * Who is on the bus. Each role gets only the NATS rights it needs, and the
@@ -124,13 +124,17 @@ export function busPermissions(role: BusRole): BusPermissions {
     }
     case "broker": {
       const kvStream = `KV_${stateBucket}`;
-      const owned = [...Object.values(streams).map((s) => s.name), auditStream.name, kvStream];
+      // The step-up buckets (passkeys, single-use challenges) are the broker's alone too.
+      const stepUpStreams = [passkeyBucket, stepUpBucket].map((bucket) => `KV_${bucket}`);
+      const owned = [...Object.values(streams).map((s) => s.name), auditStream.name, kvStream, ...stepUpStreams];
       return {
         publish: {
           allow: [
             "airlock.decision.>",
             auditStream.subject,
             `$KV.${stateBucket}.>`,
+            `$KV.${passkeyBucket}.>`,
+            `$KV.${stepUpBucket}.>`,
             `${api}.INFO`,
             // Creating is idempotent; updating, deleting and purging are not granted.
             ...owned.map((name) => `${api}.STREAM.CREATE.${name}`),
@@ -147,7 +151,7 @@ export function busPermissions(role: BusRole): BusPermissions {
               `$JS.FC.${name}.>`,
             ]),
             // The KV watchers are ordered consumers, which delete their own consumer when done.
-            `${api}.CONSUMER.DELETE.${kvStream}.*`,
+            ...[kvStream, ...stepUpStreams].map((name) => `${api}.CONSUMER.DELETE.${name}.*`),
           ],
         },
         subscribe: { allow: [inbox, subjects.heartbeats] },

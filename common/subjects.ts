@@ -19,6 +19,12 @@ export const auditStream = { name: "AIRLOCK_AUDIT", subject: "airlock.audit" } a
 /** The KV bucket holding every request's record, keyed by request id (only brokers touch it). */
 export const stateBucket = "AIRLOCK_STATE";
 
+/** The KV bucket of reviewers' registered passkeys (public keys and counters; only brokers touch it). */
+export const passkeyBucket = "AIRLOCK_PASSKEYS";
+
+/** The KV bucket of issued step-up challenges, each usable once (only brokers touch it; entries expire). */
+export const stepUpBucket = "AIRLOCK_STEPUP";
+
 /** A host name usable as one NATS subject token. */
 export const hostPattern = /^[A-Za-z0-9_-]{1,64}$/;
 

@@ -35,5 +35,6 @@ export {
   type PolicyVerdict,
   type ReviewerSpec,
   type RuleSummary,
+  type StepUpSpec,
 } from "./policy/types.js";
 export { PolicyWatcher, type PolicyWatcherOptions } from "./policy/watcher.js";

@@ -188,10 +188,11 @@ export async function getRequest(id: string): Promise<RequestView> {
   return readRequestView(await call("GET", `/requests/${encodeURIComponent(id)}`));
 }
 
-export async function decide(id: string, decision: { approve: boolean; reason: string; breakGlass: boolean }): Promise<RequestView> {
+export async function decide(id: string, decision: { approve: boolean; reason: string; breakGlass: boolean; stepUp?: JsonObject }): Promise<RequestView> {
   const body: JsonObject = { approve: decision.approve };
   if (decision.reason !== "") body.reason = decision.reason;
   if (decision.breakGlass) body.breakGlass = true;
+  if (decision.stepUp !== undefined) body.stepUp = decision.stepUp;
   return readRequestView(await call("POST", `/requests/${encodeURIComponent(id)}/decision`, { body }));
 }
 
@@ -211,3 +212,64 @@ export async function verifyAudit(): Promise<VerifyAuditResponse> {
 
 /** The URL of the live event stream. */
 export const eventsUrl = "/api/v1/events";
+
+/** A step-up challenge for one vote (see `POST /api/v1/requests/:id/step-up`). */
+export interface StepUpChallenge {
+  readonly challengeId: string;
+  /** `passkey` when the reviewer has one, `oidc` when a fresh sign-in can stand in. */
+  readonly methods: readonly string[];
+  /** WebAuthn request options (JSON) when `passkey` is offered. */
+  readonly passkey?: JsonObject;
+  /** The re-authentication to ask the identity provider for when `oidc` is offered. */
+  readonly oidc?: JsonObject;
+}
+
+/** Asks the broker for a challenge bound to this request and verdict. */
+export async function stepUpChallenge(id: string, approve: boolean): Promise<StepUpChallenge> {
+  const json = asObject(await call("POST", `/requests/${encodeURIComponent(id)}/step-up`, { body: { approve } }), "challenge");
+  const methods = Array.isArray(json.methods) ? json.methods.filter((m): m is string => typeof m === "string") : [];
+  return {
+    challengeId: typeof json.challengeId === "string" ? json.challengeId : "",
+    methods,
+    ...(isObject(json.passkey) ? { passkey: json.passkey } : {}),
+    ...(isObject(json.oidc) ? { oidc: json.oidc } : {}),
+  };
+}
+
+/** One of the signed-in reviewer's passkeys. */
+export interface Passkey {
+  readonly id: string;
+  readonly name: string;
+  readonly createdAt: Date;
+  readonly lastUsedAt: Date | undefined;
+}
+
+function readPasskey(value: unknown): Passkey {
+  const json = asObject(value, "passkey");
+  return {
+    id: typeof json.id === "string" ? json.id : "",
+    name: typeof json.name === "string" ? json.name : "",
+    createdAt: new Date(typeof json.createdAt === "string" ? json.createdAt : 0),
+    lastUsedAt: typeof json.lastUsedAt === "string" ? new Date(json.lastUsedAt) : undefined,
+  };
+}
+
+export async function listPasskeys(): Promise<Passkey[]> {
+  const list = asObject(await call("GET", "/passkeys"), "answer").passkeys;
+  return Array.isArray(list) ? list.map(readPasskey) : [];
+}
+
+/** Starts a registration: the WebAuthn creation options and the challenge's id. */
+export async function passkeyOptions(): Promise<{ challengeId: string; options: JsonObject; passkey?: JsonObject }> {
+  const json = asObject(await call("POST", "/passkeys/options", { body: {} }), "options");
+  return { challengeId: typeof json.challengeId === "string" ? json.challengeId : "", options: asObject(json.options, "options"), ...(isObject(json.passkey) ? { passkey: json.passkey } : {}) };
+}
+
+/** Registers a passkey; `assertion` confirms it with an existing one (required once the reviewer has any). */
+export async function registerPasskey(challengeId: string, response: JsonObject, name: string, assertion?: JsonObject): Promise<Passkey> {
+  return readPasskey(await call("POST", "/passkeys", { body: { challengeId, response, name, ...(assertion === undefined ? {} : { assertion }) } }));
+}
+
+export async function removePasskey(id: string): Promise<void> {
+  await call("DELETE", `/passkeys/${encodeURIComponent(id)}`);
+}

@@ -8,17 +8,18 @@ import { auditView } from "./views/audit.js";
 import { detailView } from "./views/detail.js";
 import { historyView } from "./views/history.js";
 import { inboxView } from "./views/inbox.js";
+import { passkeysView } from "./views/passkeys.js";
 import { renderSignIn } from "./views/signin.js";
 
 const appName = "Airlock";
 
 interface Route {
-  readonly name: "inbox" | "request" | "history" | "audit";
+  readonly name: "inbox" | "request" | "history" | "audit" | "passkeys";
   readonly view: View;
   readonly label: string;
 }
 
-/** `#/inbox`, `#/requests/<id>`, `#/history?agent=…&outcome=…`, `#/audit`; anything else is the inbox. */
+/** `#/inbox`, `#/requests/<id>`, `#/history?agent=…&outcome=…`, `#/audit`, `#/settings/passkeys`; anything else is the inbox. */
 function parseRoute(hash: string): Route {
   const [path = "", query = ""] = hash.replace(/^#/, "").split("?", 2);
   const parts = path.split("/").filter((part) => part !== "");
@@ -28,6 +29,7 @@ function parseRoute(hash: string): Route {
   }
   if (parts[0] === "history") return { name: "history", view: historyView(new URLSearchParams(query)), label: "History" };
   if (parts[0] === "audit") return { name: "audit", view: auditView, label: "Audit" };
+  if (parts[0] === "settings" && parts[1] === "passkeys") return { name: "passkeys", view: passkeysView, label: "Passkeys" };
   return { name: "inbox", view: inboxView, label: "Inbox" };
 }
 
@@ -81,6 +83,7 @@ function startApp(me: Me): void {
     h("a", { href: "#/inbox", "data-route": "inbox", "data-testid": "nav-inbox" }, "Inbox ", needCount),
     h("a", { href: "#/history", "data-route": "history", "data-testid": "nav-history" }, "History"),
     h("a", { href: "#/audit", "data-route": "audit", "data-testid": "nav-audit" }, "Audit"),
+    h("a", { href: "#/settings/passkeys", "data-route": "passkeys", "data-testid": "nav-passkeys" }, "Passkeys"),
   );
   const header = h(
     "header",

@@ -147,6 +147,31 @@ export class ReviewerAuthenticator {
     const groups = Array.isArray(claimed) ? claimed.filter((g): g is string => typeof g === "string") : typeof claimed === "string" ? [claimed] : [];
     return { id: id.trim(), groups, expiresAt: payload.exp === undefined ? undefined : new Date(payload.exp * 1000) };
   }
+
+  /**
+   * An OIDC ID token's reviewer and verified claims (issuer, audience, signature and
+   * expiry checked as {@link authenticate} checks them), for a step-up re-authentication
+   * whose `auth_time`, `nonce` and `acr` the caller judges. `unauthenticated` with
+   * `details.reason` as for {@link authenticate}; `failed_precondition` in dev mode, where
+   * there is no identity provider to re-authenticate at.
+   */
+  async verifiedClaims(token: string): Promise<{ readonly reviewer: Reviewer; readonly claims: JWTPayload }> {
+    if (this.config.kind !== "oidc" || this.jwks === undefined) {
+      throw new AirlockError(Code.FailedPrecondition, "re-authentication needs an OIDC identity provider (reviewers.auth.kind: oidc)", { details: { reason: "no_identity_provider" } });
+    }
+    const reviewer = await this.authenticate(token);
+    // Verified again for the claims: authenticate returns only the reviewer. Cheap, the key set is cached.
+    const { payload } = await jwtVerify(token, this.jwks, {
+      issuer: this.config.issuer,
+      audience: this.config.audience,
+      clockTolerance: this.config.clockToleranceSec,
+      algorithms: [...reviewerAuthDefaults.algorithms],
+      requiredClaims: ["exp"],
+    }).catch((error: unknown) => {
+      throw describeJoseError(error);
+    });
+    return { reviewer, claims: payload };
+  }
 }
 
 function describeJoseError(error: unknown): AirlockError {

@@ -21,6 +21,8 @@ import { type ApprovalConfig, type Ballot, stateName } from "../rules.js";
 import type { Broker } from "../service.js";
 import { bearerToken, type Reviewer, type ReviewerAuthenticator } from "./auth.js";
 import { RateLimiter } from "./rate-limit.js";
+import type { StepUpService } from "../stepup/index.js";
+import { registerStepUpRoutes, stepUpReceipt } from "./stepup-routes.js";
 import { liveRequests } from "./live.js";
 import { admitReviewer, matchesFilter, newestFirst, page, parseLimit, parseRequestFilter, requestIdRefusals, requestView, requireReviewer, resolveRequest } from "./views.js";
 
@@ -55,6 +57,8 @@ export interface BrokerHttpOptions {
   readonly publicOrigin?: string;
   /** Slack interactions; without it `/slack/interactions` answers 404. */
   readonly slack?: SlackInteractionHandler;
+  /** Step-up (passkeys, challenges); without it the step-up and passkey routes answer 404 and no vote can step up. */
+  readonly stepUp?: StepUpService;
 }
 
 /** Defaults of {@link BrokerHttpOptions}. */
@@ -78,7 +82,8 @@ export function httpErrorOf(error: AirlockError): { status: number; code: string
     case Code.Unauthenticated:
       return { status: 401, code: "unauthenticated" };
     case Code.PermissionDenied:
-      return { status: 403, code: "permission_denied" };
+      // A vote that lacks its step-up has a code of its own: the console answers it with a passkey prompt.
+      return { status: 403, code: error.details.reason === "step_up_required" ? "step_up_required" : "permission_denied" };
     case Code.NotFound:
       return { status: 404, code: "not_found" };
     case Code.FailedPrecondition:
@@ -133,11 +138,13 @@ function sameText(a: string, b: string): boolean {
   return left.length === right.length && timingSafeEqual(left, right);
 }
 
-interface Body {
+/** A request's JSON body, as the handlers read it. */
+export interface Body {
   readonly [key: string]: unknown;
 }
 
-function bodyOf(request: FastifyRequest): Body {
+/** The request's body as a JSON object (`{}` when empty); `invalid_argument` for anything else. */
+export function bodyOf(request: FastifyRequest): Body {
   const body = request.body;
   if (body === undefined || body === null) return {};
   if (typeof body !== "object" || Array.isArray(body)) throw new AirlockError(Code.InvalidArgument, "the body must be a JSON object", { details: { field: "body" } });
@@ -299,8 +306,18 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     if (!approve && (reason === undefined || reason === "")) throw new AirlockError(Code.InvalidArgument, "a denial needs a reason", { details: { field: "reason" } });
     const breakGlass = optionalFlag(body, "breakGlass");
     // A shortened id is resolved first, so the vote goes to the one request it names.
-    const requestId = (await resolveRequest(broker, request.params.id)).request?.id ?? request.params.id;
-    const ballot: Ballot = { reviewer: reviewer.id, approve, groups: reviewer.groups, ...(reason === undefined ? {} : { reason }), ...(breakGlass === undefined ? {} : { breakGlass }) };
+    const resolved = await resolveRequest(broker, request.params.id);
+    const requestId = resolved.request?.id ?? request.params.id;
+    // A step-up proof is verified (and its challenge spent) against the broker's own record of the request.
+    const stepUp = body.stepUp === undefined || body.stepUp === null ? undefined : await stepUpReceipt(options.stepUp, reviewer, resolved, approve, body.stepUp);
+    const ballot: Ballot = {
+      reviewer: reviewer.id,
+      approve,
+      groups: reviewer.groups,
+      ...(reason === undefined ? {} : { reason }),
+      ...(breakGlass === undefined ? {} : { breakGlass }),
+      ...(stepUp === undefined ? {} : { stepUp }),
+    };
     let record: RequestRecord;
     try {
       record = await broker.decide(requestId, ballot);
@@ -420,6 +437,8 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
       }
     })();
   }
+
+  if (options.stepUp !== undefined) registerStepUpRoutes(app, { stepUp: options.stepUp, broker, reviewerOf, bodyOf, log });
 
   if (options.slack !== undefined) {
     const slack = options.slack;

@@ -30,7 +30,7 @@ import {
   tallyVotes,
 } from "./requirement.js";
 import { stateName } from "./transitions.js";
-import type { ApprovalEvent, Ballot, EventBase, IntakeResult, Outcome, RuleFailure, RuleResult, RuleSuccess } from "./types.js";
+import type { ApprovalEvent, Ballot, EventBase, IntakeResult, Outcome, RuleFailure, RuleResult, RuleSuccess, StepUpReceipt } from "./types.js";
 
 function refuse(code: Code, context: RequestContext, message: string, details: Record<string, unknown> = {}): RuleFailure {
   return { ok: false, error: new AirlockError(code, `request ${context.requestId}: ${message}`, { details: { requestId: context.requestId, ...details } }) };
@@ -45,6 +45,11 @@ function revise(record: RequestRecord, now: Date): RequestRecord {
   const next = clone(RequestRecordSchema, record);
   next.updatedAt = timestampFromDate(now);
   return next;
+}
+
+/** The ballot's step-up receipt, for its `voted` event (and so the vote's audit event). */
+function stepUpFact(ballot: Ballot): { stepUp?: StepUpReceipt } {
+  return ballot.stepUp === undefined ? {} : { stepUp: ballot.stepUp };
 }
 
 function eventBase(context: RequestContext, now: Date): EventBase {
@@ -139,14 +144,14 @@ function breakGlassVote(context: RequestContext, record: RequestRecord, ballot: 
   if (!context.breakGlassRole.has(principalKey(reviewer))) return refuse(Code.InvalidArgument, context, `${reviewer} is not in the break-glass role`, { field: "breakGlass", reviewer });
   if (reason === "") return refuse(Code.InvalidArgument, context, "break-glass needs a reason", { field: "reason", reviewer });
   const next = revise(record, now);
-  next.votes.push(create(ReviewerVoteSchema, { reviewer, group: "", approve: true, reason, at: timestampFromDate(now), breakGlass: true }));
+  next.votes.push(create(ReviewerVoteSchema, { reviewer, group: "", approve: true, reason, at: timestampFromDate(now), breakGlass: true, stepUp: ballot.stepUp?.method ?? "" }));
   next.state = RequestState.APPROVED;
   const base = eventBase(context, now);
   return success(
     next,
     [
       ...prior,
-      { ...base, kind: "voted", reviewer, approve: true, group: "", reason, breakGlass: true },
+      { ...base, kind: "voted", reviewer, approve: true, group: "", reason, breakGlass: true, ...stepUpFact(ballot) },
       { ...base, kind: "break_glass", flagged: true, reviewer, reason, notify: allRequirementMembers(context) },
       { ...base, kind: "approved", cause: "break_glass", by: [reviewer], reason },
     ],
@@ -264,11 +269,11 @@ export function vote(record: RequestRecord, request: ApprovalRequest, config: Ap
   }
 
   const next = revise(working, now);
-  next.votes.push(create(ReviewerVoteSchema, { reviewer, group, approve: ballot.approve, reason, at: timestampFromDate(now), breakGlass: false }));
+  next.votes.push(create(ReviewerVoteSchema, { reviewer, group, approve: ballot.approve, reason, at: timestampFromDate(now), breakGlass: false, stepUp: ballot.stepUp?.method ?? "" }));
   const after = tallyVotes(context, next.votes);
   next.outstanding = outstandingOf(after);
   const base = eventBase(context, now);
-  const events: ApprovalEvent[] = [...prior, { ...base, kind: "voted", reviewer, approve: ballot.approve, group, reason, breakGlass: false }];
+  const events: ApprovalEvent[] = [...prior, { ...base, kind: "voted", reviewer, approve: ballot.approve, group, reason, breakGlass: false, ...stepUpFact(ballot) }];
 
   if (ballot.approve) {
     if (!isMet(after)) return success(next, events);

@@ -28,6 +28,32 @@ export interface Ballot {
    * @default []
    */
   readonly groups?: readonly string[];
+  /**
+   * The step-up the broker verified for this ballot (a passkey assertion or a fresh
+   * sign-in bound to this request and verdict). Recorded on the vote and, whole, in its
+   * audit event: the approval's receipt.
+   */
+  readonly stepUp?: StepUpReceipt;
+}
+
+/**
+ * Proof, as the broker verified it, that a reviewer stepped up for one vote: the
+ * approval's receipt. Made only by the broker's step-up verifier (broker/stepup), never
+ * taken from a caller.
+ */
+export interface StepUpReceipt {
+  /** `passkey`: a WebAuthn assertion; `oidc`: a fresh sign-in at the identity provider. */
+  readonly method: "passkey" | "oidc";
+  /** The request the challenge was derived from. */
+  readonly requestId: string;
+  /** The verdict the challenge was derived from. */
+  readonly approve: boolean;
+  /** The reviewer who stepped up. */
+  readonly reviewer: string;
+  /** The challenge (base64url SHA-256) the proof signs, and the inputs it was derived from. */
+  readonly challenge: string;
+  /** The evidence itself: for a passkey the credential id, authenticator data, client data, signature and counter (base64url). */
+  readonly evidence: Readonly<Record<string, string | number | boolean>>;
 }
 
 /** A group of the requirement and how many approvals it still needs. */
@@ -51,7 +77,7 @@ export type ApprovalEvent =
   /** Intake left the request PENDING; `notify` lists who may approve it now. */
   | (EventBase & { readonly kind: "awaiting_review"; readonly outstanding: readonly GroupNeed[]; readonly notify: readonly string[] })
   /** A reviewer voted. `group` is the group the vote counts for (empty for break-glass). */
-  | (EventBase & { readonly kind: "voted"; readonly reviewer: string; readonly approve: boolean; readonly group: string; readonly reason: string; readonly breakGlass: boolean })
+  | (EventBase & { readonly kind: "voted"; readonly reviewer: string; readonly approve: boolean; readonly group: string; readonly reason: string; readonly breakGlass: boolean; readonly stepUp?: StepUpReceipt })
   /**
    * The request was approved: by enough votes, by break-glass, or by an auto rule
    * (`autoRule`). `by` lists the approvers whose votes counted; `reason` is the deciding reason.

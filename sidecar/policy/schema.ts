@@ -3,7 +3,7 @@ import { hostPattern } from "../../common/subjects.js";
 import { AirlockError, Code } from "../../common/errors.js";
 import { type CompiledCondition, compileCondition, ConditionError } from "./condition.js";
 import { parseDuration } from "../../common/duration.js";
-import { type ApproveSpec, type CredentialSpec, type Effect, policyDefaults, type ReviewerSpec } from "./types.js";
+import { type ApproveSpec, type CredentialSpec, type Effect, policyDefaults, type ReviewerSpec, type StepUpSpec } from "./types.js";
 
 /** One rule after validation, its condition compiled. */
 export interface RuleDefinition {
@@ -238,7 +238,7 @@ function readRule(reader: PolicyReader, value: unknown, path: Path): RuleDefinit
 }
 
 function readApprove(reader: PolicyReader, value: unknown, path: Path, description: string): ApproveSpec {
-  const approve = reader.mapping(value, path, ["risk", "reviewers", "credential", "redact", "require_reason", "timeout"], ["risk", "reviewers", "credential"]);
+  const approve = reader.mapping(value, path, ["risk", "reviewers", "credential", "redact", "require_reason", "timeout", "step_up"], ["risk", "reviewers", "credential"]);
   const redact = approve.redact === undefined ? [] : reader.list(approve.redact, [...path, "redact"]);
   const redactPaths = redact.map((entry, index) =>
     reader.string(entry, [...path, "redact", index], fieldPathPattern, "a dotted request field path like filter.ssn"),
@@ -251,7 +251,15 @@ function readApprove(reader: PolicyReader, value: unknown, path: Path, descripti
     redact: [...new Set(redactPaths)],
     requireReason: reader.boolean(approve.require_reason, [...path, "require_reason"], policyDefaults.requireReason),
     timeoutMs: reader.duration(approve.timeout, [...path, "timeout"], policyDefaults.timeoutMs),
+    ...readStepUp(reader, approve.step_up, [...path, "step_up"]),
   };
+}
+
+/** `step_up: true | false | { acr: <value> }`; absent or false: no step-up asked by the rule. */
+function readStepUp(reader: PolicyReader, value: unknown, path: Path): { stepUp?: StepUpSpec } {
+  if (value === undefined || value === null || typeof value === "boolean") return reader.boolean(value, path, false) ? { stepUp: { acr: "" } } : {};
+  const stepUp = reader.mapping(value, path, ["acr"], ["acr"]);
+  return { stepUp: { acr: reader.string(stepUp.acr, [...path, "acr"]) } };
 }
 
 function readReviewers(reader: PolicyReader, value: unknown, path: Path): ReviewerSpec {

@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { type CredentialTemplate, CredentialTemplateSchema, type ReviewerRequirement, ReviewerRequirementSchema, Risk } from "../../proto/index.js";
+import { type CredentialTemplate, CredentialTemplateSchema, type ReviewerRequirement, ReviewerRequirementSchema, Risk, type StepUpRequirement, StepUpRequirementSchema } from "../../proto/index.js";
 import type { ApproveSpec } from "./types.js";
 
 const risks: Record<ApproveSpec["risk"], Risk> = { low: Risk.LOW, medium: Risk.MEDIUM, high: Risk.HIGH, critical: Risk.CRITICAL };
@@ -12,6 +12,8 @@ export interface ApprovalTerms {
   readonly ruleDescription: string;
   readonly reviewers: ReviewerRequirement;
   readonly credential: CredentialTemplate;
+  /** Whether the rule asks for step-up to approve, and the `acr` a fresh sign-in must carry. */
+  readonly stepUp: StepUpRequirement;
 }
 
 /**
@@ -39,5 +41,6 @@ export function approvalTerms(approve: ApproveSpec): ApprovalTerms {
       injectHeader: credential.injectHeader,
       description: credential.description,
     }),
+    stepUp: create(StepUpRequirementSchema, { required: approve.stepUp !== undefined, acr: approve.stepUp?.acr ?? "" }),
   };
 }

@@ -106,6 +106,18 @@ export interface ApproveSpec {
   readonly requireReason: boolean;
   /** How long the call may wait for a decision. @default 3600000 (1h) */
   readonly timeoutMs: number;
+  /**
+   * Present when the rule asks for step-up to approve (`step_up: true`, or
+   * `step_up: { acr: <value> }`): an approver confirms with a passkey assertion bound to
+   * the request and the verdict, or with a fresh sign-in (carrying `acr` when given).
+   */
+  readonly stepUp?: StepUpSpec;
+}
+
+/** A rule's step-up requirement (`approve.step_up`). */
+export interface StepUpSpec {
+  /** The `acr` a fresh sign-in must carry when it stands in for a passkey; `""`: any. */
+  readonly acr: string;
 }
 
 /** The outcome of evaluating policy for one call. */

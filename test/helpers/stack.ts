@@ -61,6 +61,8 @@ export interface StackOptions {
   readonly brokerConfig?: Record<string, unknown>;
   /** The broker's reviewer gRPC listen address; off when absent. */
   readonly reviewerGrpc?: string;
+  /** Options of the tests' policy ({@link opsPolicy}); RotateKey's risk stays medium. */
+  readonly policy?: Omit<OpsPolicyOptions, "rotateRisk">;
 }
 
 /** Options of {@link opsPolicy}. */
@@ -71,6 +73,8 @@ export interface OpsPolicyOptions {
   readonly timeout?: string;
   /** Report the GetStatus calls the policy allows to the audit trail (`audit: true`). */
   readonly auditStatus?: boolean;
+  /** ExportTable's rule asks for step-up (`step_up: true`), or with a string, for step-up with that `acr`. */
+  readonly exportStepUp?: boolean | string;
 }
 
 /**
@@ -92,6 +96,7 @@ export function opsPolicy(options: OpsPolicyOptions = {}): string {
       credential: { kind: vault_token, policies: [default], num_uses: 5, ttl: 1m }
       timeout: ${timeout}
 `;
+  const stepUp = options.exportStepUp === undefined || options.exportStepUp === false ? "" : `      step_up: ${options.exportStepUp === true ? "true" : `{ acr: ${options.exportStepUp} }`}\n`;
   return `version: 1
 default: deny
 rules:
@@ -107,7 +112,7 @@ rules:
       reviewers: { all_of: [{ group: data-owners, min_approvals: 1 }] }
       credential: { kind: database, mount: database, role: export, ttl: 5m, description: SELECT on customers }
       timeout: ${timeout}
-${rotate}`;
+${stepUp}${rotate}`;
 }
 
 /** The servers a test's building blocks sit on (what `useInfra` returns). */
@@ -306,7 +311,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
 
   await seedExportEngine(t, { nats, vault, database });
 
-  const { agentKeys, dir, sidecar } = await startAgentPath(t, { nats, vault, database }, { name: "stack", host: "stack-host", policy: opsPolicy({ rotateRisk: "medium" }), log });
+  const { agentKeys, dir, sidecar } = await startAgentPath(t, { nats, vault, database }, { name: "stack", host: "stack-host", policy: opsPolicy({ ...options.policy, rotateRisk: "medium" }), log });
 
   const tokens = { dana: "dana-dev-token-0001", sam: "sam-dev-token-0001", alice: "alice-dev-token-0001" };
   const broker = await startBroker(

@@ -4,6 +4,7 @@ import { ValueSchema } from "@bufbuild/protobuf/wkt";
 import { RequestState } from "../../../proto/gen/airlock/v1/reviewer_pb.js";
 import type { CredentialTemplate } from "../../../proto/gen/airlock/v1/approval_pb.js";
 import { ApiError, decide, getRequest, listRequests, type RequestView } from "../api.js";
+import { stepUpProof } from "../stepup.js";
 import { type Child, h, replaceChildren } from "../dom.js";
 import { ago, durationWords, riskName, shortMethod, stateName, timestampDate, timestampMs, when } from "../format.js";
 import { alertBox, type AppContext, countdown, heading, needsMeBadge, riskBadge, startClock, stateBadge } from "../ui.js";
@@ -159,6 +160,7 @@ function approvals(view: RequestView): HTMLElement {
               h("strong", {}, vote.reviewer),
               h("span", { class: "hint" }, ` for ${vote.group}, ${ago(timestampDate(vote.at))}`),
               vote.breakGlass ? h("span", { class: "badge risk-critical" }, "break-glass") : null,
+              vote.stepUp ? h("span", { class: "badge step-up", "data-testid": "vote-step-up", title: "The vote's audit event keeps the proof" }, `confirmed with ${vote.stepUp === "oidc" ? "a fresh sign-in" : "a passkey"}`) : null,
               vote.reason ? h("div", { class: "vote-reason" }, `“${vote.reason}”`) : null,
             ),
           ),
@@ -219,17 +221,27 @@ function decisionForm(id: string, app: AppContext, view: RequestView, hooks: Dec
     }
     approve.disabled = deny.disabled = true;
     hooks.sending();
-    decide(id, { approve: approved, reason: text, breakGlass: breakGlass.checked }).then(
-      (answer) => hooks.done(answer, approved),
-      (error: unknown) => {
-        approve.disabled = deny.disabled = false;
-        hooks.refused();
-        const message = error instanceof ApiError ? `${error.describe()} (${error.status === 0 ? error.code : `${error.status} ${error.code}`})` : String(error);
-        replaceChildren(errorSlot, alertBox(message, "decision-error"));
-        // An already decided request: show what it became.
-        if (error instanceof ApiError && error.code === "already_decided") getRequest(id).then((latest) => app.live.apply(latest), () => undefined);
-      },
-    );
+    const vote = { approve: approved, reason: text, breakGlass: breakGlass.checked };
+    decide(id, vote)
+      .catch(async (error: unknown) => {
+        // The broker says this approval needs a step-up: confirm it with a passkey bound to this request and verdict, then send it again.
+        if (!(error instanceof ApiError) || error.code !== "step_up_required") throw error;
+        replaceChildren(errorSlot, h("p", { class: "notice", "data-testid": "step-up-prompt" }, "This approval needs your passkey: follow your browser's prompt."));
+        const stepUp = await stepUpProof(id, approved);
+        replaceChildren(errorSlot);
+        return decide(id, { ...vote, stepUp });
+      })
+      .then(
+        (answer) => hooks.done(answer, approved),
+        (error: unknown) => {
+          approve.disabled = deny.disabled = false;
+          hooks.refused();
+          const message = error instanceof ApiError ? `${error.describe()} (${error.status === 0 ? error.code : `${error.status} ${error.code}`})` : String(error);
+          replaceChildren(errorSlot, alertBox(message, "decision-error"));
+          // An already decided request: show what it became.
+          if (error instanceof ApiError && error.code === "already_decided") getRequest(id).then((latest) => app.live.apply(latest), () => undefined);
+        },
+      );
   };
   approve.addEventListener("click", () => submit(true));
   deny.addEventListener("click", () => submit(false));
@@ -242,6 +254,9 @@ function decisionForm(id: string, app: AppContext, view: RequestView, hooks: Dec
     h("label", { for: "reason" }, "Reason"),
     reason,
     h("p", { id: "reason-help", class: "hint" }, "Required to deny; the agent receives it. Optional to approve."),
+    view.record.request?.stepUp?.required === true
+      ? h("p", { class: "hint", "data-testid": "step-up-hint" }, "Approving needs your passkey: this rule asks for a step-up bound to this exact request.")
+      : null,
     breakGlassAllowed ? h("label", { class: "toggle", for: "break-glass" }, breakGlass, " Break-glass (self-approval, flagged and notified; needs a reason)") : null,
     // On a phone this bar stays at the bottom of the screen (style.css), so Approve and Deny never need a scroll.
     h("div", { class: "actions decision-bar", "data-testid": "decision-bar" }, approve, deny),

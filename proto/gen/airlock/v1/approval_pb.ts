@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file airlock/v1/approval.proto.
  */
 export const file_airlock_v1_approval: GenFile = /*@__PURE__*/
-  fileDesc("ChlhaXJsb2NrL3YxL2FwcHJvdmFsLnByb3RvEgphaXJsb2NrLnYxIo4BCghJZGVudGl0eRINCgVhZ2VudBgBIAEoCRIUCgxvbl9iZWhhbGZfb2YYAiABKAkSDQoFY2hhaW4YAyADKAkSGAoQYXV0aGVudGljYXRlZF9ieRgEIAEoCRIZChFhZ2VudF9hdHRlc3RlZF9ieRgFIAEoCRIZChFodW1hbl9hdHRlc3RlZF9ieRgGIAEoCSI4ChBHcm91cFJlcXVpcmVtZW50Eg0KBWdyb3VwGAEgASgJEhUKDW1pbl9hcHByb3ZhbHMYAiABKA0irQEKE1Jldmlld2VyUmVxdWlyZW1lbnQSLAoGYWxsX29mGAEgAygLMhwuYWlybG9jay52MS5Hcm91cFJlcXVpcmVtZW50EhgKEGVzY2FsYXRpb25fZ3JvdXAYAiABKAkSMQoOZXNjYWxhdGVfYWZ0ZXIYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGwoTYnJlYWtfZ2xhc3NfYWxsb3dlZBgEIAEoCCI4ChJWYXVsdFRva2VuVGVtcGxhdGUSEAoIcG9saWNpZXMYASADKAkSEAoIbnVtX3VzZXMYAiABKA0iOQoaRGF0YWJhc2VDcmVkZW50aWFsVGVtcGxhdGUSDQoFbW91bnQYASABKAkSDAoEcm9sZRgCIAEoCSLjAQoSQ3JlZGVudGlhbFRlbXBsYXRlEjUKC3ZhdWx0X3Rva2VuGAEgASgLMh4uYWlybG9jay52MS5WYXVsdFRva2VuVGVtcGxhdGVIABI6CghkYXRhYmFzZRgCIAEoCzImLmFpcmxvY2sudjEuRGF0YWJhc2VDcmVkZW50aWFsVGVtcGxhdGVIABImCgN0dGwYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFQoNaW5qZWN0X2hlYWRlchgEIAEoCRITCgtkZXNjcmlwdGlvbhgFIAEoCUIGCgRraW5kIu8DCg9BcHByb3ZhbFJlcXVlc3QSCgoCaWQYASABKAkSJgoIaWRlbnRpdHkYAiABKAsyFC5haXJsb2NrLnYxLklkZW50aXR5EgwKBGhvc3QYAyABKAkSDwoHc2VydmljZRgEIAEoCRIOCgZtZXRob2QYBSABKAkSJwoHcmVxdWVzdBgGIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIWCg5yZXF1ZXN0X3NoYTI1NhgHIAEoDBIXCg9yZWRhY3RlZF9maWVsZHMYCCADKAkSDgoGcmVhc29uGAkgASgJEh4KBHJpc2sYCiABKA4yEC5haXJsb2NrLnYxLlJpc2sSDwoHcnVsZV9pZBgLIAEoCRIyCglyZXZpZXdlcnMYDCABKAsyHy5haXJsb2NrLnYxLlJldmlld2VyUmVxdWlyZW1lbnQSMgoKY3JlZGVudGlhbBgNIAEoCzIeLmFpcmxvY2sudjEuQ3JlZGVudGlhbFRlbXBsYXRlEi4KCmNyZWF0ZWRfYXQYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGRlYWRsaW5lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBydWxlX2Rlc2NyaXB0aW9uGBAgASgJIo0BCgxSZXZpZXdlclZvdGUSEAoIcmV2aWV3ZXIYASABKAkSDQoFZ3JvdXAYAiABKAkSDwoHYXBwcm92ZRgDIAEoCBIOCgZyZWFzb24YBCABKAkSJgoCYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2JyZWFrX2dsYXNzGAYgASgIIqEBChJDcmVkZW50aWFsRGVsaXZlcnkSFgoOd3JhcHBpbmdfdG9rZW4YASABKAkSGQoRd3JhcHBpbmdfYWNjZXNzb3IYAiABKAkSMwoPd3JhcF9leHBpcmVzX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1pbmplY3RfaGVhZGVyGAQgASgJEgwKBGtpbmQYBSABKAkiwgIKDERlY2lzaW9uQm9keRITCgtkZWNpc2lvbl9pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJEhYKDnJlcXVlc3Rfc2hhMjU2GAMgASgMEiQKB3ZlcmRpY3QYBCABKA4yEy5haXJsb2NrLnYxLlZlcmRpY3QSJwoFdm90ZXMYBSADKAsyGC5haXJsb2NrLnYxLlJldmlld2VyVm90ZRIOCgZyZWFzb24YBiABKAkSLgoKZGVjaWRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoKY3JlZGVudGlhbBgJIAEoCzIeLmFpcmxvY2sudjEuQ3JlZGVudGlhbERlbGl2ZXJ5IjsKCERlY2lzaW9uEgwKBGJvZHkYASABKAwSEQoJc2lnbmF0dXJlGAIgASgMEg4KBmtleV9pZBgDIAEoCSLLAgoKQ29tcGxldGlvbhIVCg1jb21wbGV0aW9uX2lkGAEgASgJEhIKCnJlcXVlc3RfaWQYAiABKAkSEwoLZGVjaXNpb25faWQYAyABKAkSEwoLc3RhdHVzX2NvZGUYBCABKA0SFgoOc3RhdHVzX21lc3NhZ2UYBSABKAkSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDAoEaG9zdBgHIAEoCRIvCgtmaW5pc2hlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoHdG91Y2hlZBgJIAMoCzIjLmFpcmxvY2sudjEuQ29tcGxldGlvbi5Ub3VjaGVkRW50cnkaLgoMVG91Y2hlZEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEqXQoEUmlzaxIUChBSSVNLX1VOU1BFQ0lGSUVEEAASDAoIUklTS19MT1cQARIPCgtSSVNLX01FRElVTRACEg0KCVJJU0tfSElHSBADEhEKDVJJU0tfQ1JJVElDQUwQBCp4CgdWZXJkaWN0EhcKE1ZFUkRJQ1RfVU5TUEVDSUZJRUQQABIUChBWRVJESUNUX0FQUFJPVkVEEAESEgoOVkVSRElDVF9ERU5JRUQQAhITCg9WRVJESUNUX0VYUElSRUQQAxIVChFWRVJESUNUX0NBTkNFTExFRBAEYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChlhaXJsb2NrL3YxL2FwcHJvdmFsLnByb3RvEgphaXJsb2NrLnYxIo4BCghJZGVudGl0eRINCgVhZ2VudBgBIAEoCRIUCgxvbl9iZWhhbGZfb2YYAiABKAkSDQoFY2hhaW4YAyADKAkSGAoQYXV0aGVudGljYXRlZF9ieRgEIAEoCRIZChFhZ2VudF9hdHRlc3RlZF9ieRgFIAEoCRIZChFodW1hbl9hdHRlc3RlZF9ieRgGIAEoCSI4ChBHcm91cFJlcXVpcmVtZW50Eg0KBWdyb3VwGAEgASgJEhUKDW1pbl9hcHByb3ZhbHMYAiABKA0irQEKE1Jldmlld2VyUmVxdWlyZW1lbnQSLAoGYWxsX29mGAEgAygLMhwuYWlybG9jay52MS5Hcm91cFJlcXVpcmVtZW50EhgKEGVzY2FsYXRpb25fZ3JvdXAYAiABKAkSMQoOZXNjYWxhdGVfYWZ0ZXIYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGwoTYnJlYWtfZ2xhc3NfYWxsb3dlZBgEIAEoCCI4ChJWYXVsdFRva2VuVGVtcGxhdGUSEAoIcG9saWNpZXMYASADKAkSEAoIbnVtX3VzZXMYAiABKA0iOQoaRGF0YWJhc2VDcmVkZW50aWFsVGVtcGxhdGUSDQoFbW91bnQYASABKAkSDAoEcm9sZRgCIAEoCSLjAQoSQ3JlZGVudGlhbFRlbXBsYXRlEjUKC3ZhdWx0X3Rva2VuGAEgASgLMh4uYWlybG9jay52MS5WYXVsdFRva2VuVGVtcGxhdGVIABI6CghkYXRhYmFzZRgCIAEoCzImLmFpcmxvY2sudjEuRGF0YWJhc2VDcmVkZW50aWFsVGVtcGxhdGVIABImCgN0dGwYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFQoNaW5qZWN0X2hlYWRlchgEIAEoCRITCgtkZXNjcmlwdGlvbhgFIAEoCUIGCgRraW5kIp8ECg9BcHByb3ZhbFJlcXVlc3QSCgoCaWQYASABKAkSJgoIaWRlbnRpdHkYAiABKAsyFC5haXJsb2NrLnYxLklkZW50aXR5EgwKBGhvc3QYAyABKAkSDwoHc2VydmljZRgEIAEoCRIOCgZtZXRob2QYBSABKAkSJwoHcmVxdWVzdBgGIAEoCzIWLmdvb2dsZS5wcm90b2J1Zi5WYWx1ZRIWCg5yZXF1ZXN0X3NoYTI1NhgHIAEoDBIXCg9yZWRhY3RlZF9maWVsZHMYCCADKAkSDgoGcmVhc29uGAkgASgJEh4KBHJpc2sYCiABKA4yEC5haXJsb2NrLnYxLlJpc2sSDwoHcnVsZV9pZBgLIAEoCRIyCglyZXZpZXdlcnMYDCABKAsyHy5haXJsb2NrLnYxLlJldmlld2VyUmVxdWlyZW1lbnQSMgoKY3JlZGVudGlhbBgNIAEoCzIeLmFpcmxvY2sudjEuQ3JlZGVudGlhbFRlbXBsYXRlEi4KCmNyZWF0ZWRfYXQYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGRlYWRsaW5lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBydWxlX2Rlc2NyaXB0aW9uGBAgASgJEi4KB3N0ZXBfdXAYESABKAsyHS5haXJsb2NrLnYxLlN0ZXBVcFJlcXVpcmVtZW50IjIKEVN0ZXBVcFJlcXVpcmVtZW50EhAKCHJlcXVpcmVkGAEgASgIEgsKA2FjchgCIAEoCSKeAQoMUmV2aWV3ZXJWb3RlEhAKCHJldmlld2VyGAEgASgJEg0KBWdyb3VwGAIgASgJEg8KB2FwcHJvdmUYAyABKAgSDgoGcmVhc29uGAQgASgJEiYKAmF0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgticmVha19nbGFzcxgGIAEoCBIPCgdzdGVwX3VwGAcgASgJIqEBChJDcmVkZW50aWFsRGVsaXZlcnkSFgoOd3JhcHBpbmdfdG9rZW4YASABKAkSGQoRd3JhcHBpbmdfYWNjZXNzb3IYAiABKAkSMwoPd3JhcF9leHBpcmVzX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1pbmplY3RfaGVhZGVyGAQgASgJEgwKBGtpbmQYBSABKAkiwgIKDERlY2lzaW9uQm9keRITCgtkZWNpc2lvbl9pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJEhYKDnJlcXVlc3Rfc2hhMjU2GAMgASgMEiQKB3ZlcmRpY3QYBCABKA4yEy5haXJsb2NrLnYxLlZlcmRpY3QSJwoFdm90ZXMYBSADKAsyGC5haXJsb2NrLnYxLlJldmlld2VyVm90ZRIOCgZyZWFzb24YBiABKAkSLgoKZGVjaWRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoKY3JlZGVudGlhbBgJIAEoCzIeLmFpcmxvY2sudjEuQ3JlZGVudGlhbERlbGl2ZXJ5IjsKCERlY2lzaW9uEgwKBGJvZHkYASABKAwSEQoJc2lnbmF0dXJlGAIgASgMEg4KBmtleV9pZBgDIAEoCSLLAgoKQ29tcGxldGlvbhIVCg1jb21wbGV0aW9uX2lkGAEgASgJEhIKCnJlcXVlc3RfaWQYAiABKAkSEwoLZGVjaXNpb25faWQYAyABKAkSEwoLc3RhdHVzX2NvZGUYBCABKA0SFgoOc3RhdHVzX21lc3NhZ2UYBSABKAkSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDAoEaG9zdBgHIAEoCRIvCgtmaW5pc2hlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoHdG91Y2hlZBgJIAMoCzIjLmFpcmxvY2sudjEuQ29tcGxldGlvbi5Ub3VjaGVkRW50cnkaLgoMVG91Y2hlZEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEqXQoEUmlzaxIUChBSSVNLX1VOU1BFQ0lGSUVEEAASDAoIUklTS19MT1cQARIPCgtSSVNLX01FRElVTRACEg0KCVJJU0tfSElHSBADEhEKDVJJU0tfQ1JJVElDQUwQBCp4CgdWZXJkaWN0EhcKE1ZFUkRJQ1RfVU5TUEVDSUZJRUQQABIUChBWRVJESUNUX0FQUFJPVkVEEAESEgoOVkVSRElDVF9ERU5JRUQQAhITCg9WRVJESUNUX0VYUElSRUQQAxIVChFWRVJESUNUX0NBTkNFTExFRBAEYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * Who is asking: the agent, the human it acts for, and every other principal
@@ -348,6 +348,15 @@ export type ApprovalRequest = Message<"airlock.v1.ApprovalRequest"> & {
    * @generated from field: string rule_description = 16;
    */
   ruleDescription: string;
+
+  /**
+   * Whether the rule asks for a step-up to approve (a passkey assertion, or a fresh
+   * sign-in, bound to this request and verdict). Set by the broker from its own
+   * policy copy, never taken from the sidecar's message.
+   *
+   * @generated from field: airlock.v1.StepUpRequirement step_up = 17;
+   */
+  stepUp?: StepUpRequirement | undefined;
 };
 
 /**
@@ -356,6 +365,35 @@ export type ApprovalRequest = Message<"airlock.v1.ApprovalRequest"> & {
  */
 export const ApprovalRequestSchema: GenMessage<ApprovalRequest> = /*@__PURE__*/
   messageDesc(file_airlock_v1_approval, 6);
+
+/**
+ * What an approve rule asks of an approver beyond being signed in.
+ *
+ * @generated from message airlock.v1.StepUpRequirement
+ */
+export type StepUpRequirement = Message<"airlock.v1.StepUpRequirement"> & {
+  /**
+   * The rule itself asks for step-up (`approve.step_up`). A risk level or
+   * break-glass may still require it when this is false (broker config).
+   *
+   * @generated from field: bool required = 1;
+   */
+  required: boolean;
+
+  /**
+   * The `acr` value a fresh sign-in (the fallback to a passkey) must carry; empty: any.
+   *
+   * @generated from field: string acr = 2;
+   */
+  acr: string;
+};
+
+/**
+ * Describes the message airlock.v1.StepUpRequirement.
+ * Use `create(StepUpRequirementSchema)` to create a new message.
+ */
+export const StepUpRequirementSchema: GenMessage<StepUpRequirement> = /*@__PURE__*/
+  messageDesc(file_airlock_v1_approval, 7);
 
 /**
  * One reviewer's approval or denial.
@@ -396,6 +434,14 @@ export type ReviewerVote = Message<"airlock.v1.ReviewerVote"> & {
    * @generated from field: bool break_glass = 6;
    */
   breakGlass: boolean;
+
+  /**
+   * How the vote was stepped up: "passkey", "oidc", or empty when it was not.
+   * The receipt (the assertion) is in the vote's audit event.
+   *
+   * @generated from field: string step_up = 7;
+   */
+  stepUp: string;
 };
 
 /**
@@ -403,7 +449,7 @@ export type ReviewerVote = Message<"airlock.v1.ReviewerVote"> & {
  * Use `create(ReviewerVoteSchema)` to create a new message.
  */
 export const ReviewerVoteSchema: GenMessage<ReviewerVote> = /*@__PURE__*/
-  messageDesc(file_airlock_v1_approval, 7);
+  messageDesc(file_airlock_v1_approval, 8);
 
 /**
  * How the sidecar gets the per-action secret: a Vault response-wrapping token,
@@ -447,7 +493,7 @@ export type CredentialDelivery = Message<"airlock.v1.CredentialDelivery"> & {
  * Use `create(CredentialDeliverySchema)` to create a new message.
  */
 export const CredentialDeliverySchema: GenMessage<CredentialDelivery> = /*@__PURE__*/
-  messageDesc(file_airlock_v1_approval, 8);
+  messageDesc(file_airlock_v1_approval, 9);
 
 /**
  * The part of a decision the broker signs.
@@ -514,7 +560,7 @@ export type DecisionBody = Message<"airlock.v1.DecisionBody"> & {
  * Use `create(DecisionBodySchema)` to create a new message.
  */
 export const DecisionBodySchema: GenMessage<DecisionBody> = /*@__PURE__*/
-  messageDesc(file_airlock_v1_approval, 9);
+  messageDesc(file_airlock_v1_approval, 10);
 
 /**
  * A signed decision. The signature covers the body's bytes exactly as they
@@ -548,7 +594,7 @@ export type Decision = Message<"airlock.v1.Decision"> & {
  * Use `create(DecisionSchema)` to create a new message.
  */
 export const DecisionSchema: GenMessage<Decision> = /*@__PURE__*/
-  messageDesc(file_airlock_v1_approval, 10);
+  messageDesc(file_airlock_v1_approval, 11);
 
 /**
  * The sidecar's report that a held action finished, so the broker revokes the
@@ -615,7 +661,7 @@ export type Completion = Message<"airlock.v1.Completion"> & {
  * Use `create(CompletionSchema)` to create a new message.
  */
 export const CompletionSchema: GenMessage<Completion> = /*@__PURE__*/
-  messageDesc(file_airlock_v1_approval, 11);
+  messageDesc(file_airlock_v1_approval, 12);
 
 /**
  * How dangerous an action is, as the policy rule that held it says.
