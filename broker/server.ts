@@ -15,6 +15,8 @@ import { PolicyWatcher } from "../sidecar/index.js";
 import { parseReviewerAuthConfig, ReviewerAuthenticator, type ReviewerAuthConfig } from "./reviewers/auth.js";
 import { startReviewerGrpc, type RunningReviewerGrpc } from "./reviewers/grpc.js";
 import { createBrokerHttpApp } from "./reviewers/http.js";
+import { parseSessionConfig, readSessionKey, Sealer, type SessionConfig } from "./reviewers/session.js";
+import { parseSsoConfig, SsoClient, type SsoConfig } from "./reviewers/sso.js";
 import { type NotificationsConfig, noNotifications, parseNotificationsConfig, ReviewNotifier } from "./notify/index.js";
 
 /** How the broker authenticates to Vault: a union keyed by `kind`. */
@@ -101,6 +103,10 @@ export interface ReviewerApiConfig {
   readonly grpc?: { readonly host: string; readonly port: number };
   /** The console's public origin behind a proxy that rewrites `Host` (`https://airlock.example.com`). */
   readonly publicOrigin?: string;
+  /** Single sign-on for people in the console (docs/sso.md); needs `sessions`. */
+  readonly sso?: SsoConfig;
+  /** Sealed browser sessions every replica can read (a shared key file). */
+  readonly sessions?: SessionConfig;
 }
 
 /** Defaults of {@link BrokerConfig}. */
@@ -114,8 +120,18 @@ function reviewerApiConfig(reader: ConfigReader): ReviewerApiConfig {
   if (publicOrigin !== undefined && (!URL.canParse(publicOrigin) || new URL(publicOrigin).origin !== publicOrigin)) {
     throw reader.fail(`${reader.path}.public_origin`, "must be an origin such as https://airlock.example.com (scheme, host, optional port; no path)");
   }
+  const sso = reader.has("sso") ? parseSsoConfig(reader.object("sso")) : (reader.optionalObject("sso"), undefined);
+  const sessions = reader.has("sessions") ? parseSessionConfig(reader.object("sessions")) : (reader.optionalObject("sessions"), undefined);
+  if (sso !== undefined && sessions === undefined) throw reader.fail(`${reader.path}.sessions`, "is required with sso (sessions.key_file: a key every replica shares)");
   reader.done();
-  return { auth, ratePerMinute, ...(grpc === undefined ? {} : { grpc: { host: grpc.host, port: grpc.port } }), ...(publicOrigin === undefined ? {} : { publicOrigin }) };
+  return {
+    auth,
+    ratePerMinute,
+    ...(grpc === undefined ? {} : { grpc: { host: grpc.host, port: grpc.port } }),
+    ...(publicOrigin === undefined ? {} : { publicOrigin }),
+    ...(sso === undefined ? {} : { sso }),
+    ...(sessions === undefined ? {} : { sessions }),
+  };
 }
 
 function vaultAuth(reader: ConfigReader): VaultAuth {
@@ -254,6 +270,18 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
   // Built before anything starts, so a bad auth config leaves nothing running.
   const auth = config.reviewers === undefined ? undefined : new ReviewerAuthenticator(config.reviewers.auth);
   if (auth?.devMode === true) log.warn("reviewer API in DEV MODE: fixed reviewer tokens from the config are accepted; never run this in production");
+  const sessionSettings = config.reviewers?.sessions;
+  const sessions =
+    sessionSettings === undefined
+      ? undefined
+      : {
+          sealer: new Sealer([
+            await readSessionKey(sessionSettings.keyFile, "reviewers.sessions.key_file"),
+            ...(await Promise.all(sessionSettings.previousKeyFiles.map((file) => readSessionKey(file, "reviewers.sessions.previous_key_files")))),
+          ]),
+          maxAgeMs: sessionSettings.maxAgeMs,
+        };
+  const sso = config.reviewers?.sso === undefined ? undefined : new SsoClient(config.reviewers.sso);
   // noAsyncTraces: nats.js would otherwise build an Error (a stack capture) for every request and
   // publish in case it fails; that was the broker's largest single CPU cost per action.
   const nc = await connectNats(config.nats, {
@@ -322,6 +350,8 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
       ...(auth === undefined ? {} : { auth, ratePerMinute: config.reviewers?.ratePerMinute ?? brokerConfigDefaults.ratePerMinute }),
       ...(slack === undefined ? {} : { slack: (rawBody, headers, decide) => slack.handleInteraction(rawBody, headers, decide) }),
       ...(config.reviewers?.publicOrigin === undefined ? {} : { publicOrigin: config.reviewers.publicOrigin }),
+      ...(sessions === undefined ? {} : { sessions }),
+      ...(sso === undefined ? {} : { sso }),
     });
     await app.listen({ host: config.http.host, port: config.http.port });
     if (auth !== undefined && config.reviewers?.grpc !== undefined) {
