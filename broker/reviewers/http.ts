@@ -286,19 +286,28 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
   }
 
   function refreshSession(session: BrowserSession): Promise<BrowserSession> {
-    const running = refreshing.get(session.sid);
-    if (running !== undefined) return running;
+    const key = `${session.sid} ${session.refreshToken ?? ""}`;
+    const running = refreshing.get(key);
+    // Requests that raced one refresh share its result, but only while that result is itself fresh:
+    // a copy of the cookie presented later goes to the provider, which may have revoked it.
+    if (running !== undefined) {
+      return running.then((fresh) => {
+        if (fresh.refreshAt === undefined || fresh.refreshAt > Date.now()) return fresh;
+        if (refreshing.get(key) === running) refreshing.delete(key);
+        return refreshSession(session);
+      });
+    }
     const refresh = (async (): Promise<BrowserSession> => {
       if (sso === undefined || session.refreshToken === undefined) return session;
       const fresh = await sso.refresh(session.refreshToken, session.reviewer);
       log.info({ reviewer: session.reviewer }, "reviewer session refreshed at the identity provider");
       return { ...session, groups: fresh.groups ?? session.groups, refreshAt: fresh.tokensExpireAt, ...(fresh.refreshToken === undefined ? {} : { refreshToken: fresh.refreshToken }) };
     })();
-    refreshing.set(session.sid, refresh);
-    // Kept a moment after it settles, so requests that raced it reuse the result rather than the spent token.
+    refreshing.set(key, refresh);
+    // Kept a moment after it settles, so requests that raced it reuse the result rather than a spent (rotated) token.
     void refresh.then(
-      () => setTimeout(() => refreshing.delete(session.sid), 10_000).unref(),
-      () => refreshing.delete(session.sid),
+      () => setTimeout(() => refreshing.delete(key), 5_000).unref(),
+      () => refreshing.delete(key),
     );
     return refresh;
   }
@@ -436,7 +445,10 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
         session = undefined;
       }
       // The provider forgets the refresh token, so a copy of the cookie cannot be refreshed any more.
-      if (session?.refreshToken !== undefined) await sso.revoke(session.refreshToken);
+      if (session?.refreshToken !== undefined) {
+        refreshing.delete(`${session.sid} ${session.refreshToken}`);
+        await sso.revoke(session.refreshToken);
+      }
       if (session !== undefined) log.info({ reviewer: session.reviewer }, "reviewer signed out");
     }
     void reply.header("set-cookie", sessionCookie(request, "", 0));

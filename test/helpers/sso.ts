@@ -46,16 +46,10 @@ export async function startSsoStack(t: Test, options: SsoStackOptions = {}): Pro
   const brokerPort = await freePort();
   const brokerUrl = `http://127.0.0.1:${brokerPort}`;
   const consoleSecret = randomBytes(16).toString("hex");
-  const op = await startOidcProvider({
-    users: Object.values(ssoUsers),
-    clients: [
-      { clientId: ssoClients.console, clientSecret: consoleSecret, redirectUris: [`${brokerUrl}/api/v1/sso/callback`] },
-      { clientId: ssoClients.cli },
-      { clientId: ssoClients.other },
-    ],
-    ...(options.tokenTtlSec === undefined ? {} : { tokenTtlSec: options.tokenTtlSec }),
-  });
-  t.teardown(() => op.stop());
+  // The broker reads the provider's metadata on first use, so the provider may start after it
+  // (and stops before the stack's leak check, teardowns being last in, first out).
+  const opPort = await freePort();
+  const issuer = `http://127.0.0.1:${opPort}`;
   const dir = await mkdtemp(join(tmpdir(), "airlock-sso-"));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
   const sessionKeyFile = join(dir, "session.key");
@@ -65,10 +59,10 @@ export async function startSsoStack(t: Test, options: SsoStackOptions = {}): Pro
     brokerConfig: {
       http: `127.0.0.1:${brokerPort}`,
       reviewers: {
-        auth: { kind: "oidc", issuer: op.issuer, audience: ssoClients.cli, jwks_url: `${op.issuer}/jwks` },
+        auth: { kind: "oidc", issuer: issuer, audience: ssoClients.cli, jwks_url: `${issuer}/jwks` },
         sso: {
           provider_name: providerName,
-          issuer: op.issuer,
+          issuer: issuer,
           client_id: ssoClients.console,
           client_secret: consoleSecret,
           scopes: ["openid", "email", "profile", "groups", "offline_access"],
@@ -78,6 +72,17 @@ export async function startSsoStack(t: Test, options: SsoStackOptions = {}): Pro
       },
     },
   });
+  const op = await startOidcProvider({
+    users: Object.values(ssoUsers),
+    clients: [
+      { clientId: ssoClients.console, clientSecret: consoleSecret, redirectUris: [`${brokerUrl}/api/v1/sso/callback`] },
+      { clientId: ssoClients.cli },
+      { clientId: ssoClients.other },
+    ],
+    ...(options.tokenTtlSec === undefined ? {} : { tokenTtlSec: options.tokenTtlSec }),
+    port: opPort,
+  });
+  t.teardown(() => op.stop());
   return { ...stack, op, sessionKeyFile, providerName };
 }
 
