@@ -11,7 +11,7 @@ import { approveDevice, FormBrowser, type OidcProviderServer, startOidcProvider,
 import { signInUntilCallback, signInWithoutBrowser, ssoClients, ssoUsers, startSsoStack } from "../helpers/sso.js";
 
 // Provider tokens live 3 s, so refreshes are due soon; sessions end 15 s after sign-in.
-const stack = await startSsoStack(t, { tokenTtlSec: 3, maxAge: "15s" });
+const stack = await startSsoStack(t, { tokenTtlSec: 3, maxAge: "15s", secondReplica: true });
 const sealer = new Sealer([await readSessionKey(stack.sessionKeyFile, "test")]);
 
 /** Another tenant of the same multi-tenant provider: same signing key, another issuer. */
@@ -68,6 +68,27 @@ await t.test("dana signs in through the provider and gets a sealed session that 
   t.same(opened.groups, ["data-owners"], "groups from the provider's groups claim");
   t.ok(opened.refreshToken !== undefined, "the provider's refresh token is kept, sealed");
   t.ok(opened.exp - opened.iat <= 15_000, "the session ends by config (max_age), not with the 3 s provider token");
+});
+
+await t.test("sessions need no sticky routing: a sign-in started on one replica ends on the other, and both read the session", async (t) => {
+  const second = stack.secondBrokerUrl ?? "";
+  const { browser, callback } = await signInUntilCallback(stack, ssoUsers.sam, undefined, second);
+  // The sign-in cookie was made by replica 2; the provider sends the browser to the public address (replica 1).
+  t.equal(callback.origin, stack.brokerUrl, "the callback lands on the other replica");
+  // Behind a load balancer both replicas are one origin: the browser sends replica 2's cookie to replica 1.
+  browser.cookies(stack.brokerUrl).set("airlock_sso", browser.cookies(second).get("airlock_sso") ?? "");
+  const response = await browser.request(callback);
+  t.equal(response.headers.get("location"), "/console/#/inbox", "which finishes the sign-in replica 2 began");
+  const session = browser.cookies(stack.brokerUrl).get("airlock_session") ?? "";
+  const onSecond = await fetch(`${second}/api/v1/me`, { headers: { cookie: `airlock_session=${session}` } });
+  t.equal(onSecond.status, 200, "replica 2 reads the session replica 1 sealed");
+  t.equal(((await onSecond.json()) as { reviewer: string }).reviewer, "sam@example.com");
+});
+
+await t.test("Entra ID style groups: an object id in the groups claim maps to a group name", async (t) => {
+  const { session } = await signInWithoutBrowser(stack, ssoUsers.erin);
+  t.same(openSession(sealer, session).groups, ["security"], "8a1b2c3d-… → security (group_map)");
+  t.equal((await me(session)).status, 200, "so erin is a reviewer, as a member of security");
 });
 
 await t.test("a person in no reviewer group is refused at the callback", async (t) => {

@@ -17,6 +17,8 @@ export const ssoUsers = {
   dana: { email: "dana@example.com", password: "dana-password-1", groups: ["data-owners"] },
   sam: { email: "sam@example.com", password: "sam-password-1", groups: ["security"] },
   alice: { email: "alice@example.com", password: "alice-password-1", groups: ["data-owners"] },
+  /** In Entra ID style: her groups claim holds a group's object id, which the broker maps to `security`. */
+  erin: { email: "erin@example.com", password: "erin-password-1", groups: ["8a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"] },
   /** Known to the provider, in no reviewer group of the broker. */
   mallory: { email: "mallory@example.com", password: "mallory-password-1", groups: ["contractors"] },
 } as const satisfies Record<string, OidcUser>;
@@ -39,6 +41,8 @@ export interface SsoStackOptions {
   readonly maxAge?: string;
   /** Lifetime of the provider's tokens, in seconds. @default 600 */
   readonly tokenTtlSec?: number;
+  /** Start a second broker replica with the same config and session key. @default false */
+  readonly secondReplica?: boolean;
 }
 
 /** Starts the provider and the stack; everything stops in `t`'s teardown. */
@@ -67,10 +71,14 @@ export async function startSsoStack(t: Test, options: SsoStackOptions = {}): Pro
           client_secret: consoleSecret,
           scopes: ["openid", "email", "profile", "groups", "offline_access"],
           cli_client_id: ssoClients.cli,
+          group_map: { "8a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d": "security" },
+          // Pinned, as behind a load balancer: every replica sends the provider back to the one public address.
+          redirect_uri: `${brokerUrl}/api/v1/sso/callback`,
         },
         sessions: { key_file: sessionKeyFile, ...(options.maxAge === undefined ? {} : { max_age: options.maxAge }) },
       },
     },
+    ...(options.secondReplica === true ? { secondReplica: true } : {}),
   });
   const op = await startOidcProvider({
     users: Object.values(ssoUsers),
@@ -91,9 +99,9 @@ export async function startSsoStack(t: Test, options: SsoStackOptions = {}): Pro
  * callback: returns the callback URL (code and state) and the browser whose
  * cookies hold the sealed sign-in.
  */
-export async function signInUntilCallback(stack: SsoStack, user: { email: string; password: string }, browser = new FormBrowser()): Promise<{ browser: FormBrowser; callback: URL }> {
+export async function signInUntilCallback(stack: SsoStack, user: { email: string; password: string }, browser = new FormBrowser(), startAt = stack.brokerUrl): Promise<{ browser: FormBrowser; callback: URL }> {
   const atCallback = (url: URL) => url.pathname === "/api/v1/sso/callback";
-  const loginPage = await browser.follow(`${stack.brokerUrl}/api/v1/sso/login?return=${encodeURIComponent("#/inbox")}`, {}, atCallback);
+  const loginPage = await browser.follow(`${startAt}/api/v1/sso/login?return=${encodeURIComponent("#/inbox")}`, {}, atCallback);
   const done = loginPage.url.pathname.startsWith("/interaction/") ? await browser.logIn(loginPage, user, atCallback) : loginPage;
   if (!atCallback(done.url)) throw new Error(`the sign-in did not come back to the broker: ${done.url.href}\n${done.html.slice(0, 1000)}`);
   return { browser, callback: done.url };
