@@ -137,12 +137,6 @@ export function csrfTokenOf(token: string): string {
   return createHash("sha256").update(token).digest("hex");
 }
 
-/** The value of a `Set-Cookie` line for the session cookie ("" for another cookie or a clearing one). */
-function sealedValueOf(line: string): string {
-  const prefix = `${brokerHttpDefaults.sessionCookie}=`;
-  return line.startsWith(prefix) ? (line.slice(prefix.length).split(";")[0] ?? "") : "";
-}
-
 function sameText(a: string, b: string): boolean {
   const left = Buffer.from(a);
   const right = Buffer.from(b);
@@ -462,7 +456,8 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     let csrfToken: string | undefined;
     if (request.headers.authorization === undefined) {
       const cookieText = cookieValue(request.headers.cookie, brokerHttpDefaults.sessionCookie) ?? "";
-      csrfToken = sessions === undefined ? csrfTokenOf(cookieText) : sessionCsrfToken(openSession(sessions.sealer, (pendingCookies.get(request) ?? []).map(sealedValueOf).find((v) => v !== "") ?? cookieText));
+      // A refresh keeps the session's id, so the cookie this request came with gives the same token.
+      csrfToken = sessions === undefined ? csrfTokenOf(cookieText) : sessionCsrfToken(openSession(sessions.sealer, cookieText));
     }
     return {
       reviewer: reviewer.id,
