@@ -10,7 +10,7 @@
 import { randomBytes } from "node:crypto";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { exportJWK, generateKeyPair } from "jose";
-import Provider, { type Configuration, type KoaContextWithOIDC } from "oidc-provider";
+import type { Configuration, KoaContextWithOIDC } from "oidc-provider";
 import { track } from "./resources.js";
 
 /** A user of the test provider. */
@@ -186,6 +186,8 @@ export async function startOidcProvider(options: OidcProviderOptions): Promise<O
     },
   } as Configuration;
 
+  // Loaded here, not at the top: every user of the harness would otherwise load it (and its start-up warnings).
+  const { default: Provider } = await import("oidc-provider");
   const provider = new Provider(issuer, configuration);
   // oidc-provider logs to stderr through its own events; silence the expected ones (bad input in attack tests).
   provider.on("server_error", () => undefined);

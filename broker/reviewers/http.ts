@@ -463,7 +463,6 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
       reviewer: reviewer.id,
       groups: reviewer.groups,
       breakGlass: approvals.breakGlassRole.some((member) => member.trim().toLowerCase() === key),
-      ...(reviewer.expiresAt === undefined ? {} : { expiresAt: reviewer.expiresAt.toISOString() }),
       ...(csrfToken === undefined ? {} : { csrfToken }),
     };
   });

@@ -158,7 +158,6 @@ export class SsoClient {
       nonce: transaction.nonce,
       code_challenge: await oauth.calculatePKCECodeChallenge(verifier),
       code_challenge_method: "S256",
-      ...(this.config.scopes.includes("offline_access") ? { prompt: "consent" } : {}),
     }).toString();
     return { url, transaction };
   }
