@@ -15,6 +15,8 @@ import { parseReviewerAuthConfig, ReviewerAuthenticator, type ReviewerAuthConfig
 import { startReviewerGrpc, type RunningReviewerGrpc } from "./reviewers/grpc.js";
 import { createBrokerHttpApp } from "./reviewers/http.js";
 import { parseStepUpConfig, type StepUpConfig, StepUpService } from "./stepup/index.js";
+import { parseSessionConfig, readSessionKey, Sealer, type SessionConfig } from "./reviewers/session.js";
+import { parseSsoConfig, SsoClient, type SsoConfig } from "./reviewers/sso.js";
 import { type NotificationsConfig, noNotifications, parseNotificationsConfig, ReviewNotifier } from "./notify/index.js";
 
 /** How the broker authenticates to Vault: a union keyed by `kind`. */
@@ -108,6 +110,10 @@ export interface ReviewerApiConfig {
   readonly publicOrigin?: string;
   /** Step-up for approvals (`step_up`): passkeys' relying party, and the risk from which approving needs it. */
   readonly stepUp?: StepUpConfig;
+  /** Single sign-on for people in the console (docs/sso.md); needs `sessions`. */
+  readonly sso?: SsoConfig;
+  /** Sealed browser sessions every replica can read (a shared key file). */
+  readonly sessions?: SessionConfig;
 }
 
 /** Defaults of {@link BrokerConfig}. */
@@ -122,6 +128,9 @@ function reviewerApiConfig(reader: ConfigReader): ReviewerApiConfig {
     throw reader.fail(`${reader.path}.public_origin`, "must be an origin such as https://airlock.example.com (scheme, host, optional port; no path)");
   }
   const stepUp = reader.has("step_up") ? parseStepUpConfig(reader.object("step_up")) : (reader.optionalObject("step_up"), undefined);
+  const sso = reader.has("sso") ? parseSsoConfig(reader.object("sso")) : (reader.optionalObject("sso"), undefined);
+  const sessions = reader.has("sessions") ? parseSessionConfig(reader.object("sessions")) : (reader.optionalObject("sessions"), undefined);
+  if (sso !== undefined && sessions === undefined) throw reader.fail(`${reader.path}.sessions`, "is required with sso (sessions.key_file: a key every replica shares)");
   reader.done();
   return {
     auth,
@@ -129,6 +138,8 @@ function reviewerApiConfig(reader: ConfigReader): ReviewerApiConfig {
     ...(grpc === undefined ? {} : { grpc: { host: grpc.host, port: grpc.port } }),
     ...(publicOrigin === undefined ? {} : { publicOrigin }),
     ...(stepUp === undefined ? {} : { stepUp }),
+    ...(sso === undefined ? {} : { sso }),
+    ...(sessions === undefined ? {} : { sessions }),
   };
 }
 
@@ -264,6 +275,18 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
   // Built before anything starts, so a bad auth config leaves nothing running.
   const auth = config.reviewers === undefined ? undefined : new ReviewerAuthenticator(config.reviewers.auth);
   if (auth?.devMode === true) log.warn("reviewer API in DEV MODE: fixed reviewer tokens from the config are accepted; never run this in production");
+  const sessionSettings = config.reviewers?.sessions;
+  const sessions =
+    sessionSettings === undefined
+      ? undefined
+      : {
+          sealer: new Sealer([
+            await readSessionKey(sessionSettings.keyFile, "reviewers.sessions.key_file"),
+            ...(await Promise.all(sessionSettings.previousKeyFiles.map((file) => readSessionKey(file, "reviewers.sessions.previous_key_files")))),
+          ]),
+          maxAgeMs: sessionSettings.maxAgeMs,
+        };
+  const sso = config.reviewers?.sso === undefined ? undefined : new SsoClient(config.reviewers.sso);
   // noAsyncTraces: nats.js would otherwise build an Error (a stack capture) for every request and
   // publish in case it fails; that was the broker's largest single CPU cost per action.
   const nc = await connectNats(config.nats, {
@@ -337,6 +360,8 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
       ...(slack === undefined ? {} : { slack: (rawBody, headers, decide) => slack.handleInteraction(rawBody, headers, decide) }),
       ...(config.reviewers?.publicOrigin === undefined ? {} : { publicOrigin: config.reviewers.publicOrigin }),
       ...(stepUp === undefined ? {} : { stepUp }),
+      ...(sessions === undefined ? {} : { sessions }),
+      ...(sso === undefined ? {} : { sso }),
     });
     await app.listen({ host: config.http.host, port: config.http.port });
     if (auth !== undefined && config.reviewers?.grpc !== undefined) {

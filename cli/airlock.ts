@@ -11,6 +11,7 @@
  *   airlock audit export --nats <url> --nats-seed <file> [--nats-ca <file>] [--since <ISO time>]
  *   airlock nats init --dir <dir> [--server-name <name>]… | add-host <host> --dir <dir> | revoke-host <host> --dir <dir> [--reload-pid <pid>]
  *   airlock requests ls | show <id> | approve <id> [--reason …] | deny <id> --reason …
+ *   airlock login [--url <broker>] [--issuer <url> --client-id <id>] | airlock logout
  */
 import { readFile, writeFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
@@ -22,6 +23,7 @@ import { AirlockError, Code } from "../common/errors.js";
 import { connectNats } from "../common/nats.js";
 import { runForwarder } from "./forwarder.js";
 import { runNatsAdmin } from "./nats-admin.js";
+import { runLogin, runLogout } from "./login.js";
 import { runRequests } from "./requests.js";
 import { explainCall, loadSidecarConfig, Policy, type PolicyCall, startSidecar } from "../sidecar/index.js";
 
@@ -46,7 +48,11 @@ const usage = `usage:
   airlock requests approve <id> [--reason <text>]
   airlock requests deny <id> --reason <text>
     (the broker: --url or $AIRLOCK_URL, default http://127.0.0.1:9465;
-     the reviewer token: $AIRLOCK_TOKEN or --token-file <file>)`;
+     the reviewer token: $AIRLOCK_TOKEN, --token-file <file>, or the one airlock login kept)
+  airlock login [--url <broker>] [--issuer <url> --client-id <id>] [--scope "<scopes>"]
+    (signs in at the identity provider with the device flow; keeps the token, mode 0600, in
+     $XDG_CONFIG_HOME/airlock/ or ~/.config/airlock/)
+  airlock logout`;
 
 /** Connects as the read-only audit role: the seed and CA come from flags or the environment, never a command-line secret. */
 async function withNats<T>(options: { url: string; seed: string | undefined; ca: string | undefined }, work: (nc: NatsConnection) => Promise<T>): Promise<T> {
@@ -212,6 +218,8 @@ async function main(argv: string[]): Promise<void> {
   if (command === "policy" && sub === "test") return runPolicyTest(rest);
   if (command === "audit") return runAudit(sub, rest);
   if (command === "requests") return runRequests(sub, rest);
+  if (command === "login") return runLogin(argv.slice(1));
+  if (command === "logout") return runLogout();
   if (command === "nats") return runNatsAdmin(sub, rest);
   console.error(usage);
   process.exitCode = 2;

@@ -6,6 +6,7 @@
 import { readFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
 import { AirlockError, Code } from "../common/errors.js";
+import { storedToken } from "./login.js";
 import { ReviewerClient, type RequestViewJson } from "./reviewer-client.js";
 
 /** Defaults of the `requests` commands. */
@@ -20,8 +21,11 @@ async function reviewerToken(tokenFile: string | undefined): Promise<string> {
     return token;
   }
   const token = process.env.AIRLOCK_TOKEN?.trim() ?? "";
-  if (token === "") throw new AirlockError(Code.Unauthenticated, "no reviewer token: set AIRLOCK_TOKEN or pass --token-file");
-  return token;
+  if (token !== "") return token;
+  // Else the login `airlock login` kept (refreshed when due).
+  const stored = await storedToken();
+  if (stored === undefined) throw new AirlockError(Code.Unauthenticated, "no reviewer token: run `airlock login`, set AIRLOCK_TOKEN or pass --token-file");
+  return stored;
 }
 
 /** Text from requests and votes is other people's input: no control characters reach the terminal. */

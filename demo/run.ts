@@ -9,18 +9,19 @@
  * @module
  */
 import { createPrivateKey, randomBytes } from "node:crypto";
-import { readFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import pg from "pg";
 import { buildConsole } from "../approver-console/build.js";
 import { isSettled, parseBrokerConfig, type RunningBroker, startBroker, stateName, type TrailVerdict } from "../broker/index.js";
 import { ReviewerClient } from "../cli/reviewer-client.js";
-import { readConfigFile } from "../common/config.js";
+import { ConfigReader, expandConfigVariables } from "../common/config.js";
+import { parse as parseYaml } from "yaml";
 import { AirlockError, Code } from "../common/errors.js";
 import { createLogger } from "../common/logger.js";
 import { createVaultClient } from "../common/vault.js";
-import { makeTempDir, resolveVaultBinary, startNats, startPostgres, startVault } from "../harness/index.js";
+import { approveDevice, freePort, makeTempDir, resolveVaultBinary, startNats, startOidcProvider, startPostgres, startVault } from "../harness/index.js";
 import { type RequestRecord, RequestState } from "../proto/index.js";
 import { parseSidecarConfig, startSidecar } from "../sidecar/index.js";
 import { type AgentStepResult, runDemoAgent } from "./agent.js";
@@ -81,6 +82,49 @@ export interface DemoRun {
 
 const configDir = fileURLToPath(new URL("./config/", import.meta.url));
 
+/** The demo's reviewers at its identity provider (passwords are made per run). */
+const demoReviewers = [
+  { email: "dana@example.com", groups: ["data-owners"] },
+  { email: "sam@example.com", groups: ["security"] },
+] as const;
+
+/** The demo identity provider's clients: the console (the broker runs its code flow) and the CLI (device flow). */
+export const demoSsoClients = { console: "airlock-console", cli: "airlock-cli" } as const;
+
+/**
+ * Reads demo/config/broker.yaml with `env` and gives it single sign-on through the
+ * demo's OpenID Provider at `issuer`: people sign in to the console there, and the API
+ * takes the provider's ID tokens for the CLI as bearer tokens. (docker compose keeps the
+ * file's fixed dev tokens: a provider reachable at one address from the browser and the
+ * broker's container is not wired there.)
+ */
+async function demoBrokerConfig(env: Record<string, string>, sso: { issuer: string; clientSecret: string; sessionKeyFile: string }): Promise<ConfigReader> {
+  const path = `${configDir}broker.yaml`;
+  const raw = expandConfigVariables(parseYaml(await readFile(path, "utf8")), path, { env }) as Record<string, unknown>;
+  raw.reviewers = {
+    auth: { kind: "oidc", issuer: sso.issuer, audience: demoSsoClients.cli, jwks_url: `${sso.issuer}/jwks` },
+    sso: {
+      provider_name: "the demo identity provider",
+      issuer: sso.issuer,
+      client_id: demoSsoClients.console,
+      client_secret: sso.clientSecret,
+      scopes: ["openid", "email", "profile", "groups", "offline_access"],
+      cli_client_id: demoSsoClients.cli,
+    },
+    sessions: { key_file: sso.sessionKeyFile, max_age: "8h" },
+  };
+  return new ConfigReader(raw, "", path);
+}
+
+/** An ID token for the CLI's client, as `airlock login` gets it: the device flow, with the person played here. */
+async function deviceFlowToken(issuer: string, user: { email: string; password: string }): Promise<string> {
+  const started = (await (await fetch(`${issuer}/device/auth`, { method: "POST", body: new URLSearchParams({ client_id: demoSsoClients.cli, scope: "openid email profile groups" }) })).json()) as { device_code: string; verification_uri_complete: string };
+  await approveDevice(started.verification_uri_complete, user);
+  const tokens = (await (await fetch(`${issuer}/token`, { method: "POST", body: new URLSearchParams({ client_id: demoSsoClients.cli, grant_type: "urn:ietf:params:oauth:grant-type:device_code", device_code: started.device_code }) })).json()) as { id_token?: string };
+  if (tokens.id_token === undefined) throw new AirlockError(Code.Unauthenticated, `the demo identity provider gave ${user.email} no ID token`);
+  return tokens.id_token;
+}
+
 type Closer = { name: string; close: () => Promise<unknown> };
 
 /** Starts the demo; see {@link DemoRun}. */
@@ -139,6 +183,8 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     const ops = await startOpsServer({ database: { host: database.host, port: database.port, database: database.name }, vaultAddress: vault.address });
     await track({ name: "the ops upstream", close: () => ops.close() });
 
+    // broker.yaml's fixed dev tokens (docker compose's sign-in): random here and never printed, since
+    // this demo replaces that section with single sign-on (demoBrokerConfig).
     const tokens = { dana: `dana-${randomBytes(12).toString("hex")}`, sam: `sam-${randomBytes(12).toString("hex")}` };
     // Someone is told about each request: a webhook receiver that prints every delivery.
     const notifySecret = randomBytes(24).toString("hex");
@@ -146,6 +192,12 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     const links: { console?: string } = {};
     const receiver = await startNotificationReceiver({ secret: notifySecret, print, consoleUrl: () => links.console });
     await track({ name: "the notification receiver", close: () => receiver.close() });
+    // Reviewers sign in at a real OpenID Provider; it starts after the broker (whose address its
+    // console client needs), on a port chosen now (the broker reads its metadata on first use).
+    const passwords = { dana: `dana-${randomBytes(4).toString("hex")}`, sam: `sam-${randomBytes(4).toString("hex")}` };
+    const idpPort = await freePort();
+    const sso = { issuer: `http://127.0.0.1:${idpPort}`, clientSecret: randomBytes(24).toString("hex"), sessionKeyFile: join(keys.path, "session.key") };
+    await writeFile(sso.sessionKeyFile, randomBytes(32).toString("hex"), { mode: 0o600 });
     const logLevel = options.logLevel ?? "warn";
     const demoHost = "demo-host";
     const brokerNats = await nats.credentials({ kind: "broker" });
@@ -173,25 +225,40 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     const log = createLogger({ name: "demo", level: logLevel, destination: process.stderr });
     let broker: RunningBroker;
     try {
-      broker = await startBroker(parseBrokerConfig(await readConfigFile(`${configDir}broker.yaml`, { env: { ...env, AIRLOCK_NATS_SEED_FILE: brokerNats.auth.seedFile } })), { log });
+      broker = await startBroker(parseBrokerConfig(await demoBrokerConfig({ ...env, AIRLOCK_NATS_SEED_FILE: brokerNats.auth.seedFile }, sso)), { log });
     } catch (error) {
       if (options.brokerHttp !== undefined) throw error;
       // 9465 is taken (another demo, another broker): any free port will do.
       broker = await startBroker(
-        parseBrokerConfig(await readConfigFile(`${configDir}broker.yaml`, { env: { ...env, AIRLOCK_NATS_SEED_FILE: brokerNats.auth.seedFile, AIRLOCK_BROKER_HTTP: "127.0.0.1:0" } })),
+        parseBrokerConfig(await demoBrokerConfig({ ...env, AIRLOCK_NATS_SEED_FILE: brokerNats.auth.seedFile, AIRLOCK_BROKER_HTTP: "127.0.0.1:0" }, sso)),
         { log },
       );
     }
     await track({ name: "the broker", close: () => broker.close() });
     links.console = `${broker.httpUrl}/console/`;
-    const sidecar = await startSidecar(parseSidecarConfig(await readConfigFile(`${configDir}sidecar.yaml`, { env: { ...env, AIRLOCK_NATS_SEED_FILE: sidecarNats.auth.seedFile } })), { log });
+    const reviewerIdp = await startOidcProvider({
+      port: idpPort,
+      users: [
+        { ...demoReviewers[0], password: passwords.dana },
+        { ...demoReviewers[1], password: passwords.sam },
+      ],
+      clients: [
+        { clientId: demoSsoClients.console, clientSecret: sso.clientSecret, redirectUris: [`${broker.httpUrl}/api/v1/sso/callback`] },
+        { clientId: demoSsoClients.cli },
+      ],
+    });
+    await track({ name: "the reviewers' identity provider", close: () => reviewerIdp.stop() });
+    const sidecarPath = `${configDir}sidecar.yaml`;
+    const sidecarRaw = expandConfigVariables(parseYaml(await readFile(sidecarPath, "utf8")), sidecarPath, { env: { ...env, AIRLOCK_NATS_SEED_FILE: sidecarNats.auth.seedFile } });
+    const sidecar = await startSidecar(parseSidecarConfig(new ConfigReader(sidecarRaw, "", sidecarPath)), { log });
     await track({ name: "the sidecar", close: () => sidecar.close() });
     print(`demo   broker, sidecar (${sidecar.address}) and ops upstream running (${((Date.now() - started) / 1000).toFixed(1)} s)`);
     print("");
     print(`       approver console: ${broker.httpUrl}/console/`);
-    print(`       sign in as dana@example.com (data-owners) with token ${tokens.dana}`);
-    print(`       sign in as sam@example.com  (security)    with token ${tokens.sam}`);
-    print(`       or from a terminal: AIRLOCK_URL=${broker.httpUrl} AIRLOCK_TOKEN=${tokens.dana} npm run airlock -- requests ls`);
+    print(`       click "Sign in with the demo identity provider" (${reviewerIdp.issuer}), then sign in as`);
+    print(`         dana@example.com (data-owners) with password ${passwords.dana}`);
+    print(`         sam@example.com  (security)    with password ${passwords.sam}`);
+    print(`       or from a terminal: AIRLOCK_URL=${broker.httpUrl} npm run airlock -- login   (then: npm run airlock -- requests ls)`);
     print(`       notifications go to a signed webhook at ${receiver.url}; its lines start with "notify"`);
     print("");
 
@@ -201,7 +268,8 @@ export function runDemo(options: DemoOptions = {}): DemoRun {
     const tracker = new ActionTracker(broker, admin, rootVault, print);
     await track({ name: "the broker watch", close: () => tracker.stop() });
     if (options.autoApprove === true) {
-      const approver = new AutoApprover(broker.httpUrl, tokens, print);
+      // The auto-approver is a machine: the provider's tokens for the CLI, got with the device flow.
+      const approver = new AutoApprover(broker.httpUrl, { dana: await deviceFlowToken(reviewerIdp.issuer, { email: "dana@example.com", password: passwords.dana }), sam: await deviceFlowToken(reviewerIdp.issuer, { email: "sam@example.com", password: passwords.sam }) }, print);
       await track({ name: "the auto-approver", close: () => approver.stop() });
     } else {
       print("demo   privileged steps wait for you: approve or deny them in the console (or with the CLI)");

@@ -21,3 +21,4 @@ export {
   type VaultServerOptions,
   vaultServerDefaults,
 } from "./vault.js";
+export { approveDevice, FormBrowser, newSigningKey, type OidcClient, type OidcProviderOptions, oidcProviderDefaults, type OidcProviderServer, type OidcUser, startOidcProvider } from "./oidc.js";

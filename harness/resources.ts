@@ -11,7 +11,7 @@ import { join } from "node:path";
  * process kills what is left rather than orphaning it.
  */
 interface Tracked {
-  readonly kind: "process" | "temp dir" | "database" | "connection";
+  readonly kind: "process" | "temp dir" | "database" | "connection" | "server";
   readonly label: string;
   isReleased(): boolean;
 }

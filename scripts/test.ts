@@ -18,6 +18,16 @@ import { resolveVaultBinary } from "../harness/vault.js";
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const resultsDir = join(root, ".tap", "test-results");
 
+// The browser tests need Chromium: name the missing prerequisite and how to install it before any test starts.
+const args = process.argv.slice(2);
+const browserTests = args.filter((arg) => !arg.startsWith("-")).length === 0 || args.some((arg) => arg.startsWith("test/console") || arg === "test");
+const chromium = process.env.AIRLOCK_CHROMIUM ?? "/usr/bin/chromium";
+if (browserTests && !existsSync(chromium)) {
+  process.stderr.write(`missing prerequisite: Chromium (${chromium}) for the console's browser tests.\n  install it: sudo apt-get install chromium   (or set AIRLOCK_CHROMIUM to a Chromium binary; .ci/run installs it)\n`);
+  console.log("0 passed, 1 failed");
+  process.exit(1);
+}
+
 const vault = await resolveVaultBinary();
 process.stderr.write(`vault binary: ${vault.path} (${vault.source})\n`);
 // The pinned nats-server too (built once per machine from the Go module proxy), before any test's timeout starts.

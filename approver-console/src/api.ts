@@ -176,8 +176,29 @@ export async function signOut(): Promise<void> {
   }
 }
 
+/** Who is signed in. A cookie session (single sign-on) learns its CSRF token here and keeps it for this tab. */
 export async function getMe(): Promise<Me> {
-  return readMe(asObject(await call("GET", "/me"), "me"));
+  const json = asObject(await call("GET", "/me"), "me");
+  const me = readMe(json);
+  if (typeof json.csrfToken === "string") session.save(me, json.csrfToken);
+  return me;
+}
+
+/** How people sign in to this broker. */
+export interface SignInOptions {
+  /** Single sign-on, when configured: the provider's name and where the sign-in starts. */
+  readonly sso: { readonly provider: string; readonly loginUrl: string } | undefined;
+  /** Whether a token may be pasted (dev mode, or a broker without SSO). */
+  readonly tokenSignIn: boolean;
+  /** Whether the broker runs with fixed dev tokens. */
+  readonly devMode: boolean;
+}
+
+/** Asks the broker how people sign in (no session needed). */
+export async function signInOptions(): Promise<SignInOptions> {
+  const json = asObject(await call("GET", "/sso"), "sign-in options");
+  const sso = isObject(json.sso) && typeof json.sso.provider === "string" && typeof json.sso.loginUrl === "string" ? { provider: json.sso.provider, loginUrl: json.sso.loginUrl } : undefined;
+  return { sso, tokenSignIn: json.tokenSignIn === true, devMode: json.devMode === true };
 }
 
 export async function listRequests(query: { state?: string; needsMe?: boolean; agent?: string | undefined; limit?: number }): Promise<RequestView[]> {

@@ -152,13 +152,8 @@ onSignedOut(() => {
   if (live !== undefined) showSignIn("Your session has ended. Sign in again.");
 });
 
-const saved = session.me();
-if (saved !== null && session.csrfToken() !== null) {
-  // Check the cookie is still good before showing anything of the app.
-  getMe().then(
-    (me) => startApp(me),
-    () => showSignIn(),
-  );
-} else {
-  showSignIn();
-}
+// A session cookie may be there (single sign-on lands here with one): ask the broker before showing anything.
+getMe().then(
+  (me) => startApp(me),
+  () => showSignIn(),
+);

@@ -20,6 +20,8 @@ import { readAuditEvents, TrailVerifier } from "../audit/index.js";
 import { type ApprovalConfig, type Ballot, stateName } from "../rules.js";
 import type { Broker } from "../service.js";
 import { bearerToken, type Reviewer, type ReviewerAuthenticator } from "./auth.js";
+import { type BrowserSession, newSessionId, openSession, type Sealer, sessionCsrfToken, sessionPurpose } from "./session.js";
+import type { SsoClient, SsoTransaction } from "./sso.js";
 import { RateLimiter } from "./rate-limit.js";
 import type { StepUpService } from "../stepup/index.js";
 import { registerStepUpRoutes, stepUpReceipt } from "./stepup-routes.js";
@@ -59,6 +61,13 @@ export interface BrokerHttpOptions {
   readonly slack?: SlackInteractionHandler;
   /** Step-up (passkeys, challenges); without it the step-up and passkey routes answer 404 and no vote can step up. */
   readonly stepUp?: StepUpService;
+  /**
+   * Sealed browser sessions (`reviewers.sessions`): the cookie holds the session sealed with
+   * the replicas' shared key. Without it the cookie holds the pasted token (the old dev path).
+   */
+  readonly sessions?: { readonly sealer: Sealer; readonly maxAgeMs: number };
+  /** Single sign-on for the console (`reviewers.sso`); needs {@link BrokerHttpOptions.sessions}. */
+  readonly sso?: SsoClient;
 }
 
 /** Defaults of {@link BrokerHttpOptions}. */
@@ -66,6 +75,8 @@ export const brokerHttpDefaults = {
   ratePerMinute: 300,
   consoleDir: fileURLToPath(new URL("../../approver-console/dist", import.meta.url)),
   sessionCookie: "airlock_session",
+  /** The sealed sign-in in flight, between the redirect to the provider and its callback. */
+  ssoCookie: "airlock_sso",
   csrfHeader: "x-airlock-csrf",
   keepAliveMs: 15_000,
   /** Failed sign-ins a minute one client address may make before it has to wait. */
@@ -166,12 +177,40 @@ function optionalFlag(body: Body, field: string): boolean | undefined {
   return value;
 }
 
+/** A `Set-Cookie` value; `maxAgeSec` 0 clears the cookie. */
+function cookie(name: string, value: string, options: { maxAgeSec: number; path: string; sameSite: "Strict" | "Lax"; secure: boolean }): string {
+  return `${name}=${value}; HttpOnly; SameSite=${options.sameSite}; Path=${options.path}; Max-Age=${Math.max(0, Math.floor(options.maxAgeSec))}${options.secure ? "; Secure" : ""}`;
+}
+
+/** The console route a sign-in returns to: a plain hash route, never another page or site. */
+function safeReturn(value: unknown): string {
+  return typeof value === "string" && /^#\/[A-Za-z0-9/_\-?=&.%:]{0,200}$/.test(value) ? value : "#/inbox";
+}
+
 /** Builds (does not start) the broker's HTTP app. */
 export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<FastifyInstance> {
   const { broker, approvals, auth, log } = options;
   const limiter = new RateLimiter(options.ratePerMinute ?? brokerHttpDefaults.ratePerMinute);
   const failedSignIns = new RateLimiter(brokerHttpDefaults.failedSignInsPerMinute);
   const app = Fastify({ logger: false, bodyLimit: 256 * 1024, forceCloseConnections: true });
+  const { sessions, sso } = options;
+  /** Cookies a request's authentication wants set (a refreshed or ended session), added as the reply goes out. */
+  const pendingCookies = new WeakMap<FastifyRequest, string[]>();
+  const addCookie = (request: FastifyRequest, value: string) => pendingCookies.set(request, [...(pendingCookies.get(request) ?? []), value]);
+  /** Sessions being refreshed now, by session id: parallel requests of one browser share one refresh. */
+  const refreshing = new Map<string, Promise<BrowserSession>>();
+  app.addHook("onSend", (request, reply, payload, done) => {
+    const extra = pendingCookies.get(request);
+    if (extra !== undefined) {
+      const existing = reply.getHeader("set-cookie");
+      const list = existing === undefined ? [] : Array.isArray(existing) ? existing.map(String) : [String(existing)];
+      void reply.header("set-cookie", [...list, ...extra]);
+    }
+    done(null, payload);
+  });
+  const secureCookies = (request: FastifyRequest): boolean => request.protocol === "https" || options.publicOrigin?.startsWith("https:") === true;
+  const sessionCookie = (request: FastifyRequest, value: string, maxAgeSec: number): string =>
+    cookie(brokerHttpDefaults.sessionCookie, value, { maxAgeSec, path: "/", sameSite: "Strict", secure: secureCookies(request) });
 
   // Slack signs the raw form body: keep it as a string, untouched.
   app.addContentTypeParser("application/x-www-form-urlencoded", { parseAs: "string" }, (_request, body, done) => done(null, body));
@@ -204,11 +243,75 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     if (bearer !== undefined) {
       reviewer = await authenticate(request, bearer);
     } else {
-      const session = cookieValue(request.headers.cookie, brokerHttpDefaults.sessionCookie);
-      reviewer = await authenticate(request, session);
-      if (request.method !== "GET" && request.method !== "HEAD") checkCsrf(request, session ?? "");
+      const cookieText = cookieValue(request.headers.cookie, brokerHttpDefaults.sessionCookie);
+      if (sessions !== undefined) {
+        const session = await sealedSession(request, cookieText);
+        reviewer = reviewerOfSession(session);
+        if (request.method !== "GET" && request.method !== "HEAD") checkCsrf(request, sessionCsrfToken(session));
+      } else {
+        reviewer = await authenticate(request, cookieText);
+        if (request.method !== "GET" && request.method !== "HEAD") checkCsrf(request, csrfTokenOf(cookieText ?? ""));
+      }
     }
     return admitReviewer(reviewer, limiter, approvals);
+  }
+
+  /** The reviewer of a sealed session; its credential ends at the session's end or its next refresh, whichever is first. */
+  function reviewerOfSession(session: BrowserSession): Reviewer {
+    const ends = session.refreshAt === undefined || session.refreshToken === undefined ? session.exp : Math.min(session.exp, session.refreshAt);
+    return { id: session.reviewer, groups: session.groups, expiresAt: new Date(ends) };
+  }
+
+  /**
+   * Opens the sealed session cookie and refreshes it at the provider when its tokens are due
+   * (the new cookie goes out with the reply). Failures count as failed sign-ins; a session the
+   * provider no longer backs is cleared.
+   */
+  async function sealedSession(request: FastifyRequest, cookieText: string | undefined): Promise<BrowserSession> {
+    if (sessions === undefined) throw new AirlockError(Code.Internal, "no sessions configured");
+    try {
+      if (cookieText === undefined || cookieText === "") throw new AirlockError(Code.Unauthenticated, "sign in: no session", { details: { reason: "missing_token" } });
+      let session = openSession(sessions.sealer, cookieText);
+      if (session.refreshToken !== undefined && session.refreshAt !== undefined && session.refreshAt <= Date.now() && sso !== undefined) {
+        session = await refreshSession(session);
+        addCookie(request, sessionCookie(request, sessions.sealer.seal(sessionPurpose, session), (session.exp - Date.now()) / 1000));
+      }
+      return session;
+    } catch (error) {
+      if (error instanceof AirlockError && error.code === Code.Unauthenticated) {
+        if (error.details.reason !== "missing_token") addCookie(request, sessionCookie(request, "", 0));
+        const wait = failedSignIns.take(request.ip);
+        if (wait !== undefined) throw new AirlockError(Code.ResourceExhausted, `too many failed sign-ins from ${request.ip}; retry in ${wait} s`, { details: { retryAfterSec: wait } });
+      }
+      throw error;
+    }
+  }
+
+  function refreshSession(session: BrowserSession): Promise<BrowserSession> {
+    const key = `${session.sid} ${session.refreshToken ?? ""}`;
+    const running = refreshing.get(key);
+    // Requests that raced one refresh share its result, but only while that result is itself fresh:
+    // a copy of the cookie presented later goes to the provider, which may have revoked it.
+    if (running !== undefined) {
+      return running.then((fresh) => {
+        if (fresh.refreshAt === undefined || fresh.refreshAt > Date.now()) return fresh;
+        if (refreshing.get(key) === running) refreshing.delete(key);
+        return refreshSession(session);
+      });
+    }
+    const refresh = (async (): Promise<BrowserSession> => {
+      if (sso === undefined || session.refreshToken === undefined) return session;
+      const fresh = await sso.refresh(session.refreshToken, session.reviewer);
+      log.info({ reviewer: session.reviewer }, "reviewer session refreshed at the identity provider");
+      return { ...session, groups: fresh.groups ?? session.groups, refreshAt: fresh.tokensExpireAt, ...(fresh.refreshToken === undefined ? {} : { refreshToken: fresh.refreshToken }) };
+    })();
+    refreshing.set(key, refresh);
+    // Kept a moment after it settles, so requests that raced it reuse the result rather than a spent (rotated) token.
+    void refresh.then(
+      () => setTimeout(() => refreshing.delete(key), 5_000).unref(),
+      () => refreshing.delete(key),
+    );
+    return refresh;
   }
 
   /** Verifies a token; failures count against the caller's address, so tokens cannot be guessed at speed. */
@@ -225,9 +328,9 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     }
   }
 
-  function checkCsrf(request: FastifyRequest, session: string): void {
+  function checkCsrf(request: FastifyRequest, expected: string): void {
     const header = request.headers[brokerHttpDefaults.csrfHeader];
-    if (typeof header !== "string" || !sameText(header, csrfTokenOf(session))) {
+    if (typeof header !== "string" || !sameText(header, expected)) {
       throw new AirlockError(Code.PermissionDenied, `a console write needs the ${brokerHttpDefaults.csrfHeader} header from sign-in`, { details: { reason: "csrf" } });
     }
     const origin = request.headers.origin;
@@ -244,11 +347,88 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     }
   }
 
+  /** Whether the console may sign in with a pasted token: dev mode, or no SSO configured (the old path). */
+  const tokenSignIn = auth !== undefined && (auth.devMode || sso === undefined);
+
+  app.get("/api/v1/sso", () => {
+    if (auth === undefined) throw new AirlockError(Code.NotFound, "this broker serves no reviewers' API (its config has no reviewers section)");
+    return {
+      sso: sso === undefined ? null : { provider: sso.config.providerName, loginUrl: "/api/v1/sso/login", issuer: sso.config.issuer, scopes: sso.config.scopes, ...(sso.config.cliClientId === undefined ? {} : { cliClientId: sso.config.cliClientId }) },
+      tokenSignIn,
+      devMode: auth.devMode,
+    };
+  });
+
+  if (sso !== undefined && sessions !== undefined) {
+    const ssoCookie = (request: FastifyRequest, value: string, maxAgeSec: number): string =>
+      // Lax: the provider sends the browser back with a cross-site navigation, which a Strict cookie would miss.
+      cookie(brokerHttpDefaults.ssoCookie, value, { maxAgeSec, path: "/api/v1/sso", sameSite: "Lax", secure: secureCookies(request) });
+    const callbackUrl = (request: FastifyRequest): string => sso.config.redirectUri ?? `${options.publicOrigin ?? `${request.protocol}://${request.headers.host ?? ""}`}/api/v1/sso/callback`;
+
+    app.get("/api/v1/sso/login", async (request, reply) => {
+      const returnTo = safeReturn((request.query as Record<string, unknown>).return);
+      const { url, transaction } = await sso.begin(callbackUrl(request), returnTo);
+      void reply.header("set-cookie", ssoCookie(request, sessions.sealer.seal("sso", transaction), (transaction.exp - Date.now()) / 1000));
+      void reply.header("cache-control", "no-store");
+      return reply.redirect(url.href, 302);
+    });
+
+    app.get("/api/v1/sso/callback", async (request, reply) => {
+      void reply.header("cache-control", "no-store");
+      // The sign-in in flight is used once, whatever happens.
+      void reply.header("set-cookie", ssoCookie(request, "", 0));
+      const fail = (error: unknown) => {
+        const airlock = asAirlockError(error);
+        const reason = typeof airlock.details.reason === "string" ? airlock.details.reason : httpErrorOf(airlock).code;
+        if (airlock.code === Code.Unauthenticated || airlock.code === Code.PermissionDenied) failedSignIns.take(request.ip);
+        log.warn({ reason, ip: request.ip }, "single sign-on refused");
+        // A browser is on this page: back to the console, which says why.
+        return reply.redirect(`/console/?sso_error=${encodeURIComponent(reason)}`, 303);
+      };
+      try {
+        const sealed = cookieValue(request.headers.cookie, brokerHttpDefaults.ssoCookie);
+        if (sealed === undefined || sealed === "") throw new AirlockError(Code.Unauthenticated, "no sign-in is in progress in this browser", { details: { reason: "no_sign_in_in_progress" } });
+        const transaction = sessions.sealer.open("sso", sealed) as SsoTransaction;
+        if (typeof transaction.exp !== "number" || transaction.exp <= Date.now()) throw new AirlockError(Code.Unauthenticated, "the sign-in took too long; start again", { details: { reason: "sign_in_expired" } });
+        const callback = new URL(request.url, `http://${request.headers.host ?? "localhost"}`);
+        const identity = await sso.finish(callback, transaction);
+        const reviewer: Reviewer = { id: identity.reviewer, groups: identity.groups, expiresAt: undefined };
+        requireReviewer(reviewer, approvals);
+        const now = Date.now();
+        const session: BrowserSession = {
+          sid: newSessionId(),
+          reviewer: identity.reviewer,
+          groups: identity.groups,
+          iat: now,
+          exp: now + sessions.maxAgeMs,
+          via: "sso",
+          ...(identity.refreshToken === undefined ? {} : { refreshToken: identity.refreshToken, refreshAt: identity.tokensExpireAt }),
+        };
+        addCookie(request, sessionCookie(request, sessions.sealer.seal(sessionPurpose, session), sessions.maxAgeMs / 1000));
+        log.info({ reviewer: identity.reviewer, via: "sso", refresh: identity.refreshToken !== undefined }, "reviewer signed in");
+        return reply.redirect(`/console/${transaction.returnTo}`, 303);
+      } catch (error) {
+        return fail(error);
+      }
+    });
+  }
+
   app.post("/api/v1/session", async (request, reply) => {
+    if (!tokenSignIn) {
+      throw new AirlockError(Code.PermissionDenied, "people sign in with single sign-on here; a pasted token works only as a bearer token (API, CLI)", { details: { reason: "sso_required" } });
+    }
     const token = optionalText(bodyOf(request), "token", 16_384);
     if (token === undefined || token.trim() === "") throw new AirlockError(Code.InvalidArgument, "token is required", { details: { field: "token" } });
     const reviewer = await authenticate(request, token.trim());
     requireReviewer(reviewer, approvals);
+    if (sessions !== undefined) {
+      const now = Date.now();
+      const exp = Math.min(now + sessions.maxAgeMs, reviewer.expiresAt?.getTime() ?? Number.POSITIVE_INFINITY);
+      const session: BrowserSession = { sid: newSessionId(), reviewer: reviewer.id, groups: reviewer.groups, iat: now, exp, via: "dev_token" };
+      void reply.header("set-cookie", sessionCookie(request, sessions.sealer.seal(sessionPurpose, session), (exp - now) / 1000));
+      log.info({ reviewer: reviewer.id, via: "token" }, "reviewer signed in");
+      return { reviewer: reviewer.id, groups: reviewer.groups, csrfToken: sessionCsrfToken(session) };
+    }
     const maxAge = reviewer.expiresAt === undefined ? brokerHttpDefaults.devSessionSeconds : Math.max(0, Math.floor((reviewer.expiresAt.getTime() - Date.now()) / 1000));
     const secure = request.protocol === "https" ? "; Secure" : "";
     void reply.header("set-cookie", `${brokerHttpDefaults.sessionCookie}=${encodeURIComponent(token.trim())}; HttpOnly; SameSite=Strict; Path=/; Max-Age=${maxAge}${secure}`);
@@ -256,16 +436,43 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     return { reviewer: reviewer.id, groups: reviewer.groups, csrfToken: csrfTokenOf(token.trim()) };
   });
 
-  app.delete("/api/v1/session", (_request, reply) => {
-    // Signing out needs no valid token: a stale cookie must be clearable too.
-    void reply.header("set-cookie", `${brokerHttpDefaults.sessionCookie}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0`);
+  app.delete("/api/v1/session", async (request, reply) => {
+    // Signing out needs no valid session: a stale cookie must be clearable too.
+    const cookieText = cookieValue(request.headers.cookie, brokerHttpDefaults.sessionCookie);
+    if (sessions !== undefined && sso !== undefined && cookieText !== undefined && cookieText !== "") {
+      let session: BrowserSession | undefined;
+      try {
+        session = openSession(sessions.sealer, cookieText);
+      } catch {
+        session = undefined;
+      }
+      // The provider forgets the refresh token, so a copy of the cookie cannot be refreshed any more.
+      if (session?.refreshToken !== undefined) {
+        refreshing.delete(`${session.sid} ${session.refreshToken}`);
+        await sso.revoke(session.refreshToken);
+      }
+      if (session !== undefined) log.info({ reviewer: session.reviewer }, "reviewer signed out");
+    }
+    void reply.header("set-cookie", sessionCookie(request, "", 0));
     return reply.status(204).send();
   });
 
   app.get("/api/v1/me", async (request) => {
     const reviewer = await reviewerOf(request);
     const key = reviewer.id.trim().toLowerCase();
-    return { reviewer: reviewer.id, groups: reviewer.groups, breakGlass: approvals.breakGlassRole.some((member) => member.trim().toLowerCase() === key) };
+    // A console signed in by SSO learns its CSRF token here (a cross-origin page cannot read this answer).
+    let csrfToken: string | undefined;
+    if (request.headers.authorization === undefined) {
+      const cookieText = cookieValue(request.headers.cookie, brokerHttpDefaults.sessionCookie) ?? "";
+      // A refresh keeps the session's id, so the cookie this request came with gives the same token.
+      csrfToken = sessions === undefined ? csrfTokenOf(cookieText) : sessionCsrfToken(openSession(sessions.sealer, cookieText));
+    }
+    return {
+      reviewer: reviewer.id,
+      groups: reviewer.groups,
+      breakGlass: approvals.breakGlassRole.some((member) => member.trim().toLowerCase() === key),
+      ...(csrfToken === undefined ? {} : { csrfToken }),
+    };
   });
 
   app.get("/api/v1/requests", async (request) => {
@@ -394,13 +601,14 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     }
     if (stop.signal.aborted) return reply.hijack();
     const onlyMine = (request.query as Record<string, unknown>).needsMe === "true";
-    streamRequests(reply, reviewer, onlyMine, stop);
+    streamRequests(request, reply, reviewer, onlyMine, stop);
   });
 
-  function streamRequests(reply: FastifyReply, reviewer: Reviewer, onlyMine: boolean, stop: AbortController): void {
+  function streamRequests(request: FastifyRequest, reply: FastifyReply, reviewer: Reviewer, onlyMine: boolean, stop: AbortController): void {
     reply.hijack();
     const out = reply.raw;
-    out.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive", "x-accel-buffering": "no" });
+    const cookies = pendingCookies.get(request);
+    out.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive", "x-accel-buffering": "no", ...(cookies === undefined ? {} : { "set-cookie": cookies }) });
     const write = (text: string) => {
       // A client that stops reading does not get to make the broker buffer without bound.
       if (!out.write(text) && out.writableLength > brokerHttpDefaults.maxStreamBufferBytes) stop.abort();

@@ -9,3 +9,5 @@ export { type ReviewerGrpcOptions, type RunningReviewerGrpc, startReviewerGrpc }
 export { brokerHttpDefaults, type BrokerHttpOptions, createBrokerHttpApp, csrfTokenOf, httpErrorOf, type SlackInteractionHandler } from "./http.js";
 export { liveRequests, type LiveUpdate } from "./live.js";
 export { type RequestIdRefusal, requestIdPrefix, requestIdRefusals, type RequestView, requireReviewer, resolveRequest } from "./views.js";
+export { type BrowserSession, openSession, parseSessionConfig, readSessionKey, Sealer, type SessionConfig, sessionCsrfToken, sessionDefaults, sessionPurpose } from "./session.js";
+export { groupsOf, parseSsoConfig, SsoClient, type SsoConfig, ssoDefaults, type SsoIdentity, type SsoTransaction } from "./sso.js";

@@ -36,6 +36,10 @@ function parse(value: Record<string, unknown>) {
   return parseBrokerConfig(new ConfigReader(value, "", join(dir, "broker.yaml")));
 }
 
+const oidcAuth = { kind: "oidc", issuer: "https://idp.example.com", audience: "airlock-cli", jwks_url: "https://idp.example.com/keys" };
+const sso = { provider_name: "Okta", issuer: "https://idp.example.com", client_id: "airlock-console", client_secret: "s" };
+const sessions = { key_file: "session.key" };
+
 await t.test("the reviewers section is validated; each error names its field", async (t) => {
   const cases: [unknown, string][] = [
     [{ auth: { kind: "saml" } }, "reviewers.auth.kind"],
@@ -57,6 +61,16 @@ await t.test("the reviewers section is validated; each error names its field", a
     [{ auth: { kind: "static", tokens: [{ token: "long-enough-token", reviewer: "a@example.com" }] }, rate_limit_per_minute: 0 }, "reviewers.rate_limit_per_minute"],
     [{ auth: { kind: "static", tokens: [{ token: "long-enough-token", reviewer: "a@example.com" }] }, extra: 1 }, "reviewers.extra"],
     [{ auth: { kind: "static", tokens: [{ token: "long-enough-token", reviewer: "a@example.com" }] }, public_origin: "https://airlock.example.com/console" }, "reviewers.public_origin"],
+    // Single sign-on and sealed sessions.
+    [{ auth: oidcAuth, sso: { ...sso } }, "reviewers.sessions"],
+    [{ auth: oidcAuth, sso: { ...sso, issuer: "http://idp.example.com" }, sessions }, "reviewers.sso.issuer"],
+    [{ auth: oidcAuth, sso: { ...sso, provider_name: undefined }, sessions }, "reviewers.sso.provider_name"],
+    [{ auth: oidcAuth, sso: { ...sso, scopes: ["email"] }, sessions }, "reviewers.sso.scopes"],
+    [{ auth: oidcAuth, sso: { ...sso, redirect_uri: "http://airlock.example.com/cb" }, sessions }, "reviewers.sso.redirect_uri"],
+    [{ auth: oidcAuth, sso: { ...sso, group_map: { abc: 1 } }, sessions }, "reviewers.sso.group_map.abc"],
+    [{ auth: oidcAuth, sso: { ...sso, client_secret_file: "x" }, sessions }, "reviewers.sso.client_secret_file"],
+    [{ auth: oidcAuth, sso, sessions: { key_file: "session.key", max_age: "forever" } }, "reviewers.sessions.max_age"],
+    [{ auth: oidcAuth, sso, sessions: {} }, "reviewers.sessions.key_file"],
   ];
   for (const [reviewers, field] of cases) {
     const error = (() => {
@@ -75,6 +89,29 @@ await t.test("the reviewers section is validated; each error names its field", a
   t.match(parsed.reviewers?.auth, { kind: "oidc", reviewerClaim: "email", groupsClaim: "groups", clockToleranceSec: 30 }, "OIDC defaults");
   t.equal(parsed.reviewers?.ratePerMinute, 300);
   t.equal(parsed.takeoverAfterMs, 10_000);
+  const withSso = parse(config({ auth: oidcAuth, sso: { ...sso, group_map: { "3f2c9a10-5b7e-4c61-9a0d-2e8f7b6c4d11": "data-owners" } }, sessions }));
+  t.match(withSso.reviewers?.sso, { scopes: ["openid", "email", "profile"], reviewerClaim: "email", groupsClaim: "groups", groupMap: { "3f2c9a10-5b7e-4c61-9a0d-2e8f7b6c4d11": "data-owners" } }, "SSO defaults");
+  t.equal(withSso.reviewers?.sessions?.maxAgeMs, 8 * 3_600_000, "sessions last 8 h by default");
+  t.equal(withSso.reviewers?.sessions?.keyFile, join(dir, "session.key"), "the key file is resolved against the config's directory");
+});
+
+await t.test("a session key file that is missing or short stops the broker at start, naming the field", async (t) => {
+  await writeFile(join(dir, "short.key"), "abcd");
+  for (const [file, pattern] of [
+    ["missing.key", /cannot read the session key file/],
+    ["short.key", /shorter than 32 bytes/],
+  ] as const) {
+    const error = await startBroker(parse(config({ auth: oidcAuth, sso, sessions: { key_file: file } })), { log: createLogger({ name: "t", level: "silent" }) }).then(
+      async (broker) => {
+        await broker.close();
+        return undefined;
+      },
+      (caught: unknown) => caught as AirlockError,
+    );
+    t.equal(error?.details.field, "reviewers.sessions.key_file", file);
+    t.match(error?.rawMessage, pattern);
+    t.notMatch(error?.rawMessage, /abcd/, "the key is never in the message");
+  }
 });
 
 await t.test("dev mode (static tokens) logs a warning at start; without a reviewers section the API answers 404", async (t) => {

@@ -32,7 +32,8 @@ await t.test("npm run demo -- --auto-approve: every step as scripted, credential
   t.match(stdout, /notify → tell alice@example\.com, for whom the agent acted: ExportTable was approved/, "and each outcome, with the human to tell");
   t.match(stdout, /NATS server 2\.\d+\.\d+ at tls:\/\/127\.0\.0\.1:\d+/, "the NATS line names the server's version, over TLS");
   t.match(stdout, /approver console: http:\/\/127\.0\.0\.1:\d+\/console\//, "prints the console URL");
-  t.match(stdout, /sign in as dana@example\.com .* with token dana-[0-9a-f]+/, "prints a reviewer sign-in");
+  t.match(stdout, /Sign in with the demo identity provider/, "reviewers sign in through the provider");
+  t.match(stdout, /dana@example\.com \(data-owners\) with password dana-[0-9a-f]+/, "prints a reviewer's sign-in at the provider");
   t.match(stdout, /step 1\/4: done: demo\.v1\.OpsService/, "the status check passed straight through");
   t.match(stdout, /ExportTable \(\w+\) held for approval: needs 1 from data-owners/, "the export waited for approval");
   t.match(stdout, /step 2\/4: done: 3 rows exported/, "the export ran with its dynamic credential");
@@ -44,7 +45,7 @@ await t.test("npm run demo -- --auto-approve: every step as scripted, credential
   t.match(table[0] ?? "", /action\s+decision\s+approver\s+credential lease\s+revoked after/);
   t.match(table.find((l) => l.includes("ExportTable")) ?? "", /approved\s+dana@example\.com\s+\S+\s+\d+ ms/);
   t.match(table.find((l) => l.includes("RotateKey")) ?? "", /approved\s+sam@example\.com\s+\S+\s+\d+ ms/);
-  t.notMatch(stdout + stderr, /dana-[0-9a-f]+.*dana-[0-9a-f]+.*dana-[0-9a-f]+/s, "the reviewer token is printed for sign-in only, not logged");
+  t.notMatch(stdout + stderr, /dana-[0-9a-f]+.*dana-[0-9a-f]+.*dana-[0-9a-f]+/s, "the reviewer's password is printed for sign-in only, not logged");
   t.notMatch(stdout + stderr, /"password"|hvs\.[A-Za-z0-9]{20,}/, "no credential appears in the output");
   t.notMatch(stdout + stderr, /\bS[UAON][A-Z2-7]{50,}/, "no NATS nkey seed appears in the output");
 });

@@ -1,3 +1,4 @@
+import { existsSync } from "node:fs";
 import { mkdir } from "node:fs/promises";
 import { basename, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -16,6 +17,7 @@ export const screenshotDir: string = fileURLToPath(new URL("../../test-output/sc
  * servers it talks to is closed before they stop).
  */
 export async function launchBrowser(t: Test): Promise<Browser> {
+  if (!existsSync(chromiumPath)) throw new Error(`Chromium is missing at ${chromiumPath}: install it with \`sudo apt-get install chromium\` (or set AIRLOCK_CHROMIUM)`);
   const browser = await chromium.launch({
     executablePath: chromiumPath,
     headless: true,

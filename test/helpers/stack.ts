@@ -39,6 +39,8 @@ export interface CallOutcome {
 export interface Stack {
   /** `http://127.0.0.1:<port>` of the broker: API, console (`/console/`), metrics. */
   readonly brokerUrl: string;
+  /** The second broker replica's `http://127.0.0.1:<port>`, when {@link StackOptions.secondReplica} asked for one. */
+  readonly secondBrokerUrl?: string;
   /** The broker replica. */
   readonly broker: RunningBroker;
   /** The stack's NATS. */
@@ -63,6 +65,8 @@ export interface StackOptions {
   readonly reviewerGrpc?: string;
   /** Options of the tests' policy ({@link opsPolicy}); RotateKey's risk stays medium. */
   readonly policy?: Omit<OpsPolicyOptions, "rotateRisk">;
+  /** Start a second broker replica from the same config. @default false */
+  readonly secondReplica?: boolean;
 }
 
 /** Options of {@link opsPolicy}. */
@@ -314,10 +318,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
   const { agentKeys, dir, sidecar } = await startAgentPath(t, { nats, vault, database }, { name: "stack", host: "stack-host", policy: opsPolicy({ ...options.policy, rotateRisk: "medium" }), log });
 
   const tokens = { dana: "dana-dev-token-0001", sam: "sam-dev-token-0001", alice: "alice-dev-token-0001" };
-  const broker = await startBroker(
-    parseBrokerConfig(
-      new ConfigReader(
-        {
+  const brokerValues: Record<string, unknown> = {
           nats: natsSection(await nats.credentials({ kind: "broker" })),
           vault: { address: vault.address, auth: { kind: "token", token: vault.rootToken } },
           signing_key: { key_id: "k1", file: "broker-signing.pem" },
@@ -338,14 +339,12 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
           replica_id: "stack-broker",
           log_level: "silent",
           ...options.brokerConfig,
-        },
-        "",
-        join(dir, "broker.yaml"),
-      ),
-    ),
-    { log },
-  );
+        };
+  const broker = await startBroker(parseBrokerConfig(new ConfigReader(brokerValues, "", join(dir, "broker.yaml"))), { log });
   t.teardown(() => broker.close());
+  // Another replica of the same config: the two share the work and the reviewers' sessions.
+  const secondBroker = options.secondReplica === true ? await startBroker(parseBrokerConfig(new ConfigReader({ ...brokerValues, http: "127.0.0.1:0", replica_id: "stack-broker-2" }, "", join(dir, "broker.yaml"))), { log }) : undefined;
+  if (secondBroker !== undefined) t.teardown(() => secondBroker.close());
 
   const client = new Client(sidecar.address, credentials.createInsecure());
   t.teardown(() => client.close());
@@ -359,6 +358,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
 
   return {
     brokerUrl: broker.httpUrl,
+    ...(secondBroker === undefined ? {} : { secondBrokerUrl: secondBroker.httpUrl }),
     broker,
     nats,
     host: "stack-host",
