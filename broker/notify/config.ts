@@ -37,10 +37,32 @@ export interface SlackConfig {
   readonly users: ReadonlyMap<string, string>;
 }
 
+/**
+ * The Teams bot (`notifications.teams.bot`): Approve / Deny on the card through
+ * `Action.Execute`, which Teams sends to the broker's bot endpoint
+ * (`POST /api/teams/messages`) as an `adaptiveCard/action` invoke, signed by the Bot
+ * Framework. Nothing here is a secret: the endpoint only verifies tokens.
+ */
+export interface TeamsBotConfig {
+  /** The bot's Microsoft App ID (Entra application id, a GUID): the audience of the Bot Framework's tokens. */
+  readonly appId: string;
+  /**
+   * Where the Bot Framework's OpenID metadata is (its `jwks_uri` names the signing keys).
+   * @default "https://login.botframework.com/v1/.well-known/openidconfiguration"
+   */
+  readonly openIdMetadataUrl: string;
+  /** Entra object id (`from.aadObjectId`, lower-case) → Airlock reviewer id. @default empty */
+  readonly users: ReadonlyMap<string, string>;
+  /** When set, invokes from any other Entra tenant (`conversation.tenantId`) are refused. */
+  readonly tenantId?: string;
+}
+
 /** The Microsoft Teams section of {@link NotificationsConfig}. */
 export interface TeamsConfig {
   /** The incoming webhook (or Workflows) URL. Its path is the secret: never logged. */
   readonly webhookUrl: string;
+  /** The bot that takes Approve / Deny from the card; without it cards only link to the console. */
+  readonly bot?: TeamsBotConfig;
 }
 
 /** One generic webhook receiver. */
@@ -85,6 +107,8 @@ export const notificationsConfigDefaults = {
   consoleUrl: "http://127.0.0.1:9465/console/",
   /** @default "https://slack.com/api" */
   slackApiUrl: "https://slack.com/api",
+  /** @default "https://login.botframework.com/v1/.well-known/openidconfiguration" (the Bot Framework's public cloud) */
+  teamsOpenIdMetadataUrl: "https://login.botframework.com/v1/.well-known/openidconfiguration",
   /** @default { attempts: 5, baseDelayMs: 200, maxDelayMs: 30000 } */
   retry: { attempts: 5, baseDelayMs: 200, maxDelayMs: 30_000 } satisfies RetryConfig,
   /** @default 10000 */
@@ -191,6 +215,47 @@ function readSlack(reader: ConfigReader): SlackConfig {
   return { transport, users, ...(signingSecret === undefined ? {} : { signingSecret }) };
 }
 
+const guidPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+function guid(reader: ConfigReader, key: string, what: string): string {
+  const value = reader.string(key).trim().toLowerCase();
+  if (!guidPattern.test(value)) throw reader.fail(fieldOf(reader, key), `is not ${what} (a GUID such as 00000000-0000-0000-0000-000000000000)`);
+  return value;
+}
+
+function readTeamsUsers(reader: ConfigReader): Map<string, string> {
+  const users = new Map<string, string>();
+  for (const objectId of reader.keys()) {
+    const key = objectId.trim().toLowerCase();
+    if (!guidPattern.test(key)) throw reader.fail(fieldOf(reader, objectId), "is not an Entra object id (a GUID)");
+    if (users.has(key)) throw reader.fail(fieldOf(reader, objectId), "repeats an object id (they are compared without case)");
+    const reviewer = reader.string(objectId).trim();
+    if (reviewer === "") throw reader.fail(fieldOf(reader, objectId), "must not be blank");
+    users.set(key, reviewer);
+  }
+  reader.done();
+  return users;
+}
+
+function readTeamsBot(reader: ConfigReader): TeamsBotConfig {
+  const appId = guid(reader, "app_id", "a Microsoft App ID");
+  // The keys that sign votes come from here: it must not be reachable in clear over a network.
+  const openIdMetadataUrl = url(reader, "openid_metadata_url", true, notificationsConfigDefaults.teamsOpenIdMetadataUrl);
+  const usersReader = reader.optionalObject("users");
+  const users = usersReader === undefined ? new Map<string, string>() : readTeamsUsers(usersReader);
+  const tenantId = reader.has("tenant_id") ? guid(reader, "tenant_id", "an Entra tenant id") : undefined;
+  reader.done();
+  return { appId, openIdMetadataUrl, users, ...(tenantId === undefined ? {} : { tenantId }) };
+}
+
+function readTeams(reader: ConfigReader): TeamsConfig {
+  const webhookUrl = url(reader, "webhook_url", true);
+  const botReader = reader.optionalObject("bot");
+  const bot = botReader === undefined ? undefined : readTeamsBot(botReader);
+  reader.done();
+  return { webhookUrl, ...(bot === undefined ? {} : { bot }) };
+}
+
 function readRetry(reader: ConfigReader): RetryConfig {
   const defaults = notificationsConfigDefaults.retry;
   const attempts = reader.integer("attempts", defaults.attempts, 1, 100);
@@ -216,7 +281,13 @@ function readRetry(reader: ConfigReader): RetryConfig {
  *   channels: { security: C01, data-owners: C02 }   # bot_token only
  *   default_channel: C03                        # optional; bot_token only
  *   users: { U1: alice@corp }                   # Slack user → reviewer id
- * teams: { webhook_url: https://… }
+ * teams:
+ *   webhook_url: https://…                      # where cards are posted
+ *   bot:                                        # optional: Approve / Deny on the card (Action.Execute)
+ *     app_id: 00000000-0000-0000-0000-000000000000   # the bot's Microsoft App ID (token audience)
+ *     openid_metadata_url: https://login.botframework.com/v1/.well-known/openidconfiguration   # default
+ *     tenant_id: 00000000-0000-0000-0000-000000000000 # optional: only this Entra tenant
+ *     users: { <Entra object id>: alice@corp }  # from.aadObjectId → reviewer id
  * webhooks: [ { url: https://…, secret: … } ]   # secret ≥ 16 characters
  * retry: { attempts: 5, base_delay_ms: 200, max_delay_ms: 30000 }
  * timeout_ms: 10000
@@ -229,11 +300,7 @@ export function parseNotificationsConfig(reader: ConfigReader): NotificationsCon
   const slackReader = reader.optionalObject("slack");
   const slack = slackReader === undefined ? undefined : readSlack(slackReader);
   const teamsReader = reader.optionalObject("teams");
-  let teams: TeamsConfig | undefined;
-  if (teamsReader !== undefined) {
-    teams = { webhookUrl: url(teamsReader, "webhook_url", true) };
-    teamsReader.done();
-  }
+  const teams = teamsReader === undefined ? undefined : readTeams(teamsReader);
   const webhooks = reader.list("webhooks", false).map((entry): WebhookConfig => {
     const webhook = { url: url(entry, "url", true), secret: secret(entry, "secret") };
     entry.done();

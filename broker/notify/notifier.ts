@@ -8,7 +8,8 @@ import { originOf, postJson } from "./http.js";
 import { DeliveryQueue } from "./queue.js";
 import { SlackIntegration } from "./slack.js";
 import { type DecidedOutcome, requirementGroups } from "./summary.js";
-import { teamsMessage } from "./teams.js";
+import { noStepUp, type StepUpPredicate, teamsMessage } from "./teams.js";
+import { TeamsBot } from "./teams-bot.js";
 import { signWebhookBody, webhookPayload } from "./webhook.js";
 
 /** Who to tell that a request waits for review. */
@@ -86,6 +87,12 @@ export interface ReviewNotifierOptions {
   readonly concurrency?: number;
   /** How long {@link ReviewNotifier.close} lets deliveries in flight finish before aborting them, in ms. @default 2000 */
   readonly closeGraceMs?: number;
+  /**
+   * Requests whose approval needs a step-up: chat offers them "Review and approve" (a
+   * console link) instead of an Approve button, and refuses an approval from chat with
+   * `step_up_required`. Break-glass is always treated so. @default {@link noStepUp}
+   */
+  readonly requiresStepUp?: StepUpPredicate;
 }
 
 /**
@@ -97,6 +104,8 @@ export interface ReviewNotifierOptions {
 export class ReviewNotifier implements Notifier {
   /** The Slack side, for the `/slack/interactions` route ({@link SlackIntegration.handleInteraction}); undefined without Slack. */
   readonly slack: SlackIntegration | undefined;
+  /** The Teams bot, for the `/api/teams/messages` route ({@link TeamsBot.handleActivity}); undefined without `notifications.teams.bot`. */
+  readonly teams: TeamsBot | undefined;
   private readonly config: NotificationsConfig;
   private readonly log: Logger;
   private readonly queue: DeliveryQueue;
@@ -115,6 +124,8 @@ export class ReviewNotifier implements Notifier {
       ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
     });
     this.slack = config.slack === undefined ? undefined : new SlackIntegration(config.slack, { queue: this.queue, log, consoleUrl: config.consoleUrl });
+    const bot = config.teams?.bot;
+    this.teams = bot === undefined ? undefined : new TeamsBot(bot, { log, consoleUrl: config.consoleUrl, requiresStepUp: options.requiresStepUp ?? noStepUp });
     this.enabled = config.slack !== undefined || config.teams !== undefined || config.webhooks.length > 0;
   }
 
@@ -228,7 +239,7 @@ export class ReviewNotifier implements Notifier {
       description: `teams webhook ${originOf(url)} (${notification.kind} ${requestId})`,
       key: `teams:${requestId}`,
       run: async (signal) => {
-        await postJson(url, teamsMessage(notification, this.config.consoleUrl), { what: "teams webhook", signal });
+        await postJson(url, teamsMessage(notification, this.teams?.cards ?? this.config.consoleUrl), { what: "teams webhook", signal });
       },
     });
   }

@@ -23,7 +23,7 @@ import { type NatsServer, useInfra } from "../../harness/index.js";
 import { ensureStreams } from "../../common/subjects.js";
 import { natsConfigSection, type NatsConnectionConfig } from "../../common/nats.js";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { descriptorSetPath } from "../../proto/index.js";
+import { descriptorSetPath, type RequestRecord } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, type Sidecar, startSidecar } from "../../sidecar/index.js";
 import { agentMetadata } from "./agent.js";
@@ -61,6 +61,8 @@ export interface StackOptions {
   readonly brokerConfig?: Record<string, unknown>;
   /** The broker's reviewer gRPC listen address; off when absent. */
   readonly reviewerGrpc?: string;
+  /** Requests whose approval needs a step-up (`startBroker`'s option of that name). */
+  readonly requiresStepUp?: (record: RequestRecord) => boolean;
 }
 
 /** Options of {@link opsPolicy}. */
@@ -324,7 +326,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
         join(dir, "broker.yaml"),
       ),
     ),
-    { log },
+    { log, ...(options.requiresStepUp === undefined ? {} : { requiresStepUp: options.requiresStepUp }) },
   );
   t.teardown(() => broker.close());
 
