@@ -12,8 +12,9 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { type CryptoKey, exportJWK, generateKeyPair, type JWK, SignJWT } from "jose";
 import t from "tap";
-import { teamsMessage, teamsRecordCard } from "../../broker/notify/index.js";
-import { Code } from "../../common/index.js";
+import { Writable } from "node:stream";
+import { TeamsBot, teamsMessage, teamsRecordCard } from "../../broker/notify/index.js";
+import { Code, createLogger } from "../../common/index.js";
 import { ApprovalRequestSchema, RequestRecordSchema, RequestState, ReviewerVoteSchema } from "../../proto/index.js";
 import { startStack } from "../helpers/stack.js";
 
@@ -336,4 +337,34 @@ await t.test("break-glass: its card and any card of a request it touched carry n
   t.match(String(line?.text), /\(2026-03-03 14:05:09 UTC\)/);
   const plain = teamsRecordCard(create(RequestRecordSchema, { request, state: RequestState.PENDING }), options);
   t.same(verbs(plain as unknown as Card), ["approve", "deny"], "without break-glass or step-up the card votes");
+});
+
+await t.test("no token reaches the log, whether the activity is refused or taken", async (t) => {
+  const chunks: string[] = [];
+  const log = createLogger({
+    name: "broker",
+    level: "debug",
+    destination: new Writable({
+      write(chunk: Buffer, _encoding, done) {
+        chunks.push(chunk.toString("utf8"));
+        done();
+      },
+    }),
+  });
+  const bot = new TeamsBot({ appId, openIdMetadataUrl: metadataUrl, users: new Map([[oid.dana, "dana@example.com"]]) }, { log, consoleUrl: "https://airlock.example.com/console/" });
+  const broker = stack.broker.broker;
+  const target = { get: (id: string) => broker.get(id), decide: (id: string, ballot: { reviewer: string; approve: boolean; reason: string }) => broker.decide(id, ballot, { channel: "teams" }) };
+  const call = stack.callExportTable("teams logging");
+  const { requestId } = await cardFor("teams logging");
+  const forged = await botToken({ key: otherKeys.privateKey });
+  const refused = await bot.handleActivity(invoke(oid.dana, "approve", requestId), { authorization: `Bearer ${forged}` }, target);
+  t.equal(refused.status, 401);
+  const good = await botToken();
+  const taken = await bot.handleActivity(invoke(oid.dana, "deny", requestId, "logging test"), { authorization: `Bearer ${good}` }, target);
+  t.equal(taken.status, 200);
+  const text = chunks.join("");
+  t.match(text, /Teams activity refused/);
+  t.match(text, /Teams vote recorded/);
+  for (const token of [forged, good]) t.notOk(text.includes(token.split(".")[2] ?? "x"), "no token signature in the log");
+  t.equal((await call).code, Code.PermissionDenied);
 });
