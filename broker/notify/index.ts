@@ -26,6 +26,7 @@ export {
   type SlackConfig,
   type SlackTransport,
   type TeamsBotConfig,
+  type TeamsBotSending,
   type TeamsConfig,
   type WebhookConfig,
 } from "./config.js";
@@ -100,4 +101,5 @@ export {
   type TeamsInvokeResponse,
   type TeamsVoteTarget,
 } from "./teams-bot.js";
+export { BotConnectorClient, botConnectorScope, type PostedCard } from "./teams-connector.js";
 export { signWebhookBody, type VerifyWebhookOptions, verifyWebhookSignature, webhookPayload, type WebhookPayload, webhookSignatureMaxSkewSeconds } from "./webhook.js";

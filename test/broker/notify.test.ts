@@ -243,6 +243,30 @@ await t.test("the Teams bot section parses: app id, OpenID metadata URL (default
   );
   t.equal(local.teams?.bot?.openIdMetadataUrl, "http://127.0.0.1:2/meta", "a loopback metadata URL may be plain http (tests, a local mirror)");
   t.same(local.teams?.bot?.users, new Map());
+  const sender = parseNotificationsConfig(
+    new ConfigReader(
+      {
+        teams: {
+          bot: {
+            app_id: appId,
+            tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47",
+            app_password: "an-app-password-of-enough-length",
+            service_url: "https://smba.trafficmanager.net/emea",
+            conversations: { security: "19:sec@thread.tacv2" },
+          },
+        },
+      },
+      "notifications",
+      "broker.yaml",
+    ),
+  );
+  t.equal(sender.teams?.webhookUrl, undefined, "a bot that sends its own cards needs no webhook");
+  t.same(sender.teams?.bot?.sending, {
+    appPassword: "an-app-password-of-enough-length",
+    tokenUrl: "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token",
+    serviceUrl: "https://smba.trafficmanager.net/emea/",
+    conversations: new Map([["security", "19:sec@thread.tacv2"]]),
+  });
 });
 
 await t.test("every bad field is named", async (t) => {
@@ -269,7 +293,13 @@ await t.test("every bad field is named", async (t) => {
       "notifications.teams.bot.users.0D7A1C2E-1111-4A2B-8C3D-000000000D4A",
     ],
     ["bot tenant not a GUID", { teams: { webhook_url: "https://t.example/w", bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", tenant_id: "contoso" } } }, "notifications.teams.bot.tenant_id"],
-    ["bot unknown key", { teams: { webhook_url: "https://t.example/w", bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", app_password: "x" } } }, "notifications.teams.bot.app_password"],
+    ["bot without webhook or sending", { teams: { bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f" } } }, "notifications.teams.webhook_url"],
+    ["bot sending without conversations", { teams: { bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", app_password: "an-app-password-of-enough-length", service_url: "https://smba.trafficmanager.net/emea/" } } }, "notifications.teams.bot.conversations"],
+    ["bot sending without service URL", { teams: { bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", app_password: "an-app-password-of-enough-length", default_conversation: "19:a" } } }, "notifications.teams.bot.service_url"],
+    ["bot short app password", { teams: { bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", app_password: "short" } } }, "notifications.teams.bot.app_password"],
+    ["bot service URL over plain http", { teams: { bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", app_password: "an-app-password-of-enough-length", service_url: "http://smba.example/", default_conversation: "19:a" } } }, "notifications.teams.bot.service_url"],
+    ["bot conversations without app password", { teams: { webhook_url: "https://t.example/w", bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", conversations: { a: "19:a" } } } }, "notifications.teams.bot.conversations"],
+    ["bot unknown key", { teams: { webhook_url: "https://t.example/w", bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", client_secret: "x" } } }, "notifications.teams.bot.client_secret"],
     ["webhook secret too short", { webhooks: [{ url: "https://hooks.corp/a", secret: "abc" }] }, "notifications.webhooks[0].secret"],
     ["webhook without secret", { webhooks: [{ url: "https://hooks.corp/a", secret: webhookSecret }, { url: "https://hooks.corp/b" }] }, "notifications.webhooks[1].secret"],
     ["webhook URL with credentials", { webhooks: [{ url: "https://user:pw@hooks.corp/a", secret: webhookSecret }] }, "notifications.webhooks[0].url"],

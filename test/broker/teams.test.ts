@@ -66,13 +66,46 @@ await once(teamsWebhook, "listening");
 t.teardown(() => new Promise<void>((resolve) => teamsWebhook.close(() => resolve())));
 const webhookUrl = `http://127.0.0.1:${(teamsWebhook.address() as AddressInfo).port}/webhookb2/SECRET`;
 
+// Microsoft's side of sending as the bot: the token endpoint and the Bot Connector API.
+interface ConnectorCall {
+  method: string;
+  path: string;
+  authorization: string;
+  body: string;
+}
+const connectorCalls: ConnectorCall[] = [];
+const connector = createServer((request: IncomingMessage, response: ServerResponse) => {
+  let text = "";
+  request.on("data", (chunk: Buffer) => (text += chunk.toString()));
+  request.on("end", () => {
+    connectorCalls.push({ method: request.method ?? "", path: request.url ?? "", authorization: request.headers.authorization ?? "", body: text });
+    response.writeHead(200, { "content-type": "application/json" });
+    if (request.url === "/tenant/oauth2/v2.0/token") response.end(JSON.stringify({ token_type: "Bearer", expires_in: 3599, access_token: "bot-connector-access-token" }));
+    else response.end(JSON.stringify({ id: `1:activity-${connectorCalls.length}` }));
+  });
+});
+connector.listen(0, "127.0.0.1");
+await once(connector, "listening");
+t.teardown(() => new Promise<void>((resolve) => connector.close(() => resolve())));
+const connectorUrl = `http://127.0.0.1:${(connector.address() as AddressInfo).port}`;
+const appPassword = "bot-app-password-for-the-test-0001";
+const conversationId = "19:data-owners@thread.tacv2";
+
 const stack = await startStack(t, {
   brokerConfig: {
     notifications: {
       console_url: "https://airlock.example.com/console/",
       teams: {
         webhook_url: webhookUrl,
-        bot: { app_id: appId, openid_metadata_url: metadataUrl, users: { [oid.dana]: "dana@example.com", [oid.alice.toUpperCase()]: "alice@example.com" } },
+        bot: {
+          app_id: appId,
+          openid_metadata_url: metadataUrl,
+          users: { [oid.dana]: "dana@example.com", [oid.alice.toUpperCase()]: "alice@example.com" },
+          app_password: appPassword,
+          token_url: `${connectorUrl}/tenant/oauth2/v2.0/token`,
+          service_url: `${connectorUrl}/teams`,
+          conversations: { "data-owners": conversationId },
+        },
       },
     },
   },
@@ -367,4 +400,38 @@ await t.test("no token reaches the log, whether the activity is refused or taken
   t.match(text, /Teams vote recorded/);
   for (const token of [forged, good]) t.notOk(text.includes(token.split(".")[2] ?? "x"), "no token signature in the log");
   t.equal((await call).code, Code.PermissionDenied);
+});
+
+await t.test("with app_password the bot sends the card itself and updates it in place when decided", async (t) => {
+  const call = stack.callExportTable("teams sent as the bot");
+  const { requestId } = await cardFor("teams sent as the bot");
+  const postPath = `/teams/v3/conversations/${encodeURIComponent(conversationId)}/activities`;
+  let post: ConnectorCall | undefined;
+  for (let i = 0; i < 400 && post === undefined; i++) {
+    post = connectorCalls.find((c) => c.method === "POST" && c.path === postPath && c.body.includes("teams sent as the bot"));
+    if (post === undefined) await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  t.ok(post !== undefined, "the card was posted to the data-owners conversation through the Bot Connector API");
+  t.equal(post?.authorization, "Bearer bot-connector-access-token", "with the app token");
+  const tokenCall = connectorCalls.find((c) => c.path === "/tenant/oauth2/v2.0/token");
+  const form = new URLSearchParams(tokenCall?.body ?? "");
+  t.same([form.get("grant_type"), form.get("client_id"), form.get("client_secret"), form.get("scope")], ["client_credentials", appId, appPassword, "https://api.botframework.com/.default"]);
+  const sent = JSON.parse(post?.body ?? "{}") as { type: string; attachments: Array<{ contentType: string; content: Card }> };
+  t.equal(sent.type, "message");
+  t.same(verbs(sent.attachments[0]?.content), ["approve", "deny"], "the bot's card carries Approve and Deny");
+  const activityId = /^1:activity-\d+$/;
+  const answer = await send(invoke(oid.dana, "approve", requestId));
+  t.match(notice(answer), /approval was recorded/);
+  t.equal((await call).code, 0);
+  let put: ConnectorCall | undefined;
+  for (let i = 0; i < 400 && put === undefined; i++) {
+    put = connectorCalls.find((c) => c.method === "PUT" && c.path.startsWith(`${postPath}/`) && c.body.includes(requestId));
+    if (put === undefined) await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  t.ok(put !== undefined, "the posted card is updated when the request is decided");
+  t.match(decodeURIComponent(put?.path.slice(postPath.length + 1) ?? ""), activityId, "the activity the bot posted");
+  const updated = JSON.parse(put?.body ?? "{}") as { attachments: Array<{ content: Card }> };
+  t.match(String(updated.attachments[0]?.content.body[0]?.text), /^Approved: ExportTable/);
+  t.same(verbs(updated.attachments[0]?.content), [], "no buttons left on a decided card");
+  t.ok(connectorCalls.filter((c) => c.path.endsWith("/token")).length === 1, "the app token is fetched once and reused");
 });
