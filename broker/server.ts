@@ -14,10 +14,10 @@ import { PolicyWatcher } from "../sidecar/index.js";
 import { parseReviewerAuthConfig, ReviewerAuthenticator, type ReviewerAuthConfig } from "./reviewers/auth.js";
 import { startReviewerGrpc, type RunningReviewerGrpc } from "./reviewers/grpc.js";
 import { createBrokerHttpApp } from "./reviewers/http.js";
-import { parseStepUpConfig, type StepUpConfig, StepUpService } from "./stepup/index.js";
+import { parseStepUpConfig, type StepUpConfig, StepUpService, stepUpNeed } from "./stepup/index.js";
 import { parseSessionConfig, readSessionKey, Sealer, type SessionConfig } from "./reviewers/session.js";
 import { parseSsoConfig, SsoClient, type SsoConfig } from "./reviewers/sso.js";
-import { type NotificationsConfig, noNotifications, parseNotificationsConfig, ReviewNotifier } from "./notify/index.js";
+import { type NotificationsConfig, noNotifications, parseNotificationsConfig, ReviewNotifier, type StepUpPredicate } from "./notify/index.js";
 
 /** How the broker authenticates to Vault: a union keyed by `kind`. */
 export type VaultAuth = { readonly kind: "token"; readonly token: string } | { readonly kind: "approle"; readonly roleId: string; readonly secretId: string; readonly mount: string };
@@ -252,8 +252,20 @@ async function readSigningKey(file: string, field: string): Promise<KeyObject> {
   return key;
 }
 
+/** Options of {@link startBroker}. */
+export interface StartBrokerOptions {
+  /** @default a logger named `broker` at the config's `log_level` */
+  readonly log?: Logger;
+  /**
+   * Requests whose approval needs a step-up: chat (the Teams bot) offers them only
+   * "Review and approve" and refuses an approval from chat with `step_up_required`.
+   * @default no request (break-glass is always treated so)
+   */
+  readonly requiresStepUp?: StepUpPredicate;
+}
+
 /** Starts a broker replica from a validated config: NATS, Vault, signing keys, consumers, health endpoints. */
-export async function startBroker(config: BrokerConfig, options: { log?: Logger } = {}): Promise<RunningBroker> {
+export async function startBroker(config: BrokerConfig, options: StartBrokerOptions = {}): Promise<RunningBroker> {
   const log = options.log ?? createLogger({ name: "broker", level: config.logLevel });
   const privateKey = await readSigningKey(config.signingKey.file, "signing_key.file");
   const auditSigner = config.audit.signingKey === undefined ? { keyId: config.signingKey.keyId, privateKey } : { keyId: config.audit.signingKey.keyId, privateKey: await readSigningKey(config.audit.signingKey.file, "audit.signing_key.file") };
@@ -306,7 +318,11 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
   }
   let connected = true;
   // Notifications hang off the approval path but never slow it: each notify call only enqueues.
-  const notifier = new ReviewNotifier({ config: config.notifications, log });
+  // Chat may not approve what needs a step-up: the broker's own rule (`approve.step_up`) or the configured risk floor.
+  const stepUpSettings = config.reviewers?.stepUp;
+  const requiresStepUp: StepUpPredicate | undefined =
+    options.requiresStepUp ?? (stepUpSettings === undefined ? undefined : (record) => record.request !== undefined && stepUpNeed(record.request, { approve: true }, stepUpSettings.minRisk).required);
+  const notifier = new ReviewNotifier({ config: config.notifications, log, ...(requiresStepUp === undefined ? {} : { requiresStepUp }) });
   const broker = await Broker.start({
     onEvents: (events, record) => {
       for (const event of events) notifier.notifyEvent(record, event);
@@ -349,6 +365,7 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
     const stepUpConfig = config.reviewers?.stepUp;
     const stepUp = stepUpConfig === undefined ? undefined : await StepUpService.open(nc, stepUpConfig, auth);
     const slack = notifier.slack;
+    const teams = notifier.teams;
     app = await createBrokerHttpApp({
       broker,
       nc,
@@ -358,6 +375,7 @@ export async function startBroker(config: BrokerConfig, options: { log?: Logger 
       ready,
       ...(auth === undefined ? {} : { auth, ratePerMinute: config.reviewers?.ratePerMinute ?? brokerConfigDefaults.ratePerMinute }),
       ...(slack === undefined ? {} : { slack: (rawBody, headers, decide) => slack.handleInteraction(rawBody, headers, decide) }),
+      ...(teams === undefined ? {} : { teams: (activity, headers, target) => teams.handleActivity(activity, headers, target) }),
       ...(config.reviewers?.publicOrigin === undefined ? {} : { publicOrigin: config.reviewers.publicOrigin }),
       ...(stepUp === undefined ? {} : { stepUp }),
       ...(sessions === undefined ? {} : { sessions }),

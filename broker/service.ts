@@ -143,6 +143,12 @@ class PoisonMessage extends Error {
   }
 }
 
+/** Where a vote came from, for the audit trail. */
+export interface VoteOrigin {
+  /** The chat channel that carried the vote (`slack`, `teams`); absent for the reviewers' API and console. */
+  readonly channel?: string;
+}
+
 const verdicts: Record<Outcome, Verdict> = { approved: Verdict.APPROVED, denied: Verdict.DENIED, expired: Verdict.EXPIRED, cancelled: Verdict.CANCELLED };
 
 function auditTypeOf(event: ApprovalEvent): AuditEventType {
@@ -413,8 +419,10 @@ export class Broker {
   /**
    * A reviewer's vote: applied with compare-and-set, audited, and when it
    * decides the request, the decision is signed and published.
+   * @param via - where the vote came from: `channel` (`slack`, `teams`) is added to the
+   *   details of every audit event the vote causes. @default the reviewers' API (no channel)
    */
-  async decide(requestId: string, ballot: Ballot): Promise<RequestRecord> {
+  async decide(requestId: string, ballot: Ballot, via: VoteOrigin = {}): Promise<RequestRecord> {
     for (let attempt = 0; attempt < 50; attempt++) {
       const stored = await this.store.get(requestId);
       if (stored === undefined) throw new AirlockError(Code.NotFound, `no request ${requestId}`, { details: { requestId } });
@@ -425,7 +433,7 @@ export class Broker {
       // Only a vote that would count is asked for step-up; the broker's own record says whether it must.
       checkStepUp(request, ballot, this.options.stepUpMinRisk);
       // The vote is audited before it counts: no audit, no approval.
-      await this.auditEvents(result.events, ballot.reviewer);
+      await this.auditEvents(result.events, ballot.reviewer, via.channel);
       // The write that decides also claims the decision, so exactly one replica publishes it.
       const next = result.decided === undefined ? result.record : withDecisionId(result.record);
       const revision = await this.store.update(next, stored.revision);
@@ -437,11 +445,11 @@ export class Broker {
     throw new AirlockError(Code.Aborted, `request ${requestId} kept changing; try again`);
   }
 
-  private auditEntries(events: readonly ApprovalEvent[], actor: string): AuditEntry[] {
+  private auditEntries(events: readonly ApprovalEvent[], actor: string, channel?: string): AuditEntry[] {
     return events.map((event) => {
       // The event's own time is the audit event's time; other dates become ISO strings.
       const { requestId, kind, at, ...facts } = event;
-      const details = JSON.parse(JSON.stringify({ kind, ...facts })) as Record<string, never>;
+      const details = JSON.parse(JSON.stringify({ kind, ...facts, ...(channel === undefined ? {} : { channel }) })) as Record<string, never>;
       return { type: auditTypeOf(event), actor, requestId, details, flagged: kind === "break_glass" };
     });
   }
@@ -455,8 +463,8 @@ export class Broker {
     }
   }
 
-  private async auditEvents(events: readonly ApprovalEvent[], actor: string): Promise<void> {
-    if (events.length > 0) await this.audit.appendAll(this.auditEntries(events, actor));
+  private async auditEvents(events: readonly ApprovalEvent[], actor: string, channel?: string): Promise<void> {
+    if (events.length > 0) await this.audit.appendAll(this.auditEntries(events, actor, channel));
   }
 
   private async takeRequest(data: Uint8Array, subject: string): Promise<void> {

@@ -37,10 +37,48 @@ export interface SlackConfig {
   readonly users: ReadonlyMap<string, string>;
 }
 
+/**
+ * The Teams bot (`notifications.teams.bot`): Approve / Deny on the card through
+ * `Action.Execute`, which Teams sends to the broker's bot endpoint
+ * (`POST /api/teams/messages`) as an `adaptiveCard/action` invoke, signed by the Bot
+ * Framework. Nothing here is a secret: the endpoint only verifies tokens.
+ */
+export interface TeamsBotConfig {
+  /** The bot's Microsoft App ID (Entra application id, a GUID): the audience of the Bot Framework's tokens. */
+  readonly appId: string;
+  /**
+   * Where the Bot Framework's OpenID metadata is (its `jwks_uri` names the signing keys).
+   * @default "https://login.botframework.com/v1/.well-known/openidconfiguration"
+   */
+  readonly openIdMetadataUrl: string;
+  /** Entra object id (`from.aadObjectId`, lower-case) → Airlock reviewer id. @default empty */
+  readonly users: ReadonlyMap<string, string>;
+  /** When set, invokes from any other Entra tenant (`conversation.tenantId`) are refused. */
+  readonly tenantId?: string;
+  /** Cards sent as the bot through the Bot Connector API (Teams routes `Action.Execute` to a card's sender); absent: cards go through `webhookUrl`. */
+  readonly sending?: TeamsBotSending;
+}
+
+/** How the bot sends cards itself: the Bot Connector API with the app's client credentials. */
+export interface TeamsBotSending {
+  /** The app's client secret. A secret: never logged. */
+  readonly appPassword: string;
+  /** Where the app's token comes from (client credentials, scope `https://api.botframework.com/.default`). @default the tenant's token URL with `tenant_id`, else the botframework.com one */
+  readonly tokenUrl: string;
+  /** The Teams service URL of the region (`https://smba.trafficmanager.net/emea/`); always ends with `/`. */
+  readonly serviceUrl: string;
+  /** Reviewer group → Teams conversation id (a channel's `19:…@thread.tacv2`). */
+  readonly conversations: ReadonlyMap<string, string>;
+  /** The conversation of groups not in `conversations`; without it such groups get no card from the bot. */
+  readonly defaultConversation?: string;
+}
+
 /** The Microsoft Teams section of {@link NotificationsConfig}. */
 export interface TeamsConfig {
-  /** The incoming webhook (or Workflows) URL. Its path is the secret: never logged. */
-  readonly webhookUrl: string;
+  /** The incoming webhook (or Workflows) URL. Its path is the secret: never logged. Optional when the bot sends the cards. */
+  readonly webhookUrl?: string;
+  /** The bot that takes Approve / Deny from the card; without it cards only link to the console. */
+  readonly bot?: TeamsBotConfig;
 }
 
 /** One generic webhook receiver. */
@@ -85,6 +123,10 @@ export const notificationsConfigDefaults = {
   consoleUrl: "http://127.0.0.1:9465/console/",
   /** @default "https://slack.com/api" */
   slackApiUrl: "https://slack.com/api",
+  /** @default "https://login.microsoftonline.com/botframework.com/oauth2/v2.0/token" (a multi-tenant bot; with `tenant_id`, that tenant's) */
+  teamsTokenUrl: "https://login.microsoftonline.com/botframework.com/oauth2/v2.0/token",
+  /** @default "https://login.botframework.com/v1/.well-known/openidconfiguration" (the Bot Framework's public cloud) */
+  teamsOpenIdMetadataUrl: "https://login.botframework.com/v1/.well-known/openidconfiguration",
   /** @default { attempts: 5, baseDelayMs: 200, maxDelayMs: 30000 } */
   retry: { attempts: 5, baseDelayMs: 200, maxDelayMs: 30_000 } satisfies RetryConfig,
   /** @default 10000 */
@@ -191,6 +233,77 @@ function readSlack(reader: ConfigReader): SlackConfig {
   return { transport, users, ...(signingSecret === undefined ? {} : { signingSecret }) };
 }
 
+const guidPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+function guid(reader: ConfigReader, key: string, what: string): string {
+  const value = reader.string(key).trim().toLowerCase();
+  if (!guidPattern.test(value)) throw reader.fail(fieldOf(reader, key), `is not ${what} (a GUID such as 00000000-0000-0000-0000-000000000000)`);
+  return value;
+}
+
+function readTeamsUsers(reader: ConfigReader): Map<string, string> {
+  const users = new Map<string, string>();
+  for (const objectId of reader.keys()) {
+    const key = objectId.trim().toLowerCase();
+    if (!guidPattern.test(key)) throw reader.fail(fieldOf(reader, objectId), "is not an Entra object id (a GUID)");
+    if (users.has(key)) throw reader.fail(fieldOf(reader, objectId), "repeats an object id (they are compared without case)");
+    const reviewer = reader.string(objectId).trim();
+    if (reviewer === "") throw reader.fail(fieldOf(reader, objectId), "must not be blank");
+    users.set(key, reviewer);
+  }
+  reader.done();
+  return users;
+}
+
+function readTeamsBot(reader: ConfigReader): TeamsBotConfig {
+  const appId = guid(reader, "app_id", "a Microsoft App ID");
+  // The keys that sign votes come from here: it must not be reachable in clear over a network.
+  const openIdMetadataUrl = url(reader, "openid_metadata_url", true, notificationsConfigDefaults.teamsOpenIdMetadataUrl);
+  const usersReader = reader.optionalObject("users");
+  const users = usersReader === undefined ? new Map<string, string>() : readTeamsUsers(usersReader);
+  const tenantId = reader.has("tenant_id") ? guid(reader, "tenant_id", "an Entra tenant id") : undefined;
+  const sending = reader.has("app_password") ? readSending(reader, tenantId) : undefined;
+  if (sending === undefined) {
+    for (const key of ["service_url", "conversations", "default_conversation", "token_url"]) {
+      if (reader.has(key)) throw reader.fail(fieldOf(reader, key), "applies only with app_password (the bot sends cards itself)");
+    }
+  }
+  reader.done();
+  return { appId, openIdMetadataUrl, users, ...(tenantId === undefined ? {} : { tenantId }), ...(sending === undefined ? {} : { sending }) };
+}
+
+function readSending(reader: ConfigReader, tenantId: string | undefined): TeamsBotSending {
+  const appPassword = secret(reader, "app_password");
+  const fallbackTokenUrl = tenantId === undefined ? notificationsConfigDefaults.teamsTokenUrl : `https://login.microsoftonline.com/${tenantId}/oauth2/v2.0/token`;
+  const tokenUrl = url(reader, "token_url", true, fallbackTokenUrl);
+  const serviceUrl = url(reader, "service_url", true).replace(/\/*$/, "/");
+  const conversations = new Map<string, string>();
+  const conversationsReader = reader.optionalObject("conversations");
+  if (conversationsReader !== undefined) {
+    for (const group of conversationsReader.keys()) {
+      if (group.trim() === "") throw conversationsReader.fail(fieldOf(conversationsReader, group), "group names must not be blank");
+      const id = conversationsReader.string(group).trim();
+      if (id === "") throw conversationsReader.fail(fieldOf(conversationsReader, group), "must not be blank");
+      conversations.set(group, id);
+    }
+    conversationsReader.done();
+  }
+  const defaultConversation = reader.optionalString("default_conversation")?.trim();
+  if (conversations.size === 0 && (defaultConversation === undefined || defaultConversation === "")) {
+    throw reader.fail(fieldOf(reader, "conversations"), "is required with app_password (or default_conversation): where should the bot post?");
+  }
+  return { appPassword, tokenUrl, serviceUrl, conversations, ...(defaultConversation === undefined || defaultConversation === "" ? {} : { defaultConversation }) };
+}
+
+function readTeams(reader: ConfigReader): TeamsConfig {
+  const botReader = reader.optionalObject("bot");
+  const bot = botReader === undefined ? undefined : readTeamsBot(botReader);
+  // A bot that sends its own cards needs no webhook; otherwise the webhook is how cards get there.
+  const webhookUrl = bot?.sending !== undefined && !reader.has("webhook_url") ? undefined : url(reader, "webhook_url", true);
+  reader.done();
+  return { ...(webhookUrl === undefined ? {} : { webhookUrl }), ...(bot === undefined ? {} : { bot }) };
+}
+
 function readRetry(reader: ConfigReader): RetryConfig {
   const defaults = notificationsConfigDefaults.retry;
   const attempts = reader.integer("attempts", defaults.attempts, 1, 100);
@@ -216,7 +329,17 @@ function readRetry(reader: ConfigReader): RetryConfig {
  *   channels: { security: C01, data-owners: C02 }   # bot_token only
  *   default_channel: C03                        # optional; bot_token only
  *   users: { U1: alice@corp }                   # Slack user → reviewer id
- * teams: { webhook_url: https://… }
+ * teams:
+ *   webhook_url: https://…                      # where cards are posted (optional when the bot sends them)
+ *   bot:                                        # optional: Approve / Deny on the card (Action.Execute)
+ *     app_id: 00000000-0000-0000-0000-000000000000   # the bot's Microsoft App ID (token audience)
+ *     openid_metadata_url: https://login.botframework.com/v1/.well-known/openidconfiguration   # default
+ *     tenant_id: 00000000-0000-0000-0000-000000000000 # optional: only this Entra tenant
+ *     users: { <Entra object id>: alice@corp }  # from.aadObjectId → reviewer id
+ *     app_password: …                           # optional: the bot sends the cards itself (Bot Connector API)
+ *     service_url: https://smba.trafficmanager.net/emea/   # with app_password
+ *     conversations: { security: "19:…@thread.tacv2" }       # with app_password; or default_conversation
+ *     token_url: https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token   # default from tenant_id
  * webhooks: [ { url: https://…, secret: … } ]   # secret ≥ 16 characters
  * retry: { attempts: 5, base_delay_ms: 200, max_delay_ms: 30000 }
  * timeout_ms: 10000
@@ -229,11 +352,7 @@ export function parseNotificationsConfig(reader: ConfigReader): NotificationsCon
   const slackReader = reader.optionalObject("slack");
   const slack = slackReader === undefined ? undefined : readSlack(slackReader);
   const teamsReader = reader.optionalObject("teams");
-  let teams: TeamsConfig | undefined;
-  if (teamsReader !== undefined) {
-    teams = { webhookUrl: url(teamsReader, "webhook_url", true) };
-    teamsReader.done();
-  }
+  const teams = teamsReader === undefined ? undefined : readTeams(teamsReader);
   const webhooks = reader.list("webhooks", false).map((entry): WebhookConfig => {
     const webhook = { url: url(entry, "url", true), secret: secret(entry, "secret") };
     entry.done();

@@ -11,6 +11,8 @@
  * for (const event of result.events) notifier.notifyEvent(result.record, event);
  * // route: POST /slack/interactions with the raw form-encoded body
  * const reply = await notifier.slack?.handleInteraction(rawBody, request.headers, (id, ballot) => broker.decide(id, ballot));
+ * // route: POST /api/teams/messages with the JSON activity
+ * const answer = await notifier.teams?.handleActivity(activity, request.headers, { get: (id) => broker.get(id), decide: (id, ballot) => broker.decide(id, ballot, { channel: "teams" }) });
  * await notifier.close();
  * ```
  * @module
@@ -23,6 +25,8 @@ export {
   type RetryConfig,
   type SlackConfig,
   type SlackTransport,
+  type TeamsBotConfig,
+  type TeamsBotSending,
   type TeamsConfig,
   type WebhookConfig,
 } from "./config.js";
@@ -63,5 +67,39 @@ export {
   type SlackText,
 } from "./slack-blocks.js";
 export { type DecidedOutcome } from "./summary.js";
-export { type AdaptiveCard, type AdaptiveElement, escapeCardMarkdown, teamsMessage, type TeamsMessage } from "./teams.js";
+export {
+  type AdaptiveCard,
+  type AdaptiveElement,
+  cardTime,
+  chatApprovable,
+  escapeCardMarkdown,
+  noStepUp,
+  type StepUpPredicate,
+  type TeamsCardOptions,
+  teamsMessage,
+  type TeamsMessage,
+  type TeamsNotice,
+  teamsNoticeCard,
+  teamsNoticeId,
+  teamsReasonInput,
+  teamsRecordCard,
+  teamsVerbs,
+} from "./teams.js";
+export {
+  type ActivityOrigin,
+  adaptiveCardActionInvoke,
+  botFrameworkAlgorithms,
+  botFrameworkClockSkewSeconds,
+  botFrameworkIssuer,
+  BotFrameworkVerifier,
+  botFrameworkVerifierDefaults,
+  type BotFrameworkVerifierOptions,
+  type TeamsActivityReply,
+  type TeamsBallot,
+  TeamsBot,
+  type TeamsBotOptions,
+  type TeamsInvokeResponse,
+  type TeamsVoteTarget,
+} from "./teams-bot.js";
+export { BotConnectorClient, botConnectorScope, type PostedCard } from "./teams-connector.js";
 export { signWebhookBody, type VerifyWebhookOptions, verifyWebhookSignature, webhookPayload, type WebhookPayload, webhookSignatureMaxSkewSeconds } from "./webhook.js";

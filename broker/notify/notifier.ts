@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { AirlockError, Code } from "../../common/errors.js";
 import type { Logger } from "../../common/logger.js";
 import type { RequestRecord } from "../../proto/index.js";
 import type { ApprovalEvent } from "../rules/types.js";
@@ -8,8 +9,13 @@ import { originOf, postJson } from "./http.js";
 import { DeliveryQueue } from "./queue.js";
 import { SlackIntegration } from "./slack.js";
 import { type DecidedOutcome, requirementGroups } from "./summary.js";
-import { teamsMessage } from "./teams.js";
+import { noStepUp, type StepUpPredicate, teamsMessage, teamsRecordCard } from "./teams.js";
+import { BotConnectorClient, type PostedCard } from "./teams-connector.js";
+import { TeamsBot } from "./teams-bot.js";
 import { signWebhookBody, webhookPayload } from "./webhook.js";
+
+/** Requests whose bot-posted Teams cards are remembered at most; the oldest are forgotten first. */
+const maxTrackedTeamsRequests = 10_000;
 
 /** Who to tell that a request waits for review. */
 export interface ReviewRequestedTarget {
@@ -86,6 +92,12 @@ export interface ReviewNotifierOptions {
   readonly concurrency?: number;
   /** How long {@link ReviewNotifier.close} lets deliveries in flight finish before aborting them, in ms. @default 2000 */
   readonly closeGraceMs?: number;
+  /**
+   * Requests whose approval needs a step-up: chat offers them "Review and approve" (a
+   * console link) instead of an Approve button, and refuses an approval from chat with
+   * `step_up_required`. Break-glass is always treated so. @default {@link noStepUp}
+   */
+  readonly requiresStepUp?: StepUpPredicate;
 }
 
 /**
@@ -97,10 +109,15 @@ export interface ReviewNotifierOptions {
 export class ReviewNotifier implements Notifier {
   /** The Slack side, for the `/slack/interactions` route ({@link SlackIntegration.handleInteraction}); undefined without Slack. */
   readonly slack: SlackIntegration | undefined;
+  /** The Teams bot, for the `/api/teams/messages` route ({@link TeamsBot.handleActivity}); undefined without `notifications.teams.bot`. */
+  readonly teams: TeamsBot | undefined;
   private readonly config: NotificationsConfig;
   private readonly log: Logger;
   private readonly queue: DeliveryQueue;
   private readonly enabled: boolean;
+  private connector: BotConnectorClient | undefined;
+  /** Request id → the cards the bot posted for it (this replica's memory). Insertion order is age, for the bound. */
+  private readonly teamsCards = new Map<string, PostedCard[]>();
 
   constructor(options: ReviewNotifierOptions) {
     const { config, log } = options;
@@ -115,6 +132,8 @@ export class ReviewNotifier implements Notifier {
       ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
     });
     this.slack = config.slack === undefined ? undefined : new SlackIntegration(config.slack, { queue: this.queue, log, consoleUrl: config.consoleUrl });
+    const bot = config.teams?.bot;
+    this.teams = bot === undefined ? undefined : new TeamsBot(bot, { log, consoleUrl: config.consoleUrl, requiresStepUp: options.requiresStepUp ?? noStepUp });
     this.enabled = config.slack !== undefined || config.teams !== undefined || config.webhooks.length > 0;
   }
 
@@ -210,7 +229,9 @@ export class ReviewNotifier implements Notifier {
       // A request an auto rule decided at intake was never shown in chat: nothing to update, nobody to ping.
       const chat = notification.kind !== "decided" || notification.autoRule === undefined;
       if (chat) this.slack?.deliver(notification);
-      if (chat && this.config.teams !== undefined) this.deliverTeams(notification, this.config.teams.webhookUrl);
+      const teamsUrl = this.config.teams?.webhookUrl;
+      if (chat && teamsUrl !== undefined) this.deliverTeams(notification, teamsUrl);
+      if (chat) this.deliverTeamsBot(notification);
       this.config.webhooks.forEach((webhook, index) => this.deliverWebhook(notification, index, webhook.url, webhook.secret));
     } catch (error) {
       this.log.error({ err: error, requestId: notification.record.request?.id, kind: notification.kind }, "could not queue a notification");
@@ -228,9 +249,74 @@ export class ReviewNotifier implements Notifier {
       description: `teams webhook ${originOf(url)} (${notification.kind} ${requestId})`,
       key: `teams:${requestId}`,
       run: async (signal) => {
-        await postJson(url, teamsMessage(notification, this.config.consoleUrl), { what: "teams webhook", signal });
+        await postJson(url, teamsMessage(notification, this.teams?.cards ?? this.config.consoleUrl), { what: "teams webhook", signal });
       },
     });
+  }
+
+  /** The bot's own cards (Bot Connector API): posted per reviewer group's conversation, updated in place when decided. */
+  private deliverTeamsBot(notification: Notification): void {
+    const bot = this.config.teams?.bot;
+    const sending = bot?.sending;
+    const teams = this.teams;
+    if (bot === undefined || sending === undefined || teams === undefined) return;
+    this.connector ??= new BotConnectorClient(bot.appId, sending);
+    const connector = this.connector;
+    const requestId = notification.record.request?.id ?? "";
+    const key = `teamsbot:${requestId}`;
+    if (notification.kind === "decided") {
+      // Runs after every earlier delivery of the request (same key), so every posted card is known by then.
+      const updated = new Set<string>();
+      this.queue.enqueue({
+        description: `teams bot update (decided ${requestId})`,
+        key,
+        run: async (signal) => {
+          const card = teamsRecordCard(notification.record, teams.cards);
+          for (const posted of this.teamsCards.get(requestId) ?? []) {
+            const id = `${posted.conversationId}/${posted.activityId}`;
+            if (updated.has(id)) continue;
+            try {
+              await connector.update(posted, card, signal);
+            } catch (error) {
+              const failure = AirlockError.from(error);
+              if (failure.code !== Code.FailedPrecondition) throw failure;
+              this.log.warn({ requestId, error: failure.message }, "could not update a Teams card with the outcome");
+            }
+            updated.add(id);
+          }
+          this.teamsCards.delete(requestId);
+        },
+      });
+      return;
+    }
+    const groups = notification.kind === "escalated" ? [notification.group] : notification.groups;
+    const conversations = new Set<string>();
+    for (const group of groups) {
+      const conversation = sending.conversations.get(group) ?? sending.defaultConversation;
+      if (conversation === undefined) this.log.warn({ requestId, group }, "no Teams conversation for this reviewer group (notifications.teams.bot.conversations); it gets no card from the bot");
+      else conversations.add(conversation);
+    }
+    for (const conversation of conversations) {
+      this.queue.enqueue({
+        description: `teams bot post (${notification.kind} ${requestId})`,
+        key,
+        run: async (signal) => {
+          const posted = await connector.post(conversation, teamsMessage(notification, teams.cards).attachments[0].content, signal);
+          if (notification.kind !== "break_glass") this.trackTeamsCard(requestId, posted);
+        },
+      });
+    }
+  }
+
+  private trackTeamsCard(requestId: string, posted: PostedCard): void {
+    const cards = this.teamsCards.get(requestId) ?? [];
+    cards.push(posted);
+    this.teamsCards.set(requestId, cards);
+    while (this.teamsCards.size > maxTrackedTeamsRequests) {
+      const oldest = this.teamsCards.keys().next();
+      if (oldest.done === true) break;
+      this.teamsCards.delete(oldest.value);
+    }
   }
 
   private deliverWebhook(notification: Notification, index: number, url: string, secret: string): void {

@@ -1,6 +1,7 @@
 /**
  * The broker's HTTP face (Fastify): the reviewers' JSON API, live updates over
- * Server-Sent Events, the approver console, Slack interactions, and /metrics,
+ * Server-Sent Events, the approver console, Slack interactions, the Teams bot
+ * endpoint, and /metrics,
  * /healthz, /readyz. Contract: docs/reviewer-api.md.
  * @module
  */
@@ -33,6 +34,16 @@ export type SlackInteractionHandler = (
   rawBody: string,
   headers: Readonly<Record<string, string | string[] | undefined>>,
   decide: (requestId: string, ballot: Ballot) => Promise<RequestRecord>,
+) => Promise<{ status: number; body: unknown }>;
+
+/**
+ * Handles an activity the Bot Framework POSTs to the Teams bot endpoint: verifies its
+ * token and answers the invoke (see broker/notify `TeamsBot.handleActivity`).
+ */
+export type TeamsActivityHandler = (
+  activity: unknown,
+  headers: Readonly<Record<string, string | string[] | undefined>>,
+  target: { get(requestId: string): Promise<RequestRecord>; decide(requestId: string, ballot: Ballot): Promise<RequestRecord> },
 ) => Promise<{ status: number; body: unknown }>;
 
 /** Options of {@link createBrokerHttpApp}. */
@@ -68,6 +79,8 @@ export interface BrokerHttpOptions {
   readonly sessions?: { readonly sealer: Sealer; readonly maxAgeMs: number };
   /** Single sign-on for the console (`reviewers.sso`); needs {@link BrokerHttpOptions.sessions}. */
   readonly sso?: SsoClient;
+  /** The Teams bot; without it `/api/teams/messages` answers 404. */
+  readonly teams?: TeamsActivityHandler;
 }
 
 /** Defaults of {@link BrokerHttpOptions}. */
@@ -652,7 +665,19 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     const slack = options.slack;
     app.post("/slack/interactions", async (request, reply) => {
       const raw = typeof request.body === "string" ? request.body : "";
-      const answer = await slack(raw, request.headers, (requestId, ballot) => broker.decide(requestId, ballot));
+      const answer = await slack(raw, request.headers, (requestId, ballot) => broker.decide(requestId, ballot, { channel: "slack" }));
+      return reply.status(answer.status).send(answer.body);
+    });
+  }
+
+  if (options.teams !== undefined) {
+    const teams = options.teams;
+    // The Bot Framework's token is in the Authorization header and does not cover the body: JSON as parsed.
+    app.post("/api/teams/messages", async (request, reply) => {
+      const answer = await teams(request.body, request.headers, {
+        get: (requestId) => broker.get(requestId),
+        decide: (requestId, ballot) => broker.decide(requestId, ballot, { channel: "teams" }),
+      });
       return reply.status(answer.status).send(answer.body);
     });
   }

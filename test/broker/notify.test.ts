@@ -222,6 +222,53 @@ notifications:
   t.same(webhookOnly.slack, { transport: { kind: "incoming_webhook", url: "https://hooks.slack.com/services/T/B/X" }, users: new Map() });
 });
 
+await t.test("the Teams bot section parses: app id, OpenID metadata URL (default Bot Framework), users by object id", async (t) => {
+  const appId = "6F1C2B9E-3D4A-4E8B-9C1D-2A3B4C5D6E7F";
+  const section = {
+    teams: {
+      webhook_url: "https://corp.webhook.office.com/webhookb2/abc",
+      bot: { app_id: appId, users: { "0D7A1C2E-1111-4A2B-8C3D-000000000D4A": " dana@corp " }, tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47" },
+    },
+  };
+  const config = parseNotificationsConfig(new ConfigReader(section, "notifications", "broker.yaml"));
+  t.same(config.teams?.bot, {
+    appId: appId.toLowerCase(),
+    openIdMetadataUrl: notificationsConfigDefaults.teamsOpenIdMetadataUrl,
+    users: new Map([["0d7a1c2e-1111-4a2b-8c3d-000000000d4a", "dana@corp"]]),
+    tenantId: "72f988bf-86f1-41af-91ab-2d7cd011db47",
+  });
+  t.equal(notificationsConfigDefaults.teamsOpenIdMetadataUrl, "https://login.botframework.com/v1/.well-known/openidconfiguration");
+  const local = parseNotificationsConfig(
+    new ConfigReader({ teams: { webhook_url: "http://127.0.0.1:1/w", bot: { app_id: appId, openid_metadata_url: "http://127.0.0.1:2/meta" } } }, "notifications", "broker.yaml"),
+  );
+  t.equal(local.teams?.bot?.openIdMetadataUrl, "http://127.0.0.1:2/meta", "a loopback metadata URL may be plain http (tests, a local mirror)");
+  t.same(local.teams?.bot?.users, new Map());
+  const sender = parseNotificationsConfig(
+    new ConfigReader(
+      {
+        teams: {
+          bot: {
+            app_id: appId,
+            tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47",
+            app_password: "an-app-password-of-enough-length",
+            service_url: "https://smba.trafficmanager.net/emea",
+            conversations: { security: "19:sec@thread.tacv2" },
+          },
+        },
+      },
+      "notifications",
+      "broker.yaml",
+    ),
+  );
+  t.equal(sender.teams?.webhookUrl, undefined, "a bot that sends its own cards needs no webhook");
+  t.same(sender.teams?.bot?.sending, {
+    appPassword: "an-app-password-of-enough-length",
+    tokenUrl: "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token",
+    serviceUrl: "https://smba.trafficmanager.net/emea/",
+    conversations: new Map([["security", "19:sec@thread.tacv2"]]),
+  });
+});
+
 await t.test("every bad field is named", async (t) => {
   const cases: Array<[string, Record<string, unknown>, string]> = [
     ["unknown key", { slack: { bot_token: "xoxb-1", chanels: {} } }, "notifications.slack.chanels"],
@@ -236,6 +283,23 @@ await t.test("every bad field is named", async (t) => {
     ["short signing secret", { slack: { bot_token: "xoxb-1", signing_secret: "short" } }, "notifications.slack.signing_secret"],
     ["teams without URL", { teams: {} }, "notifications.teams.webhook_url"],
     ["teams URL not a URL", { teams: { webhook_url: "not a url" } }, "notifications.teams.webhook_url"],
+    ["bot without app id", { teams: { webhook_url: "https://t.example/w", bot: {} } }, "notifications.teams.bot.app_id"],
+    ["bot app id not a GUID", { teams: { webhook_url: "https://t.example/w", bot: { app_id: "airlock-bot" } } }, "notifications.teams.bot.app_id"],
+    ["bot metadata over plain http", { teams: { webhook_url: "https://t.example/w", bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", openid_metadata_url: "http://login.example/meta" } } }, "notifications.teams.bot.openid_metadata_url"],
+    ["bot user not an object id", { teams: { webhook_url: "https://t.example/w", bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", users: { "dana@corp": "dana@corp" } } } }, "notifications.teams.bot.users.dana@corp"],
+    [
+      "bot user twice",
+      { teams: { webhook_url: "https://t.example/w", bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", users: { "0d7a1c2e-1111-4a2b-8c3d-000000000d4a": "a@corp", "0D7A1C2E-1111-4A2B-8C3D-000000000D4A": "b@corp" } } } },
+      "notifications.teams.bot.users.0D7A1C2E-1111-4A2B-8C3D-000000000D4A",
+    ],
+    ["bot tenant not a GUID", { teams: { webhook_url: "https://t.example/w", bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", tenant_id: "contoso" } } }, "notifications.teams.bot.tenant_id"],
+    ["bot without webhook or sending", { teams: { bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f" } } }, "notifications.teams.webhook_url"],
+    ["bot sending without conversations", { teams: { bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", app_password: "an-app-password-of-enough-length", service_url: "https://smba.trafficmanager.net/emea/" } } }, "notifications.teams.bot.conversations"],
+    ["bot sending without service URL", { teams: { bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", app_password: "an-app-password-of-enough-length", default_conversation: "19:a" } } }, "notifications.teams.bot.service_url"],
+    ["bot short app password", { teams: { bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", app_password: "short" } } }, "notifications.teams.bot.app_password"],
+    ["bot service URL over plain http", { teams: { bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", app_password: "an-app-password-of-enough-length", service_url: "http://smba.example/", default_conversation: "19:a" } } }, "notifications.teams.bot.service_url"],
+    ["bot conversations without app password", { teams: { webhook_url: "https://t.example/w", bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", conversations: { a: "19:a" } } } }, "notifications.teams.bot.conversations"],
+    ["bot unknown key", { teams: { webhook_url: "https://t.example/w", bot: { app_id: "6f1c2b9e-3d4a-4e8b-9c1d-2a3b4c5d6e7f", client_secret: "x" } } }, "notifications.teams.bot.client_secret"],
     ["webhook secret too short", { webhooks: [{ url: "https://hooks.corp/a", secret: "abc" }] }, "notifications.webhooks[0].secret"],
     ["webhook without secret", { webhooks: [{ url: "https://hooks.corp/a", secret: webhookSecret }, { url: "https://hooks.corp/b" }] }, "notifications.webhooks[1].secret"],
     ["webhook URL with credentials", { webhooks: [{ url: "https://user:pw@hooks.corp/a", secret: webhookSecret }] }, "notifications.webhooks[0].url"],

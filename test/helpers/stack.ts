@@ -23,7 +23,7 @@ import { type NatsServer, useInfra } from "../../harness/index.js";
 import { ensureStreams } from "../../common/subjects.js";
 import { natsConfigSection, type NatsConnectionConfig } from "../../common/nats.js";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { descriptorSetPath } from "../../proto/index.js";
+import { descriptorSetPath, type RequestRecord } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, type Sidecar, startSidecar } from "../../sidecar/index.js";
 import { agentMetadata } from "./agent.js";
@@ -67,6 +67,8 @@ export interface StackOptions {
   readonly policy?: Omit<OpsPolicyOptions, "rotateRisk">;
   /** Start a second broker replica from the same config. @default false */
   readonly secondReplica?: boolean;
+  /** Requests whose approval needs a step-up (`startBroker`'s option of that name). */
+  readonly requiresStepUp?: (record: RequestRecord) => boolean;
 }
 
 /** Options of {@link opsPolicy}. */
@@ -340,7 +342,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
           log_level: "silent",
           ...options.brokerConfig,
         };
-  const broker = await startBroker(parseBrokerConfig(new ConfigReader(brokerValues, "", join(dir, "broker.yaml"))), { log });
+  const broker = await startBroker(parseBrokerConfig(new ConfigReader(brokerValues, "", join(dir, "broker.yaml"))), { log, ...(options.requiresStepUp === undefined ? {} : { requiresStepUp: options.requiresStepUp }) });
   t.teardown(() => broker.close());
   // Another replica of the same config: the two share the work and the reviewers' sessions.
   const secondBroker = options.secondReplica === true ? await startBroker(parseBrokerConfig(new ConfigReader({ ...brokerValues, http: "127.0.0.1:0", replica_id: "stack-broker-2" }, "", join(dir, "broker.yaml"))), { log }) : undefined;
