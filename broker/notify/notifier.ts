@@ -131,7 +131,7 @@ export class ReviewNotifier implements Notifier {
       ...(options.concurrency === undefined ? {} : { concurrency: options.concurrency }),
       ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
     });
-    this.slack = config.slack === undefined ? undefined : new SlackIntegration(config.slack, { queue: this.queue, log, consoleUrl: config.consoleUrl });
+    this.slack = config.slack === undefined ? undefined : new SlackIntegration(config.slack, { queue: this.queue, log, consoleUrl: config.consoleUrl, ...(options.requiresStepUp === undefined ? {} : { requiresStepUp: options.requiresStepUp }) });
     const bot = config.teams?.bot;
     this.teams = bot === undefined ? undefined : new TeamsBot(bot, { log, consoleUrl: config.consoleUrl, requiresStepUp: options.requiresStepUp ?? noStepUp });
     this.enabled = config.slack !== undefined || config.teams !== undefined || config.webhooks.length > 0;

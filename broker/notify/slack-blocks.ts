@@ -97,6 +97,11 @@ export interface SlackMessageOptions {
   readonly consoleUrl: string;
   /** Whether to show Approve / Deny (only when interactions can be verified and the request is pending). */
   readonly buttons: boolean;
+  /**
+   * The request's approval needs a step-up (a passkey bound to the action), which chat cannot
+   * give: "Review and approve" links to the console instead of an Approve button. Deny stays.
+   */
+  readonly stepUp?: boolean;
   /** Mentions of the reviewers: `<@U…>` for mapped ones, their id otherwise. Already mrkdwn. */
   readonly mentions?: readonly string[];
 }
@@ -147,6 +152,7 @@ function actions(summary: RequestSummary, options: SlackMessageOptions, withVote
   const open: SlackButton = { type: "button", action_id: slackActions.open, text: plain("Open in console"), url: consoleLink(options.consoleUrl, summary.id) };
   if (!withVotes) return { type: "actions", block_id: blockId(summary.id), elements: [open] };
   const risky = summary.risk === "high" || summary.risk === "critical";
+  const review: SlackButton = { type: "button", action_id: slackActions.open, text: plain("Review and approve"), url: consoleLink(options.consoleUrl, summary.id), style: "primary" };
   const approve: SlackButton = {
     type: "button",
     action_id: slackActions.approve,
@@ -166,7 +172,7 @@ function actions(summary: RequestSummary, options: SlackMessageOptions, withVote
     style: "danger",
     confirm: { title: plain("Deny this action?"), text: mrkdwn("The agent is told it was denied in Slack by you."), confirm: plain("Deny"), deny: plain("Back"), style: "danger" },
   };
-  return { type: "actions", block_id: blockId(summary.id), elements: [approve, deny, open] };
+  return { type: "actions", block_id: blockId(summary.id), elements: options.stepUp === true ? [review, deny] : [approve, deny, open] };
 }
 
 const outcomeWords: Record<DecidedOutcome, { readonly emoji: string; readonly title: string }> = {

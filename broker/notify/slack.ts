@@ -9,6 +9,7 @@ import { type HeaderMap, headerValue, originOf, postJson } from "./http.js";
 import type { DeliveryQueue } from "./queue.js";
 import { type SlackMessage, type SlackMessageOptions, escapeMrkdwn, slackActions, slackRecordMessage, slackRequestMessage, slackResultMessage } from "./slack-blocks.js";
 import { outcomeOfState } from "./summary.js";
+import type { StepUpPredicate } from "./teams.js";
 
 /** How far `x-slack-request-timestamp` may be from now, either way, in seconds (Slack's own recommendation). */
 export const slackSignatureMaxSkewSeconds = 300;
@@ -162,6 +163,8 @@ export interface SlackIntegrationOptions {
   readonly consoleUrl: string;
   /** Requests whose message positions are remembered at most; the oldest are forgotten first. @default 10000 */
   readonly maxTrackedRequests?: number;
+  /** Requests whose approval needs a step-up: their messages link to the console instead of carrying Approve. @default none */
+  readonly requiresStepUp?: StepUpPredicate;
 }
 
 /** Defaults of {@link SlackIntegrationOptions}. */
@@ -236,7 +239,7 @@ export class SlackIntegration {
   /** Queues what Slack should show for a notification. Returns at once. */
   deliver(notification: Notification): void {
     const requestId = notification.record.request?.id ?? "";
-    const options: SlackMessageOptions = { consoleUrl: this.options.consoleUrl, buttons: this.config.signingSecret !== undefined };
+    const options: SlackMessageOptions = { consoleUrl: this.options.consoleUrl, buttons: this.config.signingSecret !== undefined, stepUp: this.options.requiresStepUp?.(notification.record) === true };
     if (notification.kind === "decided") {
       this.deliverDecision(notification, requestId, options);
       return;
@@ -383,7 +386,7 @@ export class SlackIntegration {
 
   private updateClicked(action: SlackAction, record: RequestRecord): void {
     const requestId = action.requestId;
-    const options: SlackMessageOptions = { consoleUrl: this.options.consoleUrl, buttons: true };
+    const options: SlackMessageOptions = { consoleUrl: this.options.consoleUrl, buttons: true, stepUp: this.options.requiresStepUp?.(record) === true };
     const decided = outcomeOfState(record.state) !== undefined;
     const transport = this.config.transport;
     const ref = action.channel !== undefined && action.messageTs !== undefined ? { channel: action.channel, ts: action.messageTs } : undefined;

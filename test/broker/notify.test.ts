@@ -153,7 +153,7 @@ async function startReceiver(t: Test, answer: (request: Received, index: number)
   return receiver;
 }
 
-function notifierFor(t: Test, config: Partial<NotificationsConfig>, log: Logger, extra: { closeGraceMs?: number; concurrency?: number } = {}): ReviewNotifier {
+function notifierFor(t: Test, config: Partial<NotificationsConfig>, log: Logger, extra: { closeGraceMs?: number; concurrency?: number; requiresStepUp?: (record: RequestRecord) => boolean } = {}): ReviewNotifier {
   const notifier = new ReviewNotifier({ config: { ...noNotifications, consoleUrl: "https://airlock.corp/console/", retry: { attempts: 5, baseDelayMs: 20, maxDelayMs: 1000 }, ...config }, log, ...extra });
   t.teardown(() => notifier.close());
   return notifier;
@@ -602,7 +602,7 @@ await t.test("Slack signature verification", async (t) => {
   const refused = (pattern: RegExp) => ({ name: "AirlockError", code: Code.Unauthenticated, rawMessage: pattern });
   t.throws(() => verifySlackSignature(signingSecret, body, slackSign(body, nowSeconds(), "another-secret-0123456789"), now), refused(/does not match/));
   t.throws(() => verifySlackSignature(signingSecret, `${body}x`, fresh, now), refused(/does not match/), "an altered body");
-  t.throws(() => verifySlackSignature(signingSecret, body, slackSign(body, nowSeconds() - 360), now), refused(/360 s old/), "6 minutes old");
+  t.throws(() => verifySlackSignature(signingSecret, body, slackSign(body, Math.floor(now.getTime() / 1000) - 360), now), refused(/360 s old/), "6 minutes old");
   t.throws(() => verifySlackSignature(signingSecret, body, slackSign(body, nowSeconds() + 360), now), refused(/in the future/));
   t.throws(() => verifySlackSignature(signingSecret, body, { "x-slack-request-timestamp": String(nowSeconds()) }, now), refused(/not signed/));
   t.throws(() => verifySlackSignature(signingSecret, body, { ...fresh, "x-slack-signature": "v1=abc" }, now), refused(/not a v0 signature/));
@@ -809,6 +809,30 @@ await t.test("notifyEvent routes the rules' events; an auto rule's decision reac
   t.match(of("req-14")[2]?.details, { outcome: "expired", by: [], reason: /deadline 2030-01-01T12:00:00.000Z/ });
   t.same(of("req-15").map((event) => event.details), [{ outcome: "approved", by: [], reason: "low risk in office hours", autoRule: "office-hours" }]);
   t.equal(teams.requests.length, 3, "Teams heard of req-14 only: nobody was asked about the auto-approved req-15");
+});
+
+await t.test("Slack: a request whose approval needs a step-up has Review and approve (a console link), no Approve button", async (t) => {
+  const slack = await startReceiver(t, (request) => (request.path === "/api/chat.postMessage" ? { body: { ok: true, channel: json(request).channel, ts: "1700000000.000900" } } : { body: { ok: true } }));
+  const notifier = notifierFor(
+    t,
+    { slack: { transport: { kind: "web_api", botToken, apiUrl: `${slack.url}/api`, channels: new Map([["security", "C0SEC"]]) }, signingSecret, users: new Map([["U0SAM", "sam@corp"]]) } },
+    capturedLogger().log,
+    { requiresStepUp: (candidate) => candidate.request?.id === "req-stepup" },
+  );
+  for (const id of ["req-stepup", "req-plain"]) {
+    notifier.notifyEvent(record(id), { kind: "awaiting_review", requestId: id, at: new Date(), outstanding: [{ group: "security", remaining: 1 }], notify: ["sam@corp"] });
+  }
+  const posts = await slack.waitFor((requests) => requests.length >= 2);
+  const actionsOf = (id: string) => {
+    const post = posts.find((p) => JSON.stringify(json(p)).includes(`airlock:${id}`));
+    return ((json(post).blocks as Array<Record<string, unknown>>).find((block) => block.type === "actions") as { elements: Array<Record<string, unknown>> } | undefined)?.elements ?? [];
+  };
+  const stepUp = actionsOf("req-stepup");
+  t.notOk(JSON.stringify(stepUp).includes("airlock_approve"), "no Approve button for the step-up request");
+  t.match(stepUp[0], { type: "button", text: { text: "Review and approve" }, url: "https://airlock.corp/console/#/requests/req-stepup" }, "a deep link to decide in the console");
+  t.match(stepUp[1], { action_id: "airlock_deny" }, "Deny stays: a denial needs no step-up");
+  t.match(actionsOf("req-plain")[0], { action_id: "airlock_approve" }, "a request without step-up keeps its Approve button");
+  await notifier.idle();
 });
 
 await t.test("Slack messages stay within Block Kit's limits whatever the agent sends", async (t) => {
