@@ -10,6 +10,7 @@ import type { DeliveryQueue } from "./queue.js";
 import { type SlackMessage, type SlackMessageOptions, escapeMrkdwn, slackActions, slackRecordMessage, slackRequestMessage, slackResultMessage } from "./slack-blocks.js";
 import { outcomeOfState } from "./summary.js";
 import type { StepUpPredicate } from "./teams.js";
+import { isRecord, stringAt as anyStringAt } from "./json.js";
 
 /** How far `x-slack-request-timestamp` may be from now, either way, in seconds (Slack's own recommendation). */
 export const slackSignatureMaxSkewSeconds = 300;
@@ -64,17 +65,10 @@ export interface SlackInteraction {
 /** A vote click before its user is mapped to a reviewer. */
 type SlackAction = Omit<SlackInteraction, "reviewer">;
 
-function isRecord(value: unknown): value is Record<string, unknown> {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
-}
-
+/** A non-empty string at `path`: Slack sends empty strings for fields it has no value for. */
 function stringAt(value: unknown, ...path: string[]): string | undefined {
-  let current = value;
-  for (const key of path) {
-    if (!isRecord(current)) return undefined;
-    current = current[key];
-  }
-  return typeof current === "string" && current !== "" ? current : undefined;
+  const text = anyStringAt(value, ...path);
+  return text === "" ? undefined : text;
 }
 
 function badPayload(message: string): AirlockError {

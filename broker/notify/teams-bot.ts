@@ -5,6 +5,7 @@ import type { RequestRecord } from "../../proto/index.js";
 import type { TeamsBotConfig } from "./config.js";
 import { type HeaderMap, headerValue } from "./http.js";
 import { type AdaptiveCard, chatApprovable, noStepUp, type StepUpPredicate, type TeamsCardOptions, type TeamsNotice, teamsNoticeCard, teamsReasonInput, teamsRecordCard, teamsVerbs } from "./teams.js";
+import { isRecord, stringAt } from "./json.js";
 
 /** The issuer of every token the Bot Framework sends a bot (public cloud). */
 export const botFrameworkIssuer = "https://api.botframework.com";
@@ -205,19 +206,6 @@ export interface TeamsBotOptions {
   readonly requiresStepUp?: StepUpPredicate;
   /** @default a {@link BotFrameworkVerifier} for the config's app id and metadata URL */
   readonly verifier?: BotFrameworkVerifier;
-}
-
-function isRecord(value: unknown): value is Record<string, unknown> {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
-}
-
-function stringAt(value: unknown, ...path: string[]): string | undefined {
-  let current = value;
-  for (const key of path) {
-    if (!isRecord(current)) return undefined;
-    current = current[key];
-  }
-  return typeof current === "string" ? current : undefined;
 }
 
 /** The stable code of a refused vote: the refusal's own `details.reason` when it has one, else the reviewers' API's name for its code. */
