@@ -180,3 +180,61 @@ await t.test("airlock login: the device flow, the person at the provider in Chro
   t.equal(await after.exited, 1);
   t.match(after.output(), /run `airlock login`/, "and then requests says how to sign in");
 });
+
+await t.test("from a notification to a decision on a phone: the taps and the time, signed out and signed in", async (t) => {
+  const { consoleLink } = await import("../../broker/notify/summary.js");
+  const { RequestState } = await import("../../proto/index.js");
+  /** Holds an export and returns the link its review notification carries. */
+  const notified = async (reason: string) => {
+    const call = stack.callExportTable(reason);
+    let id = "";
+    for (const until = Date.now() + 20_000; id === "" && Date.now() < until; ) {
+      id = (await stack.broker.broker.list()).find((r) => r.state === RequestState.PENDING && r.request?.reason === reason)?.request?.id ?? "";
+      if (id === "") await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    if (id === "") throw new Error("the export was never held");
+    return { call, link: consoleLink(`${stack.brokerUrl}/console/`, id) };
+  };
+  const page = await newPage(t, browser, { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
+  page.setDefaultTimeout(20_000);
+  let taps = 0;
+  const tap = async (locator: ReturnType<Page["locator"]>) => {
+    taps++;
+    await locator.tap();
+  };
+  /** Opens the link as a tap in the notification would, and approves; signs in on the way when asked. */
+  const decide = async (link: string) => {
+    taps = 1; // the tap on the notification's link
+    const started = performance.now();
+    await page.goto(link);
+    const signIn = page.getByTestId("sso-sign-in");
+    const form = page.getByTestId("decision-form");
+    await Promise.race([signIn.waitFor(), form.waitFor()]);
+    if (await signIn.isVisible()) {
+      await tap(signIn);
+      await page.waitForURL(`${stack.op.issuer}/interaction/**`);
+      // Typing the email and password: two taps into fields, counted as taps.
+      await tap(page.locator("#email"));
+      await page.locator("#email").fill(ssoUsers.dana.email);
+      await tap(page.locator("#password"));
+      await page.locator("#password").fill(ssoUsers.dana.password);
+      await tap(page.getByRole("button", { name: "Sign in" }));
+      await form.waitFor();
+    }
+    const approve = page.getByTestId("approve-button");
+    const box = await approve.boundingBox();
+    t.ok(box !== null && box.y + box.height <= 844, "Approve is on screen without scrolling");
+    await tap(approve);
+    await page.getByTestId("decision-result").filter({ hasText: /^You approved it\./ }).waitFor();
+    return { taps, seconds: (performance.now() - started) / 1000 };
+  };
+  const first = await notified("phone: signed out");
+  const signedOut = await decide(first.link);
+  t.equal((await first.call).code, 0, "the first export ran");
+  const second = await notified("phone: signed in");
+  const signedIn = await decide(second.link);
+  t.equal((await second.call).code, 0, "the second export ran");
+  t.comment(`phone 390x844: signed out taps=${signedOut.taps} seconds=${signedOut.seconds.toFixed(2)}; signed in taps=${signedIn.taps} seconds=${signedIn.seconds.toFixed(2)} (machine time, no reading or typing time)`);
+  t.ok(signedIn.taps <= 2, `signed in, the notification's link and Approve are all it takes (${signedIn.taps} taps)`);
+  t.ok(signedOut.taps <= 6, `signed out, the provider's sign-in adds its own taps (${signedOut.taps})`);
+});
