@@ -110,7 +110,7 @@ async function runAudit(sub: string | undefined, args: string[]): Promise<void> 
       for (const event of auditEventsFromJsonl(await readFile(values.file, "utf8"))) take(event);
     } else if (values.nats !== undefined) {
       await withNats(nats(values.nats), async (nc) => {
-        for await (const event of readAuditEvents(nc)) take(event);
+        for await (const event of readAuditEvents(nc, { onUndecodable: (sequence) => verifier.undecodable(sequence) })) take(event);
       });
     } else {
       throw new AirlockError(Code.InvalidArgument, "--nats or --file is required");

@@ -26,7 +26,7 @@ export async function checkAuditTrail(reader: NatsConnectionConfig, evidence: De
   const verifier = new TrailVerifier({ keys: await AuditKeyRing.load(evidence.keyringFile), checkpoints: found.checkpoints, malformedCheckpoints: found.malformed });
   const nc = await connectNats(reader, { role: { kind: "audit" }, name: "airlock-demo-audit-check", extra: { reconnect: false } });
   try {
-    for await (const event of readAuditEvents(nc)) verifier.add(event);
+    for await (const event of readAuditEvents(nc, { onUndecodable: (sequence) => verifier.undecodable(sequence) })) verifier.add(event);
   } finally {
     await nc.close();
   }

@@ -19,6 +19,8 @@ export const trailErrors = [
   "event_missing",
   /** An event does not link to the hash of the one before it. */
   "chain_broken",
+  /** A message in the trail is not an audit event at all (only an administrator can write one). */
+  "event_undecodable",
   /** An event's content does not match its own hash: edited in place. */
   "event_altered",
   /** An event carries no signature, though keys were given. */
@@ -143,6 +145,15 @@ export class TrailVerifier {
     }
     this.previous = event.sha256;
     this.expected++;
+  }
+
+  /**
+   * Notes a message in the trail that is not an audit event (`readAuditEvents`'s
+   * `onUndecodable`): the trail fails there, unless it already failed earlier.
+   */
+  undecodable(streamSequence: number): void {
+    this.checked++;
+    this.failure ??= { intact: false, eventsChecked: this.checked, signed: this.signed, checkpoints: 0, firstBrokenSequence: streamSequence, error: "event_undecodable", problem: `message ${streamSequence} of the audit stream is not an audit event` };
   }
 
   /** The verdict: the checkpoints first (the anchor outside NATS), then the chain. */

@@ -104,7 +104,7 @@ export async function startReviewerGrpc(options: ReviewerGrpcOptions): Promise<R
     }),
     verifyAudit: unary(async () => {
       const verifier = new TrailVerifier({ keys: options.broker.auditKeys });
-      for await (const event of readAuditEvents(options.nc)) verifier.add(event);
+      for await (const event of readAuditEvents(options.nc, { onUndecodable: (sequence) => verifier.undecodable(sequence) })) verifier.add(event);
       const verdict = verifier.finish();
       return create(VerifyAuditResponseSchema, {
         intact: verdict.intact,

@@ -595,7 +595,7 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
   app.get("/api/v1/audit/verify", async (request) => {
     await reviewerOf(request);
     const verifier = new TrailVerifier({ keys: options.broker.auditKeys });
-    for await (const event of readAuditEvents(options.nc)) verifier.add(event);
+    for await (const event of readAuditEvents(options.nc, { onUndecodable: (sequence) => verifier.undecodable(sequence) })) verifier.add(event);
     return verifier.finish();
   });
 

@@ -26,6 +26,7 @@ import {
   verifyTrail,
   writeAuditKey,
 } from "../../broker/audit/index.js";
+import { Code } from "../../common/errors.js";
 import { createLogger } from "../../common/logger.js";
 import { useInfra } from "../../harness/index.js";
 import { type AuditEvent, AuditEventSchema, AuditEventType } from "../../proto/index.js";
@@ -328,4 +329,22 @@ await t.test("the checkpoint sink continues from the highest index, cuts a line 
   await writers[1]?.checkpoint();
   t.same(seen, [["written"], ["writer_conflict"]]);
   t.equal((await readCheckpointDirectory(conflictDir)).checkpoints.length, 1, "the chain did not fork");
+});
+
+await t.test("a message in the trail that is not an event is named: event_undecodable", async (t) => {
+  const junkAt = (await adminJsm.streams.info(auditStream.name)).state.last_seq + 1;
+  await adminJs.publish(auditStream.subject, "{not an audit event");
+  const verifier = new TrailVerifier({ keys });
+  for await (const event of readAuditEvents(broker, { onUndecodable: (sequence) => verifier.undecodable(sequence) })) verifier.add(event);
+  const verdict = verifier.finish();
+  t.same([verdict.error, verdict.firstBrokenSequence, verdict.intact], ["event_undecodable", junkAt, false], verdict.problem);
+  await t.rejects(
+    (async () => {
+      for await (const event of readAuditEvents(broker)) void event;
+    })(),
+    { code: Code.DataLoss },
+    "a reader that is not told what to do with it stops there, with data_loss",
+  );
+  await rewrite(original);
+  t.ok((await verify()).intact, "the original trail verifies again");
 });
