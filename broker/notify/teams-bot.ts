@@ -1,4 +1,5 @@
-import { createRemoteJWKSet, errors, type JWTPayload, jwtVerify } from "jose";
+import { createRemoteJWKSet, type JWTPayload, jwtVerify } from "jose";
+import { joseFailure } from "../../common/jose-errors.js";
 import { AirlockError, Code, codeName } from "../../common/errors.js";
 import type { Logger } from "../../common/logger.js";
 import type { RequestRecord } from "../../proto/index.js";
@@ -55,23 +56,6 @@ function isLoopback(hostname: string): boolean {
   return hostname === "localhost" || hostname === "[::1]" || /^127(?:\.\d{1,3}){3}$/.test(hostname);
 }
 
-function describeJoseError(error: unknown): AirlockError {
-  if (error instanceof AirlockError) return error;
-  if (error instanceof errors.JWTExpired) return refused("token_expired", "the Bot Framework token has expired");
-  if (error instanceof errors.JWTClaimValidationFailed) {
-    if (error.claim === "iss") return refused("wrong_issuer", `the token is not from the Bot Framework (issuer must be ${botFrameworkIssuer})`);
-    if (error.claim === "aud") return refused("wrong_audience", "the token is for another bot (audience must be this bot's app id)");
-    if (error.claim === "nbf") return refused("token_not_yet_valid", "the Bot Framework token is not valid yet");
-    return refused("invalid_claim", `the token's ${error.claim} claim is invalid`);
-  }
-  if (error instanceof errors.JWSSignatureVerificationFailed) return refused("bad_signature", "the token's signature does not verify with the Bot Framework's keys");
-  if (error instanceof errors.JWKSNoMatchingKey) return refused("no_matching_key", "no key of the Bot Framework matches the token");
-  if (error instanceof errors.JOSEAlgNotAllowed) return refused("algorithm_not_allowed", "the token's algorithm is not one the Bot Framework uses");
-  const keysDown = error instanceof errors.JWKSTimeout || error instanceof errors.JWKSInvalid || (error instanceof Error && /Expected 200 OK|fetch failed|ECONNREFUSED/i.test(error.message));
-  if (keysDown) return new AirlockError(Code.Unavailable, "the Bot Framework's signing keys cannot be fetched", { details: { reason: "keys_unavailable" } });
-  return refused("malformed_token", "the Bot Framework token is malformed");
-}
-
 /**
  * Verifies the token the Bot Framework puts on every activity it sends a bot, the
  * way the Bot Framework SDKs do (channel → bot): `Authorization: Bearer <JWT>`,
@@ -120,7 +104,7 @@ export class BotFrameworkVerifier {
         currentDate: now,
       });
     } catch (error) {
-      throw describeJoseError(error);
+      throw joseFailure(error, { token: "the Bot Framework token", keys: "the Bot Framework's signing keys", keysReason: "keys_unavailable" });
     }
     const kid = verified.protectedHeader.kid;
     const jwk = keys.jwks()?.keys.find((key) => key.kid === kid) as { endorsements?: unknown } | undefined;

@@ -4,7 +4,8 @@
  * @module
  */
 import { createHash, timingSafeEqual } from "node:crypto";
-import { createRemoteJWKSet, errors, type JWTPayload, jwtVerify } from "jose";
+import { createRemoteJWKSet, type JWTPayload, jwtVerify } from "jose";
+import { joseFailure } from "../../common/jose-errors.js";
 import type { ConfigReader } from "../../common/config.js";
 import { AirlockError, Code } from "../../common/errors.js";
 
@@ -137,7 +138,7 @@ export class ReviewerAuthenticator {
         requiredClaims: ["exp"],
       }));
     } catch (error) {
-      throw describeJoseError(error);
+      throw joseFailure(error, { token: "the reviewer token", keys: "the identity provider's keys" });
     }
     const id = payload[config.reviewerClaim];
     if (typeof id !== "string" || id.trim() === "") throw unauthenticated("invalid_claim", `the token has no ${config.reviewerClaim} claim naming the reviewer`);
@@ -168,27 +169,9 @@ export class ReviewerAuthenticator {
       algorithms: [...reviewerAuthDefaults.algorithms],
       requiredClaims: ["exp"],
     }).catch((error: unknown) => {
-      throw describeJoseError(error);
+      throw joseFailure(error, { token: "the reviewer token", keys: "the identity provider's keys" });
     });
     return { reviewer, claims: payload };
   }
 }
 
-function describeJoseError(error: unknown): AirlockError {
-  if (error instanceof errors.JWTExpired) return unauthenticated("token_expired", "the reviewer token has expired");
-  if (error instanceof errors.JWTClaimValidationFailed) {
-    if (error.claim === "iss") return unauthenticated("wrong_issuer", "the reviewer token is from another issuer");
-    if (error.claim === "aud") return unauthenticated("wrong_audience", "the reviewer token is for another audience");
-    if (error.claim === "nbf") return unauthenticated("token_not_yet_valid", "the reviewer token is not valid yet");
-    return unauthenticated("invalid_claim", `the reviewer token's ${error.claim} claim is invalid`);
-  }
-  if (error instanceof errors.JWSSignatureVerificationFailed) return unauthenticated("bad_signature", "the reviewer token's signature does not verify");
-  if (error instanceof errors.JWKSNoMatchingKey) return unauthenticated("no_matching_key", "no key of the identity provider matches the reviewer token");
-  if (error instanceof errors.JOSEAlgNotAllowed) return unauthenticated("algorithm_not_allowed", "the reviewer token's algorithm is not accepted");
-  // The provider's key set could not be had (down, 5xx, garbage): that is unavailability, not a bad token.
-  const jwksDown = error instanceof errors.JWKSTimeout || error instanceof errors.JWKSInvalid || (error instanceof Error && /Expected 200 OK|fetch failed|ECONNREFUSED/i.test(error.message));
-  if (jwksDown) {
-    return new AirlockError(Code.Unavailable, "the identity provider's keys cannot be fetched", { details: { reason: "jwks_unavailable" } });
-  }
-  return unauthenticated("malformed_token", "the reviewer token is malformed");
-}

@@ -5,7 +5,8 @@
  * short-lived cookie, so the callback may land on any replica.
  * @module
  */
-import { createRemoteJWKSet, errors as joseErrors, type JWTPayload, jwtVerify } from "jose";
+import { createRemoteJWKSet, type JWTPayload, jwtVerify } from "jose";
+import { joseFailure } from "../../common/jose-errors.js";
 import * as oauth from "oauth4webapi";
 import type { ConfigReader } from "../../common/config.js";
 import { AirlockError, Code } from "../../common/errors.js";
@@ -243,7 +244,7 @@ export class SsoClient {
         requiredClaims: ["exp", "iat", "sub"],
       }));
     } catch (error) {
-      throw describeJoseError(error);
+      throw joseFailure(error, { token: "the ID token", keys: "the identity provider's keys" });
     }
     if (expectedNonce !== undefined && payload.nonce !== expectedNonce) throw unauthenticated("nonce_mismatch", "the ID token was not issued for this sign-in (nonce mismatch)");
     return payload;
@@ -279,16 +280,3 @@ function describeTokenError(error: unknown, reason: string): AirlockError {
   return new AirlockError(Code.Unavailable, "the identity provider cannot be reached", { cause: error, details: { reason: "idp_unavailable" } });
 }
 
-function describeJoseError(error: unknown): AirlockError {
-  if (error instanceof joseErrors.JWTExpired) return unauthenticated("token_expired", "the ID token has expired");
-  if (error instanceof joseErrors.JWTClaimValidationFailed) {
-    if (error.claim === "iss") return unauthenticated("wrong_issuer", "the ID token is from another issuer");
-    if (error.claim === "aud") return unauthenticated("wrong_audience", "the ID token is for another client");
-    return unauthenticated("invalid_claim", `the ID token's ${error.claim} claim is invalid`);
-  }
-  if (error instanceof joseErrors.JWSSignatureVerificationFailed) return unauthenticated("bad_signature", "the ID token's signature does not verify");
-  if (error instanceof joseErrors.JWKSNoMatchingKey) return unauthenticated("no_matching_key", "no key of the identity provider matches the ID token");
-  if (error instanceof joseErrors.JOSEAlgNotAllowed) return unauthenticated("algorithm_not_allowed", "the ID token's algorithm is not accepted");
-  if (error instanceof joseErrors.JWKSTimeout || error instanceof joseErrors.JWKSInvalid) return new AirlockError(Code.Unavailable, "the identity provider's keys cannot be fetched", { details: { reason: "jwks_unavailable" } });
-  return unauthenticated("malformed_token", "the ID token is malformed");
-}
