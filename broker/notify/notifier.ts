@@ -8,7 +8,7 @@ import type { Notification } from "./events.js";
 import { originOf, postJson } from "./http.js";
 import { DeliveryQueue } from "./queue.js";
 import { SlackIntegration } from "./slack.js";
-import { type DecidedOutcome, requirementGroups } from "./summary.js";
+import { type DecidedOutcome, destinationsFor, requirementGroups } from "./summary.js";
 import { noStepUp, type StepUpPredicate, teamsMessage, teamsRecordCard } from "./teams.js";
 import { BotConnectorClient, type PostedCard } from "./teams-connector.js";
 import { TeamsBot } from "./teams-bot.js";
@@ -289,13 +289,9 @@ export class ReviewNotifier implements Notifier {
       });
       return;
     }
-    const groups = notification.kind === "escalated" ? [notification.group] : notification.groups;
-    const conversations = new Set<string>();
-    for (const group of groups) {
-      const conversation = sending.conversations.get(group) ?? sending.defaultConversation;
-      if (conversation === undefined) this.log.warn({ requestId, group }, "no Teams conversation for this reviewer group (notifications.teams.bot.conversations); it gets no card from the bot");
-      else conversations.add(conversation);
-    }
+    const conversations = destinationsFor(notification, sending.conversations, sending.defaultConversation, (group) =>
+      this.log.warn({ requestId, group }, "no Teams conversation for this reviewer group (notifications.teams.bot.conversations); it gets no card from the bot"),
+    );
     for (const conversation of conversations) {
       this.queue.enqueue({
         description: `teams bot post (${notification.kind} ${requestId})`,

@@ -8,7 +8,7 @@ import type { Notification } from "./events.js";
 import { type HeaderMap, headerValue, originOf, postJson } from "./http.js";
 import type { DeliveryQueue } from "./queue.js";
 import { type SlackMessage, type SlackMessageOptions, escapeMrkdwn, slackActions, slackRecordMessage, slackRequestMessage, slackResultMessage } from "./slack-blocks.js";
-import { outcomeOfState } from "./summary.js";
+import { destinationsFor, outcomeOfState } from "./summary.js";
 import type { StepUpPredicate } from "./teams.js";
 import { isRecord, stringAt as anyStringAt } from "./json.js";
 
@@ -249,13 +249,9 @@ export class SlackIntegration {
       this.enqueueWebhook(requestId, notification.kind, () => slackRequestMessage(notification, messageOptions));
       return;
     }
-    const groups = notification.kind === "escalated" ? [notification.group] : notification.groups;
-    const channels = new Set<string>();
-    for (const group of groups) {
-      const channel = transport.channels.get(group) ?? transport.defaultChannel;
-      if (channel === undefined) this.log.warn({ requestId, group }, "no Slack channel for this reviewer group (notifications.slack.channels); it gets no Slack message");
-      else channels.add(channel);
-    }
+    const channels = destinationsFor(notification, transport.channels, transport.defaultChannel, (group) =>
+      this.log.warn({ requestId, group }, "no Slack channel for this reviewer group (notifications.slack.channels); it gets no Slack message"),
+    );
     for (const channel of channels) {
       this.options.queue.enqueue({
         description: `slack chat.postMessage ${channel} (${notification.kind} ${requestId})`,

@@ -85,6 +85,27 @@ export function describeNeeds(needs: readonly GroupNeed[]): string[] | undefined
   return open.map((need) => `${need.group}: ${need.remaining} more approval${need.remaining === 1 ? "" : "s"}`);
 }
 
+/**
+ * Where a request's message goes, per reviewer group: the groups a notification is for (the one
+ * an escalation reached, or all it names) looked up in `byGroup`, else `fallback`; each place
+ * once. `onMissing` hears of a group with no place.
+ */
+export function destinationsFor(
+  notification: { readonly kind: string; readonly group?: string; readonly groups?: readonly string[] },
+  byGroup: ReadonlyMap<string, string>,
+  fallback: string | undefined,
+  onMissing: (group: string) => void,
+): Set<string> {
+  const groups = notification.kind === "escalated" && notification.group !== undefined ? [notification.group] : (notification.groups ?? []);
+  const places = new Set<string>();
+  for (const group of groups) {
+    const place = byGroup.get(group) ?? fallback;
+    if (place === undefined) onMissing(group);
+    else places.add(place);
+  }
+  return places;
+}
+
 /** The link to a request in the approver console: `<consoleUrl>#/requests/<id>`. */
 export function consoleLink(consoleUrl: string, requestId: string): string {
   return `${consoleUrl}#/requests/${encodeURIComponent(requestId)}`;
