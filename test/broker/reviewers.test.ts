@@ -1,31 +1,24 @@
 import { execFile } from "node:child_process";
-import { createServer } from "node:http";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import type { AddressInfo } from "node:net";
 import { Client, credentials, Metadata } from "@grpc/grpc-js";
-import { type CryptoKey, exportJWK, generateKeyPair, type JWK, SignJWT } from "jose";
+import { type CryptoKey, generateKeyPair, SignJWT } from "jose";
 import t from "tap";
 import { randomBytes } from "node:crypto";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { ReviewerAuthenticator } from "../../broker/index.js";
 import { callServerStream, callUnary, type AirlockError, Code, subjects } from "../../common/index.js";
 import { DecisionBodySchema, DecisionSchema, RequestState, ReviewerService, Verdict } from "../../proto/index.js";
+import { startTestJwks } from "../helpers/jwks.js";
 import { startStack } from "../helpers/stack.js";
 
 // A real identity provider's key set, served over HTTP like any OIDC provider's jwks_uri.
-const idpKeys = await generateKeyPair("ES256");
-const jwk: JWK = { ...(await exportJWK(idpKeys.publicKey)), kid: "idp-1", alg: "ES256", use: "sig" };
-const jwks = createServer((_request, response) => {
-  response.writeHead(200, { "content-type": "application/json" });
-  response.end(JSON.stringify({ keys: [jwk] }));
-});
-await new Promise<void>((resolve) => jwks.listen(0, "127.0.0.1", resolve));
-t.teardown(() => new Promise<void>((resolve) => jwks.close(() => resolve())));
-const jwksUrl = `http://127.0.0.1:${(jwks.address() as AddressInfo).port}/jwks.json`;
+const idp = await startTestJwks(t);
+const idpKeys = { privateKey: idp.privateKey };
+const jwksUrl = idp.url;
 const issuer = "https://idp.example.com";
 
 async function idToken(email: string, groups: string[], options: { audience?: string; expiresIn?: string | number; issuer?: string; key?: CryptoKey } = {}): Promise<string> {

@@ -3,17 +3,16 @@
 // OIDC re-authentication (max_age=0) verified through auth_time, nonce and acr, through
 // the real broker (NATS, Vault, PostgreSQL) with ID tokens from a local JWKS. The
 // passkey path runs in Chromium: test/console/stepup.test.ts.
-import { createServer } from "node:http";
-import type { AddressInfo } from "node:net";
 import { create } from "@bufbuild/protobuf";
 import { Client, credentials, Metadata } from "@grpc/grpc-js";
-import { exportJWK, generateKeyPair, type JWK, SignJWT } from "jose";
+import { generateKeyPair, SignJWT } from "jose";
 import t from "tap";
 import { judgeReauthentication, parseStepUpConfig, stepUpChallenge, stepUpNeed } from "../../broker/index.js";
 import { ConfigReader } from "../../common/config.js";
 import { type AirlockError, callUnary, Code } from "../../common/index.js";
 import { ApprovalRequestSchema, ReviewerService, Risk } from "../../proto/index.js";
 import { Policy } from "../../sidecar/index.js";
+import { startTestJwks } from "../helpers/jwks.js";
 import { startStack } from "../helpers/stack.js";
 
 await t.test("what needs step-up: the rule, a risk at or over min_risk, break-glass; never a denial", async (t) => {
@@ -89,14 +88,8 @@ await t.test("judging a re-authentication: nonce, auth_time, acr", async (t) => 
 });
 
 // A real identity provider's key set, served over HTTP like any OIDC provider's jwks_uri.
-const idpKeys = await generateKeyPair("ES256");
-const jwk: JWK = { ...(await exportJWK(idpKeys.publicKey)), kid: "idp-1", alg: "ES256", use: "sig" };
-const jwks = createServer((_request, response) => {
-  response.writeHead(200, { "content-type": "application/json" });
-  response.end(JSON.stringify({ keys: [jwk] }));
-});
-await new Promise<void>((resolve) => jwks.listen(0, "127.0.0.1", resolve));
-t.teardown(() => new Promise<void>((resolve) => jwks.close(() => resolve())));
+const idp = await startTestJwks(t);
+const idpKeys = { privateKey: idp.privateKey };
 const issuer = "https://idp.example.com";
 
 async function idToken(email: string, claims: Record<string, unknown> = {}): Promise<string> {
@@ -115,7 +108,7 @@ const stack = await startStack(t, {
   reviewerGrpc: "127.0.0.1:0",
   brokerConfig: {
     reviewers: {
-      auth: { kind: "oidc", issuer, audience: "airlock-console", jwks_url: `http://127.0.0.1:${(jwks.address() as AddressInfo).port}/jwks.json` },
+      auth: { kind: "oidc", issuer, audience: "airlock-console", jwks_url: idp.url },
       grpc: "127.0.0.1:0",
       step_up: { rp_id: "localhost", min_risk: "medium", max_auth_age: "2m" },
     },
