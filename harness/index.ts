@@ -6,7 +6,21 @@
  */
 export { findLeaks, type HandleBaseline, handleBaseline } from "./leaks.js";
 export { defaultCacheDir, goInstall, type GoInstallSpec } from "./gobuild.js";
-export { type NatsServer, type NatsServerOptions, natsServerDefaults, natsServerRelease, natsServerVersion, resolveNatsServer, startNats } from "./nats.js";
+export {
+  type NatsBus,
+  type NatsCluster,
+  natsClusterDefaults,
+  type NatsClusterNode,
+  type NatsClusterOptions,
+  type NatsServer,
+  type NatsServerOptions,
+  natsServerDefaults,
+  natsServerRelease,
+  natsServerVersion,
+  resolveNatsServer,
+  startNats,
+  startNatsCluster,
+} from "./nats.js";
 export { type PostgresOptions, type PostgresServer, postgresDefaults, startPostgres, type TestDatabase } from "./postgres.js";
 export { delay, freePort, ManagedProcess, makeTempDir, type TempDir, unreleased, waitUntil } from "./resources.js";
 export { type Infra, type InfraNeeds, useInfra } from "./tap.js";
