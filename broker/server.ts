@@ -4,7 +4,7 @@ import { hostname } from "node:os";
 import { type ConfigReader, readConfigFile } from "../common/config.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { createLogger, type Logger } from "../common/logger.js";
-import { connectNats, type NatsConnectionConfig, parseNatsConfig } from "../common/nats.js";
+import { connectNats, type NatsConnectionConfig, parseNatsConfig, parseNatsReplicas } from "../common/nats.js";
 import { createVaultClient } from "../common/vault.js";
 import { configureTokenRole, CredentialIssuer, type TokenRoleConfig } from "./credentials.js";
 import { type ApprovalConfig, parseApprovalConfig } from "./rules.js";
@@ -26,6 +26,8 @@ export type VaultAuth = { readonly kind: "token"; readonly token: string } | { r
 export interface BrokerConfig {
   /** NATS, with the broker role's own credential. */
   readonly nats: NatsConnectionConfig;
+  /** `nats.replicas`: copies a JetStream cluster keeps of every stream and bucket (1, 3 or 5). */
+  readonly natsReplicas: number;
   readonly vault: { readonly address: string; readonly auth: VaultAuth; readonly tokenRole?: TokenRoleSetup };
   /** The Ed25519 private key (PKCS#8 PEM file) decisions are signed with, and its key id. */
   readonly signingKey: { readonly keyId: string; readonly file: string };
@@ -169,7 +171,9 @@ function tokenRoleSetup(reader: ConfigReader): TokenRoleSetup {
 
 /** Validates a parsed broker config; every error names the field. */
 export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
-  const natsConfig = parseNatsConfig(root.object("nats"));
+  const natsSection = root.object("nats");
+  const natsReplicas = parseNatsReplicas(natsSection);
+  const natsConfig = parseNatsConfig(natsSection);
   const vault = root.object("vault");
   const tokenRole = vault.has("token_role") ? tokenRoleSetup(vault.object("token_role")) : undefined;
   const vaultConfig = { address: vault.string("address"), auth: vaultAuth(vault.object("auth")), ...(tokenRole === undefined ? {} : { tokenRole }) };
@@ -187,6 +191,7 @@ export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
     notifications,
     ...(reviewers === undefined ? {} : { reviewers }),
     nats: natsConfig,
+    natsReplicas,
     vault: vaultConfig,
     signingKey,
     audit,
@@ -328,6 +333,7 @@ export async function startBroker(config: BrokerConfig, options: StartBrokerOpti
       for (const event of events) notifier.notifyEvent(record, event);
     },
     nc,
+    replicas: config.natsReplicas,
     issuer: new CredentialIssuer({ vault, logger: log, ...(tokenRole === undefined ? {} : { tokenRole: tokenRole.name }) }),
     signingKey: { keyId: config.signingKey.keyId, privateKey },
     auditSigner,
@@ -363,7 +369,7 @@ export async function startBroker(config: BrokerConfig, options: StartBrokerOpti
   let app;
   try {
     const stepUpConfig = config.reviewers?.stepUp;
-    const stepUp = stepUpConfig === undefined ? undefined : await StepUpService.open(nc, stepUpConfig, auth);
+    const stepUp = stepUpConfig === undefined ? undefined : await StepUpService.open(nc, stepUpConfig, auth, { replicas: config.natsReplicas, log });
     const slack = notifier.slack;
     const teams = notifier.teams;
     app = await createBrokerHttpApp({

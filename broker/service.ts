@@ -36,6 +36,8 @@ import type { Policy } from "../sidecar/index.js";
 /** Options of {@link Broker.start}. */
 export interface BrokerOptions {
   readonly nc: NatsConnection;
+  /** Replicas of every stream and bucket the broker creates or brings up to date at start (`nats.replicas`). @default 1 */
+  readonly replicas?: number;
   readonly issuer: CredentialIssuer;
   readonly signingKey: DecisionSigningKey;
   readonly approvals: ApprovalConfig;
@@ -235,13 +237,9 @@ export class Broker {
   /** Starts a replica: streams, state bucket, audit log, consumers, ticker; reconciles leases at once. */
   static async start(options: BrokerOptions): Promise<Broker> {
     const jsm = await jetstreamManager(options.nc);
-    await ensureStreams(jsm);
-    // Streams made before direct get was on keep it off, and the broker may not update a stream.
-    for (const name of [streams.requests.name, streams.decisions.name]) {
-      if ((await jsm.streams.info(name)).config.allow_direct !== true) {
-        options.log.error({ stream: name }, "this stream has no direct get: sidecars cannot resume or catch up on decisions; an operator must turn allow_direct on (admin credential)");
-      }
-    }
+    // Every stream and bucket with these replicas and settings, or start fails naming the one that differs.
+    const ensure = { ...(options.replicas === undefined ? {} : { replicas: options.replicas }), log: options.log };
+    await ensureStreams(jsm, ensure);
     const metrics = options.metrics ?? createBrokerMetrics();
     const signer = options.auditSigner ?? options.signingKey;
     let checkpointer: Checkpointer | undefined;
@@ -254,8 +252,8 @@ export class Broker {
         onOutcome: (outcome) => metrics.auditCheckpoints.inc({ outcome }),
       });
     }
-    const audit = await AuditLog.open(options.nc, { signer, ...(checkpointer === undefined ? {} : { onWritten: (count: number) => checkpointer.noteWritten(count) }) });
-    const broker = new Broker(options, await RequestStore.open(options.nc), audit, jsm, metrics);
+    const audit = await AuditLog.open(options.nc, { signer, ensure, ...(checkpointer === undefined ? {} : { onWritten: (count: number) => checkpointer.noteWritten(count) }) });
+    const broker = new Broker(options, await RequestStore.open(options.nc, ensure), audit, jsm, metrics);
     broker.checkpointer = checkpointer;
     if (options.consume ?? true) {
       for (const [durable, stream, filter] of [

@@ -1,8 +1,9 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { type KV, Kvm, KvWatchInclude } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../common/errors.js";
-import { stateBucket } from "../common/subjects.js";
+import { bucketStream, type EnsureOptions, ensureDefaults, ensureStream, stateBucket } from "../common/subjects.js";
 import { type RequestRecord, RequestRecordSchema } from "../proto/index.js";
 
 export { stateBucket };
@@ -25,9 +26,12 @@ export class RequestStore {
     this.kv = kv;
   }
 
-  /** Opens (creating if needed) the bucket. */
-  static async open(nc: NatsConnection): Promise<RequestStore> {
-    return new RequestStore(await new Kvm(nc).create(stateBucket, { history: 10 }));
+  /** Opens the bucket, creating it or bringing its replicas and history up to date first ({@link ensureStream}). */
+  static async open(nc: NatsConnection, options: EnsureOptions = {}): Promise<RequestStore> {
+    const kvm = new Kvm(nc);
+    const replicas = options.replicas ?? ensureDefaults.replicas;
+    await ensureStream(await jetstreamManager(nc), { name: bucketStream(stateBucket), max_msgs_per_subject: 10 }, { ...options, create: () => kvm.create(stateBucket, { history: 10, replicas }) });
+    return new RequestStore(await kvm.open(stateBucket));
   }
 
   async get(requestId: string): Promise<StoredRecord | undefined> {

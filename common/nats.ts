@@ -3,6 +3,7 @@ import { connect, type ConnectionOptions, errors as natsErrors, type NatsConnect
 import { type BusRole, busInboxPrefix } from "./bus.js";
 import type { ConfigReader } from "./config.js";
 import { AirlockError, Code } from "./errors.js";
+import { ensureDefaults, natsReplicaChoices } from "./subjects.js";
 
 /**
  * How a part reaches NATS: the server URLs, the part's own credential (an nkey
@@ -42,6 +43,17 @@ export function parseNatsConfig(reader: ConfigReader): NatsConnectionConfig {
   }
   reader.done();
   return { servers, auth: { kind: "nkey", seedFile }, ...(tls === undefined ? {} : { tls }) };
+}
+
+/**
+ * The `replicas` of a config's `nats` section (read before {@link parseNatsConfig}, by the
+ * parts that create streams and buckets): how many copies a JetStream cluster keeps of each,
+ * 1 (the default, a single server), 3 or 5. An even count buys no extra fault tolerance.
+ */
+export function parseNatsReplicas(reader: ConfigReader): number {
+  const replicas = reader.integer("replicas", ensureDefaults.replicas, 1, 5);
+  if (!(natsReplicaChoices as readonly number[]).includes(replicas)) throw reader.fail(`${reader.path}.replicas`, `must be one of ${natsReplicaChoices.join(", ")}`);
+  return replicas;
 }
 
 /**

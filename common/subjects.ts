@@ -1,4 +1,6 @@
-import type { JetStreamManager } from "@nats-io/jetstream";
+import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager, type StreamConfig } from "@nats-io/jetstream";
+import type { Logger } from "pino";
+import { AirlockError, Code } from "./errors.js";
 
 /**
  * The JetStream streams Airlock's parts talk through. Sidecars publish
@@ -46,17 +48,94 @@ export const subjects = {
   heartbeats: "airlock.heartbeat.*",
 } as const;
 
+/** How many copies of each stream and bucket a cluster keeps: 1 (a single server), 3 or 5 (clusters). */
+export const natsReplicaChoices = [1, 3, 5] as const;
+
+/** Defaults of {@link EnsureOptions}. */
+export const ensureDefaults = { replicas: 1 } as const;
+
+/** Options of {@link ensureStream} and everything built on it. */
+export interface EnsureOptions {
+  /** Replicas of every stream and bucket Airlock creates (`nats.replicas`). @default 1 */
+  readonly replicas?: number;
+  /** Told of each stream whose settings this start brought up to date. */
+  readonly log?: Pick<Logger, "warn">;
+}
+
 /**
- * Creates the streams if they do not exist yet (idempotent; an existing stream is left as it is).
- * Direct get is on, so a sidecar can read back its own host's requests and decisions by subject
+ * Settings Airlock owns on one of its streams: what {@link ensureStream} creates
+ * the stream with and keeps it at. Settings not named here are the operator's.
+ */
+export type OwnedStreamSettings = Partial<StreamConfig> & { readonly name: string };
+
+/** The owned settings of `wanted` whose value differs in `actual`, with both values. */
+function settingsDiff(wanted: OwnedStreamSettings, actual: StreamConfig): Record<string, { readonly from: unknown; readonly to: unknown }> {
+  const diff: Record<string, { from: unknown; to: unknown }> = {};
+  for (const [key, to] of Object.entries(wanted)) {
+    const from = (actual as unknown as Record<string, unknown>)[key];
+    // Booleans the server leaves out of its answer when false.
+    const same = typeof to === "boolean" ? (from === true) === to : JSON.stringify(from) === JSON.stringify(to);
+    if (!same) diff[key] = { from, to };
+  }
+  return diff;
+}
+
+/**
+ * The one owner of "this stream exists with these settings". A missing stream
+ * is created (by `create` when given, e.g. a KV bucket's own constructor); an
+ * existing one whose owned settings differ (replicas after a move to a
+ * cluster, a setting a newer version needs) is updated and the change logged.
+ * When the update is refused (the broker's credential may not update streams)
+ * start fails with FAILED_PRECONDITION naming the stream and the settings, so
+ * an operator applies them with the admin credential; a stream is never
+ * silently kept as it is.
+ */
+export async function ensureStream(jsm: JetStreamManager, wanted: OwnedStreamSettings, options: EnsureOptions & { readonly create?: () => Promise<unknown> } = {}): Promise<void> {
+  const settings: OwnedStreamSettings = { ...wanted, num_replicas: options.replicas ?? ensureDefaults.replicas };
+  let actual: StreamConfig;
+  try {
+    actual = (await jsm.streams.info(settings.name)).config;
+  } catch (error) {
+    if (!(error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamNotFound)) {
+      throw new AirlockError(Code.Unavailable, `cannot read the settings of stream ${settings.name}`, { cause: error, details: { stream: settings.name } });
+    }
+    try {
+      if (options.create === undefined) await jsm.streams.add(settings);
+      else await options.create();
+    } catch (cause) {
+      throw new AirlockError(Code.Unavailable, `cannot create stream ${settings.name}`, { cause, details: { stream: settings.name } });
+    }
+    return;
+  }
+  const diff = settingsDiff(settings, actual);
+  const fields = Object.keys(diff);
+  if (fields.length === 0) return;
+  try {
+    await jsm.streams.update(settings.name, { ...actual, ...settings });
+  } catch (cause) {
+    throw new AirlockError(
+      Code.FailedPrecondition,
+      `stream ${settings.name} differs from this configuration in ${fields.join(", ")} and could not be updated with this credential: an operator applies the change with the admin credential (docs/architecture.md, Production topology)`,
+      { cause, details: { stream: settings.name, fields: fields.join(",") } },
+    );
+  }
+  options.log?.warn({ stream: settings.name, changed: diff }, "stream settings brought up to date");
+}
+
+/** The stream behind a KV bucket. */
+export function bucketStream(bucket: string): string {
+  return `KV_${bucket}`;
+}
+
+/**
+ * Creates the streams if they do not exist yet, and brings an existing one's
+ * owned settings (replicas, direct get, duplicate window, subjects) up to date
+ * through {@link ensureStream}. Direct get is on, so a sidecar can read back its
+ * own host's requests and decisions by subject
  * (`$JS.API.DIRECT.GET.<stream>.<subject>`), a right the server can scope to the host.
  */
-export async function ensureStreams(jsm: JetStreamManager): Promise<void> {
+export async function ensureStreams(jsm: JetStreamManager, options: EnsureOptions = {}): Promise<void> {
   for (const stream of Object.values(streams)) {
-    try {
-      await jsm.streams.info(stream.name);
-    } catch {
-      await jsm.streams.add({ name: stream.name, subjects: [...stream.subjects], duplicate_window: 2 * 60 * 1_000_000_000, allow_direct: true });
-    }
+    await ensureStream(jsm, { name: stream.name, subjects: [...stream.subjects], duplicate_window: 2 * 60 * 1_000_000_000, allow_direct: true }, options);
   }
 }

@@ -2,9 +2,9 @@ import { createHash, randomUUID } from "node:crypto";
 import { create, fromJson, type JsonObject, type JsonValue, toJson } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { JetStreamApiCodes, JetStreamApiError, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager, type StoredMsg } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import { headers, type NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../../common/errors.js";
-import { auditStream } from "../../common/subjects.js";
+import { auditStream, type EnsureOptions, ensureStream } from "../../common/subjects.js";
 import { type AuditEvent, AuditEventSchema, type AuditEventType } from "../../proto/index.js";
 import { type AuditSigner, signHash } from "./signing.js";
 
@@ -70,14 +70,14 @@ export function auditEventsFromJsonl(text: string): AuditEvent[] {
   return events;
 }
 
-/** Creates the audit stream if needed: deny_delete and deny_purge, so not even an admin's API call removes an event. */
-export async function ensureAuditStream(jsm: JetStreamManager): Promise<void> {
-  try {
-    await jsm.streams.info(auditStream.name);
-  } catch {
-    // Direct get on: the audit reader reads the trail through it, as it may create no consumer.
-    await jsm.streams.add({ name: auditStream.name, subjects: [auditStream.subject], deny_delete: true, deny_purge: true, allow_rollup_hdrs: false, allow_direct: true });
-  }
+/**
+ * Creates the audit stream, or brings an existing one up to date ({@link ensureStream}):
+ * deny_delete and deny_purge, so not even an admin's API call removes an event (the server
+ * refuses to turn them off again); direct get, through which the audit reader reads the trail,
+ * as it may create no consumer; and atomic batch publish, which {@link AuditLog} appends with.
+ */
+export async function ensureAuditStream(jsm: JetStreamManager, options: EnsureOptions = {}): Promise<void> {
+  await ensureStream(jsm, { name: auditStream.name, subjects: [auditStream.subject], deny_delete: true, deny_purge: true, allow_rollup_hdrs: false, allow_direct: true, allow_atomic: true }, options);
 }
 
 /** Events one batched read of {@link readAuditEvents} asks for. */
@@ -143,26 +143,46 @@ export interface AuditLogOptions {
   readonly signer?: AuditSigner;
   /** Told how many events were just written (the checkpointer counts them). */
   readonly onWritten?: (count: number) => void;
+  /** How the audit stream is created or brought up to date (replicas). */
+  readonly ensure?: EnsureOptions;
 }
 
-/** JetStream's answers to a publish whose expected last sequence or message id no longer holds: another replica appended first. */
-const lostRace: ReadonlySet<number> = new Set([JetStreamApiCodes.StreamWrongLastSequence, JetStreamApiCodes.StreamWrongLastSequenceUnknown, 10070]);
+/**
+ * JetStream's answers to an atomic batch that was refused whole and may be
+ * chained again on a fresh tail: another replica appended first (wrong last
+ * sequence), or the batch reached the stream leader incomplete (a leader change
+ * or reconnect mid-batch). Refusals are told apart by these API error codes
+ * (nats-server's errors.json), never by their text.
+ */
+const retryable: ReadonlySet<number> = new Set([
+  JetStreamApiCodes.StreamWrongLastSequence,
+  JetStreamApiCodes.StreamWrongLastSequenceUnknown,
+  /** JSAtomicPublishIncompleteBatchErr */
+  10176,
+]);
+
+/** Headers of JetStream's atomic batch publish (nats-server 2.12 and later). */
+const batchHeaders = { id: "Nats-Batch-Id", sequence: "Nats-Batch-Sequence", commit: "Nats-Batch-Commit", msgId: "Nats-Msg-Id", expectedLastSequence: "Nats-Expected-Last-Sequence" } as const;
 
 /**
  * Appends events to the hash-chained, signed audit stream. Replicas append
- * concurrently: each append states the stream's last sequence it built on
- * (JetStream's expected-last-sequence check), and retries on a conflict, so
- * the chain never forks. An append that cannot be written rejects: callers
- * fail closed (nothing is approved without its audit event).
+ * concurrently: each write is one JetStream atomic batch whose first message
+ * states the stream's last sequence it built on (expected-last-sequence), so
+ * the stream leader accepts the whole batch or none of it, and a replica that
+ * lost the race re-reads the tail and chains again: the chain never forks, on
+ * one server or a replicated stream. An append that cannot be written rejects:
+ * callers fail closed (nothing is approved without its audit event).
  */
 export class AuditLog {
   private readonly js: JetStreamClient;
   private readonly jsm: JetStreamManager;
   private readonly options: AuditLogOptions;
-  private tail: { sequence: bigint; streamSeq: number; sha256: Uint8Array; atMs: number } | undefined;
+  private readonly nc: NatsConnection;
+  private tail: AuditTail | undefined;
 
-  private constructor(js: JetStreamClient, jsm: JetStreamManager, options: AuditLogOptions) {
-    this.js = js;
+  private constructor(nc: NatsConnection, jsm: JetStreamManager, options: AuditLogOptions) {
+    this.nc = nc;
+    this.js = jetstream(nc);
     this.jsm = jsm;
     this.options = options;
   }
@@ -170,11 +190,11 @@ export class AuditLog {
   /** Opens the log on an existing connection, creating the stream if needed. */
   static async open(nc: NatsConnection, options: AuditLogOptions = {}): Promise<AuditLog> {
     const jsm = await jetstreamManager(nc);
-    await ensureAuditStream(jsm);
-    return new AuditLog(jetstream(nc), jsm, options);
+    await ensureAuditStream(jsm, options.ensure);
+    return new AuditLog(nc, jsm, options);
   }
 
-  private async readTail(): Promise<{ sequence: bigint; streamSeq: number; sha256: Uint8Array; atMs: number }> {
+  private async readTail(): Promise<AuditTail> {
     const info = await this.jsm.streams.info(auditStream.name);
     if (info.state.messages === 0) return { sequence: 0n, streamSeq: 0, sha256: new Uint8Array(0), atMs: 0 };
     const last = await this.jsm.streams.getMessage(auditStream.name, { seq: info.state.last_seq });
@@ -193,16 +213,14 @@ export class AuditLog {
   }
 
   /**
-   * Appends several events in order, pipelined: all are published at once,
-   * the first expecting the tail's stream sequence and each later one
-   * expecting its predecessor's message id, so a batch costs about one round
-   * trip. Appends made while a write is in flight wait and then
-   * go together in the next write (group commit), so a busy replica pays one
-   * round trip per write, not per caller. If another replica interleaves, the
-   * accepted events form a prefix and the rest are chained again on the new
-   * tail (up to {@link auditLogDefaults.conflictAttempts} times). Rejects when
-   * its events could not all be written; an append whose events were all
-   * written before a later one failed still resolves.
+   * Appends several events in order, as one atomic batch: all are published at
+   * once and committed by the last, so a write costs about one round trip and
+   * is stored whole or not at all. Appends made while a write is in flight wait
+   * and then go together in the next write (group commit), so a busy replica
+   * pays one round trip per write, not per caller. If another replica appended
+   * first, the batch is refused whole and chained again on the new tail (up to
+   * {@link auditLogDefaults.conflictAttempts} times). Rejects when its events
+   * could not be written.
    */
   appendAll(entries: readonly AuditEntry[]): Promise<AuditEvent[]> {
     if (entries.length === 0) return Promise.resolve([]);
@@ -218,21 +236,33 @@ export class AuditLog {
     try {
       while (this.waiting.length > 0) {
         const batch = this.takeBatch();
-        const { written, failure } = await this.appendNow(batch.flatMap((append) => append.entries)).catch((error: unknown) => ({
-          written: [] as AuditEvent[],
-          failure: AirlockError.from(error),
-        }));
-        let offset = 0;
-        for (const append of batch) {
-          const end = offset + append.entries.length;
-          if (end <= written.length) append.resolve(written.slice(offset, end));
-          else append.reject(failure);
-          offset = end;
+        const outcome = await this.write(batch.flatMap((append) => append.entries));
+        if (outcome.failure === undefined) {
+          let offset = 0;
+          for (const append of batch) {
+            append.resolve(outcome.written.slice(offset, offset + append.entries.length));
+            offset += append.entries.length;
+          }
+        } else if (outcome.refused && batch.length > 1) {
+          // The server refused the group's batch whole (a full stream, say): each caller's own
+          // events are tried alone, so an append resolves or rejects by its own events only.
+          for (const append of batch) {
+            const alone = await this.write(append.entries);
+            if (alone.failure === undefined) append.resolve(alone.written);
+            else append.reject(alone.failure);
+          }
+        } else {
+          for (const append of batch) append.reject(outcome.failure);
         }
       }
     } finally {
       this.writing = false;
     }
+  }
+
+  /** {@link appendNow}, never rejecting. */
+  private write(entries: readonly AuditEntry[]): Promise<WriteOutcome> {
+    return this.appendNow(entries).catch((error: unknown) => ({ written: [], failure: AirlockError.from(error), refused: false }));
   }
 
   /** The oldest waiting appends, up to {@link auditLogDefaults.maxBatchEvents} events (at least one append). */
@@ -247,76 +277,127 @@ export class AuditLog {
     return this.waiting.splice(0, count);
   }
 
-  /** Writes `entries` in order; what was written, and why the rest was not. */
-  private async appendNow(entries: readonly AuditEntry[]): Promise<{ written: AuditEvent[]; failure: AirlockError | undefined }> {
-    const written: AuditEvent[] = [];
-    let remaining = [...entries];
-    for (let attempt = 1; remaining.length > 0; attempt++) {
+  /** The events for `entries`, chained on `tail` and signed. */
+  private chain(entries: readonly AuditEntry[], tail: AuditTail): { events: AuditEvent[]; atMs: number } {
+    const signer = this.options.signer;
+    let previous = tail.sha256;
+    // Never dated before the event it follows (verification requires it), even if this replica's clock is behind.
+    const atMs = Math.max(Date.now(), tail.atMs);
+    const events = entries.map((entry, index) => {
+      const event = create(AuditEventSchema, {
+        sequence: tail.sequence + BigInt(index + 1),
+        eventId: randomUUID(),
+        type: entry.type,
+        at: timestampFromMs(atMs),
+        actor: entry.actor,
+        requestId: entry.requestId ?? "",
+        ...(entry.details === undefined ? {} : { details: entry.details }),
+        flagged: entry.flagged ?? false,
+        prevSha256: previous,
+        keyId: signer?.keyId ?? "",
+      });
+      event.sha256 = eventHash(event);
+      if (signer !== undefined) event.signature = signHash("event", event.sha256, signer);
+      previous = event.sha256;
+      return event;
+    });
+    return { events, atMs };
+  }
+
+  /**
+   * Publishes `events` as one atomic batch after stream sequence `after`:
+   * every message but the last is sent without waiting; the last commits the
+   * batch and carries the server's one answer. Resolves with the stream
+   * sequence of the last event.
+   */
+  private async publishBatch(events: readonly AuditEvent[], after: number): Promise<number> {
+    const batchId = randomUUID();
+    const last = events.length - 1;
+    for (const [index, event] of events.entries()) {
+      const h = headers();
+      h.set(batchHeaders.id, batchId);
+      h.set(batchHeaders.sequence, String(index + 1));
+      if (index === 0) h.set(batchHeaders.expectedLastSequence, String(after));
+      if (index < last) {
+        h.set(batchHeaders.msgId, event.eventId);
+        this.nc.publish(auditStream.subject, auditEventToJsonLine(event), { headers: h });
+        continue;
+      }
+      h.set(batchHeaders.commit, "1");
+      // The commit goes through the JetStream client, which turns a refusal into a JetStreamApiError with its code.
+      const ack = await this.js.publish(auditStream.subject, auditEventToJsonLine(event), { msgID: event.eventId, headers: h, timeout: auditLogDefaults.commitTimeoutMs });
+      const count = (ack as { count?: number }).count;
+      if (events.length > 1 && count !== events.length) throw new AirlockError(Code.DataLoss, `the audit stream committed ${String(count)} of a batch of ${events.length} events`);
+      return ack.seq;
+    }
+    throw new Error("an empty batch");
+  }
+
+  /**
+   * Whether a batch whose commit got no answer (a timeout, a dropped
+   * connection) was stored anyway: batches are atomic, so it was exactly when
+   * the message right after the tail it built on is its first event.
+   */
+  private async committedAnyway(events: readonly AuditEvent[], after: number): Promise<boolean> {
+    // null: no message there (yet); any other failure propagates, and the append fails closed.
+    const first = await this.jsm.streams.getMessage(auditStream.name, { seq: after + 1 });
+    if (first === null) return false;
+    return fromJson(AuditEventSchema, first.json<JsonValue>()).eventId === events[0]?.eventId;
+  }
+
+  /** Writes `entries` in order, all or none; what was written, and why not. */
+  private async appendNow(entries: readonly AuditEntry[]): Promise<WriteOutcome> {
+    for (let attempt = 1; ; attempt++) {
       let failure: unknown;
+      let tail: AuditTail | undefined;
+      let events: AuditEvent[] = [];
       try {
-        this.tail ??= await this.readTail();
-        const tail = this.tail;
-        const signer = this.options.signer;
-        let previous = tail.sha256;
-        // Never dated before the event it follows (verification requires it), even if this replica's clock is behind.
-        const atMs = Math.max(Date.now(), tail.atMs);
-        const events = remaining.map((entry, index) => {
-          const event = create(AuditEventSchema, {
-            sequence: tail.sequence + BigInt(index + 1),
-            eventId: randomUUID(),
-            type: entry.type,
-            at: timestampFromMs(atMs),
-            actor: entry.actor,
-            requestId: entry.requestId ?? "",
-            ...(entry.details === undefined ? {} : { details: entry.details }),
-            flagged: entry.flagged ?? false,
-            prevSha256: previous,
-            keyId: signer?.keyId ?? "",
-          });
-          event.sha256 = eventHash(event);
-          if (signer !== undefined) event.signature = signHash("event", event.sha256, signer);
-          previous = event.sha256;
-          return event;
-        });
-        // The first event must follow the tail we read; each later one must follow our own
-        // previous event (expected last message id), so if another replica slips in between,
-        // everything after the slip is refused and the accepted events stay a chain.
-        const acks = await Promise.allSettled(
-          events.map((event, index) =>
-            this.js.publish(auditStream.subject, auditEventToJsonLine(event), {
-              msgID: event.eventId,
-              expect: index === 0 ? { lastSequence: tail.streamSeq } : { lastMsgID: (events[index - 1] as AuditEvent).eventId },
-            }),
-          ),
-        );
-        let accepted = 0;
-        for (const ack of acks) {
-          if (ack.status === "rejected") {
-            failure = ack.reason;
-            break;
-          }
-          const event = events[accepted] as AuditEvent;
-          this.tail = { sequence: event.sequence, streamSeq: ack.value.seq, sha256: event.sha256, atMs };
-          written.push(event);
-          accepted++;
-        }
-        remaining = remaining.slice(accepted);
-        if (accepted > 0) this.options.onWritten?.(accepted);
-        if (remaining.length === 0) break;
+        tail = this.tail ?? (await this.readTail());
+        const chained = this.chain(entries, tail);
+        events = chained.events;
+        const lastSeq = await this.publishBatch(events, tail.streamSeq);
+        const newest = events[events.length - 1] as AuditEvent;
+        this.tail = { sequence: newest.sequence, streamSeq: lastSeq, sha256: newest.sha256, atMs: chained.atMs };
+        this.options.onWritten?.(events.length);
+        return { written: events, failure: undefined, refused: false };
       } catch (error) {
         failure = error;
       }
-      // Another replica appended first (wrong last sequence), or the tail is stale: re-read it and try again.
+      // The tail is stale whatever happened: re-read it before the next write.
       this.tail = undefined;
-      // Only a lost race is worth another try; a refusal (a full stream, no stream) stays a refusal.
-      const conflict = failure instanceof JetStreamApiError && lostRace.has(failure.code);
-      if (!conflict || attempt >= auditLogDefaults.conflictAttempts) {
-        return { written, failure: new AirlockError(Code.Unavailable, "the audit event could not be written: failing closed", { cause: failure }) };
+      const refusal = failure instanceof JetStreamApiError ? failure.code : undefined;
+      if (refusal === undefined && tail !== undefined && events.length > 0) {
+        // No answer is not a refusal: the batch may be in the stream. Written once, never twice.
+        const stored = await this.committedAnyway(events, tail.streamSeq).catch(() => undefined);
+        if (stored === true) {
+          this.options.onWritten?.(events.length);
+          return { written: events, failure: undefined, refused: false };
+        }
+        if (stored === undefined) return { written: [], failure: new AirlockError(Code.Unavailable, "the audit event could not be written: failing closed", { cause: failure }), refused: false };
+      }
+      // Only a lost race or a torn batch is worth another try; a refusal (a full stream, no stream) stays a refusal.
+      const again = refusal === undefined ? events.length > 0 : retryable.has(refusal);
+      if (!again || attempt >= auditLogDefaults.conflictAttempts) {
+        return { written: [], failure: new AirlockError(Code.Unavailable, "the audit event could not be written: failing closed", { cause: failure }), refused: refusal !== undefined && !again };
       }
       await new Promise((resolve) => setTimeout(resolve, Math.random() * 5 * attempt));
     }
-    return { written, failure: undefined };
   }
+}
+
+/** What one write did: every event written, or none and why (`refused`: the server said no, for a reason other than a lost race). */
+interface WriteOutcome {
+  readonly written: AuditEvent[];
+  readonly failure: AirlockError | undefined;
+  readonly refused: boolean;
+}
+
+/** The last event this replica knows of: where the next write chains on. */
+interface AuditTail {
+  readonly sequence: bigint;
+  readonly streamSeq: number;
+  readonly sha256: Uint8Array;
+  readonly atMs: number;
 }
 
 /** One caller's {@link AuditLog.appendAll}, waiting for the writer. */
@@ -330,7 +411,9 @@ interface PendingAppend {
 export const auditLogDefaults = {
   /** Times a write is chained again after another replica appended first. */
   conflictAttempts: 20,
-  /** Most events one write publishes at once (one caller's batch may exceed it, alone). */
+  /** How long a batch's commit waits for the stream's answer, in ms (a leader election on a cluster takes seconds). */
+  commitTimeoutMs: 5_000,
+  /** Most events one write publishes at once (one caller's batch may exceed it, alone, up to the server's atomic batch limit of 1000). */
   maxBatchEvents: 256,
 } as const;
 

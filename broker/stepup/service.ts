@@ -1,4 +1,5 @@
 import { createHash, randomBytes } from "node:crypto";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 import {
@@ -13,7 +14,7 @@ import {
 } from "@simplewebauthn/server";
 import type { JWTPayload } from "jose";
 import { AirlockError, Code } from "../../common/errors.js";
-import { passkeyBucket, stepUpBucket } from "../../common/subjects.js";
+import { bucketStream, type EnsureOptions, ensureDefaults, ensureStream, passkeyBucket, stepUpBucket } from "../../common/subjects.js";
 import type { RequestRecord } from "../../proto/index.js";
 import type { Reviewer, ReviewerAuthenticator } from "../reviewers/auth.js";
 import { principalKey, type StepUpReceipt } from "../rules.js";
@@ -139,12 +140,16 @@ export class StepUpService {
     private readonly auth: ReviewerAuthenticator | undefined,
   ) {}
 
-  /** Opens (creating if needed) the broker's passkey and challenge buckets. */
-  static async open(nc: NatsConnection, config: StepUpConfig, auth?: ReviewerAuthenticator): Promise<StepUpService> {
+  /** Opens the broker's passkey and challenge buckets, creating them or bringing their replicas up to date first ({@link ensureStream}). */
+  static async open(nc: NatsConnection, config: StepUpConfig, auth?: ReviewerAuthenticator, ensure: EnsureOptions = {}): Promise<StepUpService> {
     const kvm = new Kvm(nc);
+    const replicas = ensure.replicas ?? ensureDefaults.replicas;
+    const jsm = await jetstreamManager(nc);
+    await ensureStream(jsm, { name: bucketStream(passkeyBucket), max_msgs_per_subject: 1 }, { ...ensure, create: () => kvm.create(passkeyBucket, { history: 1, replicas }) });
+    await ensureStream(jsm, { name: bucketStream(stepUpBucket), max_msgs_per_subject: 1, max_age: stepUpDefaults.maxChallengeTtlMs * 1_000_000 }, { ...ensure, create: () => kvm.create(stepUpBucket, { history: 1, ttl: stepUpDefaults.maxChallengeTtlMs, replicas }) });
     try {
-      const passkeys = await kvm.create(passkeyBucket, { history: 1 });
-      const challenges = await kvm.create(stepUpBucket, { history: 1, ttl: stepUpDefaults.maxChallengeTtlMs });
+      const passkeys = await kvm.open(passkeyBucket);
+      const challenges = await kvm.open(stepUpBucket);
       return new StepUpService(config, passkeys, challenges, auth);
     } catch (error) {
       throw new AirlockError(Code.Unavailable, "cannot open the step-up buckets in NATS", { cause: error });
