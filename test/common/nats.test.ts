@@ -13,7 +13,7 @@ import t from "tap";
 import { ConfigReader } from "../../common/config.js";
 import { Code } from "../../common/errors.js";
 import { addBusHost, initBusMaterial, revokeBusHost } from "../../common/bus-material.js";
-import { connectNats, parseNatsConfig } from "../../common/nats.js";
+import { connectNats, parseNatsConfig, parseNatsReplicas } from "../../common/nats.js";
 import { useInfra } from "../../harness/index.js";
 
 const { nats } = await useInfra(t, { nats: true });
@@ -45,6 +45,24 @@ await t.test("the nats section: each bad field is named, credentials never ride 
     t.match(error, { code: Code.InvalidArgument, details: { field } }, `refused, naming ${field}`);
     t.notMatch(String(error), /secret/, "the message does not repeat a password");
   }
+});
+
+await t.test("nats.replicas, read by the parts that create streams: 1, 3 or 5, naming the field; unknown to the others", async (t) => {
+  const section = (value: Record<string, unknown>) => new ConfigReader({ nats: { url: "tls://nats:4222", auth: { kind: "nkey", seed_file: "h.nk" }, ...value } }, "", join(dir, "x.yaml")).object("nats");
+  const withReplicas = (value: Record<string, unknown>) => {
+    const reader = section(value);
+    const replicas = parseNatsReplicas(reader);
+    parseNatsConfig(reader);
+    return replicas;
+  };
+  t.equal(withReplicas({}), 1, "one replica by default");
+  t.equal(withReplicas({ replicas: 3 }), 3);
+  t.equal(withReplicas({ replicas: 5 }), 5);
+  for (const bad of [0, 2, 4, 7, "3", 1.5]) {
+    t.throws(() => withReplicas({ replicas: bad }), { code: Code.InvalidArgument, details: { field: "nats.replicas" } }, `${JSON.stringify(bad)} is refused`);
+  }
+  // A part that creates no stream (the sidecar, the forwarder) does not take the key.
+  t.throws(() => parseNatsConfig(section({ replicas: 3 })), { code: Code.InvalidArgument, details: { field: "nats.replicas" } });
 });
 
 await t.test("connecting: a missing seed file and a seed the server does not know are clear errors", async (t) => {
