@@ -19,7 +19,7 @@ import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { AirlockError, callServerStream, callUnary, Code, createLogger, createVaultClient, type Logger } from "../../common/index.js";
 import { startOpsServer } from "../../demo/ops/index.js";
-import { type NatsServer, useInfra } from "../../harness/index.js";
+import { type NatsBus, type NatsServer, useInfra } from "../../harness/index.js";
 import { ensureStreams } from "../../common/subjects.js";
 import { natsConfigSection, type NatsConnectionConfig } from "../../common/nats.js";
 import { jetstreamManager } from "@nats-io/jetstream";
@@ -123,7 +123,9 @@ ${stepUp}${rotate}`;
 
 /** The servers a test's building blocks sit on (what `useInfra` returns). */
 export interface StackInfra {
-  readonly nats: Pick<NatsServer, "url" | "credentials" | "connect">;
+  readonly nats: Pick<NatsBus, "credentials" | "connect">;
+  /** Replicas the streams are provisioned with (a cluster's `nats.replicas`). @default 1 */
+  readonly replicas?: number;
   readonly vault: { readonly address: string; readonly rootToken: string };
   readonly database: { readonly url: string; readonly host: string; readonly port: number; readonly name: string };
 }
@@ -228,10 +230,10 @@ export const natsSection: (config: NatsConnectionConfig) => Record<string, unkno
  * Creates the bus streams as an operator would before any sidecar starts (a broker creates
  * them too; a sidecar may not).
  */
-export async function provisionStreams(nats: Pick<NatsServer, "connect">): Promise<void> {
+export async function provisionStreams(nats: Pick<NatsBus, "connect">, replicas?: number): Promise<void> {
   const admin = await nats.connect({ kind: "admin" });
   try {
-    await ensureStreams(await jetstreamManager(admin));
+    await ensureStreams(await jetstreamManager(admin), replicas === undefined ? {} : { replicas });
   } finally {
     await admin.close();
   }
@@ -239,7 +241,7 @@ export async function provisionStreams(nats: Pick<NatsServer, "connect">): Promi
 
 /** A sidecar in front of the demo upstream, trusting broker key k1; closed at teardown. */
 export async function startTestSidecar(t: Test, infra: StackInfra, options: TestSidecarOptions): Promise<Sidecar> {
-  await provisionStreams(infra.nats);
+  await provisionStreams(infra.nats, infra.replicas);
   const sidecar = await startSidecar(
     parseSidecarConfig(
       new ConfigReader(
