@@ -14,6 +14,12 @@ export interface StoredRecord {
   readonly revision: number;
 }
 
+/** The state bucket's settings: 10 revisions per record (compare-and-set history), `replicas` copies ({@link ensureStream}). */
+export async function ensureStateBucket(nc: NatsConnection, options: EnsureOptions = {}): Promise<void> {
+  const replicas = options.replicas ?? ensureDefaults.replicas;
+  await ensureStream(await jetstreamManager(nc), { name: bucketStream(stateBucket), max_msgs_per_subject: 10 }, { ...options, create: () => new Kvm(nc).create(stateBucket, { history: 10, replicas }) });
+}
+
 /**
  * Request records in JetStream KV. Every change is a compare-and-set on the
  * revision it was read at, so two replicas never both decide, issue or revoke:
@@ -26,12 +32,10 @@ export class RequestStore {
     this.kv = kv;
   }
 
-  /** Opens the bucket, creating it or bringing its replicas and history up to date first ({@link ensureStream}). */
+  /** Opens the bucket, creating it or bringing its replicas and history up to date first ({@link ensureStateBucket}). */
   static async open(nc: NatsConnection, options: EnsureOptions = {}): Promise<RequestStore> {
-    const kvm = new Kvm(nc);
-    const replicas = options.replicas ?? ensureDefaults.replicas;
-    await ensureStream(await jetstreamManager(nc), { name: bucketStream(stateBucket), max_msgs_per_subject: 10 }, { ...options, create: () => kvm.create(stateBucket, { history: 10, replicas }) });
-    return new RequestStore(await kvm.open(stateBucket));
+    await ensureStateBucket(nc, options);
+    return new RequestStore(await new Kvm(nc).open(stateBucket));
   }
 
   async get(requestId: string): Promise<StoredRecord | undefined> {

@@ -1,11 +1,20 @@
 /**
- * `airlock nats init | add-host | revoke-host`: the operator's commands for the
- * deployment's NATS security material (see `common/bus-material.ts` for the
- * directory's layout). They print paths and public keys, never a seed.
+ * `airlock nats init | add-host | revoke-host | ensure-streams`: the operator's
+ * commands for the deployment's NATS security material (see
+ * `common/bus-material.ts` for the directory's layout) and for bringing the
+ * streams and buckets to the configured settings with the admin credential.
+ * They print paths, public keys and settings, never a seed.
  */
+import { join } from "node:path";
 import { parseArgs } from "node:util";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { ensureAuditStream } from "../broker/audit/log.js";
+import { ensureStepUpBuckets } from "../broker/stepup/service.js";
+import { ensureStateBucket } from "../broker/store.js";
 import { addBusHost, busMaterialFiles, busSeedFile, initBusMaterial, revokeBusHost } from "../common/bus-material.js";
 import { AirlockError, Code } from "../common/errors.js";
+import { connectNats } from "../common/nats.js";
+import { bucketStream, type EnsureOptions, ensureDefaults, ensureStreams, natsReplicaChoices, passkeyBucket } from "../common/subjects.js";
 
 function requireDir(dir: string | undefined): string {
   if (dir === undefined) throw new AirlockError(Code.InvalidArgument, "--dir is required: the NATS security material directory");
@@ -31,7 +40,7 @@ async function reloadServer(pid: number | undefined): Promise<void> {
 export async function runNatsAdmin(sub: string | undefined, args: string[]): Promise<void> {
   const { values, positionals } = parseArgs({
     args,
-    options: { dir: { type: "string" }, "server-name": { type: "string", multiple: true }, "reload-pid": { type: "string" } },
+    options: { dir: { type: "string" }, "server-name": { type: "string", multiple: true }, "reload-pid": { type: "string" }, nats: { type: "string", multiple: true }, replicas: { type: "string" } },
     allowPositionals: true,
     strict: true,
   });
@@ -43,6 +52,10 @@ export async function runNatsAdmin(sub: string | undefined, args: string[]): Pro
     console.log(`  clients trust   ${dir}/${busMaterialFiles.caCert}`);
     for (const kind of ["broker", "audit", "admin"] as const) console.log(`  ${kind.padEnd(15)} ${busSeedFile(dir, { kind })} (${registry.roles[kind]})`);
     console.log(`add each sidecar host with: airlock nats add-host <host> --dir ${dir}`);
+    return;
+  }
+  if (sub === "ensure-streams") {
+    await ensureAll(dir, values.nats ?? [], values.replicas);
     return;
   }
   const host = positionals[0];
@@ -62,5 +75,37 @@ export async function runNatsAdmin(sub: string | undefined, args: string[]): Pro
     await reloadServer(pid);
     return;
   }
-  throw new AirlockError(Code.InvalidArgument, `unknown subcommand: airlock nats ${sub ?? ""} (init, add-host, revoke-host)`);
+  throw new AirlockError(Code.InvalidArgument, `unknown subcommand: airlock nats ${sub ?? ""} (init, add-host, revoke-host, ensure-streams)`);
+}
+
+/**
+ * `airlock nats ensure-streams --dir <material> --nats <url>… [--replicas 1|3|5]`: with the
+ * admin credential of the material, creates every stream and bucket Airlock uses or brings an
+ * existing one's owned settings up to date (the same `ensureStream` the broker runs at start,
+ * which the broker's own role may not apply), printing each change.
+ */
+async function ensureAll(dir: string, urls: readonly string[], replicasFlag: string | undefined): Promise<void> {
+  if (urls.length === 0) throw new AirlockError(Code.InvalidArgument, "--nats <url> is required (once per node)", { details: { field: "nats" } });
+  const replicas = replicasFlag === undefined ? ensureDefaults.replicas : Number(replicasFlag);
+  if (!(natsReplicaChoices as readonly number[]).includes(replicas)) {
+    throw new AirlockError(Code.InvalidArgument, `--replicas must be one of ${natsReplicaChoices.join(", ")}`, { details: { field: "replicas" } });
+  }
+  const role = { kind: "admin" } as const;
+  const nc = await connectNats({ servers: urls, auth: { kind: "nkey", seedFile: busSeedFile(dir, role) }, tls: { caFile: join(dir, busMaterialFiles.caCert) } }, { role, name: "airlock-nats-ensure" });
+  try {
+    const options: EnsureOptions = { replicas, log: { warn: (fields) => console.log(`updated ${fields.stream}: ${JSON.stringify(fields.changed)}`) } };
+    const jsm = await jetstreamManager(nc);
+    await ensureStreams(jsm, options);
+    await ensureAuditStream(jsm, options);
+    await ensureStateBucket(nc, options);
+    // The step-up buckets exist only where step-up is configured: brought up to date, never made here.
+    const stepUp = await jsm.streams.info(bucketStream(passkeyBucket)).then(
+      () => true,
+      () => false,
+    );
+    if (stepUp) await ensureStepUpBuckets(nc, options);
+    console.log(`every stream and bucket has ${replicas} replica(s) and Airlock's settings`);
+  } finally {
+    await nc.close();
+  }
 }

@@ -1,5 +1,4 @@
 import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager, type StreamConfig } from "@nats-io/jetstream";
-import type { Logger } from "pino";
 import { AirlockError, Code } from "./errors.js";
 
 /**
@@ -58,8 +57,8 @@ export const ensureDefaults = { replicas: 1 } as const;
 export interface EnsureOptions {
   /** Replicas of every stream and bucket Airlock creates (`nats.replicas`). @default 1 */
   readonly replicas?: number;
-  /** Told of each stream whose settings this start brought up to date. */
-  readonly log?: Pick<Logger, "warn">;
+  /** Told of each stream whose settings this start brought up to date (a pino logger will do). */
+  readonly log?: { warn(fields: { readonly stream: string; readonly changed: Record<string, { readonly from: unknown; readonly to: unknown }> }, message: string): void };
 }
 
 /**

@@ -125,6 +125,15 @@ export function judgeReauthentication(
   return undefined;
 }
 
+/** The step-up buckets' settings: one revision per key, challenges expiring, `replicas` copies ({@link ensureStream}). */
+export async function ensureStepUpBuckets(nc: NatsConnection, ensure: EnsureOptions = {}): Promise<void> {
+  const kvm = new Kvm(nc);
+  const replicas = ensure.replicas ?? ensureDefaults.replicas;
+  const jsm = await jetstreamManager(nc);
+  await ensureStream(jsm, { name: bucketStream(passkeyBucket), max_msgs_per_subject: 1 }, { ...ensure, create: () => kvm.create(passkeyBucket, { history: 1, replicas }) });
+  await ensureStream(jsm, { name: bucketStream(stepUpBucket), max_msgs_per_subject: 1, max_age: stepUpDefaults.maxChallengeTtlMs * 1_000_000 }, { ...ensure, create: () => kvm.create(stepUpBucket, { history: 1, ttl: stepUpDefaults.maxChallengeTtlMs, replicas }) });
+}
+
 /**
  * Step-up for approvals, bound to the action: single-use challenges derived from a
  * request's hash and the verdict, passkey registration, and verification of the proof
@@ -143,10 +152,7 @@ export class StepUpService {
   /** Opens the broker's passkey and challenge buckets, creating them or bringing their replicas up to date first ({@link ensureStream}). */
   static async open(nc: NatsConnection, config: StepUpConfig, auth?: ReviewerAuthenticator, ensure: EnsureOptions = {}): Promise<StepUpService> {
     const kvm = new Kvm(nc);
-    const replicas = ensure.replicas ?? ensureDefaults.replicas;
-    const jsm = await jetstreamManager(nc);
-    await ensureStream(jsm, { name: bucketStream(passkeyBucket), max_msgs_per_subject: 1 }, { ...ensure, create: () => kvm.create(passkeyBucket, { history: 1, replicas }) });
-    await ensureStream(jsm, { name: bucketStream(stepUpBucket), max_msgs_per_subject: 1, max_age: stepUpDefaults.maxChallengeTtlMs * 1_000_000 }, { ...ensure, create: () => kvm.create(stepUpBucket, { history: 1, ttl: stepUpDefaults.maxChallengeTtlMs, replicas }) });
+    await ensureStepUpBuckets(nc, ensure);
     try {
       const passkeys = await kvm.open(passkeyBucket);
       const challenges = await kvm.open(stepUpBucket);

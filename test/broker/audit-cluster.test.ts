@@ -4,12 +4,17 @@
  * brokers append at once without breaking the stream or forking the chain, and
  * a writer building on a stale tail is refused.
  */
+import { execFile } from "node:child_process";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
 import { JetStreamApiCodes, JetStreamApiError, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { headers } from "@nats-io/transport-node";
 import t from "tap";
 import { AuditLog, auditEventToJsonLine, auditStream, ensureAuditStream, eventHash, readAuditEvents } from "../../broker/audit/index.js";
 import { verifyTrail } from "../../broker/audit/verify.js";
 import { Code } from "../../common/errors.js";
+import { bucketStream, stateBucket } from "../../common/subjects.js";
 import { startNatsCluster } from "../../harness/index.js";
 import { type AuditEvent, AuditEventSchema, AuditEventType } from "../../proto/index.js";
 import { create } from "@bufbuild/protobuf";
@@ -41,18 +46,24 @@ await t.test("an audit stream an older version made (one replica, no atomic batc
   t.match(refused, { code: Code.FailedPrecondition, details: { stream: auditStream.name } });
   t.match(String(refused), /num_replicas/);
   t.match(String(refused), /allow_atomic/);
-  // An operator applies it with the admin credential; the change is logged.
-  const logged: unknown[] = [];
-  await ensureAuditStream(adminJsm, { replicas: 3, log: { warn: (fields: unknown) => logged.push(fields) } as never });
+  // An operator applies it with the admin credential of the material: every stream and bucket, each change printed.
+  const cli = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "cli", "airlock.ts");
+  const urls = cluster.urls.flatMap((url) => ["--nats", url]);
+  const { stdout } = await promisify(execFile)(process.execPath, ["--import", import.meta.resolve("tsx"), cli, "nats", "ensure-streams", "--dir", cluster.securityDir, ...urls, "--replicas", "3"]);
+  t.match(stdout, /^updated AIRLOCK_AUDIT: .*"num_replicas":\{"from":1,"to":3\}/m);
+  t.match(stdout, /^updated AIRLOCK_AUDIT: .*"allow_atomic":\{"to":true\}/m);
+  t.match(stdout, /every stream and bucket has 3 replica\(s\)/);
+  t.notMatch(stdout, /SU[A-Z2-7]{20}/, "no seed printed");
   const config = (await adminJsm.streams.info(auditStream.name)).config;
   t.equal(config.num_replicas, 3);
   t.equal(config.allow_atomic, true);
   t.equal(config.deny_delete, true, "still refuses deletes");
-  t.match(logged, [{ stream: auditStream.name, changed: { num_replicas: { from: 1, to: 3 }, allow_atomic: { to: true } } }]);
+  t.equal((await adminJsm.streams.info(bucketStream(stateBucket))).config.num_replicas, 3, "the state bucket it made has 3 replicas too");
   // Now the broker opens it, and a second ensure changes nothing.
   await AuditLog.open(broker, { ensure: { replicas: 3 } });
-  await ensureAuditStream(adminJsm, { replicas: 3, log: { warn: (fields: unknown) => logged.push(fields) } as never });
-  t.equal(logged.length, 1, "nothing more to change");
+  const logged: unknown[] = [];
+  await ensureAuditStream(adminJsm, { replicas: 3, log: { warn: (fields) => logged.push(fields) } });
+  t.same(logged, [], "nothing more to change");
 });
 
 const perWriter = 60;
