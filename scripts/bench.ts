@@ -23,7 +23,7 @@ import { natsConfigSection, type NatsConnectionConfig } from "../common/nats.js"
 import { ensureStreams } from "../common/subjects.js";
 import { createVaultClient } from "../common/vault.js";
 import { freePort, startNats, startVault, waitUntil } from "../harness/index.js";
-import { descriptorSetPath } from "../proto/index.js";
+import { descriptorSetPath, type RequestRecord } from "../proto/index.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const tsx = ["--import", "tsx"];
@@ -387,8 +387,16 @@ async function benchPrivileged(): Promise<void> {
     await new Promise((resolve) => setTimeout(resolve, 1000));
     const store = await RequestStore.open(nc);
     const lags: number[] = [];
-    for (const id of await store.ids()) {
-      const record = (await store.get(id))?.record;
+    const reading = new AbortController();
+    const { changes, caughtUp } = await store.follow(reading.signal);
+    const records: RequestRecord[] = [];
+    const collected = (async () => {
+      for await (const change of changes) if (change.kind === "put") records.push(change.stored.record);
+    })();
+    await caughtUp;
+    reading.abort();
+    await collected;
+    for (const record of records) {
       const finished = record?.completion?.finishedAt;
       const revoked = record?.lease?.revokedAt;
       if (finished !== undefined && revoked !== undefined) lags.push(timestampDate(revoked).getTime() - timestampDate(finished).getTime());
