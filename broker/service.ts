@@ -475,6 +475,8 @@ export class Broker {
         for (const [i, record] of read.entries()) {
           const entry = chunk[i];
           if (entry === undefined) continue;
+          // Gone from the bucket since the index saw it (retired by another replica): forget it here too.
+          if (record === undefined) this.index.remove(entry.id);
           if (record === undefined || !accept(record)) continue;
           records.push(record);
           if (records.length >= limit) return { records, nextCursor: `i.${entry.createdMs}.${entry.id}` };
