@@ -4,11 +4,12 @@
 // found and paged through from the history; and only brokers may read or write the history.
 import { randomUUID } from "node:crypto";
 import { join } from "node:path";
-import { create, fromBinary } from "@bufbuild/protobuf";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import t from "tap";
+import { readAuditEvents } from "../../broker/audit/index.js";
 import { CredentialIssuer } from "../../broker/credentials.js";
 import { type IndexQuery, matchesQuery, summaryOf } from "../../broker/request-index.js";
 import { parseApprovalConfig } from "../../broker/rules.js";
@@ -20,17 +21,28 @@ import { Code, createLogger, createVaultClient } from "../../common/index.js";
 import { natsRefusal } from "../../common/nats.js";
 import { historyStream, stateBucket, subjects } from "../../common/subjects.js";
 import { useInfra, waitUntil } from "../../harness/index.js";
-import { type RequestRecord, RequestRecordSchema, RequestState, Risk } from "../../proto/index.js";
+import { ApprovalRequestSchema, type RequestRecord, RequestRecordSchema, RequestState, Risk } from "../../proto/index.js";
 import { Policy } from "../../sidecar/index.js";
 
 const { nats } = await useInfra(t, { nats: true });
 const log = createLogger({ name: "test", level: "silent" });
-const policy = Policy.parse("version: 1\ndefault: deny\nrules: []\n");
+const policy = Policy.parse(`version: 1
+default: deny
+rules:
+  - id: rotate
+    match: { service: demo.v1.OpsService, method: RotateKey }
+    effect: approve
+    approve:
+      risk: low
+      reviewers: { all_of: [{ group: data-owners }] }
+      credential: { kind: vault_token, policies: [default], num_uses: 2, ttl: 1m }
+      timeout: 30s
+`);
 const approvals = parseApprovalConfig(new ConfigReader({ groups: { "data-owners": ["dana@corp"] } }, "", join(process.cwd(), "broker.yaml")));
 // No record in this test holds a lease or gets approved: Vault is never called.
 const issuer = new CredentialIssuer({ vault: createVaultClient({ address: "http://127.0.0.1:9" }) });
 
-async function startReplica(name: string, retentionMs?: number): Promise<{ broker: Broker; store: RequestStore }> {
+async function startReplica(name: string, retentionMs?: number, consume = false): Promise<{ broker: Broker; store: RequestStore }> {
   const nc = await nats.connect({ kind: "broker" });
   t.teardown(() => nc.close());
   const broker = await Broker.start({
@@ -41,7 +53,7 @@ async function startReplica(name: string, retentionMs?: number): Promise<{ broke
     policy: () => policy,
     replicaId: name,
     log,
-    consume: false,
+    consume,
     tickIntervalMs: 100,
     ...(retentionMs === undefined ? {} : { retentionMs }),
   });
@@ -191,6 +203,21 @@ await t.test("a settled record past its retention leaves the state bucket and is
     t.same(ids(paged.records), ids([...old].reverse()), "the retired records, newest first, in pages of 2");
     t.equal(paged.pages, 3, "three pages");
   }
+  // A retired request's id sent again by its host's sidecar is refused: it would otherwise become a new record and overwrite its history.
+  const replayed = old[0]?.request;
+  if (replayed === undefined) throw new Error("no request");
+  const intakeReplica = await startReplica("replica-intake", undefined, true);
+  const sidecarNc = await nats.connect({ kind: "sidecar", host: replayed.host });
+  t.teardown(() => sidecarNc.close());
+  const resent = create(ApprovalRequestSchema, { ...replayed, ruleId: "rotate", createdAt: timestampFromMs(Date.now()), deadline: timestampFromMs(Date.now() + 20_000) });
+  await jetstream(sidecarNc).publish(subjects.request(replayed.host, replayed.id), toBinary(ApprovalRequestSchema, resent));
+  const refusal = await waitUntil(async () => {
+    for await (const event of readAuditEvents(admin)) if (event.requestId === replayed.id && event.details?.refused === "request_id_reused") return true;
+    return false;
+  }, 30_000);
+  t.ok(refusal, "the replay is refused and audited (request_id_reused)");
+  t.equal(await intakeReplica.store.get(replayed.id), undefined, "and no new record was made");
+  t.equal((await b.broker.get(replayed.id)).state, RequestState.DENIED, "the history still holds the settled record");
   const first = await a.broker.listPage(denied, () => true, 2);
   t.match(first.nextCursor, /^h\.\d+$/, "the next page is in the history");
   // The history holds each record once, however many replicas retired it.
