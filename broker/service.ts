@@ -230,6 +230,7 @@ export class Broker {
   /** Purge markers of records this replica retired, deleted at a later sweep. */
   private markers: number[] = [];
   private lastSweep = 0;
+  private sweeping: Promise<void> | undefined;
   private readonly stopWatching = new AbortController();
   /** When each executing action was last said alive by its own host's sidecar (request id to ms). */
   private readonly heartbeats = new Map<string, number>();
@@ -382,6 +383,7 @@ export class Broker {
     this.heartbeatSubscription?.unsubscribe();
     clearInterval(this.ticker);
     await this.ticking;
+    await this.sweeping;
     this.stopWatching.abort();
     await this.following;
     for (const messages of this.consumers) await messages.close();
@@ -1129,11 +1131,10 @@ export class Broker {
    * of replicas sweeping at once one removes it (the history write is idempotent).
    */
   private async retireSettled(now: number): Promise<void> {
-    if (now - this.lastSweep < brokerDefaults.retentionSweepMs) return;
-    this.lastSweep = now;
     this.markers = await this.store.dropMarkers(this.markers);
     const cutoff = now - (this.options.retentionMs ?? brokerDefaults.retentionMs);
     for (const entry of this.index.settledBefore(cutoff, brokerDefaults.retireBatch)) {
+      if (this.closed) return;
       const stored = await this.store.get(entry.id);
       if (stored === undefined) {
         this.index.remove(entry.id);
@@ -1192,7 +1193,13 @@ export class Broker {
     this.metrics.pendingDepth.set(pendingCount);
     this.metrics.oldestPendingSeconds.set(oldestPendingMs / 1000);
     this.metrics.leasesOutstanding.set(outstanding);
-    await this.retireSettled(now.getTime()).catch((error: unknown) => this.options.log.error({ err: error }, "could not retire settled records to the history"));
+    // Beside the ticks, not in their way: a long sweep must not hold up expiry and revocation.
+    if (this.sweeping === undefined && now.getTime() - this.lastSweep >= brokerDefaults.retentionSweepMs) {
+      this.lastSweep = now.getTime();
+      this.sweeping = this.retireSettled(now.getTime())
+        .catch((error: unknown) => this.options.log.error({ err: error }, "could not retire settled records to the history"))
+        .finally(() => (this.sweeping = undefined));
+    }
   }
 }
 
