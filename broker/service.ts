@@ -500,9 +500,12 @@ export class Broker {
     return page.before === undefined ? { records } : { records, nextCursor: `h.${page.before}` };
   }
 
-  /** Waits until the index holds every write made to the state bucket before this call (bounded by {@link brokerDefaults.indexWaitMs}). */
+  /**
+   * Waits until the index holds every write made to the state bucket before this call (bounded
+   * by {@link brokerDefaults.indexWaitMs}): until it applied the bucket's last message, which
+   * the watch delivers last (also during its first pass over the current values).
+   */
   private async indexCurrent(): Promise<void> {
-    await this.indexCaughtUp;
     if (!(await this.index.reached(await this.store.lastSeq(), brokerDefaults.indexWaitMs))) {
       this.options.log.warn("the request index lags the state bucket; answering from it as it is");
     }
@@ -1105,7 +1108,6 @@ export class Broker {
   }
 
   private following: Promise<void> = Promise.resolve();
-  private indexCaughtUp: Promise<void> = Promise.resolve();
 
   /**
    * Starts the KV watch behind {@link Broker.index}; resolves once the records the bucket
@@ -1114,7 +1116,6 @@ export class Broker {
    */
   private async followRecords(): Promise<void> {
     const { changes, caughtUp } = await this.store.follow(this.stopWatching.signal);
-    this.indexCaughtUp = caughtUp;
     this.following = (async () => {
       for await (const change of changes) this.index.apply(change);
     })();
