@@ -472,7 +472,7 @@ interface ScaleRun {
  * pending list is timed, and auto-approved requests (published as a sidecar would, each
  * completed after its decision) are timed without and then with a reviewer polling the list.
  */
-async function scaleRun(vault: { address: string; rootToken: string }, settled: number, pending: number): Promise<ScaleRun> {
+async function scaleRun(vault: { address: string; rootToken: string }, settled: number, pending: number, pollMs: number): Promise<ScaleRun> {
   const nats = await startNats();
   const dir = await mkdtemp(join(tmpdir(), "airlock-scale-"));
   const nc = await nats.connect({ kind: "broker" });
@@ -596,10 +596,13 @@ async function scaleRun(vault: { address: string; rootToken: string }, settled: 
       return times;
     };
     const quiet = await approvals_(150);
-    // A reviewer's console polling the pending list back to back meanwhile.
+    // A reviewer polling the pending list meanwhile, every `pollMs` (0: back to back).
     let polling = true;
     const poller = (async () => {
-      while (polling) await listPending();
+      while (polling) {
+        await listPending();
+        if (pollMs > 0) await new Promise((resolve) => setTimeout(resolve, pollMs));
+      }
     })();
     const busy = await approvals_(150);
     polling = false;
@@ -618,8 +621,9 @@ async function scaleRun(vault: { address: string; rootToken: string }, settled: 
 }
 
 /**
- * `npm run bench -- scale [--records N]`: the broker with N (100,000) settled records in its
- * history and 1,000 pending ones, against the same with the 1,000 pending alone, in one run.
+ * `npm run bench -- scale [--records N] [--poll-ms P]`: the broker with N (100,000) settled
+ * records in its history and 1,000 pending ones, against the same with the 1,000 pending alone,
+ * in one run; the polling reviewer lists the pending requests every P ms (200; 0: back to back).
  * Prints a baseline line, then
  *   scale: records=N broker_ready_s=… list_pending_p50_ms=… list_pending_p99_ms=… rss_mb=… approval_p99_ms_under_polling=…
  * and the targets each figure is held to.
@@ -629,14 +633,18 @@ async function benchScale(): Promise<void> {
   const records = flag === -1 ? 100_000 : Number(process.argv[flag + 1]);
   if (!Number.isInteger(records) || records < 0) throw new Error("--records must be a whole number");
   const pending = 1_000;
+  const pollFlag = process.argv.indexOf("--poll-ms");
+  const pollMs = pollFlag === -1 ? 200 : Number(process.argv[pollFlag + 1]);
+  if (!Number.isInteger(pollMs) || pollMs < 0) throw new Error("--poll-ms must be a whole number of ms");
+  console.log(`scale_setup: pending=${pending} reviewer_polls_every_ms=${pollMs} list=GET /api/v1/requests?state=pending (limit 100)`);
   const vault = await startVault();
   try {
-    const base = await scaleRun(vault, 0, pending);
+    const base = await scaleRun(vault, 0, pending, pollMs);
     const f = (n: number, digits = 1) => n.toFixed(digits);
     console.log(
       `scale_baseline: records=${pending} broker_ready_s=${f(base.readyS, 2)} list_pending_p50_ms=${f(base.listP50)} list_pending_p99_ms=${f(base.listP99)} rss_mb=${f(base.rssMb)} approval_p99_ms=${f(base.approvalP99)} approval_p99_ms_under_polling=${f(base.approvalP99Polling)}`,
     );
-    const run = await scaleRun(vault, records, pending);
+    const run = await scaleRun(vault, records, pending, pollMs);
     console.log(`scale_no_polling: approval_p99_ms=${f(run.approvalP99)}`);
     console.log(
       `scale: records=${records} broker_ready_s=${f(run.readyS, 2)} list_pending_p50_ms=${f(run.listP50)} list_pending_p99_ms=${f(run.listP99)} rss_mb=${f(run.rssMb)} approval_p99_ms_under_polling=${f(run.approvalP99Polling)}`,
@@ -658,6 +666,6 @@ if (which === "sidecar") {
 } else if (which === "scale") {
   await benchScale();
 } else {
-  console.error("usage: npm run bench -- sidecar | privileged | scale [--records N]");
+  console.error("usage: npm run bench -- sidecar | privileged | scale [--records N] [--poll-ms P]");
   process.exitCode = 2;
 }
