@@ -9,7 +9,7 @@ import { createVaultClient } from "../common/vault.js";
 import { configureTokenRole, CredentialIssuer, type TokenRoleConfig } from "./credentials.js";
 import { type ApprovalConfig, parseApprovalConfig } from "./rules.js";
 import { AuditKeyRing, checkpointDefaults, DirectoryCheckpointSink } from "./audit/index.js";
-import { Broker } from "./service.js";
+import { Broker, brokerDefaults } from "./service.js";
 import { PolicyWatcher } from "../sidecar/index.js";
 import { parseReviewerAuthConfig, ReviewerAuthenticator, type ReviewerAuthConfig } from "./reviewers/auth.js";
 import { startReviewerGrpc, type RunningReviewerGrpc } from "./reviewers/grpc.js";
@@ -57,6 +57,11 @@ export interface BrokerConfig {
    * credential is revoked and the record fails, in ms (`heartbeat_silence`). @default 20000
    */
   readonly heartbeatSilenceMs: number;
+  /**
+   * How long a settled record stays in the state bucket after its last change before it moves
+   * to the history stream, in ms (`state.retention`). @default 3600000 (1h)
+   */
+  readonly retentionMs: number;
   /** @default info */
   readonly logLevel: string;
 }
@@ -119,7 +124,7 @@ export interface ReviewerApiConfig {
 }
 
 /** Defaults of {@link BrokerConfig}. */
-export const brokerConfigDefaults = { http: "127.0.0.1:9465", logLevel: "info", approleMount: "approle", ratePerMinute: 300, takeoverAfter: "10s", heartbeatSilence: "20s" } as const;
+export const brokerConfigDefaults = { http: "127.0.0.1:9465", logLevel: "info", approleMount: "approle", ratePerMinute: 300, takeoverAfter: "10s", heartbeatSilence: "20s", retention: "1h" } as const;
 
 function reviewerApiConfig(reader: ConfigReader): ReviewerApiConfig {
   const auth = parseReviewerAuthConfig(reader.object("auth"));
@@ -186,6 +191,9 @@ export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
   const policyFile = root.file("policy");
   const http = root.address("http", brokerConfigDefaults.http);
   const reviewers = root.has("reviewers") ? reviewerApiConfig(root.object("reviewers")) : undefined;
+  const stateSection = root.optionalObject("state");
+  const retentionMs = stateSection?.duration("retention", brokerConfigDefaults.retention) ?? brokerDefaults.retentionMs;
+  stateSection?.done();
   const notifications = root.has("notifications") ? parseNotificationsConfig(root.object("notifications")) : (root.optionalObject("notifications"), noNotifications);
   const config: BrokerConfig = {
     notifications,
@@ -201,6 +209,7 @@ export function parseBrokerConfig(root: ConfigReader): BrokerConfig {
     replicaId: root.string("replica_id", `${hostname()}-${process.pid}`),
     takeoverAfterMs: root.duration("takeover_after", brokerConfigDefaults.takeoverAfter),
     heartbeatSilenceMs: root.duration("heartbeat_silence", brokerConfigDefaults.heartbeatSilence),
+    retentionMs,
     logLevel: root.oneOf("log_level", ["trace", "debug", "info", "warn", "error", "silent"] as const, brokerConfigDefaults.logLevel),
   };
   root.done();
@@ -347,6 +356,7 @@ export async function startBroker(config: BrokerConfig, options: StartBrokerOpti
     replicaId: config.replicaId,
     orphanAfterMs: config.takeoverAfterMs,
     heartbeatSilenceMs: config.heartbeatSilenceMs,
+    retentionMs: config.retentionMs,
     log,
   }).catch(async (error: unknown) => {
     await notifier.close();

@@ -29,6 +29,8 @@ import type { CredentialIssuer, IssuedCredential } from "./credentials.js";
 import { type ApprovalConfig, type ApprovalEvent, type Ballot, intake, isFinal, markCompleted, markExecuting, markFailed, type Outcome, principalKey, type RiskLevel, tick, vote } from "./rules.js";
 import { stepUpNeed } from "./stepup/config.js";
 import { type BrokerMetrics, createBrokerMetrics } from "./metrics.js";
+import { HistoryStore } from "./history.js";
+import { type IndexPosition, type IndexQuery, reachesSettled, RequestIndex, summaryOf, matchesQuery } from "./request-index.js";
 import { RequestStore, type StoredRecord } from "./store.js";
 import { type Refusal, type RefusalReason, subjectHost, subjectParts, vetCompletion, vetRequest } from "./trust.js";
 import type { Policy } from "../sidecar/index.js";
@@ -95,6 +97,17 @@ export interface BrokerOptions {
    * besides those whose rule asks for it and every break-glass. Absent: risk alone never does.
    */
   readonly stepUpMinRisk?: RiskLevel;
+  /**
+   * How long a settled record stays in the state bucket after its last change, in ms
+   * (`state.retention`); it then moves to the history stream, where lists still find it. @default 3600000
+   */
+  readonly retentionMs?: number;
+}
+
+/** One page of a request listing: records in listing order, and the cursor of the next page (absent at the end). */
+export interface RequestPage {
+  readonly records: RequestRecord[];
+  readonly nextCursor?: string;
 }
 
 /** Defaults of {@link BrokerOptions}. */
@@ -117,6 +130,14 @@ export const brokerDefaults = {
    */
   ackWaitMs: 5_000,
   orphanAfterMs: 10_000,
+  /** How long a settled record stays in the state bucket, in ms (`state.retention`, 1h). */
+  retentionMs: 3_600_000,
+  /** How often each replica looks for settled records past their retention, in ms. */
+  retentionSweepMs: 10_000,
+  /** Records one sweep retires at most (the next sweep goes on). */
+  retireBatch: 1_000,
+  /** How long a list waits for this replica's index to catch up with the state bucket before answering from it as it is, in ms. */
+  indexWaitMs: 2_000,
   /**
    * Deliveries of one message before it is given up (terminated and audited). A message that
    * cannot be decoded or fails for good is terminated at once.
@@ -202,12 +223,16 @@ export class Broker {
   private readonly consumers: ConsumerMessages[] = [];
   private ticker: NodeJS.Timeout | undefined;
   /**
-   * Records that may still need this replica's ticker (pending, or holding a
-   * live lease), kept current by a KV watch of every replica's writes. A cache
-   * of KV, never the source of truth: every change still goes through
-   * compare-and-set on the revision.
+   * Every record in the state bucket, kept current by a KV watch of every replica's writes;
+   * whole while the record may still need this replica's ticker (pending, holding a live
+   * lease, or decided while its agent may still wait). A cache of KV, never the source of
+   * truth: every change still goes through compare-and-set on the revision.
    */
-  private readonly active = new Map<string, StoredRecord>();
+  private readonly index = new RequestIndex((record) => needsTicker(record, Date.now()));
+  /** Purge markers of records this replica retired, deleted at a later sweep. */
+  private markers: number[] = [];
+  private lastSweep = 0;
+  private sweeping: Promise<void> | undefined;
   private readonly stopWatching = new AbortController();
   /** When each executing action was last said alive by its own host's sidecar (request id to ms). */
   private readonly heartbeats = new Map<string, number>();
@@ -224,7 +249,10 @@ export class Broker {
   readonly auditKeys: AuditKeyRing;
   private checkpointer: Checkpointer | undefined;
 
-  private constructor(options: BrokerOptions, store: RequestStore, audit: AuditLog, jsm: JetStreamManager, metrics: BrokerMetrics) {
+  private readonly history: HistoryStore;
+
+  private constructor(options: BrokerOptions, store: RequestStore, history: HistoryStore, audit: AuditLog, jsm: JetStreamManager, metrics: BrokerMetrics) {
+    this.history = history;
     this.options = options;
     this.jsm = jsm;
     this.metrics = metrics;
@@ -253,7 +281,7 @@ export class Broker {
       });
     }
     const audit = await AuditLog.open(options.nc, { signer, ensure, ...(checkpointer === undefined ? {} : { onWritten: (count: number) => checkpointer.noteWritten(count) }) });
-    const broker = new Broker(options, await RequestStore.open(options.nc, ensure), audit, jsm, metrics);
+    const broker = new Broker(options, await RequestStore.open(options.nc, ensure), await HistoryStore.open(options.nc, ensure), audit, jsm, metrics);
     broker.checkpointer = checkpointer;
     if (options.consume ?? true) {
       for (const [durable, stream, filter] of [
@@ -353,6 +381,7 @@ export class Broker {
     this.heartbeatSubscription?.unsubscribe();
     clearInterval(this.ticker);
     await this.ticking;
+    await this.sweeping;
     this.stopWatching.abort();
     await this.following;
     for (const messages of this.consumers) await messages.close();
@@ -374,11 +403,11 @@ export class Broker {
     await this.checkpointer?.checkpoint();
   }
 
-  /** A request's record, or NOT_FOUND. */
+  /** A request's record (from the state bucket, else the history), or NOT_FOUND. */
   async get(requestId: string): Promise<RequestRecord> {
-    const stored = await this.store.get(requestId);
-    if (stored === undefined) throw new AirlockError(Code.NotFound, `no request ${requestId}`, { details: { requestId } });
-    return stored.record;
+    const record = (await this.store.get(requestId))?.record ?? (await this.history.get(requestId));
+    if (record === undefined) throw new AirlockError(Code.NotFound, `no request ${requestId}`, { details: { requestId } });
+    return record;
   }
 
   /**
@@ -390,19 +419,94 @@ export class Broker {
     return this.store.watch(signal, includeCurrent);
   }
 
-  /** Every request's record. */
+  /** Every record in the state bucket (not the history): for tests and tools, since it reads each settled record. */
   async list(): Promise<RequestRecord[]> {
-    return (await this.listStored()).map((stored) => stored.record);
-  }
-
-  /** Every request's record with its KV revision (revisions order the changes of one request). */
-  async listStored(): Promise<StoredRecord[]> {
-    const records: StoredRecord[] = [];
-    for (const id of await this.store.ids()) {
-      const stored = await this.store.get(id);
-      if (stored !== undefined) records.push(stored);
+    await this.indexCurrent();
+    const records: RequestRecord[] = [];
+    for (const entry of this.index.select({ states: new Set(), agent: "", minRisk: 0, createdFromMs: 0, createdToMs: 0 })) {
+      const record = entry.stored?.record ?? (await this.store.get(entry.id))?.record;
+      if (record !== undefined) records.push(record);
     }
     return records;
+  }
+
+  /**
+   * Every record the broker may still act on (all those not settled), with its KV revision,
+   * from the index: what the reviewers' live snapshot starts from. It shows every write made
+   * before the call, on any replica.
+   */
+  async activeRecords(): Promise<StoredRecord[]> {
+    await this.indexCurrent();
+    return this.index.active();
+  }
+
+  /** Records in the state bucket whose id starts with `prefix` (case-insensitive), from the index. */
+  async findByIdPrefix(prefix: string): Promise<RequestRecord[]> {
+    await this.indexCurrent();
+    const records: RequestRecord[] = [];
+    for (const id of this.index.idsStartingWith(prefix)) {
+      const record = this.index.get(id)?.stored?.record ?? (await this.store.get(id))?.record;
+      if (record !== undefined) records.push(record);
+    }
+    return records;
+  }
+
+  /**
+   * One page of the requests matching `query` and `accept`: first the records in the state
+   * bucket, newest first, from the index; then, when the query can match settled records,
+   * the history, newest retired first. `cursor` is what the previous page returned; it is
+   * opaque to callers (INVALID_ARGUMENT, field `cursor`, when it is not one).
+   */
+  async listPage(query: IndexQuery, accept: (record: RequestRecord) => boolean, limit: number, cursor?: string): Promise<RequestPage> {
+    let position = parseCursor(cursor);
+    await this.indexCurrent();
+    const records: RequestRecord[] = [];
+    if (position.in === "index") {
+      const candidates = this.index.select(query, position.after);
+      for (;;) {
+        // Settled records are read from KV, a page's worth at a time and in parallel.
+        const chunk = [];
+        for (let next = candidates.next(); !next.done; next = candidates.next()) {
+          chunk.push(next.value);
+          if (chunk.length >= limit - records.length) break;
+        }
+        if (chunk.length === 0) break;
+        const read = await Promise.all(chunk.map(async (entry) => entry.stored?.record ?? (await this.store.get(entry.id))?.record));
+        for (const [i, record] of read.entries()) {
+          const entry = chunk[i];
+          if (entry === undefined) continue;
+          // Gone from the bucket since the index saw it (retired by another replica): forget it here too.
+          if (record === undefined) this.index.remove(entry.id);
+          if (record === undefined || !accept(record)) continue;
+          records.push(record);
+          if (records.length >= limit) return { records, nextCursor: `i.${entry.createdMs}.${entry.id}` };
+        }
+      }
+      if (!reachesSettled(query)) return { records };
+      position = { in: "history" };
+    }
+    const page = await this.history.page(
+      (record) => {
+        const summary = summaryOf(record);
+        // A record still in the state bucket was listed from the index.
+        return this.index.get(summary.id) === undefined && matchesQuery(summary, query) && accept(record);
+      },
+      limit - records.length,
+      position.before,
+    );
+    records.push(...page.records);
+    return page.before === undefined ? { records } : { records, nextCursor: `h.${page.before}` };
+  }
+
+  /**
+   * Waits until the index holds every write made to the state bucket before this call (bounded
+   * by {@link brokerDefaults.indexWaitMs}): until it applied the bucket's last message, which
+   * the watch delivers last (also during its first pass over the current values).
+   */
+  private async indexCurrent(): Promise<void> {
+    if (!(await this.index.reached(await this.store.lastSeq(), brokerDefaults.indexWaitMs))) {
+      this.options.log.warn("the request index lags the state bucket; answering from it as it is");
+    }
   }
 
   /**
@@ -484,6 +588,12 @@ export class Broker {
       return;
     }
     const request = vetted.request;
+    // A retired request's id sent again is a replay: its record left the state bucket, so the
+    // bucket's create-only write would not catch it.
+    if ((await this.history.get(request.id)) !== undefined) {
+      await this.refuse({ reason: "request_id_reused", message: `request ${request.id} was settled and retired to the history already` }, subject, request.id);
+      return;
+    }
     const result = intake(request, this.options.approvals, now);
     if (!result.ok) {
       this.options.log.warn({ requestId: request.id, reason: result.error.rawMessage }, "request refused at intake");
@@ -793,7 +903,7 @@ export class Broker {
     for (const action of actions.slice(0, brokerDefaults.maxHeartbeatActions)) {
       const { requestId, decisionId } = (action ?? {}) as { requestId?: unknown; decisionId?: unknown };
       if (typeof requestId !== "string" || typeof decisionId !== "string") continue;
-      const record = this.active.get(requestId)?.record;
+      const record = this.index.get(requestId)?.stored?.record;
       if (record?.state === RequestState.EXECUTING && record.request?.host === host && record.decisionId === decisionId) this.heartbeats.set(requestId, now);
     }
   }
@@ -997,30 +1107,46 @@ export class Broker {
 
   private following: Promise<void> = Promise.resolve();
 
-  /** Starts the KV watch behind {@link Broker.active}; resolves once the current records are in. */
+  /**
+   * Starts the KV watch behind {@link Broker.index}; resolves once the records the bucket
+   * held when it started are in (the watch's initial values), or after 5 s with a warning
+   * (the index then fills in as the watch goes on, and lists wait for it).
+   */
   private async followRecords(): Promise<void> {
-    const records = this.store.watchStored(this.stopWatching.signal, true);
-    const apply = (stored: StoredRecord) => {
-      const id = stored.record.request?.id ?? "";
-      if (needsTicker(stored.record, Date.now())) this.active.set(id, stored);
-      else this.active.delete(id);
-    };
-    // The watch delivers every current record first, then changes; a list gives the end of the first part.
-    const known = new Set(await this.store.ids());
-    let seen = 0;
-    let caughtUp: () => void = () => undefined;
-    const ready = new Promise<void>((resolve) => {
-      caughtUp = resolve;
-      if (known.size === 0) resolve();
-    });
+    const { changes, caughtUp } = await this.store.follow(this.stopWatching.signal);
     this.following = (async () => {
-      for await (const stored of records) {
-        apply(stored);
-        if (known.has(stored.record.request?.id ?? "") && ++seen >= known.size) caughtUp();
-      }
-      caughtUp();
+      for await (const change of changes) this.index.apply(change);
     })();
-    await Promise.race([ready, new Promise((resolve) => setTimeout(resolve, 5000))]);
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), 5000)));
+    if (await Promise.race([caughtUp.then(() => false), late])) this.options.log.warn("the request index was not caught up with the state bucket within 5 s of start; it fills in as the watch goes on");
+    clearTimeout(timer);
+  }
+
+  /**
+   * Moves settled records past their retention from the state bucket to the history: the
+   * history write first (durable before the record leaves), then a purge that is a
+   * compare-and-set on the record's revision, so a record that changed meanwhile stays, and
+   * of replicas sweeping at once one removes it (the history write is idempotent).
+   */
+  private async retireSettled(now: number): Promise<void> {
+    this.markers = await this.store.dropMarkers(this.markers);
+    const cutoff = now - (this.options.retentionMs ?? brokerDefaults.retentionMs);
+    for (const entry of this.index.settledBefore(cutoff, brokerDefaults.retireBatch)) {
+      if (this.closed) return;
+      const stored = await this.store.get(entry.id);
+      if (stored === undefined) {
+        this.index.remove(entry.id);
+        continue;
+      }
+      if (needsTicker(stored.record, now) || stored.revision !== entry.revision) continue;
+      await this.history.put(stored.record, stored.revision);
+      const marker = await this.store.retire(entry.id, stored.revision);
+      if (marker !== undefined) {
+        this.markers.push(marker);
+        this.index.remove(entry.id);
+      }
+    }
   }
 
   /** Expiry and escalation of pending requests; revocation of leases whose action is over. */
@@ -1030,10 +1156,11 @@ export class Broker {
     let pendingCount = 0;
     let oldestPendingMs = 0;
     let outstanding = 0;
-    for (const [id, stored] of [...this.active]) {
+    for (const stored of this.index.active()) {
       const { record } = stored;
+      const id = record.request?.id ?? "";
       if (!needsTicker(record, now.getTime())) {
-        this.active.delete(id);
+        this.index.release(id);
         continue;
       }
       const request = record.request;
@@ -1065,7 +1192,27 @@ export class Broker {
     this.metrics.pendingDepth.set(pendingCount);
     this.metrics.oldestPendingSeconds.set(oldestPendingMs / 1000);
     this.metrics.leasesOutstanding.set(outstanding);
+    // Beside the ticks, not in their way: a long sweep must not hold up expiry and revocation.
+    if (this.sweeping === undefined && now.getTime() - this.lastSweep >= brokerDefaults.retentionSweepMs) {
+      this.lastSweep = now.getTime();
+      this.sweeping = this.retireSettled(now.getTime())
+        .catch((error: unknown) => this.options.log.error({ err: error }, "could not retire settled records to the history"))
+        .finally(() => (this.sweeping = undefined));
+    }
   }
+}
+
+/** Where a listing goes on: the index after a position, or the history before a stream sequence. */
+type ListPosition = { readonly in: "index"; readonly after?: IndexPosition } | { readonly in: "history"; readonly before?: number };
+
+/** Reads a cursor {@link Broker.listPage} returned; INVALID_ARGUMENT (field `cursor`) for anything else. */
+function parseCursor(cursor: string | undefined): ListPosition {
+  if (cursor === undefined || cursor === "") return { in: "index" };
+  const index = /^i\.(\d{1,16})\.([-_=a-zA-Z0-9]{1,256})$/.exec(cursor);
+  if (index !== null) return { in: "index", after: { createdMs: Number(index[1]), id: index[2] ?? "" } };
+  const history = /^h\.(\d{1,16})$/.exec(cursor);
+  if (history !== null) return { in: "history", before: Number(history[1]) };
+  throw new AirlockError(Code.InvalidArgument, "cursor: is not a cursor this API returned", { details: { field: "cursor" } });
 }
 
 /**

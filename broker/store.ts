@@ -1,5 +1,6 @@
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
-import { jetstreamManager } from "@nats-io/jetstream";
+import { headers as natsHeaders } from "@nats-io/transport-node";
+import { JetStreamApiCodes, JetStreamApiError, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { type KV, Kvm, KvWatchInclude } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../common/errors.js";
@@ -20,6 +21,21 @@ export async function ensureStateBucket(nc: NatsConnection, options: EnsureOptio
   await ensureStream(await jetstreamManager(nc), { name: bucketStream(stateBucket), max_msgs_per_subject: 10 }, { ...options, create: () => new Kvm(nc).create(stateBucket, { history: 10, replicas }) });
 }
 
+/** One change the state bucket's watch delivers: a record written, or a key removed (retired to history). */
+export type StateChange = { readonly kind: "put"; readonly stored: StoredRecord } | { readonly kind: "removed"; readonly id: string; readonly seq: number };
+
+/** The state bucket's stream, and the subject prefix of its keys. */
+const kvStream = bucketStream(stateBucket);
+const kvPrefix = `$KV.${stateBucket}.`;
+
+/**
+ * Whether a JetStream write failed its compare-and-set (the key's last revision is not the one
+ * expected): told by the server's error code, never by the message text.
+ */
+export function isWrongLastSequence(error: unknown): boolean {
+  return error instanceof JetStreamApiError && (error.code === JetStreamApiCodes.StreamWrongLastSequence || error.code === JetStreamApiCodes.StreamWrongLastSequenceUnknown);
+}
+
 /**
  * Request records in JetStream KV. Every change is a compare-and-set on the
  * revision it was read at, so two replicas never both decide, issue or revoke:
@@ -27,15 +43,19 @@ export async function ensureStateBucket(nc: NatsConnection, options: EnsureOptio
  */
 export class RequestStore {
   private readonly kv: KV;
+  private readonly js: JetStreamClient;
+  private readonly jsm: JetStreamManager;
 
-  private constructor(kv: KV) {
+  private constructor(kv: KV, js: JetStreamClient, jsm: JetStreamManager) {
     this.kv = kv;
+    this.js = js;
+    this.jsm = jsm;
   }
 
   /** Opens the bucket, creating it or bringing its replicas and history up to date first ({@link ensureStateBucket}). */
   static async open(nc: NatsConnection, options: EnsureOptions = {}): Promise<RequestStore> {
     await ensureStateBucket(nc, options);
-    return new RequestStore(await new Kvm(nc).open(stateBucket));
+    return new RequestStore(await new Kvm(nc).open(stateBucket), jetstream(nc), await jetstreamManager(nc));
   }
 
   async get(requestId: string): Promise<StoredRecord | undefined> {
@@ -51,7 +71,7 @@ export class RequestStore {
     try {
       return await this.kv.create(record.request?.id ?? "", toBinary(RequestRecordSchema, record));
     } catch (error) {
-      if (String(error).includes("wrong last sequence") || String(error).includes("exists")) return undefined;
+      if (isWrongLastSequence(error)) return undefined;
       throw new AirlockError(Code.Unavailable, "cannot write request state to NATS", { cause: error });
     }
   }
@@ -61,7 +81,7 @@ export class RequestStore {
     try {
       return await this.kv.update(record.request?.id ?? "", toBinary(RequestRecordSchema, record), revision);
     } catch (error) {
-      if (String(error).includes("wrong last sequence")) return undefined;
+      if (isWrongLastSequence(error)) return undefined;
       throw new AirlockError(Code.Unavailable, "cannot write request state to NATS", { cause: error });
     }
   }
@@ -107,11 +127,89 @@ export class RequestStore {
     })();
   }
 
-  /** Every request id in the bucket, once each (a key updated while listing can be delivered twice). */
-  async ids(): Promise<string[]> {
-    const ids = new Set<string>();
-    for await (const key of await this.kv.keys()) ids.add(key);
-    return [...ids];
+  /**
+   * Every key's current state, then every change (puts and removals) until `signal` aborts:
+   * what the broker's request index is built from. `caughtUp` resolves once the current
+   * state is delivered (the server counts the keys when the watch starts; an empty bucket is
+   * caught up at once), so an index that waits for it answers like a full read of the bucket.
+   */
+  async follow(signal: AbortSignal): Promise<{ changes: AsyncIterable<StateChange>; caughtUp: Promise<void> }> {
+    let markCaughtUp: () => void = () => undefined;
+    const caughtUp = new Promise<void>((resolve) => (markCaughtUp = resolve));
+    // The number of keys (subjects) before the watch starts: none means nothing to wait for.
+    const keys = (await this.jsm.streams.info(kvStream)).state.num_subjects ?? 0;
+    if (keys === 0) markCaughtUp();
+    const watcher = await this.kv.watch({ include: KvWatchInclude.LastValue });
+    const stop = () => watcher.stop();
+    if (signal.aborted) stop();
+    else signal.addEventListener("abort", stop, { once: true });
+    const changes = (async function* (): AsyncGenerator<StateChange> {
+      try {
+        for await (const entry of watcher) {
+          if (entry.operation === "PUT" && entry.value.length > 0) {
+            let record: RequestRecord;
+            try {
+              record = fromBinary(RequestRecordSchema, entry.value);
+            } catch {
+              // Only brokers write the bucket (the server enforces it); a record that does not decode is skipped, not fatal.
+              continue;
+            }
+            yield { kind: "put", stored: { record, revision: entry.revision } };
+          } else {
+            yield { kind: "removed", id: entry.key, seq: entry.revision };
+          }
+          // The watch marks the last of the keys it counted at its start as the first update.
+          if (entry.isUpdate) markCaughtUp();
+        }
+      } finally {
+        markCaughtUp();
+        signal.removeEventListener("abort", stop);
+        watcher.stop();
+      }
+    })();
+    return { changes, caughtUp };
+  }
+
+  /**
+   * Removes a record from the bucket if it is still at `revision` (compare-and-set on the
+   * key's last revision): the purge marker's sequence when this call removed it, undefined
+   * when the record changed or is gone already (another replica retired it). The purge drops
+   * every revision of the key; its marker stays until {@link RequestStore.dropMarkers}.
+   */
+  async retire(requestId: string, revision: number): Promise<number | undefined> {
+    const h = natsHeaders();
+    h.set("KV-Operation", "PURGE");
+    h.set("Nats-Rollup", "sub");
+    try {
+      return (await this.js.publish(`${kvPrefix}${requestId}`, new Uint8Array(0), { headers: h, expect: { lastSubjectSequence: revision } })).seq;
+    } catch (error) {
+      if (isWrongLastSequence(error)) return undefined;
+      throw new AirlockError(Code.Unavailable, "cannot retire a request record in NATS", { cause: error });
+    }
+  }
+
+  /**
+   * Deletes purge markers retired records left, so retired keys leave nothing for a watch to
+   * read at start; the ones still at the bucket's end are kept (see {@link RequestStore.lastSeq}),
+   * and returned for a later call. A marker left behind is harmless: it is no record.
+   */
+  async dropMarkers(markers: readonly number[]): Promise<number[]> {
+    if (markers.length === 0) return [];
+    const last = await this.lastSeq();
+    const kept: number[] = [];
+    for (const seq of markers) {
+      if (seq >= last) kept.push(seq);
+      else await this.jsm.streams.deleteMessage(kvStream, seq, false).catch(() => undefined);
+    }
+    return kept;
+  }
+
+  /**
+   * The sequence of the bucket's last message. The last message is never deleted (see
+   * {@link RequestStore.dropMarkers}), so a watch that delivered it has seen every write so far.
+   */
+  async lastSeq(): Promise<number> {
+    return (await this.jsm.streams.info(kvStream)).state.last_seq;
   }
 
   /**

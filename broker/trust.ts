@@ -21,6 +21,8 @@ export type RefusalReason =
   | "rule_mismatch"
   /** The rule is not for this host (`match.hosts`). */
   | "host_not_allowed"
+  /** A request whose id a settled request in the history already has (a replay after its record was retired). */
+  | "request_id_reused"
   /** A completion for a request the broker has no record of. */
   | "completion_unknown_request"
   /** A completion from a host other than the one holding the request. */

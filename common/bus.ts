@@ -1,4 +1,4 @@
-import { auditStream, hostPattern, passkeyBucket, stateBucket, stepUpBucket, streams, subjects } from "./subjects.js";
+import { auditStream, historyStream, hostPattern, passkeyBucket, stateBucket, stepUpBucket, streams, subjects } from "./subjects.js";
 
 /**
  * Who is on the bus. Each role gets only the NATS rights it needs, and the
@@ -126,12 +126,13 @@ export function busPermissions(role: BusRole): BusPermissions {
       const kvStream = `KV_${stateBucket}`;
       // The step-up buckets (passkeys, single-use challenges) are the broker's alone too.
       const stepUpStreams = [passkeyBucket, stepUpBucket].map((bucket) => `KV_${bucket}`);
-      const owned = [...Object.values(streams).map((s) => s.name), auditStream.name, kvStream, ...stepUpStreams];
+      const owned = [...Object.values(streams).map((s) => s.name), auditStream.name, historyStream.name, kvStream, ...stepUpStreams];
       return {
         publish: {
           allow: [
             "airlock.decision.>",
             auditStream.subject,
+            historyStream.subjects,
             `$KV.${stateBucket}.>`,
             `$KV.${passkeyBucket}.>`,
             `$KV.${stepUpBucket}.>`,
@@ -150,6 +151,8 @@ export function busPermissions(role: BusRole): BusPermissions {
               `$JS.ACK.${name}.>`,
               `$JS.FC.${name}.>`,
             ]),
+            // A record retired from the state bucket leaves a purge marker, which the retiring replica then deletes.
+            `${api}.STREAM.MSG.DELETE.${kvStream}`,
             // The KV watchers are ordered consumers, which delete their own consumer when done.
             ...[kvStream, ...stepUpStreams].map((name) => `${api}.CONSUMER.DELETE.${name}.*`),
           ],

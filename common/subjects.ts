@@ -17,6 +17,12 @@ export const streams = {
 /** The append-only audit trail's stream and its one subject (only brokers write it). */
 export const auditStream = { name: "AIRLOCK_AUDIT", subject: "airlock.audit" } as const;
 
+/**
+ * The history of settled requests (each record once, one subject per request), where records go
+ * when they leave the state bucket at the end of their retention (only brokers touch it).
+ */
+export const historyStream = { name: "AIRLOCK_HISTORY", subjects: "airlock.history.>" } as const;
+
 /** The KV bucket holding every request's record, keyed by request id (only brokers touch it). */
 export const stateBucket = "AIRLOCK_STATE";
 
@@ -43,6 +49,8 @@ export const subjects = {
   security: (host: string) => `airlock.security.${host}`,
   /** `host`'s sidecar saying which approved actions it is still running (core NATS, every few seconds). */
   heartbeat: (host: string) => `airlock.heartbeat.${host}`,
+  /** A settled request's record in the history stream. */
+  history: (requestId: string) => `airlock.history.${requestId}`,
   /** Every host's heartbeats, as brokers subscribe to them. */
   heartbeats: "airlock.heartbeat.*",
 } as const;

@@ -9,21 +9,28 @@
  * the CPU per call at saturation, the share of CPU the hypervisor stole, and each round's p90.
  */
 import { type ChildProcess, spawn } from "node:child_process";
+import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { timestampDate } from "@bufbuild/protobuf/wkt";
-import { jetstreamManager } from "@nats-io/jetstream";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { timestampDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { exportSPKI, generateKeyPair, SignJWT } from "jose";
+import { HistoryStore } from "../broker/history.js";
+import { intake, parseApprovalConfig } from "../broker/rules.js";
 import { RequestStore } from "../broker/store.js";
+import { vetRequest } from "../broker/trust.js";
+import { ConfigReader } from "../common/config.js";
 import { generateDecisionKey } from "../common/decision.js";
 import { natsConfigSection, type NatsConnectionConfig } from "../common/nats.js";
-import { ensureStreams } from "../common/subjects.js";
+import { ensureStreams, subjects } from "../common/subjects.js";
 import { createVaultClient } from "../common/vault.js";
 import { freePort, startNats, startVault, waitUntil } from "../harness/index.js";
-import { descriptorSetPath } from "../proto/index.js";
+import { ApprovalRequestSchema, CompletionSchema, DecisionBodySchema, DecisionSchema, descriptorSetPath, type RequestRecord, RequestState, Verdict } from "../proto/index.js";
+import { Policy } from "../sidecar/index.js";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const tsx = ["--import", "tsx"];
@@ -387,8 +394,16 @@ async function benchPrivileged(): Promise<void> {
     await new Promise((resolve) => setTimeout(resolve, 1000));
     const store = await RequestStore.open(nc);
     const lags: number[] = [];
-    for (const id of await store.ids()) {
-      const record = (await store.get(id))?.record;
+    const reading = new AbortController();
+    const { changes, caughtUp } = await store.follow(reading.signal);
+    const records: RequestRecord[] = [];
+    const collected = (async () => {
+      for await (const change of changes) if (change.kind === "put") records.push(change.stored.record);
+    })();
+    await caughtUp;
+    reading.abort();
+    await collected;
+    for (const record of records) {
       const finished = record?.completion?.finishedAt;
       const revoked = record?.lease?.revokedAt;
       if (finished !== undefined && revoked !== undefined) lags.push(timestampDate(revoked).getTime() - timestampDate(finished).getTime());
@@ -417,12 +432,240 @@ async function benchPrivileged(): Promise<void> {
   }
 }
 
+/** The policy of the scale bench: rotations are auto-approved (a Vault token each), exports wait for a reviewer. */
+const scalePolicy = [
+  "version: 1",
+  "default: deny",
+  "rules:",
+  "  - id: rotate",
+  "    match: { service: demo.v1.OpsService, method: RotateKey }",
+  "    effect: approve",
+  "    approve:",
+  "      risk: low",
+  "      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }",
+  "      credential: { kind: vault_token, policies: [default], num_uses: 3, ttl: 1m }",
+  "      timeout: 30s",
+  "  - id: export",
+  "    match: { service: demo.v1.OpsService, method: ExportTable }",
+  "    effect: approve",
+  "    approve:",
+  "      risk: medium",
+  "      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }",
+  "      credential: { kind: vault_token, policies: [default], num_uses: 3, ttl: 1m }",
+  "      timeout: 1h",
+].join("\n");
+
+/** One scale run's figures. */
+interface ScaleRun {
+  readonly readyS: number;
+  readonly listP50: number;
+  readonly listP99: number;
+  readonly rssMb: number;
+  readonly approvalP99: number;
+  readonly approvalP99Polling: number;
+}
+
+/**
+ * One scale run on a fresh NATS: `settled` settled records seeded straight into the history
+ * (as retention leaves them) and `pending` pending ones into the state bucket, through the
+ * broker's own stores, pipelined; then a broker process is started and timed to ready, the
+ * pending list is timed, and auto-approved requests (published as a sidecar would, each
+ * completed after its decision) are timed without and then with a reviewer polling the list.
+ */
+async function scaleRun(vault: { address: string; rootToken: string }, settled: number, pending: number, pollMs: number): Promise<ScaleRun> {
+  const nats = await startNats();
+  const dir = await mkdtemp(join(tmpdir(), "airlock-scale-"));
+  const nc = await nats.connect({ kind: "broker" });
+  const sidecarNc = await nats.connect({ kind: "sidecar", host: "bench" });
+  let broker: ChildProcess | undefined;
+  try {
+    await writeFile(join(dir, "policy.yaml"), scalePolicy);
+    const policy = Policy.parse(scalePolicy);
+    const approvalsYaml = { groups: { security: ["sam@corp"] }, auto_rules: [{ id: "low-risk", effect: "approve", when: { max_risk: "low" }, reason: "pre-approved" }] };
+    const approvals = parseApprovalConfig(new ConfigReader(approvalsYaml, "", join(dir, "broker.yaml")));
+    await ensureStreams(await jetstreamManager(nc));
+    const store = await RequestStore.open(nc);
+    const history = await HistoryStore.open(nc);
+    const now = Date.now();
+    const seed = async (count: number, write: (i: number) => Promise<unknown>) => {
+      for (let start = 0; start < count; start += 1000) await Promise.all(Array.from({ length: Math.min(1000, count - start) }, (_, k) => write(start + k)));
+    };
+    /** A request as the broker records it at intake (vetted against the policy, through the rules). */
+    const recordAt = (i: number, createdMs: number, method: "ExportTable" | "RotateKey") => {
+      const id = randomUUID();
+      const sent = create(ApprovalRequestSchema, {
+        id,
+        host: "bench",
+        service: "demo.v1.OpsService",
+        method,
+        ruleId: method === "ExportTable" ? "export" : "rotate",
+        identity: { agent: `spiffe://bench/agent-${i % 50}`, onBehalfOf: "bench@corp", chain: ["bench@corp"], authenticatedBy: "jwt" },
+        reason: `scale ${i}`,
+        requestSha256: new Uint8Array(32),
+        createdAt: timestampFromMs(createdMs),
+        deadline: timestampFromMs(now + 3_600_000),
+      });
+      const vetted = vetRequest(subjects.request("bench", id), sent, policy, new Date(createdMs));
+      if (!vetted.ok) throw new Error(vetted.refusal.message);
+      const result = intake(vetted.request, approvals, new Date(createdMs));
+      if (!result.ok) throw result.error;
+      return result.record;
+    };
+    const seeding = performance.now();
+    await seed(settled, async (i) => {
+      const record = recordAt(i, now - 86_400_000 + i, "ExportTable");
+      record.state = RequestState.COMPLETED;
+      record.decisionId = randomUUID();
+      record.outstanding = [];
+      record.updatedAt = timestampFromMs(now - 86_400_000 + i + 1000);
+      await history.put(record, 1);
+    });
+    await seed(pending, (i) => store.create(recordAt(i, now - 60_000 + i, "ExportTable")));
+    const seededS = (performance.now() - seeding) / 1000;
+
+    const brokerHttp = await freePort();
+    const token = "scale-reviewer-token";
+    const brokerValues = {
+      nats: natsConfigSection(await nats.credentials({ kind: "broker" })),
+      vault: { address: vault.address, auth: { kind: "token", token: vault.rootToken } },
+      signing_key: { key_id: "bench", file: "broker-private.pem" },
+      policy: "policy.yaml",
+      approvals: approvalsYaml,
+      http: `127.0.0.1:${brokerHttp}`,
+      reviewers: { auth: { kind: "static", tokens: [{ token, reviewer: "sam@corp", groups: ["security"] }] }, rate_limit_per_minute: 100_000 },
+      log_level: "error",
+    };
+    const key = generateDecisionKey("bench");
+    await writeFile(join(dir, "broker-private.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }).toString());
+    // YAML reads JSON.
+    await writeFile(join(dir, "broker.yaml"), JSON.stringify(brokerValues));
+    const started = performance.now();
+    broker = spawn(process.execPath, [...tsx, "cli/airlock.ts", "broker", "--config", join(dir, "broker.yaml")], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
+    const brokerPid = broker.pid ?? 0;
+    if (!(await waitUntil(async () => (await fetch(`http://127.0.0.1:${brokerHttp}/readyz`)).ok, 60_000, 20))) throw new Error("the broker did not become ready");
+    const readyS = (performance.now() - started) / 1000;
+
+    const listPending = async (): Promise<number> => {
+      const began = performance.now();
+      const response = await fetch(`http://127.0.0.1:${brokerHttp}/api/v1/requests?state=pending`, { headers: { authorization: `Bearer ${token}` } });
+      const body = (await response.json()) as { requests?: unknown[] };
+      if (!response.ok || (body.requests?.length ?? 0) === 0) throw new Error(`listing pending requests failed: ${response.status}`);
+      return performance.now() - began;
+    };
+    for (let i = 0; i < 20; i++) await listPending();
+    const lists: number[] = [];
+    for (let i = 0; i < 200; i++) lists.push(await listPending());
+
+    // Approvals: published as the bench host's sidecar would, timed to the broker's signed decision, then completed.
+    const js = jetstream(sidecarNc);
+    const decisions = new Map<string, (data: Uint8Array) => void>();
+    const subscription = sidecarNc.subscribe(subjects.decisionsFor("bench"), {
+      callback: (_error, message) => decisions.get(message.subject.split(".").pop() ?? "")?.(message.data),
+    });
+    const approve = async (): Promise<number> => {
+      const id = randomUUID();
+      const request = create(ApprovalRequestSchema, {
+        id,
+        host: "bench",
+        service: "demo.v1.OpsService",
+        method: "RotateKey",
+        ruleId: "rotate",
+        identity: { agent: "spiffe://bench/agent", onBehalfOf: "bench@corp", chain: ["bench@corp"], authenticatedBy: "jwt" },
+        requestSha256: new Uint8Array(32),
+        createdAt: timestampFromMs(Date.now()),
+        deadline: timestampFromMs(Date.now() + 30_000),
+      });
+      const began = performance.now();
+      const decided = new Promise<Uint8Array>((resolve) => decisions.set(id, resolve));
+      await js.publish(subjects.request("bench", id), toBinary(ApprovalRequestSchema, request), { msgID: id });
+      const decision = fromBinary(DecisionSchema, await decided);
+      const took = performance.now() - began;
+      decisions.delete(id);
+      const body = fromBinary(DecisionBodySchema, decision.body);
+      if (body.verdict !== Verdict.APPROVED) throw new Error(`request ${id} was not approved: ${body.reason}`);
+      const completion = create(CompletionSchema, { completionId: randomUUID(), requestId: id, decisionId: body.decisionId, host: "bench", finishedAt: timestampFromMs(Date.now()) });
+      await js.publish(subjects.completion("bench", id), toBinary(CompletionSchema, completion), { msgID: completion.completionId });
+      return took;
+    };
+    const approvals_ = async (runs: number): Promise<number[]> => {
+      const times: number[] = [];
+      for (let i = 0; i < runs + 10; i++) {
+        const took = await approve();
+        if (i >= 10) times.push(took);
+      }
+      return times;
+    };
+    const quiet = await approvals_(150);
+    // A reviewer polling the pending list meanwhile, every `pollMs` (0: back to back).
+    let polling = true;
+    const poller = (async () => {
+      while (polling) {
+        await listPending();
+        if (pollMs > 0) await new Promise((resolve) => setTimeout(resolve, pollMs));
+      }
+    })();
+    const busy = await approvals_(150);
+    polling = false;
+    await poller;
+    subscription.unsubscribe();
+    const rss = rssMb(brokerPid);
+    console.log(`scale_seeded: settled=${settled} pending=${pending} seconds=${seededS.toFixed(1)}`);
+    return { readyS, listP50: percentile(lists, 0.5), listP99: percentile(lists, 0.99), rssMb: rss, approvalP99: percentile(quiet, 0.99), approvalP99Polling: percentile(busy, 0.99) };
+  } finally {
+    if (broker !== undefined) await stop(broker);
+    await sidecarNc.close();
+    await nc.close();
+    await nats.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * `npm run bench -- scale [--records N] [--poll-ms P]`: the broker with N (100,000) settled
+ * records in its history and 1,000 pending ones, against the same with the 1,000 pending alone,
+ * in one run; the polling reviewer lists the pending requests every P ms (200; 0: back to back).
+ * Prints a baseline line, then
+ *   scale: records=N broker_ready_s=… list_pending_p50_ms=… list_pending_p99_ms=… rss_mb=… approval_p99_ms_under_polling=…
+ * and the targets each figure is held to.
+ */
+async function benchScale(): Promise<void> {
+  const flag = process.argv.indexOf("--records");
+  const records = flag === -1 ? 100_000 : Number(process.argv[flag + 1]);
+  if (!Number.isInteger(records) || records < 0) throw new Error("--records must be a whole number");
+  const pending = 1_000;
+  const pollFlag = process.argv.indexOf("--poll-ms");
+  const pollMs = pollFlag === -1 ? 200 : Number(process.argv[pollFlag + 1]);
+  if (!Number.isInteger(pollMs) || pollMs < 0) throw new Error("--poll-ms must be a whole number of ms");
+  console.log(`scale_setup: pending=${pending} reviewer_polls_every_ms=${pollMs} list=GET /api/v1/requests?state=pending (limit 100)`);
+  const vault = await startVault();
+  try {
+    const base = await scaleRun(vault, 0, pending, pollMs);
+    const f = (n: number, digits = 1) => n.toFixed(digits);
+    console.log(
+      `scale_baseline: records=${pending} broker_ready_s=${f(base.readyS, 2)} list_pending_p50_ms=${f(base.listP50)} list_pending_p99_ms=${f(base.listP99)} rss_mb=${f(base.rssMb)} approval_p99_ms=${f(base.approvalP99)} approval_p99_ms_under_polling=${f(base.approvalP99Polling)}`,
+    );
+    const run = await scaleRun(vault, records, pending, pollMs);
+    console.log(`scale_no_polling: approval_p99_ms=${f(run.approvalP99)}`);
+    console.log(
+      `scale: records=${records} broker_ready_s=${f(run.readyS, 2)} list_pending_p50_ms=${f(run.listP50)} list_pending_p99_ms=${f(run.listP99)} rss_mb=${f(run.rssMb)} approval_p99_ms_under_polling=${f(run.approvalP99Polling)}`,
+    );
+    const verdict = (ok: boolean) => (ok ? "ok" : "MISSED");
+    console.log(
+      `scale_targets: list_pending_p99<=50ms ${verdict(run.listP99 <= 50)} broker_ready<=5s ${verdict(run.readyS <= 5)} rss<=1.2x_baseline(${f(base.rssMb * 1.2)}) ${verdict(run.rssMb <= base.rssMb * 1.2)} approval_p99_polling<=1.2x_none(${f(run.approvalP99 * 1.2)}) ${verdict(run.approvalP99Polling <= run.approvalP99 * 1.2)}`,
+    );
+  } finally {
+    await vault.stop();
+  }
+}
+
 const which = process.argv[2];
 if (which === "sidecar") {
   await benchSidecar();
 } else if (which === "privileged") {
   await benchPrivileged();
+} else if (which === "scale") {
+  await benchScale();
 } else {
-  console.error("usage: npm run bench -- sidecar | privileged");
+  console.error("usage: npm run bench -- sidecar | privileged | scale [--records N] [--poll-ms P]");
   process.exitCode = 2;
 }

@@ -217,8 +217,11 @@ export async function decide(id: string, decision: { approve: boolean; reason: s
   return readRequestView(await call("POST", `/requests/${encodeURIComponent(id)}/decision`, { body }));
 }
 
-export async function history(query: { agent?: string | undefined; outcome?: string | undefined; limit?: number }): Promise<RequestView[]> {
-  return readViews(await call("GET", "/history", { query }));
+/** One page of history, and the cursor of the next one (absent at the oldest). */
+export async function history(query: { agent?: string | undefined; outcome?: string | undefined; limit?: number; cursor?: string | undefined }): Promise<{ views: RequestView[]; nextCursor: string | undefined }> {
+  const answer = await call("GET", "/history", { query });
+  const nextCursor = asObject(answer, "answer").nextCursor;
+  return { views: readViews(answer), nextCursor: typeof nextCursor === "string" ? nextCursor : undefined };
 }
 
 export async function auditEvents(limit = 200): Promise<AuditEvent[]> {

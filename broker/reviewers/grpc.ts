@@ -28,7 +28,7 @@ import type { Broker } from "../service.js";
 import { bearerToken, type Reviewer, type ReviewerAuthenticator } from "./auth.js";
 import { RateLimiter } from "./rate-limit.js";
 import { liveRequests } from "./live.js";
-import { admitReviewer, matchesFilter, needsReviewer, newestFirst, page, type RequestFilter, resolveRequest } from "./views.js";
+import { admitReviewer, listRequests, needsReviewer, type RequestFilter, resolveRequest } from "./views.js";
 
 /** Options of {@link startReviewerGrpc}. */
 export interface ReviewerGrpcOptions {
@@ -81,10 +81,8 @@ export async function startReviewerGrpc(options: ReviewerGrpcOptions): Promise<R
         olderThanMs: request.olderThan === undefined ? 0 : durationMs(request.olderThan),
         sinceMs: 0,
       };
-      const now = new Date();
-      const records = (await broker.list()).filter((record) => matchesFilter(record, filter, reviewer, approvals, now)).sort(newestFirst);
       const limit = request.pageSize === 0 ? 100 : Math.min(request.pageSize, 1000);
-      const { items, nextCursor } = page(records, limit, request.pageToken === "" ? undefined : request.pageToken);
+      const { items, nextCursor } = await listRequests(broker, filter, reviewer, approvals, limit, request.pageToken === "" ? undefined : request.pageToken);
       return create(ListRequestsResponseSchema, { requests: items, nextPageToken: nextCursor ?? "" });
     }),
     getRequest: unary(async (request: GetRequestRequest) => create(GetRequestResponseSchema, { request: await resolveRequest(broker, request.requestId) })),

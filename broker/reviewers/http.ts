@@ -27,7 +27,10 @@ import { RateLimiter } from "./rate-limit.js";
 import type { StepUpService } from "../stepup/index.js";
 import { registerStepUpRoutes, stepUpReceipt } from "./stepup-routes.js";
 import { liveRequests } from "./live.js";
-import { admitReviewer, matchesFilter, newestFirst, page, parseLimit, parseRequestFilter, requestIdRefusals, requestView, requireReviewer, resolveRequest } from "./views.js";
+import { admitReviewer, listDefaults, listRequests, parseLimit, parseRequestFilter, requestIdRefusals, requestView, requireReviewer, resolveRequest } from "./views.js";
+
+/** The states `GET /api/v1/history` lists when no outcome is asked for: all but pending. */
+const historyStates = [RequestState.APPROVED, RequestState.DENIED, RequestState.EXPIRED, RequestState.CANCELLED, RequestState.EXECUTING, RequestState.COMPLETED, RequestState.FAILED] as const;
 
 /** Handles a Slack interaction: verifies it and answers Slack (see broker/notify). */
 export type SlackInteractionHandler = (
@@ -493,23 +496,21 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     const query = request.query as Record<string, unknown>;
     const filter = parseRequestFilter(query);
     const limit = parseLimit(query.limit);
+    const { items, nextCursor } = await listRequests(broker, filter, reviewer, approvals, limit, query.cursor);
     const now = new Date();
-    const records = (await broker.list()).filter((record) => matchesFilter(record, filter, reviewer, approvals, now)).sort(newestFirst);
-    const { items, nextCursor } = page(records, limit, query.cursor);
     return { requests: items.map((record) => requestView(record, reviewer, approvals, now)), ...(nextCursor === undefined ? {} : { nextCursor }) };
   });
 
   app.get("/api/v1/history", async (request) => {
     const reviewer = await reviewerOf(request);
     const query = request.query as Record<string, unknown>;
-    const filter = parseRequestFilter({ agent: query.agent, outcome: query.outcome, since: query.since });
+    const parsed = parseRequestFilter({ agent: query.agent, outcome: query.outcome, since: query.since });
+    // History is every state but pending (one outcome when asked).
+    const filter = parsed.states.size > 0 ? parsed : { ...parsed, states: new Set(historyStates) };
     const limit = parseLimit(query.limit);
+    const { items, nextCursor } = await listRequests(broker, filter, reviewer, approvals, limit, query.cursor);
     const now = new Date();
-    const records = (await broker.list())
-      .filter((record) => record.state !== RequestState.PENDING && matchesFilter(record, filter, reviewer, approvals, now))
-      .sort(newestFirst)
-      .slice(0, limit);
-    return { requests: records.map((record) => requestView(record, reviewer, approvals, now)) };
+    return { requests: items.filter((record) => record.state !== RequestState.PENDING).map((record) => requestView(record, reviewer, approvals, now)), ...(nextCursor === undefined ? {} : { nextCursor }) };
   });
 
   app.get<{ Params: { id: string } }>("/api/v1/requests/:id", async (request) => {
@@ -566,8 +567,13 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     const olderThan = optionalText(body, "olderThan", 32);
     if (olderThan === undefined) throw new AirlockError(Code.InvalidArgument, "olderThan (e.g. 30m) is required", { details: { field: "olderThan" } });
     const filter = parseRequestFilter({ state: "pending", olderThan });
-    const now = new Date();
-    const stale = (await broker.list()).filter((record) => matchesFilter(record, filter, reviewer, approvals, now));
+    const stale: RequestRecord[] = [];
+    let cursor: string | undefined;
+    do {
+      const listed = await listRequests(broker, filter, reviewer, approvals, listDefaults.maxLimit, cursor);
+      stale.push(...listed.items);
+      cursor = listed.nextCursor;
+    } while (cursor !== undefined);
     const denied: string[] = [];
     const failed: { id: string; code: string; message: string }[] = [];
     for (const record of stale) {

@@ -23,7 +23,8 @@ export async function* liveRequests(broker: Broker, signal: AbortSignal): AsyncG
   const changes = await broker.openWatch(signal);
   if (signal.aborted) return;
   const seen = new Map<string, number>();
-  const snapshot = (await broker.listStored()).sort((a, b) => newestFirst(a.record, b.record));
+  // From the broker's index, which waits until it holds every write made before this point.
+  const snapshot = (await broker.activeRecords()).sort((a, b) => newestFirst(a.record, b.record));
   for (const { record, revision } of snapshot) {
     if (isSettled(record)) continue;
     seen.set(record.request?.id ?? "", revision);

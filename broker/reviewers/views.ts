@@ -8,6 +8,7 @@ import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { AirlockError, Code } from "../../common/errors.js";
 import { parseDuration } from "../../common/duration.js";
 import { type RequestRecord, RequestRecordSchema, RequestState, Risk } from "../../proto/index.js";
+import type { IndexQuery } from "../request-index.js";
 import type { ApprovalConfig } from "../rules.js";
 import type { Broker } from "../service.js";
 import { vote } from "../rules.js";
@@ -181,15 +182,34 @@ export function newestFirst(a: RequestRecord, b: RequestRecord): number {
   return createdMs(b) - createdMs(a) || (b.request?.id ?? "").localeCompare(a.request?.id ?? "");
 }
 
-/** One page of a sorted listing; the cursor is the offset, opaque to callers. */
-export function page<T>(items: readonly T[], limit: number, cursor: unknown): { items: T[]; nextCursor?: string } {
-  let offset = 0;
-  if (cursor !== undefined) {
-    if (typeof cursor !== "string" || !/^\d+$/.test(cursor)) throw invalid("cursor", "is not a cursor this API returned");
-    offset = Number(cursor);
-  }
-  const items_ = items.slice(offset, offset + limit);
-  return offset + limit < items.length ? { items: items_, nextCursor: String(offset + limit) } : { items: items_ };
+/** The part of a filter the broker's request index answers (the rest, such as `needsMe`, is checked per record). */
+export function indexQueryOf(filter: RequestFilter, now: Date): IndexQuery {
+  return {
+    states: filter.states,
+    agent: filter.agent,
+    minRisk: filter.minRisk,
+    createdFromMs: filter.sinceMs,
+    createdToMs: filter.olderThanMs > 0 ? now.getTime() - filter.olderThanMs : 0,
+  };
+}
+
+/**
+ * One page of the requests passing `filter` for `reviewer`: newest first from the broker's
+ * index of the state bucket, then older settled ones from the history. The cursor is opaque
+ * to callers (`invalid_argument` with field `cursor` when it is not one this API returned).
+ */
+export async function listRequests(
+  broker: Pick<Broker, "listPage">,
+  filter: RequestFilter,
+  reviewer: Reviewer,
+  approvals: ApprovalConfig,
+  limit: number,
+  cursor: unknown,
+): Promise<{ items: RequestRecord[]; nextCursor?: string }> {
+  if (cursor !== undefined && typeof cursor !== "string") throw invalid("cursor", "is not a cursor this API returned");
+  const now = new Date();
+  const { records, nextCursor } = await broker.listPage(indexQueryOf(filter, now), (record) => matchesFilter(record, filter, reviewer, approvals, now), limit, cursor);
+  return nextCursor === undefined ? { items: records } : { items: records, nextCursor };
 }
 
 /** How request ids may be shortened: a prefix of at least `minPrefix` characters that only one request's id starts with. */
@@ -218,7 +238,7 @@ export const requestIdRefusals: ReadonlySet<string> = new Set<RequestIdRefusal>(
  * (`{ id, call, state, agent, createdAt }`, at most {@link requestIdPrefix.maxListed}), and
  * `details.count`, how many matched.
  */
-export async function resolveRequest(broker: Pick<Broker, "get" | "list">, idOrPrefix: string): Promise<RequestRecord> {
+export async function resolveRequest(broker: Pick<Broker, "get" | "findByIdPrefix">, idOrPrefix: string): Promise<RequestRecord> {
   const text = idOrPrefix.trim();
   try {
     return await broker.get(text);
@@ -231,7 +251,7 @@ export async function resolveRequest(broker: Pick<Broker, "get" | "list">, idOrP
     });
   }
   const prefix = text.toLowerCase();
-  const matches = (await broker.list()).filter((record) => (record.request?.id ?? "").toLowerCase().startsWith(prefix)).sort(newestFirst);
+  const matches = (await broker.findByIdPrefix(prefix)).sort(newestFirst);
   const [only] = matches;
   if (only !== undefined && matches.length === 1) return only;
   if (only === undefined) throw new AirlockError(Code.NotFound, `no request ${text} (and no request id starts with it)`, { details: { requestId: text } });

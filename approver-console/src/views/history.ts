@@ -76,16 +76,27 @@ export function historyView(params: URLSearchParams): View {
     );
 
     let closed = false;
-    history({ agent: params.get("agent") ?? undefined, outcome: params.get("outcome") ?? undefined, limit: 100 }).then(
-      (views) => {
-        if (closed) return;
-        replaceChildren(status, views.length === 0 ? h("p", { class: "empty", "data-testid": "history-empty" }, "No decided request matches.") : h("p", { class: "hint" }, `${views.length} request${views.length === 1 ? "" : "s"}, newest first.`));
-        replaceChildren(list, views.map(row));
-      },
-      (error: unknown) => {
-        if (!closed) replaceChildren(status, alertBox(error instanceof ApiError ? error.describe() : String(error)));
-      },
-    );
+    // Pages of 100; "Load more" reads the next one (older records come from the broker's history stream).
+    let shown = 0;
+    const more = h("button", { type: "button", "data-testid": "history-more", hidden: true }, "Load more");
+    list.after(more);
+    const load = (cursor: string | undefined) => {
+      more.hidden = true;
+      history({ agent: params.get("agent") ?? undefined, outcome: params.get("outcome") ?? undefined, limit: 100, cursor }).then(
+        ({ views, nextCursor }) => {
+          if (closed) return;
+          shown += views.length;
+          replaceChildren(status, shown === 0 ? h("p", { class: "empty", "data-testid": "history-empty" }, "No decided request matches.") : h("p", { class: "hint" }, `${shown} request${shown === 1 ? "" : "s"}, newest first.`));
+          list.append(...views.map(row));
+          more.hidden = nextCursor === undefined;
+          more.onclick = () => load(nextCursor);
+        },
+        (error: unknown) => {
+          if (!closed) replaceChildren(status, alertBox(error instanceof ApiError ? error.describe() : String(error)));
+        },
+      );
+    };
+    load(undefined);
     auditEvents(200).then(
       (events) => {
         if (closed) return;
