@@ -10,11 +10,12 @@ import { parseArgs } from "node:util";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { ensureAuditStream } from "../broker/audit/log.js";
 import { ensureStepUpBuckets } from "../broker/stepup/service.js";
+import { historyStreamSettings } from "../broker/history.js";
 import { ensureStateBucket } from "../broker/store.js";
 import { addBusHost, busMaterialFiles, busSeedFile, initBusMaterial, revokeBusHost } from "../common/bus-material.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { connectNats } from "../common/nats.js";
-import { bucketStream, type EnsureOptions, ensureDefaults, ensureStreams, natsReplicaChoices, passkeyBucket } from "../common/subjects.js";
+import { bucketStream, type EnsureOptions, ensureDefaults, ensureStream, ensureStreams, natsReplicaChoices, passkeyBucket } from "../common/subjects.js";
 
 function requireDir(dir: string | undefined): string {
   if (dir === undefined) throw new AirlockError(Code.InvalidArgument, "--dir is required: the NATS security material directory");
@@ -98,6 +99,7 @@ async function ensureAll(dir: string, urls: readonly string[], replicasFlag: str
     await ensureStreams(jsm, options);
     await ensureAuditStream(jsm, options);
     await ensureStateBucket(nc, options);
+    await ensureStream(jsm, historyStreamSettings, options);
     // The step-up buckets exist only where step-up is configured: brought up to date, never made here.
     const stepUp = await jsm.streams.info(bucketStream(passkeyBucket)).then(
       () => true,
