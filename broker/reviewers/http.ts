@@ -34,7 +34,7 @@ export type SlackInteractionHandler = (
   rawBody: string,
   headers: Readonly<Record<string, string | string[] | undefined>>,
   decide: (requestId: string, ballot: Ballot) => Promise<RequestRecord>,
-) => Promise<{ status: number; body: unknown }>;
+) => Promise<{ status: number; body: unknown; headers?: Readonly<Record<string, string>> }>;
 
 /**
  * Handles an activity the Bot Framework POSTs to the Teams bot endpoint: verifies its
@@ -666,7 +666,10 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     app.post("/slack/interactions", async (request, reply) => {
       const raw = typeof request.body === "string" ? request.body : "";
       const answer = await slack(raw, request.headers, (requestId, ballot) => broker.decide(requestId, ballot, { channel: "slack" }));
-      return reply.status(answer.status).send(answer.body);
+      return reply
+        .status(answer.status)
+        .headers(answer.headers ?? {})
+        .send(answer.body);
     });
   }
 

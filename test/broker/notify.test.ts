@@ -698,7 +698,7 @@ await t.test("Slack interactions: a verified click votes as the mapped reviewer 
     t.equal(reply.status, 401);
     t.match(reply.body, { code: "unauthenticated", message: /old/ });
     const now = new Date(Date.now() + 6 * 60_000);
-    const later = await integration.handleInteraction(body, slackSign(body, nowSeconds()), decide, now);
+    const later = await integration.handleInteraction(body, slackSign(body, nowSeconds()), decide, { now });
     t.equal(later.status, 401, "the same request replayed 6 minutes later");
     t.same(calls, []);
   });
