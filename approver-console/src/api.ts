@@ -257,6 +257,16 @@ export async function stepUpChallenge(id: string, approve: boolean): Promise<Ste
   };
 }
 
+/**
+ * Starts a step-up by a fresh sign-in for a challenge that offers `oidc`: the broker seals
+ * the vote (this reason, break-glass) into the sign-in and answers the provider's URL to go to.
+ */
+export async function startFreshSignIn(challengeId: string, vote: { reason: string; breakGlass: boolean }): Promise<string> {
+  const json = asObject(await call("POST", "/sso/step-up", { body: { challengeId, reason: vote.reason, breakGlass: vote.breakGlass } }), "answer");
+  if (typeof json.url !== "string") throw new ApiError(0, "step_up_failed", "the broker did not say where to sign in again");
+  return json.url;
+}
+
 /** One of the signed-in reviewer's passkeys. */
 export interface Passkey {
   readonly id: string;

@@ -4,7 +4,7 @@ import { ValueSchema } from "@bufbuild/protobuf/wkt";
 import { RequestState } from "../../../proto/gen/airlock/v1/reviewer_pb.js";
 import type { CredentialTemplate } from "../../../proto/gen/airlock/v1/approval_pb.js";
 import { ApiError, decide, getRequest, listRequests, type RequestView } from "../api.js";
-import { stepUpProof } from "../stepup.js";
+import { freshSignInRefusals, stepUpProof, takeStepUpOutcome } from "../stepup.js";
 import { type Child, h, replaceChildren } from "../dom.js";
 import { ago, durationWords, riskName, shortMethod, stateName, timestampDate, timestampMs, when } from "../format.js";
 import { alertBox, type AppContext, countdown, heading, needsMeBadge, riskBadge, startClock, stateBadge } from "../ui.js";
@@ -226,8 +226,10 @@ function decisionForm(id: string, app: AppContext, view: RequestView, hooks: Dec
       .catch(async (error: unknown) => {
         // The broker says this approval needs a step-up: confirm it with a passkey bound to this request and verdict, then send it again.
         if (!(error instanceof ApiError) || error.code !== "step_up_required") throw error;
-        replaceChildren(errorSlot, h("p", { class: "notice", "data-testid": "step-up-prompt" }, "This approval needs your passkey: follow your browser's prompt."));
-        const stepUp = await stepUpProof(id, approved);
+        replaceChildren(errorSlot, h("p", { class: "notice", "data-testid": "step-up-prompt" }, "This approval needs a step-up: follow your browser's prompt."));
+        const stepUp = await stepUpProof(id, approved, { reason: text, breakGlass: breakGlass.checked }, () =>
+          replaceChildren(errorSlot, h("p", { class: "notice", "data-testid": "step-up-redirect" }, "This approval needs a fresh sign-in: taking you to your identity provider…")),
+        );
         replaceChildren(errorSlot);
         return decide(id, { ...vote, stepUp });
       })
@@ -377,6 +379,15 @@ export function detailView(id: string): (main: HTMLElement, app: AppContext) => 
         ),
       );
       update(first);
+      // Back from a step-up by a fresh sign-in: the broker cast the vote (or says why not).
+      const freshSignIn = takeStepUpOutcome();
+      if (freshSignIn !== undefined && freshSignIn.done) {
+        mine = true;
+        paintResult();
+      } else if (freshSignIn !== undefined) {
+        result.hidden = false;
+        replaceChildren(result, alertBox(`${freshSignInRefusals[freshSignIn.reason] ?? "The fresh sign-in did not confirm the approval."} (${freshSignIn.reason})`, "step-up-error"));
+      }
       const agent = request?.identity?.agent ?? "";
       if (agent !== "") {
         listRequests({ agent, limit: recentRequests.count + 1 }).then(
