@@ -17,6 +17,8 @@ export interface Me {
   readonly reviewer: string;
   readonly groups: readonly string[];
   readonly breakGlass: boolean;
+  /** Approving requests at this risk or above needs a step-up (`reviewers.step_up.min_risk`); absent: only rules ask. */
+  readonly stepUpMinRisk?: string;
 }
 
 /** An error answer of the API: `{ code, message, details }` with its HTTP status. */
@@ -55,7 +57,12 @@ function asObject(value: unknown, what: string): JsonObject {
 
 function readMe(json: JsonObject): Me {
   const groups = Array.isArray(json.groups) ? json.groups.filter((g): g is string => typeof g === "string") : [];
-  return { reviewer: typeof json.reviewer === "string" ? json.reviewer : "", groups, breakGlass: json.breakGlass === true };
+  return {
+    reviewer: typeof json.reviewer === "string" ? json.reviewer : "",
+    groups,
+    breakGlass: json.breakGlass === true,
+    ...(typeof json.stepUpMinRisk === "string" ? { stepUpMinRisk: json.stepUpMinRisk } : {}),
+  };
 }
 
 /** Decodes a RequestView (its record is canonical protobuf JSON). */

@@ -515,6 +515,8 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
       reviewer: reviewer.id,
       groups: reviewer.groups,
       breakGlass: approvals.breakGlassRole.some((member) => member.trim().toLowerCase() === key),
+      // The console says in advance when approving will need a step-up, from the rule and this floor.
+      ...(options.stepUp?.config.minRisk === undefined ? {} : { stepUpMinRisk: options.stepUp.config.minRisk }),
       ...(csrfToken === undefined ? {} : { csrfToken }),
     };
   });

@@ -107,6 +107,17 @@ await t.test("a sign-in for another challenge, and a reused earlier sign-in, con
   const call = stack.callExportTable(reason);
   const id = await openRequest(reason);
 
+  // Said in advance, on a phone too: a label at the top of the request, and the hint by the buttons.
+  await page.setViewportSize({ width: 390, height: 844 });
+  const badge = page.getByTestId("step-up-badge");
+  await badge.waitFor();
+  t.equal(await badge.textContent(), "Step-up to approve", "the request carries a step-up label");
+  const box = await badge.boundingBox();
+  t.ok(box !== null && box.y >= 0 && box.y + box.height <= 844 && box.x + box.width <= 390, `the label is on the first screen at 390x844 (${JSON.stringify(box)})`);
+  t.match(await badge.getAttribute("title"), /passkey, or a fresh sign-in/, "it says what confirms the approval");
+  await screenshot(t, page, "step-up-label-390");
+  await page.setViewportSize({ width: 1280, height: 800 });
+
   // Another challenge: the same request's challenge for the other verdict (a real one, from the broker).
   const other = await page.evaluate(async (id) => {
     const response = await fetch(`/api/v1/requests/${id}/step-up`, {
