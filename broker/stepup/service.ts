@@ -268,16 +268,18 @@ export class StepUpService {
     return viewOf(passkey);
   }
 
-  /** Whether the reviewer entered their credentials at the provider within `enrol_max_age`; dev tokens have no provider and pass. */
+  /** Whether the reviewer entered their credentials at the provider within `enrol_max_age` (unknown: no). */
   private freshSignIn(reviewer: Reviewer): boolean {
-    if (this.auth?.devMode === true) return true;
     const at = reviewer.authenticatedAt?.getTime();
     return at !== undefined && Date.now() - at <= this.config.enrolMaxAgeMs;
   }
 
-  /** `permission_denied` (`fresh_sign_in_required`) unless {@link freshSignIn}. */
+  /**
+   * For the first passkey: `permission_denied` (`fresh_sign_in_required`) unless {@link freshSignIn}.
+   * Dev tokens have no provider to sign in at again, so their first passkey is let through (dev mode is never production).
+   */
   private requireFreshSignIn(reviewer: Reviewer): void {
-    if (this.freshSignIn(reviewer)) return;
+    if (this.freshSignIn(reviewer) || this.auth?.devMode === true) return;
     throw new AirlockError(Code.PermissionDenied, "registering a passkey needs a recent sign-in: sign in again at your identity provider, then add it", {
       details: { reason: "fresh_sign_in_required", enrolMaxAgeSec: this.config.enrolMaxAgeMs / 1000 },
     });

@@ -223,7 +223,8 @@ await t.test("Deny opens a reason form bound to its request and user; any replic
   t.equal(accepted.text, "{}", "an empty answer closes the modal");
   t.equal((await call).code, Code.PermissionDenied, "the denial reaches the agent");
   const votes = (await record(requestId)).votes;
-  t.match(votes, [{ reviewer: "dana@example.com", approve: false, reason: "the board pack does not need raw customer rows" }], "the vote carries the typed reason");
+  t.match(votes, [{ reviewer: "dana@example.com", reason: "the board pack does not need raw customer rows" }], "the vote carries the typed reason");
+  t.notOk(votes[0]?.approve, "a denial");
 
   const replay = await interact(good, goodHeaders, stack.brokerUrl);
   t.equal(replay.reason, "slack_modal_replayed", "the same signed submission again is refused as a replay");
@@ -231,11 +232,11 @@ await t.test("Deny opens a reason form bound to its request and user; any replic
   t.equal(resigned.reason, "slack_modal_replayed", "so is the same submission signed anew");
   t.equal((await record(requestId)).votes.length, 1, "a replay casts nothing");
 
-  const undecided = denyClick("U0SAM", otherId, "trigger-0002");
+  const undecided = denyClick("U0DANA", otherId, "trigger-0002");
   t.equal((await interact(undecided, signed(undecided, now()))).status, 200);
   t.equal((await record(otherId)).state, "REQUEST_STATE_PENDING", "a Deny click alone never votes");
   const otherDeny = await posted((r) => r.path === "/api/views.open" && r.body.trigger_id === "trigger-0002");
-  const otherSubmit = submission("U0SAM", String((otherDeny.body.view as Record<string, unknown>).private_metadata), "cleanup");
+  const otherSubmit = submission("U0DANA", String((otherDeny.body.view as Record<string, unknown>).private_metadata), "cleanup");
   await interact(otherSubmit, signed(otherSubmit, now()));
   await other;
 });
