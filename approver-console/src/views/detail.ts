@@ -401,8 +401,7 @@ export function detailView(id: string): (main: HTMLElement, app: AppContext) => 
         mine = true;
         paintResult();
       } else if (freshSignIn !== undefined) {
-        result.hidden = false;
-        replaceChildren(result, alertBox(`${freshSignInRefusals[freshSignIn.reason] ?? "The fresh sign-in did not confirm the approval."} (${freshSignIn.reason})`, "step-up-error"));
+        result.after(alertBox(`${freshSignInRefusals[freshSignIn.reason] ?? "The fresh sign-in did not confirm the approval."} (${freshSignIn.reason})`, "step-up-error"));
       }
       const agent = request?.identity?.agent ?? "";
       if (agent !== "") {
