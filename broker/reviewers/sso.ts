@@ -189,8 +189,8 @@ export class SsoClient {
       client_id: this.config.clientId,
       redirect_uri: redirectUri,
       response_type: "code",
-      // A re-authentication needs no refresh token of its own: no offline_access for it.
-      scope: (stepUp === undefined ? this.config.scopes : this.config.scopes.filter((scope) => scope !== "offline_access")).join(" "),
+      // A vote's re-authentication makes no session, so it needs no refresh token of its own: no offline_access for it.
+      scope: (stepUp !== undefined && "vote" in stepUp ? this.config.scopes.filter((scope) => scope !== "offline_access") : this.config.scopes).join(" "),
       state: transaction.state,
       nonce: transaction.nonce,
       code_challenge: await oauth.calculatePKCECodeChallenge(verifier),
