@@ -69,10 +69,9 @@ async function tamperWithAuthorization(change: (url: URL) => void): Promise<void
   const handler = async (route: Route) => {
     const url = new URL(route.request().url());
     change(url);
-    await page.unroute(matches, handler);
     await route.continue({ url: url.href });
   };
-  await page.route(matches, handler);
+  await page.route(matches, handler, { times: 1 });
 }
 
 await t.test("dana signs in, has no passkey, and approves a step-up request by signing in again", async (t) => {
