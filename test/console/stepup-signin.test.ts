@@ -196,4 +196,18 @@ await t.test("a stolen or old session cannot enrol a passkey; the console sends 
   await page.getByTestId("passkey-added").waitFor();
   const { credentials } = await cdp.send("WebAuthn.getCredentials", { authenticatorId });
   t.equal(credentials.length, 1, "the passkey is enrolled after the fresh sign-in");
+
+  // Now that she has one, the stolen cookie may ask for options, but cannot add a passkey without confirming it with hers.
+  const further = await fetch(`${stack.brokerUrl}/api/v1/passkeys/options`, { method: "POST", headers: { cookie, "content-type": "application/json", "x-airlock-csrf": sessionCsrfToken(old) }, body: "{}" });
+  const furtherOptions = (await further.json()) as { challengeId: string; passkey?: unknown };
+  t.ok(furtherOptions.passkey, "the options ask for a confirmation with her passkey");
+  const thief = await fetch(`${stack.brokerUrl}/api/v1/passkeys`, {
+    method: "POST",
+    headers: { cookie, "content-type": "application/json", "x-airlock-csrf": sessionCsrfToken(old) },
+    body: JSON.stringify({ challengeId: furtherOptions.challengeId, response: { id: "BBBBBBBBBBBBBBBBBBBBBBBB", type: "public-key" }, name: "thief's key" }),
+  });
+  t.equal(thief.status, 403);
+  t.match(await thief.json(), { code: "step_up_required", details: { causes: ["new_passkey"] } }, "an old session adds no further passkey without her passkey's confirmation");
+  const listed = (await (await fetch(`${stack.brokerUrl}/api/v1/passkeys`, { headers: { cookie } })).json()) as { passkeys: unknown[] };
+  t.equal(listed.passkeys.length, 1, "still one passkey");
 });
