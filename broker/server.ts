@@ -17,7 +17,7 @@ import { createBrokerHttpApp } from "./reviewers/http.js";
 import { parseStepUpConfig, type StepUpConfig, StepUpService, stepUpNeed } from "./stepup/index.js";
 import { parseSessionConfig, readSessionKey, Sealer, type SessionConfig } from "./reviewers/session.js";
 import { parseSsoConfig, SsoClient, type SsoConfig } from "./reviewers/sso.js";
-import { type NotificationsConfig, noNotifications, parseNotificationsConfig, ReviewNotifier, type StepUpPredicate } from "./notify/index.js";
+import { type NotificationsConfig, noNotifications, parseNotificationsConfig, KvSlackModalTickets, ReviewNotifier, type StepUpPredicate } from "./notify/index.js";
 
 /** How the broker authenticates to Vault: a union keyed by `kind`. */
 export type VaultAuth = { readonly kind: "token"; readonly token: string } | { readonly kind: "approle"; readonly roleId: string; readonly secretId: string; readonly mount: string };
@@ -381,6 +381,8 @@ export async function startBroker(config: BrokerConfig, options: StartBrokerOpti
     const stepUpConfig = config.reviewers?.stepUp;
     const stepUp = stepUpConfig === undefined ? undefined : await StepUpService.open(nc, stepUpConfig, auth, { replicas: config.natsReplicas, log });
     const slack = notifier.slack;
+    // Deny-reason modals are bound to their request and user in KV, so any replica takes the submission.
+    const slackTickets = slack === undefined ? undefined : await KvSlackModalTickets.open(nc);
     const teams = notifier.teams;
     app = await createBrokerHttpApp({
       broker,
@@ -390,7 +392,7 @@ export async function startBroker(config: BrokerConfig, options: StartBrokerOpti
       registry: broker.metrics.registry,
       ready,
       ...(auth === undefined ? {} : { auth, ratePerMinute: config.reviewers?.ratePerMinute ?? brokerConfigDefaults.ratePerMinute }),
-      ...(slack === undefined ? {} : { slack: (rawBody, headers, decide) => slack.handleInteraction(rawBody, headers, decide) }),
+      ...(slack === undefined ? {} : { slack: (rawBody, headers, decide) => slack.handleInteraction(rawBody, headers, decide, slackTickets === undefined ? {} : { tickets: slackTickets }) }),
       ...(teams === undefined ? {} : { teams: (activity, headers, target) => teams.handleActivity(activity, headers, target) }),
       ...(config.reviewers?.publicOrigin === undefined ? {} : { publicOrigin: config.reviewers.publicOrigin }),
       ...(stepUp === undefined ? {} : { stepUp }),

@@ -17,6 +17,8 @@ export interface Me {
   readonly reviewer: string;
   readonly groups: readonly string[];
   readonly breakGlass: boolean;
+  /** Approving requests at this risk or above needs a step-up (`reviewers.step_up.min_risk`); absent: only rules ask. */
+  readonly stepUpMinRisk?: string;
 }
 
 /** An error answer of the API: `{ code, message, details }` with its HTTP status. */
@@ -55,7 +57,12 @@ function asObject(value: unknown, what: string): JsonObject {
 
 function readMe(json: JsonObject): Me {
   const groups = Array.isArray(json.groups) ? json.groups.filter((g): g is string => typeof g === "string") : [];
-  return { reviewer: typeof json.reviewer === "string" ? json.reviewer : "", groups, breakGlass: json.breakGlass === true };
+  return {
+    reviewer: typeof json.reviewer === "string" ? json.reviewer : "",
+    groups,
+    breakGlass: json.breakGlass === true,
+    ...(typeof json.stepUpMinRisk === "string" ? { stepUpMinRisk: json.stepUpMinRisk } : {}),
+  };
 }
 
 /** Decodes a RequestView (its record is canonical protobuf JSON). */
@@ -258,6 +265,16 @@ export async function stepUpChallenge(id: string, approve: boolean): Promise<Ste
     ...(isObject(json.passkey) ? { passkey: json.passkey } : {}),
     ...(isObject(json.oidc) ? { oidc: json.oidc } : {}),
   };
+}
+
+/**
+ * Starts a step-up by a fresh sign-in for a challenge that offers `oidc`: the broker seals
+ * the vote (this reason, break-glass) into the sign-in and answers the provider's URL to go to.
+ */
+export async function startFreshSignIn(challengeId: string, vote: { reason: string; breakGlass: boolean }): Promise<string> {
+  const json = asObject(await call("POST", "/sso/step-up", { body: { challengeId, reason: vote.reason, breakGlass: vote.breakGlass } }), "answer");
+  if (typeof json.url !== "string") throw new ApiError(0, "step_up_failed", "the broker did not say where to sign in again");
+  return json.url;
 }
 
 /** One of the signed-in reviewer's passkeys. */

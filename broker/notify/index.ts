@@ -50,14 +50,20 @@ export {
   slackIntegrationDefaults,
   type SlackIntegrationOptions,
   type SlackInteraction,
+  type SlackInteractionOptions,
   type SlackInteractionReply,
+  type SlackSignatureRefusal,
   slackSignatureMaxSkewSeconds,
   verifySlackSignature,
 } from "./slack.js";
+export { KvSlackModalTickets, type SlackDenyTicket, slackDenyModalTtlMs, type SlackModalRefusal, type SlackModalTickets } from "./slack-modal.js";
 export {
   escapeMrkdwn,
   slackActions,
   type SlackBlock,
+  slackDenyModal,
+  slackDenyReasonModal,
+  type SlackModalView,
   type SlackButton,
   type SlackMessage,
   type SlackMessageOptions,

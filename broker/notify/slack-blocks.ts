@@ -104,6 +104,8 @@ export interface SlackMessageOptions {
   readonly stepUp?: boolean;
   /** Mentions of the reviewers: `<@U…>` for mapped ones, their id otherwise. Already mrkdwn. */
   readonly mentions?: readonly string[];
+  /** Deny opens a modal that asks for the reason (and is the confirmation), instead of a confirm dialog. @default false */
+  readonly denyModal?: boolean;
 }
 
 function voteLines(record: RequestRecord): string[] {
@@ -170,7 +172,9 @@ function actions(summary: RequestSummary, options: SlackMessageOptions, withVote
     text: plain("Deny"),
     value: summary.id,
     style: "danger",
-    confirm: { title: plain("Deny this action?"), text: mrkdwn("The agent is told it was denied in Slack by you."), confirm: plain("Deny"), deny: plain("Back"), style: "danger" },
+    ...(options.denyModal === true
+      ? {}
+      : { confirm: { title: plain("Deny this action?"), text: mrkdwn("The agent is told it was denied in Slack by you."), confirm: plain("Deny"), deny: plain("Back"), style: "danger" as const } }),
   };
   return { type: "actions", block_id: blockId(summary.id), elements: options.stepUp === true ? [review, deny] : [approve, deny, open] };
 }
@@ -262,4 +266,43 @@ export function slackResultMessage(notification: Extract<Notification, { kind: "
   if (notification.reason !== "") blocks.push({ type: "section", text: mrkdwn(quote(notification.reason, 2900)) });
   blocks.push({ type: "context", elements: [mrkdwn(`Request \`${escapeMrkdwn(summary.id)}\` · <${consoleLink(consoleUrl, summary.id)}|Open in console>`)] });
   return { text, blocks };
+}
+
+/** The deny-reason modal's ids: `callback_id` of the view, and the input's block and action. */
+export const slackDenyModal = { callbackId: "airlock_deny_reason", blockId: "airlock_reason", actionId: "reason", maxReason: 500 } as const;
+
+/** A Slack modal view (`views.open`). */
+export interface SlackModalView {
+  readonly type: "modal";
+  readonly callback_id: string;
+  readonly private_metadata: string;
+  readonly title: SlackText;
+  readonly submit: SlackText;
+  readonly close: SlackText;
+  readonly blocks: readonly unknown[];
+}
+
+/**
+ * The modal a Deny click opens: one required text input for the reason (at most
+ * {@link slackDenyModal}.maxReason characters). `privateMetadata` is what binds the
+ * submission to its request (see slack-modal.ts); Slack returns it unchanged.
+ */
+export function slackDenyReasonModal(requestId: string, privateMetadata: string): SlackModalView {
+  return {
+    type: "modal",
+    callback_id: slackDenyModal.callbackId,
+    private_metadata: privateMetadata,
+    title: plain("Deny request"),
+    submit: plain("Deny"),
+    close: plain("Back"),
+    blocks: [
+      { type: "section", text: mrkdwn(`Deny request \`${escapeMrkdwn(requestId)}\`? The agent and the person it acts for are told your reason.`) },
+      {
+        type: "input",
+        block_id: slackDenyModal.blockId,
+        label: plain("Reason"),
+        element: { type: "plain_text_input", action_id: slackDenyModal.actionId, multiline: true, min_length: 1, max_length: slackDenyModal.maxReason },
+      },
+    ],
+  };
 }

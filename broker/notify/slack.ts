@@ -7,16 +7,30 @@ import type { SlackConfig } from "./config.js";
 import type { Notification } from "./events.js";
 import { type HeaderMap, headerValue, originOf, postJson } from "./http.js";
 import type { DeliveryQueue } from "./queue.js";
-import { type SlackMessage, type SlackMessageOptions, escapeMrkdwn, slackActions, slackRecordMessage, slackRequestMessage, slackResultMessage } from "./slack-blocks.js";
+import {
+  escapeMrkdwn,
+  type SlackMessage,
+  type SlackMessageOptions,
+  slackActions,
+  slackDenyModal,
+  slackDenyReasonModal,
+  slackRecordMessage,
+  slackRequestMessage,
+  slackResultMessage,
+} from "./slack-blocks.js";
 import { destinationsFor, outcomeOfState } from "./summary.js";
 import type { StepUpPredicate } from "./teams.js";
 import { isRecord, stringAt as anyStringAt } from "./json.js";
+import type { SlackModalTickets } from "./slack-modal.js";
 
 /** How far `x-slack-request-timestamp` may be from now, either way, in seconds (Slack's own recommendation). */
 export const slackSignatureMaxSkewSeconds = 300;
 
-function unauthenticated(message: string): AirlockError {
-  return new AirlockError(Code.Unauthenticated, message);
+/** The stable reasons (`details.reason`) a Slack request's signature is refused with. */
+export type SlackSignatureRefusal = "slack_unsigned" | "slack_stale_timestamp" | "slack_bad_signature" | "slack_interactions_disabled";
+
+function unauthenticated(reason: SlackSignatureRefusal, message: string): AirlockError {
+  return new AirlockError(Code.Unauthenticated, message, { details: { reason } });
 }
 
 /**
@@ -25,24 +39,25 @@ function unauthenticated(message: string): AirlockError {
  * (compared in constant time), and the timestamp at most
  * {@link slackSignatureMaxSkewSeconds} from `now` either way, so a captured request
  * cannot be replayed later. `rawBody` must be the body exactly as received.
- * @throws AirlockError `unauthenticated` saying what is wrong.
+ * @throws AirlockError `unauthenticated` saying what is wrong, with a {@link SlackSignatureRefusal} as `details.reason`.
  */
 export function verifySlackSignature(signingSecret: string, rawBody: string | Uint8Array, headers: HeaderMap, now: Date = new Date()): void {
   const signature = headerValue(headers, "x-slack-signature");
   const timestamp = headerValue(headers, "x-slack-request-timestamp");
-  if (signature === undefined || timestamp === undefined) throw unauthenticated("the request is not signed by Slack (x-slack-signature and x-slack-request-timestamp are required)");
-  if (!/^\d{1,12}$/.test(timestamp)) throw unauthenticated("x-slack-request-timestamp is not a Unix time in seconds");
+  if (signature === undefined || timestamp === undefined) throw unauthenticated("slack_unsigned", "the request is not signed by Slack (x-slack-signature and x-slack-request-timestamp are required)");
+  if (!/^\d{1,12}$/.test(timestamp)) throw unauthenticated("slack_stale_timestamp", "x-slack-request-timestamp is not a Unix time in seconds");
   const skew = Math.floor(now.getTime() / 1000) - Number(timestamp);
   if (Math.abs(skew) > slackSignatureMaxSkewSeconds) {
     throw unauthenticated(
+      "slack_stale_timestamp",
       `x-slack-request-timestamp is ${Math.abs(skew)} s ${skew > 0 ? "old" : "in the future"} (at most ${slackSignatureMaxSkewSeconds} s allowed): a replayed request or a wrong clock`,
     );
   }
   const match = /^v0=([0-9a-fA-F]{64})$/.exec(signature);
-  if (match?.[1] === undefined) throw unauthenticated("x-slack-signature is not a v0 signature");
+  if (match?.[1] === undefined) throw unauthenticated("slack_bad_signature", "x-slack-signature is not a v0 signature");
   const body = typeof rawBody === "string" ? Buffer.from(rawBody, "utf8") : rawBody;
   const expected = createHmac("sha256", signingSecret).update(`v0:${timestamp}:`).update(body).digest();
-  if (!timingSafeEqual(expected, Buffer.from(match[1], "hex"))) throw unauthenticated("x-slack-signature does not match the request (wrong signing secret or altered body)");
+  if (!timingSafeEqual(expected, Buffer.from(match[1], "hex"))) throw unauthenticated("slack_bad_signature", "x-slack-signature does not match the request (wrong signing secret or altered body)");
 }
 
 /** A click on an Airlock vote button, from a verified interaction payload. */
@@ -62,8 +77,8 @@ export interface SlackInteraction {
   readonly messageTs?: string;
 }
 
-/** A vote click before its user is mapped to a reviewer. */
-type SlackAction = Omit<SlackInteraction, "reviewer">;
+/** A vote click before its user is mapped to a reviewer, with the click's `trigger_id` (valid 3 s, for opening a modal). */
+type SlackAction = Omit<SlackInteraction, "reviewer"> & { readonly triggerId?: string };
 
 /** A non-empty string at `path`: Slack sends empty strings for fields it has no value for. */
 function stringAt(value: unknown, ...path: string[]): string | undefined {
@@ -75,8 +90,8 @@ function badPayload(message: string): AirlockError {
   return new AirlockError(Code.InvalidArgument, `Slack interaction: ${message}`, { details: { field: "payload" } });
 }
 
-/** Reads the vote click out of a form-encoded `payload=` body; undefined when it is not an Airlock vote. */
-function readSlackAction(rawBody: string): SlackAction | undefined {
+/** The JSON object in a form-encoded `payload=` body (what Slack posts for every interaction). */
+function readPayload(rawBody: string): Record<string, unknown> {
   const text = new URLSearchParams(rawBody).get("payload");
   if (text === null) throw badPayload("the body has no payload field");
   let payload: unknown;
@@ -86,7 +101,16 @@ function readSlackAction(rawBody: string): SlackAction | undefined {
     throw badPayload("payload is not JSON");
   }
   if (!isRecord(payload)) throw badPayload("payload is not an object");
-  // Other interaction types (shortcuts, modals) are not Airlock's: acknowledged and ignored.
+  return payload;
+}
+
+/** Reads the vote click out of a form-encoded `payload=` body; undefined when it is not an Airlock vote. */
+function readSlackAction(rawBody: string): SlackAction | undefined {
+  return actionOf(readPayload(rawBody));
+}
+
+function actionOf(payload: Record<string, unknown>): SlackAction | undefined {
+  // Other interaction types (shortcuts, other apps' modals) are not Airlock's: acknowledged and ignored.
   if (payload.type !== "block_actions") return undefined;
   const action: unknown = Array.isArray(payload.actions) ? payload.actions[0] : undefined;
   const actionId = stringAt(action, "action_id");
@@ -100,6 +124,7 @@ function readSlackAction(rawBody: string): SlackAction | undefined {
   if (responseUrl === undefined || !/^https?:\/\//.test(responseUrl)) throw badPayload("payload.response_url is missing");
   const channel = stringAt(payload, "channel", "id") ?? stringAt(payload, "container", "channel_id");
   const messageTs = stringAt(payload, "container", "message_ts") ?? stringAt(payload, "message", "ts");
+  const triggerId = stringAt(payload, "trigger_id");
   return {
     slackUserId,
     requestId,
@@ -107,6 +132,7 @@ function readSlackAction(rawBody: string): SlackAction | undefined {
     responseUrl,
     ...(channel === undefined ? {} : { channel }),
     ...(messageTs === undefined ? {} : { messageTs }),
+    ...(triggerId === undefined ? {} : { triggerId }),
   };
 }
 
@@ -127,7 +153,8 @@ export function parseSlackInteraction(rawBody: string, users: ReadonlyMap<string
   if (action === undefined) return undefined;
   const reviewer = users.get(action.slackUserId);
   if (reviewer === undefined) throw unknownUser(action.slackUserId);
-  return { ...action, reviewer };
+  const { triggerId: _trigger, ...click } = action;
+  return { ...click, reviewer };
 }
 
 /** What the `/slack/interactions` route answers: the status and a JSON body. */
@@ -135,6 +162,20 @@ export interface SlackInteractionReply {
   /** 200 (handled, or refused with an ephemeral text), 400 (malformed) or 401 (bad, stale or missing signature). */
   readonly status: number;
   readonly body: unknown;
+  /** Extra headers: `x-airlock-reason`, the stable reason of a refusal, so callers need not read texts. */
+  readonly headers?: Readonly<Record<string, string>>;
+}
+
+/** Options of {@link SlackIntegration.handleInteraction}. */
+export interface SlackInteractionOptions {
+  /** The clock the signature's timestamp is checked against. @default new Date() */
+  readonly now?: Date;
+  /**
+   * Where deny-reason modals are bound to their request and user. With it (and a bot
+   * token), Deny opens a modal asking for the reason; without it, Deny votes at once
+   * with a fixed reason.
+   */
+  readonly tickets?: SlackModalTickets;
 }
 
 /** The ballot {@link SlackIntegration.handleInteraction} casts; assignable to the broker's `Ballot`. */
@@ -175,6 +216,12 @@ const transientSlackErrors = new Set(["ratelimited", "internal_error", "fatal_er
 
 function ephemeral(text: string): Record<string, unknown> {
   return { response_type: "ephemeral", replace_original: false, text };
+}
+
+/** `x-airlock-reason`: the refusal's stable reason (`details.reason`), else its code's name. */
+function reasonHeader(error: AirlockError): Record<string, string> {
+  const reason = error.details.reason;
+  return { "x-airlock-reason": typeof reason === "string" ? reason : codeName(error.code) };
 }
 
 /** What a refused vote tells the reviewer who clicked. */
@@ -233,7 +280,7 @@ export class SlackIntegration {
   /** Queues what Slack should show for a notification. Returns at once. */
   deliver(notification: Notification): void {
     const requestId = notification.record.request?.id ?? "";
-    const options: SlackMessageOptions = { consoleUrl: this.options.consoleUrl, buttons: this.config.signingSecret !== undefined, stepUp: this.options.requiresStepUp?.(notification.record) === true };
+    const options: SlackMessageOptions = { consoleUrl: this.options.consoleUrl, buttons: this.config.signingSecret !== undefined, stepUp: this.options.requiresStepUp?.(notification.record) === true, denyModal: this.config.transport.kind === "web_api" };
     if (notification.kind === "decided") {
       this.deliverDecision(notification, requestId, options);
       return;
@@ -315,32 +362,40 @@ export class SlackIntegration {
   /**
    * Handles a POST to `/slack/interactions`: verifies Slack's signature over the raw
    * body, reads the vote (mapping the Slack user to a reviewer), casts it through
-   * `decide` (a denial with the reason `denied in Slack by <reviewer>`), and queues
-   * the update of the clicked message with the result (`chat.update`, or the
-   * interaction's `response_url` when there is no bot token or the update fails).
-   * A refused vote (already decided, self-approval, unknown user, …) is told to the
-   * clicker alone, as an ephemeral message. Never throws.
+   * `decide`, and queues the update of the clicked message with the result
+   * (`chat.update`, or the interaction's `response_url` when there is no bot token or
+   * the update fails). With `options.tickets` and a bot token, Deny opens a modal
+   * (`views.open` with the click's `trigger_id`) asking for the reason, and the
+   * modal's `view_submission` casts the denial with it, once, and only for the request
+   * and Slack user the modal was opened for; without, Deny votes at once with the
+   * reason `denied in Slack by <reviewer>`. A refused vote (already decided,
+   * self-approval, unknown user, …) is told to the clicker alone, as an ephemeral
+   * message or as an error in the modal. Never throws.
    * @param rawBody - the body exactly as received (form-encoded), before any parsing.
-   * @param now - the clock the timestamp is checked against. @default new Date()
    * @returns 401 for a missing, bad or stale signature (decide not called), 400 for a
-   *   malformed payload, else 200 (with an ephemeral text when the vote was refused).
+   *   malformed payload, else 200 (with an ephemeral text, or the modal's errors, when
+   *   the vote was refused). A refusal carries its stable reason in `headers`.
    */
-  async handleInteraction(rawBody: string, headers: HeaderMap, decide: DecideFunction, now: Date = new Date()): Promise<SlackInteractionReply> {
+  async handleInteraction(rawBody: string, headers: HeaderMap, decide: DecideFunction, options: SlackInteractionOptions | Date = {}): Promise<SlackInteractionReply> {
+    const { now = new Date(), tickets } = options instanceof Date ? { now: options } : options;
     try {
-      if (this.config.signingSecret === undefined) throw unauthenticated("Slack interactions are disabled: notifications.slack.signing_secret is not configured");
+      if (this.config.signingSecret === undefined) throw unauthenticated("slack_interactions_disabled", "Slack interactions are disabled: notifications.slack.signing_secret is not configured");
       verifySlackSignature(this.config.signingSecret, rawBody, headers, now);
     } catch (error) {
       const refused = AirlockError.from(error, Code.Unauthenticated);
       this.log.warn({ reason: refused.rawMessage }, "Slack interaction refused");
-      return { status: 401, body: refused.toJSON() };
+      return { status: 401, body: refused.toJSON(), headers: reasonHeader(refused) };
     }
+    let payload: Record<string, unknown>;
     let action: SlackAction | undefined;
     try {
-      action = readSlackAction(rawBody);
+      payload = readPayload(rawBody);
+      if (payload.type === "view_submission") return await this.handleDenySubmission(payload, decide, tickets);
+      action = actionOf(payload);
     } catch (error) {
       const bad = AirlockError.from(error, Code.InvalidArgument);
       this.log.warn({ reason: bad.rawMessage }, "malformed Slack interaction");
-      return { status: 400, body: bad.toJSON() };
+      return { status: 400, body: bad.toJSON(), headers: reasonHeader(bad) };
     }
     if (action === undefined) return { status: 200, body: {} };
     const reviewer = this.config.users.get(action.slackUserId);
@@ -349,6 +404,7 @@ export class SlackIntegration {
       this.log.warn({ slackUserId: action.slackUserId, requestId: action.requestId }, "Slack vote from a user with no reviewer mapping refused");
       return this.refuse(action, `Your Slack account is not linked to an Airlock reviewer, so your vote was not recorded. (${refused.rawMessage})`);
     }
+    if (!action.approve && this.modalsFor(tickets) !== undefined) return this.openDenyModal(action, reviewer, this.modalsFor(tickets) as SlackModalTickets);
     const ballot: SlackBallot = { reviewer, approve: action.approve, reason: `${action.approve ? "approved" : "denied"} in Slack by ${reviewer}` };
     let record: RequestRecord;
     try {
@@ -359,6 +415,111 @@ export class SlackIntegration {
       return this.refuse(action, refusalText(refused));
     }
     this.log.info({ requestId: action.requestId, reviewer, approve: action.approve }, "Slack vote recorded");
+    this.updateClicked(action, record);
+    return { status: 200, body: {} };
+  }
+
+  /** The ticket store when Deny can open a modal: a bot token is needed for `views.open`. */
+  private modalsFor(tickets: SlackModalTickets | undefined): SlackModalTickets | undefined {
+    return this.config.transport.kind === "web_api" ? tickets : undefined;
+  }
+
+  /**
+   * A Deny click: stores what the modal is for (request, Slack user, reviewer, the
+   * clicked message) as a single-use ticket every replica can read, then opens the
+   * modal with the click's trigger_id. Slack gives 3 s for that, so it is not retried.
+   */
+  private async openDenyModal(action: SlackAction, reviewer: string, tickets: SlackModalTickets): Promise<SlackInteractionReply> {
+    if (action.triggerId === undefined) {
+      const bad = badPayload("a Deny click without trigger_id cannot open the reason form");
+      return { status: 400, body: bad.toJSON() };
+    }
+    let ticket: string;
+    try {
+      ticket = await tickets.issue({
+        requestId: action.requestId,
+        slackUserId: action.slackUserId,
+        reviewer,
+        responseUrl: action.responseUrl,
+        ...(action.channel === undefined ? {} : { channel: action.channel }),
+        ...(action.messageTs === undefined ? {} : { messageTs: action.messageTs }),
+      });
+    } catch (error) {
+      const failure = AirlockError.from(error, Code.Unavailable);
+      this.log.warn({ requestId: action.requestId, error: failure.message }, "cannot store a Slack deny form");
+      return this.refuse(action, refusalText(failure));
+    }
+    const view = slackDenyReasonModal(action.requestId, JSON.stringify({ request: action.requestId, ticket }));
+    const triggerId = action.triggerId;
+    try {
+      await this.callWebApi("views.open", { trigger_id: triggerId, view }, AbortSignal.timeout(2500));
+    } catch (error) {
+      const failure = AirlockError.from(error);
+      this.log.warn({ requestId: action.requestId, error: failure.message }, "Slack views.open failed");
+      return this.refuse(action, `The reason form could not be opened (${failure.rawMessage}); deny from the console instead.`);
+    }
+    this.log.info({ requestId: action.requestId, reviewer }, "Slack deny form opened");
+    return { status: 200, body: {} };
+  }
+
+  /**
+   * The deny-reason modal's submission: the ticket named in `private_metadata` must
+   * exist, be unspent and unexpired, and be for this request and this Slack user; it is
+   * spent, then the denial is cast with the typed reason. A refusal is shown in the
+   * modal (`response_action: errors`) and carries its reason in `x-airlock-reason`.
+   */
+  private async handleDenySubmission(payload: Record<string, unknown>, decide: DecideFunction, tickets: SlackModalTickets | undefined): Promise<SlackInteractionReply> {
+    if (stringAt(payload, "view", "callback_id") !== slackDenyModal.callbackId) return { status: 200, body: {} };
+    const slackUserId = stringAt(payload, "user", "id");
+    if (slackUserId === undefined) throw badPayload("payload.user.id is missing");
+    let metadata: unknown;
+    try {
+      metadata = JSON.parse(stringAt(payload, "view", "private_metadata") ?? "");
+    } catch {
+      metadata = undefined;
+    }
+    const requestId = stringAt(metadata, "request");
+    const ticketId = stringAt(metadata, "ticket");
+    if (requestId === undefined || ticketId === undefined) throw badPayload("view.private_metadata does not name the request and the form");
+    const reason = (stringAt(payload, "view", "state", "values", slackDenyModal.blockId, slackDenyModal.actionId, "value") ?? "").trim();
+    const inForm = (text: string, error: AirlockError): SlackInteractionReply => ({
+      status: 200,
+      body: { response_action: "errors", errors: { [slackDenyModal.blockId]: text.slice(0, 300) } },
+      headers: reasonHeader(error),
+    });
+    if (reason === "" || reason.length > slackDenyModal.maxReason) {
+      return inForm(`Give a reason of 1 to ${slackDenyModal.maxReason} characters.`, new AirlockError(Code.InvalidArgument, "reason", { details: { reason: "slack_reason_missing" } }));
+    }
+    const modals = this.modalsFor(tickets);
+    if (modals === undefined) {
+      return inForm("Deny forms are not enabled on this broker.", new AirlockError(Code.FailedPrecondition, "no ticket store", { details: { reason: "slack_modal_unknown" } }));
+    }
+    let ticket;
+    try {
+      ticket = await modals.spend(ticketId, requestId, slackUserId);
+      if (this.config.users.get(slackUserId) !== ticket.reviewer) throw new AirlockError(Code.PermissionDenied, "your Slack account is no longer linked to the reviewer who opened this form", { details: { reason: "slack_modal_mismatch" } });
+    } catch (error) {
+      const refused = AirlockError.from(error, Code.Unavailable);
+      this.log.warn({ requestId, slackUserId, code: codeName(refused.code), reason: refused.details.reason }, "Slack deny form refused");
+      return inForm(`Your denial was not recorded: ${refused.rawMessage}.`, refused);
+    }
+    const action: SlackAction = {
+      slackUserId,
+      requestId: ticket.requestId,
+      approve: false,
+      responseUrl: ticket.responseUrl,
+      ...(ticket.channel === undefined ? {} : { channel: ticket.channel }),
+      ...(ticket.messageTs === undefined ? {} : { messageTs: ticket.messageTs }),
+    };
+    let record: RequestRecord;
+    try {
+      record = await decide(ticket.requestId, { reviewer: ticket.reviewer, approve: false, reason });
+    } catch (error) {
+      const refused = AirlockError.from(error);
+      this.log.info({ requestId, reviewer: ticket.reviewer, code: codeName(refused.code), reason: refused.rawMessage }, "Slack denial refused");
+      return inForm(refusalText(refused), refused);
+    }
+    this.log.info({ requestId, reviewer: ticket.reviewer }, "Slack denial with a reason recorded");
     this.updateClicked(action, record);
     return { status: 200, body: {} };
   }
@@ -376,7 +537,7 @@ export class SlackIntegration {
 
   private updateClicked(action: SlackAction, record: RequestRecord): void {
     const requestId = action.requestId;
-    const options: SlackMessageOptions = { consoleUrl: this.options.consoleUrl, buttons: true, stepUp: this.options.requiresStepUp?.(record) === true };
+    const options: SlackMessageOptions = { consoleUrl: this.options.consoleUrl, buttons: true, stepUp: this.options.requiresStepUp?.(record) === true, denyModal: this.config.transport.kind === "web_api" };
     const decided = outcomeOfState(record.state) !== undefined;
     const transport = this.config.transport;
     const ref = action.channel !== undefined && action.messageTs !== undefined ? { channel: action.channel, ts: action.messageTs } : undefined;
@@ -434,7 +595,7 @@ export class SlackIntegration {
    * 200 and `ok: false`: transient ones are `unavailable` (retried), the rest
    * `failed_precondition`. The token is only ever in the authorization header.
    */
-  private async callWebApi(method: "chat.postMessage" | "chat.update", body: Record<string, unknown>, signal: AbortSignal): Promise<Record<string, unknown>> {
+  private async callWebApi(method: "chat.postMessage" | "chat.update" | "views.open", body: Record<string, unknown>, signal: AbortSignal): Promise<Record<string, unknown>> {
     const transport = this.config.transport;
     if (transport.kind !== "web_api") throw new AirlockError(Code.FailedPrecondition, `slack ${method} needs a bot token`);
     const reply = await postJson(`${transport.apiUrl}/${method}`, body, { what: `slack ${method}`, signal, headers: { authorization: `Bearer ${transport.botToken}` } });

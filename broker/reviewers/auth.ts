@@ -17,6 +17,12 @@ export interface Reviewer {
   readonly groups: readonly string[];
   /** When the credential stops being valid. */
   readonly expiresAt: Date | undefined;
+  /**
+   * When the person last proved who they are at the identity provider (the ID token's
+   * `auth_time`, or the console sign-in's); absent when unknown (dev tokens, a token without
+   * `auth_time`). Enrolling a passkey needs it recent.
+   */
+  readonly authenticatedAt?: Date;
 }
 
 /** OIDC: bearer JWTs signed by the identity provider. */
@@ -146,7 +152,12 @@ export class ReviewerAuthenticator {
     if (config.reviewerClaim === "email" && payload.email_verified === false) throw unauthenticated("email_not_verified", "the reviewer token's email is not verified");
     const claimed = payload[config.groupsClaim];
     const groups = Array.isArray(claimed) ? claimed.filter((g): g is string => typeof g === "string") : typeof claimed === "string" ? [claimed] : [];
-    return { id: id.trim(), groups, expiresAt: payload.exp === undefined ? undefined : new Date(payload.exp * 1000) };
+    return {
+      id: id.trim(),
+      groups,
+      expiresAt: payload.exp === undefined ? undefined : new Date(payload.exp * 1000),
+      ...(typeof payload.auth_time === "number" && Number.isFinite(payload.auth_time) ? { authenticatedAt: new Date(payload.auth_time * 1000) } : {}),
+    };
   }
 
   /**

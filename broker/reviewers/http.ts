@@ -26,6 +26,7 @@ import type { SsoClient, SsoTransaction } from "./sso.js";
 import { RateLimiter } from "./rate-limit.js";
 import type { StepUpService } from "../stepup/index.js";
 import { registerStepUpRoutes, stepUpReceipt } from "./stepup-routes.js";
+import { castStepUpVote, registerSsoStepUp } from "./sso-stepup.js";
 import { liveRequests } from "./live.js";
 import { admitReviewer, listDefaults, listRequests, parseLimit, parseRequestFilter, requestIdRefusals, requestView, requireReviewer, resolveRequest } from "./views.js";
 
@@ -37,7 +38,7 @@ export type SlackInteractionHandler = (
   rawBody: string,
   headers: Readonly<Record<string, string | string[] | undefined>>,
   decide: (requestId: string, ballot: Ballot) => Promise<RequestRecord>,
-) => Promise<{ status: number; body: unknown }>;
+) => Promise<{ status: number; body: unknown; headers?: Readonly<Record<string, string>> }>;
 
 /**
  * Handles an activity the Bot Framework POSTs to the Teams bot endpoint: verifies its
@@ -275,7 +276,8 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
   /** The reviewer of a sealed session; its credential ends at the session's end or its next refresh, whichever is first. */
   function reviewerOfSession(session: BrowserSession): Reviewer {
     const ends = session.refreshAt === undefined || session.refreshToken === undefined ? session.exp : Math.min(session.exp, session.refreshAt);
-    return { id: session.reviewer, groups: session.groups, expiresAt: new Date(ends) };
+    const authAt = session.via === "sso" ? (session.authAt ?? session.iat) : undefined;
+    return { id: session.reviewer, groups: session.groups, expiresAt: new Date(ends), ...(authAt === undefined ? {} : { authenticatedAt: new Date(authAt) }) };
   }
 
   /**
@@ -382,8 +384,10 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     const callbackUrl = (request: FastifyRequest): string => sso.config.redirectUri ?? `${options.publicOrigin ?? `${request.protocol}://${request.headers.host ?? ""}`}/api/v1/sso/callback`;
 
     app.get("/api/v1/sso/login", async (request, reply) => {
-      const returnTo = safeReturn((request.query as Record<string, unknown>).return);
-      const { url, transaction } = await sso.begin(callbackUrl(request), returnTo);
+      const query = request.query as Record<string, unknown>;
+      const returnTo = safeReturn(query.return);
+      // `fresh=1`: the provider must ask for the credentials again (before a passkey is enrolled).
+      const { url, transaction } = await sso.begin(callbackUrl(request), returnTo, query.fresh === "1" ? { fresh: true } : undefined);
       void reply.header("set-cookie", ssoCookie(request, sessions.sealer.seal("sso", transaction), (transaction.exp - Date.now()) / 1000));
       void reply.header("cache-control", "no-store");
       return reply.redirect(url.href, 302);
@@ -401,13 +405,20 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
         // A browser is on this page: back to the console, which says why.
         return reply.redirect(`/console/?sso_error=${encodeURIComponent(reason)}`, 303);
       };
+      let stepUpReturn: string | undefined;
       try {
         const sealed = cookieValue(request.headers.cookie, brokerHttpDefaults.ssoCookie);
         if (sealed === undefined || sealed === "") throw new AirlockError(Code.Unauthenticated, "no sign-in is in progress in this browser", { details: { reason: "no_sign_in_in_progress" } });
         const transaction = sessions.sealer.open("sso", sealed) as SsoTransaction;
         if (typeof transaction.exp !== "number" || transaction.exp <= Date.now()) throw new AirlockError(Code.Unauthenticated, "the sign-in took too long; start again", { details: { reason: "sign_in_expired" } });
+        if (transaction.stepUp !== undefined) stepUpReturn = safeReturn(transaction.returnTo);
         const callback = new URL(request.url, `http://${request.headers.host ?? "localhost"}`);
         const identity = await sso.finish(callback, transaction);
+        if (transaction.stepUp !== undefined) {
+          // A step-up, not a sign-in: the session stays as it is; the vote is cast with the fresh ID token.
+          await castStepUpVote({ stepUp: options.stepUp, broker, approvals, log }, transaction.stepUp, identity);
+          return await reply.redirect(`/console/?step_up=done${stepUpReturn ?? ""}`, 303);
+        }
         const reviewer: Reviewer = { id: identity.reviewer, groups: identity.groups, expiresAt: undefined };
         requireReviewer(reviewer, approvals);
         const now = Date.now();
@@ -417,6 +428,8 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
           groups: identity.groups,
           iat: now,
           exp: now + sessions.maxAgeMs,
+          // When the person entered their credentials: a provider that reused its own session says so in auth_time.
+          authAt: typeof identity.claims.auth_time === "number" ? Math.min(now, identity.claims.auth_time * 1000) : now,
           via: "sso",
           ...(identity.refreshToken === undefined ? {} : { refreshToken: identity.refreshToken, refreshAt: identity.tokensExpireAt }),
         };
@@ -424,8 +437,26 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
         log.info({ reviewer: identity.reviewer, via: "sso", refresh: identity.refreshToken !== undefined }, "reviewer signed in");
         return reply.redirect(`/console/${transaction.returnTo}`, 303);
       } catch (error) {
-        return fail(error);
+        if (stepUpReturn === undefined) return fail(error);
+        // A refused step-up goes back to the request it was for, which says why.
+        const airlock = asAirlockError(error);
+        const reason = typeof airlock.details.reason === "string" ? airlock.details.reason : httpErrorOf(airlock).code;
+        failedSignIns.take(request.ip);
+        log.warn({ reason, ip: request.ip }, "step-up by a fresh sign-in refused");
+        return reply.redirect(`/console/?step_up_error=${encodeURIComponent(reason)}${stepUpReturn}`, 303);
       }
+    });
+
+    registerSsoStepUp(app, {
+      sso,
+      stepUp: options.stepUp,
+      broker,
+      approvals,
+      reviewerOf,
+      bodyOf,
+      callbackUrl,
+      transactionCookie: (request, transaction) => ssoCookie(request, sessions.sealer.seal("sso", transaction), (transaction.exp - Date.now()) / 1000),
+      log,
     });
   }
 
@@ -487,6 +518,8 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
       reviewer: reviewer.id,
       groups: reviewer.groups,
       breakGlass: approvals.breakGlassRole.some((member) => member.trim().toLowerCase() === key),
+      // The console says in advance when approving will need a step-up, from the rule and this floor.
+      ...(options.stepUp?.config.minRisk === undefined ? {} : { stepUpMinRisk: options.stepUp.config.minRisk }),
       ...(csrfToken === undefined ? {} : { csrfToken }),
     };
   });
@@ -672,7 +705,10 @@ export async function createBrokerHttpApp(options: BrokerHttpOptions): Promise<F
     app.post("/slack/interactions", async (request, reply) => {
       const raw = typeof request.body === "string" ? request.body : "";
       const answer = await slack(raw, request.headers, (requestId, ballot) => broker.decide(requestId, ballot, { channel: "slack" }));
-      return reply.status(answer.status).send(answer.body);
+      return reply
+        .status(answer.status)
+        .headers(answer.headers ?? {})
+        .send(answer.body);
     });
   }
 

@@ -120,6 +120,11 @@ export interface BrowserSession {
   readonly refreshAt?: number;
   /** The provider's refresh token, when it issued one (sealed with the rest, never readable by the browser). */
   readonly refreshToken?: string;
+  /**
+   * When the person last entered their credentials at the provider (ms): the ID token's
+   * `auth_time`, else the sign-in's time. Absent in sessions sealed before it existed.
+   */
+  readonly authAt?: number;
   /** How this session was made: `sso`, or `dev_token` (dev mode's pasted token). */
   readonly via: "sso" | "dev_token";
 }

@@ -89,6 +89,22 @@ export interface SsoTransaction {
   readonly redirectUri: string;
   /** Ends at (ms). */
   readonly exp: number;
+  /** Set when this sign-in is a step-up for one vote: the vote it confirms, cast at the callback. */
+  readonly stepUp?: SsoStepUpVote;
+}
+
+/**
+ * The vote a step-up sign-in confirms. Sealed in the sign-in cookie when the signed-in
+ * reviewer starts it (with the CSRF token), so the callback, which a cross-site redirect
+ * reaches without the session cookie, knows whose vote it is and on what.
+ */
+export interface SsoStepUpVote {
+  readonly reviewer: string;
+  readonly challengeId: string;
+  readonly requestId: string;
+  readonly approve: boolean;
+  readonly reason: string;
+  readonly breakGlass: boolean;
 }
 
 /** Who signed in, from a verified ID token. */
@@ -143,22 +159,43 @@ export class SsoClient {
     }
   }
 
-  /** Starts a sign-in: the provider's authorization URL and the transaction to seal. */
-  async begin(redirectUri: string, returnTo: string): Promise<{ url: URL; transaction: SsoTransaction }> {
+  /**
+   * Starts a sign-in: the provider's authorization URL and the transaction to seal. With
+   * `{ fresh: true }` the provider must ask for the credentials again (`prompt=login`,
+   * `max_age=0`), as before a passkey is enrolled. With a step-up it is a re-authentication
+   * for one vote: `prompt=login` and `max_age=0` (the
+   * provider must ask again, whatever session it has), the step-up challenge as `nonce`,
+   * and `acr_values` when the rule names an `acr`.
+   */
+  async begin(
+    redirectUri: string,
+    returnTo: string,
+    stepUp?: { readonly challenge: string; readonly acr?: string; readonly vote: SsoStepUpVote } | { readonly fresh: true },
+  ): Promise<{ url: URL; transaction: SsoTransaction }> {
     const as = await this.server();
     if (as.authorization_endpoint === undefined) throw new AirlockError(Code.Unavailable, "the identity provider has no authorization endpoint", { details: { reason: "idp_unavailable" } });
     const verifier = oauth.generateRandomCodeVerifier();
-    const transaction: SsoTransaction = { state: oauth.generateRandomState(), nonce: oauth.generateRandomNonce(), verifier, returnTo, redirectUri, exp: Date.now() + ssoDefaults.transactionTtlMs };
+    const transaction: SsoTransaction = {
+      state: oauth.generateRandomState(),
+      nonce: stepUp !== undefined && "challenge" in stepUp ? stepUp.challenge : oauth.generateRandomNonce(),
+      verifier,
+      returnTo,
+      redirectUri,
+      exp: Date.now() + ssoDefaults.transactionTtlMs,
+      ...(stepUp !== undefined && "vote" in stepUp ? { stepUp: stepUp.vote } : {}),
+    };
     const url = new URL(as.authorization_endpoint);
     url.search = new URLSearchParams({
       client_id: this.config.clientId,
       redirect_uri: redirectUri,
       response_type: "code",
-      scope: this.config.scopes.join(" "),
+      // A vote's re-authentication makes no session, so it needs no refresh token of its own: no offline_access for it.
+      scope: (stepUp !== undefined && "vote" in stepUp ? this.config.scopes.filter((scope) => scope !== "offline_access") : this.config.scopes).join(" "),
       state: transaction.state,
       nonce: transaction.nonce,
       code_challenge: await oauth.calculatePKCECodeChallenge(verifier),
       code_challenge_method: "S256",
+      ...(stepUp === undefined ? {} : { prompt: "login", max_age: "0", ...("acr" in stepUp && stepUp.acr !== undefined && stepUp.acr !== "" ? { acr_values: stepUp.acr } : {}) }),
     }).toString();
     return { url, transaction };
   }
@@ -171,7 +208,7 @@ export class SsoClient {
    * `code_rejected` (a used, expired or foreign code), `wrong_issuer`,
    * `wrong_audience`, `token_expired`, `bad_signature`, `nonce_mismatch`, `invalid_claim`.
    */
-  async finish(callback: URL, transaction: SsoTransaction): Promise<SsoIdentity> {
+  async finish(callback: URL, transaction: SsoTransaction): Promise<SsoIdentity & { readonly claims: JWTPayload; readonly idToken: string }> {
     const as = await this.server();
     let parameters: URLSearchParams;
     try {
@@ -250,7 +287,7 @@ export class SsoClient {
     return payload;
   }
 
-  private async identity(tokens: oauth.TokenEndpointResponse, nonce: string | undefined, previousRefreshToken?: string): Promise<SsoIdentity> {
+  private async identity(tokens: oauth.TokenEndpointResponse, nonce: string | undefined, previousRefreshToken?: string): Promise<SsoIdentity & { readonly claims: JWTPayload; readonly idToken: string }> {
     if (tokens.id_token === undefined) throw unauthenticated("invalid_claim", "the identity provider sent no ID token");
     const claims = await this.verifyIdToken(tokens.id_token, nonce);
     const id = claims[this.config.reviewerClaim];
@@ -262,6 +299,8 @@ export class SsoClient {
       groups: groupsOf(claims[this.config.groupsClaim], this.config.groupMap),
       tokensExpireAt: (claims.exp ?? 0) * 1000,
       ...(refreshToken === undefined ? {} : { refreshToken }),
+      claims,
+      idToken: tokens.id_token,
     };
   }
 }

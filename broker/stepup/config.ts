@@ -16,6 +16,7 @@ import { type RiskLevel, riskLevels } from "../rules.js";
  *     origins: [https://airlock.example.com]   # default: https://<rp_id> on any port (http too for localhost)
  *     challenge_ttl: 5m              # how long a step-up challenge can be answered; default 5m, at most 30m
  *     max_auth_age: 5m               # the OIDC fallback: how long before the challenge a fresh sign-in may be; default 5m
+ *     enrol_max_age: 10m             # registering a passkey without confirming with another needs a sign-in this recent; default 10m
  * ```
  */
 export interface StepUpConfig {
@@ -31,6 +32,11 @@ export interface StepUpConfig {
   readonly challengeTtlMs: number;
   /** The OIDC fallback: how long before its challenge a re-authentication (`auth_time`) may have happened, in ms. @default 300000 */
   readonly maxAuthAgeMs: number;
+  /**
+   * Registering a passkey without confirming it with an existing one (the first, or a further one)
+   * needs the reviewer's sign-in at the provider at most this old, in ms. @default 600000
+   */
+  readonly enrolMaxAgeMs: number;
 }
 
 /** Defaults and bounds of {@link StepUpConfig}. */
@@ -38,6 +44,7 @@ export const stepUpDefaults = {
   rpName: "Airlock",
   challengeTtlMs: 300_000,
   maxAuthAgeMs: 300_000,
+  enrolMaxAgeMs: 600_000,
   /** The challenge bucket keeps entries this long; a challenge may not live longer. */
   maxChallengeTtlMs: 30 * 60_000,
   /** Clock skew allowed between the broker and the identity provider, in seconds. */
@@ -70,6 +77,7 @@ export function parseStepUpConfig(reader: ConfigReader): StepUpConfig {
     ...(origins === undefined ? {} : { origins }),
     challengeTtlMs: durationOf(reader, "challenge_ttl", stepUpDefaults.challengeTtlMs, stepUpDefaults.maxChallengeTtlMs),
     maxAuthAgeMs: durationOf(reader, "max_auth_age", stepUpDefaults.maxAuthAgeMs, 24 * 3600_000),
+    enrolMaxAgeMs: durationOf(reader, "enrol_max_age", stepUpDefaults.enrolMaxAgeMs, 24 * 3600_000),
   };
   reader.done();
   return config;

@@ -198,6 +198,8 @@ export class StepUpService {
    */
   async registrationOptions(reviewer: Reviewer): Promise<{ challengeId: string; options: PublicKeyCredentialCreationOptionsJSON; passkey?: PublicKeyCredentialRequestOptionsJSON }> {
     const existing = await this.storedPasskeys(reviewer.id);
+    // The first passkey can only come from a fresh sign-in: a stolen or old session enrols nothing.
+    if (existing.length === 0) this.requireFreshSignIn(reviewer);
     const options = await generateRegistrationOptions({
       rpName: this.config.rpName,
       rpID: this.config.rpId,
@@ -235,13 +237,14 @@ export class StepUpService {
     // Passkeys registered since the options were issued count too: the check is made now.
     const existing = await this.storedPasskeys(reviewer.id);
     let confirmedWith: Awaited<ReturnType<StepUpService["verifyPasskey"]>> | undefined;
-    if (existing.length > 0) {
-      if (stored.enrolChallenge === undefined || !isObject(body.assertion)) {
-        throw new AirlockError(Code.PermissionDenied, "adding a passkey needs a step-up with one you have: confirm with an existing passkey", {
-          details: { reason: "step_up_required", causes: ["new_passkey"] },
-        });
-      }
+    if (existing.length === 0) {
+      this.requireFreshSignIn(reviewer);
+    } else if (stored.enrolChallenge !== undefined && isObject(body.assertion)) {
       confirmedWith = await this.verifyPasskey(reviewer, body.assertion, stored.enrolChallenge);
+    } else if (!this.freshSignIn(reviewer)) {
+      throw new AirlockError(Code.PermissionDenied, "adding a passkey needs a step-up: confirm with a passkey you have, or sign in again", {
+        details: { reason: "step_up_required", causes: ["new_passkey"], enrolMaxAgeSec: this.config.enrolMaxAgeMs / 1000 },
+      });
     }
     let verified;
     try {
@@ -274,6 +277,23 @@ export class StepUpService {
       throw new AirlockError(Code.AlreadyExists, "this passkey is already registered", { details: { passkey: credential.id } });
     }
     return viewOf(passkey);
+  }
+
+  /** Whether the reviewer entered their credentials at the provider within `enrol_max_age` (unknown: no). */
+  private freshSignIn(reviewer: Reviewer): boolean {
+    const at = reviewer.authenticatedAt?.getTime();
+    return at !== undefined && Date.now() - at <= this.config.enrolMaxAgeMs;
+  }
+
+  /**
+   * For the first passkey: `permission_denied` (`fresh_sign_in_required`) unless {@link freshSignIn}.
+   * Dev tokens have no provider to sign in at again, so their first passkey is let through (dev mode is never production).
+   */
+  private requireFreshSignIn(reviewer: Reviewer): void {
+    if (this.freshSignIn(reviewer) || this.auth?.devMode === true) return;
+    throw new AirlockError(Code.PermissionDenied, "registering a passkey needs a recent sign-in: sign in again at your identity provider, then add it", {
+      details: { reason: "fresh_sign_in_required", enrolMaxAgeSec: this.config.enrolMaxAgeMs / 1000 },
+    });
   }
 
   /**
@@ -321,23 +341,13 @@ export class StepUpService {
    * `details.reason`; a refused proof spends nothing.
    */
   async verify(reviewer: Reviewer, record: RequestRecord, approve: boolean, proof: unknown): Promise<StepUpReceipt> {
-    const request = record.request;
-    if (request === undefined) throw new AirlockError(Code.DataLoss, "the record has no request");
     if (!isObject(proof) || typeof proof.challengeId !== "string" || !nonceText.test(proof.challengeId)) throw refused("step_up_malformed", "stepUp needs the challengeId it answers");
-    const nonce = proof.challengeId;
-    const key = `c.${nonce}`;
-    const { entry, stored } = await this.openChallenge(key, reviewer, "vote");
-    const challenge = stepUpChallenge({ requestId: request.id, requestSha256: request.requestSha256, reviewer: reviewer.id, approve, issuedAtMs: stored.issuedAtMs, nonce });
-    if (stored.requestId !== request.id || stored.approve !== approve || stored.challenge !== challenge) {
-      throw refused("step_up_mismatch", `this step-up was made for ${stored.requestId === request.id ? `the other verdict (${stored.approve === true ? "approve" : "deny"})` : "another request"}`);
-    }
-    const base = { requestId: request.id, approve, reviewer: reviewer.id, challenge };
-    const inputs = { challengeId: nonce, issuedAt: new Date(stored.issuedAtMs).toISOString(), requestSha256: Buffer.from(request.requestSha256).toString("hex"), verdict: approve ? "approve" : "deny" };
+    const vote = await this.openVote(reviewer, record, approve, proof.challengeId);
     if (isObject(proof.passkey)) {
-      const evidence = await this.verifyPasskey(reviewer, proof.passkey, challenge);
-      await this.spend(key, stored, entry);
+      const evidence = await this.verifyPasskey(reviewer, proof.passkey, vote.challenge);
+      await this.spend(vote.key, vote.stored, vote.entry);
       await this.touch(evidence.passkey, evidence.counter);
-      return { ...base, method: "passkey", evidence: { ...inputs, ...evidence.receipt } };
+      return { ...vote.base, method: "passkey", evidence: { ...vote.inputs, ...evidence.receipt } };
     }
     if (typeof proof.idToken === "string" && proof.idToken.length <= 16_384) {
       if (this.auth === undefined) throw refused("step_up_invalid", "no identity provider is configured for re-authentication");
@@ -346,26 +356,72 @@ export class StepUpService {
         if (!(error instanceof AirlockError) || error.code !== Code.Unauthenticated) throw error;
         throw new AirlockError(Code.PermissionDenied, `the re-authentication token is not valid: ${error.rawMessage}`, { details: { reason: "step_up_invalid", token: error.details.reason } });
       });
-      if (principalKey(who.id) !== principalKey(reviewer.id)) throw refused("step_up_mismatch", "the re-authentication is another person's");
-      const refusal = judgeReauthentication(claims, { challenge, issuedAtMs: stored.issuedAtMs, nowMs: Date.now(), maxAuthAgeMs: this.config.maxAuthAgeMs, acr: request.stepUp?.acr ?? "" });
-      if (refusal !== undefined) throw refused(refusal, `the re-authentication does not confirm this vote (${refusal})`);
-      await this.spend(key, stored, entry);
-      // The claims, not the token: a kept token would be a usable credential until it expires.
-      return {
-        ...base,
-        method: "oidc",
-        evidence: {
-          ...inputs,
-          iss: String(claims.iss ?? ""),
-          sub: String(claims.sub ?? ""),
-          authTime: Number(claims.auth_time),
-          acr: typeof claims.acr === "string" ? claims.acr : "",
-          nonce: typeof claims.nonce === "string" ? claims.nonce : "",
-          idTokenSha256: createHash("sha256").update(proof.idToken).digest("base64url"),
-        },
-      };
+      return this.reauthenticated(reviewer, record, vote, { reviewer: who.id, claims, idToken: proof.idToken });
     }
     throw refused("step_up_malformed", "stepUp needs a passkey assertion or an idToken");
+  }
+
+  /**
+   * The console's fallback: a fresh sign-in at the provider (`prompt=login`, `max_age=0`,
+   * the challenge as `nonce`) whose ID token the broker's SSO client already verified for
+   * signature, issuer, audience and nonce. Judged and spent as {@link verify} does an `idToken`.
+   */
+  async verifyFreshSignIn(reviewer: Reviewer, record: RequestRecord, approve: boolean, challengeId: string, signIn: { readonly reviewer: string; readonly claims: JWTPayload; readonly idToken: string }): Promise<StepUpReceipt> {
+    if (!nonceText.test(challengeId)) throw refused("step_up_malformed", "stepUp needs the challengeId it answers");
+    return this.reauthenticated(reviewer, record, await this.openVote(reviewer, record, approve, challengeId), signIn);
+  }
+
+  /**
+   * The challenge a reviewer's pending vote step-up must carry as `nonce` at a fresh sign-in,
+   * and what it is for; refused as {@link verify} would (unknown, spent, expired, another's).
+   */
+  async pendingVote(reviewer: Reviewer, challengeId: string): Promise<{ readonly challenge: string; readonly requestId: string; readonly approve: boolean }> {
+    if (!nonceText.test(challengeId)) throw refused("step_up_malformed", "stepUp needs the challengeId it answers");
+    const { stored } = await this.openChallenge(`c.${challengeId}`, reviewer, "vote");
+    return { challenge: stored.challenge, requestId: stored.requestId ?? "", approve: stored.approve === true };
+  }
+
+  /** Opens a vote's challenge and checks it was made for this request, verdict and reviewer. */
+  private async openVote(reviewer: Reviewer, record: RequestRecord, approve: boolean, nonce: string) {
+    const request = record.request;
+    if (request === undefined) throw new AirlockError(Code.DataLoss, "the record has no request");
+    const key = `c.${nonce}`;
+    const { entry, stored } = await this.openChallenge(key, reviewer, "vote");
+    const challenge = stepUpChallenge({ requestId: request.id, requestSha256: request.requestSha256, reviewer: reviewer.id, approve, issuedAtMs: stored.issuedAtMs, nonce });
+    if (stored.requestId !== request.id || stored.approve !== approve || stored.challenge !== challenge) {
+      throw refused("step_up_mismatch", `this step-up was made for ${stored.requestId === request.id ? `the other verdict (${stored.approve === true ? "approve" : "deny"})` : "another request"}`);
+    }
+    const base = { requestId: request.id, approve, reviewer: reviewer.id, challenge };
+    const inputs = { challengeId: nonce, issuedAt: new Date(stored.issuedAtMs).toISOString(), requestSha256: Buffer.from(request.requestSha256).toString("hex"), verdict: approve ? "approve" : "deny" };
+    return { key, entry, stored, challenge, base, inputs };
+  }
+
+  /** Judges a verified re-authentication against an opened vote, spends the challenge, and makes the receipt. */
+  private async reauthenticated(
+    reviewer: Reviewer,
+    record: RequestRecord,
+    vote: Awaited<ReturnType<StepUpService["openVote"]>>,
+    signIn: { readonly reviewer: string; readonly claims: JWTPayload; readonly idToken: string },
+  ): Promise<StepUpReceipt> {
+    const { claims } = signIn;
+    if (principalKey(signIn.reviewer) !== principalKey(reviewer.id)) throw refused("step_up_mismatch", "the re-authentication is another person's");
+    const refusal = judgeReauthentication(claims, { challenge: vote.challenge, issuedAtMs: vote.stored.issuedAtMs, nowMs: Date.now(), maxAuthAgeMs: this.config.maxAuthAgeMs, acr: record.request?.stepUp?.acr ?? "" });
+    if (refusal !== undefined) throw refused(refusal, `the re-authentication does not confirm this vote (${refusal})`);
+    await this.spend(vote.key, vote.stored, vote.entry);
+    // The claims, not the token: a kept token would be a usable credential until it expires.
+    return {
+      ...vote.base,
+      method: "oidc",
+      evidence: {
+        ...vote.inputs,
+        iss: String(claims.iss ?? ""),
+        sub: String(claims.sub ?? ""),
+        authTime: Number(claims.auth_time),
+        acr: typeof claims.acr === "string" ? claims.acr : "",
+        nonce: typeof claims.nonce === "string" ? claims.nonce : "",
+        idTokenSha256: createHash("sha256").update(signIn.idToken).digest("base64url"),
+      },
+    };
   }
 
   private async openChallenge(key: string, reviewer: Reviewer, purpose: StoredChallenge["purpose"]): Promise<{ entry: { revision: number }; stored: StoredChallenge }> {

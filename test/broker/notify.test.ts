@@ -369,7 +369,8 @@ await t.test("Slack Web API: Block Kit per group channel, then chat.update and a
   const actions = blocks.find((block) => block.type === "actions") as { block_id: string; elements: Array<Record<string, unknown>> } | undefined;
   t.equal(actions?.block_id, "airlock:req-1");
   t.match(actions?.elements[0], { type: "button", action_id: "airlock_approve", value: "req-1", style: "primary" }, "Approve carries the request id");
-  t.match(actions?.elements[1], { type: "button", action_id: "airlock_deny", value: "req-1", style: "danger", confirm: {} }, "Deny carries the request id and asks to confirm");
+  t.match(actions?.elements[1], { type: "button", action_id: "airlock_deny", value: "req-1", style: "danger" }, "Deny carries the request id");
+  t.equal(actions?.elements[1]?.confirm, undefined, "with a bot token Deny opens the reason modal, which is the confirmation: no confirm dialog");
   t.match(actions?.elements[2], { type: "button", action_id: "airlock_open", url: "https://airlock.corp/console/#/requests/req-1" }, "a link to the console");
   t.equal(typeof message.text, "string", "a notification text for clients that cannot show blocks");
   await notifier.idle();
@@ -698,7 +699,7 @@ await t.test("Slack interactions: a verified click votes as the mapped reviewer 
     t.equal(reply.status, 401);
     t.match(reply.body, { code: "unauthenticated", message: /old/ });
     const now = new Date(Date.now() + 6 * 60_000);
-    const later = await integration.handleInteraction(body, slackSign(body, nowSeconds()), decide, now);
+    const later = await integration.handleInteraction(body, slackSign(body, nowSeconds()), decide, { now });
     t.equal(later.status, 401, "the same request replayed 6 minutes later");
     t.same(calls, []);
   });

@@ -46,7 +46,7 @@ await t.test("the challenge binds the request, its hash, the reviewer, the verdi
 
 await t.test("config and policy syntax; bad values name the field", async (t) => {
   const parse = (value: unknown) => parseStepUpConfig(new ConfigReader(value, "reviewers.step_up", "broker.yaml"));
-  t.same(parse({ rp_id: "airlock.example.com", min_risk: "high" }), { minRisk: "high", rpId: "airlock.example.com", rpName: "Airlock", challengeTtlMs: 300_000, maxAuthAgeMs: 300_000 });
+  t.same(parse({ rp_id: "airlock.example.com", min_risk: "high" }), { minRisk: "high", rpId: "airlock.example.com", rpName: "Airlock", challengeTtlMs: 300_000, maxAuthAgeMs: 300_000, enrolMaxAgeMs: 600_000 });
   const refusal = (value: unknown) => {
     try {
       parse(value);

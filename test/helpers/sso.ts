@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Test } from "tap";
 import { FormBrowser, freePort, type OidcProviderServer, type OidcUser, startOidcProvider } from "../../harness/index.js";
-import { type Stack, startStack } from "./stack.js";
+import { type Stack, type StackOptions, startStack } from "./stack.js";
 
 /** The provider's users: the stack's reviewers, with passwords. */
 export const ssoUsers = {
@@ -43,12 +43,18 @@ export interface SsoStackOptions {
   readonly tokenTtlSec?: number;
   /** Start a second broker replica with the same config and session key. @default false */
   readonly secondReplica?: boolean;
+  /** `reviewers.step_up`; absent: no step-up. */
+  readonly stepUp?: Record<string, unknown>;
+  /** The host name browsers use for the broker (WebAuthn needs `localhost`, not an IP). @default "127.0.0.1" */
+  readonly host?: "127.0.0.1" | "localhost";
+  /** The tests' policy options ({@link startStack}'s `policy`). */
+  readonly policy?: StackOptions["policy"];
 }
 
 /** Starts the provider and the stack; everything stops in `t`'s teardown. */
 export async function startSsoStack(t: Test, options: SsoStackOptions = {}): Promise<SsoStack> {
   const brokerPort = await freePort();
-  const brokerUrl = `http://127.0.0.1:${brokerPort}`;
+  const brokerUrl = `http://${options.host ?? "127.0.0.1"}:${brokerPort}`;
   const consoleSecret = randomBytes(16).toString("hex");
   // The broker reads the provider's metadata on first use, so the provider may start after it
   // (and stops before the stack's leak check, teardowns being last in, first out).
@@ -76,8 +82,10 @@ export async function startSsoStack(t: Test, options: SsoStackOptions = {}): Pro
           redirect_uri: `${brokerUrl}/api/v1/sso/callback`,
         },
         sessions: { key_file: sessionKeyFile, ...(options.maxAge === undefined ? {} : { max_age: options.maxAge }) },
+        ...(options.stepUp === undefined ? {} : { step_up: options.stepUp }),
       },
     },
+    ...(options.policy === undefined ? {} : { policy: options.policy }),
     ...(options.secondReplica === true ? { secondReplica: true } : {}),
   });
   const op = await startOidcProvider({

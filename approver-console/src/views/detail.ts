@@ -4,11 +4,28 @@ import { ValueSchema } from "@bufbuild/protobuf/wkt";
 import { RequestState } from "../../../proto/gen/airlock/v1/reviewer_pb.js";
 import type { CredentialTemplate } from "../../../proto/gen/airlock/v1/approval_pb.js";
 import { ApiError, decide, getRequest, listRequests, type RequestView } from "../api.js";
-import { stepUpProof } from "../stepup.js";
+import { freshSignInRefusals, stepUpProof, takeStepUpOutcome } from "../stepup.js";
 import { type Child, h, replaceChildren } from "../dom.js";
 import { ago, durationWords, riskName, shortMethod, stateName, timestampDate, timestampMs, when } from "../format.js";
 import { alertBox, type AppContext, countdown, heading, needsMeBadge, riskBadge, startClock, stateBadge } from "../ui.js";
 import { jsonView } from "./json.js";
+
+/**
+ * Whether approving this request will need a step-up, as the broker will judge it: the rule's
+ * `step_up`, or a risk at or over the broker's `min_risk` (break-glass always does).
+ */
+function approvalNeedsStepUp(view: RequestView, minRisk: string | undefined): boolean {
+  const request = view.record.request;
+  if (request?.stepUp?.required === true) return true;
+  if (minRisk === undefined || request === undefined) return false;
+  const order = ["low", "medium", "high", "critical"];
+  const floor = order.indexOf(minRisk);
+  const risk = order.indexOf(riskName(request.risk));
+  return floor >= 0 && risk >= floor;
+}
+
+/** The words of the step-up label: what will confirm the approval. */
+const stepUpWords = "Approval needs a step-up: your passkey, or a fresh sign-in at your identity provider, confirms this exact request.";
 
 function fact(term: string, value: Child, testid?: string): Child {
   return [h("dt", {}, term), h("dd", testid === undefined ? {} : { "data-testid": testid }, value)];
@@ -226,8 +243,10 @@ function decisionForm(id: string, app: AppContext, view: RequestView, hooks: Dec
       .catch(async (error: unknown) => {
         // The broker says this approval needs a step-up: confirm it with a passkey bound to this request and verdict, then send it again.
         if (!(error instanceof ApiError) || error.code !== "step_up_required") throw error;
-        replaceChildren(errorSlot, h("p", { class: "notice", "data-testid": "step-up-prompt" }, "This approval needs your passkey: follow your browser's prompt."));
-        const stepUp = await stepUpProof(id, approved);
+        replaceChildren(errorSlot, h("p", { class: "notice", "data-testid": "step-up-prompt" }, "This approval needs a step-up: follow your browser's prompt."));
+        const stepUp = await stepUpProof(id, approved, { reason: text, breakGlass: breakGlass.checked }, () =>
+          replaceChildren(errorSlot, h("p", { class: "notice", "data-testid": "step-up-redirect" }, "This approval needs a fresh sign-in: taking you to your identity provider…")),
+        );
         replaceChildren(errorSlot);
         return decide(id, { ...vote, stepUp });
       })
@@ -254,9 +273,7 @@ function decisionForm(id: string, app: AppContext, view: RequestView, hooks: Dec
     h("label", { for: "reason" }, "Reason"),
     reason,
     h("p", { id: "reason-help", class: "hint" }, "Required to deny; the agent receives it. Optional to approve."),
-    view.record.request?.stepUp?.required === true
-      ? h("p", { class: "hint", "data-testid": "step-up-hint" }, "Approving needs your passkey: this rule asks for a step-up bound to this exact request.")
-      : null,
+    approvalNeedsStepUp(view, app.me.stepUpMinRisk) ? h("p", { class: "hint", "data-testid": "step-up-hint" }, stepUpWords) : null,
     breakGlassAllowed ? h("label", { class: "toggle", for: "break-glass" }, breakGlass, " Break-glass (self-approval, flagged and notified; needs a reason)") : null,
     // On a phone this bar stays at the bottom of the screen (style.css), so Approve and Deny never need a scroll.
     h("div", { class: "actions decision-bar", "data-testid": "decision-bar" }, approve, deny),
@@ -319,6 +336,7 @@ export function detailView(id: string): (main: HTMLElement, app: AppContext) => 
             " ",
             stateBadge(record.state),
             view.needsMe ? [" ", needsMeBadge()] : null,
+            pending && approvalNeedsStepUp(view, app.me.stepUpMinRisk) ? [" ", h("span", { class: "badge step-up-needed", "data-testid": "step-up-badge", title: stepUpWords }, "Step-up to approve")] : null,
             pending ? [" ", countdown(view.expiresAt, { "data-testid": "countdown", role: "timer", "aria-label": "Time left before it expires" })] : null,
           );
           replaceChildren(approvalsSlot, approvals(view));
@@ -377,6 +395,14 @@ export function detailView(id: string): (main: HTMLElement, app: AppContext) => 
         ),
       );
       update(first);
+      // Back from a step-up by a fresh sign-in: the broker cast the vote (or says why not).
+      const freshSignIn = takeStepUpOutcome();
+      if (freshSignIn !== undefined && freshSignIn.done) {
+        mine = true;
+        paintResult();
+      } else if (freshSignIn !== undefined) {
+        result.after(alertBox(`${freshSignInRefusals[freshSignIn.reason] ?? "The fresh sign-in did not confirm the approval."} (${freshSignIn.reason})`, "step-up-error"));
+      }
       const agent = request?.identity?.agent ?? "";
       if (agent !== "") {
         listRequests({ agent, limit: recentRequests.count + 1 }).then(

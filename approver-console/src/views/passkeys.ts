@@ -1,5 +1,5 @@
 // Settings › Passkeys: the signed-in reviewer's passkeys, which confirm approvals that need step-up.
-import { ApiError, listPasskeys, type Passkey, removePasskey } from "../api.js";
+import { ApiError, listPasskeys, type Passkey, removePasskey, signInOptions } from "../api.js";
 import { h, replaceChildren } from "../dom.js";
 import { when } from "../format.js";
 import { addPasskey, passkeysSupported } from "../stepup.js";
@@ -67,6 +67,17 @@ export const passkeysView: View = (main) => {
       (error: unknown) => {
         add.disabled = false;
         replaceChildren(status, alertBox(describe(error), "passkey-error"));
+        // Enrolling needs a recent sign-in: through the provider again (it must ask for the password), then back here.
+        if (error instanceof ApiError && error.details.reason === "fresh_sign_in_required") {
+          signInOptions().then(
+            (options) => {
+              if (closed || options.sso === undefined) return;
+              replaceChildren(status, h("p", { class: "notice", "data-testid": "fresh-sign-in" }, "Adding a passkey needs a recent sign-in: taking you to your identity provider…"));
+              location.assign(`${options.sso.loginUrl}?fresh=1&return=${encodeURIComponent("#/settings/passkeys")}`);
+            },
+            () => undefined,
+          );
+        }
       },
     );
   });
