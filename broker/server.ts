@@ -382,7 +382,7 @@ export async function startBroker(config: BrokerConfig, options: StartBrokerOpti
     const stepUp = stepUpConfig === undefined ? undefined : await StepUpService.open(nc, stepUpConfig, auth, { replicas: config.natsReplicas, log });
     const slack = notifier.slack;
     // Deny-reason modals are bound to their request and user in KV, so any replica takes the submission.
-    const slackTickets = slack === undefined ? undefined : await KvSlackModalTickets.open(nc);
+    const slackTickets = slack === undefined ? undefined : await KvSlackModalTickets.open(nc, { ensure: { replicas: config.natsReplicas, log } });
     const teams = notifier.teams;
     app = await createBrokerHttpApp({
       broker,

@@ -9,13 +9,13 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { ensureAuditStream } from "../broker/audit/log.js";
-import { ensureStepUpBuckets } from "../broker/stepup/service.js";
+import { ensurePasskeyBucket, ensureSingleUseBucket } from "../broker/stepup/index.js";
 import { historyStreamSettings } from "../broker/history.js";
 import { ensureStateBucket } from "../broker/store.js";
 import { addBusHost, busMaterialFiles, busSeedFile, initBusMaterial, revokeBusHost } from "../common/bus-material.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { connectNats } from "../common/nats.js";
-import { bucketStream, type EnsureOptions, ensureDefaults, ensureStream, ensureStreams, natsReplicaChoices, passkeyBucket } from "../common/subjects.js";
+import { bucketStream, type EnsureOptions, ensureDefaults, ensureStream, ensureStreams, natsReplicaChoices, passkeyBucket, stepUpBucket } from "../common/subjects.js";
 
 function requireDir(dir: string | undefined): string {
   if (dir === undefined) throw new AirlockError(Code.InvalidArgument, "--dir is required: the NATS security material directory");
@@ -100,12 +100,14 @@ async function ensureAll(dir: string, urls: readonly string[], replicasFlag: str
     await ensureAuditStream(jsm, options);
     await ensureStateBucket(nc, options);
     await ensureStream(jsm, historyStreamSettings, options);
-    // The step-up buckets exist only where step-up is configured: brought up to date, never made here.
-    const stepUp = await jsm.streams.info(bucketStream(passkeyBucket)).then(
-      () => true,
-      () => false,
-    );
-    if (stepUp) await ensureStepUpBuckets(nc, options);
+    // The step-up and single-use buckets exist only where step-up or Slack is configured: brought up to date, never made here.
+    const exists = (bucket: string) =>
+      jsm.streams.info(bucketStream(bucket)).then(
+        () => true,
+        () => false,
+      );
+    if (await exists(passkeyBucket)) await ensurePasskeyBucket(nc, options);
+    if (await exists(stepUpBucket)) await ensureSingleUseBucket(nc, options);
     console.log(`every stream and bucket has ${replicas} replica(s) and Airlock's settings`);
   } finally {
     await nc.close();

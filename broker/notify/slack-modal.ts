@@ -11,8 +11,8 @@ import { randomBytes } from "node:crypto";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../../common/errors.js";
-import { stepUpBucket } from "../../common/subjects.js";
-import { stepUpDefaults } from "../stepup/config.js";
+import { type EnsureOptions, stepUpBucket } from "../../common/subjects.js";
+import { ensureSingleUseBucket } from "../stepup/index.js";
 
 /** How long a deny-reason modal can be submitted after the Deny click, in ms. */
 export const slackDenyModalTtlMs = 15 * 60_000;
@@ -69,10 +69,14 @@ export class KvSlackModalTickets implements SlackModalTickets {
     private readonly now: () => number,
   ) {}
 
-  /** Opens (creating if needed) the bucket. @param now - the clock, injectable for tests. */
-  static async open(nc: NatsConnection, now: () => number = Date.now): Promise<KvSlackModalTickets> {
+  /**
+   * Opens the bucket, creating it or bringing its replicas up to date first ({@link ensureSingleUseBucket}).
+   * @param now - the clock, injectable for tests.
+   */
+  static async open(nc: NatsConnection, options: { readonly now?: () => number; readonly ensure?: EnsureOptions } = {}): Promise<KvSlackModalTickets> {
+    await ensureSingleUseBucket(nc, options.ensure);
     try {
-      return new KvSlackModalTickets(await new Kvm(nc).create(stepUpBucket, { history: 1, ttl: stepUpDefaults.maxChallengeTtlMs }), now);
+      return new KvSlackModalTickets(await new Kvm(nc).open(stepUpBucket), options.now ?? Date.now);
     } catch (error) {
       throw new AirlockError(Code.Unavailable, "cannot open the single-use ticket bucket in NATS", { cause: error });
     }

@@ -7,4 +7,4 @@
  */
 export { type ChallengeInput, stepUpChallenge, stepUpDomain } from "./challenge.js";
 export { parseStepUpConfig, type StepUpCause, type StepUpConfig, stepUpDefaults, type StepUpNeed, stepUpNeed } from "./config.js";
-export { judgeReauthentication, type PasskeyView, type StepUpChallengeView, type StepUpRefusal, StepUpService } from "./service.js";
+export { ensurePasskeyBucket, ensureSingleUseBucket, judgeReauthentication, type PasskeyView, type StepUpChallengeView, type StepUpRefusal, StepUpService } from "./service.js";

@@ -125,13 +125,19 @@ export function judgeReauthentication(
   return undefined;
 }
 
-/** The step-up buckets' settings: one revision per key, challenges expiring, `replicas` copies ({@link ensureStream}). */
-export async function ensureStepUpBuckets(nc: NatsConnection, ensure: EnsureOptions = {}): Promise<void> {
-  const kvm = new Kvm(nc);
+/**
+ * The single-use bucket's settings (`AIRLOCK_STEPUP`: step-up challenges and Slack's deny-reason
+ * tickets): one revision per key, entries expiring, `replicas` copies ({@link ensureStream}).
+ */
+export async function ensureSingleUseBucket(nc: NatsConnection, ensure: EnsureOptions = {}): Promise<void> {
   const replicas = ensure.replicas ?? ensureDefaults.replicas;
-  const jsm = await jetstreamManager(nc);
-  await ensureStream(jsm, { name: bucketStream(passkeyBucket), max_msgs_per_subject: 1 }, { ...ensure, create: () => kvm.create(passkeyBucket, { history: 1, replicas }) });
-  await ensureStream(jsm, { name: bucketStream(stepUpBucket), max_msgs_per_subject: 1, max_age: stepUpDefaults.maxChallengeTtlMs * 1_000_000 }, { ...ensure, create: () => kvm.create(stepUpBucket, { history: 1, ttl: stepUpDefaults.maxChallengeTtlMs, replicas }) });
+  await ensureStream(await jetstreamManager(nc), { name: bucketStream(stepUpBucket), max_msgs_per_subject: 1, max_age: stepUpDefaults.maxChallengeTtlMs * 1_000_000 }, { ...ensure, create: () => new Kvm(nc).create(stepUpBucket, { history: 1, ttl: stepUpDefaults.maxChallengeTtlMs, replicas }) });
+}
+
+/** The passkey bucket's settings: one revision per key, `replicas` copies ({@link ensureStream}). */
+export async function ensurePasskeyBucket(nc: NatsConnection, ensure: EnsureOptions = {}): Promise<void> {
+  const replicas = ensure.replicas ?? ensureDefaults.replicas;
+  await ensureStream(await jetstreamManager(nc), { name: bucketStream(passkeyBucket), max_msgs_per_subject: 1 }, { ...ensure, create: () => new Kvm(nc).create(passkeyBucket, { history: 1, replicas }) });
 }
 
 /**
@@ -152,7 +158,8 @@ export class StepUpService {
   /** Opens the broker's passkey and challenge buckets, creating them or bringing their replicas up to date first ({@link ensureStream}). */
   static async open(nc: NatsConnection, config: StepUpConfig, auth?: ReviewerAuthenticator, ensure: EnsureOptions = {}): Promise<StepUpService> {
     const kvm = new Kvm(nc);
-    await ensureStepUpBuckets(nc, ensure);
+    await ensurePasskeyBucket(nc, ensure);
+    await ensureSingleUseBucket(nc, ensure);
     try {
       const passkeys = await kvm.open(passkeyBucket);
       const challenges = await kvm.open(stepUpBucket);

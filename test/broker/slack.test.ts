@@ -245,7 +245,7 @@ await t.test("a deny form expires: a submission after its lifetime is refused (i
   const nc = await stack.nats.connect({ kind: "broker" });
   t.teardown(() => nc.close());
   let clock = Date.now();
-  const tickets = await KvSlackModalTickets.open(nc, () => clock);
+  const tickets = await KvSlackModalTickets.open(nc, { now: () => clock });
   const id = await tickets.issue({ requestId: "r-1", slackUserId: "U0DANA", reviewer: "dana@example.com", responseUrl: "https://hooks.slack.test/x" });
   clock += 16 * 60_000;
   await t.rejects(tickets.spend(id, "r-1", "U0DANA"), { name: "AirlockError", details: { reason: "slack_modal_expired" } });
