@@ -637,6 +637,13 @@ async function benchScale(): Promise<void> {
   const pollMs = pollFlag === -1 ? 200 : Number(process.argv[pollFlag + 1]);
   if (!Number.isInteger(pollMs) || pollMs < 0) throw new Error("--poll-ms must be a whole number of ms");
   console.log(`scale_setup: pending=${pending} reviewer_polls_every_ms=${pollMs} list=GET /api/v1/requests?state=pending (limit 100)`);
+  // Context for broker_ready_s: what loading the broker's modules through tsx alone costs on this machine.
+  const loading = performance.now();
+  await new Promise<void>((resolve, reject) => {
+    const child = spawn(process.execPath, [...tsx, "-e", "await import('./broker/server.ts')"], { cwd: root, stdio: "inherit" });
+    child.once("exit", (code) => (code === 0 ? resolve() : reject(new Error(`loading the broker's modules failed (${code})`))));
+  });
+  console.log(`scale_context: broker_modules_load_s=${((performance.now() - loading) / 1000).toFixed(2)} (included in broker_ready_s)`);
   const vault = await startVault();
   try {
     const base = await scaleRun(vault, 0, pending, pollMs);
