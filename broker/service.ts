@@ -145,6 +145,12 @@ export const brokerDefaults = {
   maxDeliver: 8,
   /** Redelivery delays after a transient failure, by attempt (the last one repeats), in ms. */
   redeliveryBackoffMs: [250, 1000, 2000, 5000, 10_000],
+  /**
+   * How long each pull request of a consumer lives, in ms. The server's idle heartbeats come every
+   * half of it, and two missed ones make the client pull again: a pull left on a NATS node that
+   * died (a consumer leader moved) is replaced within about this long, not nats.js's 30 s default.
+   */
+  pullExpiresMs: 5_000,
 } as const;
 
 /**
@@ -295,7 +301,7 @@ export class Broker {
           if (!(error instanceof JetStreamApiError && error.code === consumerExists)) throw error;
           await jsm.consumers.update(stream, durable, settings);
         });
-        const messages = await (await broker.js.consumers.get(stream, durable)).consume();
+        const messages = await (await broker.js.consumers.get(stream, durable)).consume({ expires: brokerDefaults.pullExpiresMs });
         broker.consumers.push(messages);
         const handlers = {
           [brokerDefaults.intakeConsumer]: (data: Uint8Array, subject: string) => broker.takeRequest(data, subject),
