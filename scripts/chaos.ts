@@ -1,0 +1,540 @@
+/**
+ * `npm run chaos [-- --seconds 45 --rate 15 --settle-seconds 45 --faults none,broker_kill,…]`:
+ * steady auto-approved privileged traffic through real processes (NATS, two broker processes,
+ * one sidecar process, the Vault dev server, PostgreSQL, the demo upstream as its own process),
+ * with each fault injected in turn at a third of its window. Prints one line per fault,
+ *   chaos: fault=<name> actions=… ok=… failed_clearly=… lost=… duplicated=… credentials_alive_after=… unknown_credentials=… audit=intact|broken
+ * (each preceded by a `chaos_detail:` line for context), and last
+ *   chaos: lost=… duplicated=… credentials_alive_after=… unknown_credentials=…
+ * Exits 1 unless every total is zero and the trail verified after every fault.
+ * What each figure means and where it is read from: docs/chaos.md.
+ */
+import { randomUUID } from "node:crypto";
+import { appendFileSync } from "node:fs";
+import { mkdir, open, writeFile } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { create, toBinary } from "@bufbuild/protobuf";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { Client, credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
+import { exportSPKI, generateKeyPair, SignJWT } from "jose";
+import pg from "pg";
+import { readAuditEvents } from "../broker/audit/index.js";
+import { configureDatabaseEngine, postgresRoleStatements } from "../broker/credentials.js";
+import { isSettled, stateName } from "../broker/index.js";
+import { RequestStore } from "../broker/store.js";
+import { startChaosBus, type ChaosBus } from "../chaos/bus.js";
+import {
+  type CallOutcome,
+  chaosPassed,
+  chaosTotals,
+  type CreatedCredential,
+  type FaultLine,
+  faultLine,
+  judgeCredentials,
+  parseVaultAuditLine,
+  type StartedCall,
+  stringsIn,
+  tallyCalls,
+  totalsLine,
+} from "../chaos/tally.js";
+import { generateDecisionKey } from "../common/decision.js";
+import { AirlockError, Code } from "../common/errors.js";
+import { natsConfigSection, type NatsConnectionConfig } from "../common/nats.js";
+import { createVaultClient } from "../common/vault.js";
+import { checkAuditTrail } from "../demo/audit-check.js";
+import { delay, freePort, makeTempDir, ManagedProcess, startPostgres, startVault, waitUntil } from "../harness/index.js";
+import { descriptorSetPath } from "../proto/index.js";
+import { OpsService } from "../proto/gen/demo/v1/ops_pb.js";
+import type { RequestRecord } from "../proto/index.js";
+
+/** The faults, in the order they run; `none` is the baseline. */
+export const chaosFaults = ["none", "broker_kill", "nats_restart", "vault_pause", "sidecar_kill"] as const;
+type Fault = (typeof chaosFaults)[number];
+
+/** Defaults of the run's options: five windows of 45 s plus settling fit in under 10 minutes. */
+const chaosDefaults = { seconds: 45, rate: 15, settleSeconds: 45, callBoundSeconds: 60, vaultPauseSeconds: 10, approvalTimeout: "30s", credentialTtl: "5m" } as const;
+
+function parseOptions() {
+  const { values } = parseArgs({
+    options: {
+      seconds: { type: "string" },
+      rate: { type: "string" },
+      "settle-seconds": { type: "string" },
+      "call-bound-seconds": { type: "string" },
+      faults: { type: "string" },
+    },
+    strict: true,
+  });
+  const number = (name: string, raw: string | undefined, fallback: number, min: number, max: number): number => {
+    if (raw === undefined) return fallback;
+    const value = Number(raw);
+    if (!Number.isFinite(value) || value < min || value > max) throw new AirlockError(Code.InvalidArgument, `--${name} must be a number from ${min} to ${max}`, { details: { field: name } });
+    return value;
+  };
+  const faults = (values.faults ?? chaosFaults.join(",")).split(",").map((f) => f.trim());
+  for (const fault of faults) {
+    if (!(chaosFaults as readonly string[]).includes(fault)) throw new AirlockError(Code.InvalidArgument, `--faults: unknown fault ${fault} (one of ${chaosFaults.join(", ")})`, { details: { field: "faults" } });
+  }
+  const seconds = number("seconds", values.seconds, chaosDefaults.seconds, 6, 600);
+  return {
+    seconds,
+    rate: number("rate", values.rate, chaosDefaults.rate, 0.5, 200),
+    settleSeconds: number("settle-seconds", values["settle-seconds"], chaosDefaults.settleSeconds, 1, 600),
+    callBoundSeconds: number("call-bound-seconds", values["call-bound-seconds"], chaosDefaults.callBoundSeconds, 31, 600),
+    faults: faults as Fault[],
+  };
+}
+
+/** A config's `nats` line for a role's credential. */
+function natsYaml(config: NatsConnectionConfig): string {
+  return `nats: ${JSON.stringify(natsConfigSection(config))}`;
+}
+
+/** A part of the stack run as its own process, restartable, with its output appended to a log file. */
+class Part {
+  private process: ManagedProcess | undefined;
+  constructor(
+    readonly name: string,
+    private readonly args: readonly string[],
+    private readonly logFile: string,
+    /** Ready when this URL answers 2xx, or when the output matches this pattern. */
+    private readonly ready: string | RegExp,
+    private readonly env: Record<string, string> = {},
+  ) {}
+
+  async start(): Promise<void> {
+    const child = new ManagedProcess(this.name, process.execPath, ["--import", "tsx", ...this.args], { cwd: root, env: { ...process.env, ...this.env } });
+    this.process = child;
+    const log = (chunk: Buffer) => appendFileSync(this.logFile, chunk);
+    child.child.stdout?.on("data", log);
+    child.child.stderr?.on("data", log);
+    appendFileSync(this.logFile, `--- ${new Date().toISOString()} started ${this.name} (pid ${child.child.pid ?? "?"})\n`);
+    const ready = this.ready;
+    if (ready instanceof RegExp) {
+      await child.waitForOutput(ready, 60_000);
+      return;
+    }
+    const healthy = await waitUntil(async () => !child.hasExited && (await fetch(ready)).ok, 60_000, 100);
+    if (!healthy || child.hasExited) throw new Error(`${this.name} did not become healthy (log: ${this.logFile}):\n${child.recentOutput}`);
+  }
+
+  /** kill -9, as a crash: nothing of it runs after this. */
+  async kill(): Promise<void> {
+    const child = this.process;
+    if (child === undefined) return;
+    appendFileSync(this.logFile, `--- ${new Date().toISOString()} SIGKILL ${this.name}\n`);
+    child.child.kill("SIGKILL");
+    await child.stop();
+    this.process = undefined;
+  }
+
+  async stop(): Promise<void> {
+    await this.process?.stop();
+    this.process = undefined;
+  }
+}
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const table = "chaos_actions";
+const host = "chaos";
+
+/** The load generator: one ImportRows call every 1/rate s, each with its own call id, through the sidecar. */
+class LoadGenerator {
+  readonly calls = new Map<string, { outcome: CallOutcome | undefined }>();
+  private timer: NodeJS.Timeout | undefined;
+  private counter = 0;
+  private readonly client: Client;
+
+  constructor(
+    sidecarAddress: string,
+    private readonly token: string,
+    private readonly callBoundMs: number,
+  ) {
+    this.client = new Client(sidecarAddress, credentials.createInsecure());
+  }
+
+  get inFlight(): number {
+    return [...this.calls.values()].filter((c) => c.outcome === undefined).length;
+  }
+
+  start(prefix: string, rate: number): void {
+    this.timer = setInterval(() => this.call(`${prefix}-${this.counter++}-${randomUUID().slice(0, 8)}`), 1000 / rate);
+  }
+
+  stopStarting(): void {
+    clearInterval(this.timer);
+  }
+
+  /** Resolves once every started call has an outcome (each has the bound as its deadline, so this ends). */
+  async drained(): Promise<void> {
+    while (this.inFlight > 0) await delay(100);
+  }
+
+  /** The window's calls with what the agent saw, then forgets them. */
+  take(): StartedCall[] {
+    const taken = [...this.calls].map(([callId, c]) => ({ callId, outcome: c.outcome ?? ({ kind: "unanswered" } as const) }));
+    this.calls.clear();
+    return taken;
+  }
+
+  close(): void {
+    this.stopStarting();
+    this.client.close();
+  }
+
+  private call(callId: string): void {
+    const entry: { outcome: CallOutcome | undefined } = { outcome: undefined };
+    this.calls.set(callId, entry);
+    const metadata = new Metadata();
+    metadata.set("authorization", `Bearer ${this.token}`);
+    const schema = OpsService.method.importRows.input;
+    const message = Buffer.from(toBinary(schema, create(schema, { table, row: { call_id: callId } })));
+    const pass = (bytes: Buffer) => bytes;
+    const stream = this.client.makeClientStreamRequest("/demo.v1.OpsService/ImportRows", pass, pass, metadata, { deadline: new Date(Date.now() + this.callBoundMs) }, (error: ServiceError | null) => {
+      if (error === null || error === undefined) {
+        entry.outcome = { kind: "ok" };
+        return;
+      }
+      const airlockCode = error.metadata?.get("x-airlock-error-code")[0];
+      const coded = typeof airlockCode === "string" ? airlockCode : undefined;
+      // The agent's own deadline (the run's bound) fired: no one answered it.
+      if (Number(error.code) === Code.DeadlineExceeded && coded === undefined) entry.outcome = { kind: "unanswered" };
+      else entry.outcome = { kind: "error", code: error.code, airlockCode: coded, message: error.details };
+    });
+    stream.on("error", () => undefined);
+    stream.write(message);
+    stream.end();
+  }
+}
+
+/** Reads Vault's file audit device from where the last read ended: the credentials it logged as created. */
+class VaultAuditReader {
+  private offset = 0;
+  constructor(private readonly file: string) {}
+
+  async readNew(): Promise<{ credentials: CreatedCredential[]; wrappingAccessors: string[] }> {
+    const handle = await open(this.file, "r").catch(() => undefined);
+    if (handle === undefined) return { credentials: [], wrappingAccessors: [] };
+    try {
+      const { size } = await handle.stat();
+      const buffer = Buffer.alloc(size - this.offset);
+      await handle.read(buffer, 0, buffer.length, this.offset);
+      const text = buffer.toString("utf8");
+      // Only whole lines: a line Vault is still writing is read next time.
+      const end = text.lastIndexOf("\n") + 1;
+      this.offset += Buffer.byteLength(text.slice(0, end));
+      const credentials: CreatedCredential[] = [];
+      const wrappingAccessors: string[] = [];
+      for (const line of text.slice(0, end).split("\n")) {
+        const facts = parseVaultAuditLine(line);
+        if (facts.credential !== undefined) credentials.push(facts.credential);
+        if (facts.wrappingAccessor !== undefined) wrappingAccessors.push(facts.wrappingAccessor);
+      }
+      return { credentials, wrappingAccessors };
+    } finally {
+      await handle.close();
+    }
+  }
+}
+
+async function main(): Promise<void> {
+  const options = parseOptions();
+  const started = Date.now();
+  const say = (line: string) => console.log(line);
+  const dir = await makeTempDir("chaos");
+  const logDir = join(dir.path, "logs");
+  await mkdir(logDir);
+  const cleanups: (() => Promise<unknown>)[] = [];
+  try {
+    const [bus, vault, postgres] = await Promise.all([startChaosBus(), startVault(), startPostgres()]);
+    cleanups.push(() => bus.stop(), () => vault.stop(), () => postgres.stop());
+    const database = await postgres.createDatabase();
+    cleanups.push(() => database.drop());
+    say(`chaos_setup: ${bus.description}; vault ${vault.version}; postgresql ${postgres.version}; logs in ${logDir} (kept only while the run lasts)`);
+
+    // The upstream's table: one row per execution, keyed by the call id the load generator sent.
+    // No unique key on purpose: a second execution of one action is a second row, counted as a duplicate.
+    const admin = new pg.Client({ connectionString: database.url });
+    await admin.connect();
+    cleanups.push(() => admin.end());
+    await admin.query(`CREATE TABLE ${table} (call_id text NOT NULL, executed_at timestamptz NOT NULL DEFAULT clock_timestamp())`);
+    const rootVault = createVaultClient({ address: vault.address, token: vault.rootToken });
+    await configureDatabaseEngine(rootVault, {
+      mount: "database",
+      connectionName: "chaos",
+      connectionUrl: `postgresql://{{username}}:{{password}}@${database.host}:${database.port}/${database.name}?sslmode=disable`,
+      username: "postgres",
+      password: "",
+      roles: [{ name: "chaos", creationStatements: postgresRoleStatements(`GRANT SELECT, INSERT ON ${table} TO "{{name}}";`).creationStatements, defaultTtlSeconds: 300, maxTtlSeconds: 900 }],
+    });
+    // Vault's own record of what it created: its file audit device, accessors in the clear.
+    const vaultAuditFile = join(dir.path, "vault-audit.log");
+    await vaultApi(vault.address, vault.rootToken, "PUT", "sys/audit/chaos", { type: "file", options: { file_path: vaultAuditFile, hmac_accessor: "false" } });
+    const vaultAudit = new VaultAuditReader(vaultAuditFile);
+
+    // Keys: the brokers' decision and audit key (one key id, shared by both replicas), the agent's token.
+    const key = generateDecisionKey("chaos");
+    await writeFile(join(dir.path, "broker-public.pem"), key.publicKeyPem);
+    await writeFile(join(dir.path, "broker-private.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }).toString(), { mode: 0o600 });
+    const checkpointDir = join(dir.path, "checkpoints");
+    await mkdir(checkpointDir);
+    const agentKeys = await generateKeyPair("EdDSA");
+    const agentPublicPem = await exportSPKI(agentKeys.publicKey);
+    const agentToken = await new SignJWT({ act_for: "chaos@corp" })
+      .setProtectedHeader({ alg: "EdDSA" })
+      .setSubject("spiffe://chaos/agent")
+      .setIssuer("https://idp.chaos")
+      .setAudience("airlock")
+      .setExpirationTime("2h")
+      .sign(agentKeys.privateKey);
+    await writeFile(
+      join(dir.path, "policy.yaml"),
+      [
+        "version: 1",
+        "rules:",
+        "  - id: chaos-import",
+        "    match: { service: demo.v1.OpsService, method: ImportRows }",
+        "    effect: approve",
+        "    approve:",
+        "      risk: low",
+        "      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }",
+        `      credential: { kind: database, mount: database, role: chaos, ttl: ${chaosDefaults.credentialTtl} }`,
+        `      timeout: ${chaosDefaults.approvalTimeout}`,
+      ].join("\n"),
+    );
+
+    // The demo upstream, as its own process.
+    const upstreamPort = await freePort();
+    const upstream = new Part("ops upstream", ["demo/ops/main.ts"], join(logDir, "upstream.log"), /listening on/, {
+      AIRLOCK_OPS_LISTEN: `127.0.0.1:${upstreamPort}`,
+      AIRLOCK_OPS_DATABASE_URL: `postgres://${database.host}:${database.port}/${database.name}`,
+      AIRLOCK_VAULT_ADDR: vault.address,
+    });
+    cleanups.push(() => upstream.stop());
+    await upstream.start();
+
+    // Two broker replicas, one config each (their own replica id and HTTP port).
+    const brokerNats = natsYaml(await bus.credentials({ kind: "broker" }));
+    const brokers: Part[] = [];
+    for (const replica of ["a", "b"]) {
+      const port = await freePort();
+      const config = join(dir.path, `broker-${replica}.yaml`);
+      await writeFile(
+        config,
+        [
+          brokerNats,
+          `vault: { address: "${vault.address}", auth: { kind: token, token: "${vault.rootToken}" } }`,
+          "signing_key: { key_id: chaos, file: broker-private.pem }",
+          `audit: { checkpoints: { kind: directory, dir: "${checkpointDir}", every_events: 200, interval: 30s } }`,
+          "policy: policy.yaml",
+          "approvals:",
+          "  groups: { security: [sam@corp] }",
+          "  auto_rules: [{ id: chaos-auto, effect: approve, when: { max_risk: low }, reason: pre-approved for the chaos run }]",
+          `http: 127.0.0.1:${port}`,
+          `replica_id: broker-${replica}`,
+          "log_level: warn",
+        ].join("\n"),
+      );
+      const broker = new Part(`broker-${replica}`, ["cli/airlock.ts", "broker", "--config", config], join(logDir, `broker-${replica}.log`), `http://127.0.0.1:${port}/healthz`);
+      cleanups.push(() => broker.stop());
+      brokers.push(broker);
+    }
+    for (const broker of brokers) await broker.start();
+
+    const sidecarPort = await freePort();
+    const sidecarMetrics = await freePort();
+    await writeFile(
+      join(dir.path, "sidecar.yaml"),
+      [
+        `listen: 127.0.0.1:${sidecarPort}`,
+        "upstreams:",
+        `  - { name: ops, address: "127.0.0.1:${upstreamPort}", descriptor_sets: ["${descriptorSetPath}"] }`,
+        natsYaml(await bus.credentials({ kind: "sidecar", host })),
+        `vault: { address: "${vault.address}" }`,
+        "broker_keys: { chaos: broker-public.pem }",
+        `host: ${host}`,
+        "policy: policy.yaml",
+        `agent_auth: [{ kind: jwt, issuer: "https://idp.chaos", audience: airlock, keys: { kind: static, public_keys: [${JSON.stringify(agentPublicPem)}] } }]`,
+        `metrics: { listen: "127.0.0.1:${sidecarMetrics}" }`,
+        "log_level: warn",
+      ].join("\n"),
+    );
+    const sidecar = new Part("sidecar", ["cli/airlock.ts", "sidecar", "--config", join(dir.path, "sidecar.yaml")], join(logDir, "sidecar.log"), `http://127.0.0.1:${sidecarMetrics}/healthz`);
+    cleanups.push(() => sidecar.stop());
+    await sidecar.start();
+    say(`chaos_setup: upstream, 2 brokers and the sidecar running after ${((Date.now() - started) / 1000).toFixed(1)} s; ${options.faults.length} windows of ${options.seconds} s at ${options.rate} actions/s, fault at ${(options.seconds / 3).toFixed(1)} s, settle bound ${options.settleSeconds} s`);
+
+    const load = new LoadGenerator(`127.0.0.1:${sidecarPort}`, agentToken, options.callBoundSeconds * 1000);
+    cleanups.push(() => Promise.resolve(load.close()));
+    const observer = new Observer(bus, vault.address, vault.rootToken, admin);
+    // Whatever Vault created before the first window (nothing per action) is no window's.
+    await vaultAudit.readNew();
+
+    const lines: FaultLine[] = [];
+    for (const fault of options.faults) {
+      const windowStart = new Date();
+      load.start(fault, options.rate);
+      await delay((options.seconds * 1000) / 3);
+      let repair: () => Promise<void> = () => Promise.resolve();
+      switch (fault) {
+        case "none":
+          break;
+        case "broker_kill": {
+          const victim = brokers[0];
+          await victim?.kill();
+          repair = () => victim?.start() ?? Promise.resolve();
+          break;
+        }
+        case "nats_restart":
+          await bus.restartOneNode();
+          break;
+        case "vault_pause":
+          vault.freeze();
+          await delay(chaosDefaults.vaultPauseSeconds * 1000);
+          vault.thaw();
+          break;
+        case "sidecar_kill":
+          // Mid-call: only once a call is held or running in it.
+          await waitUntil(() => Promise.resolve(load.inFlight > 0), 10_000, 5);
+          await sidecar.kill();
+          await sidecar.start();
+          break;
+      }
+      await delay(Math.max(0, windowStart.getTime() + options.seconds * 1000 - Date.now()));
+      load.stopStarting();
+      await load.drained();
+      // Settle: every record of the window final, and no credential the window made still alive; bounded.
+      const windowCredentials: CreatedCredential[] = [];
+      const wrappingAccessors: string[] = [];
+      const readVault = async () => {
+        const fresh = await vaultAudit.readNew();
+        windowCredentials.push(...fresh.credentials);
+        wrappingAccessors.push(...fresh.wrappingAccessors);
+      };
+      let unsettled = 0;
+      await waitUntil(
+        async () => {
+          await readVault();
+          unsettled = (await observer.records(windowStart)).filter((r) => !isSettled(r)).length;
+          const alive = await observer.aliveIds();
+          return unsettled === 0 && windowCredentials.every((c) => !alive.has(c.id));
+        },
+        options.settleSeconds * 1000,
+        1000,
+      );
+      await readVault();
+      const calls = tallyCalls(load.take(), await observer.executions());
+      const alive = await observer.aliveIds();
+      const named = await observer.namedCredentials();
+      const credentials = judgeCredentials(windowCredentials, alive, named);
+      const audit = await checkAuditTrail(await bus.credentials({ kind: "audit" }), {
+        keyId: "chaos",
+        publicKeyFile: join(dir.path, "broker-public.pem"),
+        checkpointDir,
+        keyringFile: join(dir.path, "audit-keyring.yaml"),
+      });
+      const records = await observer.records(windowStart);
+      const states = new Map<string, number>();
+      for (const record of records) states.set(stateName(record.state), (states.get(stateName(record.state)) ?? 0) + 1);
+      const line: FaultLine = { fault, calls, credentials, auditIntact: audit.intact };
+      lines.push(line);
+      const wrapAlive = wrappingAccessors.filter((a) => alive.has(a)).length;
+      say(
+        `chaos_detail: fault=${fault} failed_unclear=${calls.failedUnclear} lost_unanswered=${calls.unanswered} lost_executed_but_failed=${calls.executedButFailed} lost_ok_not_executed=${calls.okWithoutExecution}` +
+          ` failures=${[...calls.failureCodes].map(([code, n]) => `${code}:${n}`).join(",") || "-"} records=${records.length} unsettled=${unsettled} states=${[...states].map(([s, n]) => `${s}:${n}`).join(",")}` +
+          ` vault_created=${new Set(windowCredentials.map((c) => c.id)).size} wrapping_tokens_alive=${wrapAlive}${audit.intact ? "" : ` audit_problem=${JSON.stringify(`${audit.error ?? ""} ${audit.problem}`)}`}`,
+      );
+      say(faultLine(line));
+      await repair();
+    }
+    say(totalsLine(chaosTotals(lines)));
+    say(`chaos_setup: done in ${((Date.now() - started) / 1000).toFixed(0)} s`);
+    process.exitCode = chaosPassed(lines) ? 0 : 1;
+  } finally {
+    for (const cleanup of cleanups.reverse()) await cleanup().catch((error: unknown) => console.error(`chaos: cleanup failed: ${AirlockError.from(error).rawMessage}`));
+    await dir.remove();
+  }
+}
+
+/** A raw Vault HTTP API call as the root token (the observer's own, never the brokers'). */
+async function vaultApi(address: string, token: string, method: string, path: string, body?: unknown): Promise<Record<string, unknown> | undefined> {
+  const response = await fetch(`${address}/v1/${path}`, { method, headers: { "X-Vault-Token": token }, ...(body === undefined ? {} : { body: JSON.stringify(body) }) });
+  if (response.status === 404) return undefined;
+  if (!response.ok) throw new AirlockError(Code.Unavailable, `Vault ${method} ${path} answered ${response.status}: ${await response.text()}`);
+  return response.status === 204 ? {} : ((await response.json()) as Record<string, unknown>);
+}
+
+/** The chaos run's view of the servers' own state: request records, the trail, Vault, PostgreSQL. */
+class Observer {
+  /** Records already settled: final, so not read again. */
+  private readonly settled = new Map<string, RequestRecord>();
+
+  constructor(
+    private readonly bus: ChaosBus,
+    private readonly vaultAddress: string,
+    private readonly rootToken: string,
+    private readonly admin: pg.Client,
+  ) {}
+
+  /** Every record in the state bucket (settled ones from the cache); a fresh connection each time, since NATS may have restarted. */
+  async allRecords(): Promise<RequestRecord[]> {
+    const nc = await this.bus.connect({ kind: "broker" }, { name: "airlock-chaos-observer" });
+    try {
+      const store = await RequestStore.open(nc);
+      const found: RequestRecord[] = [];
+      for (const id of await store.ids()) {
+        const cached = this.settled.get(id);
+        if (cached !== undefined) {
+          found.push(cached);
+          continue;
+        }
+        const record = (await store.get(id))?.record;
+        if (record === undefined) continue;
+        if (isSettled(record)) this.settled.set(id, record);
+        found.push(record);
+      }
+      return found;
+    } finally {
+      await nc.close();
+    }
+  }
+
+  /** Records created since `since`. */
+  async records(since: Date): Promise<RequestRecord[]> {
+    return (await this.allRecords()).filter((r) => r.request?.createdAt !== undefined && timestampDate(r.request.createdAt) >= since);
+  }
+
+  /** Every lease id and accessor any request record or audit event names. */
+  async namedCredentials(): Promise<Set<string>> {
+    const named = new Set<string>();
+    for (const record of await this.allRecords()) if (record.lease !== undefined && record.lease.leaseId !== "") named.add(record.lease.leaseId);
+    const reader = await this.bus.connect({ kind: "audit" }, { name: "airlock-chaos-observer" });
+    try {
+      for await (const event of readAuditEvents(reader, { onUndecodable: () => undefined })) stringsIn(event.details ?? {}, named);
+    } finally {
+      await reader.close();
+    }
+    return named;
+  }
+
+  /** Lease ids under the chaos role and token accessors Vault holds alive now (root's own included). */
+  async aliveIds(): Promise<Set<string>> {
+    const alive = new Set<string>();
+    const prefix = "database/creds/chaos/";
+    const leases = await vaultApi(this.vaultAddress, this.rootToken, "GET", `sys/leases/lookup/${prefix}?list=true`);
+    for (const key of (leases?.data as { keys?: string[] } | undefined)?.keys ?? []) alive.add(`${prefix}${key}`);
+    const accessors = await vaultApi(this.vaultAddress, this.rootToken, "GET", "auth/token/accessors?list=true");
+    for (const key of (accessors?.data as { keys?: string[] } | undefined)?.keys ?? []) alive.add(key);
+    return alive;
+  }
+
+  /** Rows in the upstream's table per call id: how many times each action executed. */
+  async executions(): Promise<Map<string, number>> {
+    const rows = await this.admin.query<{ call_id: string; n: string }>(`SELECT call_id, count(*) AS n FROM ${table} GROUP BY call_id`);
+    return new Map(rows.rows.map((r) => [r.call_id, Number(r.n)]));
+  }
+}
+
+await main();
