@@ -140,7 +140,7 @@ function stringAt(value: Record<string, unknown> | undefined, key: string): stri
 /**
  * Reads one JSON line of Vault's file audit device (enabled with `hmac_accessor=false`, so
  * accessors are in the clear; lease ids never are HMAC'd). Only `response` entries that
- * succeeded count: a dynamic secret's `response.secret.lease_id`, a token created under
+ * succeeded count: a dynamic secret's `response.secret.lease_id` (outside `sys/`), a token created under
  * `auth/token/create*` (`response.auth.accessor`), and a wrapping token (`response.wrap_info.accessor`).
  * Anything else, or a line that is not JSON, says nothing.
  */
@@ -159,7 +159,8 @@ export function parseVaultAuditLine(line: string): AuditLineFacts {
   const facts: { credential?: CreatedCredential; wrappingAccessor?: string } = {};
   const leaseId = stringAt(objectAt(response, "secret"), "lease_id");
   const tokenAccessor = stringAt(objectAt(response, "auth"), "accessor");
-  if (leaseId !== undefined) facts.credential = { kind: "lease", id: leaseId, path };
+  // sys/ paths (a renewal, a lookup) answer about a lease that exists already: not a creation.
+  if (leaseId !== undefined && !path.startsWith("sys/")) facts.credential = { kind: "lease", id: leaseId, path };
   else if (tokenAccessor !== undefined && path.startsWith("auth/token/create")) facts.credential = { kind: "token", id: tokenAccessor, path };
   const wrapping = stringAt(objectAt(response, "wrap_info"), "accessor");
   if (wrapping !== undefined) facts.wrappingAccessor = wrapping;

@@ -54,7 +54,7 @@ export const chaosFaults = ["none", "broker_kill", "nats_restart", "vault_pause"
 type Fault = (typeof chaosFaults)[number];
 
 /** Defaults of the run's options: five windows of 45 s plus settling fit in under 10 minutes. */
-const chaosDefaults = { seconds: 45, rate: 15, settleSeconds: 45, callBoundSeconds: 60, vaultPauseSeconds: 10, approvalTimeout: "30s", credentialTtl: "5m" } as const;
+const chaosDefaults = { seconds: 45, rate: 15, settleSeconds: 45, callBoundSeconds: 45, vaultPauseSeconds: 10, approvalTimeout: "30s", credentialTtl: "5m" } as const;
 
 function parseOptions() {
   const { values } = parseArgs({
@@ -404,8 +404,8 @@ async function main(): Promise<void> {
       }
       await delay(Math.max(0, windowStart.getTime() + options.seconds * 1000 - Date.now()));
       load.stopStarting();
-      await load.drained();
-      // Settle: every record of the window final, and no credential the window made still alive; bounded.
+      // Settle, within one bound from the end of the traffic: every call answered (or past its own
+      // deadline), every record of the window final, and no credential the window made still alive.
       const windowCredentials: CreatedCredential[] = [];
       const wrappingAccessors: string[] = [];
       const readVault = async () => {
@@ -419,11 +419,13 @@ async function main(): Promise<void> {
           await readVault();
           unsettled = (await observer.records(windowStart)).filter((r) => !isSettled(r)).length;
           const alive = await observer.aliveIds();
-          return unsettled === 0 && windowCredentials.every((c) => !alive.has(c.id));
+          return load.inFlight === 0 && unsettled === 0 && windowCredentials.every((c) => !alive.has(c.id));
         },
         options.settleSeconds * 1000,
         1000,
       );
+      // A call still waiting has the run's bound as its deadline: it ends by then, answered or not.
+      await load.drained();
       await readVault();
       const calls = tallyCalls(load.take(), await observer.executions());
       const alive = await observer.aliveIds();

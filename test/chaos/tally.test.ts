@@ -87,6 +87,8 @@ await t.test("Vault's audit lines: dynamic leases and created tokens are credent
   t.same(parseVaultAuditLine(tokenLine), { credential: { kind: "token", id: "tok-acc", path: "auth/token/create-orphan" }, wrappingAccessor: "wrap-acc" });
   const wrapLine = JSON.stringify({ type: "response", request: { path: "sys/wrapping/wrap" }, response: { wrap_info: { accessor: "wrap-2" } } });
   t.same(parseVaultAuditLine(wrapLine), { wrappingAccessor: "wrap-2" });
+  const renewal = JSON.stringify({ type: "response", request: { path: "sys/leases/renew" }, response: { secret: { lease_id: "database/creds/chaos/abc" } } });
+  t.same(parseVaultAuditLine(renewal), {}, "a renewal answers about an existing lease");
   // An unwrap or a lookup answers with an existing token's accessor: not a creation.
   const lookupLine = JSON.stringify({ type: "response", request: { path: "auth/token/lookup-self" }, response: { auth: { accessor: "old" } } });
   t.same(parseVaultAuditLine(lookupLine), {});
