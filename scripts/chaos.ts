@@ -139,6 +139,8 @@ class Part {
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const table = "chaos_actions";
 const host = "chaos";
+/** Where Vault keeps the leases of the run's database role. */
+const leasePrefix = "database/creds/chaos/";
 
 /** The load generator: one ImportRows call every 1/rate s, each with its own call id, through the sidecar. */
 class LoadGenerator {
@@ -271,7 +273,11 @@ async function main(): Promise<void> {
     });
     // Vault's own record of what it created: its file audit device, accessors in the clear.
     const vaultAuditFile = join(dir.path, "vault-audit.log");
-    await vaultApi(vault.address, vault.rootToken, "PUT", "sys/audit/chaos", { type: "file", options: { file_path: vaultAuditFile, hmac_accessor: "false" } });
+    // Where Vault refuses audit devices made through its API, the run says so and falls back on
+    // the leases it sees alive while it polls (a lease created and revoked between polls is then missed).
+    await vaultApi(vault.address, vault.rootToken, "PUT", "sys/audit/chaos", { type: "file", options: { file_path: vaultAuditFile, hmac_accessor: "false" } }).catch((error: unknown) =>
+      say(`chaos_setup: Vault's audit device could not be enabled (${AirlockError.from(error).rawMessage}); credentials are seen only by polling Vault's lease list`),
+    );
     const vaultAudit = new VaultAuditReader(vaultAuditFile);
 
     // Keys: the brokers' decision and audit key (one key id, shared by both replicas), the agent's token.
@@ -375,6 +381,17 @@ async function main(): Promise<void> {
     const lines: FaultLine[] = [];
     for (const fault of options.faults) {
       const windowStart = new Date();
+      // Besides Vault's audit log: every lease seen alive while the window runs that was not alive before it.
+      const aliveAtStart = await observer.aliveIds();
+      const seenLeases = new Set<string>();
+      let polling = true;
+      const poller = (async () => {
+        while (polling) {
+          const alive = await observer.aliveIds().catch(() => new Set<string>());
+          for (const id of alive) if (id.startsWith(leasePrefix) && !aliveAtStart.has(id)) seenLeases.add(id);
+          await delay(1000);
+        }
+      })();
       load.start(fault, options.rate);
       await delay((options.seconds * 1000) / 3);
       let repair: () => Promise<void> = () => Promise.resolve();
@@ -426,7 +443,12 @@ async function main(): Promise<void> {
       );
       // A call still waiting has the run's bound as its deadline: it ends by then, answered or not.
       await load.drained();
+      polling = false;
+      await poller;
       await readVault();
+      const loggedIds = new Set(windowCredentials.map((c) => c.id));
+      const missedByLog = [...seenLeases].filter((id) => !loggedIds.has(id));
+      windowCredentials.push(...missedByLog.map((id) => ({ kind: "lease" as const, id, path: leasePrefix.slice(0, -1) })));
       const calls = tallyCalls(load.take(), await observer.executions());
       const alive = await observer.aliveIds();
       const named = await observer.namedCredentials();
@@ -446,7 +468,7 @@ async function main(): Promise<void> {
       say(
         `chaos_detail: fault=${fault} failed_unclear=${calls.failedUnclear} lost_unanswered=${calls.unanswered} lost_executed_but_failed=${calls.executedButFailed} lost_ok_not_executed=${calls.okWithoutExecution}` +
           ` failures=${[...calls.failureCodes].map(([code, n]) => `${code}:${n}`).join(",") || "-"} records=${records.length} unsettled=${unsettled} states=${[...states].map(([s, n]) => `${s}:${n}`).join(",")}` +
-          ` vault_created=${new Set(windowCredentials.map((c) => c.id)).size} wrapping_tokens_alive=${wrapAlive}${audit.intact ? "" : ` audit_problem=${JSON.stringify(`${audit.error ?? ""} ${audit.problem}`)}`}`,
+          ` vault_created=${new Set(windowCredentials.map((c) => c.id)).size} seen_alive_not_logged=${missedByLog.length} wrapping_tokens_alive=${wrapAlive}${audit.intact ? "" : ` audit_problem=${JSON.stringify(`${audit.error ?? ""} ${audit.problem}`)}`}`,
       );
       say(faultLine(line));
       await repair();
@@ -462,7 +484,8 @@ async function main(): Promise<void> {
 
 /** A raw Vault HTTP API call as the root token (the observer's own, never the brokers'). */
 async function vaultApi(address: string, token: string, method: string, path: string, body?: unknown): Promise<Record<string, unknown> | undefined> {
-  const response = await fetch(`${address}/v1/${path}`, { method, headers: { "X-Vault-Token": token }, ...(body === undefined ? {} : { body: JSON.stringify(body) }) });
+  // Bounded: a paused Vault must not stall the observer.
+  const response = await fetch(`${address}/v1/${path}`, { method, headers: { "X-Vault-Token": token }, signal: AbortSignal.timeout(5000), ...(body === undefined ? {} : { body: JSON.stringify(body) }) });
   if (response.status === 404) return undefined;
   if (!response.ok) throw new AirlockError(Code.Unavailable, `Vault ${method} ${path} answered ${response.status}: ${await response.text()}`);
   return response.status === 204 ? {} : ((await response.json()) as Record<string, unknown>);
@@ -524,9 +547,8 @@ class Observer {
   /** Lease ids under the chaos role and token accessors Vault holds alive now (root's own included). */
   async aliveIds(): Promise<Set<string>> {
     const alive = new Set<string>();
-    const prefix = "database/creds/chaos/";
-    const leases = await vaultApi(this.vaultAddress, this.rootToken, "GET", `sys/leases/lookup/${prefix}?list=true`);
-    for (const key of (leases?.data as { keys?: string[] } | undefined)?.keys ?? []) alive.add(`${prefix}${key}`);
+    const leases = await vaultApi(this.vaultAddress, this.rootToken, "GET", `sys/leases/lookup/${leasePrefix}?list=true`);
+    for (const key of (leases?.data as { keys?: string[] } | undefined)?.keys ?? []) alive.add(`${leasePrefix}${key}`);
     const accessors = await vaultApi(this.vaultAddress, this.rootToken, "GET", "auth/token/accessors?list=true");
     for (const key of (accessors?.data as { keys?: string[] } | undefined)?.keys ?? []) alive.add(key);
     return alive;
