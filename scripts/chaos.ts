@@ -20,7 +20,7 @@ import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Client, credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
 import { exportSPKI, generateKeyPair, SignJWT } from "jose";
 import pg from "pg";
-import { readAuditEvents } from "../broker/audit/index.js";
+import { readAuditEvents, writeAuditKey } from "../broker/audit/index.js";
 import { configureDatabaseEngine, postgresRoleStatements } from "../broker/credentials.js";
 import { isSettled, stateName } from "../broker/index.js";
 import { RequestStore } from "../broker/store.js";
@@ -43,7 +43,6 @@ import { generateDecisionKey } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { natsConfigSection, type NatsConnectionConfig } from "../common/nats.js";
 import { createVaultClient } from "../common/vault.js";
-import { checkAuditTrail } from "../demo/audit-check.js";
 import { delay, freePort, makeTempDir, ManagedProcess, startPostgres, startVault, waitUntil } from "../harness/index.js";
 import { descriptorSetPath } from "../proto/index.js";
 import { OpsService } from "../proto/gen/demo/v1/ops_pb.js";
@@ -154,7 +153,9 @@ class LoadGenerator {
     private readonly token: string,
     private readonly callBoundMs: number,
   ) {
-    this.client = new Client(sidecarAddress, credentials.createInsecure());
+    // An agent that reconnects promptly when its sidecar comes back (grpc-js would otherwise back
+    // off for up to two minutes and fail every call meanwhile, which measures the client, not Airlock).
+    this.client = new Client(sidecarAddress, credentials.createInsecure(), { "grpc.initial_reconnect_backoff_ms": 200, "grpc.max_reconnect_backoff_ms": 1000 });
   }
 
   get inFlight(): number {
@@ -286,6 +287,11 @@ async function main(): Promise<void> {
     await writeFile(join(dir.path, "broker-private.pem"), key.signing.privateKey.export({ type: "pkcs8", format: "pem" }).toString(), { mode: 0o600 });
     const checkpointDir = join(dir.path, "checkpoints");
     await mkdir(checkpointDir);
+    // Each replica signs the trail and its checkpoints with its own audit key; the key ring names both.
+    const replicas = ["a", "b"] as const;
+    const auditKeys = await Promise.all(replicas.map((replica) => writeAuditKey(join(dir.path, "audit-keys"), `chaos-audit-${replica}`)));
+    const keyringFile = join(dir.path, "audit-keyring.yaml");
+    await writeFile(keyringFile, `keys:\n${auditKeys.map((k, i) => `  - key_id: chaos-audit-${replicas[i] ?? ""}\n    public_key_file: ${JSON.stringify(k.publicKeyFile)}\n`).join("")}`);
     const agentKeys = await generateKeyPair("EdDSA");
     const agentPublicPem = await exportSPKI(agentKeys.publicKey);
     const agentToken = await new SignJWT({ act_for: "chaos@corp" })
@@ -324,7 +330,7 @@ async function main(): Promise<void> {
     // Two broker replicas, one config each (their own replica id and HTTP port).
     const brokerNats = natsYaml(await bus.credentials({ kind: "broker" }));
     const brokers: Part[] = [];
-    for (const replica of ["a", "b"]) {
+    for (const [index, replica] of replicas.entries()) {
       const port = await freePort();
       const config = join(dir.path, `broker-${replica}.yaml`);
       await writeFile(
@@ -333,7 +339,7 @@ async function main(): Promise<void> {
           brokerNats,
           `vault: { address: "${vault.address}", auth: { kind: token, token: "${vault.rootToken}" } }`,
           "signing_key: { key_id: chaos, file: broker-private.pem }",
-          `audit: { checkpoints: { kind: directory, dir: "${checkpointDir}", every_events: 200, interval: 30s } }`,
+          `audit: { signing_key: { key_id: chaos-audit-${replica}, file: ${JSON.stringify(auditKeys[index]?.privateKeyFile ?? "")} }, keyring: ${JSON.stringify(keyringFile)}, checkpoints: { kind: directory, dir: "${checkpointDir}", every_events: 200, interval: 30s } }`,
           "policy: policy.yaml",
           "approvals:",
           "  groups: { security: [sam@corp] }",
@@ -364,6 +370,10 @@ async function main(): Promise<void> {
         "policy: policy.yaml",
         `agent_auth: [{ kind: jwt, issuer: "https://idp.chaos", audience: airlock, keys: { kind: static, public_keys: [${JSON.stringify(agentPublicPem)}] } }]`,
         `metrics: { listen: "127.0.0.1:${sidecarMetrics}" }`,
+        // One agent sends all the traffic: at the default 16 held approvals it is refused
+        // (resource_exhausted, a clear failure) whenever a fault slows decisions, which would hide
+        // what the fault does to the calls held. Raised so every call reaches the flow.
+        "limits: { max_outstanding_approvals_per_agent: 10000 }",
         "log_level: warn",
       ].join("\n"),
     );
@@ -449,16 +459,14 @@ async function main(): Promise<void> {
       const loggedIds = new Set(windowCredentials.map((c) => c.id));
       const missedByLog = [...seenLeases].filter((id) => !loggedIds.has(id));
       windowCredentials.push(...missedByLog.map((id) => ({ kind: "lease" as const, id, path: leasePrefix.slice(0, -1) })));
-      const calls = tallyCalls(load.take(), await observer.executions());
+      const taken = load.take();
+      const calls = tallyCalls(taken, await observer.executions());
+      const examples = new Map<string, string>();
+      for (const call of taken) if (call.outcome.kind === "error" && !examples.has(String(call.outcome.code))) examples.set(String(call.outcome.code), call.outcome.message.slice(0, 140));
       const alive = await observer.aliveIds();
       const named = await observer.namedCredentials();
       const credentials = judgeCredentials(windowCredentials, alive, named);
-      const audit = await checkAuditTrail(await bus.credentials({ kind: "audit" }), {
-        keyId: "chaos",
-        publicKeyFile: join(dir.path, "broker-public.pem"),
-        checkpointDir,
-        keyringFile: join(dir.path, "audit-keyring.yaml"),
-      });
+      const audit = await verifyTrail(await bus.credentials({ kind: "audit" }), keyringFile, checkpointDir);
       const records = await observer.records(windowStart);
       const states = new Map<string, number>();
       for (const record of records) states.set(stateName(record.state), (states.get(stateName(record.state)) ?? 0) + 1);
@@ -468,8 +476,9 @@ async function main(): Promise<void> {
       say(
         `chaos_detail: fault=${fault} failed_unclear=${calls.failedUnclear} lost_unanswered=${calls.unanswered} lost_executed_but_failed=${calls.executedButFailed} lost_ok_not_executed=${calls.okWithoutExecution}` +
           ` failures=${[...calls.failureCodes].map(([code, n]) => `${code}:${n}`).join(",") || "-"} records=${records.length} unsettled=${unsettled} states=${[...states].map(([s, n]) => `${s}:${n}`).join(",")}` +
-          ` vault_created=${new Set(windowCredentials.map((c) => c.id)).size} seen_alive_not_logged=${missedByLog.length} wrapping_tokens_alive=${wrapAlive}${audit.intact ? "" : ` audit_problem=${JSON.stringify(`${audit.error ?? ""} ${audit.problem}`)}`}`,
+          ` vault_created=${new Set(windowCredentials.map((c) => c.id)).size} seen_alive_not_logged=${missedByLog.length} wrapping_tokens_alive=${wrapAlive}${audit.intact ? "" : ` audit_verify=${JSON.stringify(audit.line)}`}`,
       );
+      if (examples.size > 0) say(`chaos_failure_examples: fault=${fault} ${[...examples].map(([code, message]) => `${code}=${JSON.stringify(message)}`).join(" ")}`);
       say(faultLine(line));
       await repair();
     }
@@ -480,6 +489,23 @@ async function main(): Promise<void> {
     for (const cleanup of cleanups.reverse()) await cleanup().catch((error: unknown) => console.error(`chaos: cleanup failed: ${AirlockError.from(error).rawMessage}`));
     await dir.remove();
   }
+}
+
+/**
+ * The trail verified by the product's own verifier, as an operator runs it: `airlock audit verify`
+ * as the audit role, against the key ring of both replicas' audit keys and their checkpoints.
+ * Intact when it exits 0; its verdict line is kept for the report.
+ */
+async function verifyTrail(reader: NatsConnectionConfig, keyringFile: string, checkpointDir: string): Promise<{ intact: boolean; line: string }> {
+  const auth = reader.auth;
+  if (auth.kind !== "nkey") throw new AirlockError(Code.InvalidArgument, "the audit reader's credential is not an nkey seed file");
+  const args = ["audit", "verify", "--nats", reader.servers[0] ?? "", "--nats-seed", auth.seedFile, "--keys", keyringFile, "--checkpoints", checkpointDir];
+  if (reader.tls?.caFile !== undefined) args.push("--nats-ca", reader.tls.caFile);
+  const verify = new ManagedProcess("airlock audit verify", process.execPath, ["--import", "tsx", "cli/airlock.ts", ...args], { cwd: root });
+  const code = await verify.exited;
+  await verify.stop();
+  const line = verify.recentOutput.trim().split("\n").pop() ?? "";
+  return { intact: code === 0, line };
 }
 
 /** A raw Vault HTTP API call as the root token (the observer's own, never the brokers'). */
