@@ -1,5 +1,5 @@
 /**
- * `npm run chaos [-- --seconds 45 --rate 15 --settle-seconds 45 --faults none,broker_kill,…]`:
+ * `npm run chaos [-- --seconds 45 --rate 15 --settle-seconds 45 --call-bound-seconds 45 --faults none,broker_kill,… --keep-logs]`:
  * steady auto-approved privileged traffic through real processes (NATS, two broker processes,
  * one sidecar process, the Vault dev server, PostgreSQL, the demo upstream as its own process),
  * with each fault injected in turn at a third of its window. Prints one line per fault,
@@ -63,6 +63,7 @@ function parseOptions() {
       "settle-seconds": { type: "string" },
       "call-bound-seconds": { type: "string" },
       faults: { type: "string" },
+      "keep-logs": { type: "boolean" },
     },
     strict: true,
   });
@@ -83,6 +84,7 @@ function parseOptions() {
     settleSeconds: number("settle-seconds", values["settle-seconds"], chaosDefaults.settleSeconds, 1, 600),
     callBoundSeconds: number("call-bound-seconds", values["call-bound-seconds"], chaosDefaults.callBoundSeconds, 31, 600),
     faults: faults as Fault[],
+    keepLogs: values["keep-logs"] === true,
   };
 }
 
@@ -163,7 +165,16 @@ class LoadGenerator {
   }
 
   start(prefix: string, rate: number): void {
-    this.timer = setInterval(() => this.call(`${prefix}-${this.counter++}-${randomUUID().slice(0, 8)}`), 1000 / rate);
+    // Paced by the clock, not by the timer's ticks: on a busy machine a tick comes late, and the
+    // calls due by then all start, so the offered load stays at `rate` whatever the timer does.
+    const startedAt = Date.now();
+    let started = 0;
+    const tick = () => {
+      const due = Math.floor(((Date.now() - startedAt) * rate) / 1000) + 1;
+      for (; started < due; started++) this.call(`${prefix}-${this.counter++}-${randomUUID().slice(0, 8)}`);
+    };
+    tick();
+    this.timer = setInterval(tick, 20);
   }
 
   stopStarting(): void {
@@ -255,7 +266,7 @@ async function main(): Promise<void> {
     cleanups.push(() => bus.stop(), () => vault.stop(), () => postgres.stop());
     const database = await postgres.createDatabase();
     cleanups.push(() => database.drop());
-    say(`chaos_setup: ${bus.description}; vault ${vault.version}; postgresql ${postgres.version}; logs in ${logDir} (kept only while the run lasts)`);
+    say(`chaos_setup: ${bus.description}; vault ${vault.version}; postgresql ${postgres.version}; logs in ${logDir}${options.keepLogs ? "" : " (removed at the end; --keep-logs keeps them)"}`);
 
     // The upstream's table: one row per execution, keyed by the call id the load generator sent.
     // No unique key on purpose: a second execution of one action is a second row, counted as a duplicate.
@@ -487,7 +498,8 @@ async function main(): Promise<void> {
     process.exitCode = chaosPassed(lines) ? 0 : 1;
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch((error: unknown) => console.error(`chaos: cleanup failed: ${AirlockError.from(error).rawMessage}`));
-    await dir.remove();
+    if (options.keepLogs) console.log(`chaos_setup: kept ${dir.path} (the parts' logs, Vault's audit log, configs and checkpoints)`);
+    else await dir.remove();
   }
 }
 
