@@ -15,7 +15,8 @@ import { mkdir, open, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { create, toBinary } from "@bufbuild/protobuf";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { Kvm } from "@nats-io/kv";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Client, credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
 import { exportSPKI, generateKeyPair, SignJWT } from "jose";
@@ -23,7 +24,6 @@ import pg from "pg";
 import { readAuditEvents, writeAuditKey } from "../broker/audit/index.js";
 import { configureDatabaseEngine, postgresRoleStatements } from "../broker/credentials.js";
 import { isSettled, stateName } from "../broker/index.js";
-import { RequestStore } from "../broker/store.js";
 import { startChaosBus, type ChaosBus } from "../chaos/bus.js";
 import {
   type CallOutcome,
@@ -41,12 +41,13 @@ import {
 } from "../chaos/tally.js";
 import { generateDecisionKey } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
+import { stateBucket } from "../common/subjects.js";
 import { natsConfigSection, type NatsConnectionConfig } from "../common/nats.js";
 import { createVaultClient } from "../common/vault.js";
 import { delay, freePort, makeTempDir, ManagedProcess, startPostgres, startVault, waitUntil } from "../harness/index.js";
 import { descriptorSetPath } from "../proto/index.js";
 import { OpsService } from "../proto/gen/demo/v1/ops_pb.js";
-import type { RequestRecord } from "../proto/index.js";
+import { type RequestRecord, RequestRecordSchema } from "../proto/index.js";
 
 /** The faults, in the order they run; `none` is the baseline. */
 export const chaosFaults = ["none", "broker_kill", "nats_restart", "vault_pause", "sidecar_kill"] as const;
@@ -545,16 +546,20 @@ class Observer {
   async allRecords(): Promise<RequestRecord[]> {
     const nc = await this.bus.connect({ kind: "broker" }, { name: "airlock-chaos-observer" });
     try {
-      const store = await RequestStore.open(nc);
+      // Read as an observer: the bucket as it is, never created or brought to other settings.
+      const kv = await new Kvm(nc).open(stateBucket);
+      const ids = new Set<string>();
+      for await (const key of await kv.keys()) ids.add(key);
       const found: RequestRecord[] = [];
-      for (const id of await store.ids()) {
+      for (const id of ids) {
         const cached = this.settled.get(id);
         if (cached !== undefined) {
           found.push(cached);
           continue;
         }
-        const record = (await store.get(id))?.record;
-        if (record === undefined) continue;
+        const entry = await kv.get(id);
+        if (entry === null || entry.operation !== "PUT" || entry.value.length === 0) continue;
+        const record = fromBinary(RequestRecordSchema, entry.value);
         if (isSettled(record)) this.settled.set(id, record);
         found.push(record);
       }
