@@ -5,6 +5,7 @@ import { AckPolicy, type ConsumerMessages, DeliverPolicy, jetstream, JetStreamAp
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { type DecisionSigningKey, signDecision } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
+import { natsRefusal } from "../common/nats.js";
 import { failpoint } from "../common/failpoints.js";
 import type { Logger } from "../common/logger.js";
 import { ensureStreams, streams, subjects } from "../common/subjects.js";
@@ -115,6 +116,15 @@ export const brokerDefaults = {
    */
   ackWaitMs: 5_000,
   orphanAfterMs: 10_000,
+  /** The longest a decision's publish is tried again while NATS is away, in ms (never past the decision's expiry). */
+  decisionRetryMs: 30_000,
+  /**
+   * How long each pull of a consumer waits, in ms. nats.js checks a consumer again after a
+   * reconnect and, when JetStream is still recovering, waits 0.5 to 1.5 times this before the
+   * next check: with its 30 s default, intake and completions stalled up to 45 s after a NATS
+   * restart.
+   */
+  pullExpiresMs: 3_000,
   /**
    * Deliveries of one message before it is given up (terminated and audited). A message that
    * cannot be decoded or fails for good is terminated at once.
@@ -269,7 +279,7 @@ export class Broker {
           if (!(error instanceof JetStreamApiError && error.code === consumerExists)) throw error;
           await jsm.consumers.update(stream, durable, settings);
         });
-        const messages = await (await broker.js.consumers.get(stream, durable)).consume();
+        const messages = await (await broker.js.consumers.get(stream, durable)).consume({ expires: brokerDefaults.pullExpiresMs });
         broker.consumers.push(messages);
         const handlers = {
           [brokerDefaults.intakeConsumer]: (data: Uint8Array, subject: string) => broker.takeRequest(data, subject),
@@ -699,10 +709,28 @@ export class Broker {
     ];
   }
 
+  /**
+   * Signs and publishes a decision. A publish that fails because NATS is away (restarting,
+   * a network cut) is tried again until the decision expires, at most `decisionRetryMs`: the
+   * message id is the decision id, so JetStream stores one copy however many tries reach it.
+   * A refusal of this replica's rights fails at once.
+   */
   private async sendDecision(host: string, body: DecisionBody): Promise<void> {
     const signed = signDecision(body, this.options.signingKey);
     await failpoint("broker.before_publish");
-    await this.js.publish(subjects.decision(host, body.requestId), toBinary(DecisionSchema, signed), { msgID: body.decisionId });
+    const bytes = toBinary(DecisionSchema, signed);
+    const until = Math.min(body.expiresAt === undefined ? 0 : timestampDate(body.expiresAt).getTime(), Date.now() + brokerDefaults.decisionRetryMs);
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.js.publish(subjects.decision(host, body.requestId), bytes, { msgID: body.decisionId });
+        return;
+      } catch (error) {
+        const delayMs = Math.min(250 * 2 ** attempt, 2_000);
+        if (this.closed || natsRefusal(error) !== undefined || Date.now() + delayMs >= until) throw error;
+        this.options.log.warn({ err: error, requestId: body.requestId, attempt }, "could not publish a decision; trying again");
+        await new Promise((resolve) => setTimeout(resolve, delayMs));
+      }
+    }
   }
 
   /**
@@ -785,9 +813,21 @@ export class Broker {
   private takeHeartbeat(data: Uint8Array, subject: string): void {
     const host = subject.slice("airlock.heartbeat.".length);
     let actions: unknown;
+    let hello: unknown;
     try {
-      actions = (JSON.parse(new TextDecoder().decode(data)) as { actions?: unknown }).actions;
+      ({ actions, hello } = JSON.parse(new TextDecoder().decode(data)) as { actions?: unknown; hello?: unknown });
     } catch {
+      return;
+    }
+    if (hello === true) {
+      // A sidecar says it has just started: it holds nothing, so whatever its host was running is abandoned.
+      for (const stored of this.active.values()) {
+        if (stored.record.state !== RequestState.EXECUTING || stored.record.request?.host !== host) continue;
+        const id = stored.record.request.id;
+        this.endAction(stored, "sidecar_restarted", `the sidecar of host ${host} restarted while the action ran: it is ended and its credential revoked`).catch((error: unknown) =>
+          this.options.log.error({ err: error, requestId: id }, "could not end an action its restarted sidecar abandoned"),
+        );
+      }
       return;
     }
     if (!Array.isArray(actions)) return;
@@ -817,13 +857,23 @@ export class Broker {
     const silence = this.options.heartbeatSilenceMs ?? brokerDefaults.heartbeatSilenceMs;
     if (nowMs - heard < silence) return;
     const reason = `no heartbeat from host ${record.request?.host ?? ""} for ${Math.round((nowMs - heard) / 1000)} s: the action is ended and its credential revoked`;
-    await this.revokeLease(id, "heartbeat_lost");
+    await this.endAction(stored, "heartbeat_lost", reason);
+  }
+
+  /**
+   * Ends an executing action its sidecar no longer runs: the lease is revoked (`why` in the
+   * trail), the record fails with `reason`, and the replica whose write failed it audits a
+   * flagged event (`details.ended` = `why`). Idempotent across replicas.
+   */
+  private async endAction(stored: StoredRecord, why: string, reason: string): Promise<void> {
+    const id = stored.record.request?.id ?? "";
+    await this.revokeLease(id, why);
     const failed = await this.store.mutate(id, (current) => {
       const next = markFailed(current, reason, new Date());
       return next.ok ? next.record : undefined;
     });
     if (failed !== undefined) {
-      await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId: id, details: { failed: reason, host: record.request?.host ?? "" }, flagged: true });
+      await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId: id, details: { failed: reason, ended: why, host: stored.record.request?.host ?? "" }, flagged: true });
     }
     this.heartbeats.delete(id);
   }
