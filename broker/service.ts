@@ -125,6 +125,8 @@ export const brokerDefaults = {
    * restart.
    */
   pullExpiresMs: 3_000,
+  /** How often an issuance Vault never answered is swept for, in ms (each sweep lists Vault's tokens or leases). */
+  sweepEveryMs: 5_000,
   /**
    * Deliveries of one message before it is given up (terminated and audited). A message that
    * cannot be decoded or fails for good is terminated at once.
@@ -567,16 +569,25 @@ export class Broker {
         return;
       }
       const started = performance.now();
+      const issueStarted = new Date();
       await failpoint("broker.before_issue");
       try {
-        issued = await this.options.issuer.issue(request);
+        // The intent is the decision id, on record since the write that decided: Vault's secret carries it.
+        issued = await this.options.issuer.issue(request, decisionId);
         this.metrics.vaultLatency.labels("issue").observe((performance.now() - started) / 1000);
       } catch (error) {
         this.metrics.vaultErrors.labels("issue").inc();
-        const reason = `no credential could be issued: ${AirlockError.from(error).rawMessage}`;
+        const failure = AirlockError.from(error);
+        const reason = `no credential could be issued: ${failure.rawMessage}`;
+        // No answer is not a no: Vault may still create the secret. The record keeps the intent, and the ticker sweeps Vault for it.
+        const uncertain = failure.retryable;
         await this.store.mutate(requestId, (record) => {
           const failed = markFailed(record, reason, new Date());
-          return failed.ok ? failed.record : undefined;
+          if (!failed.ok) return undefined;
+          if (!uncertain) return failed.record;
+          const next = clone(RequestRecordSchema, failed.record);
+          next.lease = create(LeaseRecordSchema, { leaseId: "", intent: decisionId, kind: request.credential?.kind.case === "database" ? "database" : "vault_token", issuedAt: timestampFromDate(issueStarted) });
+          return next;
         });
         await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId, details: { failed: reason } }).catch(() => undefined);
         await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId, record: claimed }, earlierAudit);
@@ -985,6 +996,49 @@ export class Broker {
     return { type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why, kind: lease.kind } };
   }
 
+  /** When this replica last swept Vault for each unresolved issuance intent (request id to ms). */
+  private readonly sweeps = new Map<string, number>();
+
+  /**
+   * An issuance Vault never answered: asks Vault (every `sweepEveryMs`) for what it made for the
+   * intent, revokes it, and then marks the intent resolved on the record. The replica whose write
+   * resolved it audits what was found: flagged CREDENTIAL_REVOKED (`issuance_swept`) when Vault
+   * had made something, a plain SECURITY_EVENT when not.
+   */
+  private async sweepIntent(stored: StoredRecord, nowMs: number): Promise<void> {
+    const { record } = stored;
+    const request = record.request;
+    const lease = record.lease;
+    if (request === undefined || lease === undefined) return;
+    if (nowMs - (this.sweeps.get(request.id) ?? 0) < brokerDefaults.sweepEveryMs) return;
+    this.sweeps.set(request.id, nowMs);
+    const known = new Set<string>();
+    for (const other of this.active.values()) if (other.record.lease !== undefined && other.record.lease.leaseId !== "") known.add(other.record.lease.leaseId);
+    const since = lease.issuedAt === undefined ? new Date(0) : timestampDate(lease.issuedAt);
+    const { revoked, settled } = await this.options.issuer.sweep(request, lease.intent, since, (leaseId) => known.has(leaseId));
+    if (!settled) return;
+    const resolved = await this.store.mutate(
+      request.id,
+      (current) => {
+        if (current.lease?.intent !== lease.intent || current.lease.revokedAt !== undefined) return undefined;
+        const next = clone(RequestRecordSchema, current);
+        if (next.lease !== undefined) {
+          next.lease.revokedAt = timestampFromDate(new Date());
+          next.lease.revokedBy = this.options.replicaId;
+        }
+        return next;
+      },
+      stored,
+    );
+    this.sweeps.delete(request.id);
+    if (resolved === undefined) return;
+    await this.audit.append(
+      revoked > 0
+        ? { type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId: request.id, details: { why: "issuance_swept", kind: lease.kind, intent: lease.intent, found: revoked }, flagged: true }
+        : { type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId: request.id, details: { swept: lease.intent, kind: lease.kind, found: 0 } },
+    );
+  }
+
   /**
    * A replica that died between claiming a decision and publishing it leaves
    * the agent waiting. After `orphanAfterMs` without progress and with no
@@ -1106,6 +1160,10 @@ export class Broker {
       }
       await this.recoverOrphan(stored, now).catch((error: unknown) => this.options.log.error({ err: error, requestId: id }, "could not take over an orphaned decision"));
       await this.endSilentAction(stored, now.getTime()).catch((error: unknown) => this.options.log.error({ err: error, requestId: id }, "could not end an action whose sidecar went silent"));
+      if (record.lease?.intent !== undefined && record.lease.intent !== "" && record.lease.leaseId === "" && record.lease.revokedAt === undefined) {
+        await this.sweepIntent(stored, now.getTime()).catch((error: unknown) => this.options.log.warn({ err: error, requestId: id }, "could not sweep Vault for an unanswered issuance yet"));
+        continue;
+      }
       const lease = record.lease;
       if (lease === undefined || lease.leaseId === "" || lease.revokedAt !== undefined) continue;
       const leaseOver = lease.expiresAt !== undefined && timestampDate(lease.expiresAt).getTime() <= now.getTime();
@@ -1152,7 +1210,7 @@ function withDecisionId(record: RequestRecord): RequestRecord {
  */
 function needsTicker(record: RequestRecord, nowMs: number): boolean {
   if (record.state === RequestState.PENDING) return true;
-  if (record.lease !== undefined && record.lease.leaseId !== "" && record.lease.revokedAt === undefined) return true;
+  if (record.lease !== undefined && (record.lease.leaseId !== "" || record.lease.intent !== "") && record.lease.revokedAt === undefined) return true;
   if (!isFinal(record.state) && record.completion === undefined) return true;
   const deadline = record.request?.deadline;
   return record.decisionId !== "" && deadline !== undefined && timestampDate(deadline).getTime() > nowMs;

@@ -161,6 +161,16 @@ export interface VaultClient {
   /** Looks a lease up; `not_found` when it is unknown, expired or revoked. */
   lookupLease(leaseId: string): Promise<VaultLeaseInfo>;
   /**
+   * The accessors of every live token (`LIST auth/token/accessors`, which Vault allows only
+   * with `sudo` on that one path). Empty when there are none.
+   */
+  listTokenAccessors(): Promise<string[]>;
+  /**
+   * The full ids of the live leases under `prefix`, e.g. `database/creds/export/`
+   * (`LIST sys/leases/lookup/<prefix>`, `sudo` on that path). Empty when there are none.
+   */
+  listLeases(prefix: string): Promise<string[]>;
+  /**
    * Enables a secrets engine of `type` at `path`. Idempotent: an engine of the
    * same type already there succeeds; one of another type is `already_exists`.
    */
@@ -372,6 +382,18 @@ function vaultTransport(timeoutMs: number): { defaults: (defaults: { strictSSL?:
   };
 }
 
+/** A LIST answered 404 has nothing under it: Vault's way of saying the list is empty. */
+function emptyWhenNotFound(error: unknown): Json {
+  if (error instanceof AirlockError && error.code === Code.NotFound) return {};
+  throw error;
+}
+
+/** The `keys` of a LIST answer. */
+function keysOf(body: Json): string[] {
+  const keys = record(body.data).keys;
+  return Array.isArray(keys) ? keys.filter((key): key is string => typeof key === "string") : [];
+}
+
 /** A {@link VaultClient} over node-vault. */
 export function createVaultClient(options: VaultClientOptions): VaultClient {
   const transport = vaultTransport(options.timeoutMs ?? vaultClientDefaults.timeoutMs);
@@ -540,6 +562,14 @@ export function createVaultClient(options: VaultClientOptions): VaultClient {
         ttl: typeof data.ttl === "number" ? data.ttl : 0,
         renewable: data.renewable === true,
       };
+    },
+    async listTokenAccessors() {
+      return keysOf(await call("auth/token/accessors", () => root.list("auth/token/accessors")).catch(emptyWhenNotFound));
+    },
+    async listLeases(prefix) {
+      const folder = `${segment("prefix", prefix.replace(/\/+$/, ""))}/`;
+      const path = `sys/leases/lookup/${folder}`;
+      return keysOf(await call(path, () => root.list(path)).catch(emptyWhenNotFound)).map((key) => `${folder}${key}`);
     },
     async mount(path, type) {
       const mountPath = `sys/mounts/${segment("mount", path)}`;
