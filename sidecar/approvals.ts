@@ -191,7 +191,8 @@ export class ApprovalFlow {
       return;
     }
     this.givenUp.delete(requestId);
-    if (body.verdict !== Verdict.APPROVED) return;
+    // One this sidecar accepted is running or ran: its own completion speaks for it.
+    if (body.verdict !== Verdict.APPROVED || this.replay.has(body.decisionId)) return;
     this.options.log.warn({ requestId, decisionId: body.decisionId }, "an approval arrived after its agent was told the request expired: handed back unused");
     const completion = create(CompletionSchema, {
       completionId: `${requestId}.${body.decisionId}.completion`,
@@ -325,6 +326,8 @@ export class ApprovalFlow {
       };
       this.waiters.set(requestId, { requestId, requestSha256, offer });
       const timer = setTimeout(() => {
+        // A decision accepted just before the deadline is being acted on: nothing to give up.
+        if (accepted) return;
         // Told expired: a decision that still comes is handed back, never used (see handBack).
         this.giveUp(requestId, requestSha256, waitStarted);
         reject(new AirlockError(Code.DeadlineExceeded, `approval request ${requestId} expired undecided`, { details: { requestId } }));
