@@ -612,13 +612,19 @@ export class Broker {
       const body = this.decisionBody(request, { verdict: Verdict.APPROVED, reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed, issued });
       // The lease record and the audit batch go to different streams: written side by side, both
       // before the decision leaves, so the agent's wait has one round trip fewer.
+      // NATS may be restarting (Vault answered while it was away): the compare-and-set is tried again until the deadline.
+      const writeUntil = Math.min(deadlineMs ?? Number.POSITIVE_INFINITY, Date.now() + brokerDefaults.decisionRetryMs);
       const [leaseWrite, auditWrite] = await Promise.allSettled([
-        this.store.mutate(requestId, (record) => {
-          const executing = markExecuting(record, new Date());
-          const next = executing.ok ? executing.record : clone(RequestRecordSchema, record);
-          next.lease = create(LeaseRecordSchema, { leaseId: lease.leaseId, kind: lease.kind, issuedAt: timestampFromDate(new Date()), expiresAt: timestampFromDate(lease.expiresAt) });
-          return next;
-        }, stored),
+        whileNatsAway(
+          () =>
+            this.store.mutate(requestId, (record) => {
+              const executing = markExecuting(record, new Date());
+              const next = executing.ok ? executing.record : clone(RequestRecordSchema, record);
+              next.lease = create(LeaseRecordSchema, { leaseId: lease.leaseId, kind: lease.kind, issuedAt: timestampFromDate(new Date()), expiresAt: timestampFromDate(lease.expiresAt) });
+              return next;
+            }, stored),
+          writeUntil,
+        ),
         this.audit.appendAll(this.decisionAudit(body, [...earlierAudit, this.issuedEntry(requestId, lease)])),
       ]);
       if (leaseWrite.status === "rejected") {
@@ -1193,6 +1199,23 @@ function checkStepUp(request: ApprovalRequest, ballot: Ballot, minRisk: RiskLeve
     throw new AirlockError(Code.PermissionDenied, `request ${request.id}: approving it needs a step-up (a passkey, or a fresh sign-in) bound to this request`, {
       details: { reason: "step_up_required", requestId: request.id, causes: [...need.causes], ...(need.acr === "" ? {} : { acr: need.acr }) },
     });
+  }
+}
+
+/**
+ * Runs `write` again while it fails for want of NATS (`unavailable`: a restart, a cut), 250 ms
+ * doubling to 2 s apart, until `untilMs`. Only for writes that are safe to repeat (a
+ * compare-and-set re-reads and applies its change again).
+ */
+async function whileNatsAway<T>(write: () => Promise<T>, untilMs: number): Promise<T> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await write();
+    } catch (error) {
+      const delayMs = Math.min(250 * 2 ** attempt, 2_000);
+      if (AirlockError.from(error).code !== Code.Unavailable || Date.now() + delayMs >= untilMs) throw error;
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
+    }
   }
 }
 

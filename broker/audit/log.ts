@@ -2,7 +2,7 @@ import { createHash, randomUUID } from "node:crypto";
 import { create, fromJson, type JsonObject, type JsonValue, toJson } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { JetStreamApiCodes, JetStreamApiError, type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager, type StoredMsg } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import { errors as natsErrors, type NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../../common/errors.js";
 import { auditStream } from "../../common/subjects.js";
 import { type AuditEvent, AuditEventSchema, type AuditEventType } from "../../proto/index.js";
@@ -251,6 +251,10 @@ export class AuditLog {
   private async appendNow(entries: readonly AuditEntry[]): Promise<{ written: AuditEvent[]; failure: AirlockError | undefined }> {
     const written: AuditEvent[] = [];
     let remaining = [...entries];
+    // Events whose publish got no answer (NATS restarting): sent again as they are, so JetStream's
+    // de-duplication by message id (the event id) turns one that did land into its own ack.
+    let unanswered: AuditEvent[] | undefined;
+    let timeouts = 0;
     for (let attempt = 1; remaining.length > 0; attempt++) {
       let failure: unknown;
       try {
@@ -260,7 +264,7 @@ export class AuditLog {
         let previous = tail.sha256;
         // Never dated before the event it follows (verification requires it), even if this replica's clock is behind.
         const atMs = Math.max(Date.now(), tail.atMs);
-        const events = remaining.map((entry, index) => {
+        const events = unanswered ?? remaining.map((entry, index) => {
           const event = create(AuditEventSchema, {
             sequence: tail.sequence + BigInt(index + 1),
             eventId: randomUUID(),
@@ -303,9 +307,16 @@ export class AuditLog {
         remaining = remaining.slice(accepted);
         if (accepted > 0) this.options.onWritten?.(accepted);
         if (remaining.length === 0) break;
+        if (failure instanceof natsErrors.TimeoutError && ++timeouts <= auditLogDefaults.unansweredAttempts) {
+          // The tail is not re-read: the same events, against the same expectations, go again.
+          unanswered = events.slice(accepted);
+          attempt--;
+          continue;
+        }
       } catch (error) {
         failure = error;
       }
+      unanswered = undefined;
       // Another replica appended first (wrong last sequence), or the tail is stale: re-read it and try again.
       this.tail = undefined;
       // Only a lost race is worth another try; a refusal (a full stream, no stream) stays a refusal.
@@ -328,6 +339,8 @@ interface PendingAppend {
 
 /** Limits of {@link AuditLog}. */
 export const auditLogDefaults = {
+  /** Times a batch whose publishes got no answer (a NATS restart) is sent again as it is. */
+  unansweredAttempts: 3,
   /** Times a write is chained again after another replica appended first. */
   conflictAttempts: 20,
   /** Most events one write publishes at once (one caller's batch may exceed it, alone). */
