@@ -260,6 +260,20 @@ export class AuditLog {
       try {
         this.tail ??= await this.readTail();
         const tail = this.tail;
+        if (unanswered !== undefined) {
+          // Those of the unanswered events that did land end the trail now: they are written.
+          const landed = unanswered.findIndex((event) => Buffer.from(event.sha256).equals(Buffer.from(tail.sha256)));
+          if (landed >= 0) {
+            const done = unanswered.slice(0, landed + 1);
+            written.push(...done);
+            this.options.onWritten?.(done.length);
+            remaining = remaining.slice(done.length);
+            unanswered = unanswered.slice(done.length);
+            if (remaining.length === 0) break;
+          }
+          // Sent again only if they still follow the tail; another writer's event in between means chaining them anew.
+          if (unanswered[0]?.sequence !== tail.sequence + 1n) unanswered = undefined;
+        }
         const signer = this.options.signer;
         let previous = tail.sha256;
         // Never dated before the event it follows (verification requires it), even if this replica's clock is behind.
@@ -308,8 +322,9 @@ export class AuditLog {
         if (accepted > 0) this.options.onWritten?.(accepted);
         if (remaining.length === 0) break;
         if (failure instanceof natsErrors.TimeoutError && ++timeouts <= auditLogDefaults.unansweredAttempts) {
-          // The tail is not re-read: the same events, against the same expectations, go again.
+          // The same events go again, after the tail is read to learn which of them did land.
           unanswered = events.slice(accepted);
+          this.tail = undefined;
           attempt--;
           continue;
         }
