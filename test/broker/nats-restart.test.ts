@@ -6,13 +6,14 @@
  */
 import { join } from "node:path";
 import t from "tap";
+import { readAuditEvents } from "../../broker/audit/index.js";
 import { CredentialIssuer } from "../../broker/credentials.js";
 import { parseApprovalConfig } from "../../broker/rules.js";
 import { Broker } from "../../broker/service.js";
 import { ConfigReader } from "../../common/config.js";
 import { callServerStream, createLogger, createVaultClient } from "../../common/index.js";
 import { useInfra, waitUntil } from "../../harness/index.js";
-import { RequestState } from "../../proto/index.js";
+import { type AuditEvent, AuditEventType, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
@@ -86,4 +87,13 @@ await t.test("approvals issued while NATS restarts reach every agent within seco
     "every record ends COMPLETED with its credential revoked",
   );
   t.same(await exportRoles(admin), [], "no database user Vault made is left");
+  // Writes resent after the restart left no event twice in the trail.
+  const events: AuditEvent[] = [];
+  for await (const event of readAuditEvents(nc)) if (ids.includes(event.requestId)) events.push(event);
+  for (const id of ids) {
+    const of = (type: AuditEventType) => events.filter((e) => e.requestId === id && e.type === type).length;
+    // The vote that decides and the published decision (which names its decision id) are two DECIDED events.
+    const published = events.filter((e) => e.requestId === id && e.type === AuditEventType.DECIDED && typeof e.details?.decisionId === "string").length;
+    t.same([published, of(AuditEventType.DECIDED), of(AuditEventType.CREDENTIAL_ISSUED), of(AuditEventType.CREDENTIAL_REVOKED), of(AuditEventType.ACTION_COMPLETED)], [1, 2, 1, 1, 1], `request ${id}: one decision, issuance, revocation and completion in the trail`);
+  }
 });
