@@ -82,13 +82,14 @@ export class CredentialIssuer {
    * Has Vault issue the secret the request's credential template describes and
    * response-wrap it. `vault_token`: an orphan, non-renewable token with the
    * template's policies (plus `default`), TTL and use count, and metadata
-   * `airlock_request_id`, `airlock_rule_id`, `airlock_agent`. `database`:
+   * `airlock_request_id`, `airlock_rule_id`, `airlock_agent` and, given one, the issuance
+   * `intent` (`airlock_intent`, which {@link CredentialIssuer.sweep} finds it by). `database`:
    * dynamic credentials from the template's engine role, their lease shortened
    * to the template's TTL. Rejects with `invalid_argument` for a missing or
    * malformed template and with Vault's failure (`unavailable`, …) otherwise;
    * nothing is issued then.
    */
-  async issue(request: ApprovalRequest): Promise<IssuedCredential> {
+  async issue(request: ApprovalRequest, intent = ""): Promise<IssuedCredential> {
     const template = request.credential;
     if (template === undefined || template.kind.case === undefined) throw invalid(request, "has no credential template", "credential");
     const ttl = template.ttl;
@@ -106,7 +107,7 @@ export class CredentialIssuer {
         policies,
         ttlSeconds,
         numUses,
-        meta: { airlock_request_id: request.id, airlock_rule_id: request.ruleId, airlock_agent: request.identity?.agent ?? "" },
+        meta: { airlock_request_id: request.id, airlock_rule_id: request.ruleId, airlock_agent: request.identity?.agent ?? "", ...(intent === "" ? {} : { [intentMetaKey]: intent }) },
         wrapTtlSeconds: this.#wrapTtlSeconds,
         displayName: `airlock-${request.ruleId === "" ? "action" : request.ruleId}`,
         ...(this.#tokenRole === undefined ? {} : { role: this.#tokenRole }),
@@ -148,7 +149,76 @@ export class CredentialIssuer {
     }
     this.#logger?.info({ kind: issued.kind, leaseId: issued.leaseId, ms: Math.round(performance.now() - started) }, "per-action credential revoked");
   }
+
+  /**
+   * Finds and revokes what Vault may have created for an issuance whose call ended without an
+   * answer (a stalled or cut-off Vault can still act on the request later). Run it once Vault
+   * answers again; `settled` false means it must run again later.
+   * - `vault_token`: every live token whose metadata carries `intent` (`LIST
+   *   auth/token/accessors`, then a lookup of each): exact.
+   * - `database`: Vault lets no per-request mark into a dynamic secret the broker reads with
+   *   its own token, so the leases under the template's `<mount>/creds/<role>/` issued since
+   *   `since` (less `clockSlackMs`) that `known` does not claim are revoked; a lease younger than
+   *   `settleMs` is not judged yet (its issuer may be about to record it) and leaves the sweep
+   *   unsettled. The role must be Airlock's alone.
+   */
+  async sweep(request: ApprovalRequest, intent: string, since: Date, known: (leaseId: string) => boolean): Promise<{ revoked: number; settled: boolean }> {
+    const template = request.credential;
+    let revoked = 0;
+    if (template?.kind.case === "vaultToken") {
+      const accessors = await this.#vault.listTokenAccessors();
+      for (let i = 0; i < accessors.length; i += sweepLimits.concurrency) {
+        await Promise.all(
+          accessors.slice(i, i + sweepLimits.concurrency).map(async (accessor) => {
+            const info = await this.#vault.lookupAccessor(accessor).catch((error: unknown) => {
+              // Gone since the list: nothing to revoke.
+              if (error instanceof AirlockError && error.code === Code.NotFound) return undefined;
+              throw error;
+            });
+            if (info === undefined || info.meta[intentMetaKey] !== intent) return;
+            await this.revoke({ kind: "vault_token", leaseId: accessor });
+            revoked++;
+          }),
+        );
+      }
+      this.#logger?.warn({ requestId: request.id, intent, revoked }, "swept Vault for tokens of an issuance that got no answer");
+      return { revoked, settled: true };
+    }
+    if (template?.kind.case !== "database") return { revoked, settled: true };
+    const { mount, role } = template.kind.value;
+    let settled = true;
+    const now = Date.now();
+    for (const leaseId of await this.#vault.listLeases(`${mount}/creds/${role}`)) {
+      if (known(leaseId)) continue;
+      const info = await this.#vault.lookupLease(leaseId).catch((error: unknown) => {
+        if (error instanceof AirlockError && error.code === Code.NotFound) return undefined;
+        throw error;
+      });
+      if (info === undefined || info.issueTime.getTime() < since.getTime() - sweepLimits.clockSlackMs) continue;
+      if (now - info.issueTime.getTime() < sweepLimits.settleMs) {
+        settled = false;
+        continue;
+      }
+      await this.revoke({ kind: "database", leaseId });
+      revoked++;
+    }
+    this.#logger?.warn({ requestId: request.id, intent, revoked, settled }, "swept Vault for database leases of an issuance that got no answer");
+    return { revoked, settled };
+  }
 }
+
+/** The token metadata key that names the issuance intent a per-action token was made for. */
+export const intentMetaKey = "airlock_intent";
+
+/** Bounds of {@link CredentialIssuer.sweep}. */
+export const sweepLimits = {
+  /** Token lookups at once. */
+  concurrency: 8,
+  /** How far before the intent a lease's issue time may be and still be the intent's (clocks differ), in ms. */
+  clockSlackMs: 5_000,
+  /** How old an unclaimed lease must be before it is judged nobody's, in ms. */
+  settleMs: 10_000,
+} as const;
 
 function delivery(wrapped: { wrappingToken: string; wrappingAccessor: string; wrapExpiresAt: Date }, kind: CredentialKind, injectHeader: string): CredentialDelivery {
   return create(CredentialDeliverySchema, {
@@ -303,8 +373,9 @@ export interface BrokerPolicyOptions {
 
 /**
  * The least-privilege Vault policy (HCL) the broker's token needs to issue,
- * shorten, look up and revoke per-action credentials. No sudo, no list of
- * leases. The broker's token should be periodic and renewed, and not revoked
+ * shorten, look up and revoke per-action credentials, and to sweep for what an
+ * unanswered issuance made: `list` with `sudo` only on `auth/token/accessors`
+ * and on the engines' `sys/leases/lookup/<mount>/creds/` prefixes. The broker's token should be periodic and renewed, and not revoked
  * while actions run: database leases belong to the token that read them, so
  * revoking it revokes them (which fails closed).
  */
@@ -319,8 +390,12 @@ export function brokerVaultPolicy(options: BrokerPolicyOptions): string {
     `path "${create}" { capabilities = ["update"] }`,
     `path "auth/token/revoke-accessor" { capabilities = ["update"] }`,
     `path "auth/token/lookup-accessor" { capabilities = ["update"] }`,
+    "# Sweeping for tokens an issuance Vault never answered may have made (LIST needs sudo, on this path alone).",
+    `path "auth/token/accessors" { capabilities = ["list", "sudo"] }`,
     "# Dynamic database credentials: read, shorten to the template's TTL, wrap, look up, revoke.",
     ...options.databaseMounts.map((mount) => `path "${mount}/creds/*" { capabilities = ["read"] }`),
+    "# Sweeping the engine's leases after an issuance Vault never answered (LIST needs sudo, on these prefixes alone).",
+    ...options.databaseMounts.map((mount) => `path "sys/leases/lookup/${mount}/creds/*" { capabilities = ["list", "sudo"] }`),
     `path "sys/leases/renew" { capabilities = ["update"] }`,
     `path "sys/leases/lookup" { capabilities = ["update"] }`,
     `path "sys/leases/revoke" { capabilities = ["update"] }`,

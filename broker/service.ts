@@ -5,6 +5,7 @@ import { AckPolicy, type ConsumerMessages, DeliverPolicy, jetstream, JetStreamAp
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { type DecisionSigningKey, signDecision } from "../common/decision.js";
 import { AirlockError, Code } from "../common/errors.js";
+import { natsRefusal } from "../common/nats.js";
 import { failpoint } from "../common/failpoints.js";
 import type { Logger } from "../common/logger.js";
 import { ensureStreams, streams, subjects } from "../common/subjects.js";
@@ -138,6 +139,18 @@ export const brokerDefaults = {
   retireBatch: 1_000,
   /** How long a list waits for this replica's index to catch up with the state bucket before answering from it as it is, in ms. */
   indexWaitMs: 2_000,
+  /** The longest a decision's publish is tried again while NATS is away, in ms (never past the decision's expiry). */
+  decisionRetryMs: 30_000,
+  /**
+   * How long each pull of a consumer waits, in ms. nats.js checks a consumer again after a
+   * reconnect and, when JetStream is still recovering, waits 0.5 to 1.5 times this before the
+   * next check: with its 30 s default, intake and completions stalled up to 45 s after a NATS
+   * restart. The server's idle heartbeats come every half of it, and two missed ones make the
+   * client pull again, so a pull left on a cluster node that died is replaced within about this long.
+   */
+  pullExpiresMs: 3_000,
+  /** How often an issuance Vault never answered is swept for, in ms (each sweep lists Vault's tokens or leases). */
+  sweepEveryMs: 5_000,
   /**
    * Deliveries of one message before it is given up (terminated and audited). A message that
    * cannot be decoded or fails for good is terminated at once.
@@ -145,12 +158,6 @@ export const brokerDefaults = {
   maxDeliver: 8,
   /** Redelivery delays after a transient failure, by attempt (the last one repeats), in ms. */
   redeliveryBackoffMs: [250, 1000, 2000, 5000, 10_000],
-  /**
-   * How long each pull request of a consumer lives, in ms. The server's idle heartbeats come every
-   * half of it, and two missed ones make the client pull again: a pull left on a NATS node that
-   * died (a consumer leader moved) is replaced within about this long, not nats.js's 30 s default.
-   */
-  pullExpiresMs: 5_000,
 } as const;
 
 /**
@@ -671,16 +678,25 @@ export class Broker {
         return;
       }
       const started = performance.now();
+      const issueStarted = new Date();
       await failpoint("broker.before_issue");
       try {
-        issued = await this.options.issuer.issue(request);
+        // The intent is the decision id, on record since the write that decided: Vault's secret carries it.
+        issued = await this.options.issuer.issue(request, decisionId);
         this.metrics.vaultLatency.labels("issue").observe((performance.now() - started) / 1000);
       } catch (error) {
         this.metrics.vaultErrors.labels("issue").inc();
-        const reason = `no credential could be issued: ${AirlockError.from(error).rawMessage}`;
+        const failure = AirlockError.from(error);
+        const reason = `no credential could be issued: ${failure.rawMessage}`;
+        // No answer is not a no: Vault may still create the secret. The record keeps the intent, and the ticker sweeps Vault for it.
+        const uncertain = failure.retryable;
         await this.store.mutate(requestId, (record) => {
           const failed = markFailed(record, reason, new Date());
-          return failed.ok ? failed.record : undefined;
+          if (!failed.ok) return undefined;
+          if (!uncertain) return failed.record;
+          const next = clone(RequestRecordSchema, failed.record);
+          next.lease = create(LeaseRecordSchema, { leaseId: "", intent: decisionId, kind: request.credential?.kind.case === "database" ? "database" : "vault_token", issuedAt: timestampFromDate(issueStarted) });
+          return next;
         });
         await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId, details: { failed: reason } }).catch(() => undefined);
         await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId, record: claimed }, earlierAudit);
@@ -705,13 +721,19 @@ export class Broker {
       const body = this.decisionBody(request, { verdict: Verdict.APPROVED, reason: claimed.votes.at(-1)?.reason ?? outcome, decisionId, record: claimed, issued });
       // The lease record and the audit batch go to different streams: written side by side, both
       // before the decision leaves, so the agent's wait has one round trip fewer.
+      // NATS may be restarting (Vault answered while it was away): the compare-and-set is tried again until the deadline.
+      const writeUntil = Math.min(deadlineMs ?? Number.POSITIVE_INFINITY, Date.now() + brokerDefaults.decisionRetryMs);
       const [leaseWrite, auditWrite] = await Promise.allSettled([
-        this.store.mutate(requestId, (record) => {
-          const executing = markExecuting(record, new Date());
-          const next = executing.ok ? executing.record : clone(RequestRecordSchema, record);
-          next.lease = create(LeaseRecordSchema, { leaseId: lease.leaseId, kind: lease.kind, issuedAt: timestampFromDate(new Date()), expiresAt: timestampFromDate(lease.expiresAt) });
-          return next;
-        }, stored),
+        whileNatsAway(
+          () =>
+            this.store.mutate(requestId, (record) => {
+              const executing = markExecuting(record, new Date());
+              const next = executing.ok ? executing.record : clone(RequestRecordSchema, record);
+              next.lease = create(LeaseRecordSchema, { leaseId: lease.leaseId, kind: lease.kind, issuedAt: timestampFromDate(new Date()), expiresAt: timestampFromDate(lease.expiresAt) });
+              return next;
+            }, stored),
+          writeUntil,
+        ),
         this.audit.appendAll(this.decisionAudit(body, [...earlierAudit, this.issuedEntry(requestId, lease)])),
       ]);
       if (leaseWrite.status === "rejected") {
@@ -813,10 +835,28 @@ export class Broker {
     ];
   }
 
+  /**
+   * Signs and publishes a decision. A publish that fails because NATS is away (restarting,
+   * a network cut) is tried again until the decision expires, at most `decisionRetryMs`: the
+   * message id is the decision id, so JetStream stores one copy however many tries reach it.
+   * A refusal of this replica's rights fails at once.
+   */
   private async sendDecision(host: string, body: DecisionBody): Promise<void> {
     const signed = signDecision(body, this.options.signingKey);
     await failpoint("broker.before_publish");
-    await this.js.publish(subjects.decision(host, body.requestId), toBinary(DecisionSchema, signed), { msgID: body.decisionId });
+    const bytes = toBinary(DecisionSchema, signed);
+    const until = Math.min(body.expiresAt === undefined ? 0 : timestampDate(body.expiresAt).getTime(), Date.now() + brokerDefaults.decisionRetryMs);
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.js.publish(subjects.decision(host, body.requestId), bytes, { msgID: body.decisionId });
+        return;
+      } catch (error) {
+        const delayMs = Math.min(250 * 2 ** attempt, 2_000);
+        if (this.closed || natsRefusal(error) !== undefined || Date.now() + delayMs >= until) throw error;
+        this.options.log.warn({ err: error, requestId: body.requestId, attempt }, "could not publish a decision; trying again");
+        await new Promise((resolve) => setTimeout(resolve, delayMs));
+      }
+    }
   }
 
   /**
@@ -899,9 +939,21 @@ export class Broker {
   private takeHeartbeat(data: Uint8Array, subject: string): void {
     const host = subject.slice("airlock.heartbeat.".length);
     let actions: unknown;
+    let hello: unknown;
     try {
-      actions = (JSON.parse(new TextDecoder().decode(data)) as { actions?: unknown }).actions;
+      ({ actions, hello } = JSON.parse(new TextDecoder().decode(data)) as { actions?: unknown; hello?: unknown });
     } catch {
+      return;
+    }
+    if (hello === true) {
+      // A sidecar says it has just started: it holds nothing, so whatever its host was running is abandoned.
+      for (const stored of this.index.active()) {
+        if (stored.record.state !== RequestState.EXECUTING || stored.record.request?.host !== host) continue;
+        const id = stored.record.request.id;
+        this.endAction(stored, "sidecar_restarted", `the sidecar of host ${host} restarted while the action ran: it is ended and its credential revoked`).catch((error: unknown) =>
+          this.options.log.error({ err: error, requestId: id }, "could not end an action its restarted sidecar abandoned"),
+        );
+      }
       return;
     }
     if (!Array.isArray(actions)) return;
@@ -931,13 +983,23 @@ export class Broker {
     const silence = this.options.heartbeatSilenceMs ?? brokerDefaults.heartbeatSilenceMs;
     if (nowMs - heard < silence) return;
     const reason = `no heartbeat from host ${record.request?.host ?? ""} for ${Math.round((nowMs - heard) / 1000)} s: the action is ended and its credential revoked`;
-    await this.revokeLease(id, "heartbeat_lost");
+    await this.endAction(stored, "heartbeat_lost", reason);
+  }
+
+  /**
+   * Ends an executing action its sidecar no longer runs: the lease is revoked (`why` in the
+   * trail), the record fails with `reason`, and the replica whose write failed it audits a
+   * flagged event (`details.ended` = `why`). Idempotent across replicas.
+   */
+  private async endAction(stored: StoredRecord, why: string, reason: string): Promise<void> {
+    const id = stored.record.request?.id ?? "";
+    await this.revokeLease(id, why);
     const failed = await this.store.mutate(id, (current) => {
       const next = markFailed(current, reason, new Date());
       return next.ok ? next.record : undefined;
     });
     if (failed !== undefined) {
-      await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId: id, details: { failed: reason, host: record.request?.host ?? "" }, flagged: true });
+      await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId: id, details: { failed: reason, ended: why, host: stored.record.request?.host ?? "" }, flagged: true });
     }
     this.heartbeats.delete(id);
   }
@@ -1047,6 +1109,49 @@ export class Broker {
 
   private revokedEntry(requestId: string, why: string, lease: LeaseRecord): AuditEntry {
     return { type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why, kind: lease.kind } };
+  }
+
+  /** When this replica last swept Vault for each unresolved issuance intent (request id to ms). */
+  private readonly sweeps = new Map<string, number>();
+
+  /**
+   * An issuance Vault never answered: asks Vault (every `sweepEveryMs`) for what it made for the
+   * intent, revokes it, and then marks the intent resolved on the record. The replica whose write
+   * resolved it audits what was found: flagged CREDENTIAL_REVOKED (`issuance_swept`) when Vault
+   * had made something, a plain SECURITY_EVENT when not.
+   */
+  private async sweepIntent(stored: StoredRecord, nowMs: number): Promise<void> {
+    const { record } = stored;
+    const request = record.request;
+    const lease = record.lease;
+    if (request === undefined || lease === undefined) return;
+    if (nowMs - (this.sweeps.get(request.id) ?? 0) < brokerDefaults.sweepEveryMs) return;
+    this.sweeps.set(request.id, nowMs);
+    const known = new Set<string>();
+    for (const other of this.index.active()) if (other.record.lease !== undefined && other.record.lease.leaseId !== "") known.add(other.record.lease.leaseId);
+    const since = lease.issuedAt === undefined ? new Date(0) : timestampDate(lease.issuedAt);
+    const { revoked, settled } = await this.options.issuer.sweep(request, lease.intent, since, (leaseId) => known.has(leaseId));
+    if (!settled) return;
+    const resolved = await this.store.mutate(
+      request.id,
+      (current) => {
+        if (current.lease?.intent !== lease.intent || current.lease.revokedAt !== undefined) return undefined;
+        const next = clone(RequestRecordSchema, current);
+        if (next.lease !== undefined) {
+          next.lease.revokedAt = timestampFromDate(new Date());
+          next.lease.revokedBy = this.options.replicaId;
+        }
+        return next;
+      },
+      stored,
+    );
+    this.sweeps.delete(request.id);
+    if (resolved === undefined) return;
+    await this.audit.append(
+      revoked > 0
+        ? { type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId: request.id, details: { why: "issuance_swept", kind: lease.kind, intent: lease.intent, found: revoked }, flagged: true }
+        : { type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId: request.id, details: { swept: lease.intent, kind: lease.kind, found: 0 } },
+    );
   }
 
   /**
@@ -1187,6 +1292,10 @@ export class Broker {
       }
       await this.recoverOrphan(stored, now).catch((error: unknown) => this.options.log.error({ err: error, requestId: id }, "could not take over an orphaned decision"));
       await this.endSilentAction(stored, now.getTime()).catch((error: unknown) => this.options.log.error({ err: error, requestId: id }, "could not end an action whose sidecar went silent"));
+      if (record.lease?.intent !== undefined && record.lease.intent !== "" && record.lease.leaseId === "" && record.lease.revokedAt === undefined) {
+        await this.sweepIntent(stored, now.getTime()).catch((error: unknown) => this.options.log.warn({ err: error, requestId: id }, "could not sweep Vault for an unanswered issuance yet"));
+        continue;
+      }
       const lease = record.lease;
       if (lease === undefined || lease.leaseId === "" || lease.revokedAt !== undefined) continue;
       const leaseOver = lease.expiresAt !== undefined && timestampDate(lease.expiresAt).getTime() <= now.getTime();
@@ -1239,6 +1348,23 @@ function checkStepUp(request: ApprovalRequest, ballot: Ballot, minRisk: RiskLeve
   }
 }
 
+/**
+ * Runs `write` again while it fails for want of NATS (`unavailable`: a restart, a cut), 250 ms
+ * doubling to 2 s apart, until `untilMs`. Only for writes that are safe to repeat (a
+ * compare-and-set re-reads and applies its change again).
+ */
+async function whileNatsAway<T>(write: () => Promise<T>, untilMs: number): Promise<T> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await write();
+    } catch (error) {
+      const delayMs = Math.min(250 * 2 ** attempt, 2_000);
+      if (AirlockError.from(error).code !== Code.Unavailable || Date.now() + delayMs >= untilMs) throw error;
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
+    }
+  }
+}
+
 /** The record with a fresh decision id: written with the transition that decides, it makes its writer the one publisher. */
 function withDecisionId(record: RequestRecord): RequestRecord {
   const next = clone(RequestRecordSchema, record);
@@ -1253,7 +1379,7 @@ function withDecisionId(record: RequestRecord): RequestRecord {
  */
 function needsTicker(record: RequestRecord, nowMs: number): boolean {
   if (record.state === RequestState.PENDING) return true;
-  if (record.lease !== undefined && record.lease.leaseId !== "" && record.lease.revokedAt === undefined) return true;
+  if (record.lease !== undefined && (record.lease.leaseId !== "" || record.lease.intent !== "") && record.lease.revokedAt === undefined) return true;
   if (!isFinal(record.state) && record.completion === undefined) return true;
   const deadline = record.request?.deadline;
   return record.decisionId !== "" && deadline !== undefined && timestampDate(deadline).getTime() > nowMs;

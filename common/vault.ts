@@ -161,6 +161,16 @@ export interface VaultClient {
   /** Looks a lease up; `not_found` when it is unknown, expired or revoked. */
   lookupLease(leaseId: string): Promise<VaultLeaseInfo>;
   /**
+   * The accessors of every live token (`LIST auth/token/accessors`, which Vault allows only
+   * with `sudo` on that one path). Empty when there are none.
+   */
+  listTokenAccessors(): Promise<string[]>;
+  /**
+   * The full ids of the live leases under `prefix`, e.g. `database/creds/export/`
+   * (`LIST sys/leases/lookup/<prefix>`, `sudo` on that path). Empty when there are none.
+   */
+  listLeases(prefix: string): Promise<string[]>;
+  /**
    * Enables a secrets engine of `type` at `path`. Idempotent: an engine of the
    * same type already there succeeds; one of another type is `already_exists`.
    */
@@ -218,10 +228,24 @@ export function vaultError(operation: string, error: unknown): AirlockError {
   return new AirlockError(code, `Vault refused ${operation}: ${candidate.message ?? `status ${status}`}`, { cause, details });
 }
 
-/** Vault answers some "no such thing" cases with 400 and a message; those become `replacement`. */
-function recode(error: AirlockError, pattern: RegExp, replacement: Code): AirlockError {
-  if (error.code !== Code.InvalidArgument || !pattern.test(error.rawMessage)) return error;
+/**
+ * Vault answers "no such thing" with 400 where the one input is the id it does not know (an
+ * accessor, a lease, a wrapping token): for those calls the status alone says so, and becomes
+ * `replacement`. Classified by status, never by Vault's wording, which changes between versions.
+ */
+function recode(error: AirlockError, replacement: Code): AirlockError {
+  if (error.details.vaultStatus !== 400) return error;
   return new AirlockError(replacement, error.rawMessage, { cause: error.cause, details: error.details });
+}
+
+/**
+ * A revocation Vault answers 400 or 404 named something Vault no longer has (the one input is
+ * its id): it is already revoked or expired, which is what was asked. Vault 1.21 answers 2xx
+ * with a warning for both; older releases answered 400.
+ */
+function alreadyGone(error: unknown): Json {
+  if (error instanceof AirlockError && (error.details.vaultStatus === 400 || error.details.vaultStatus === 404)) return {};
+  throw error;
 }
 
 function stringRecord(value: unknown): Record<string, string> {
@@ -372,6 +396,18 @@ function vaultTransport(timeoutMs: number): { defaults: (defaults: { strictSSL?:
   };
 }
 
+/** A LIST answered 404 has nothing under it: Vault's way of saying the list is empty. */
+function emptyWhenNotFound(error: unknown): Json {
+  if (error instanceof AirlockError && error.code === Code.NotFound) return {};
+  throw error;
+}
+
+/** The `keys` of a LIST answer. */
+function keysOf(body: Json): string[] {
+  const keys = record(body.data).keys;
+  return Array.isArray(keys) ? keys.filter((key): key is string => typeof key === "string") : [];
+}
+
 /** A {@link VaultClient} over node-vault. */
 export function createVaultClient(options: VaultClientOptions): VaultClient {
   const transport = vaultTransport(options.timeoutMs ?? vaultClientDefaults.timeoutMs);
@@ -410,7 +446,7 @@ export function createVaultClient(options: VaultClientOptions): VaultClient {
     async unwrap(wrappingToken) {
       // A used, expired or unknown wrapping token is a 400 from Vault; to the holder it is a refusal.
       const body = await call("sys/wrapping/unwrap", () => client(wrappingToken).unwrap()).catch((error: AirlockError) => {
-        throw recode(error, /wrapping token is not valid|does not exist/, Code.PermissionDenied);
+        throw recode(error, Code.PermissionDenied);
       });
       const auth = body.auth === null || body.auth === undefined ? undefined : record(body.auth);
       return {
@@ -515,22 +551,22 @@ export function createVaultClient(options: VaultClientOptions): VaultClient {
       }
     },
     async revokeAccessor(accessor) {
-      await call("auth/token/revoke-accessor", () => root.write("auth/token/revoke-accessor", { accessor }));
+      await call("auth/token/revoke-accessor", () => root.write("auth/token/revoke-accessor", { accessor })).catch(alreadyGone);
     },
     async revokeLease(leaseId) {
       // An empty lease id is refused here: it never names one lease.
       if (leaseId === "") throw new AirlockError(Code.InvalidArgument, "no lease id to revoke", { details: { field: "leaseId" } });
-      await call("sys/leases/revoke", () => root.write("sys/leases/revoke", { lease_id: leaseId }));
+      await call("sys/leases/revoke", () => root.write("sys/leases/revoke", { lease_id: leaseId })).catch(alreadyGone);
     },
     async lookupAccessor(accessor) {
       const body = await call("auth/token/lookup-accessor", () => root.write("auth/token/lookup-accessor", { accessor })).catch((error: AirlockError) => {
-        throw recode(error, /invalid accessor/, Code.NotFound);
+        throw recode(error, Code.NotFound);
       });
       return tokenInfo(record(body.data));
     },
     async lookupLease(leaseId) {
       const body = await call("sys/leases/lookup", () => root.write("sys/leases/lookup", { lease_id: leaseId })).catch((error: AirlockError) => {
-        throw recode(error, /invalid lease/, Code.NotFound);
+        throw recode(error, Code.NotFound);
       });
       const data = record(body.data);
       return {
@@ -540,6 +576,14 @@ export function createVaultClient(options: VaultClientOptions): VaultClient {
         ttl: typeof data.ttl === "number" ? data.ttl : 0,
         renewable: data.renewable === true,
       };
+    },
+    async listTokenAccessors() {
+      return keysOf(await call("auth/token/accessors", () => root.list("auth/token/accessors")).catch(emptyWhenNotFound));
+    },
+    async listLeases(prefix) {
+      const folder = `${segment("prefix", prefix.replace(/\/+$/, ""))}/`;
+      const path = `sys/leases/lookup/${folder}`;
+      return keysOf(await call(path, () => root.list(path)).catch(emptyWhenNotFound)).map((key) => `${folder}${key}`);
     },
     async mount(path, type) {
       const mountPath = `sys/mounts/${segment("mount", path)}`;

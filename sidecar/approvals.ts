@@ -51,6 +51,29 @@ interface Waiter {
   readonly offer: (decision: Decision) => void;
 }
 
+/** A request whose agent was told its wait expired: a decision that comes later is handed back, never used. */
+interface GivenUp {
+  readonly requestSha256: Uint8Array;
+  /** When the wait began: a decision made for it is judged as of then, not by its (passed) expiry. */
+  readonly since: number;
+  /** When it is forgotten (ms). */
+  readonly until: number;
+}
+
+/** How the sidecar catches up on decisions after a reconnect, and how long it remembers given-up requests. */
+export const decisionCatchUp = {
+  /**
+   * Catch-up reads after each reconnect, in ms after it: the brokers reconnect on their own
+   * time, and a decision they publish before this connection's subscription is back is only
+   * found by reading the stream again.
+   */
+  roundsMs: [0, 1_000, 2_000, 4_000, 8_000, 16_000],
+  /** How long a request given up at its deadline is remembered, for a late decision to be handed back. */
+  givenUpForMs: 600_000,
+  /** Given-up requests remembered at once (the oldest forgotten first). */
+  maxGivenUp: 10_000,
+} as const;
+
 /**
  * The sidecar's side of the approval workflow: publishes an ApprovalRequest
  * for a held call, waits for the broker's signed Decision, verifies that it
@@ -62,6 +85,7 @@ export class ApprovalFlow {
   private readonly js: JetStreamClient;
   private readonly jsm: JetStreamManager;
   private readonly waiters = new Map<string, Waiter>();
+  private readonly givenUp = new Map<string, GivenUp>();
   private readonly replay = new ReplayGuard();
   private decisions: Subscription | undefined;
   private following: Promise<void> = Promise.resolve();
@@ -101,21 +125,88 @@ export class ApprovalFlow {
     flow.following = (async () => {
       for await (const message of decisions) flow.route(message.data);
     })();
+    // Before any call is held: the brokers end whatever an earlier run of this host's sidecar left executing.
+    flow.hello();
+    await options.nc.flush().catch(() => undefined);
     flow.heartbeat = setInterval(() => flow.beat(), options.heartbeatIntervalMs ?? approvalFlowDefaults.heartbeatIntervalMs);
     flow.heartbeat.unref();
     // Ends with the connection.
     void (async () => {
-      for await (const status of options.nc.status()) if (status.type === "reconnect") await flow.catchUp();
+      for await (const status of options.nc.status()) if (status.type === "reconnect") flow.catchUpAfterReconnect();
     })();
     return flow;
   }
 
-  /** Offers every waiting request the decision the stream holds for it, if any (after a reconnect). */
+  /**
+   * Reads back, a few times over the seconds after a reconnect, the decision of every request
+   * this sidecar waits for (and of those it gave up on): a broker that reconnected first may
+   * have published it before this connection's subscription was back, or while JetStream was
+   * still recovering and refused the first read. A newer reconnect starts the rounds again.
+   */
+  private catchUpAfterReconnect(): void {
+    const round = ++this.reconnects;
+    const started = Date.now();
+    void (async () => {
+      for (const at of decisionCatchUp.roundsMs) {
+        const wait = started + at - Date.now();
+        if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait).unref());
+        if (round !== this.reconnects || this.options.nc.isClosed() || this.closed) return;
+        if (this.waiters.size === 0 && this.givenUp.size === 0) return;
+        await this.catchUp();
+      }
+    })().catch((error: unknown) => this.options.log.warn({ err: error }, "catching up on decisions failed"));
+  }
+
+  private reconnects = 0;
+  private closed = false;
+
+  /** Offers every waiting (or given-up) request the decision the stream holds for it, if any. */
   private async catchUp(): Promise<void> {
-    for (const waiter of [...this.waiters.values()]) {
-      const stored = await this.jsm.direct.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(this.options.host, waiter.requestId) }).catch(() => null);
-      if (stored !== null) this.route(stored.data);
+    this.forgetGivenUp();
+    await Promise.all([...this.waiters.keys(), ...this.givenUp.keys()].map((requestId) => this.readDecision(requestId)));
+  }
+
+  /** Routes the decision the stream holds for `requestId`, if any; a read that fails is tried in the next round. */
+  private async readDecision(requestId: string): Promise<void> {
+    const stored = await this.jsm.direct.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(this.options.host, requestId) }).catch(() => null);
+    if (stored !== null) this.route(stored.data);
+  }
+
+  private forgetGivenUp(): void {
+    const now = Date.now();
+    for (const [requestId, entry] of this.givenUp) if (entry.until <= now) this.givenUp.delete(requestId);
+  }
+
+  /**
+   * A decision for a request whose agent was already told it expired: it is never used. An
+   * approval is handed back at once, as a completion under its decision id saying it did not
+   * run, so the broker revokes its credential and ends the record now instead of at the
+   * heartbeat silence. Only a decision that verifies for this request is handed back.
+   */
+  private handBack(decision: Decision, requestId: string, entry: GivenUp): void {
+    let body: DecisionBody;
+    try {
+      body = verifyDecision(decision, this.options.keyRing, { requestId, requestSha256: entry.requestSha256, now: new Date(entry.since) });
+    } catch {
+      return;
     }
+    this.givenUp.delete(requestId);
+    // One this sidecar accepted is running or ran: its own completion speaks for it.
+    if (body.verdict !== Verdict.APPROVED || this.replay.has(body.decisionId)) return;
+    this.options.log.warn({ requestId, decisionId: body.decisionId }, "an approval arrived after its agent was told the request expired: handed back unused");
+    const completion = create(CompletionSchema, {
+      completionId: `${requestId}.${body.decisionId}.completion`,
+      requestId,
+      decisionId: body.decisionId,
+      statusCode: Code.DeadlineExceeded,
+      statusMessage: notRunLate,
+      duration: durationFromMs(0),
+      host: this.options.host,
+      finishedAt: timestampFromMs(Date.now()),
+    });
+    this.js
+      .publish(subjects.completion(this.options.host, requestId), toBinary(CompletionSchema, completion), { msgID: completion.completionId })
+      .catch((error: unknown) => this.options.log.error({ err: error, requestId }, "could not hand back a late approval; the broker ends it at the heartbeat silence"));
   }
 
   /**
@@ -133,8 +224,27 @@ export class ApprovalFlow {
     }
   }
 
+  /**
+   * Tells the brokers this sidecar has just started and holds nothing: the actions an earlier
+   * run on this host was executing are abandoned (it kept no credential, and no agent waits
+   * for them any more), so the brokers revoke their credentials now rather than at the
+   * heartbeat silence. The subject carries the host, which the server fixes: a host can only
+   * abandon its own actions. A lost hello leaves them to the heartbeat silence.
+   */
+  private hello(): void {
+    try {
+      this.options.nc.publish(subjects.heartbeat(this.options.host), JSON.stringify({ hello: true, instance: this.instance, actions: [] }));
+    } catch (error) {
+      this.options.log.warn({ err: error }, "could not say hello to the brokers; actions an earlier run left end at the heartbeat silence");
+    }
+  }
+
+  /** This run of the sidecar (in the hello, for the brokers' logs). */
+  private readonly instance = randomUUID();
+
   /** Stops following decisions; calls still waiting fail with UNAVAILABLE. */
   async close(): Promise<void> {
+    this.closed = true;
     clearInterval(this.heartbeat);
     this.decisions?.unsubscribe();
     await this.following;
@@ -151,7 +261,13 @@ export class ApprovalFlow {
       return;
     }
     // Unverified at this point: only used to find who is waiting; the waiter verifies.
-    this.waiters.get(body.requestId)?.offer(decision);
+    const waiter = this.waiters.get(body.requestId);
+    if (waiter !== undefined) {
+      waiter.offer(decision);
+      return;
+    }
+    const givenUp = this.givenUp.get(body.requestId);
+    if (givenUp !== undefined) this.handBack(decision, body.requestId, givenUp);
   }
 
   /** Sends a security event to the audit trail and counts it. */
@@ -188,6 +304,7 @@ export class ApprovalFlow {
     }
     const requestId = request.id;
     const deadline = request.deadline === undefined ? Date.now() : timestampDate(request.deadline).getTime();
+    const waitStarted = Date.now();
 
     let cleanup: () => void = () => undefined;
     const decided = new Promise<DecisionBody>((resolve, reject) => {
@@ -208,7 +325,13 @@ export class ApprovalFlow {
         }
       };
       this.waiters.set(requestId, { requestId, requestSha256, offer });
-      const timer = setTimeout(() => reject(new AirlockError(Code.DeadlineExceeded, `approval request ${requestId} expired undecided`, { details: { requestId } })), Math.max(0, deadline - Date.now()));
+      const timer = setTimeout(() => {
+        // A decision accepted just before the deadline is being acted on: nothing to give up.
+        if (accepted) return;
+        // Told expired: a decision that still comes is handed back, never used (see handBack).
+        this.giveUp(requestId, requestSha256, waitStarted);
+        reject(new AirlockError(Code.DeadlineExceeded, `approval request ${requestId} expired undecided`, { details: { requestId } }));
+      }, Math.max(0, deadline - Date.now()));
       const onAbort = () => reject(new AirlockError(Code.Canceled, `the agent stopped waiting; resume with x-airlock-request-id: ${requestId}`, { details: { requestId } }));
       call.signal.addEventListener("abort", onAbort, { once: true });
       // An agent that left before the wait began is not waited for.
@@ -235,6 +358,18 @@ export class ApprovalFlow {
     } finally {
       cleanup();
     }
+  }
+
+  /** Remembers a request whose agent was told it expired, and reads its decision once more (it may be on the stream already). */
+  private giveUp(requestId: string, requestSha256: Uint8Array, since: number): void {
+    this.forgetGivenUp();
+    if (this.givenUp.size >= decisionCatchUp.maxGivenUp) {
+      const oldest = this.givenUp.keys().next();
+      if (oldest.done !== true) this.givenUp.delete(oldest.value);
+    }
+    this.givenUp.set(requestId, { requestSha256, since, until: Date.now() + decisionCatchUp.givenUpForMs });
+    // After the waiter is gone (this runs before the hold's cleanup), so the decision goes to handBack.
+    setImmediate(() => void this.readDecision(requestId));
   }
 
   private buildRequest(call: HeldCall, requestSha256: Uint8Array): ApprovalRequest {
@@ -369,6 +504,9 @@ export class ApprovalFlow {
     };
   }
 }
+
+/** The status message of a completion that hands back an approval whose agent had stopped waiting. */
+export const notRunLate = "not run: the decision reached the sidecar after the agent was told the request expired";
 
 /** A stored decision's id, read without verifying (only to refuse a resume). */
 function decidedId(decision: Decision): string {

@@ -345,6 +345,21 @@ export class AuditLog {
     return fromJson(AuditEventSchema, first.json<JsonValue>()).eventId === events[0]?.eventId;
   }
 
+  /**
+   * {@link AuditLog.committedAnyway}, asked again while NATS does not answer (a restart takes
+   * seconds): undefined when it never answered, and the append fails closed.
+   */
+  private async committedAfterAll(events: readonly AuditEvent[], after: number): Promise<boolean | undefined> {
+    for (let check = 1; check <= auditLogDefaults.unansweredChecks; check++) {
+      try {
+        return await this.committedAnyway(events, after);
+      } catch {
+        // No answer yet: each check waits out the request's own timeout, so no sleep is needed here.
+      }
+    }
+    return undefined;
+  }
+
   /** Writes `entries` in order, all or none; what was written, and why not. */
   private async appendNow(entries: readonly AuditEntry[]): Promise<WriteOutcome> {
     for (let attempt = 1; ; attempt++) {
@@ -368,7 +383,7 @@ export class AuditLog {
       const refusal = failure instanceof JetStreamApiError ? failure.code : undefined;
       if (refusal === undefined && tail !== undefined && events.length > 0) {
         // No answer is not a refusal: the batch may be in the stream. Written once, never twice.
-        const stored = await this.committedAnyway(events, tail.streamSeq).catch(() => undefined);
+        const stored = await this.committedAfterAll(events, tail.streamSeq);
         if (stored === true) {
           this.options.onWritten?.(events.length);
           return { written: events, failure: undefined, refused: false };
@@ -411,6 +426,8 @@ interface PendingAppend {
 export const auditLogDefaults = {
   /** Times a write is chained again after another replica appended first. */
   conflictAttempts: 20,
+  /** Times a commit that got no answer is looked for in the stream before the append fails closed (a NATS restart). */
+  unansweredChecks: 3,
   /** How long a batch's commit waits for the stream's answer, in ms (a leader election on a cluster takes seconds). */
   commitTimeoutMs: 5_000,
   /** Most events one write publishes at once (one caller's batch may exceed it, alone, up to the server's atomic batch limit of 1000). */

@@ -113,6 +113,9 @@ await t.test("createToken: wrapped, orphan, capped, with the accessor from wrap_
   t.equal(info.numUses, 2, "looking up by accessor spends none of the token's uses");
   await root.revokeAccessor(token.tokenAccessor);
   t.equal((await caught(root.lookupAccessor(token.tokenAccessor))).code, Code.NotFound);
+  // Revocation is idempotent at Vault: a second one (another replica, the reconciler) is success.
+  await root.revokeAccessor(token.tokenAccessor);
+  t.pass("revoking a revoked token again succeeds");
 });
 
 await t.test("Vault's 400s for gone things become not_found or permission_denied; revoking gone things succeeds", async (t) => {

@@ -239,33 +239,68 @@ export async function provisionStreams(nats: Pick<NatsBus, "connect">, replicas?
   }
 }
 
+/** The values of the tests' `sidecar.yaml` (see {@link startTestSidecar}); `listen` and the metrics address default to any free port. */
+export async function testSidecarValues(infra: StackInfra, options: Omit<TestSidecarOptions, "log" | "dir"> & { readonly listen?: string; readonly metrics?: string }): Promise<Record<string, unknown>> {
+  return {
+    listen: options.listen ?? "127.0.0.1:0",
+    upstreams: [{ name: "ops", address: options.upstream, descriptor_sets: [descriptorSetPath] }],
+    nats: natsSection(await infra.nats.credentials({ kind: "sidecar", host: options.host })),
+    vault: { address: infra.vault.address },
+    broker_keys: { k1: "broker.pem" },
+    host: options.host,
+    policy: "policy.yaml",
+    agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [await exportSPKI(options.agentPublicKey)] } }],
+    metrics: { listen: options.metrics ?? "127.0.0.1:0" },
+    ...(options.heartbeatInterval === undefined ? {} : { heartbeat_interval: options.heartbeatInterval }),
+    log_level: "error",
+  };
+}
+
 /** A sidecar in front of the demo upstream, trusting broker key k1; closed at teardown. */
 export async function startTestSidecar(t: Test, infra: StackInfra, options: TestSidecarOptions): Promise<Sidecar> {
   await provisionStreams(infra.nats, infra.replicas);
-  const sidecar = await startSidecar(
-    parseSidecarConfig(
-      new ConfigReader(
-        {
-          listen: "127.0.0.1:0",
-          upstreams: [{ name: "ops", address: options.upstream, descriptor_sets: [descriptorSetPath] }],
-          nats: natsSection(await infra.nats.credentials({ kind: "sidecar", host: options.host })),
-          vault: { address: infra.vault.address },
-          broker_keys: { k1: "broker.pem" },
-          host: options.host,
-          policy: "policy.yaml",
-          agent_auth: [{ kind: "jwt", issuer: "https://idp.test", audience: "airlock", keys: { kind: "static", public_keys: [await exportSPKI(options.agentPublicKey)] } }],
-          metrics: { listen: "127.0.0.1:0" },
-          ...(options.heartbeatInterval === undefined ? {} : { heartbeat_interval: options.heartbeatInterval }),
-          log_level: "error",
-        },
-        "",
-        join(options.dir, "sidecar.yaml"),
-      ),
-    ),
-    { log: options.log },
-  );
+  const sidecar = await startSidecar(parseSidecarConfig(new ConfigReader(await testSidecarValues(infra, options), "", join(options.dir, "sidecar.yaml"))), { log: options.log });
   t.teardown(() => sidecar.close());
   return sidecar;
+}
+
+/** An `airlock sidecar` running as its own process (see {@link startSidecarProcess}). */
+export interface SidecarProcess {
+  readonly child: ChildProcess;
+  /** SIGKILLs it (no goodbye of any kind) and waits for the exit. */
+  kill(): Promise<void>;
+}
+
+/**
+ * Starts `airlock sidecar --config <dir>/<name>.json` as a process with {@link testSidecarValues}
+ * on the given listen and metrics addresses, and waits for its /readyz. Killed at teardown.
+ */
+export async function startSidecarProcess(t: Test, infra: StackInfra, options: Omit<TestSidecarOptions, "log" | "agentPublicKey"> & { readonly agentPublicKey: CryptoKey; readonly listen: string; readonly metrics: string }): Promise<SidecarProcess> {
+  await provisionStreams(infra.nats);
+  const configPath = join(options.dir, `sidecar-${options.host}.json`);
+  await writeFile(configPath, JSON.stringify(await testSidecarValues(infra, options)));
+  const cli = fileURLToPath(new URL("../../cli/airlock.ts", import.meta.url));
+  const child = spawn(process.execPath, ["--import", import.meta.resolve("tsx"), cli, "sidecar", "--config", configPath], { stdio: ["ignore", "ignore", "pipe"] });
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  const kill = async () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+    await exited;
+  };
+  t.teardown(kill);
+  let stderr = "";
+  child.stderr?.on("data", (chunk: Buffer) => {
+    stderr = (stderr + chunk.toString()).slice(-4000);
+  });
+  for (let i = 0; i < 600; i++) {
+    const ready = await fetch(`http://${options.metrics}/readyz`).then(
+      (r) => r.ok,
+      () => false,
+    );
+    if (ready) return { child, kill };
+    if (child.exitCode !== null) throw new Error(`the sidecar process exited: ${stderr}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  throw new Error(`the sidecar process never became ready: ${stderr}`);
 }
 
 /** What {@link startAgentPath} started: the way from an agent to the demo upstream, without a broker. */

@@ -1,0 +1,115 @@
+/**
+ * A sidecar killed (-9) mid-call and started again says hello: the brokers end what its host was
+ * executing (lease revoked, record failed, flagged `sidecar_restarted`) well before the heartbeat
+ * silence. Another host's hello, or one on another host's subject, ends nothing.
+ */
+import { join } from "node:path";
+import t from "tap";
+import { readAuditEvents } from "../../broker/audit/index.js";
+import { CredentialIssuer } from "../../broker/credentials.js";
+import { parseApprovalConfig } from "../../broker/rules.js";
+import { Broker } from "../../broker/service.js";
+import { ConfigReader } from "../../common/config.js";
+import { type AirlockError, callServerStream, createLogger, createVaultClient } from "../../common/index.js";
+import { freePort, useInfra, waitUntil } from "../../harness/index.js";
+import { AuditEventType, RequestState } from "../../proto/index.js";
+import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
+import { Policy } from "../../sidecar/index.js";
+import { agentMetadata, streamOutcome } from "../helpers/agent.js";
+import { exportRoles, opsPolicy, seedExportEngine, startAgentPath, startSidecarProcess } from "../helpers/stack.js";
+
+const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
+const log = createLogger({ name: "test", level: "silent" });
+const admin = await seedExportEngine(t, { nats, vault, database });
+const policyText = opsPolicy();
+const policy = Policy.parse(policyText);
+// The upstream, keys and policy directory (its in-process sidecar, on another host, stays idle).
+const { ops, key, agentKeys, dir } = await startAgentPath(t, { nats, vault, database }, { name: "sidecar-restart", host: "idle-host", policy: policyText, log });
+const approvals = parseApprovalConfig(new ConfigReader({ groups: { "data-owners": ["dana@corp"] } }, "", join(dir, "broker.yaml")));
+const nc = await nats.connect({ kind: "broker" });
+t.teardown(() => nc.close());
+// A silence far longer than the test's bound: only the restarted sidecar's hello can end the action in time.
+const silenceMs = 120_000;
+const broker = await Broker.start({
+  nc,
+  issuer: new CredentialIssuer({ vault: createVaultClient({ address: vault.address, token: vault.rootToken }) }),
+  signingKey: key.signing,
+  approvals,
+  policy: () => policy,
+  replicaId: "broker-1",
+  log,
+  tickIntervalMs: 200,
+  heartbeatSilenceMs: silenceMs,
+});
+t.teardown(() => broker.close());
+
+const host = "crash-host";
+const listen = `127.0.0.1:${await freePort()}`;
+const metrics = `127.0.0.1:${await freePort()}`;
+const sidecarOptions = { dir, upstream: ops.address, host, agentPublicKey: agentKeys.publicKey, listen, metrics, heartbeatInterval: "1s" };
+const first = await startSidecarProcess(t, { nats, vault, database }, sidecarOptions);
+const { Client, credentials } = await import("@grpc/grpc-js");
+const client = new Client(listen, credentials.createInsecure());
+t.teardown(() => client.close());
+
+await t.test("kill -9 the sidecar mid-call: its restart ends the action and revokes the lease long before the heartbeat silence", async (t) => {
+  // The export's SELECT waits on this lock: the action is mid-call when the sidecar dies.
+  await admin.query("BEGIN");
+  await admin.query("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE");
+  let locked = true;
+  const unlock = async () => {
+    if (!locked) return;
+    locked = false;
+    await admin.query("COMMIT");
+  };
+  t.teardown(unlock);
+  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" });
+  const outcome = streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata })) as Promise<AirlockError | undefined>;
+  let id = "";
+  t.ok(
+    await waitUntil(async () => {
+      id = (await broker.list()).find((r) => r.state === RequestState.PENDING && r.request?.host === host)?.request?.id ?? "";
+      return id !== "";
+    }, 30_000),
+    "the export is held",
+  );
+  await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
+  t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.EXECUTING && (await exportRoles(admin)).length === 1, 20_000), "approved, executing, its database user live");
+
+  // Hostile neighbours: another host's hello, and one on this host's subject, which the server refuses.
+  const foreign = await nats.connect({ kind: "sidecar", host: "other-host" });
+  t.teardown(() => foreign.close());
+  foreign.publish("airlock.heartbeat.other-host", JSON.stringify({ hello: true, instance: "x", actions: [] }));
+  foreign.publish(`airlock.heartbeat.${host}`, JSON.stringify({ hello: true, instance: "x", actions: [] }));
+  await foreign.flush().catch(() => undefined);
+  // The broker handles beats as they come; a few ticks are more than enough for a wrong one to act.
+  await new Promise((resolve) => setTimeout(resolve, 2_000));
+  const untouched = await broker.get(id);
+  t.equal(untouched.state, RequestState.EXECUTING, "another host's hello ends nothing of this host's");
+  t.equal(untouched.lease?.revokedAt, undefined, "and revokes nothing");
+
+  await first.kill();
+  const killed = Date.now();
+  t.not(await outcome, undefined, "the agent's call died with its sidecar");
+  await startSidecarProcess(t, { nats, vault, database }, sidecarOptions);
+  const restarted = Date.now();
+  t.ok(
+    await waitUntil(async () => {
+      const record = await broker.get(id);
+      return record.state === RequestState.FAILED && record.lease?.revokedAt !== undefined;
+    }, 60_000),
+    "the restarted sidecar's hello ended the action",
+  );
+  const ended = Date.now();
+  t.comment(`lease revoked ${((ended - killed) / 1000).toFixed(2)} s after the kill, ${((ended - restarted) / 1000).toFixed(2)} s after the new sidecar was ready; heartbeat silence ${silenceMs / 1000} s`);
+  t.ok(ended - killed < silenceMs / 2, "well before the heartbeat silence");
+  t.same(await exportRoles(admin), [], "the database user is gone");
+  const events = [];
+  for await (const event of readAuditEvents(nc)) if (event.requestId === id) events.push(event);
+  t.equal(events.filter((e) => e.type === AuditEventType.CREDENTIAL_REVOKED && e.details?.why === "sidecar_restarted").length, 1, "one revocation in the trail, naming the restart");
+  t.ok(
+    events.some((e) => e.type === AuditEventType.SECURITY_EVENT && e.flagged && e.details?.ended === "sidecar_restarted" && e.details.host === host),
+    "a flagged event says the restarted sidecar abandoned it",
+  );
+  await unlock();
+});
