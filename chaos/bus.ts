@@ -1,22 +1,21 @@
 /**
  * The NATS topology of `npm run chaos`, behind one function so the run does not
- * care how many nodes there are. Today: the harness's single node
- * ({@link startNats}); its one restartable node is that server. When the
- * harness's 3-node cluster lands (`startNatsCluster({ nodes: 3 })` in
- * harness/nats.ts), {@link startChaosBus} is the one place to switch: return
- * the cluster's `urls`, `credentials`, `connect` and `stop`, and restart
- * `nodes[0]` (or any one node) in `restartOneNode`.
+ * care how many nodes there are: the production shape, a 3-node JetStream
+ * cluster ({@link startNatsCluster}) with every stream and bucket ×3; the
+ * `nats_restart` fault restarts the node every client names first.
  * @module
  */
 import type { ConnectionOptions, NatsConnection } from "@nats-io/transport-node";
 import type { BusRole } from "../common/bus.js";
 import type { NatsConnectionConfig } from "../common/nats.js";
-import { startNats } from "../harness/index.js";
+import { startNatsCluster } from "../harness/index.js";
 
 /** The bus the chaos run drives: where it is, each role's credential, one node to restart, and its end. */
 export interface ChaosBus {
-  /** What the run prints about the topology, e.g. `nats-server 2.15.3, 1 node`. */
+  /** What the run prints about the topology, e.g. `nats-server 2.15.3, 3 nodes, streams ×3`. */
   readonly description: string;
+  /** Replicas of every stream and bucket: the brokers' `nats.replicas`. */
+  readonly replicas: number;
   /** The connection config of a role (every node's URL, its own credential, the CA). */
   credentials(role: BusRole): Promise<NatsConnectionConfig>;
   /** Connects as `role`. */
@@ -27,14 +26,17 @@ export interface ChaosBus {
   stop(): Promise<void>;
 }
 
-/** Starts the chaos run's NATS: one JetStream node today (see the module comment for the cluster). */
+/** Starts the chaos run's NATS: a 3-node JetStream cluster on loopback. */
 export async function startChaosBus(): Promise<ChaosBus> {
-  const nats = await startNats();
+  const cluster = await startNatsCluster({ nodes: 3 });
+  const first = cluster.nodes[0];
+  if (first === undefined) throw new Error("the cluster has no node");
   return {
-    description: `nats-server ${nats.version}, 1 node (single-node harness; the 3-node cluster is not in this branch yet)`,
-    credentials: (role) => nats.credentials(role),
-    connect: (role, extra) => nats.connect(role, extra),
-    restartOneNode: () => nats.restart(),
-    stop: () => nats.stop(),
+    description: `nats-server ${cluster.version}, ${cluster.nodes.length} nodes, streams ×3`,
+    replicas: 3,
+    credentials: (role) => cluster.credentials(role),
+    connect: (role, extra) => cluster.connect(role, extra),
+    restartOneNode: () => first.restart(),
+    stop: () => cluster.stop(),
   };
 }

@@ -90,8 +90,8 @@ function parseOptions() {
 }
 
 /** A config's `nats` line for a role's credential. */
-function natsYaml(config: NatsConnectionConfig): string {
-  return `nats: ${JSON.stringify(natsConfigSection(config))}`;
+function natsYaml(config: NatsConnectionConfig, replicas?: number): string {
+  return `nats: ${JSON.stringify({ ...natsConfigSection(config), ...(replicas === undefined ? {} : { replicas }) })}`;
 }
 
 /** A part of the stack run as its own process, restartable, with its output appended to a log file. */
@@ -340,7 +340,7 @@ async function main(): Promise<void> {
     await upstream.start();
 
     // Two broker replicas, one config each (their own replica id and HTTP port).
-    const brokerNats = natsYaml(await bus.credentials({ kind: "broker" }));
+    const brokerNats = natsYaml(await bus.credentials({ kind: "broker" }), bus.replicas);
     const brokers: Part[] = [];
     for (const [index, replica] of replicas.entries()) {
       const port = await freePort();
