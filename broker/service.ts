@@ -139,7 +139,11 @@ export const brokerDefaults = {
   retireBatch: 1_000,
   /** How long a list waits for this replica's index to catch up with the state bucket before answering from it as it is, in ms. */
   indexWaitMs: 2_000,
-  /** The longest a decision's publish is tried again while NATS is away, in ms (never past the decision's expiry). */
+  /**
+   * The longest a decision's publish (and the lease write before it) is tried again while NATS is
+   * away, in ms: never past the decision's expiry, and never past 80% of `orphanAfterMs`, so a
+   * replica still trying does not overlap another replica's takeover of the same decision.
+   */
   decisionRetryMs: 30_000,
   /**
    * How long each pull of a consumer waits, in ms. nats.js checks a consumer again after a
@@ -722,7 +726,7 @@ export class Broker {
       // The lease record and the audit batch go to different streams: written side by side, both
       // before the decision leaves, so the agent's wait has one round trip fewer.
       // NATS may be restarting (Vault answered while it was away): the compare-and-set is tried again until the deadline.
-      const writeUntil = Math.min(deadlineMs ?? Number.POSITIVE_INFINITY, Date.now() + brokerDefaults.decisionRetryMs);
+      const writeUntil = Math.min(deadlineMs ?? Number.POSITIVE_INFINITY, Date.now() + this.decisionRetryMs());
       const [leaseWrite, auditWrite] = await Promise.allSettled([
         whileNatsAway(
           () =>
@@ -841,11 +845,16 @@ export class Broker {
    * message id is the decision id, so JetStream stores one copy however many tries reach it.
    * A refusal of this replica's rights fails at once.
    */
+  /** How long a decision's writes are tried again: {@link brokerDefaults.decisionRetryMs}, ending before a takeover could start. */
+  private decisionRetryMs(): number {
+    return Math.min(brokerDefaults.decisionRetryMs, 0.8 * (this.options.orphanAfterMs ?? brokerDefaults.orphanAfterMs));
+  }
+
   private async sendDecision(host: string, body: DecisionBody): Promise<void> {
     const signed = signDecision(body, this.options.signingKey);
     await failpoint("broker.before_publish");
     const bytes = toBinary(DecisionSchema, signed);
-    const until = Math.min(body.expiresAt === undefined ? 0 : timestampDate(body.expiresAt).getTime(), Date.now() + brokerDefaults.decisionRetryMs);
+    const until = Math.min(body.expiresAt === undefined ? 0 : timestampDate(body.expiresAt).getTime(), Date.now() + this.decisionRetryMs());
     for (let attempt = 0; ; attempt++) {
       try {
         await this.js.publish(subjects.decision(host, body.requestId), bytes, { msgID: body.decisionId });
@@ -1212,8 +1221,10 @@ export class Broker {
   }
 
   private async decisionPublished(request: ApprovalRequest): Promise<boolean> {
-    // Direct get answers "not found" as null, not as an error to tell apart by its text.
-    return (await this.jsm.direct.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(request.host, request.id) })) !== null;
+    // Asked of the stream's leader, not by direct get: on a replicated stream a direct get may be
+    // answered by a follower that has not applied the publish yet, and "not published" there would
+    // take over (and revoke) an action whose decision did reach its sidecar. "Not found" is null.
+    return (await this.jsm.streams.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(request.host, request.id) })) !== null;
   }
 
   private following: Promise<void> = Promise.resolve();
