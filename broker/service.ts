@@ -400,7 +400,11 @@ export class Broker {
     await this.ticking;
     await this.sweeping;
     this.stopWatching.abort();
-    await this.following;
+    // A watch re-opened meanwhile replaces the promise: wait until none is left running.
+    for (let following = this.following; ; following = this.following) {
+      await following;
+      if (following === this.following) break;
+    }
     for (const messages of this.consumers) await messages.close();
     await Promise.all(this.loops);
     // Last, so the checkpoint covers everything this replica wrote.
@@ -522,7 +526,10 @@ export class Broker {
    */
   private async indexCurrent(): Promise<void> {
     if (!(await this.index.reached(await this.store.lastSeq(), brokerDefaults.indexWaitMs))) {
-      this.options.log.warn("the request index lags the state bucket; answering from it as it is");
+      // The watch may have stalled (its consumer lived on a NATS node that died): open it again,
+      // from each key's last value, so the index catches up; this answer is from it as it is.
+      this.options.log.warn("the request index lags the state bucket; answering from it as it is and opening its watch again");
+      this.indexWatch?.abort();
     }
   }
 
@@ -1235,14 +1242,55 @@ export class Broker {
    * (the index then fills in as the watch goes on, and lists wait for it).
    */
   private async followRecords(): Promise<void> {
-    const { changes, caughtUp } = await this.store.follow(this.stopWatching.signal);
-    this.following = (async () => {
-      for await (const change of changes) this.index.apply(change);
-    })();
+    const { caughtUp } = await this.startFollowing();
     let timer: NodeJS.Timeout | undefined;
     const late = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), 5000)));
     if (await Promise.race([caughtUp.then(() => false), late])) this.options.log.warn("the request index was not caught up with the state bucket within 5 s of start; it fills in as the watch goes on");
     clearTimeout(timer);
+  }
+
+  /** The state bucket's watch now feeding the index; aborting it (not {@link Broker.stopWatching}) makes it open again. */
+  private indexWatch: AbortController | undefined;
+
+  /**
+   * Opens the state bucket's watch into the index, and keeps it open: a watch that ends or
+   * fails without the broker closing (a NATS node died under its consumer, or
+   * {@link Broker.indexCurrent} found it stalled) is opened again from each key's last value,
+   * so the index re-syncs (older revisions than those it holds are ignored). Resolves with the
+   * first pass's `caughtUp` once the watch is open.
+   */
+  private async startFollowing(): Promise<{ readonly caughtUp: Promise<void> }> {
+    const watch = new AbortController();
+    this.indexWatch = watch;
+    const stop = () => watch.abort();
+    this.stopWatching.signal.addEventListener("abort", stop, { once: true });
+    let opened: Awaited<ReturnType<RequestStore["follow"]>>;
+    try {
+      opened = await this.store.follow(watch.signal);
+    } catch (error) {
+      this.stopWatching.signal.removeEventListener("abort", stop);
+      throw error;
+    }
+    this.following = (async () => {
+      try {
+        for await (const change of opened.changes) this.index.apply(change);
+      } catch (error) {
+        this.options.log.warn({ err: error }, "the state bucket's watch failed");
+      } finally {
+        this.stopWatching.signal.removeEventListener("abort", stop);
+      }
+      for (let attempt = 0; !this.stopWatching.signal.aborted; attempt++) {
+        try {
+          await this.startFollowing();
+          this.options.log.info("the state bucket's watch is open again");
+          return;
+        } catch (error) {
+          this.options.log.warn({ err: error, attempt }, "cannot open the state bucket's watch again yet");
+          await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, 5_000)));
+        }
+      }
+    })();
+    return { caughtUp: opened.caughtUp };
   }
 
   /**
@@ -1252,6 +1300,8 @@ export class Broker {
    * of replicas sweeping at once one removes it (the history write is idempotent).
    */
   private async retireSettled(now: number): Promise<void> {
+    // Also the watchdog of the index's watch, for a replica nobody lists on.
+    await this.indexCurrent();
     this.markers = await this.store.dropMarkers(this.markers);
     const cutoff = now - (this.options.retentionMs ?? brokerDefaults.retentionMs);
     for (const entry of this.index.settledBefore(cutoff, brokerDefaults.retireBatch)) {
