@@ -161,10 +161,11 @@ export class CredentialIssuer {
    *   `since` (less `clockSlackMs`) that `known` does not claim are revoked; a lease younger than
    *   `settleMs` is not judged yet (its issuer may be about to record it) and leaves the sweep
    *   unsettled. The role must be Airlock's alone.
+   * Resolves with the accessors or lease ids it revoked, for the audit trail to name.
    */
-  async sweep(request: ApprovalRequest, intent: string, since: Date, known: (leaseId: string) => boolean): Promise<{ revoked: number; settled: boolean }> {
+  async sweep(request: ApprovalRequest, intent: string, since: Date, known: (leaseId: string) => boolean): Promise<{ revoked: string[]; settled: boolean }> {
     const template = request.credential;
-    let revoked = 0;
+    const revoked: string[] = [];
     if (template?.kind.case === "vaultToken") {
       const accessors = await this.#vault.listTokenAccessors();
       for (let i = 0; i < accessors.length; i += sweepLimits.concurrency) {
@@ -177,11 +178,11 @@ export class CredentialIssuer {
             });
             if (info === undefined || info.meta[intentMetaKey] !== intent) return;
             await this.revoke({ kind: "vault_token", leaseId: accessor });
-            revoked++;
+            revoked.push(accessor);
           }),
         );
       }
-      this.#logger?.warn({ requestId: request.id, intent, revoked }, "swept Vault for tokens of an issuance that got no answer");
+      this.#logger?.warn({ requestId: request.id, intent, revoked: revoked.length }, "swept Vault for tokens of an issuance that got no answer");
       return { revoked, settled: true };
     }
     if (template?.kind.case !== "database") return { revoked, settled: true };
@@ -200,9 +201,9 @@ export class CredentialIssuer {
         continue;
       }
       await this.revoke({ kind: "database", leaseId });
-      revoked++;
+      revoked.push(leaseId);
     }
-    this.#logger?.warn({ requestId: request.id, intent, revoked, settled }, "swept Vault for database leases of an issuance that got no answer");
+    this.#logger?.warn({ requestId: request.id, intent, revoked: revoked.length, settled }, "swept Vault for database leases of an issuance that got no answer");
     return { revoked, settled };
   }
 }

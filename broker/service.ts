@@ -155,6 +155,8 @@ export const brokerDefaults = {
   pullExpiresMs: 3_000,
   /** How often an issuance Vault never answered is swept for, in ms (each sweep lists Vault's tokens or leases). */
   sweepEveryMs: 5_000,
+  /** Accessors or lease ids one sweep's audit event names at most (the count is always there). */
+  maxSweptNamed: 50,
   /**
    * Deliveries of one message before it is given up (terminated and audited). A message that
    * cannot be decoded or fails for good is terminated at once.
@@ -1164,8 +1166,15 @@ export class Broker {
     this.sweeps.delete(request.id);
     if (resolved === undefined) return;
     await this.audit.append(
-      revoked > 0
-        ? { type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId: request.id, details: { why: "issuance_swept", kind: lease.kind, intent: lease.intent, found: revoked }, flagged: true }
+      revoked.length > 0
+        ? {
+            type: AuditEventType.CREDENTIAL_REVOKED,
+            actor: this.options.replicaId,
+            requestId: request.id,
+            // Named (accessors and lease ids identify, they do not authenticate), so no credential Vault made is unknown to the trail.
+            details: { why: "issuance_swept", kind: lease.kind, intent: lease.intent, found: revoked.length, revoked: revoked.slice(0, brokerDefaults.maxSweptNamed) },
+            flagged: true,
+          }
         : { type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId: request.id, details: { swept: lease.intent, kind: lease.kind, found: 0 } },
     );
   }

@@ -108,6 +108,7 @@ await t.test("a token Vault makes after the broker gave up on it is found by its
   const madeByVault = (await tokensOf(id)).length;
   if (madeByVault === 0) await root.createToken({ policies: ["default"], ttlSeconds: 300, numUses: 1, meta: { airlock_request_id: id, [intentMetaKey]: failed.decisionId }, wrapTtlSeconds: 60 });
   t.comment(madeByVault === 0 ? "Vault dropped the stalled call; the test made the token" : "Vault made the token after the broker gave up on it");
+  const accessors = await tokensOf(id);
   // Vault has woken: the token it made for the intent exists until the sweep finds it.
   t.ok(
     await waitUntil(async () => (await broker.get(id)).lease?.revokedAt !== undefined, 60_000),
@@ -118,6 +119,7 @@ await t.test("a token Vault makes after the broker gave up on it is found by its
   for await (const event of readAuditEvents(nc)) if (event.requestId === id) events.push(event);
   const swept = events.find((e) => e.type === AuditEventType.CREDENTIAL_REVOKED && e.details?.why === "issuance_swept");
   t.ok(swept?.flagged === true && swept.details?.found === 1, "the trail names the token Vault made late, revoked by the sweep");
+  t.same(swept?.details?.revoked, accessors, "by its accessor, so no token Vault made is unknown to the trail");
   t.equal(swept?.details?.intent, failed.decisionId, "and the intent it was made for");
 });
 
@@ -144,4 +146,6 @@ await t.test("a database user Vault makes after the broker gave up on it is swep
   t.equal((await root.lookupLease(late).catch((e: unknown) => AirlockError.from(e))) instanceof AirlockError, true, "the lease the broker never saw is revoked");
   const swept = events.find((e) => e.type === AuditEventType.CREDENTIAL_REVOKED && e.details?.why === "issuance_swept");
   t.ok(swept?.flagged === true && typeof swept.details?.found === "number" && swept.details.found >= 1, "the trail names the swept lease");
+  const named = swept?.details?.revoked;
+  t.ok(Array.isArray(named) && named.includes(late), "by its lease id, so no database user Vault made is unknown to the trail");
 });
