@@ -540,7 +540,9 @@ async function scaleRun(vault: { address: string; rootToken: string }, settled: 
     // YAML reads JSON.
     await writeFile(join(dir, "broker.yaml"), JSON.stringify(brokerValues));
     const started = performance.now();
-    broker = spawn(process.execPath, [...tsx, "cli/airlock.ts", "broker", "--config", join(dir, "broker.yaml")], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
+    // BENCH_CPU_PROF=<dir>: the broker writes a V8 CPU profile there when it exits.
+    const profile = process.env.BENCH_CPU_PROF === undefined ? [] : ["--cpu-prof", `--cpu-prof-dir=${process.env.BENCH_CPU_PROF}`];
+    broker = spawn(process.execPath, [...profile, ...tsx, "cli/airlock.ts", "broker", "--config", join(dir, "broker.yaml")], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
     const brokerPid = broker.pid ?? 0;
     if (!(await waitUntil(async () => (await fetch(`http://127.0.0.1:${brokerHttp}/readyz`)).ok, 60_000, 20))) throw new Error("the broker did not become ready");
     const readyS = (performance.now() - started) / 1000;
