@@ -67,10 +67,14 @@ await t.test("Ctrl-C while the agent waits for a human: everything stops, nothin
   });
   child.stderr.resume();
   const exited = new Promise<string>((resolve) => child.once("exit", (code, signal) => resolve(signal ?? String(code))));
+  const outputEnded = new Promise<void>((resolve) => child.stdout.once("end", () => resolve()));
   await held;
   // The terminal sends SIGINT to the whole foreground process group.
   process.kill(-(child.pid ?? 0), "SIGINT");
   t.ok(["130", "SIGINT"].includes(await exited), "the demo ends as Ctrl-C asked (exit 130, or npm's own death by SIGINT)");
+  // npm may die of the SIGINT before the demo under it has finished stopping: the output ends
+  // when every process holding it (the demo included) has exited.
+  await outputEnded;
   t.match(stdout, /stopped; nothing left running/);
   const nats = /NATS server \S+ at tls:\/\/127\.0\.0\.1:(\d+)/.exec(stdout)?.[1];
   const vault = /Vault \S+ at http:\/\/127\.0\.0\.1:(\d+)/.exec(stdout)?.[1];
