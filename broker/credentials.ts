@@ -161,49 +161,68 @@ export class CredentialIssuer {
    *   `since` (less `clockSlackMs`) that `known` does not claim are revoked; a lease younger than
    *   `settleMs` is not judged yet (its issuer may be about to record it) and leaves the sweep
    *   unsettled. The role must be Airlock's alone.
-   * Resolves with the accessors or lease ids it revoked, for the audit trail to name.
+   * Resolves with the accessors or lease ids it revoked, for the audit trail to name; a lookup
+   * or revocation that failed (other than "gone") leaves it unsettled, and it goes on.
    */
   async sweep(request: ApprovalRequest, intent: string, since: Date, known: (leaseId: string) => boolean): Promise<{ revoked: string[]; settled: boolean }> {
     const template = request.credential;
     const revoked: string[] = [];
+    // A lookup or revocation that fails (a slow Vault) leaves the sweep unsettled, to be run
+    // again, but does not stop it: what it did revoke is still reported, to be named in the trail.
+    let settled = true;
+    const unless = (): undefined => {
+      settled = false;
+      return undefined;
+    };
+    // Gone since the list, or not a token anyone can look up by accessor (Vault answers a
+    // response-wrapping token's accessor with 403; a wrapper of a revoked token delivers nothing).
+    // Refusals count as that only when other lookups of the pass were answered: a policy that
+    // refuses every lookup leaves the sweep unsettled, never "nothing found".
+    let answered = 0;
+    let refused = 0;
+    const unlessGone = (error: unknown): undefined => {
+      if (error instanceof AirlockError && error.code === Code.NotFound) return undefined;
+      if (error instanceof AirlockError && error.code === Code.PermissionDenied) {
+        refused++;
+        return undefined;
+      }
+      return unless();
+    };
+    const judged = () => {
+      if (refused > 0 && answered === 0) settled = false;
+    };
     if (template?.kind.case === "vaultToken") {
       const accessors = await this.#vault.listTokenAccessors();
       for (let i = 0; i < accessors.length; i += sweepLimits.concurrency) {
         await Promise.all(
           accessors.slice(i, i + sweepLimits.concurrency).map(async (accessor) => {
-            const info = await this.#vault.lookupAccessor(accessor).catch((error: unknown) => {
-              // Gone since the list: nothing to revoke.
-              if (error instanceof AirlockError && error.code === Code.NotFound) return undefined;
-              throw error;
-            });
+            const info = await this.#vault.lookupAccessor(accessor).catch(unlessGone);
+            if (info !== undefined) answered++;
             if (info === undefined || info.meta[intentMetaKey] !== intent) return;
-            await this.revoke({ kind: "vault_token", leaseId: accessor });
-            revoked.push(accessor);
+            if (await this.revoke({ kind: "vault_token", leaseId: accessor }).then(() => true, unless)) revoked.push(accessor);
           }),
         );
       }
-      this.#logger?.warn({ requestId: request.id, intent, revoked: revoked.length }, "swept Vault for tokens of an issuance that got no answer");
-      return { revoked, settled: true };
+      judged();
+      this.#logger?.warn({ requestId: request.id, intent, revoked: revoked.length, settled, refused }, "swept Vault for tokens of an issuance that got no answer");
+      return { revoked, settled };
     }
     if (template?.kind.case !== "database") return { revoked, settled: true };
     const { mount, role } = template.kind.value;
-    let settled = true;
     const now = Date.now();
     for (const leaseId of await this.#vault.listLeases(`${mount}/creds/${role}`)) {
       if (known(leaseId)) continue;
-      const info = await this.#vault.lookupLease(leaseId).catch((error: unknown) => {
-        if (error instanceof AirlockError && error.code === Code.NotFound) return undefined;
-        throw error;
-      });
+      const info = await this.#vault.lookupLease(leaseId).catch(unlessGone);
+      if (info !== undefined) answered++;
       if (info === undefined || info.issueTime.getTime() < since.getTime() - sweepLimits.clockSlackMs) continue;
       if (now - info.issueTime.getTime() < sweepLimits.settleMs) {
         settled = false;
         continue;
       }
-      await this.revoke({ kind: "database", leaseId });
-      revoked.push(leaseId);
+      if (await this.revoke({ kind: "database", leaseId }).then(() => true, unless)) revoked.push(leaseId);
     }
-    this.#logger?.warn({ requestId: request.id, intent, revoked: revoked.length, settled }, "swept Vault for database leases of an issuance that got no answer");
+    judged();
+    this.#logger?.warn({ requestId: request.id, intent, revoked: revoked.length, settled, refused }, "swept Vault for database leases of an issuance that got no answer");
     return { revoked, settled };
   }
 }

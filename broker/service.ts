@@ -1149,7 +1149,19 @@ export class Broker {
     for (const other of this.index.active()) if (other.record.lease !== undefined && other.record.lease.leaseId !== "") known.add(other.record.lease.leaseId);
     const since = lease.issuedAt === undefined ? new Date(0) : timestampDate(lease.issuedAt);
     const { revoked, settled } = await this.options.issuer.sweep(request, lease.intent, since, (leaseId) => known.has(leaseId));
-    if (!settled) return;
+    const sweptEntry = (): AuditEntry => ({
+      type: AuditEventType.CREDENTIAL_REVOKED,
+      actor: this.options.replicaId,
+      requestId: request.id,
+      // Named (accessors and lease ids identify, they do not authenticate), so no credential Vault made is unknown to the trail.
+      details: { why: "issuance_swept", kind: lease.kind, intent: lease.intent, found: revoked.length, revoked: revoked.slice(0, brokerDefaults.maxSweptNamed), settled },
+      flagged: true,
+    });
+    if (!settled) {
+      // Not done (Vault still slow): what this pass did revoke is in the trail now, the rest comes at the next pass.
+      if (revoked.length > 0) await this.audit.append(sweptEntry());
+      return;
+    }
     const resolved = await this.store.mutate(
       request.id,
       (current) => {
@@ -1167,14 +1179,7 @@ export class Broker {
     if (resolved === undefined) return;
     await this.audit.append(
       revoked.length > 0
-        ? {
-            type: AuditEventType.CREDENTIAL_REVOKED,
-            actor: this.options.replicaId,
-            requestId: request.id,
-            // Named (accessors and lease ids identify, they do not authenticate), so no credential Vault made is unknown to the trail.
-            details: { why: "issuance_swept", kind: lease.kind, intent: lease.intent, found: revoked.length, revoked: revoked.slice(0, brokerDefaults.maxSweptNamed) },
-            flagged: true,
-          }
+        ? sweptEntry()
         : { type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId: request.id, details: { swept: lease.intent, kind: lease.kind, found: 0 } },
     );
   }
