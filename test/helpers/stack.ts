@@ -276,7 +276,7 @@ export interface SidecarProcess {
  * on the given listen and metrics addresses, and waits for its /readyz. Killed at teardown.
  */
 export async function startSidecarProcess(t: Test, infra: StackInfra, options: Omit<TestSidecarOptions, "log" | "agentPublicKey"> & { readonly agentPublicKey: CryptoKey; readonly listen: string; readonly metrics: string }): Promise<SidecarProcess> {
-  await provisionStreams(infra.nats);
+  await provisionStreams(infra.nats, infra.replicas);
   const configPath = join(options.dir, `sidecar-${options.host}.json`);
   await writeFile(configPath, JSON.stringify(await testSidecarValues(infra, options)));
   const cli = fileURLToPath(new URL("../../cli/airlock.ts", import.meta.url));
