@@ -179,9 +179,28 @@ export interface BrokerProcess {
  * Killed at teardown if still running.
  */
 export async function startBrokerProcess(t: Test, options: { readonly configPath: string; readonly url: string; readonly failpoint: string }): Promise<BrokerProcess> {
+  const started = await spawnAirlockPart(t, { part: "broker", configPath: options.configPath, readyUrl: `${options.url}/readyz`, env: { AIRLOCK_FAILPOINTS: `${options.failpoint}=pause` } });
+  const reached = new Promise<void>((resolve) => {
+    const check = () => {
+      if (started.stderr().includes(`failpoint ${options.failpoint} reached`)) resolve();
+    };
+    check();
+    started.child.stderr?.on("data", check);
+  });
+  return { child: started.child, url: options.url, reached, kill: started.kill };
+}
+
+/**
+ * Starts `airlock <part> --config <configPath>` as its own process and waits until `readyUrl`
+ * answers OK (30 s at most, failing with what the process wrote to stderr). SIGKILLed at teardown.
+ */
+async function spawnAirlockPart(
+  t: Test,
+  options: { readonly part: "broker" | "sidecar"; readonly configPath: string; readonly readyUrl: string; readonly env?: Readonly<Record<string, string>> },
+): Promise<{ readonly child: ChildProcess; readonly kill: () => Promise<void>; readonly stderr: () => string }> {
   const cli = fileURLToPath(new URL("../../cli/airlock.ts", import.meta.url));
-  const child = spawn(process.execPath, ["--import", import.meta.resolve("tsx"), cli, "broker", "--config", options.configPath], {
-    env: { ...process.env, AIRLOCK_FAILPOINTS: `${options.failpoint}=pause` },
+  const child = spawn(process.execPath, ["--import", import.meta.resolve("tsx"), cli, options.part, "--config", options.configPath], {
+    env: { ...process.env, ...options.env },
     stdio: ["ignore", "ignore", "pipe"],
   });
   const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
@@ -191,22 +210,19 @@ export async function startBrokerProcess(t: Test, options: { readonly configPath
   };
   t.teardown(kill);
   let stderr = "";
-  const reached = new Promise<void>((resolve) => {
-    child.stderr?.on("data", (chunk: Buffer) => {
-      stderr += chunk.toString();
-      if (stderr.includes(`failpoint ${options.failpoint} reached`)) resolve();
-    });
+  child.stderr?.on("data", (chunk: Buffer) => {
+    stderr = (stderr + chunk.toString()).slice(-16_000);
   });
-  for (let i = 0; i < 300; i++) {
-    const ready = await fetch(`${options.url}/readyz`).then(
+  for (let i = 0; i < 600; i++) {
+    const ready = await fetch(options.readyUrl).then(
       (r) => r.ok,
       () => false,
     );
-    if (ready) return { child, url: options.url, reached, kill };
-    if (child.exitCode !== null) throw new Error(`the broker process exited: ${stderr}`);
+    if (ready) return { child, kill, stderr: () => stderr };
+    if (child.exitCode !== null) throw new Error(`the ${options.part} process exited: ${stderr}`);
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
-  throw new Error(`the broker process never became ready: ${stderr}`);
+  throw new Error(`the ${options.part} process never became ready: ${stderr}`);
 }
 
 /** Options of {@link startTestSidecar}. */
@@ -279,28 +295,8 @@ export async function startSidecarProcess(t: Test, infra: StackInfra, options: O
   await provisionStreams(infra.nats, infra.replicas);
   const configPath = join(options.dir, `sidecar-${options.host}.json`);
   await writeFile(configPath, JSON.stringify(await testSidecarValues(infra, options)));
-  const cli = fileURLToPath(new URL("../../cli/airlock.ts", import.meta.url));
-  const child = spawn(process.execPath, ["--import", import.meta.resolve("tsx"), cli, "sidecar", "--config", configPath], { stdio: ["ignore", "ignore", "pipe"] });
-  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-  const kill = async () => {
-    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
-    await exited;
-  };
-  t.teardown(kill);
-  let stderr = "";
-  child.stderr?.on("data", (chunk: Buffer) => {
-    stderr = (stderr + chunk.toString()).slice(-4000);
-  });
-  for (let i = 0; i < 600; i++) {
-    const ready = await fetch(`http://${options.metrics}/readyz`).then(
-      (r) => r.ok,
-      () => false,
-    );
-    if (ready) return { child, kill };
-    if (child.exitCode !== null) throw new Error(`the sidecar process exited: ${stderr}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-  throw new Error(`the sidecar process never became ready: ${stderr}`);
+  const { child, kill } = await spawnAirlockPart(t, { part: "sidecar", configPath, readyUrl: `http://${options.metrics}/readyz` });
+  return { child, kill };
 }
 
 /** What {@link startAgentPath} started: the way from an agent to the demo upstream, without a broker. */
