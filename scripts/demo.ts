@@ -20,20 +20,28 @@ let interrupted = false;
 let interruptedAt = 0;
 const onSignal = (signal: NodeJS.Signals) => {
   if (interrupted) {
-    // The same Ctrl-C arrives twice (the terminal signals the process group, and tsx relays it):
+    // The same Ctrl-C arrives twice (the terminal signals the process group, and npm relays it):
     // only a second press, later, means "now" (the harness's exit hook still stops its servers).
-    // The relayed copy can be handled more than a second late on a busy machine (seen once in a
-    // clean-clone CI run: the demo exited before dropping its database), hence 5 s.
+    // The relayed copy can be handled more than a second late on a busy machine, hence 5 s.
+    // package.json starts this file with `node --import tsx`, not the tsx CLI: the CLI relays a
+    // signal to its child and SIGKILLs it if the child has not acknowledged within about 60 ms,
+    // which a loaded machine misses, and then nothing is stopped or dropped.
     if (Date.now() - interruptedAt > 5000) process.exit(130);
     return;
   }
   interrupted = true;
   interruptedAt = Date.now();
   console.log(`\ndemo   ${signal}: stopping everything`);
-  void demo.stop().then(() => {
-    console.log("demo   stopped; nothing left running");
-    process.exit(130);
-  });
+  void demo.stop().then(
+    () => {
+      console.log("demo   stopped; nothing left running");
+      process.exit(130);
+    },
+    (error: unknown) => {
+      console.log(`demo   FAILED while stopping: ${AirlockError.from(error).rawMessage}`);
+      process.exit(1);
+    },
+  );
 };
 process.on("SIGINT", onSignal);
 process.on("SIGTERM", onSignal);
