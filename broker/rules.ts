@@ -17,7 +17,7 @@
  * approved → executing (→ completed | failed), or cancelled / failed before it runs.
  * @module
  */
-export { eligibleReviewers, intake, nextTickAt, tick, vote } from "./rules/engine.js";
+export { eligibleReviewers, intake, mayApprove, nextTickAt, tick, vote } from "./rules/engine.js";
 export { allowedTransitions, isFinal, isSettled, markCancelled, markCompleted, markExecuting, markFailed, stateName } from "./rules/transitions.js";
 export {
   type ApprovalConfig,

@@ -11,7 +11,7 @@ import { type RequestRecord, RequestRecordSchema, RequestState, Risk } from "../
 import type { IndexQuery } from "../request-index.js";
 import type { ApprovalConfig } from "../rules.js";
 import type { Broker } from "../service.js";
-import { vote } from "../rules.js";
+import { mayApprove } from "../rules.js";
 import type { Reviewer } from "./auth.js";
 import type { RateLimiter } from "./rate-limit.js";
 
@@ -53,12 +53,11 @@ function expiresMs(record: RequestRecord, approvals: ApprovalConfig): number {
 
 /**
  * Whether `reviewer` may still vote on the request now: the rules are asked
- * whether an approval would be accepted, so the answer never drifts from what
- * {@link Broker.decide} enforces.
+ * whether an approval would be accepted ({@link mayApprove}), so the answer never
+ * drifts from what {@link Broker.decide} enforces.
  */
 export function needsReviewer(record: RequestRecord, reviewer: Reviewer, approvals: ApprovalConfig, now: Date): boolean {
-  if (record.state !== RequestState.PENDING || record.request === undefined) return false;
-  return vote(record, record.request, approvals, { reviewer: reviewer.id, approve: true, groups: reviewer.groups }, now).ok;
+  return record.request !== undefined && mayApprove(record, record.request, approvals, reviewer, now);
 }
 
 /**

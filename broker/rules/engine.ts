@@ -159,6 +159,44 @@ function breakGlassVote(context: RequestContext, record: RequestRecord, ballot: 
   );
 }
 
+/** Where a reviewer stands on a request: the requirement groups they are in, and whether the escalation group lets them count. */
+interface Standing {
+  readonly memberOf: readonly string[];
+  /** In the escalation group, whether or not its time has come. */
+  readonly inEscalation: boolean;
+  /** In the escalation group and its time has come: they may count for any open group. */
+  readonly viaEscalation: boolean;
+}
+
+function standingOf(context: RequestContext, record: RequestRecord, key: string, assertedGroups: readonly string[] | undefined, now: Date): Standing {
+  const asserted = new Set(assertedGroups ?? []);
+  const inGroup = (group: string, members: MemberIndex | undefined): boolean => members?.has(key) === true || asserted.has(group);
+  const memberOf = context.allOf.map(({ group }) => group).filter((group) => inGroup(group, context.members.get(group)));
+  const inEscalation = context.escalation !== undefined && inGroup(context.escalation.group, context.escalation.members);
+  return { memberOf, inEscalation, viaEscalation: escalationInEffect(context, record, now.getTime()) && inEscalation };
+}
+
+function isOpen(tally: Tally, group: string): boolean {
+  return (tally.remaining.get(group) ?? 0) > 0;
+}
+
+/**
+ * Whether {@link vote} would accept an approval from `reviewer` now (no break-glass, no
+ * named group): the "needs me" answer of listings, asked of every row a reviewer sees. It
+ * runs the same checks as the vote, through the same helpers, without copying the record
+ * or building the vote's result.
+ */
+export function mayApprove(record: RequestRecord, request: ApprovalRequest, config: ApprovalConfig, reviewer: { readonly id: string; readonly groups: readonly string[] }, now: Date): boolean {
+  if (record.state !== RequestState.PENDING) return false;
+  const context = requestContext(request, config, record);
+  if (context instanceof AirlockError || checkPending(context, record, now) !== undefined) return false;
+  const key = principalKey(reviewer.id.trim());
+  if (key === "" || context.requesters.has(key) || record.votes.some((existing) => principalKey(existing.reviewer) === key)) return false;
+  const { memberOf, viaEscalation } = standingOf(context, record, key, reviewer.groups, now);
+  const tally = tallyVotes(context, record.votes);
+  return context.allOf.some(({ group }) => isOpen(tally, group) && (viaEscalation || memberOf.includes(group)));
+}
+
 /**
  * Applies one reviewer's vote to a PENDING request.
  *
@@ -227,12 +265,7 @@ export function vote(record: RequestRecord, request: ApprovalRequest, config: Ap
     const hint = context.breakGlassAllowed && context.breakGlassRole.has(key) ? " (a break-glass approval with a reason is allowed)" : "";
     return refuse(Code.PermissionDenied, context, `${reviewer} is in the request's identity chain and may not vote on it${hint}`, { reviewer });
   }
-  const nowMs = now.getTime();
-  const asserted = new Set(ballot.groups ?? []);
-  const inGroup = (group: string, members: MemberIndex | undefined): boolean => members?.has(key) === true || asserted.has(group);
-  const memberOf = context.allOf.map(({ group }) => group).filter((group) => inGroup(group, context.members.get(group)));
-  const inEscalation = context.escalation !== undefined && inGroup(context.escalation.group, context.escalation.members);
-  const viaEscalation = escalationInEffect(context, working, nowMs) && inEscalation;
+  const { memberOf, inEscalation, viaEscalation } = standingOf(context, working, key, ballot.groups, now);
   if (memberOf.length === 0 && !viaEscalation) {
     if (context.escalation !== undefined && inEscalation) {
       const at = new Date(context.escalation.atMs).toISOString();
@@ -241,7 +274,7 @@ export function vote(record: RequestRecord, request: ApprovalRequest, config: Ap
     return refuse(Code.PermissionDenied, context, `${reviewer} is in no reviewer group of this request`, { reviewer });
   }
   const canCountFor = (group: string): boolean => viaEscalation || memberOf.includes(group);
-  const open = (group: string): boolean => (tally.remaining.get(group) ?? 0) > 0;
+  const open = (group: string): boolean => isOpen(tally, group);
 
   let group: string;
   if (ballot.group !== undefined) {

@@ -12,6 +12,7 @@ import {
   markCompleted,
   markExecuting,
   markFailed,
+  mayApprove,
   nextTickAt,
   parseApprovalConfig,
   type RuleFailure,
@@ -624,4 +625,49 @@ await t.test("malformed requests are refused at intake, naming the field", async
   }
   const other = request({ allOf: [["security", 1]], id: "req-2" });
   t.equal(refusal(vote(pending(good, cfg), other, cfg, approve("sam@example.com"), minutes(1))).code, Code.InvalidArgument, "a record and a request that do not belong together");
+});
+
+await t.test("mayApprove (the listings' needs-me) agrees with vote for every reviewer, state and time", async (t) => {
+  const cfg = config();
+  const reviewers: { id: string; groups: string[] }[] = [
+    ...Object.values(groups)
+      .flat()
+      .map((id) => ({ id, groups: [] })),
+    { id: "lead@example.com", groups: [] },
+    { id: "stranger@example.com", groups: [] },
+    { id: "stranger@example.com", groups: ["data-owners"] },
+    { id: "  ", groups: ["security"] },
+  ];
+  const requests = [
+    request({ allOf: [["data-owners", 2]] }),
+    request({ allOf: [["security", 1], ["data-owners", 2]] }),
+    request({ allOf: [["security", 1]], escalation: { group: "oncall", afterMinutes: 15 } }),
+    request({ allOf: [["ops", 2], ["security", 1]], breakGlass: true }),
+  ];
+  let compared = 0;
+  let approvable = 0;
+  for (const req of requests) {
+    // The request as taken in, after each accepted approval in turn, and once decided.
+    const records = [pending(req, cfg)];
+    for (const reviewer of reviewers) {
+      const last = records[records.length - 1];
+      if (last === undefined || last.state !== RequestState.PENDING) break;
+      const next = vote(last, req, cfg, approve(reviewer.id), minutes(1));
+      if (next.ok) records.push(next.record);
+    }
+    const denied = vote(records[0] ?? pending(req, cfg), req, cfg, deny("sam@example.com"), minutes(1));
+    if (denied.ok) records.push(denied.record);
+    for (const record of records) {
+      for (const at of [minutes(1), minutes(16), minutes(61)]) {
+        for (const reviewer of reviewers) {
+          const expected = vote(record, req, cfg, { reviewer: reviewer.id, approve: true, groups: reviewer.groups }, at).ok;
+          const got = mayApprove(record, req, cfg, reviewer, at);
+          if (got !== expected) t.fail(`${req.reviewers?.allOf.map((g) => g.group).join("+")}, ${RequestState[record.state]} with ${record.votes.length} votes, ${reviewer.id} at ${at.toISOString()}: mayApprove ${got}, vote ${expected}`);
+          compared++;
+          if (expected) approvable++;
+        }
+      }
+    }
+  }
+  t.ok(compared > 500 && approvable > 50 && approvable < compared / 2, `compared ${compared} cases, ${approvable} approvable`);
 });
