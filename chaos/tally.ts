@@ -20,7 +20,14 @@ export type CallOutcome =
    * A gRPC error. `airlockCode` is the `x-airlock-error-code` the sidecar puts on every error it
    * makes itself (undefined when the error came from anywhere else: a dropped connection, the client).
    */
-  | { readonly kind: "error"; readonly code: number; readonly airlockCode: string | undefined; readonly message: string }
+  | {
+      readonly kind: "error";
+      readonly code: number;
+      readonly airlockCode: string | undefined;
+      readonly message: string;
+      /** `details.reason` of the sidecar's `x-airlock-error-details`, when it gave one. */
+      readonly reason?: string;
+    }
   /** No answer within the run's bound (the agent's own deadline fired, or it was still waiting). */
   | { readonly kind: "unanswered" };
 
@@ -33,17 +40,28 @@ export function isClearFailure(outcome: CallOutcome): boolean {
 }
 
 /**
+ * Whether the sidecar told the agent, with its stable code, that the call's outcome is unknown
+ * (`outcome_unknown`: an earlier run of the sidecar took the credential and died mid-call).
+ */
+export function isToldUnknown(outcome: CallOutcome): boolean {
+  return isClearFailure(outcome) && outcome.kind === "error" && outcome.reason === "outcome_unknown";
+}
+
+/**
  * Classifies one call by what the agent saw and how many times the upstream executed it:
  * - `ok`: the agent got success and the upstream did it;
  * - `lost`: no answer within the bound; or success without the upstream having done it; or the
  *   upstream did it while the agent was told it failed (with or without a clear code: either
  *   way the agent believes it did not happen);
- * - `failed_clearly`: an error with a stable Airlock code, and the upstream did nothing;
+ * - `failed_clearly`: an error with a stable Airlock code, and the upstream did nothing; or the
+ *   sidecar's `outcome_unknown`, whatever the upstream did: the agent was told the action may
+ *   have run, so it believes nothing false;
  * - `failed_unclear`: an error without one (a dropped connection), and the upstream did nothing.
  */
 export function classifyCall(outcome: CallOutcome, executions: number): CallClass {
   if (outcome.kind === "unanswered") return "lost";
   if (outcome.kind === "ok") return executions > 0 ? "ok" : "lost";
+  if (isToldUnknown(outcome)) return "failed_clearly";
   if (executions > 0) return "lost";
   return isClearFailure(outcome) ? "failed_clearly" : "failed_unclear";
 }
@@ -70,6 +88,10 @@ export interface CallTally {
   readonly executedButFailed: number;
   /** Among `lost`: success without an execution. */
   readonly okWithoutExecution: number;
+  /** Among `failed_clearly`: calls the sidecar answered `outcome_unknown`. */
+  readonly toldUnknown: number;
+  /** Among those: the ones the upstream had in fact executed. */
+  readonly toldUnknownRan: number;
   /** Error code names of the failures (clear or not), with counts, for the detail line. */
   readonly failureCodes: ReadonlyMap<string, number>;
 }
@@ -81,6 +103,8 @@ export function tallyCalls(calls: readonly StartedCall[], executions: ReadonlyMa
   let unanswered = 0;
   let executedButFailed = 0;
   let okWithoutExecution = 0;
+  let toldUnknown = 0;
+  let toldUnknownRan = 0;
   const failureCodes = new Map<string, number>();
   for (const call of calls) {
     const executed = executions.get(call.callId) ?? 0;
@@ -90,7 +114,10 @@ export function tallyCalls(calls: readonly StartedCall[], executions: ReadonlyMa
     if (call.outcome.kind === "unanswered") unanswered++;
     else if (call.outcome.kind === "ok" && executed === 0) okWithoutExecution++;
     else if (call.outcome.kind === "error") {
-      if (executed > 0) executedButFailed++;
+      if (isToldUnknown(call.outcome)) {
+        toldUnknown++;
+        if (executed > 0) toldUnknownRan++;
+      } else if (executed > 0) executedButFailed++;
       const name = `${isCode(call.outcome.code) ? codeName(call.outcome.code) : `status_${call.outcome.code}`}${isClearFailure(call.outcome) ? "" : "(no_airlock_code)"}`;
       failureCodes.set(name, (failureCodes.get(name) ?? 0) + 1);
     }
@@ -105,6 +132,8 @@ export function tallyCalls(calls: readonly StartedCall[], executions: ReadonlyMa
     unanswered,
     executedButFailed,
     okWithoutExecution,
+    toldUnknown,
+    toldUnknownRan,
     failureCodes,
   };
 }

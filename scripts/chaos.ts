@@ -199,28 +199,63 @@ class LoadGenerator {
     this.client.close();
   }
 
+  /** Calls made again after an answer without Airlock's code. */
+  retries = 0;
+
+  /**
+   * Starts one call, named by `x-airlock-call-id` as a careful agent names its calls. An error
+   * without Airlock's code (a dropped connection) tells the agent nothing, so it makes the same
+   * call again, same call id, 250 ms later, until it gets an answer or its bound passes: the
+   * sidecar resumes the request the call id names, or says what became of it.
+   */
   private call(callId: string): void {
     const entry: { outcome: CallOutcome | undefined } = { outcome: undefined };
     this.calls.set(callId, entry);
-    const metadata = new Metadata();
-    metadata.set("authorization", `Bearer ${this.token}`);
+    const deadline = new Date(Date.now() + this.callBoundMs);
     const schema = OpsService.method.importRows.input;
     const message = Buffer.from(toBinary(schema, create(schema, { table, row: { call_id: callId } })));
     const pass = (bytes: Buffer) => bytes;
-    const stream = this.client.makeClientStreamRequest("/demo.v1.OpsService/ImportRows", pass, pass, metadata, { deadline: new Date(Date.now() + this.callBoundMs) }, (error: ServiceError | null) => {
-      if (error === null || error === undefined) {
-        entry.outcome = { kind: "ok" };
-        return;
-      }
-      const airlockCode = error.metadata?.get("x-airlock-error-code")[0];
-      const coded = typeof airlockCode === "string" ? airlockCode : undefined;
-      // The agent's own deadline (the run's bound) fired: no one answered it.
-      if (Number(error.code) === Code.DeadlineExceeded && coded === undefined) entry.outcome = { kind: "unanswered" };
-      else entry.outcome = { kind: "error", code: error.code, airlockCode: coded, message: error.details };
-    });
-    stream.on("error", () => undefined);
-    stream.write(message);
-    stream.end();
+    const attempt = () => {
+      const metadata = new Metadata();
+      metadata.set("authorization", `Bearer ${this.token}`);
+      metadata.set("x-airlock-call-id", callId);
+      const stream = this.client.makeClientStreamRequest("/demo.v1.OpsService/ImportRows", pass, pass, metadata, { deadline }, (error: ServiceError | null) => {
+        if (error === null || error === undefined) {
+          entry.outcome = { kind: "ok" };
+          return;
+        }
+        const airlockCode = error.metadata?.get("x-airlock-error-code")[0];
+        const coded = typeof airlockCode === "string" ? airlockCode : undefined;
+        // The agent's own deadline (the run's bound) fired: no one answered it.
+        if (Number(error.code) === Code.DeadlineExceeded && coded === undefined) {
+          entry.outcome = { kind: "unanswered" };
+          return;
+        }
+        const outcome: CallOutcome = { kind: "error", code: error.code, airlockCode: coded, message: error.details, ...reasonOf(error) };
+        if (coded === undefined && Date.now() + 250 < deadline.getTime()) {
+          this.retries++;
+          setTimeout(attempt, 250);
+          return;
+        }
+        entry.outcome = outcome;
+      });
+      stream.on("error", () => undefined);
+      stream.write(message);
+      stream.end();
+    };
+    attempt();
+  }
+}
+
+/** `details.reason` of the sidecar's `x-airlock-error-details` trailer, when there is one. */
+function reasonOf(error: ServiceError): { reason?: string } {
+  const raw = error.metadata?.get("x-airlock-error-details")[0];
+  if (typeof raw !== "string") return {};
+  try {
+    const reason = (JSON.parse(raw) as { reason?: unknown }).reason;
+    return typeof reason === "string" ? { reason } : {};
+  } catch {
+    return {};
   }
 }
 
@@ -472,6 +507,8 @@ async function main(): Promise<void> {
       const missedByLog = [...seenLeases].filter((id) => !loggedIds.has(id));
       windowCredentials.push(...missedByLog.map((id) => ({ kind: "lease" as const, id, path: leasePrefix.slice(0, -1) })));
       const taken = load.take();
+      const retried = load.retries;
+      load.retries = 0;
       const calls = tallyCalls(taken, await observer.executions());
       const examples = new Map<string, string>();
       for (const call of taken) if (call.outcome.kind === "error" && !examples.has(String(call.outcome.code))) examples.set(String(call.outcome.code), call.outcome.message.slice(0, 140));
@@ -487,6 +524,7 @@ async function main(): Promise<void> {
       const wrapAlive = wrappingAccessors.filter((a) => alive.has(a)).length;
       say(
         `chaos_detail: fault=${fault} failed_unclear=${calls.failedUnclear} lost_unanswered=${calls.unanswered} lost_executed_but_failed=${calls.executedButFailed} lost_ok_not_executed=${calls.okWithoutExecution}` +
+          ` retried=${retried} told_outcome_unknown=${calls.toldUnknown} told_outcome_unknown_ran=${calls.toldUnknownRan}` +
           ` failures=${[...calls.failureCodes].map(([code, n]) => `${code}:${n}`).join(",") || "-"} records=${records.length} unsettled=${unsettled} states=${[...states].map(([s, n]) => `${s}:${n}`).join(",")}` +
           ` vault_created=${new Set(windowCredentials.map((c) => c.id)).size} seen_alive_not_logged=${missedByLog.length} wrapping_tokens_alive=${wrapAlive}${audit.intact ? "" : ` audit_verify=${JSON.stringify(audit.line)}`}`,
       );

@@ -294,15 +294,28 @@ export class ApprovalFlow {
   async hold(call: HeldCall): Promise<ApprovedCall> {
     const requestSha256 = requestHash(call);
     const resumeId = header(call.metadata, "x-airlock-request-id");
+    const callId = header(call.metadata, "x-airlock-call-id");
     const noWait = header(call.metadata, "x-airlock-wait") === "false";
     let request: ApprovalRequest;
     let earlier: Decision | undefined;
-    if (resumeId === undefined) {
+    // Resumed: the request was made before this call (by an earlier call, maybe an earlier run of this sidecar).
+    let resumed = resumeId !== undefined;
+    if (callId !== undefined) {
+      if (resumeId !== undefined) throw new AirlockError(Code.InvalidArgument, "give x-airlock-call-id or x-airlock-request-id, not both", { details: { field: "x-airlock-call-id", reason: "invalid_call_id" } });
+      const id = callRequestId(this.options.host, call.identity.agent, callId);
+      const found = await this.resume(id, requestSha256, call, { missing: "undefined" });
+      resumed = found !== undefined;
+      ({ request, decision: earlier } = found ?? { request: this.buildRequest(call, requestSha256, id) });
+    } else if (resumeId === undefined) {
       request = this.buildRequest(call, requestSha256);
     } else {
       ({ request, decision: earlier } = await this.resume(resumeId, requestSha256, call));
     }
     const requestId = request.id;
+    if (resumed && this.waiters.has(requestId)) {
+      // One wait per request: a second would take the first's decision from under it.
+      throw new AirlockError(Code.AlreadyExists, `request ${requestId} is already being waited for on this sidecar; retry once that call has ended`, { details: { requestId, reason: "call_in_progress" } });
+    }
     const deadline = request.deadline === undefined ? Date.now() : timestampDate(request.deadline).getTime();
     const waitStarted = Date.now();
 
@@ -347,14 +360,14 @@ export class ApprovalFlow {
     decided.catch(() => undefined);
 
     try {
-      if (resumeId === undefined) await this.publishRequest(request);
+      if (!resumed) await this.publishRequest(request);
       if (noWait && earlier === undefined) {
         throw new AirlockError(Code.Aborted, `held for approval as request ${requestId}; call again with metadata x-airlock-request-id: ${requestId}`, {
           details: { requestId },
         });
       }
       const body = await decided;
-      return await this.conclude(body, request);
+      return await this.conclude(body, request, resumed);
     } finally {
       cleanup();
     }
@@ -372,13 +385,13 @@ export class ApprovalFlow {
     setImmediate(() => void this.readDecision(requestId));
   }
 
-  private buildRequest(call: HeldCall, requestSha256: Uint8Array): ApprovalRequest {
+  private buildRequest(call: HeldCall, requestSha256: Uint8Array, id: string = randomUUID()): ApprovalRequest {
     const approve = call.verdict.approve;
     const { redactedValues, removed } = redactAll(call.decoded, approve.redact);
     const now = Date.now();
     const value: JsonValue = call.method.method.methodKind === "client_streaming" ? redactedValues : (redactedValues[0] ?? {});
     return create(ApprovalRequestSchema, {
-      id: randomUUID(),
+      id,
       identity: {
         agent: call.identity.agent,
         onBehalfOf: call.identity.onBehalfOf,
@@ -412,7 +425,14 @@ export class ApprovalFlow {
     }
   }
 
-  private async resume(requestId: string, requestSha256: Uint8Array, call: HeldCall): Promise<{ request: ApprovalRequest; decision?: Decision }> {
+  /**
+   * The request held as `requestId` by this host, checked to be this very call of this agent,
+   * and its decision if there is one. A request this host never published is NOT_FOUND, or
+   * undefined with `missing: "undefined"` (a call id's first call).
+   */
+  private async resume(requestId: string, requestSha256: Uint8Array, call: HeldCall): Promise<{ request: ApprovalRequest; decision?: Decision }>;
+  private async resume(requestId: string, requestSha256: Uint8Array, call: HeldCall, options: { missing: "undefined" }): Promise<{ request: ApprovalRequest; decision?: Decision } | undefined>;
+  private async resume(requestId: string, requestSha256: Uint8Array, call: HeldCall, options?: { missing: "undefined" }): Promise<{ request: ApprovalRequest; decision?: Decision } | undefined> {
     if (!/^[0-9a-f-]{36}$/.test(requestId)) throw new AirlockError(Code.InvalidArgument, "x-airlock-request-id is not a request id");
     let stored;
     try {
@@ -421,7 +441,10 @@ export class ApprovalFlow {
     } catch (error) {
       throw new AirlockError(Code.Unavailable, "cannot reach NATS to resume the request: privileged calls fail closed", { cause: error });
     }
-    if (stored === null) throw new AirlockError(Code.NotFound, `no held request ${requestId} from this host`, { details: { requestId } });
+    if (stored === null) {
+      if (options?.missing === "undefined") return undefined;
+      throw new AirlockError(Code.NotFound, `no held request ${requestId} from this host`, { details: { requestId } });
+    }
     const request = fromBinary(ApprovalRequestSchema, stored.data);
     if (!Buffer.from(request.requestSha256).equals(Buffer.from(requestSha256)) || request.method !== call.method.method.name || request.service !== call.method.service.typeName) {
       this.securityEvent("resume_mismatch", requestId);
@@ -440,14 +463,14 @@ export class ApprovalFlow {
     }
     if (decision !== undefined && this.replay.has(decidedId(decision))) {
       // This sidecar already ran the call with that decision: waiting would only hang until the deadline.
-      throw new AirlockError(Code.FailedPrecondition, `request ${requestId} was already decided and its decision used; make the call again without x-airlock-request-id to ask anew`, {
+      throw new AirlockError(Code.FailedPrecondition, `request ${requestId} was already decided and its decision used; make the call again with a new call id, or without x-airlock-request-id, to ask anew`, {
         details: { requestId, reason: "already_used" },
       });
     }
     return decision === undefined ? { request } : { request, decision };
   }
 
-  private async conclude(body: DecisionBody, request: ApprovalRequest): Promise<ApprovedCall> {
+  private async conclude(body: DecisionBody, request: ApprovalRequest, resumed: boolean): Promise<ApprovedCall> {
     const requestId = request.id;
     const reviewers = body.votes.map((v) => v.reviewer).join(", ");
     switch (body.verdict) {
@@ -472,6 +495,15 @@ export class ApprovalFlow {
       const failure = AirlockError.from(error);
       if (failure.code === Code.Unavailable) throw new AirlockError(Code.Unavailable, "Vault is unreachable: cannot unwrap the credential", { details: { requestId } });
       this.securityEvent("unwrap_failed", requestId, failure.rawMessage);
+      if (resumed) {
+        // This run never took the credential (its replay guard would have refused the resume):
+        // an earlier run of this sidecar did, and died before the outcome was known.
+        throw new AirlockError(
+          Code.Aborted,
+          `request ${requestId} was approved and its credential taken by an earlier run of this sidecar, which stopped before the outcome was known: the action may have run upstream; check there before calling again with a new call id`,
+          { details: { requestId, reason: "outcome_unknown" } },
+        );
+      }
       throw new AirlockError(Code.PermissionDenied, `the credential for request ${requestId} could not be unwrapped (already used?): refused`, { details: { requestId } });
     }
     const started = Date.now();
@@ -515,6 +547,29 @@ function decidedId(decision: Decision): string {
   } catch {
     return "";
   }
+}
+
+/** What an agent's `x-airlock-call-id` may be: 1 to 128 characters of `[-_.:a-zA-Z0-9]`. */
+const callIdPattern = /^[-_.:a-zA-Z0-9]{1,128}$/;
+
+/**
+ * The request id of an agent's call id (`x-airlock-call-id`): a UUID (version 8) from SHA-256
+ * over the host, the authenticated agent and the call id. The same call, retried on this host
+ * by the same agent, names the same request, so a retry after a dropped connection or a
+ * sidecar restart resumes it instead of asking anew; another agent's call id can never name it.
+ * INVALID_ARGUMENT (`invalid_call_id`) for a call id outside {@link callIdPattern}.
+ */
+export function callRequestId(host: string, agent: string, callId: string): string {
+  if (!callIdPattern.test(callId)) {
+    throw new AirlockError(Code.InvalidArgument, "x-airlock-call-id must be 1 to 128 characters of letters, digits, '-', '_', '.' and ':'", {
+      details: { field: "x-airlock-call-id", reason: "invalid_call_id" },
+    });
+  }
+  const bytes = createHash("sha256").update(`airlock.call-id.v1\0${host}\0${agent}\0${callId}`).digest().subarray(0, 16);
+  bytes[6] = ((bytes[6] ?? 0) & 0x0f) | 0x80;
+  bytes[8] = ((bytes[8] ?? 0) & 0x3f) | 0x80;
+  const hex = bytes.toString("hex");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
 
 function header(metadata: HeldCall["metadata"], name: string): string | undefined {

@@ -43,6 +43,19 @@ await t.test("each call lands by what the agent saw and what the upstream did", 
   t.equal(classifyCall(clear, 1), "lost", "done upstream while the agent was told, clearly, it failed");
   t.equal(classifyCall(clear, 0), "failed_clearly");
   t.equal(classifyCall(dropped, 0), "failed_unclear", "nothing happened, but the agent cannot tell");
+  const toldUnknown: CallOutcome = { kind: "error", code: Code.Aborted, airlockCode: "aborted", message: "outcome unknown", reason: "outcome_unknown" };
+  t.equal(classifyCall(toldUnknown, 1), "failed_clearly", "done upstream, and the agent was told it may have been");
+  t.equal(classifyCall(toldUnknown, 0), "failed_clearly");
+  t.equal(classifyCall({ ...toldUnknown, airlockCode: undefined }, 1), "lost", "the reason without Airlock's code is no answer the agent can trust");
+  t.equal(classifyCall({ ...clear, reason: "denied" }, 1), "lost", "only outcome_unknown says the action may have run");
+  const tally = tallyCalls(
+    [
+      { callId: "a", outcome: toldUnknown },
+      { callId: "b", outcome: toldUnknown },
+    ],
+    new Map([["a", 1]]),
+  );
+  t.match(tally, { failedClearly: 2, lost: 0, toldUnknown: 2, toldUnknownRan: 1, executedButFailed: 0 });
 });
 
 await t.test("a window's calls add up against executions per call id", async (t) => {
@@ -123,7 +136,7 @@ await t.test("audit event details are searched for every id they name", async (t
 });
 
 await t.test("the lines and the verdict use the real totals", async (t) => {
-  const base = { actions: 10, ok: 10, failedClearly: 0, failedUnclear: 0, lost: 0, duplicated: 0, unanswered: 0, executedButFailed: 0, okWithoutExecution: 0, failureCodes: new Map<string, number>() };
+  const base = { actions: 10, ok: 10, failedClearly: 0, failedUnclear: 0, lost: 0, duplicated: 0, unanswered: 0, executedButFailed: 0, okWithoutExecution: 0, toldUnknown: 0, toldUnknownRan: 0, failureCodes: new Map<string, number>() };
   const clean = { fault: "none", calls: base, credentials: { aliveAfter: [], unknown: [] }, auditIntact: true };
   const bad = { fault: "vault_pause", calls: { ...base, ok: 8, lost: 2, duplicated: 1 }, credentials: { aliveAfter: [{ kind: "lease" as const, id: "x", path: "p" }], unknown: [] }, auditIntact: true };
   t.equal(faultLine(clean), "chaos: fault=none actions=10 ok=10 failed_clearly=0 lost=0 duplicated=0 credentials_alive_after=0 unknown_credentials=0 audit=intact");

@@ -1,20 +1,21 @@
 /**
  * A sidecar killed (-9) mid-call and started again says hello: the brokers end what its host was
  * executing (lease revoked, record failed, flagged `sidecar_restarted`) well before the heartbeat
- * silence. Another host's hello, or one on another host's subject, ends nothing.
+ * silence. Another host's hello, or one on another host's subject, ends nothing. An agent that
+ * names its call (`x-airlock-call-id`) and retries it after the crash is told what became of it.
  */
 import { join } from "node:path";
-import t from "tap";
+import t, { type Test } from "tap";
 import { readAuditEvents } from "../../broker/audit/index.js";
 import { CredentialIssuer } from "../../broker/credentials.js";
 import { parseApprovalConfig } from "../../broker/rules.js";
 import { Broker } from "../../broker/service.js";
 import { ConfigReader } from "../../common/config.js";
-import { type AirlockError, callServerStream, createLogger, createVaultClient } from "../../common/index.js";
+import { AirlockError, Code, callServerStream, createLogger, createVaultClient } from "../../common/index.js";
 import { freePort, useInfra, waitUntil } from "../../harness/index.js";
 import { AuditEventType, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
-import { Policy } from "../../sidecar/index.js";
+import { callRequestId, Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
 import { exportRoles, opsPolicy, seedExportEngine, startAgentPath, startSidecarProcess } from "../helpers/stack.js";
 
@@ -48,6 +49,9 @@ const listen = `127.0.0.1:${await freePort()}`;
 const metrics = `127.0.0.1:${await freePort()}`;
 const sidecarOptions = { dir, upstream: ops.address, host, agentPublicKey: agentKeys.publicKey, listen, metrics, heartbeatInterval: "1s" };
 const first = await startSidecarProcess(t, { nats, vault, database }, sidecarOptions);
+// The sidecar process running now: each subtest that kills it starts the next, stopped at the file's end.
+let current = first;
+const suite = t;
 const { Client, credentials } = await import("@grpc/grpc-js");
 const client = new Client(listen, credentials.createInsecure());
 t.teardown(() => client.close());
@@ -91,7 +95,7 @@ await t.test("kill -9 the sidecar mid-call: its restart ends the action and revo
   await first.kill();
   const killed = Date.now();
   t.not(await outcome, undefined, "the agent's call died with its sidecar");
-  await startSidecarProcess(t, { nats, vault, database }, sidecarOptions);
+  current = await startSidecarProcess(suite, { nats, vault, database }, sidecarOptions);
   const restarted = Date.now();
   t.ok(
     await waitUntil(async () => {
@@ -112,4 +116,88 @@ await t.test("kill -9 the sidecar mid-call: its restart ends the action and revo
     "a flagged event says the restarted sidecar abandoned it",
   );
   await unlock();
+});
+
+/** Holds the export's SELECT on a table lock until `unlock`: the action stays mid-call. */
+async function lockCustomers(t: Test): Promise<() => Promise<void>> {
+  await admin.query("BEGIN");
+  await admin.query("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE");
+  let locked = true;
+  const unlock = async () => {
+    if (!locked) return;
+    locked = false;
+    await admin.query("COMMIT");
+  };
+  t.teardown(unlock);
+  return unlock;
+}
+
+const hostRequests = async (): Promise<Set<string>> => new Set((await broker.list()).filter((r) => r.request?.host === host).map((r) => r.request?.id ?? ""));
+const hostRequestsSince = async (before: ReadonlySet<string>): Promise<string[]> => [...(await hostRequests())].filter((id) => !before.has(id));
+
+const exportWith = async (callId: string) => {
+  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, { "x-airlock-call-id": callId });
+  return streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata }));
+};
+
+await t.test("a call id retried after the sidecar died mid-call is told the outcome is unknown, and nothing runs twice", async (t) => {
+  const unlock = await lockCustomers(t);
+  const before = await hostRequests();
+  const callId = "export-after-crash-1";
+  const id = callRequestId(host, "spiffe://corp/agent/etl", callId);
+  const outcome = exportWith(callId);
+  t.ok(await waitUntil(async () => (await broker.list()).some((r) => r.request?.id === id && r.state === RequestState.PENDING), 30_000), "held under the id its call id names");
+  await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
+  t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.EXECUTING && (await exportRoles(admin)).length === 1, 20_000), "executing");
+  // Mid-call for certain: the upstream's SELECT, made with the credential the sidecar injected, waits on the lock.
+  t.ok(
+    // The admin session holds the lock in an open transaction, where the activity view is a snapshot: cleared on each look.
+    await waitUntil(async () => (await admin.query("SELECT pg_stat_clear_snapshot()")) && (await admin.query("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND usename = ANY($1)", [await exportRoles(admin)])).rowCount === 1, 20_000),
+    "the upstream is running the export",
+  );
+  await current.kill();
+  t.not(await outcome, undefined, "the agent's call died with its sidecar");
+  current = await startSidecarProcess(suite, { nats, vault, database }, sidecarOptions);
+
+  const retried = AirlockError.from(await exportWith(callId));
+  t.equal(retried.code, Code.Aborted, retried.message);
+  t.equal(retried.details.reason, "outcome_unknown", "the agent is told the action may have run");
+  t.equal(retried.details.requestId, id);
+  t.same(await hostRequestsSince(before), [id], "no second request was made");
+  await unlock();
+  t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.FAILED, 30_000), "the restart ended the action");
+  t.same(await exportRoles(admin), [], "no database user is left");
+});
+
+await t.test("a call id retried after the sidecar died while it waited resumes the same request, which runs once", async (t) => {
+  const before = await hostRequests();
+  const callId = "export-while-waiting-1";
+  const id = callRequestId(host, "spiffe://corp/agent/etl", callId);
+  const outcome = exportWith(callId);
+  t.ok(await waitUntil(async () => (await broker.list()).some((r) => r.request?.id === id && r.state === RequestState.PENDING), 30_000), "held");
+  await current.kill();
+  t.not(await outcome, undefined, "the waiting call died with its sidecar");
+  current = await startSidecarProcess(suite, { nats, vault, database }, sidecarOptions);
+
+  const retried = exportWith(callId);
+  // The retry waits on the same request: the reviewer approves that one.
+  await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
+  t.equal(await retried, undefined, "the retried call ran to its end");
+  t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.COMPLETED, 20_000), "completed");
+  t.same(await hostRequestsSince(before), [id], "no second request was made");
+
+  const again = AirlockError.from(await exportWith(callId));
+  t.equal(again.code, Code.FailedPrecondition, `the same call id once more runs nothing: ${again.message}`);
+  t.equal(again.details.reason, "already_used");
+});
+
+await t.test("call ids: a malformed one is refused; the same id from another agent or host names another request", async (t) => {
+  const bad = AirlockError.from(await exportWith("has spaces/and slashes"));
+  t.equal(bad.code, Code.InvalidArgument);
+  t.equal(bad.details.reason, "invalid_call_id");
+  const mine = callRequestId(host, "spiffe://corp/agent/etl", "x");
+  t.match(mine, /^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/, "a version-8 UUID, the shape request ids have");
+  t.not(callRequestId(host, "spiffe://corp/agent/other", "x"), mine, "another agent's");
+  t.not(callRequestId("other-host", "spiffe://corp/agent/etl", "x"), mine, "another host's");
+  t.throws(() => callRequestId(host, "a", "x".repeat(129)), /x-airlock-call-id/);
 });
