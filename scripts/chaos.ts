@@ -203,8 +203,8 @@ class LoadGenerator {
   retries = 0;
 
   /**
-   * Starts one call, named by `x-airlock-call-id` as a careful agent names its calls. An error
-   * without Airlock's code (a dropped connection) tells the agent nothing, so it makes the same
+   * Starts one call, named by `x-airlock-call-id` as a careful agent names its calls. A dropped
+   * connection (UNAVAILABLE or INTERNAL without Airlock's code) tells the agent nothing, so it makes the same
    * call again, same call id, 250 ms later, until it gets an answer or its bound passes: the
    * sidecar resumes the request the call id names, or says what became of it.
    */
@@ -232,7 +232,10 @@ class LoadGenerator {
           return;
         }
         const outcome: CallOutcome = { kind: "error", code: error.code, airlockCode: coded, message: error.details, ...reasonOf(error) };
-        if (coded === undefined && Date.now() + 250 < deadline.getTime()) {
+        // Only a broken connection (UNAVAILABLE, or INTERNAL for a reset stream) is retried: an
+        // upstream's own error, without Airlock's code too, is the upstream's answer.
+        const dropped = Number(error.code) === Code.Unavailable || Number(error.code) === Code.Internal;
+        if (coded === undefined && dropped && Date.now() + 250 < deadline.getTime()) {
           this.retries++;
           setTimeout(attempt, 250);
           return;
