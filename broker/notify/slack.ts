@@ -452,12 +452,37 @@ export class SlackIntegration {
     try {
       await this.callWebApi("views.open", { trigger_id: triggerId, view }, AbortSignal.timeout(2500));
     } catch (error) {
-      const failure = AirlockError.from(error);
-      this.log.warn({ requestId: action.requestId, error: failure.message }, "Slack views.open failed");
-      return this.refuse(action, `The reason form could not be opened (${failure.rawMessage}); deny from the console instead.`);
+      return this.denyModalFailed(action, ticket, tickets, AirlockError.from(error));
     }
     this.log.info({ requestId: action.requestId, reviewer }, "Slack deny form opened");
     return { status: 200, body: {} };
+  }
+
+  /**
+   * `views.open` failed (`ok: false` such as `expired_trigger_id`, an HTTP error, no answer in
+   * time): nothing was voted, and the ticket is withdrawn, since Slack may have opened the form
+   * after all (a lost answer) and the reviewer is told it did not open. The clicker is told to
+   * click Deny again or use the console; the route's answer carries `slack_modal_unavailable`.
+   */
+  private async denyModalFailed(action: SlackAction, ticket: string, tickets: SlackModalTickets, failure: AirlockError): Promise<SlackInteractionReply> {
+    const requestId = action.requestId;
+    let spent = false;
+    try {
+      spent = !(await tickets.withdraw(ticket));
+    } catch (error) {
+      // Harmless if it stays: its id went only to Slack, in the form that did not open, and it expires.
+      this.log.warn({ requestId, error: AirlockError.from(error, Code.Unavailable).message }, "could not withdraw the ticket of a deny form that did not open");
+    }
+    if (spent) {
+      // Slack opened the form after all and the reviewer submitted it first: that denial stands.
+      this.log.info({ requestId, error: failure.message }, "Slack views.open reported a failure, but its form was submitted");
+      return { status: 200, body: {} };
+    }
+    this.log.warn({ requestId, error: failure.message }, "Slack views.open failed: the deny form is withdrawn and nothing was voted");
+    const slackError = typeof failure.details.slackError === "string" ? failure.details.slackError : undefined;
+    const why = slackError === "expired_trigger_id" ? "Slack took too long to open the reason form" : `The reason form could not be opened (${failure.rawMessage})`;
+    const refusal = new AirlockError(failure.code === Code.FailedPrecondition ? Code.FailedPrecondition : Code.Unavailable, why, { details: { reason: "slack_modal_unavailable" } });
+    return this.refuse(action, `${why}, so nothing was recorded. Click Deny again, or deny in the console.`, refusal);
   }
 
   /**
@@ -522,15 +547,18 @@ export class SlackIntegration {
     return { status: 200, body: {} };
   }
 
-  /** Tells only the clicker, through the interaction's response_url, and answers the route the same way. */
-  private refuse(action: SlackAction, text: string): SlackInteractionReply {
+  /**
+   * Tells only the clicker, through the interaction's response_url, and answers the route the
+   * same way (with the refusal's stable reason in `x-airlock-reason` when `refusal` is given).
+   */
+  private refuse(action: SlackAction, text: string, refusal?: AirlockError): SlackInteractionReply {
     this.options.queue.enqueue({
       description: `slack response_url (refusal for ${action.requestId})`,
       run: async (signal) => {
         await postJson(action.responseUrl, ephemeral(text), { what: "slack response_url", signal });
       },
     });
-    return { status: 200, body: ephemeral(text) };
+    return { status: 200, body: ephemeral(text), ...(refusal === undefined ? {} : { headers: reasonHeader(refusal) }) };
   }
 
   private updateClicked(action: SlackAction, record: RequestRecord): void {
