@@ -17,7 +17,7 @@ import { createBrokerHttpApp } from "./reviewers/http.js";
 import { parseStepUpConfig, type StepUpConfig, StepUpService, stepUpNeed } from "./stepup/index.js";
 import { parseSessionConfig, readSessionKey, Sealer, type SessionConfig } from "./reviewers/session.js";
 import { parseSsoConfig, SsoClient, type SsoConfig } from "./reviewers/sso.js";
-import { type NotificationsConfig, noNotifications, parseNotificationsConfig, KvSlackModalTickets, ReviewNotifier, type StepUpPredicate } from "./notify/index.js";
+import { type NotificationsConfig, noNotifications, parseNotificationsConfig, KvChatPositions, KvSlackModalTickets, ReviewNotifier, type StepUpPredicate } from "./notify/index.js";
 
 /** How the broker authenticates to Vault: a union keyed by `kind`. */
 export type VaultAuth = { readonly kind: "token"; readonly token: string } | { readonly kind: "approle"; readonly roleId: string; readonly secretId: string; readonly mount: string };
@@ -330,13 +330,26 @@ export async function startBroker(config: BrokerConfig, options: StartBrokerOpti
     await nc.close();
     throw error;
   }
+  // Where the bot's Slack messages and Teams cards are, in KV: the replica that decides a request
+  // updates the messages whichever replica posted them.
+  const notifications = config.notifications;
+  let positions: KvChatPositions | undefined;
+  if (notifications.slack?.transport.kind === "web_api" || notifications.teams?.bot?.sending !== undefined) {
+    try {
+      positions = await KvChatPositions.open(nc, { ensure: { replicas: config.natsReplicas, log }, log });
+    } catch (error) {
+      await watcher.close();
+      await nc.close();
+      throw error;
+    }
+  }
   let connected = true;
   // Notifications hang off the approval path but never slow it: each notify call only enqueues.
   // Chat may not approve what needs a step-up: the broker's own rule (`approve.step_up`) or the configured risk floor.
   const stepUpSettings = config.reviewers?.stepUp;
   const requiresStepUp: StepUpPredicate | undefined =
     options.requiresStepUp ?? (stepUpSettings === undefined ? undefined : (record) => record.request !== undefined && stepUpNeed(record.request, { approve: true }, stepUpSettings.minRisk).required);
-  const notifier = new ReviewNotifier({ config: config.notifications, log, ...(requiresStepUp === undefined ? {} : { requiresStepUp }) });
+  const notifier = new ReviewNotifier({ config: notifications, log, ...(positions === undefined ? {} : { positions }), ...(requiresStepUp === undefined ? {} : { requiresStepUp }) });
   const broker = await Broker.start({
     onEvents: (events, record) => {
       for (const event of events) notifier.notifyEvent(record, event);

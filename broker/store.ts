@@ -29,6 +29,14 @@ const kvStream = bucketStream(stateBucket);
 const kvPrefix = `$KV.${stateBucket}.`;
 
 /**
+ * Whether `requestId` is a key the state bucket can hold: 1 to 256 of `-_=.a-zA-Z0-9`, not
+ * starting or ending with a dot. Every stored request's id is one; anything else names no request.
+ */
+export function isStorableRequestId(requestId: string): boolean {
+  return /^[-_=.a-zA-Z0-9]{1,256}$/.test(requestId) && !requestId.startsWith(".") && !requestId.endsWith(".");
+}
+
+/**
  * Whether a JetStream write failed its compare-and-set (the key's last revision is not the one
  * expected): told by the server's error code, never by the message text.
  */
@@ -60,7 +68,7 @@ export class RequestStore {
 
   async get(requestId: string): Promise<StoredRecord | undefined> {
     // Not a key this bucket could hold (ids come from callers): there is no such request.
-    if (!/^[-_=.a-zA-Z0-9]{1,256}$/.test(requestId) || requestId.startsWith(".") || requestId.endsWith(".")) return undefined;
+    if (!isStorableRequestId(requestId)) return undefined;
     const entry = await this.kv.get(requestId);
     if (entry === null || entry.operation !== "PUT" || entry.value.length === 0) return undefined;
     return { record: fromBinary(RequestRecordSchema, entry.value), revision: entry.revision };

@@ -11,11 +11,12 @@ import { jetstreamManager } from "@nats-io/jetstream";
 import { ensureAuditStream } from "../broker/audit/log.js";
 import { ensurePasskeyBucket, ensureSingleUseBucket } from "../broker/stepup/index.js";
 import { historyStreamSettings } from "../broker/history.js";
+import { ensureChatPositionsBucket } from "../broker/notify/index.js";
 import { ensureStateBucket } from "../broker/store.js";
 import { addBusHost, busMaterialFiles, busSeedFile, initBusMaterial, revokeBusHost } from "../common/bus-material.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { connectNats } from "../common/nats.js";
-import { bucketStream, type EnsureOptions, ensureDefaults, ensureStream, ensureStreams, natsReplicaChoices, passkeyBucket, stepUpBucket } from "../common/subjects.js";
+import { bucketStream, chatBucket, type EnsureOptions, ensureDefaults, ensureStream, ensureStreams, natsReplicaChoices, passkeyBucket, stepUpBucket } from "../common/subjects.js";
 
 function requireDir(dir: string | undefined): string {
   if (dir === undefined) throw new AirlockError(Code.InvalidArgument, "--dir is required: the NATS security material directory");
@@ -100,7 +101,7 @@ async function ensureAll(dir: string, urls: readonly string[], replicasFlag: str
     await ensureAuditStream(jsm, options);
     await ensureStateBucket(nc, options);
     await ensureStream(jsm, historyStreamSettings, options);
-    // The step-up and single-use buckets exist only where step-up or Slack is configured: brought up to date, never made here.
+    // The step-up, single-use and chat position buckets exist only where step-up, Slack or a Teams bot is configured: brought up to date, never made here.
     const exists = (bucket: string) =>
       jsm.streams.info(bucketStream(bucket)).then(
         () => true,
@@ -108,6 +109,7 @@ async function ensureAll(dir: string, urls: readonly string[], replicasFlag: str
       );
     if (await exists(passkeyBucket)) await ensurePasskeyBucket(nc, options);
     if (await exists(stepUpBucket)) await ensureSingleUseBucket(nc, options);
+    if (await exists(chatBucket)) await ensureChatPositionsBucket(nc, options);
     console.log(`every stream and bucket has ${replicas} replica(s) and Airlock's settings`);
   } finally {
     await nc.close();

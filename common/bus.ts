@@ -1,4 +1,4 @@
-import { auditStream, historyStream, hostPattern, passkeyBucket, stateBucket, stepUpBucket, streams, subjects } from "./subjects.js";
+import { auditStream, chatBucket, historyStream, hostPattern, passkeyBucket, stateBucket, stepUpBucket, streams, subjects } from "./subjects.js";
 
 /**
  * Who is on the bus. Each role gets only the NATS rights it needs, and the
@@ -124,9 +124,9 @@ export function busPermissions(role: BusRole): BusPermissions {
     }
     case "broker": {
       const kvStream = `KV_${stateBucket}`;
-      // The step-up buckets (passkeys, single-use challenges) are the broker's alone too.
-      const stepUpStreams = [passkeyBucket, stepUpBucket].map((bucket) => `KV_${bucket}`);
-      const owned = [...Object.values(streams).map((s) => s.name), auditStream.name, historyStream.name, kvStream, ...stepUpStreams];
+      // The step-up buckets (passkeys, single-use challenges) and the chat positions are the broker's alone too.
+      const sideBucketStreams = [passkeyBucket, stepUpBucket, chatBucket].map((bucket) => `KV_${bucket}`);
+      const owned = [...Object.values(streams).map((s) => s.name), auditStream.name, historyStream.name, kvStream, ...sideBucketStreams];
       return {
         publish: {
           allow: [
@@ -136,6 +136,7 @@ export function busPermissions(role: BusRole): BusPermissions {
             `$KV.${stateBucket}.>`,
             `$KV.${passkeyBucket}.>`,
             `$KV.${stepUpBucket}.>`,
+            `$KV.${chatBucket}.>`,
             `${api}.INFO`,
             // Creating is idempotent; updating, deleting and purging are not granted.
             ...owned.map((name) => `${api}.STREAM.CREATE.${name}`),
@@ -154,7 +155,7 @@ export function busPermissions(role: BusRole): BusPermissions {
             // A record retired from the state bucket leaves a purge marker, which the retiring replica then deletes.
             `${api}.STREAM.MSG.DELETE.${kvStream}`,
             // The KV watchers are ordered consumers, which delete their own consumer when done.
-            ...[kvStream, ...stepUpStreams].map((name) => `${api}.CONSUMER.DELETE.${name}.*`),
+            ...[kvStream, ...sideBucketStreams].map((name) => `${api}.CONSUMER.DELETE.${name}.*`),
           ],
         },
         subscribe: { allow: [inbox, subjects.heartbeats] },

@@ -32,6 +32,13 @@ export const passkeyBucket = "AIRLOCK_PASSKEYS";
 /** The KV bucket of issued step-up challenges, each usable once (only brokers touch it; entries expire). */
 export const stepUpBucket = "AIRLOCK_STEPUP";
 
+/**
+ * The KV bucket of where each request's chat messages are (Slack channel and ts, Teams
+ * conversation and activity), so any replica can update them when the request is decided
+ * (only brokers touch it; each entry expires a margin after its request's deadline).
+ */
+export const chatBucket = "AIRLOCK_CHAT";
+
 /** A host name usable as one NATS subject token. */
 export const hostPattern = /^[A-Za-z0-9_-]{1,64}$/;
 

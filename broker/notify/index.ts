@@ -7,7 +7,8 @@
  * deliveries run in the background with retries.
  *
  * ```ts
- * const notifier = new ReviewNotifier({ config: parseNotificationsConfig(root.object("notifications")), log });
+ * const positions = await KvChatPositions.open(nc); // where posted messages are, shared by every replica
+ * const notifier = new ReviewNotifier({ config: parseNotificationsConfig(root.object("notifications")), log, positions });
  * for (const event of result.events) notifier.notifyEvent(result.record, event);
  * // route: POST /slack/interactions with the raw form-encoded body
  * const reply = await notifier.slack?.handleInteraction(rawBody, request.headers, (id, ballot) => broker.decide(id, ballot));
@@ -41,13 +42,28 @@ export {
   type ReviewNotifierOptions,
   type ReviewRequestedTarget,
 } from "./notifier.js";
+export {
+  type ChatKind,
+  type ChatPosition,
+  chatPositionKey,
+  chatPositionLimits,
+  type ChatPositions,
+  encodeChatPosition,
+  ensureChatPositionsBucket,
+  KvChatPositions,
+  type KvChatPositionsOptions,
+  MemoryChatPositions,
+  pendingUntilMs,
+  type PositionOf,
+  type SlackPosition,
+  type TeamsPosition,
+} from "./positions.js";
 export { type Delivery, DeliveryQueue, deliveryQueueDefaults, type DeliveryQueueOptions } from "./queue.js";
 export {
   type DecideFunction,
   parseSlackInteraction,
   type SlackBallot,
   SlackIntegration,
-  slackIntegrationDefaults,
   type SlackIntegrationOptions,
   type SlackInteraction,
   type SlackInteractionOptions,

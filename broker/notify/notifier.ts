@@ -6,16 +6,14 @@ import type { ApprovalEvent } from "../rules/types.js";
 import type { NotificationsConfig } from "./config.js";
 import type { Notification } from "./events.js";
 import { originOf, postJson } from "./http.js";
+import { type ChatPositions, MemoryChatPositions, pendingUntilMs } from "./positions.js";
 import { DeliveryQueue } from "./queue.js";
 import { SlackIntegration } from "./slack.js";
 import { type DecidedOutcome, destinationsFor, requirementGroups } from "./summary.js";
 import { noStepUp, type StepUpPredicate, teamsMessage, teamsRecordCard } from "./teams.js";
-import { BotConnectorClient, type PostedCard } from "./teams-connector.js";
+import { BotConnectorClient } from "./teams-connector.js";
 import { TeamsBot } from "./teams-bot.js";
 import { signWebhookBody, webhookPayload } from "./webhook.js";
-
-/** Requests whose bot-posted Teams cards are remembered at most; the oldest are forgotten first. */
-const maxTrackedTeamsRequests = 10_000;
 
 /** Who to tell that a request waits for review. */
 export interface ReviewRequestedTarget {
@@ -98,6 +96,13 @@ export interface ReviewNotifierOptions {
    * `step_up_required`. Break-glass is always treated so. @default {@link noStepUp}
    */
   readonly requiresStepUp?: StepUpPredicate;
+  /**
+   * Where posted Slack messages and bot-posted Teams cards are remembered until the request is
+   * decided. The broker gives `KvChatPositions` (the `AIRLOCK_CHAT` bucket), shared by
+   * every replica, so whichever replica notifies the decision updates every message.
+   * @default {@link MemoryChatPositions} (this process only)
+   */
+  readonly positions?: ChatPositions;
 }
 
 /**
@@ -116,8 +121,7 @@ export class ReviewNotifier implements Notifier {
   private readonly queue: DeliveryQueue;
   private readonly enabled: boolean;
   private connector: BotConnectorClient | undefined;
-  /** Request id → the cards the bot posted for it (this replica's memory). Insertion order is age, for the bound. */
-  private readonly teamsCards = new Map<string, PostedCard[]>();
+  private readonly positions: ChatPositions;
 
   constructor(options: ReviewNotifierOptions) {
     const { config, log } = options;
@@ -131,7 +135,11 @@ export class ReviewNotifier implements Notifier {
       ...(options.concurrency === undefined ? {} : { concurrency: options.concurrency }),
       ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
     });
-    this.slack = config.slack === undefined ? undefined : new SlackIntegration(config.slack, { queue: this.queue, log, consoleUrl: config.consoleUrl, ...(options.requiresStepUp === undefined ? {} : { requiresStepUp: options.requiresStepUp }) });
+    this.positions = options.positions ?? new MemoryChatPositions();
+    this.slack =
+      config.slack === undefined
+        ? undefined
+        : new SlackIntegration(config.slack, { queue: this.queue, log, consoleUrl: config.consoleUrl, positions: this.positions, ...(options.requiresStepUp === undefined ? {} : { requiresStepUp: options.requiresStepUp }) });
     const bot = config.teams?.bot;
     this.teams = bot === undefined ? undefined : new TeamsBot(bot, { log, consoleUrl: config.consoleUrl, requiresStepUp: options.requiresStepUp ?? noStepUp });
     this.enabled = config.slack !== undefined || config.teams !== undefined || config.webhooks.length > 0;
@@ -265,14 +273,16 @@ export class ReviewNotifier implements Notifier {
     const requestId = notification.record.request?.id ?? "";
     const key = `teamsbot:${requestId}`;
     if (notification.kind === "decided") {
-      // Runs after every earlier delivery of the request (same key), so every posted card is known by then.
+      // Runs after every earlier delivery of the request on this replica (same key); the cards other
+      // replicas posted come from the shared positions. Updating a card twice is harmless.
       const updated = new Set<string>();
       this.queue.enqueue({
         description: `teams bot update (decided ${requestId})`,
         key,
         run: async (signal) => {
           const card = teamsRecordCard(notification.record, teams.cards);
-          for (const posted of this.teamsCards.get(requestId) ?? []) {
+          // A read that fails is retried by the queue (unavailable), and logged.
+          for (const posted of await this.positions.recall(requestId, "teams")) {
             const id = `${posted.conversationId}/${posted.activityId}`;
             if (updated.has(id)) continue;
             try {
@@ -284,7 +294,6 @@ export class ReviewNotifier implements Notifier {
             }
             updated.add(id);
           }
-          this.teamsCards.delete(requestId);
         },
       });
       return;
@@ -298,20 +307,23 @@ export class ReviewNotifier implements Notifier {
         key,
         run: async (signal) => {
           const posted = await connector.post(conversation, teamsMessage(notification, teams.cards).attachments[0].content, signal);
-          if (notification.kind !== "break_glass") this.trackTeamsCard(requestId, posted);
+          if (notification.kind !== "break_glass") await this.rememberTeamsCard(notification.record, posted);
         },
       });
     }
   }
 
-  private trackTeamsCard(requestId: string, posted: PostedCard): void {
-    const cards = this.teamsCards.get(requestId) ?? [];
-    cards.push(posted);
-    this.teamsCards.set(requestId, cards);
-    while (this.teamsCards.size > maxTrackedTeamsRequests) {
-      const oldest = this.teamsCards.keys().next();
-      if (oldest.done === true) break;
-      this.teamsCards.delete(oldest.value);
+  /**
+   * Stores where a posted card is. A failure is logged and swallowed: retrying the delivery would
+   * post the card again, and a lost position only leaves that card un-updated.
+   */
+  private async rememberTeamsCard(record: RequestRecord, posted: { readonly conversationId: string; readonly activityId: string }): Promise<void> {
+    const requestId = record.request?.id ?? "";
+    try {
+      await this.positions.remember(requestId, { kind: "teams", conversationId: posted.conversationId, activityId: posted.activityId }, pendingUntilMs(record));
+    } catch (error) {
+      const failure = AirlockError.from(error, Code.Unavailable);
+      this.log.warn({ requestId, error: failure.message }, "could not store where a Teams card is; it will not be updated with the outcome");
     }
   }
 

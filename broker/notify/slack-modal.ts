@@ -13,6 +13,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { AirlockError, Code } from "../../common/errors.js";
 import { type EnsureOptions, stepUpBucket } from "../../common/subjects.js";
 import { ensureSingleUseBucket } from "../stepup/index.js";
+import { isWrongLastSequence } from "../store.js";
 
 /** How long a deny-reason modal can be submitted after the Deny click, in ms. */
 export const slackDenyModalTtlMs = 15 * 60_000;
@@ -33,7 +34,7 @@ export interface SlackDenyTicket {
 }
 
 /** The stable reasons (`details.reason`) a deny-reason submission is refused with. */
-export type SlackModalRefusal = "slack_modal_unknown" | "slack_modal_mismatch" | "slack_modal_replayed" | "slack_modal_expired";
+export type SlackModalRefusal = "slack_modal_unknown" | "slack_modal_mismatch" | "slack_modal_replayed" | "slack_modal_expired" | "slack_modal_withdrawn";
 
 function refused(reason: SlackModalRefusal, message: string): AirlockError {
   return new AirlockError(Code.PermissionDenied, message, { details: { reason } });
@@ -42,6 +43,8 @@ function refused(reason: SlackModalRefusal, message: string): AirlockError {
 interface StoredTicket extends SlackDenyTicket {
   readonly purpose: "slack_deny";
   readonly used: boolean;
+  /** Set when the modal could not be opened: the ticket is void. */
+  readonly withdrawn?: boolean;
 }
 
 const ticketIdText = /^[A-Za-z0-9_-]{24}$/;
@@ -53,10 +56,16 @@ export interface SlackModalTickets {
   /**
    * Spends the ticket `id` for a submission by `slackUserId` naming `requestId` and returns
    * it. `permission_denied` with a {@link SlackModalRefusal} when it does not exist, was
-   * opened for another request or user, was spent already, or has expired; a refused
-   * submission spends nothing.
+   * opened for another request or user, was spent already, was withdrawn, or has expired; a
+   * refused submission spends nothing.
    */
   spend(id: string, requestId: string, slackUserId: string): Promise<SlackDenyTicket>;
+  /**
+   * Voids an unspent ticket whose modal could not be opened, so a submission of it (Slack may
+   * have opened the modal after all) casts nothing: `slack_modal_withdrawn`.
+   * @returns false when the ticket was spent first (its denial was cast), else true.
+   */
+  withdraw(id: string): Promise<boolean>;
 }
 
 /**
@@ -96,6 +105,7 @@ export class KvSlackModalTickets implements SlackModalTickets {
     const stored = entry.json<StoredTicket>();
     if (stored.purpose !== "slack_deny") throw refused("slack_modal_unknown", "this deny form was not opened by Airlock");
     if (stored.requestId !== requestId || stored.slackUserId !== slackUserId) throw refused("slack_modal_mismatch", "this deny form was opened for another request or another person");
+    if (stored.withdrawn === true) throw refused("slack_modal_withdrawn", "this deny form could not be opened and was withdrawn; click Deny again");
     if (stored.used) throw refused("slack_modal_replayed", "this deny form was already submitted");
     if (this.now() > stored.issuedAtMs + slackDenyModalTtlMs) throw refused("slack_modal_expired", "this deny form has expired; click Deny again");
     try {
@@ -103,7 +113,26 @@ export class KvSlackModalTickets implements SlackModalTickets {
     } catch {
       throw refused("slack_modal_replayed", "this deny form was already submitted");
     }
-    const { purpose: _purpose, used: _used, ...ticket } = stored;
+    const { purpose: _purpose, used: _used, withdrawn: _withdrawn, ...ticket } = stored;
     return ticket;
+  }
+
+  async withdraw(id: string): Promise<boolean> {
+    const key = `s.${id}`;
+    // Compare-and-set, tried again if a spend raced it: whichever write lands first decides.
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const entry = await this.kv.get(key);
+      if (entry === null || entry.operation !== "PUT" || entry.value.length === 0) return true;
+      const stored = entry.json<StoredTicket>();
+      if (stored.withdrawn === true) return true;
+      if (stored.used) return false;
+      try {
+        await this.kv.update(key, JSON.stringify({ ...stored, used: true, withdrawn: true }), entry.revision);
+        return true;
+      } catch (error) {
+        if (!isWrongLastSequence(error)) throw error;
+      }
+    }
+    throw new AirlockError(Code.Unavailable, "the deny form's ticket kept changing while it was withdrawn");
   }
 }

@@ -18,10 +18,11 @@ import {
   slackRequestMessage,
   slackResultMessage,
 } from "./slack-blocks.js";
-import { destinationsFor, outcomeOfState } from "./summary.js";
+import { destinationsFor } from "./summary.js";
 import type { StepUpPredicate } from "./teams.js";
 import { isRecord, stringAt as anyStringAt } from "./json.js";
 import type { SlackModalTickets } from "./slack-modal.js";
+import { type ChatPositions, MemoryChatPositions, pendingUntilMs, type SlackPosition } from "./positions.js";
 
 /** How far `x-slack-request-timestamp` may be from now, either way, in seconds (Slack's own recommendation). */
 export const slackSignatureMaxSkewSeconds = 300;
@@ -196,19 +197,14 @@ export interface SlackIntegrationOptions {
   readonly log: Logger;
   /** The console base URL (ends with `/`). */
   readonly consoleUrl: string;
-  /** Requests whose message positions are remembered at most; the oldest are forgotten first. @default 10000 */
-  readonly maxTrackedRequests?: number;
+  /**
+   * Where the posted messages' (channel, ts) are kept for the `chat.update` at decision. The
+   * broker gives the `AIRLOCK_CHAT` bucket (`KvChatPositions`), so the replica that
+   * decides updates messages another replica posted. @default this process's memory
+   */
+  readonly positions?: ChatPositions;
   /** Requests whose approval needs a step-up: their messages link to the console instead of carrying Approve. @default none */
   readonly requiresStepUp?: StepUpPredicate;
-}
-
-/** Defaults of {@link SlackIntegrationOptions}. */
-export const slackIntegrationDefaults = { maxTrackedRequests: 10_000 } as const;
-
-/** A posted message. */
-interface MessageRef {
-  readonly channel: string;
-  readonly ts: string;
 }
 
 /** Slack Web API errors worth another attempt; every other `ok: false` is permanent. */
@@ -243,8 +239,8 @@ function refusalText(error: AirlockError): string {
 
 /**
  * Slack: posts review requests to each reviewer group's channel (Web API) or to an
- * incoming webhook, remembers where each request's messages are so they can be
- * updated with `chat.update` when the request is decided, tells the requester the
+ * incoming webhook, remembers where each request's messages are ({@link ChatPositions})
+ * so they can be updated with `chat.update` when the request is decided, tells the requester the
  * result in a DM, and handles the Approve / Deny buttons
  * ({@link handleInteraction}). Every Slack call goes through the delivery queue:
  * nothing here makes the caller wait for Slack.
@@ -255,15 +251,13 @@ export class SlackIntegration {
   private readonly log: Logger;
   /** Reviewer key (principalKey) → Slack user id, for mentions and DMs. */
   private readonly slackUserOf = new Map<string, string>();
-  /** Request id → its messages (Web API only). Insertion order is age, for the bound. */
-  private readonly messages = new Map<string, MessageRef[]>();
-  private readonly maxTracked: number;
+  private readonly positions: ChatPositions;
 
   constructor(config: SlackConfig, options: SlackIntegrationOptions) {
     this.config = config;
     this.options = options;
     this.log = options.log;
-    this.maxTracked = options.maxTrackedRequests ?? slackIntegrationDefaults.maxTrackedRequests;
+    this.positions = options.positions ?? new MemoryChatPositions();
     for (const [slackUser, reviewer] of config.users) this.slackUserOf.set(principalKey(reviewer), slackUser);
   }
 
@@ -272,9 +266,9 @@ export class SlackIntegration {
     return this.slackUserOf.get(principalKey(reviewer));
   }
 
-  /** The messages posted for a request and still remembered (Web API only). */
-  trackedMessages(requestId: string): ReadonlyArray<{ readonly channel: string; readonly ts: string }> {
-    return [...(this.messages.get(requestId) ?? [])];
+  /** The messages posted for a request and still remembered (Web API only), by any replica sharing the positions. */
+  async trackedMessages(requestId: string): Promise<ReadonlyArray<{ readonly channel: string; readonly ts: string }>> {
+    return (await this.positions.recall(requestId, "slack")).map(({ channel, ts }) => ({ channel, ts }));
   }
 
   /** Queues what Slack should show for a notification. Returns at once. */
@@ -307,7 +301,9 @@ export class SlackIntegration {
           const message = slackRequestMessage(notification, messageOptions);
           const posted = await this.callWebApi("chat.postMessage", { channel, ...message, unfurl_links: false, unfurl_media: false }, signal);
           // Break-glass messages have no buttons and need no update.
-          if (notification.kind !== "break_glass" && typeof posted.ts === "string") this.track(requestId, { channel: typeof posted.channel === "string" ? posted.channel : channel, ts: posted.ts });
+          if (notification.kind !== "break_glass" && typeof posted.ts === "string") {
+            await this.remember(notification.record, { kind: "slack", channel: typeof posted.channel === "string" ? posted.channel : channel, ts: posted.ts });
+          }
         },
       });
     }
@@ -321,14 +317,17 @@ export class SlackIntegration {
       this.enqueueWebhook(requestId, "decided", () => slackRecordMessage(notification.record, options, decision));
       return;
     }
-    // Runs after every earlier delivery of the request (same key), so every posted message is known by then.
+    // Runs after every earlier delivery of the request on this replica (same key), so what it posted is
+    // stored by then; what other replicas posted is read from the shared positions. Updating a message
+    // twice (a retry, or two replicas) shows the same outcome twice: harmless.
     const updated = new Set<string>();
     this.options.queue.enqueue({
       description: `slack chat.update (decided ${requestId})`,
       key: this.key(requestId),
       run: async (signal) => {
         const message = slackRecordMessage(notification.record, options, decision);
-        for (const ref of this.messages.get(requestId) ?? []) {
+        // A read that fails is retried by the queue (unavailable), and logged.
+        for (const ref of await this.positions.recall(requestId, "slack")) {
           const id = `${ref.channel}/${ref.ts}`;
           if (updated.has(id)) continue; // done by an earlier attempt
           try {
@@ -341,7 +340,6 @@ export class SlackIntegration {
           }
           updated.add(id);
         }
-        this.messages.delete(requestId);
       },
     });
     const requester = notification.record.request?.identity?.onBehalfOf ?? "";
@@ -454,12 +452,37 @@ export class SlackIntegration {
     try {
       await this.callWebApi("views.open", { trigger_id: triggerId, view }, AbortSignal.timeout(2500));
     } catch (error) {
-      const failure = AirlockError.from(error);
-      this.log.warn({ requestId: action.requestId, error: failure.message }, "Slack views.open failed");
-      return this.refuse(action, `The reason form could not be opened (${failure.rawMessage}); deny from the console instead.`);
+      return this.denyModalFailed(action, ticket, tickets, AirlockError.from(error));
     }
     this.log.info({ requestId: action.requestId, reviewer }, "Slack deny form opened");
     return { status: 200, body: {} };
+  }
+
+  /**
+   * `views.open` failed (`ok: false` such as `expired_trigger_id`, an HTTP error, no answer in
+   * time): nothing was voted, and the ticket is withdrawn, since Slack may have opened the form
+   * after all (a lost answer) and the reviewer is told it did not open. The clicker is told to
+   * click Deny again or use the console; the route's answer carries `slack_modal_unavailable`.
+   */
+  private async denyModalFailed(action: SlackAction, ticket: string, tickets: SlackModalTickets, failure: AirlockError): Promise<SlackInteractionReply> {
+    const requestId = action.requestId;
+    let spent = false;
+    try {
+      spent = !(await tickets.withdraw(ticket));
+    } catch (error) {
+      // Harmless if it stays: its id went only to Slack, in the form that did not open, and it expires.
+      this.log.warn({ requestId, error: AirlockError.from(error, Code.Unavailable).message }, "could not withdraw the ticket of a deny form that did not open");
+    }
+    if (spent) {
+      // Slack opened the form after all and the reviewer submitted it first: that denial stands.
+      this.log.info({ requestId, error: failure.message }, "Slack views.open reported a failure, but its form was submitted");
+      return { status: 200, body: {} };
+    }
+    this.log.warn({ requestId, error: failure.message }, "Slack views.open failed: the deny form is withdrawn and nothing was voted");
+    const slackError = typeof failure.details.slackError === "string" ? failure.details.slackError : undefined;
+    const why = slackError === "expired_trigger_id" ? "Slack took too long to open the reason form" : `The reason form could not be opened (${failure.rawMessage})`;
+    const refusal = new AirlockError(failure.code === Code.FailedPrecondition ? Code.FailedPrecondition : Code.Unavailable, why, { details: { reason: "slack_modal_unavailable" } });
+    return this.refuse(action, `${why}, so nothing was recorded. Click Deny again, or deny in the console.`, refusal);
   }
 
   /**
@@ -524,25 +547,26 @@ export class SlackIntegration {
     return { status: 200, body: {} };
   }
 
-  /** Tells only the clicker, through the interaction's response_url, and answers the route the same way. */
-  private refuse(action: SlackAction, text: string): SlackInteractionReply {
+  /**
+   * Tells only the clicker, through the interaction's response_url, and answers the route the
+   * same way (with the refusal's stable reason in `x-airlock-reason` when `refusal` is given).
+   */
+  private refuse(action: SlackAction, text: string, refusal?: AirlockError): SlackInteractionReply {
     this.options.queue.enqueue({
       description: `slack response_url (refusal for ${action.requestId})`,
       run: async (signal) => {
         await postJson(action.responseUrl, ephemeral(text), { what: "slack response_url", signal });
       },
     });
-    return { status: 200, body: ephemeral(text) };
+    return { status: 200, body: ephemeral(text), ...(refusal === undefined ? {} : { headers: reasonHeader(refusal) }) };
   }
 
   private updateClicked(action: SlackAction, record: RequestRecord): void {
     const requestId = action.requestId;
     const options: SlackMessageOptions = { consoleUrl: this.options.consoleUrl, buttons: true, stepUp: this.options.requiresStepUp?.(record) === true, denyModal: this.config.transport.kind === "web_api" };
-    const decided = outcomeOfState(record.state) !== undefined;
     const transport = this.config.transport;
+    // The clicked message is updated now; the final update at decision finds every message in the shared positions.
     const ref = action.channel !== undefined && action.messageTs !== undefined ? { channel: action.channel, ts: action.messageTs } : undefined;
-    // A message another replica posted is this replica's to update from now on.
-    if (transport.kind === "web_api" && ref !== undefined && !decided) this.track(requestId, ref);
     this.options.queue.enqueue({
       description: `slack ${transport.kind === "web_api" && ref !== undefined ? "chat.update" : "response_url"} (vote on ${requestId})`,
       key: this.key(requestId),
@@ -567,14 +591,17 @@ export class SlackIntegration {
     return `slack:${requestId}`;
   }
 
-  private track(requestId: string, ref: MessageRef): void {
-    const refs = this.messages.get(requestId) ?? [];
-    if (!refs.some((known) => known.channel === ref.channel && known.ts === ref.ts)) refs.push(ref);
-    this.messages.set(requestId, refs);
-    while (this.messages.size > this.maxTracked) {
-      const oldest = this.messages.keys().next();
-      if (oldest.done === true) break;
-      this.messages.delete(oldest.value);
+  /**
+   * Stores where a posted message is. A failure is logged and swallowed: retrying the delivery
+   * would post the message again, and a lost position only leaves that message un-updated.
+   */
+  private async remember(record: RequestRecord, position: SlackPosition): Promise<void> {
+    const requestId = record.request?.id ?? "";
+    try {
+      await this.positions.remember(requestId, position, pendingUntilMs(record));
+    } catch (error) {
+      const failure = AirlockError.from(error, Code.Unavailable);
+      this.log.warn({ requestId, channel: position.channel, error: failure.message }, "could not store where a Slack message is; it will not be updated with the outcome");
     }
   }
 

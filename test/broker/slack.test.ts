@@ -18,7 +18,20 @@ const slackApi = createServer((request: IncomingMessage, response) => {
   let text = "";
   request.on("data", (chunk: Buffer) => (text += chunk.toString()));
   request.on("end", () => {
-    received.push({ path: request.url ?? "", authorization: request.headers.authorization ?? "", body: text === "" ? {} : (JSON.parse(text) as Record<string, unknown>) });
+    const body = text === "" ? {} : (JSON.parse(text) as Record<string, unknown>);
+    received.push({ path: request.url ?? "", authorization: request.headers.authorization ?? "", body });
+    // Slack refusing a modal: a trigger_id used too late (Slack's own answer), or Slack failing outright.
+    const trigger = typeof body.trigger_id === "string" ? body.trigger_id : "";
+    if (request.url === "/api/views.open" && trigger.startsWith("expired-")) {
+      response.writeHead(200, { "content-type": "application/json" });
+      response.end(JSON.stringify({ ok: false, error: "expired_trigger_id" }));
+      return;
+    }
+    if (request.url === "/api/views.open" && trigger.startsWith("broken-")) {
+      response.writeHead(500, { "content-type": "text/plain" });
+      response.end("internal error");
+      return;
+    }
     response.writeHead(200, { "content-type": "application/json" });
     response.end(JSON.stringify({ ok: true, channel: "C0DATA", ts: `17000000${received.length}.000100` }));
   });
@@ -241,6 +254,43 @@ await t.test("Deny opens a reason form bound to its request and user; any replic
   await other;
 });
 
+await t.test("Deny when Slack cannot open the reason form (expired_trigger_id, HTTP 500): nothing is voted, the form is void, the clicker is told", async (t) => {
+  const call = stack.callExportTable("export whose deny form will not open");
+  const message = await posted((r) => r.path === "/api/chat.postMessage" && JSON.stringify(r.body.blocks).includes("export whose deny form will not open"));
+  const requestId = /"value":"([0-9a-f-]{36})"/.exec(JSON.stringify(message.body.blocks))?.[1] ?? "";
+  for (const [trigger, why] of [
+    ["expired-0001", /^Slack took too long to open the reason form, so nothing was recorded\. Click Deny again, or deny in the console\.$/],
+    ["broken-0001", /^The reason form could not be opened \(.*500.*\), so nothing was recorded\. Click Deny again, or deny in the console\.$/],
+  ] as const) {
+    const click = denyClick("U0DANA", requestId, trigger);
+    const answer = await interact(click, signed(click, now()));
+    t.equal(answer.status, 200, `${trigger}: Slack gets its 200`);
+    t.equal(answer.reason, "slack_modal_unavailable", `${trigger}: refused with a stable reason`);
+    t.match(JSON.parse(answer.text), { response_type: "ephemeral", text: why }, `${trigger}: the answer says what happened and what to do`);
+    const told = await posted((r) => r.path === `/response/${requestId}` && typeof r.body.text === "string" && why.test(r.body.text));
+    t.match(told.body, { response_type: "ephemeral", replace_original: false }, `${trigger}: the clicker alone is told, through the response_url`);
+    t.equal((await record(requestId)).state, "REQUEST_STATE_PENDING", `${trigger}: the request is still pending`);
+    t.same((await record(requestId)).votes ?? [], [], `${trigger}: and nothing was voted`);
+    // Slack may have opened the form after all (a lost answer): its submission must cast nothing.
+    const tried = await posted((r) => r.path === "/api/views.open" && r.body.trigger_id === trigger);
+    const metadata = String((tried.body.view as Record<string, unknown>).private_metadata);
+    const late = submission("U0DANA", metadata, "submitted from a form Slack said it could not open");
+    const refused = await interact(late, signed(late, now()), secondUrl);
+    t.equal(refused.reason, "slack_modal_withdrawn", `${trigger}: the form's ticket was withdrawn, on every replica`);
+    t.match(refused.text, /response_action.*errors/, `${trigger}: the refusal is shown in the form`);
+    t.same((await record(requestId)).votes ?? [], [], `${trigger}: its submission cast nothing`);
+  }
+  // A Deny that opens its form still works afterwards.
+  const click = denyClick("U0DANA", requestId, "trigger-after-failures");
+  t.equal((await interact(click, signed(click, now()))).status, 200);
+  const opened = await posted((r) => r.path === "/api/views.open" && r.body.trigger_id === "trigger-after-failures");
+  const submit = submission("U0DANA", String((opened.body.view as Record<string, unknown>).private_metadata), "denied once the form opened");
+  const accepted = await interact(submit, signed(submit, now()));
+  t.equal(accepted.text, "{}", "accepted");
+  t.equal((await call).code, Code.PermissionDenied, "the denial reaches the agent");
+  t.match((await record(requestId)).votes, [{ reviewer: "dana@example.com", reason: "denied once the form opened" }], "one vote, from the form that opened");
+});
+
 await t.test("a deny form expires: a submission after its lifetime is refused (injected clock, real KV)", async (t) => {
   const nc = await stack.nats.connect({ kind: "broker" });
   t.teardown(() => nc.close());
@@ -252,4 +302,19 @@ await t.test("a deny form expires: a submission after its lifetime is refused (i
   clock -= 16 * 60_000;
   t.match(await tickets.spend(id, "r-1", "U0DANA"), { requestId: "r-1", reviewer: "dana@example.com" }, "the refused late submission spent nothing");
   await t.rejects(tickets.spend(id, "r-1", "U0DANA"), { name: "AirlockError", details: { reason: "slack_modal_replayed" } });
+});
+
+await t.test("withdrawing a deny form: an unspent ticket is void for every later submission; a spent one stays spent (real KV)", async (t) => {
+  const nc = await stack.nats.connect({ kind: "broker" });
+  t.teardown(() => nc.close());
+  const tickets = await KvSlackModalTickets.open(nc);
+  const ticket = { requestId: "r-2", slackUserId: "U0DANA", reviewer: "dana@example.com", responseUrl: "https://hooks.slack.test/x" };
+  const withdrawn = await tickets.issue(ticket);
+  t.equal(await tickets.withdraw(withdrawn), true, "withdrawn");
+  t.equal(await tickets.withdraw(withdrawn), true, "withdrawing again is harmless");
+  await t.rejects(tickets.spend(withdrawn, "r-2", "U0DANA"), { name: "AirlockError", details: { reason: "slack_modal_withdrawn" } });
+  const spent = await tickets.issue(ticket);
+  await tickets.spend(spent, "r-2", "U0DANA");
+  t.equal(await tickets.withdraw(spent), false, "a ticket spent first stays spent: its denial was cast");
+  await t.rejects(tickets.spend(spent, "r-2", "U0DANA"), { name: "AirlockError", details: { reason: "slack_modal_replayed" } });
 });

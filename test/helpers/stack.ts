@@ -67,6 +67,8 @@ export interface StackOptions {
   readonly policy?: Omit<OpsPolicyOptions, "rotateRisk">;
   /** Start a second broker replica from the same config. @default false */
   readonly secondReplica?: boolean;
+  /** Top-level sections of the second replica's broker.yaml that differ from the first's (over `brokerConfig`), e.g. where it calls Slack. */
+  readonly secondReplicaConfig?: Record<string, unknown>;
   /** Requests whose approval needs a step-up (`startBroker`'s option of that name). */
   readonly requiresStepUp?: (record: RequestRecord) => boolean;
 }
@@ -378,7 +380,7 @@ export async function startStack(t: Test, options: StackOptions = {}): Promise<S
   const broker = await startBroker(parseBrokerConfig(new ConfigReader(brokerValues, "", join(dir, "broker.yaml"))), { log, ...(options.requiresStepUp === undefined ? {} : { requiresStepUp: options.requiresStepUp }) });
   t.teardown(() => broker.close());
   // Another replica of the same config: the two share the work and the reviewers' sessions.
-  const secondBroker = options.secondReplica === true ? await startBroker(parseBrokerConfig(new ConfigReader({ ...brokerValues, http: "127.0.0.1:0", replica_id: "stack-broker-2" }, "", join(dir, "broker.yaml"))), { log }) : undefined;
+  const secondBroker = options.secondReplica === true ? await startBroker(parseBrokerConfig(new ConfigReader({ ...brokerValues, ...options.secondReplicaConfig, http: "127.0.0.1:0", replica_id: "stack-broker-2" }, "", join(dir, "broker.yaml"))), { log }) : undefined;
   if (secondBroker !== undefined) t.teardown(() => secondBroker.close());
 
   const client = new Client(sidecar.address, credentials.createInsecure());
