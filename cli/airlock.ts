@@ -10,6 +10,7 @@
  *   airlock audit keygen --key-id <id> --out <dir>
  *   airlock audit export --nats <url> --nats-seed <file> [--nats-ca <file>] [--since <ISO time>]
  *   airlock nats init --dir <dir> [--server-name <name>]… | add-host <host> --dir <dir> | revoke-host <host> --dir <dir> [--reload-pid <pid>]
+ *   airlock nats render-auth --dir <dir> [--reload-pid <pid>]
  *   airlock nats ensure-streams --dir <dir> --nats <url>… [--replicas 1|3|5]
  *   airlock requests ls | show <id> | approve <id> [--reason …] | deny <id> --reason …
  *   airlock login [--url <broker>] [--issuer <url> --client-id <id>] | airlock logout
@@ -44,6 +45,7 @@ const usage = `usage:
   airlock nats init --dir <dir> [--server-name <dns name or IP>]…
   airlock nats add-host <host> --dir <dir>
   airlock nats revoke-host <host> --dir <dir> [--reload-pid <nats-server pid>]
+  airlock nats render-auth --dir <dir> [--reload-pid <nats-server pid>]
   airlock nats ensure-streams --dir <dir> --nats <url>… [--replicas 1|3|5]
     (with the admin credential of <dir>: every stream and bucket to nats.replicas and Airlock's settings)
   airlock requests ls [--state pending] [--mine] [--agent <id>] [--min-risk high]

@@ -1,5 +1,5 @@
 /**
- * `airlock nats init | add-host | revoke-host | ensure-streams`: the operator's
+ * `airlock nats init | add-host | revoke-host | render-auth | ensure-streams`: the operator's
  * commands for the deployment's NATS security material (see
  * `common/bus-material.ts` for the directory's layout) and for bringing the
  * streams and buckets to the configured settings with the admin credential.
@@ -13,7 +13,7 @@ import { ensurePasskeyBucket, ensureSingleUseBucket } from "../broker/stepup/ind
 import { historyStreamSettings } from "../broker/history.js";
 import { ensureChatPositionsBucket } from "../broker/notify/index.js";
 import { ensureStateBucket } from "../broker/store.js";
-import { addBusHost, busMaterialFiles, busSeedFile, initBusMaterial, revokeBusHost } from "../common/bus-material.js";
+import { addBusHost, busMaterialFiles, busSeedFile, initBusMaterial, renderBusAuth, revokeBusHost } from "../common/bus-material.js";
 import { AirlockError, Code } from "../common/errors.js";
 import { connectNats } from "../common/nats.js";
 import { bucketStream, chatBucket, type EnsureOptions, ensureDefaults, ensureStream, ensureStreams, natsReplicaChoices, passkeyBucket, stepUpBucket } from "../common/subjects.js";
@@ -60,10 +60,17 @@ export async function runNatsAdmin(sub: string | undefined, args: string[]): Pro
     await ensureAll(dir, values.nats ?? [], values.replicas);
     return;
   }
-  const host = positionals[0];
-  if (host === undefined) throw new AirlockError(Code.InvalidArgument, `airlock nats ${sub ?? ""} needs a host name`);
   const pid = values["reload-pid"] === undefined ? undefined : Number.parseInt(values["reload-pid"], 10);
   if (pid !== undefined && (!Number.isInteger(pid) || pid <= 0)) throw new AirlockError(Code.InvalidArgument, `--reload-pid ${values["reload-pid"] ?? ""} is not a process id`, { details: { field: "reload-pid" } });
+  if (sub === "render-auth") {
+    const registry = await renderBusAuth(dir);
+    console.log(`wrote ${dir}/${busMaterialFiles.authConf} with this version's permissions (${Object.keys(registry.hosts).length} hosts, every key kept)`);
+    await reloadServer(pid);
+    console.log("copy it to every node and reload each");
+    return;
+  }
+  const host = positionals[0];
+  if (host === undefined) throw new AirlockError(Code.InvalidArgument, `airlock nats ${sub ?? ""} needs a host name`);
   if (sub === "add-host") {
     const added = await addBusHost(dir, host);
     console.log(`${added.created ? "added" : "already present:"} host ${host}: seed ${added.seedFile} (${added.publicKey})`);
@@ -77,7 +84,7 @@ export async function runNatsAdmin(sub: string | undefined, args: string[]): Pro
     await reloadServer(pid);
     return;
   }
-  throw new AirlockError(Code.InvalidArgument, `unknown subcommand: airlock nats ${sub ?? ""} (init, add-host, revoke-host, ensure-streams)`);
+  throw new AirlockError(Code.InvalidArgument, `unknown subcommand: airlock nats ${sub ?? ""} (init, add-host, revoke-host, render-auth, ensure-streams)`);
 }
 
 /**

@@ -242,6 +242,17 @@ function checkHost(host: string): void {
 }
 
 /**
+ * Writes `auth.conf` again from `registry.json` with this version's permissions, keeping every
+ * key: the upgrade step when a version adds a subject or a bucket to a role's rights. Reload
+ * the server to apply it. FAILED_PRECONDITION when `dir` holds no material.
+ */
+export async function renderBusAuth(dir: string): Promise<BusRegistry> {
+  const registry = await readRegistry(dir);
+  await writeRegistry(dir, registry);
+  return registry;
+}
+
+/**
  * Gives `host` a credential of its own: a new nkey seed in `hosts/<host>.nk`
  * (mode 0600) and a user in `auth.conf` with that host's sidecar rights.
  * Reload the server to apply it. A host that already has one keeps it.

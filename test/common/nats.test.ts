@@ -117,6 +117,20 @@ await t.test("airlock nats prints paths and public keys, never a seed", async (t
   const revoke = await run("revoke-host", "web-07", "--dir", material);
   t.match(revoke.out, /revoked host web-07/);
   for (const output of [init.out, add.out, revoke.out]) t.notMatch(output, /\bS[UAON][A-Z2-7]{50,}/, "no seed printed");
+  // An auth.conf from an older version, without a right this one adds: render-auth brings it up
+  // to date and keeps every key.
+  await run("add-host", "web-08", "--dir", material);
+  const current = await readFile(join(material, "auth.conf"), "utf8");
+  const older = current.replaceAll("AIRLOCK_CHAT", "AIRLOCK_OLD");
+  t.not(older, current, "the older file lacks the chat bucket's rights");
+  await writeFile(join(material, "auth.conf"), older);
+  const rendered = await run("render-auth", "--dir", material);
+  t.equal(rendered.code, 0, rendered.out);
+  t.match(rendered.out, /wrote \S+auth\.conf with this version's permissions \(1 hosts, every key kept\)/);
+  t.equal(await readFile(join(material, "auth.conf"), "utf8"), current, "the same users and keys, with this version's rights");
+  const none = await run("render-auth", "--dir", join(dir, "no-material"));
+  t.equal(none.code, 1);
+  t.match(none.out, /holds no NATS security material/);
   const bad = await run("revoke-host", "web-07", "--dir", material);
   t.equal(bad.code, 1);
   t.match(bad.out, /airlock: host web-07 has no NATS credential/);
