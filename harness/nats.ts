@@ -168,7 +168,11 @@ class ServerProcess {
     this.process = child;
     try {
       await child.waitForOutput(/Server is ready/, this.spec.readyTimeoutMs);
-      if (!(await acceptsConnections(this.spec.port()))) throw new Error(`${this.spec.label} on port ${this.spec.port()} says ready but refuses connections`);
+      // A cluster node can say ready a moment before its client port takes connections (seen under
+      // load in a 3-node cluster): asked again until the ready timeout, not once.
+      if (!(await waitUntil(() => acceptsConnections(this.spec.port()), this.spec.readyTimeoutMs, 100))) {
+        throw new Error(`${this.spec.label} on port ${this.spec.port()} says ready but refuses connections`);
+      }
     } catch (error) {
       await this.stop();
       throw error;

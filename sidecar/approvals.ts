@@ -12,6 +12,7 @@ import type { VaultClient } from "../common/vault.js";
 import {
   type ApprovalRequest,
   ApprovalRequestSchema,
+  type Completion,
   CompletionSchema,
   type Decision,
   type DecisionBody,
@@ -44,6 +45,14 @@ export interface ApprovalFlowOptions {
 
 /** Defaults of {@link ApprovalFlowOptions}. */
 export const approvalFlowDefaults = { publishTimeoutMs: 5000, heartbeatIntervalMs: 5000 } as const;
+
+/**
+ * How a completion (or a hand-back) is published: tried again, 250 ms doubling to 2 s apart, for
+ * up to `retryForMs` while NATS is away (a node restart, a cut). Until it is stored the action
+ * stays in the heartbeat, so the brokers do not end a finished action as silent; a completion
+ * still unpublished after that is left to the heartbeat silence.
+ */
+export const completionPublish = { retryForMs: 60_000, firstRetryMs: 250, maxRetryMs: 2000 } as const;
 
 interface Waiter {
   readonly requestId: string;
@@ -204,9 +213,35 @@ export class ApprovalFlow {
       host: this.options.host,
       finishedAt: timestampFromMs(Date.now()),
     });
-    this.js
-      .publish(subjects.completion(this.options.host, requestId), toBinary(CompletionSchema, completion), { msgID: completion.completionId })
-      .catch((error: unknown) => this.options.log.error({ err: error, requestId }, "could not hand back a late approval; the broker ends it at the heartbeat silence"));
+    this.publishCompletion(completion, "could not hand back a late approval; the broker ends it at the heartbeat silence");
+  }
+
+  /**
+   * Publishes a completion (de-duplicated by its id, so a retry is harmless), trying again while
+   * NATS is away ({@link completionPublish}). Its action beats meanwhile and leaves the
+   * heartbeat once the completion is stored, or given up on (logged as `failure`).
+   */
+  private publishCompletion(completion: Completion, failure: string): void {
+    const { requestId, decisionId } = completion;
+    this.running.set(requestId, decisionId);
+    const until = Date.now() + completionPublish.retryForMs;
+    const bytes = toBinary(CompletionSchema, completion);
+    void (async () => {
+      for (let wait: number = completionPublish.firstRetryMs; ; wait = Math.min(wait * 2, completionPublish.maxRetryMs)) {
+        try {
+          await this.js.publish(subjects.completion(this.options.host, requestId), bytes, { msgID: completion.completionId });
+          return;
+        } catch (error) {
+          if (this.closed || this.options.nc.isClosed() || Date.now() + wait > until) {
+            this.options.log.error({ err: error, requestId }, failure);
+            return;
+          }
+        }
+        await new Promise((resolve) => setTimeout(resolve, wait).unref());
+      }
+    })().finally(() => {
+      if (this.running.get(requestId) === decisionId) this.running.delete(requestId);
+    });
   }
 
   /**
@@ -516,7 +551,6 @@ export class ApprovalFlow {
       complete: (status, message, touched = {}) => {
         if (completed) return;
         completed = true;
-        this.running.delete(requestId);
         const completion = create(CompletionSchema, {
           // The decision id is in the de-duplication id: no one can spend it before the decision exists.
           completionId: `${requestId}.${body.decisionId}.completion`,
@@ -529,9 +563,7 @@ export class ApprovalFlow {
           finishedAt: timestampFromMs(Date.now()),
           touched,
         });
-        this.js
-          .publish(subjects.completion(this.options.host, requestId), toBinary(CompletionSchema, completion), { msgID: completion.completionId })
-          .catch((error: unknown) => this.options.log.error({ err: error, requestId }, "could not report completion; the broker's reconciler revokes the lease at its deadline"));
+        this.publishCompletion(completion, "could not report completion; the broker ends the action at the heartbeat silence");
       },
     };
   }

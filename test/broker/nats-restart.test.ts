@@ -97,3 +97,47 @@ await t.test("approvals issued while NATS restarts reach every agent within seco
     t.same([published, of(AuditEventType.DECIDED), of(AuditEventType.CREDENTIAL_ISSUED), of(AuditEventType.CREDENTIAL_REVOKED), of(AuditEventType.ACTION_COMPLETED)], [1, 2, 1, 1, 1], `request ${id}: one decision, issuance, revocation and completion in the trail`);
   }
 });
+
+await t.test("an action that ends while NATS is away still completes: its completion is sent again, and it beats until then", async (t) => {
+  // The export's SELECT waits on this lock: the action is running when NATS goes.
+  await admin.query("BEGIN");
+  await admin.query("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE");
+  let locked = true;
+  const unlock = async () => {
+    if (!locked) return;
+    locked = false;
+    await admin.query("COMMIT");
+  };
+  t.teardown(unlock);
+  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, { "x-airlock-reason": "ends while NATS is away" });
+  const outcome = streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata }));
+  let id = "";
+  t.ok(
+    await waitUntil(async () => {
+      id = (await broker.list()).find((r) => r.state === RequestState.PENDING && r.request?.reason === "ends while NATS is away")?.request?.id ?? "";
+      return id !== "";
+    }, 30_000),
+    "held",
+  );
+  await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
+  t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.EXECUTING && (await exportRoles(admin)).length === 1, 20_000), "executing");
+
+  await nats.pause();
+  await unlock();
+  t.equal(await outcome, undefined, "the agent's export ended well while NATS was away");
+  // The outage outlasts the sidecar's publish timeout (5 s), so the first completion publish fails.
+  await new Promise((resolve) => setTimeout(resolve, 6_000));
+  await nats.resume();
+
+  t.ok(
+    await waitUntil(async () => {
+      const record = await broker.get(id).catch(() => undefined);
+      return record !== undefined && record.state !== RequestState.EXECUTING;
+    }, 30_000),
+    "the record settles",
+  );
+  const record = await broker.get(id);
+  t.equal(RequestState[record.state], "COMPLETED", `completed, not ended as silent (${record.completion?.statusMessage ?? ""})`);
+  t.not(record.lease?.revokedAt, undefined, "its credential revoked");
+  t.same(await exportRoles(admin), [], "no database user left");
+});
