@@ -137,6 +137,11 @@ export const brokerDefaults = {
   retentionSweepMs: 10_000,
   /** Records one sweep retires at most (the next sweep goes on). */
   retireBatch: 1_000,
+  /**
+   * How old a request stored without a record must be before the sweep deletes it, in ms: far
+   * longer than a replica takes between storing a request and writing its record.
+   */
+  orphanRequestGraceMs: 600_000,
   /** How long a list waits for this replica's index to catch up with the state bucket before answering from it as it is, in ms. */
   indexWaitMs: 2_000,
   /**
@@ -613,14 +618,24 @@ export class Broker {
       }
       return;
     }
-    const request = vetted.request;
+    let request = vetted.request;
     // A retired request's id sent again is a replay: its record left the state bucket, so the
     // bucket's create-only write would not catch it.
     if ((await this.history.get(request.id)) !== undefined) {
       await this.refuse({ reason: "request_id_reused", message: `request ${request.id} was settled and retired to the history already` }, subject, request.id);
       return;
     }
-    const result = intake(request, this.options.approvals, now);
+    let result = intake(request, this.options.approvals, now);
+    if (result.ok) {
+      // The request is stored once, before its record. When another request is stored under this
+      // id already (another delivery of the id got there first, or a replica stopped between the
+      // two writes), that one is the request: the record is built from it, never joined to another.
+      const held = await this.store.hold(request);
+      if (held !== request) {
+        request = held;
+        result = intake(request, this.options.approvals, now);
+      }
+    }
     if (!result.ok) {
       this.options.log.warn({ requestId: request.id, reason: result.error.rawMessage }, "request refused at intake");
       this.metrics.requests.labels("refused").inc();
@@ -1311,7 +1326,9 @@ export class Broker {
    * Moves settled records past their retention from the state bucket to the history: the
    * history write first (durable before the record leaves), then a purge that is a
    * compare-and-set on the record's revision, so a record that changed meanwhile stays, and
-   * of replicas sweeping at once one removes it (the history write is idempotent).
+   * of replicas sweeping at once one removes it (the history write is idempotent); the
+   * record's request goes after it. Requests stored without a record go once older than
+   * {@link brokerDefaults.orphanRequestGraceMs}.
    */
   private async retireSettled(now: number): Promise<void> {
     // Also the watchdog of the index's watch, for a replica nobody lists on.
@@ -1333,6 +1350,8 @@ export class Broker {
         this.index.remove(entry.id);
       }
     }
+    if (this.closed) return;
+    await this.store.dropOrphanRequests((id) => this.index.get(id) !== undefined, this.index.size, brokerDefaults.orphanRequestGraceMs, now);
   }
 
   /** Expiry and escalation of pending requests; revocation of leases whose action is over. */

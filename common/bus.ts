@@ -1,4 +1,4 @@
-import { auditStream, chatBucket, historyStream, hostPattern, passkeyBucket, stateBucket, stepUpBucket, streams, subjects } from "./subjects.js";
+import { auditStream, chatBucket, historyStream, hostPattern, passkeyBucket, requestBucket, stateBucket, stepUpBucket, streams, subjects } from "./subjects.js";
 
 /**
  * Who is on the bus. Each role gets only the NATS rights it needs, and the
@@ -124,9 +124,11 @@ export function busPermissions(role: BusRole): BusPermissions {
     }
     case "broker": {
       const kvStream = `KV_${stateBucket}`;
+      // Each record's request, stored once apart from the record.
+      const requestStream = `KV_${requestBucket}`;
       // The step-up buckets (passkeys, single-use challenges) and the chat positions are the broker's alone too.
       const sideBucketStreams = [passkeyBucket, stepUpBucket, chatBucket].map((bucket) => `KV_${bucket}`);
-      const owned = [...Object.values(streams).map((s) => s.name), auditStream.name, historyStream.name, kvStream, ...sideBucketStreams];
+      const owned = [...Object.values(streams).map((s) => s.name), auditStream.name, historyStream.name, kvStream, requestStream, ...sideBucketStreams];
       return {
         publish: {
           allow: [
@@ -134,6 +136,7 @@ export function busPermissions(role: BusRole): BusPermissions {
             auditStream.subject,
             historyStream.subjects,
             `$KV.${stateBucket}.>`,
+            `$KV.${requestBucket}.>`,
             `$KV.${passkeyBucket}.>`,
             `$KV.${stepUpBucket}.>`,
             `$KV.${chatBucket}.>`,
@@ -152,10 +155,12 @@ export function busPermissions(role: BusRole): BusPermissions {
               `$JS.ACK.${name}.>`,
               `$JS.FC.${name}.>`,
             ]),
-            // A record retired from the state bucket leaves a purge marker, which the retiring replica then deletes.
+            // A record retired from the state bucket leaves a purge marker, which the retiring replica then
+            // deletes; its request (or one stored without a record) is deleted as a message, leaving no marker.
             `${api}.STREAM.MSG.DELETE.${kvStream}`,
-            // The KV watchers are ordered consumers, which delete their own consumer when done.
-            ...[kvStream, ...sideBucketStreams].map((name) => `${api}.CONSUMER.DELETE.${name}.*`),
+            `${api}.STREAM.MSG.DELETE.${requestStream}`,
+            // The KV watchers (and key listings) are ordered consumers, which delete their own consumer when done.
+            ...[kvStream, requestStream, ...sideBucketStreams].map((name) => `${api}.CONSUMER.DELETE.${name}.*`),
           ],
         },
         subscribe: { allow: [inbox, subjects.heartbeats] },

@@ -26,6 +26,12 @@ export const historyStream = { name: "AIRLOCK_HISTORY", subjects: "airlock.histo
 /** The KV bucket holding every request's record, keyed by request id (only brokers touch it). */
 export const stateBucket = "AIRLOCK_STATE";
 
+/**
+ * The KV bucket holding each record's ApprovalRequest, written once before the record and keyed
+ * by request id: the records in {@link stateBucket} leave it out (only brokers touch it).
+ */
+export const requestBucket = "AIRLOCK_STATE_REQUESTS";
+
 /** The KV bucket of reviewers' registered passkeys (public keys and counters; only brokers touch it). */
 export const passkeyBucket = "AIRLOCK_PASSKEYS";
 

@@ -15,7 +15,7 @@ import { mkdir, open, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import { Kvm } from "@nats-io/kv";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Client, credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
@@ -24,6 +24,7 @@ import pg from "pg";
 import { readAuditEvents, writeAuditKey } from "../broker/audit/index.js";
 import { configureDatabaseEngine, postgresRoleStatements } from "../broker/credentials.js";
 import { isSettled, stateName } from "../broker/index.js";
+import { RequestStore } from "../broker/store.js";
 import { startChaosBus, type ChaosBus } from "../chaos/bus.js";
 import {
   type CallOutcome,
@@ -47,7 +48,7 @@ import { createVaultClient } from "../common/vault.js";
 import { delay, freePort, makeTempDir, ManagedProcess, startPostgres, startVault, waitUntil } from "../harness/index.js";
 import { descriptorSetPath } from "../proto/index.js";
 import { OpsService } from "../proto/gen/demo/v1/ops_pb.js";
-import { type RequestRecord, RequestRecordSchema } from "../proto/index.js";
+import type { RequestRecord } from "../proto/index.js";
 
 /** The faults, in the order they run; `none` is the baseline. */
 export const chaosFaults = ["none", "broker_kill", "nats_restart", "vault_pause", "sidecar_kill"] as const;
@@ -589,6 +590,7 @@ class Observer {
     try {
       // Read as an observer: the bucket as it is, never created or brought to other settings.
       const kv = await new Kvm(nc).open(stateBucket);
+      const store = await RequestStore.observe(nc);
       const ids = new Set<string>();
       for await (const key of await kv.keys()) ids.add(key);
       const found: RequestRecord[] = [];
@@ -598,9 +600,9 @@ class Observer {
           found.push(cached);
           continue;
         }
-        const entry = await kv.get(id);
-        if (entry === null || entry.operation !== "PUT" || entry.value.length === 0) continue;
-        const record = fromBinary(RequestRecordSchema, entry.value);
+        // Through the broker's store: a record joined with its request, stored apart from it.
+        const record = (await store.get(id))?.record;
+        if (record === undefined) continue;
         if (isSettled(record)) this.settled.set(id, record);
         found.push(record);
       }

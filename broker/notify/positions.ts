@@ -22,7 +22,7 @@ import { AirlockError, Code } from "../../common/errors.js";
 import type { Logger } from "../../common/logger.js";
 import { bucketStream, chatBucket, type EnsureOptions, ensureDefaults, ensureStream } from "../../common/subjects.js";
 import type { RequestRecord } from "../../proto/index.js";
-import { isStorableRequestId, isWrongLastSequence } from "../store.js";
+import { isRequestKey, isWrongLastSequence } from "../store.js";
 
 /** A Slack message the bot posted (Web API). */
 export interface SlackPosition {
@@ -95,7 +95,7 @@ function fieldsOf(position: ChatPosition): readonly [string, string] {
 }
 
 function requestKey(requestId: string): string {
-  if (!isStorableRequestId(requestId)) throw new AirlockError(Code.InvalidArgument, "not a request id: its chat positions are not kept", { details: { field: "requestId" } });
+  if (!isRequestKey(requestId)) throw new AirlockError(Code.InvalidArgument, "not a request id: its chat positions are not kept", { details: { field: "requestId" } });
   return hash(requestId);
 }
 

@@ -14,7 +14,7 @@ import t from "tap";
 import { AuditLog, auditEventToJsonLine, auditStream, ensureAuditStream, eventHash, readAuditEvents } from "../../broker/audit/index.js";
 import { verifyTrail } from "../../broker/audit/verify.js";
 import { Code } from "../../common/errors.js";
-import { bucketStream, stateBucket } from "../../common/subjects.js";
+import { bucketStream, requestBucket, stateBucket } from "../../common/subjects.js";
 import { startNatsCluster } from "../../harness/index.js";
 import { type AuditEvent, AuditEventSchema, AuditEventType } from "../../proto/index.js";
 import { create } from "@bufbuild/protobuf";
@@ -59,6 +59,7 @@ await t.test("an audit stream an older version made (one replica, no atomic batc
   t.equal(config.allow_atomic, true);
   t.equal(config.deny_delete, true, "still refuses deletes");
   t.equal((await adminJsm.streams.info(bucketStream(stateBucket))).config.num_replicas, 3, "the state bucket it made has 3 replicas too");
+  t.equal((await adminJsm.streams.info(bucketStream(requestBucket))).config.num_replicas, 3, "and so has the bucket of the records' requests");
   // Now the broker opens it, and a second ensure changes nothing.
   await AuditLog.open(broker, { ensure: { replicas: 3 } });
   const logged: unknown[] = [];

@@ -16,7 +16,7 @@ import { parseApprovalConfig } from "../../broker/rules.js";
 import { Broker } from "../../broker/service.js";
 import { ConfigReader } from "../../common/config.js";
 import { AirlockError, Code, callServerStream, callUnary, createLogger, createVaultClient } from "../../common/index.js";
-import { auditStream, bucketStream, passkeyBucket, stateBucket, streams } from "../../common/subjects.js";
+import { auditStream, bucketStream, passkeyBucket, requestBucket, stateBucket, streams } from "../../common/subjects.js";
 import { startNatsCluster, useInfra, waitUntil } from "../../harness/index.js";
 import { type AuditEvent, AuditEventType, type RequestRecord, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
@@ -87,7 +87,7 @@ async function pending(method: string): Promise<RequestRecord> {
 
 await t.test("every stream and bucket is replicated x3 across the cluster", async (t) => {
   const jsm = await jetstreamManager(ncA);
-  for (const name of [...Object.values(streams).map((s) => s.name), auditStream.name, bucketStream(stateBucket)]) {
+  for (const name of [...Object.values(streams).map((s) => s.name), auditStream.name, bucketStream(stateBucket), bucketStream(requestBucket)]) {
     const info = await jsm.streams.info(name);
     t.equal(info.config.num_replicas, replicas, `${name} has ${replicas} replicas`);
     t.equal(info.cluster?.replicas?.length, replicas - 1, `${name}: a leader and ${replicas - 1} followers`);

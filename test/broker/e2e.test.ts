@@ -1,6 +1,8 @@
 import { join } from "node:path";
 import { Client, credentials, type Metadata } from "@grpc/grpc-js";
-import { clone, toJsonString } from "@bufbuild/protobuf";
+import { clone, equals, fromBinary, toBinary, toJsonString } from "@bufbuild/protobuf";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { type KvEntry, Kvm } from "@nats-io/kv";
 import { timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import { generateKeyPair } from "jose";
 import t from "tap";
@@ -12,7 +14,8 @@ import { Broker } from "../../broker/service.js";
 import { ConfigReader } from "../../common/config.js";
 import { type AirlockError, Code, callServerStream, callUnary, createLogger, createVaultClient } from "../../common/index.js";
 import { useInfra } from "../../harness/index.js";
-import { type AuditEvent, AuditEventType, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
+import { ApprovalRequestSchema, type AuditEvent, AuditEventType, type RequestRecord, RequestRecordSchema, RequestState } from "../../proto/index.js";
+import { bucketStream, requestBucket, stateBucket } from "../../common/subjects.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
@@ -49,6 +52,9 @@ t.teardown(() => client.close());
 function agent(extra: Record<string, string> = {}): Promise<Metadata> {
   return agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, extra);
 }
+
+/** The ExportTable the first test completes, as the broker reads it. */
+let exported: RequestRecord | undefined;
 
 async function pending(method: string): Promise<RequestRecord> {
   for (let i = 0; i < 100; i++) {
@@ -93,6 +99,42 @@ await t.test("approved ExportTable: the dynamic user works during the action and
   }
   t.equal(done.state, RequestState.COMPLETED);
   t.equal(done.lease?.revokedBy, "broker-1");
+  exported = done;
+});
+
+await t.test("that ExportTable's request was stored once: no revision of its record holds it, every read joins it back", async (t) => {
+  const id = exported?.request?.id ?? "";
+  const request = exported?.request;
+  if (request === undefined) throw new Error("no completed ExportTable");
+  const admin = await nats.connect({ kind: "admin" });
+  t.teardown(() => admin.close());
+  const kvm = new Kvm(admin);
+  const revisions: KvEntry[] = [];
+  for await (const entry of await (await kvm.open(stateBucket)).history({ key: id })) if (entry.operation === "PUT") revisions.push(entry);
+  // Intake, then the deciding vote, the lease and the completion: each a compare-and-set.
+  t.ok(revisions.length >= 4, `${revisions.length} revisions of the record`);
+  t.ok(
+    revisions.every((entry) => fromBinary(RequestRecordSchema, entry.value).request === undefined),
+    "none of them holds the request",
+  );
+  const stored: KvEntry[] = [];
+  for await (const entry of await (await kvm.open(requestBucket)).history({ key: id })) stored.push(entry);
+  t.equal(stored.length, 1, "the requests bucket holds one revision of it");
+  const first = revisions[0];
+  t.ok(first !== undefined && (stored[0]?.created.getTime() ?? Infinity) <= first.created.getTime(), "written before the record's first revision kept, never after");
+  t.ok(equals(ApprovalRequestSchema, fromBinary(ApprovalRequestSchema, stored[0]?.value ?? new Uint8Array()), request), "it is the request get() returns");
+  // One write per request in the whole bucket: its last sequence is the number of requests recorded so far.
+  const jsm = await jetstreamManager(admin);
+  t.equal((await jsm.streams.info(bucketStream(requestBucket))).state.last_seq, (await broker.list()).length, "the requests bucket took one write per request");
+  // Bytes per compare-and-set: what each revision holds now, and what it held with the request embedded.
+  const after = revisions.map((entry) => entry.value.length);
+  const before = revisions.map((entry) => toBinary(RequestRecordSchema, { ...fromBinary(RequestRecordSchema, entry.value), request }).length);
+  const sum = (sizes: number[]) => sizes.reduce((total, size) => total + size, 0);
+  t.comment(`ExportTable request ${toBinary(ApprovalRequestSchema, request).length} bytes, stored once; record writes (bytes) with the request embedded: ${before.join(", ")} (${sum(before)}); without: ${after.join(", ")} (${sum(after)})`);
+  t.ok(
+    after.every((size, i) => (before[i] ?? 0) - size > toBinary(ApprovalRequestSchema, request).length),
+    "each compare-and-set writes the request's bytes fewer",
+  );
 });
 
 await t.test("an auto-approved RotateKey gets a live per-action token that is dead after completion; watch sees each step", async (t) => {

@@ -87,9 +87,15 @@ await t.test("approvals issued while NATS restarts reach every agent within seco
     "every record ends COMPLETED with its credential revoked",
   );
   t.same(await exportRoles(admin), [], "no database user Vault made is left");
-  // Writes resent after the restart left no event twice in the trail.
-  const events: AuditEvent[] = [];
-  for await (const event of readAuditEvents(nc)) if (ids.includes(event.requestId)) events.push(event);
+  // Writes resent after the restart left no event twice in the trail. A completion's record and
+  // its audit batch are written side by side, so the trail may take the batch after the record
+  // reads COMPLETED: wait for every completion's event, then count.
+  let events: AuditEvent[] = [];
+  await waitUntil(async () => {
+    events = [];
+    for await (const event of readAuditEvents(nc)) if (ids.includes(event.requestId)) events.push(event);
+    return ids.every((id) => events.some((e) => e.requestId === id && e.type === AuditEventType.ACTION_COMPLETED));
+  }, 10_000);
   for (const id of ids) {
     const of = (type: AuditEventType) => events.filter((e) => e.requestId === id && e.type === type).length;
     // The vote that decides and the published decision (which names its decision id) are two DECIDED events.

@@ -4,7 +4,7 @@
 // found and paged through from the history; and only brokers may read or write the history.
 import { randomUUID } from "node:crypto";
 import { join } from "node:path";
-import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { create, equals, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
@@ -19,7 +19,7 @@ import { ConfigReader } from "../../common/config.js";
 import { generateDecisionKey } from "../../common/decision.js";
 import { Code, createLogger, createVaultClient } from "../../common/index.js";
 import { natsRefusal } from "../../common/nats.js";
-import { historyStream, stateBucket, subjects } from "../../common/subjects.js";
+import { historyStream, requestBucket, stateBucket, subjects } from "../../common/subjects.js";
 import { useInfra, waitUntil } from "../../harness/index.js";
 import { ApprovalRequestSchema, type RequestRecord, RequestRecordSchema, RequestState, Risk } from "../../proto/index.js";
 import { Policy } from "../../sidecar/index.js";
@@ -103,11 +103,16 @@ async function fullScan(query: IndexQuery): Promise<string[]> {
   const admin = await nats.connect({ kind: "admin" });
   try {
     const kv = await new Kvm(admin).open(stateBucket);
+    const requests = await new Kvm(admin).open(requestBucket);
     const found: ReturnType<typeof summaryOf>[] = [];
     for await (const key of await kv.keys()) {
       const entry = await kv.get(key);
       if (entry === null || entry.operation !== "PUT" || entry.value.length === 0) continue;
-      const summary = summaryOf(fromBinary(RequestRecordSchema, entry.value));
+      // The record leaves its request out: it is stored once, under the same key, in the requests bucket.
+      const stored = fromBinary(RequestRecordSchema, entry.value);
+      const request = await requests.get(key);
+      if (request !== null) stored.request = fromBinary(ApprovalRequestSchema, request.value);
+      const summary = summaryOf(stored);
       if (matchesQuery(summary, query)) found.push(summary);
     }
     return found.sort((a, b) => b.createdMs - a.createdMs || (a.id < b.id ? 1 : -1)).map((s) => s.id);
@@ -190,10 +195,14 @@ await t.test("a settled record past its retention leaves the state bucket and is
   const kept = await fullScan({ states: new Set(), agent: "", minRisk: Risk.UNSPECIFIED, createdFromMs: 0, createdToMs: 0 });
   t.equal(kept.filter((id) => oldIds.has(id)).length, 0, "a full read of the bucket no longer finds them");
   t.ok(kept.length >= 60, "records within retention stayed");
+  const requests = await new Kvm(admin).open(requestBucket);
   for (const r of old) {
     const id = r.request?.id ?? "";
     const stored = await jsm.direct.getMessage(historyStream.name, { last_by_subj: subjects.history(id) });
     t.ok(stored !== null, `${id.slice(0, 8)} is in the history`);
+    const kept = stored === null ? undefined : fromBinary(RequestRecordSchema, stored.data).request;
+    t.ok(kept !== undefined && r.request !== undefined && equals(ApprovalRequestSchema, kept, r.request), `${id.slice(0, 8)}'s history copy holds its whole request`);
+    t.equal(await requests.get(id), null, `${id.slice(0, 8)}'s request left the requests bucket with its record`);
     t.equal((await b.broker.get(id)).state, RequestState.DENIED, `${id.slice(0, 8)} is still found by id, on another replica`);
   }
   // The denied list pages from the index into the history: newest first, each record once.

@@ -12,7 +12,7 @@ import { connect, headers, type NatsConnection } from "@nats-io/transport-node";
 import t, { type Test } from "tap";
 import { ensureAuditStream } from "../../broker/audit/index.js";
 import { ensureStreams } from "../../common/subjects.js";
-import { auditStream, stateBucket, streams, subjects } from "../../common/subjects.js";
+import { auditStream, requestBucket, stateBucket, streams, subjects } from "../../common/subjects.js";
 import { connectNats, natsRefusal } from "../../common/nats.js";
 import { Code } from "../../common/errors.js";
 import { useInfra } from "../../harness/index.js";
@@ -28,6 +28,8 @@ const broker = await nats.connect({ kind: "broker" });
 t.teardown(() => broker.close());
 const kv = await new Kvm(broker).create(stateBucket, { history: 10 });
 await kv.put("existing", "the broker's record");
+const requestKv = await new Kvm(broker).create(requestBucket, { history: 1 });
+await requestKv.put("existing", "the record's request");
 await ensureAuditStream(adminJsm);
 await jetstream(broker).publish(auditStream.subject, "a real event");
 
@@ -38,7 +40,7 @@ await nats.credentials({ kind: "sidecar", host: "host-b" });
 /** Every stream's message count, to show an attempt changed nothing. */
 async function snapshot(): Promise<Record<string, number>> {
   const counts: Record<string, number> = {};
-  for (const name of [...Object.values(streams).map((s) => s.name), auditStream.name, `KV_${stateBucket}`]) counts[name] = (await adminJsm.streams.info(name)).state.messages;
+  for (const name of [...Object.values(streams).map((s) => s.name), auditStream.name, `KV_${stateBucket}`, `KV_${requestBucket}`]) counts[name] = (await adminJsm.streams.info(name)).state.messages;
   return counts;
 }
 
@@ -85,6 +87,11 @@ await t.test("the state bucket: no get, put or delete", async (t) => {
   await refused(t, "KV delete", () => jsA.publish(`$KV.${stateBucket}.existing`, "", { headers: del }));
   await refused(t, "KV open", () => new Kvm(hostA).open(stateBucket).then((bucket) => bucket.get("existing")));
   t.equal((await kv.get("existing"))?.string(), "the broker's record", "the record is untouched");
+  // The requests bucket, which records are joined with, no less.
+  await refused(t, "requests bucket get", () => jsmA.direct.getMessage(`KV_${requestBucket}`, { last_by_subj: `$KV.${requestBucket}.existing` }));
+  await refused(t, "requests bucket put", () => jsA.publish(`$KV.${requestBucket}.existing`, "a request nobody vetted"));
+  await refused(t, "requests bucket delete", () => jsA.publish(`$KV.${requestBucket}.existing`, "", { headers: del }));
+  t.equal((await requestKv.get("existing"))?.string(), "the record's request", "the request is untouched");
 });
 
 await t.test("the audit subject: no appends", async (t) => {
