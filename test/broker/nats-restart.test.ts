@@ -17,7 +17,7 @@ import { type AuditEvent, AuditEventType, RequestState } from "../../proto/index
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
-import { exportRoles, opsPolicy, seedExportEngine, startAgentPath } from "../helpers/stack.js";
+import { exportRoles, holdCustomersLock, opsPolicy, seedExportEngine, startAgentPath } from "../helpers/stack.js";
 
 const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
 const log = createLogger({ name: "test", level: process.env.AIRLOCK_LOG_LEVEL ?? "silent" });
@@ -106,15 +106,7 @@ await t.test("approvals issued while NATS restarts reach every agent within seco
 
 await t.test("an action that ends while NATS is away still completes: its completion is sent again, and it beats until then", async (t) => {
   // The export's SELECT waits on this lock: the action is running when NATS goes.
-  await admin.query("BEGIN");
-  await admin.query("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE");
-  let locked = true;
-  const unlock = async () => {
-    if (!locked) return;
-    locked = false;
-    await admin.query("COMMIT");
-  };
-  t.teardown(unlock);
+  const unlock = await holdCustomersLock(t, admin);
   const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, { "x-airlock-reason": "ends while NATS is away" });
   const outcome = streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata }));
   let id = "";

@@ -160,6 +160,24 @@ export async function seedExportEngine(t: Test, infra: StackInfra): Promise<pg.C
  * read this test's `customers`. Roles are shared by every database of a PostgreSQL server, and
  * test files run side by side on one server: the privilege check keeps another file's users out.
  */
+/**
+ * Locks the demo's `customers` table in `admin`'s session (an open transaction) until the
+ * returned `unlock`, or the test's end: an export's SELECT waits on it, so the action stays
+ * mid-call for as long as the test needs.
+ */
+export async function holdCustomersLock(t: Test, admin: pg.Client): Promise<() => Promise<void>> {
+  await admin.query("BEGIN");
+  await admin.query("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE");
+  let locked = true;
+  const unlock = async () => {
+    if (!locked) return;
+    locked = false;
+    await admin.query("COMMIT");
+  };
+  t.teardown(unlock);
+  return unlock;
+}
+
 export async function exportRoles(admin: pg.Client): Promise<string[]> {
   return (await admin.query<{ rolname: string }>("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%export%' AND has_table_privilege(rolname, 'customers', 'SELECT')")).rows.map((r) => r.rolname);
 }

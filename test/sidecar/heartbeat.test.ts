@@ -16,7 +16,7 @@ import { RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
-import { opsPolicy, seedExportEngine, startAgentPath } from "../helpers/stack.js";
+import { holdCustomersLock, opsPolicy, seedExportEngine, startAgentPath } from "../helpers/stack.js";
 
 const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
 const log = createLogger({ name: "test", level: "silent" });
@@ -46,15 +46,7 @@ t.teardown(() => client.close());
 
 await t.test("a long approved action outlives many heartbeat silences while its sidecar beats, then completes", async (t) => {
   // The export's SELECT waits on this lock: the action runs for as long as the test holds it.
-  await admin.query("BEGIN");
-  await admin.query("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE");
-  let locked = true;
-  const unlock = async () => {
-    if (!locked) return;
-    locked = false;
-    await admin.query("COMMIT");
-  };
-  t.teardown(unlock);
+  const unlock = await holdCustomersLock(t, admin);
   const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" });
   const outcome = streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata })) as Promise<AirlockError | undefined>;
   let id = "";

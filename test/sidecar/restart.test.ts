@@ -5,7 +5,7 @@
  * names its call (`x-airlock-call-id`) and retries it after the crash is told what became of it.
  */
 import { join } from "node:path";
-import t, { type Test } from "tap";
+import t from "tap";
 import { readAuditEvents } from "../../broker/audit/index.js";
 import { CredentialIssuer } from "../../broker/credentials.js";
 import { parseApprovalConfig } from "../../broker/rules.js";
@@ -17,7 +17,7 @@ import { AuditEventType, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { callRequestId, Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
-import { exportRoles, opsPolicy, seedExportEngine, startAgentPath, startSidecarProcess } from "../helpers/stack.js";
+import { exportRoles, holdCustomersLock, opsPolicy, seedExportEngine, startAgentPath, startSidecarProcess } from "../helpers/stack.js";
 
 const { nats, vault, database } = await useInfra(t, { nats: true, vault: true, database: true });
 const log = createLogger({ name: "test", level: "silent" });
@@ -58,15 +58,7 @@ t.teardown(() => client.close());
 
 await t.test("kill -9 the sidecar mid-call: its restart ends the action and revokes the lease long before the heartbeat silence", async (t) => {
   // The export's SELECT waits on this lock: the action is mid-call when the sidecar dies.
-  await admin.query("BEGIN");
-  await admin.query("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE");
-  let locked = true;
-  const unlock = async () => {
-    if (!locked) return;
-    locked = false;
-    await admin.query("COMMIT");
-  };
-  t.teardown(unlock);
+  const unlock = await holdCustomersLock(t, admin);
   const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" });
   const outcome = streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata })) as Promise<AirlockError | undefined>;
   let id = "";
@@ -118,20 +110,6 @@ await t.test("kill -9 the sidecar mid-call: its restart ends the action and revo
   await unlock();
 });
 
-/** Holds the export's SELECT on a table lock until `unlock`: the action stays mid-call. */
-async function lockCustomers(t: Test): Promise<() => Promise<void>> {
-  await admin.query("BEGIN");
-  await admin.query("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE");
-  let locked = true;
-  const unlock = async () => {
-    if (!locked) return;
-    locked = false;
-    await admin.query("COMMIT");
-  };
-  t.teardown(unlock);
-  return unlock;
-}
-
 const hostRequests = async (): Promise<Set<string>> => new Set((await broker.list()).filter((r) => r.request?.host === host).map((r) => r.request?.id ?? ""));
 const hostRequestsSince = async (before: ReadonlySet<string>): Promise<string[]> => [...(await hostRequests())].filter((id) => !before.has(id));
 
@@ -141,7 +119,7 @@ const exportWith = async (callId: string) => {
 };
 
 await t.test("a call id retried after the sidecar died mid-call is told the outcome is unknown, and nothing runs twice", async (t) => {
-  const unlock = await lockCustomers(t);
+  const unlock = await holdCustomersLock(t, admin);
   const before = await hostRequests();
   const callId = "export-after-crash-1";
   const id = callRequestId(host, "spiffe://corp/agent/etl", callId);
