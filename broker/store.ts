@@ -440,7 +440,14 @@ export class RequestStore {
   /** The request stored under `key`, if any names that id. */
   private async readRequest(key: string): Promise<ApprovalRequest | undefined> {
     const entry = await this.requests.get(key);
-    return entry === null || entry.operation !== "PUT" ? undefined : decodeRequest(key, entry.value);
+    if (entry !== null) return entry.operation !== "PUT" ? undefined : decodeRequest(key, entry.value);
+    // Not found by a direct get, which any replica of a replicated bucket may answer, one that has
+    // not applied the write yet among them: asked of the stream's leader before it counts as gone.
+    const stored = await this.jsm.streams.getMessage(requestStream, { last_by_subj: `$KV.${requestBucket}.${key}` }).catch((error: unknown) => {
+      if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.NoMessageFound) return null;
+      throw error;
+    });
+    return stored === null || stored.data.length === 0 ? undefined : decodeRequest(key, stored.data);
   }
 
   /**

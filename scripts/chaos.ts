@@ -233,10 +233,12 @@ class LoadGenerator {
           return;
         }
         const outcome: CallOutcome = { kind: "error", code: error.code, airlockCode: coded, message: error.details, ...reasonOf(error) };
-        // Only a broken connection (UNAVAILABLE, or INTERNAL for a reset stream) is retried: an
-        // upstream's own error, without Airlock's code too, is the upstream's answer.
-        const dropped = Number(error.code) === Code.Unavailable || Number(error.code) === Code.Internal;
-        if (coded === undefined && dropped && Date.now() + 250 < deadline.getTime()) {
+        // A broken connection (UNAVAILABLE, or INTERNAL for a reset stream) is retried, and so is
+        // the sidecar's `call_in_progress` (the same call still held from a connection it has not
+        // seen drop yet): an upstream's own error, without Airlock's code too, is its answer.
+        const dropped = coded === undefined && (Number(error.code) === Code.Unavailable || Number(error.code) === Code.Internal);
+        const inProgress = outcome.kind === "error" && outcome.reason === "call_in_progress";
+        if ((dropped || inProgress) && Date.now() + 250 < deadline.getTime()) {
           this.retries++;
           setTimeout(attempt, 250);
           return;

@@ -1,4 +1,4 @@
-import { createHash, randomUUID } from "node:crypto";
+import { createHash, createHmac, randomUUID } from "node:crypto";
 import { create, fromBinary, fromJson, type JsonValue, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, timestampFromMs, ValueSchema } from "@bufbuild/protobuf/wkt";
 import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
@@ -33,6 +33,11 @@ export interface ApprovalFlowOptions {
   readonly vault: VaultClient;
   readonly metrics: SidecarMetrics;
   readonly log: Logger;
+  /**
+   * The secret call ids are keyed with ({@link callRequestId}): only this host's sidecar may know
+   * it, and it must survive restarts (the sidecar derives it from its NATS seed).
+   */
+  readonly callIdKey: Uint8Array;
   /** How long a publish to JetStream may take before the call fails closed, in ms. @default 5000 */
   readonly publishTimeoutMs?: number;
   /**
@@ -276,6 +281,10 @@ export class ApprovalFlow {
 
   /** This run of the sidecar (in the hello, for the brokers' logs). */
   private readonly instance = randomUUID();
+  /** When this run started (epoch ms): a decision made before it may have been collected by an earlier run. */
+  private readonly startedAt = Date.now();
+  /** Approved calls this run ran upstream, with the upstream's status, newest last (bounded): a retry is answered, never run again. */
+  private readonly finished = new Map<string, { readonly status: number; readonly message: string }>();
 
   /** Stops following decisions; calls still waiting fail with UNAVAILABLE. */
   async close(): Promise<void> {
@@ -337,7 +346,7 @@ export class ApprovalFlow {
     let resumed = resumeId !== undefined;
     if (callId !== undefined) {
       if (resumeId !== undefined) throw new AirlockError(Code.InvalidArgument, "give x-airlock-call-id or x-airlock-request-id, not both", { details: { field: "x-airlock-call-id", reason: "invalid_call_id" } });
-      const id = callRequestId(this.options.host, call.identity.agent, callId);
+      const id = callRequestId(this.options.callIdKey, { host: this.options.host, agent: call.identity.agent, onBehalfOf: call.identity.onBehalfOf, callId });
       const found = await this.resume(id, requestSha256, call, { missing: "undefined" });
       resumed = found !== undefined;
       ({ request, decision: earlier } = found ?? { request: this.buildRequest(call, requestSha256, id) });
@@ -347,7 +356,7 @@ export class ApprovalFlow {
       ({ request, decision: earlier } = await this.resume(resumeId, requestSha256, call));
     }
     const requestId = request.id;
-    if (resumed && this.waiters.has(requestId)) {
+    if (this.waiters.has(requestId)) {
       // One wait per request: a second would take the first's decision from under it.
       throw new AirlockError(Code.AlreadyExists, `request ${requestId} is already being waited for on this sidecar; retry once that call has ended`, { details: { requestId, reason: "call_in_progress" } });
     }
@@ -387,7 +396,8 @@ export class ApprovalFlow {
       cleanup = () => {
         clearTimeout(timer);
         call.signal.removeEventListener("abort", onAbort);
-        this.waiters.delete(requestId);
+        // Only this call's own wait: another call's is never taken down with it.
+        if (this.waiters.get(requestId)?.offer === offer) this.waiters.delete(requestId);
       };
       if (earlier !== undefined) offer(earlier);
     });
@@ -496,6 +506,15 @@ export class ApprovalFlow {
     } catch {
       // Not decided yet: wait for it like a fresh request.
     }
+    const ran = this.finished.get(requestId);
+    if (ran !== undefined) {
+      throw new AirlockError(Code.FailedPrecondition, `request ${requestId} already ran on this sidecar (the upstream answered status ${ran.status}${ran.message === "" ? "" : `: ${ran.message}`}); it is not run again`, {
+        details: { requestId, reason: "already_ran", upstreamStatus: ran.status },
+      });
+    }
+    if (this.waiters.has(requestId) || this.running.has(requestId)) {
+      throw new AirlockError(Code.AlreadyExists, `request ${requestId} is being waited for or run on this sidecar; retry once that call has ended`, { details: { requestId, reason: "call_in_progress" } });
+    }
     if (decision !== undefined && this.replay.has(decidedId(decision))) {
       // This sidecar already ran the call with that decision: waiting would only hang until the deadline.
       throw new AirlockError(Code.FailedPrecondition, `request ${requestId} was already decided and its decision used; make the call again with a new call id, or without x-airlock-request-id, to ask anew`, {
@@ -529,10 +548,18 @@ export class ApprovalFlow {
     } catch (error) {
       const failure = AirlockError.from(error);
       if (failure.code === Code.Unavailable) throw new AirlockError(Code.Unavailable, "Vault is unreachable: cannot unwrap the credential", { details: { requestId } });
+      const wrapExpired = delivery.wrapExpiresAt !== undefined && timestampDate(delivery.wrapExpiresAt).getTime() < Date.now();
+      if (wrapExpired) {
+        throw new AirlockError(Code.DeadlineExceeded, `the credential for request ${requestId} expired before it was collected; make the call again with a new call id to ask anew`, {
+          details: { requestId, reason: "credential_expired" },
+        });
+      }
       this.securityEvent("unwrap_failed", requestId, failure.rawMessage);
-      if (resumed) {
-        // This run never took the credential (its replay guard would have refused the resume):
-        // an earlier run of this sidecar did, and died before the outcome was known.
+      const decidedAt = body.decidedAt === undefined ? 0 : timestampDate(body.decidedAt).getTime();
+      if (resumed && decidedAt < this.startedAt + callIds.clockSkewMs) {
+        // This run never took the credential (its replay guard would have refused the resume),
+        // and the decision predates it: an earlier run of this sidecar did, and died before the
+        // outcome was known.
         throw new AirlockError(
           Code.Aborted,
           `request ${requestId} was approved and its credential taken by an earlier run of this sidecar, which stopped before the outcome was known: the action may have run upstream; check there before calling again with a new call id`,
@@ -551,6 +578,9 @@ export class ApprovalFlow {
       complete: (status, message, touched = {}) => {
         if (completed) return;
         completed = true;
+        this.finished.delete(requestId);
+        this.finished.set(requestId, { status, message: message.slice(0, 200) });
+        if (this.finished.size > callIds.rememberedRuns) this.finished.delete(this.finished.keys().next().value ?? "");
         const completion = create(CompletionSchema, {
           // The decision id is in the de-duplication id: no one can spend it before the decision exists.
           completionId: `${requestId}.${body.decisionId}.completion`,
@@ -584,20 +614,35 @@ function decidedId(decision: Decision): string {
 /** What an agent's `x-airlock-call-id` may be: 1 to 128 characters of `[-_.:a-zA-Z0-9]`. */
 const callIdPattern = /^[-_.:a-zA-Z0-9]{1,128}$/;
 
+/** Bounds of call-id handling. */
+export const callIds = {
+  /** Calls of this run remembered as ran, so a retry of one is answered and never run again. */
+  rememberedRuns: 10_000,
+  /** How far the broker's clock may be ahead of this host's when judging whether a decision predates this run, in ms. */
+  clockSkewMs: 2000,
+} as const;
+
+/** The key call ids are derived with, from the sidecar's NATS seed: secret to this host, the same across its restarts. */
+export function callIdKeyFromSeed(seed: string): Uint8Array {
+  return createHmac("sha256", seed.trim()).update("airlock.call-id.key.v1").digest();
+}
+
 /**
- * The request id of an agent's call id (`x-airlock-call-id`): a UUID (version 8) from SHA-256
- * over the host, the authenticated agent and the call id. The same call, retried on this host
- * by the same agent, names the same request, so a retry after a dropped connection or a
- * sidecar restart resumes it instead of asking anew; another agent's call id can never name it.
- * INVALID_ARGUMENT (`invalid_call_id`) for a call id outside {@link callIdPattern}.
+ * The request id of an agent's call id (`x-airlock-call-id`): a UUID (version 8) from
+ * HMAC-SHA256, under a key only this host's sidecar holds, over the host, the authenticated
+ * agent, the human it acts for and the call id. The same call, retried on this host by the same
+ * agent for the same human, names the same request, so a retry after a dropped connection or a
+ * sidecar restart resumes it instead of asking anew. Without the key nobody can compute it: a
+ * hostile host cannot take another host's request ids ahead of it. INVALID_ARGUMENT
+ * (`invalid_call_id`) for a call id outside {@link callIdPattern}.
  */
-export function callRequestId(host: string, agent: string, callId: string): string {
-  if (!callIdPattern.test(callId)) {
+export function callRequestId(key: Uint8Array, call: { readonly host: string; readonly agent: string; readonly onBehalfOf: string; readonly callId: string }): string {
+  if (!callIdPattern.test(call.callId)) {
     throw new AirlockError(Code.InvalidArgument, "x-airlock-call-id must be 1 to 128 characters of letters, digits, '-', '_', '.' and ':'", {
       details: { field: "x-airlock-call-id", reason: "invalid_call_id" },
     });
   }
-  const bytes = createHash("sha256").update(`airlock.call-id.v1\0${host}\0${agent}\0${callId}`).digest().subarray(0, 16);
+  const bytes = createHmac("sha256", key).update(["airlock.call-id.v1", call.host, call.agent, call.onBehalfOf, call.callId].join("\0")).digest().subarray(0, 16);
   bytes[6] = ((bytes[6] ?? 0) & 0x0f) | 0x80;
   bytes[8] = ((bytes[8] ?? 0) & 0x3f) | 0x80;
   const hex = bytes.toString("hex");

@@ -10,7 +10,7 @@ import { createLogger, type Logger } from "../common/logger.js";
 import { connectNats } from "../common/nats.js";
 import { createVaultClient } from "../common/vault.js";
 import { CallReporter } from "./reports.js";
-import { ApprovalFlow } from "./approvals.js";
+import { ApprovalFlow, callIdKeyFromSeed } from "./approvals.js";
 import type { SidecarConfig, UpstreamConfig } from "./config.js";
 import { AgentAuthenticator } from "./identity.js";
 import { startHealthServer } from "../common/health.js";
@@ -96,7 +96,9 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
         if (status.type === "disconnect" || status.type === "reconnect") log.warn({ nats: status.type }, "NATS connection changed");
       }
     })();
-    const flow = await ApprovalFlow.start({ nc, host: config.host, keyRing, vault: createVaultClient({ address: config.vault.address }), metrics, log, heartbeatIntervalMs: config.heartbeatIntervalMs });
+    // Call ids are keyed with a secret of this host's that survives restarts: its NATS seed.
+    const callIdKey = callIdKeyFromSeed(await readFile(config.nats.auth.seedFile, "utf8"));
+    const flow = await ApprovalFlow.start({ nc, host: config.host, keyRing, vault: createVaultClient({ address: config.vault.address }), metrics, log, heartbeatIntervalMs: config.heartbeatIntervalMs, callIdKey });
     cleanups.push(() => flow.close());
     // Closed before the connection (cleanups run in reverse), so its last batch still goes out.
     const reporter = new CallReporter({ nc, host: config.host });

@@ -531,7 +531,7 @@ await t.test("no-wait and resume: ABORTED with the request id, then the identica
   const replayStarted = Date.now();
   const replay = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "resume-me" }, { metadata: await agentMetadata({ "x-airlock-request-id": request.id }) }));
   t.equal(replay.code, Code.FailedPrecondition, "the same decision does not run the action twice, and a second resume is told so");
-  t.match(replay.rawMessage, /already decided and its decision used/);
+  t.match(replay.rawMessage, /already ran on this sidecar \(the upstream answered status 0: OK\); it is not run again/);
   t.ok(Date.now() - replayStarted < 2000, "answered at once (the request's timeout is 4 s)");
 });
 

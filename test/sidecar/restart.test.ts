@@ -4,6 +4,7 @@
  * silence. Another host's hello, or one on another host's subject, ends nothing. An agent that
  * names its call (`x-airlock-call-id`) and retries it after the crash is told what became of it.
  */
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import t from "tap";
 import { readAuditEvents } from "../../broker/audit/index.js";
@@ -15,7 +16,7 @@ import { AirlockError, Code, callServerStream, createLogger, createVaultClient }
 import { freePort, useInfra, waitUntil } from "../../harness/index.js";
 import { AuditEventType, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
-import { callRequestId, Policy } from "../../sidecar/index.js";
+import { callIdKeyFromSeed, callRequestId, Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
 import { exportRoles, holdCustomersLock, opsPolicy, seedExportEngine, startAgentPath, startSidecarProcess } from "../helpers/stack.js";
 
@@ -110,6 +111,10 @@ await t.test("kill -9 the sidecar mid-call: its restart ends the action and revo
   await unlock();
 });
 
+// The sidecar keys call ids with its NATS seed; the test reads the same seed to know the ids.
+const callIdKey = callIdKeyFromSeed(await readFile((await nats.credentials({ kind: "sidecar", host })).auth.seedFile, "utf8"));
+const idOf = (callId: string) => callRequestId(callIdKey, { host, agent: "spiffe://corp/agent/etl", onBehalfOf: "alice@corp", callId });
+
 const hostRequests = async (): Promise<Set<string>> => new Set((await broker.list()).filter((r) => r.request?.host === host).map((r) => r.request?.id ?? ""));
 const hostRequestsSince = async (before: ReadonlySet<string>): Promise<string[]> => [...(await hostRequests())].filter((id) => !before.has(id));
 
@@ -122,7 +127,7 @@ await t.test("a call id retried after the sidecar died mid-call is told the outc
   const unlock = await holdCustomersLock(t, admin);
   const before = await hostRequests();
   const callId = "export-after-crash-1";
-  const id = callRequestId(host, "spiffe://corp/agent/etl", callId);
+  const id = idOf(callId);
   const outcome = exportWith(callId);
   t.ok(await waitUntil(async () => (await broker.list()).some((r) => r.request?.id === id && r.state === RequestState.PENDING), 30_000), "held under the id its call id names");
   await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
@@ -150,7 +155,7 @@ await t.test("a call id retried after the sidecar died mid-call is told the outc
 await t.test("a call id retried after the sidecar died while it waited resumes the same request, which runs once", async (t) => {
   const before = await hostRequests();
   const callId = "export-while-waiting-1";
-  const id = callRequestId(host, "spiffe://corp/agent/etl", callId);
+  const id = idOf(callId);
   const outcome = exportWith(callId);
   t.ok(await waitUntil(async () => (await broker.list()).some((r) => r.request?.id === id && r.state === RequestState.PENDING), 30_000), "held");
   await current.kill();
@@ -166,16 +171,43 @@ await t.test("a call id retried after the sidecar died while it waited resumes t
 
   const again = AirlockError.from(await exportWith(callId));
   t.equal(again.code, Code.FailedPrecondition, `the same call id once more runs nothing: ${again.message}`);
-  t.equal(again.details.reason, "already_used");
+  t.equal(again.details.reason, "already_ran");
+  t.equal(again.details.upstreamStatus, 0, "and says how the upstream answered");
+});
+
+await t.test("the same call id again while the first call waits or runs is call_in_progress; nothing runs twice", async (t) => {
+  const unlock = await holdCustomersLock(t, admin);
+  const callId = "export-twice-at-once";
+  const id = idOf(callId);
+  const first = exportWith(callId);
+  t.ok(await waitUntil(async () => (await broker.list()).some((r) => r.request?.id === id && r.state === RequestState.PENDING), 30_000), "held");
+  const waiting = AirlockError.from(await exportWith(callId));
+  t.equal(waiting.code, Code.AlreadyExists, waiting.message);
+  t.equal(waiting.details.reason, "call_in_progress", "a second wait would take the first's decision");
+  await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
+  t.ok(
+    await waitUntil(async () => (await admin.query("SELECT pg_stat_clear_snapshot()")) && (await admin.query("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND usename = ANY($1)", [await exportRoles(admin)])).rowCount === 1, 20_000),
+    "the first call runs upstream",
+  );
+  const running = AirlockError.from(await exportWith(callId));
+  t.equal(running.code, Code.AlreadyExists, running.message);
+  t.equal(running.details.reason, "call_in_progress");
+  await unlock();
+  t.equal(await first, undefined, "the first call ran to its end, once");
+  t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.COMPLETED, 20_000), "completed");
 });
 
 await t.test("call ids: a malformed one is refused; the same id from another agent or host names another request", async (t) => {
   const bad = AirlockError.from(await exportWith("has spaces/and slashes"));
   t.equal(bad.code, Code.InvalidArgument);
   t.equal(bad.details.reason, "invalid_call_id");
-  const mine = callRequestId(host, "spiffe://corp/agent/etl", "x");
+  const base = { host, agent: "spiffe://corp/agent/etl", onBehalfOf: "alice@corp", callId: "x" };
+  const mine = callRequestId(callIdKey, base);
   t.match(mine, /^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/, "a version-8 UUID, the shape request ids have");
-  t.not(callRequestId(host, "spiffe://corp/agent/other", "x"), mine, "another agent's");
-  t.not(callRequestId("other-host", "spiffe://corp/agent/etl", "x"), mine, "another host's");
-  t.throws(() => callRequestId(host, "a", "x".repeat(129)), /x-airlock-call-id/);
+  t.equal(callRequestId(callIdKey, base), mine, "the same call names the same request");
+  t.not(callRequestId(callIdKey, { ...base, agent: "spiffe://corp/agent/other" }), mine, "another agent's");
+  t.not(callRequestId(callIdKey, { ...base, host: "other-host" }), mine, "another host's");
+  t.not(callRequestId(callIdKey, { ...base, onBehalfOf: "bob@corp" }), mine, "for another human");
+  t.not(callRequestId(callIdKeyFromSeed("SUAOTHERHOSTSSEED"), base), mine, "without this host's key, nobody can compute it");
+  t.throws(() => callRequestId(callIdKey, { ...base, callId: "x".repeat(129) }), /x-airlock-call-id/);
 });
