@@ -407,7 +407,7 @@ export class ApprovalFlow {
     try {
       if (!resumed) await this.publishRequest(request);
       if (noWait && earlier === undefined) {
-        throw new AirlockError(Code.Aborted, `held for approval as request ${requestId}; call again with metadata x-airlock-request-id: ${requestId}`, {
+        throw new AirlockError(Code.Aborted, `held for approval as request ${requestId}; call again with ${callId === undefined ? `metadata x-airlock-request-id: ${requestId}` : "the same x-airlock-call-id"}`, {
           details: { requestId },
         });
       }
