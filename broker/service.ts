@@ -162,6 +162,8 @@ export const brokerDefaults = {
   sweepEveryMs: 5_000,
   /** Accessors or lease ids one sweep's audit event names at most (the count is always there). */
   maxSweptNamed: 50,
+  /** How long before an orphaned decision's write a dead replica's issuance is looked for in Vault, in ms (clocks of replicas and Vault differ). */
+  orphanSweepMarginMs: 5_000,
   /**
    * Deliveries of one message before it is given up (terminated and audited). A message that
    * cannot be decoded or fails for good is terminated at once.
@@ -712,6 +714,7 @@ export class Broker {
         // The intent is the decision id, on record since the write that decided: Vault's secret carries it.
         issued = await this.options.issuer.issue(request, decisionId);
         this.metrics.vaultLatency.labels("issue").observe((performance.now() - started) / 1000);
+        await failpoint("broker.after_issue");
       } catch (error) {
         this.metrics.vaultErrors.labels("issue").inc();
         const failure = AirlockError.from(error);
@@ -1246,7 +1249,49 @@ export class Broker {
       await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId: takeover.decisionId, record: takeover });
       return;
     }
+    if (record.state === RequestState.APPROVED && (record.lease === undefined || record.lease.leaseId === "")) {
+      // The replica that died may have had Vault make the credential under its decision id (the
+      // issuance intent) before it could record it: found and revoked before a new one is issued.
+      const swept = await this.sweepOrphanedIssuance(record, request, takeover.decisionId);
+      if (!swept) return;
+    }
     await this.finalize({ record: takeover, revision });
+  }
+
+  /**
+   * Sweeps Vault for what a dead replica's issuance (intent: the orphaned decision id) made, and
+   * audits what it revoked. True when Vault answered every question; otherwise the request fails
+   * closed with the old intent on record, so the ticker's sweep goes on looking
+   * ({@link Broker.sweepIntent}), and the agent is told to ask again.
+   */
+  private async sweepOrphanedIssuance(record: RequestRecord, request: ApprovalRequest, takeoverId: string): Promise<boolean> {
+    const intent = record.decisionId;
+    const known = new Set<string>();
+    for (const other of this.index.active()) if (other.record.lease !== undefined && other.record.lease.leaseId !== "") known.add(other.record.lease.leaseId);
+    // From the decision's write, less a margin for the clocks of replicas and Vault.
+    const since = new Date((record.updatedAt === undefined ? 0 : timestampDate(record.updatedAt).getTime()) - brokerDefaults.orphanSweepMarginMs);
+    const kind = request.credential?.kind.case === "database" ? "database" : "vault_token";
+    const { revoked, settled } = await this.options.issuer.sweep(request, intent, since, (leaseId) => known.has(leaseId)).catch(() => ({ revoked: [] as string[], settled: false }));
+    if (revoked.length > 0) {
+      await this.audit.append({
+        type: AuditEventType.CREDENTIAL_REVOKED,
+        actor: this.options.replicaId,
+        requestId: request.id,
+        details: { why: "orphaned_issuance_swept", kind, intent, found: revoked.length, revoked: revoked.slice(0, brokerDefaults.maxSweptNamed), settled },
+        flagged: true,
+      });
+    }
+    if (settled) return true;
+    const reason = "the broker replica handling this approval died while issuing its credential, and Vault could not be searched for it yet; ask again";
+    await this.store.mutate(request.id, (current) => {
+      const failed = markFailed(current, reason, new Date());
+      if (!failed.ok) return undefined;
+      const next = clone(RequestRecordSchema, failed.record);
+      next.lease = create(LeaseRecordSchema, { leaseId: "", intent, kind, issuedAt: timestampFromDate(since) });
+      return next;
+    });
+    await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId: takeoverId, record: undefined });
+    return false;
   }
 
   /** Whether an approved record's approval is accounted for: its requirement met by approving votes, or an auto rule that approves it. */

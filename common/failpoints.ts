@@ -13,9 +13,9 @@
 import { AirlockError, Code } from "./errors.js";
 
 /** The failpoints the code has. */
-export type FailpointName = "broker.before_issue" | "broker.before_publish" | "broker.after_intake_audit";
+export type FailpointName = "broker.before_issue" | "broker.after_issue" | "broker.before_publish" | "broker.after_intake_audit";
 
-const known: readonly FailpointName[] = ["broker.before_issue", "broker.before_publish", "broker.after_intake_audit"];
+const known: readonly FailpointName[] = ["broker.before_issue", "broker.after_issue", "broker.before_publish", "broker.after_intake_audit"];
 
 /** Parses `name=action,name=action`; an unknown name or action is an error naming it. */
 export function parseFailpoints(spec: string): ReadonlyMap<FailpointName, "pause"> {

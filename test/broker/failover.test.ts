@@ -5,7 +5,7 @@ import t from "tap";
 import { parseBrokerConfig, readAuditEvents, type RunningBroker, startBroker } from "../../broker/index.js";
 import { ConfigReader } from "../../common/config.js";
 import { AirlockError, callServerStream, Code, createLogger, createVaultClient } from "../../common/index.js";
-import { freePort, useInfra } from "../../harness/index.js";
+import { freePort, useInfra, waitUntil } from "../../harness/index.js";
 import { AuditEventType, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { agentMetadata } from "../helpers/agent.js";
@@ -148,6 +148,26 @@ await t.test("replica A killed after deciding, before issuing: B takes over, iss
     ["dana@example.com"],
     "dana's vote, cast on A, counted once",
   );
+});
+
+await t.test("replica A killed after Vault made its credential, before recording it: B fails it closed and sweeps A's credential from Vault", async (t) => {
+  const call = exportCall();
+  const id = await killMidApproval("broker.after_issue");
+  t.equal((await dynamicRoles()).length, 1, "Vault made A's database user; no record names it");
+  const outcome = await call;
+  // A database user carries no intent, so only one older than Vault's settle time is judged nobody's:
+  // too soon for B's takeover, which fails the request closed and leaves the intent to the sweep.
+  t.not(outcome.code, 0, "no action runs on a half-finished issuance");
+  t.match(outcome.message, /died while issuing its credential/);
+  const survivor = await survivorBroker();
+  t.ok(await waitUntil(async () => (await dynamicRoles()).length === 0, 60_000), "A's database user is found and revoked");
+  t.ok(await waitUntil(async () => (await survivor.broker.get(id)).lease?.revokedAt !== undefined, 20_000), "and the intent resolved on the record");
+  const record = await survivor.broker.get(id);
+  t.equal(record.state, RequestState.FAILED);
+  const swept = [];
+  for await (const event of readAuditEvents(await connectNats())) if (event.requestId === id && (event.details?.why === "issuance_swept" || event.details?.why === "orphaned_issuance_swept")) swept.push(event);
+  t.equal(swept.reduce((sum, event) => sum + Number(event.details?.found ?? 0), 0), 1, "the trail names the one credential A's issuance made");
+  t.ok(swept.every((event) => event.flagged), "flagged");
 });
 
 await t.test("replica A killed after issuing, before publishing: B revokes A's credential and fails the request closed", async (t) => {
