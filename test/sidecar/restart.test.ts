@@ -57,6 +57,18 @@ const { Client, credentials } = await import("@grpc/grpc-js");
 const client = new Client(listen, credentials.createInsecure());
 t.teardown(() => client.close());
 
+// The sidecar keys call ids with its NATS seed; the test reads the same seed to know the ids.
+const callIdKey = callIdKeyFromSeed(await readFile((await nats.credentials({ kind: "sidecar", host })).auth.seedFile, "utf8"));
+const idOf = (callId: string) => callRequestId(callIdKey, { host, agent: "spiffe://corp/agent/etl", onBehalfOf: "alice@corp", callId });
+
+const hostRequests = async (): Promise<Set<string>> => new Set((await broker.list()).filter((r) => r.request?.host === host).map((r) => r.request?.id ?? ""));
+const hostRequestsSince = async (before: ReadonlySet<string>): Promise<string[]> => [...(await hostRequests())].filter((id) => !before.has(id));
+
+const exportWith = async (callId: string) => {
+  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, { "x-airlock-call-id": callId });
+  return streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata }));
+};
+
 await t.test("kill -9 the sidecar mid-call: its restart ends the action and revokes the lease long before the heartbeat silence", async (t) => {
   // The export's SELECT waits on this lock: the action is mid-call when the sidecar dies.
   const unlock = await holdCustomersLock(t, admin);
@@ -110,18 +122,6 @@ await t.test("kill -9 the sidecar mid-call: its restart ends the action and revo
   );
   await unlock();
 });
-
-// The sidecar keys call ids with its NATS seed; the test reads the same seed to know the ids.
-const callIdKey = callIdKeyFromSeed(await readFile((await nats.credentials({ kind: "sidecar", host })).auth.seedFile, "utf8"));
-const idOf = (callId: string) => callRequestId(callIdKey, { host, agent: "spiffe://corp/agent/etl", onBehalfOf: "alice@corp", callId });
-
-const hostRequests = async (): Promise<Set<string>> => new Set((await broker.list()).filter((r) => r.request?.host === host).map((r) => r.request?.id ?? ""));
-const hostRequestsSince = async (before: ReadonlySet<string>): Promise<string[]> => [...(await hostRequests())].filter((id) => !before.has(id));
-
-const exportWith = async (callId: string) => {
-  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, { "x-airlock-call-id": callId });
-  return streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata }));
-};
 
 await t.test("a call id retried after the sidecar died mid-call is told the outcome is unknown, and nothing runs twice", async (t) => {
   const unlock = await holdCustomersLock(t, admin);
