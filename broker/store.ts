@@ -123,7 +123,7 @@ export class RequestStore {
     const cached = this.cache.get(requestId);
     const [entry, request] = await Promise.all([this.kv.get(requestId), cached === undefined ? this.readRequest(requestId) : cached]);
     if (entry === null || entry.operation !== "PUT" || entry.value.length === 0) return undefined;
-    const record = this.join(requestId, entry.value, request);
+    const record = await this.joinOrAskLeader(requestId, entry.value, request);
     return record === undefined ? undefined : { record, revision: entry.revision };
   }
 
@@ -409,8 +409,22 @@ export class RequestStore {
   private async joinEntry<E extends KvEntry>(entry: E): Promise<Joined<E>> {
     if (!isRecordEntry(entry)) return { entry };
     const request = this.cache.get(entry.key) ?? (await this.readRequest(entry.key));
-    const record = this.join(entry.key, entry.value, request);
+    const record = await this.joinOrAskLeader(entry.key, entry.value, request);
     return record === undefined ? { entry } : { entry, record };
+  }
+
+  /**
+   * {@link RequestStore.join}, and when a record that needs its request found none: a direct get,
+   * which any replica of a replicated bucket may answer (one that has not applied the write yet
+   * among them), is not the last word, so the stream's leader is asked before the record counts
+   * as unjoinable. Only then: a legacy record or a missing key costs no second read.
+   */
+  private async joinOrAskLeader(key: string, value: Uint8Array, request: ApprovalRequest | undefined): Promise<RequestRecord | undefined> {
+    const record = this.join(key, value, request);
+    if (record !== undefined || request !== undefined) return record;
+    const stored = await this.jsm.streams.getMessage(requestStream, { last_by_subj: `$KV.${requestBucket}.${key}` });
+    const fromLeader = stored === null || stored.data.length === 0 ? undefined : decodeRequest(key, stored.data);
+    return fromLeader === undefined ? undefined : this.join(key, value, fromLeader);
   }
 
   /**
@@ -440,14 +454,7 @@ export class RequestStore {
   /** The request stored under `key`, if any names that id. */
   private async readRequest(key: string): Promise<ApprovalRequest | undefined> {
     const entry = await this.requests.get(key);
-    if (entry !== null) return entry.operation !== "PUT" ? undefined : decodeRequest(key, entry.value);
-    // Not found by a direct get, which any replica of a replicated bucket may answer, one that has
-    // not applied the write yet among them: asked of the stream's leader before it counts as gone.
-    const stored = await this.jsm.streams.getMessage(requestStream, { last_by_subj: `$KV.${requestBucket}.${key}` }).catch((error: unknown) => {
-      if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.NoMessageFound) return null;
-      throw error;
-    });
-    return stored === null || stored.data.length === 0 ? undefined : decodeRequest(key, stored.data);
+    return entry === null || entry.operation !== "PUT" ? undefined : decodeRequest(key, entry.value);
   }
 
   /**

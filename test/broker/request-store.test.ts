@@ -126,6 +126,10 @@ await t.test("a record is never joined with a request stored for another id", as
   await records.create(key, toBinary(RequestRecordSchema, legacy));
   t.equal(await store.get(forged.id), undefined, "a stored request naming another id is not joined");
   t.equal(await store.get(key), undefined, "nor an embedded one naming another id");
+  // A record (no request embedded) whose request is in no replica at all: the leader is asked too, and says none.
+  const { request: lost, record: bare } = recorded(sent());
+  await records.create(lost.id, toBinary(RequestRecordSchema, { ...bare, request: undefined }));
+  t.equal(await store.get(lost.id), undefined, "a record whose request is stored nowhere is no record");
   const ids = await listed();
   for (const id of [forged.id, other.id, key, named.id]) t.notOk(ids.includes(id), `the index does not list ${id.slice(0, 8)}`);
   await t.rejects(broker.get(forged.id), { code: Code.NotFound }, "the broker has no such request");
