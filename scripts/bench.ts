@@ -298,18 +298,7 @@ async function benchPrivileged(): Promise<void> {
       .sign(agentKeys.privateKey);
     await writeFile(
       join(dir, "policy.yaml"),
-      [
-        "version: 1",
-        "rules:",
-        "  - id: rotate",
-        "    match: { service: demo.v1.OpsService, method: RotateKey }",
-        "    effect: approve",
-        "    approve:",
-        "      risk: low",
-        "      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }",
-        "      credential: { kind: vault_token, policies: [default], num_uses: 3, ttl: 1m }",
-        "      timeout: 30s",
-      ].join("\n"),
+      ["version: 1", "rules:", ...rotateRule].join("\n"),
     );
     const brokerHttp = await freePort();
     await writeFile(
@@ -432,11 +421,8 @@ async function benchPrivileged(): Promise<void> {
   }
 }
 
-/** The policy of the scale bench: rotations are auto-approved (a Vault token each), exports wait for a reviewer. */
-const scalePolicy = [
-  "version: 1",
-  "default: deny",
-  "rules:",
+/** The benches' key rotation rule: approved by one of security (or an auto rule), a Vault token each. */
+const rotateRule = [
   "  - id: rotate",
   "    match: { service: demo.v1.OpsService, method: RotateKey }",
   "    effect: approve",
@@ -445,6 +431,14 @@ const scalePolicy = [
   "      reviewers: { all_of: [{ group: security, min_approvals: 1 }] }",
   "      credential: { kind: vault_token, policies: [default], num_uses: 3, ttl: 1m }",
   "      timeout: 30s",
+];
+
+/** The policy of the scale bench: rotations are auto-approved (a Vault token each), exports wait for a reviewer. */
+const scalePolicy = [
+  "version: 1",
+  "default: deny",
+  "rules:",
+  ...rotateRule,
   "  - id: export",
   "    match: { service: demo.v1.OpsService, method: ExportTable }",
   "    effect: approve",
