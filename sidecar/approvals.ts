@@ -358,7 +358,7 @@ export class ApprovalFlow {
     const requestId = request.id;
     if (this.waiters.has(requestId)) {
       // One wait per request: a second would take the first's decision from under it.
-      throw new AirlockError(Code.AlreadyExists, `request ${requestId} is already being waited for on this sidecar; retry once that call has ended`, { details: { requestId, reason: "call_in_progress" } });
+      throw callInProgress(requestId);
     }
     const deadline = request.deadline === undefined ? Date.now() : timestampDate(request.deadline).getTime();
     const waitStarted = Date.now();
@@ -513,7 +513,7 @@ export class ApprovalFlow {
       });
     }
     if (this.waiters.has(requestId) || this.running.has(requestId)) {
-      throw new AirlockError(Code.AlreadyExists, `request ${requestId} is being waited for or run on this sidecar; retry once that call has ended`, { details: { requestId, reason: "call_in_progress" } });
+      throw callInProgress(requestId);
     }
     if (decision !== undefined && this.replay.has(decidedId(decision))) {
       // This sidecar already ran the call with that decision: waiting would only hang until the deadline.
@@ -647,6 +647,11 @@ export function callRequestId(key: Uint8Array, call: { readonly host: string; re
   bytes[8] = ((bytes[8] ?? 0) & 0x3f) | 0x80;
   const hex = bytes.toString("hex");
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+/** ALREADY_EXISTS `call_in_progress`: the request is waited for or run by another call on this sidecar. */
+function callInProgress(requestId: string): AirlockError {
+  return new AirlockError(Code.AlreadyExists, `request ${requestId} is being waited for or run on this sidecar; retry once that call has ended`, { details: { requestId, reason: "call_in_progress" } });
 }
 
 function header(metadata: HeldCall["metadata"], name: string): string | undefined {
