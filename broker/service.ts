@@ -1147,6 +1147,13 @@ export class Broker {
     return { type: AuditEventType.CREDENTIAL_REVOKED, actor: this.options.replicaId, requestId, details: { why, kind: lease.kind } };
   }
 
+  /** The lease ids the active records name: a sweep never takes one of those for an unrecorded issuance's. */
+  private recordedLeaseIds(): Set<string> {
+    const known = new Set<string>();
+    for (const other of this.index.active()) if (other.record.lease !== undefined && other.record.lease.leaseId !== "") known.add(other.record.lease.leaseId);
+    return known;
+  }
+
   /** When this replica last swept Vault for each unresolved issuance intent (request id to ms). */
   private readonly sweeps = new Map<string, number>();
 
@@ -1163,8 +1170,7 @@ export class Broker {
     if (request === undefined || lease === undefined) return;
     if (nowMs - (this.sweeps.get(request.id) ?? 0) < brokerDefaults.sweepEveryMs) return;
     this.sweeps.set(request.id, nowMs);
-    const known = new Set<string>();
-    for (const other of this.index.active()) if (other.record.lease !== undefined && other.record.lease.leaseId !== "") known.add(other.record.lease.leaseId);
+    const known = this.recordedLeaseIds();
     const since = lease.issuedAt === undefined ? new Date(0) : timestampDate(lease.issuedAt);
     const { revoked, settled } = await this.options.issuer.sweep(request, lease.intent, since, (leaseId) => known.has(leaseId));
     const sweptEntry = (): AuditEntry => ({
@@ -1266,8 +1272,7 @@ export class Broker {
    */
   private async sweepOrphanedIssuance(record: RequestRecord, request: ApprovalRequest, takeoverId: string): Promise<boolean> {
     const intent = record.decisionId;
-    const known = new Set<string>();
-    for (const other of this.index.active()) if (other.record.lease !== undefined && other.record.lease.leaseId !== "") known.add(other.record.lease.leaseId);
+    const known = this.recordedLeaseIds();
     // From the decision's write, less a margin for the clocks of replicas and Vault.
     const since = new Date((record.updatedAt === undefined ? 0 : timestampDate(record.updatedAt).getTime()) - brokerDefaults.orphanSweepMarginMs);
     const kind = request.credential?.kind.case === "database" ? "database" : "vault_token";
