@@ -726,7 +726,7 @@ export class Broker {
           if (!failed.ok) return undefined;
           if (!uncertain) return failed.record;
           const next = clone(RequestRecordSchema, failed.record);
-          next.lease = create(LeaseRecordSchema, { leaseId: "", intent: decisionId, kind: request.credential?.kind.case === "database" ? "database" : "vault_token", issuedAt: timestampFromDate(issueStarted) });
+          next.lease = intentLease(request, decisionId, issueStarted);
           return next;
         });
         await this.audit.append({ type: AuditEventType.SECURITY_EVENT, actor: this.options.replicaId, requestId, details: { failed: reason } }).catch(() => undefined);
@@ -1275,7 +1275,7 @@ export class Broker {
     const known = this.recordedLeaseIds();
     // From the decision's write, less a margin for the clocks of replicas and Vault.
     const since = new Date((record.updatedAt === undefined ? 0 : timestampDate(record.updatedAt).getTime()) - brokerDefaults.orphanSweepMarginMs);
-    const kind = request.credential?.kind.case === "database" ? "database" : "vault_token";
+    const kind = intentLease(request, intent, since).kind;
     const { revoked, settled } = await this.options.issuer.sweep(request, intent, since, (leaseId) => known.has(leaseId)).catch(() => ({ revoked: [] as string[], settled: false }));
     if (revoked.length > 0) {
       await this.audit.append({
@@ -1292,7 +1292,7 @@ export class Broker {
       const failed = markFailed(current, reason, new Date());
       if (!failed.ok) return undefined;
       const next = clone(RequestRecordSchema, failed.record);
-      next.lease = create(LeaseRecordSchema, { leaseId: "", intent, kind, issuedAt: timestampFromDate(since) });
+      next.lease = intentLease(request, intent, since);
       return next;
     });
     await this.publishDecision(request, { verdict: Verdict.CANCELLED, reason, decisionId: takeoverId, record: undefined });
@@ -1463,6 +1463,14 @@ export class Broker {
 
 /** Where a listing goes on: the index after a position, or the history before a stream sequence. */
 type ListPosition = { readonly in: "index"; readonly after?: IndexPosition } | { readonly in: "history"; readonly before?: number };
+
+/**
+ * The lease of an issuance whose outcome is unknown: no lease id yet, the intent Vault's secret
+ * carries, and when it began. The ticker sweeps Vault for it ({@link Broker.sweepIntent}).
+ */
+function intentLease(request: ApprovalRequest, intent: string, issuedAt: Date): LeaseRecord {
+  return create(LeaseRecordSchema, { leaseId: "", intent, kind: request.credential?.kind.case === "database" ? "database" : "vault_token", issuedAt: timestampFromDate(issuedAt) });
+}
 
 /** Reads a cursor {@link Broker.listPage} returned; INVALID_ARGUMENT (field `cursor`) for anything else. */
 function parseCursor(cursor: string | undefined): ListPosition {
