@@ -15,7 +15,7 @@ import { generateDecisionKey, signDecision } from "../../common/decision.js";
 import { type AirlockError, Code, callBidiStream, callClientStream, callServerStream, callUnary } from "../../common/index.js";
 import { streams, subjects } from "../../common/subjects.js";
 import { startOpsServer } from "../../demo/ops/index.js";
-import { freePort, useInfra } from "../../harness/index.js";
+import { freePort, useInfra, waitUntil } from "../../harness/index.js";
 import { type ApprovalRequest, ApprovalRequestSchema, CompletionSchema, DecisionBodySchema, DecisionSchema, descriptorSetPath, Verdict } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { parseSidecarConfig, startSidecar } from "../../sidecar/index.js";
@@ -548,7 +548,8 @@ await t.test("NATS down: privileged calls fail closed with UNAVAILABLE, allowed 
   t.equal(error.code, Code.Unavailable);
   t.equal((await callUnary(client, OpsService.method.getStatus, {})).service, "demo.v1.OpsService", "the allow path does not need NATS");
   await nats.resume();
-  await new Promise((resolve) => setTimeout(resolve, 1500));
+  // The sidecar reconnects on its own schedule (slower on a loaded machine): waited for, not slept on.
+  t.ok(await waitUntil(async () => (await fetch(`http://127.0.0.1:${sidecar.metricsPort}/readyz`)).ok, 30_000, 100), "the sidecar is back on NATS");
   const call = callUnary(client, OpsService.method.rotateKey, { keyId: "after-restart" }, { metadata: await agentMetadata() });
   const request = await nextRequest();
   await decide(request);
