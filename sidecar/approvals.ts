@@ -55,9 +55,10 @@ export const approvalFlowDefaults = { publishTimeoutMs: 5000, heartbeatIntervalM
  * How a completion (or a hand-back) is published: tried again, 250 ms doubling to 2 s apart, for
  * up to `retryForMs` while NATS is away (a node restart, a cut). Until it is stored the action
  * stays in the heartbeat, so the brokers do not end a finished action as silent; a completion
- * still unpublished after that is left to the heartbeat silence.
+ * still unpublished after that is left to the heartbeat silence. A sidecar that is shut down
+ * keeps trying, and beating, for up to `drainOnCloseMs` before it lets the rest go.
  */
-export const completionPublish = { retryForMs: 60_000, firstRetryMs: 250, maxRetryMs: 2000 } as const;
+export const completionPublish = { retryForMs: 60_000, firstRetryMs: 250, maxRetryMs: 2000, drainOnCloseMs: 15_000 } as const;
 
 interface Waiter {
   readonly requestId: string;
@@ -231,7 +232,7 @@ export class ApprovalFlow {
     this.running.set(requestId, decisionId);
     const until = Date.now() + completionPublish.retryForMs;
     const bytes = toBinary(CompletionSchema, completion);
-    void (async () => {
+    const sending = (async () => {
       for (let wait: number = completionPublish.firstRetryMs; ; wait = Math.min(wait * 2, completionPublish.maxRetryMs)) {
         try {
           await this.js.publish(subjects.completion(this.options.host, requestId), bytes, { msgID: completion.completionId });
@@ -246,7 +247,9 @@ export class ApprovalFlow {
       }
     })().finally(() => {
       if (this.running.get(requestId) === decisionId) this.running.delete(requestId);
+      this.publishing.delete(sending);
     });
+    this.publishing.add(sending);
   }
 
   /**
@@ -286,13 +289,29 @@ export class ApprovalFlow {
   /** Approved calls this run ran upstream, with the upstream's status, newest last (bounded): a retry is answered, never run again. */
   private readonly finished = new Map<string, { readonly status: number; readonly message: string }>();
 
-  /** Stops following decisions; calls still waiting fail with UNAVAILABLE. */
+  /**
+   * Stops following decisions; calls still waiting fail with UNAVAILABLE. Completions still
+   * being sent (NATS away when their action ended) are given up to
+   * `completionPublish.drainOnCloseMs` to be stored, their actions beating meanwhile, so a
+   * shutdown during a NATS blip does not leave finished actions to be ended as silent.
+   */
   async close(): Promise<void> {
-    this.closed = true;
-    clearInterval(this.heartbeat);
     this.decisions?.unsubscribe();
     await this.following;
+    if (this.publishing.size > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      const bound = new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, completionPublish.drainOnCloseMs);
+      });
+      await Promise.race([Promise.allSettled([...this.publishing]), bound]);
+      clearTimeout(timer);
+    }
+    this.closed = true;
+    clearInterval(this.heartbeat);
   }
+
+  /** Completions being published (see {@link publishCompletion}), awaited by {@link close}. */
+  private readonly publishing = new Set<Promise<void>>();
 
   private route(bytes: Uint8Array): void {
     let decision: Decision;
@@ -347,7 +366,7 @@ export class ApprovalFlow {
     if (callId !== undefined) {
       if (resumeId !== undefined) throw new AirlockError(Code.InvalidArgument, "give x-airlock-call-id or x-airlock-request-id, not both", { details: { field: "x-airlock-call-id", reason: "invalid_call_id" } });
       const id = callRequestId(this.options.callIdKey, { host: this.options.host, agent: call.identity.agent, onBehalfOf: call.identity.onBehalfOf, callId });
-      const found = await this.resume(id, requestSha256, call, { missing: "undefined" });
+      const found = await this.resume(id, requestSha256, call, { byCallId: true });
       resumed = found !== undefined;
       ({ request, decision: earlier } = found ?? { request: this.buildRequest(call, requestSha256, id) });
     } else if (resumeId === undefined) {
@@ -408,7 +427,7 @@ export class ApprovalFlow {
       if (!resumed) await this.publishRequest(request);
       if (noWait && earlier === undefined) {
         throw new AirlockError(Code.Aborted, `held for approval as request ${requestId}; call again with ${callId === undefined ? `metadata x-airlock-request-id: ${requestId}` : "the same x-airlock-call-id"}`, {
-          details: { requestId },
+          details: { requestId, reason: "not_waiting" },
         });
       }
       const body = await decided;
@@ -473,11 +492,12 @@ export class ApprovalFlow {
   /**
    * The request held as `requestId` by this host, checked to be this very call of this agent,
    * and its decision if there is one. A request this host never published is NOT_FOUND, or
-   * undefined with `missing: "undefined"` (a call id's first call).
+   * undefined when named by a call id (`byCallId`: the call id's first call). A call id whose
+   * request is another call is FAILED_PRECONDITION `call_id_reused`.
    */
   private async resume(requestId: string, requestSha256: Uint8Array, call: HeldCall): Promise<{ request: ApprovalRequest; decision?: Decision }>;
-  private async resume(requestId: string, requestSha256: Uint8Array, call: HeldCall, options: { missing: "undefined" }): Promise<{ request: ApprovalRequest; decision?: Decision } | undefined>;
-  private async resume(requestId: string, requestSha256: Uint8Array, call: HeldCall, options?: { missing: "undefined" }): Promise<{ request: ApprovalRequest; decision?: Decision } | undefined> {
+  private async resume(requestId: string, requestSha256: Uint8Array, call: HeldCall, options: { byCallId: true }): Promise<{ request: ApprovalRequest; decision?: Decision } | undefined>;
+  private async resume(requestId: string, requestSha256: Uint8Array, call: HeldCall, options?: { byCallId: true }): Promise<{ request: ApprovalRequest; decision?: Decision } | undefined> {
     if (!/^[0-9a-f-]{36}$/.test(requestId)) throw new AirlockError(Code.InvalidArgument, "x-airlock-request-id is not a request id");
     let stored;
     try {
@@ -487,11 +507,17 @@ export class ApprovalFlow {
       throw new AirlockError(Code.Unavailable, "cannot reach NATS to resume the request: privileged calls fail closed", { cause: error });
     }
     if (stored === null) {
-      if (options?.missing === "undefined") return undefined;
+      if (options?.byCallId === true) return undefined;
       throw new AirlockError(Code.NotFound, `no held request ${requestId} from this host`, { details: { requestId } });
     }
     const request = fromBinary(ApprovalRequestSchema, stored.data);
     if (!Buffer.from(request.requestSha256).equals(Buffer.from(requestSha256)) || request.method !== call.method.method.name || request.service !== call.method.service.typeName) {
+      if (options?.byCallId === true) {
+        // A call id is this agent's own (its request id covers the agent and human): reusing it for another call is a mistake, not an attack.
+        throw new AirlockError(Code.FailedPrecondition, `this call id already names another call (request ${requestId}, a different method or payload): give each call its own call id`, {
+          details: { requestId, field: "x-airlock-call-id", reason: "call_id_reused" },
+        });
+      }
       this.securityEvent("resume_mismatch", requestId);
       throw new AirlockError(Code.PermissionDenied, `this call is not the one held as request ${requestId}: the request differs`, { details: { requestId } });
     }
@@ -541,6 +567,7 @@ export class ApprovalFlow {
     }
     const delivery = body.credential;
     if (delivery === undefined) throw new AirlockError(Code.PermissionDenied, "approved without a credential", { details: { requestId } });
+    const decidedAt = body.decidedAt === undefined ? 0 : timestampDate(body.decidedAt).getTime();
     let secret: string;
     try {
       const unwrapped = await this.options.vault.unwrap(delivery.wrappingToken);
@@ -555,7 +582,6 @@ export class ApprovalFlow {
         });
       }
       this.securityEvent("unwrap_failed", requestId, failure.rawMessage);
-      const decidedAt = body.decidedAt === undefined ? 0 : timestampDate(body.decidedAt).getTime();
       if (resumed && decidedAt < this.startedAt + callIds.clockSkewMs) {
         // This run never took the credential (its replay guard would have refused the resume),
         // and the decision predates it: an earlier run of this sidecar did, and died before the
@@ -567,6 +593,17 @@ export class ApprovalFlow {
         );
       }
       throw new AirlockError(Code.PermissionDenied, `the credential for request ${requestId} could not be unwrapped (already used?): refused`, { details: { requestId } });
+    }
+    if (resumed && decidedAt < this.startedAt) {
+      // Approved before this run began, and not taken by an earlier run (the unwrap worked): this
+      // run's hello has ended the action and revoked its credential, which the upstream would
+      // refuse. Nothing runs; the secret is dropped. Not in the heartbeat, so should the hello
+      // have been lost, the broker ends the action at the heartbeat silence.
+      throw new AirlockError(
+        Code.Aborted,
+        `request ${requestId} was approved before this sidecar restarted, and the restart ended the action and revoked its credential: it did not run; call again with a new call id (or without x-airlock-request-id) to ask anew`,
+        { details: { requestId, reason: "ended_by_restart" } },
+      );
     }
     const started = Date.now();
     let completed = false;

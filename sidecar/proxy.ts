@@ -189,7 +189,7 @@ export class GrpcProxy {
     this.route(stream, method, started).catch((error: unknown) => {
       const failure = AirlockError.from(error, Code.Internal);
       if (failure.details.limit === "held_bytes") this.options.metrics.limitHits.inc({ limit: "held_bytes" });
-      this.reject(stream, failure, routeRejection(failure.code));
+      this.reject(stream, failure, routeRejection(failure));
     });
   }
 
@@ -212,10 +212,12 @@ export class GrpcProxy {
   /**
    * Counts an approval request against its agent's outstanding budget, or
    * refuses it (RESOURCE_EXHAUSTED). A resume of a request the agent made
-   * without waiting is not a new request. Returns what to call with the hold's
-   * outcome: a no-wait request (ABORTED with its id) stays counted until its deadline.
+   * without waiting (by its request id, or by its call id) is not a new request.
+   * Returns what to call with the hold's outcome: a request held without waiting
+   * (ABORTED `not_waiting`) stays counted until its deadline.
    */
-  private admitApproval(agent: string, metadata: IncomingHttpHeaders, timeoutMs: number): (outcome: unknown) => void {
+  private admitApproval(identity: AgentIdentity, metadata: IncomingHttpHeaders, timeoutMs: number): (outcome: unknown) => void {
+    const agent = identity.agent;
     let entry = this.outstanding.get(agent);
     if (entry === undefined) {
       entry = { holding: 0, noWait: new Map() };
@@ -223,8 +225,12 @@ export class GrpcProxy {
     }
     const now = Date.now();
     for (const [id, until] of entry.noWait) if (until <= now) entry.noWait.delete(id);
+    // A call id names its request for this agent and human (see callRequestId): the key the no-wait request is counted under.
+    const callId = metadata["x-airlock-call-id"];
+    const callKey = typeof callId === "string" ? `call-id:${identity.onBehalfOf}:${callId}` : undefined;
     const resumeId = metadata["x-airlock-request-id"];
-    const resuming = typeof resumeId === "string" && entry.noWait.delete(resumeId);
+    const resumeKey = callKey ?? (typeof resumeId === "string" ? resumeId : undefined);
+    const resuming = resumeKey !== undefined && entry.noWait.delete(resumeKey);
     if (!resuming && entry.holding + entry.noWait.size >= this.limits.maxOutstandingApprovalsPerAgent) {
       this.options.metrics.limitHits.inc({ limit: "outstanding_approvals" });
       if (entry.holding + entry.noWait.size === 0) this.outstanding.delete(agent);
@@ -236,8 +242,8 @@ export class GrpcProxy {
     counted.holding++;
     return (outcome) => {
       counted.holding--;
-      const requestId = outcome instanceof AirlockError && outcome.code === Code.Aborted ? outcome.details.requestId : undefined;
-      if (typeof requestId === "string") counted.noWait.set(requestId, Date.now() + timeoutMs);
+      const requestId = outcome instanceof AirlockError && outcome.details.reason === "not_waiting" ? outcome.details.requestId : undefined;
+      if (typeof requestId === "string") counted.noWait.set(callKey ?? requestId, Date.now() + timeoutMs);
       if (counted.holding + counted.noWait.size === 0 && this.outstanding.get(agent) === counted) this.outstanding.delete(agent);
     };
   }
@@ -411,7 +417,7 @@ export class GrpcProxy {
     stream.resume();
     let settle: (outcome: unknown) => void;
     try {
-      settle = this.admitApproval(identity.agent, stream.headers, verdict.approve.timeoutMs);
+      settle = this.admitApproval(identity, stream.headers, verdict.approve.timeoutMs);
     } catch (error) {
       release();
       throw error;
@@ -757,14 +763,20 @@ function readMessages(stream: H2Stream, reader: MessageReader, schema: DescMessa
   });
 }
 
+/** The `details.reason`s of a held call's outcomes that are their own rejection reason (see {@link routeRejection}). */
+const callOutcomes: ReadonlySet<string> = new Set(["call_in_progress", "call_id_reused", "already_ran", "outcome_unknown", "ended_by_restart", "credential_expired"]);
+
 /**
  * The `rejections_total` reason of a call that the slow path (reading, holding)
  * ended with an error: the outcome it stands for, so a reviewer's denial or a
  * no-wait call is not counted as the sidecar failing. Only codes that mean a
  * fault inside the sidecar are `internal`.
  */
-export function routeRejection(code: Code): string {
-  switch (code) {
+export function routeRejection(failure: AirlockError): string {
+  // What became of a call retried by its call id is an outcome of its own, whatever its code.
+  const reason = failure.details.reason;
+  if (typeof reason === "string" && callOutcomes.has(reason)) return reason;
+  switch (failure.code) {
     case Code.PermissionDenied:
       return "approval_denied"; // a reviewer denied, or the decision or credential was refused
     case Code.DeadlineExceeded:

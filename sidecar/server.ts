@@ -29,7 +29,10 @@ export interface Sidecar {
   /** Port of /metrics, /healthz and /readyz. */
   readonly metricsPort: number;
   readonly metrics: SidecarMetrics;
-  /** Stops accepting calls, ends those in flight, closes NATS and the policy watcher. */
+  /**
+   * Stops accepting calls, ends those in flight, gives completions NATS has not yet taken up
+   * to `completionPublish.drainOnCloseMs`, then closes NATS and the policy watcher. Idempotent.
+   */
   close(): Promise<void>;
 }
 
@@ -71,8 +74,13 @@ export async function startSidecar(config: SidecarConfig, options: StartSidecarO
   }
 
   const cleanups: Array<() => Promise<void> | void> = [];
-  const cleanup = async () => {
-    for (const step of cleanups.reverse()) await step();
+  // Once: a second close waits for the first.
+  let closing: Promise<void> | undefined;
+  const cleanup = () => {
+    closing ??= (async () => {
+      for (const step of cleanups.reverse()) await step();
+    })();
+    return closing;
   };
   try {
     const watcher = await PolicyWatcher.start(config.policyFile, {

@@ -139,3 +139,37 @@ await t.test("an action that ends while NATS is away still completes: its comple
   t.not(record.lease?.revokedAt, undefined, "its credential revoked");
   t.same(await exportRoles(admin), [], "no database user left");
 });
+
+await t.test("a sidecar shut down while NATS is away still delivers the completion of an action that ended: it is completed, not ended as silent", async (t) => {
+  const unlock = await holdCustomersLock(t, admin);
+  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, { "x-airlock-reason": "ends as its sidecar shuts down" });
+  const outcome = streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata }));
+  let id = "";
+  t.ok(
+    await waitUntil(async () => {
+      id = (await broker.list()).find((r) => r.state === RequestState.PENDING && r.request?.reason === "ends as its sidecar shuts down")?.request?.id ?? "";
+      return id !== "";
+    }, 30_000),
+    "held",
+  );
+  await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
+  t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.EXECUTING && (await exportRoles(admin)).length === 1, 20_000), "executing");
+
+  await nats.pause();
+  await unlock();
+  t.equal(await outcome, undefined, "the agent's export ended well while NATS was away");
+  // Shut down (as on SIGTERM) with the completion not yet taken; NATS comes back while the sidecar closes.
+  const closing = sidecar.close();
+  await nats.resume();
+  await closing;
+  t.ok(
+    await waitUntil(async () => {
+      const record = await broker.get(id).catch(() => undefined);
+      return record !== undefined && record.state !== RequestState.EXECUTING;
+    }, 30_000),
+    "the record settles",
+  );
+  const record = await broker.get(id);
+  t.equal(RequestState[record.state], "COMPLETED", `completed before the sidecar closed, not ended as silent (${record.completion?.statusMessage ?? ""})`);
+  t.same(await exportRoles(admin), [], "no database user left");
+});

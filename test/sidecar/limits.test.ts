@@ -290,6 +290,18 @@ await t.test("outstanding approval requests per agent: no-wait calls cannot mint
   t.equal(resumed.code, Code.Aborted, "resuming one of its own requests is not a new request");
   const other = await failure(callUnary(mainClient, OpsService.method.rotateKey, { keyId: "x" }, { metadata: await agent("spiffe://corp/agent/other", { "x-airlock-wait": "false" }) }));
   t.equal(other.code, Code.Aborted, "another agent still gets its requests held");
+
+  // The same by call id: at the limit, a retry of one of its own no-wait calls is that request, not a new one.
+  const namer = (callId: string) => agent("spiffe://corp/agent/namer", { "x-airlock-wait": "false", "x-airlock-call-id": callId });
+  const c1 = await failure(callUnary(mainClient, OpsService.method.rotateKey, { keyId: "c1" }, { metadata: await namer("c1") }));
+  t.equal(c1.details.reason, "not_waiting", c1.rawMessage);
+  t.equal((await failure(callUnary(mainClient, OpsService.method.rotateKey, { keyId: "c2" }, { metadata: await namer("c2") }))).details.reason, "not_waiting");
+  for (let retry = 0; retry < 2; retry++) {
+    const again = await failure(callUnary(mainClient, OpsService.method.rotateKey, { keyId: "c1" }, { metadata: await namer("c1") }));
+    t.equal(again.details.reason, "not_waiting", `a retry by call id at the limit resumes its request: ${again.rawMessage}`);
+    t.equal(again.details.requestId, c1.details.requestId);
+  }
+  t.equal((await failure(callUnary(mainClient, OpsService.method.rotateKey, { keyId: "c3" }, { metadata: await namer("c3") }))).code, Code.ResourceExhausted, "a third call id is a third request");
 });
 
 await t.test("upstream resets: one agent's cancellations cost only its own upstream connection", async (t) => {

@@ -175,6 +175,29 @@ await t.test("a call id retried after the sidecar died while it waited resumes t
   t.equal(again.details.upstreamStatus, 0, "and says how the upstream answered");
 });
 
+await t.test("a call id approved while its sidecar was down is told the restart ended it: nothing runs on a revoked credential", async (t) => {
+  const before = await hostRequests();
+  const callId = "export-approved-while-down-1";
+  const id = idOf(callId);
+  const outcome = exportWith(callId);
+  t.ok(await waitUntil(async () => (await broker.list()).some((r) => r.request?.id === id && r.state === RequestState.PENDING), 30_000), "held");
+  await current.kill();
+  t.not(await outcome, undefined, "the waiting call died with its sidecar");
+  // Approved (and its database user made) while no sidecar runs on the host.
+  await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
+  t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.EXECUTING, 20_000), "executing, with nobody to run it");
+  current = await startSidecarProcess(suite, { nats, vault, database }, sidecarOptions);
+  t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.FAILED, 20_000), "the restarted sidecar's hello ended it");
+  t.same(await exportRoles(admin), [], "its database user is gone");
+
+  const retried = AirlockError.from(await exportWith(callId));
+  t.equal(retried.code, Code.Aborted, retried.message);
+  t.equal(retried.details.reason, "ended_by_restart", "told it did not run, rather than the upstream's refusal of a revoked credential");
+  t.equal(retried.details.requestId, id);
+  t.same(await hostRequestsSince(before), [id], "no second request was made");
+  t.equal((await broker.get(id)).state, RequestState.FAILED, "still failed: nothing ran");
+});
+
 await t.test("the same call id again while the first call waits or runs is call_in_progress; nothing runs twice", async (t) => {
   const unlock = await holdCustomersLock(t, admin);
   const callId = "export-twice-at-once";
@@ -195,12 +218,25 @@ await t.test("the same call id again while the first call waits or runs is call_
   await unlock();
   t.equal(await first, undefined, "the first call ran to its end, once");
   t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.COMPLETED, 20_000), "completed");
+
+  // This sidecar's run answered ended_by_restart (the subtest before) and call_in_progress: outcomes, not faults.
+  const exposed = await (await fetch(`http://${metrics}/metrics`)).text();
+  for (const reason of ["call_in_progress", "ended_by_restart"]) t.match(exposed, new RegExp(`airlock_sidecar_rejections_total\\{reason="${reason}"\\} [1-9]`), reason);
+  t.notMatch(exposed, /reason="internal"/, "none of them counted as a fault inside the sidecar");
 });
 
 await t.test("call ids: a malformed one is refused; the same id from another agent or host names another request", async (t) => {
   const bad = AirlockError.from(await exportWith("has spaces/and slashes"));
   t.equal(bad.code, Code.InvalidArgument);
   t.equal(bad.details.reason, "invalid_call_id");
+  // A call id of a call that ran, reused for another payload: refused, and the other call is not asked for.
+  const before = await hostRequests();
+  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, { "x-airlock-call-id": "export-while-waiting-1" });
+  const reused = AirlockError.from(await streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "orders" }, { metadata })));
+  t.equal(reused.code, Code.FailedPrecondition, reused.message);
+  t.equal(reused.details.reason, "call_id_reused");
+  t.equal(reused.details.requestId, idOf("export-while-waiting-1"), "it names the call the id is taken by");
+  t.same(await hostRequestsSince(before), [], "nothing new was asked");
   const base = { host, agent: "spiffe://corp/agent/etl", onBehalfOf: "alice@corp", callId: "x" };
   const mine = callRequestId(callIdKey, base);
   t.match(mine, /^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/, "a version-8 UUID, the shape request ids have");
