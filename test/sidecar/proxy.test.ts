@@ -521,8 +521,8 @@ await t.test("no-wait and resume: ABORTED with the request id, then the identica
   t.equal(first.code, Code.Aborted);
   const request = await nextRequest();
   t.match(first.rawMessage, request.id);
+  // Stored once decide returns (the stream acknowledged it): a resume reads it back.
   await decide(request);
-  await new Promise((resolve) => setTimeout(resolve, 200));
   const other = await failure(callUnary(client, OpsService.method.rotateKey, { keyId: "something-else" }, { metadata: await agentMetadata({ "x-airlock-request-id": request.id }) }));
   t.equal(other.code, Code.PermissionDenied, "a different request cannot ride on the approval");
   const resumed = await callUnary(client, OpsService.method.rotateKey, { keyId: "resume-me" }, { metadata: await agentMetadata({ "x-airlock-request-id": request.id }) });
@@ -578,8 +578,8 @@ await t.test("/metrics, /healthz and /readyz", async (t) => {
   t.match(metrics, /airlock_sidecar_calls_total\{method="\/demo\.v1\.OpsService\/GetStatus",effect="allow"\} [1-9]/);
   t.match(metrics, /airlock_sidecar_calls_total\{method="\/demo\.v1\.OpsService\/GrantRole",effect="deny"\} [1-9]/);
   t.match(metrics, /airlock_sidecar_rejections_total\{reason="unknown_method"\} [1-9]/);
-  // Outcomes are not errors: a reviewer's denial, a no-wait hold, an expiry and a used decision each have their reason.
-  for (const reason of ["approval_denied", "held_not_waiting", "approval_expired", "already_used", "policy_deny"]) {
+  // Outcomes are not errors: a reviewer's denial, a no-wait hold, an expiry and a call that already ran each have their reason.
+  for (const reason of ["approval_denied", "held_not_waiting", "approval_expired", "already_ran", "policy_deny"]) {
     t.match(metrics, new RegExp(`airlock_sidecar_rejections_total\\{reason="${reason}"\\} [1-9]`), reason);
   }
   t.notMatch(metrics, /reason="internal"/, "nothing in this file is a fault inside the sidecar");
