@@ -349,7 +349,15 @@ export async function startBroker(config: BrokerConfig, options: StartBrokerOpti
   const stepUpSettings = config.reviewers?.stepUp;
   const requiresStepUp: StepUpPredicate | undefined =
     options.requiresStepUp ?? (stepUpSettings === undefined ? undefined : (record) => record.request !== undefined && stepUpNeed(record.request, { approve: true }, stepUpSettings.minRisk).required);
-  const notifier = new ReviewNotifier({ config: notifications, log, ...(positions === undefined ? {} : { positions }), ...(requiresStepUp === undefined ? {} : { requiresStepUp }) });
+  // A message posted while another replica decided its request is updated by its poster, from the stored record.
+  const started: { broker?: Broker } = {};
+  const notifier = new ReviewNotifier({
+    config: notifications,
+    log,
+    currentRecord: async (requestId) => started.broker?.get(requestId),
+    ...(positions === undefined ? {} : { positions }),
+    ...(requiresStepUp === undefined ? {} : { requiresStepUp }),
+  });
   const broker = await Broker.start({
     onEvents: (events, record) => {
       for (const event of events) notifier.notifyEvent(record, event);
@@ -377,6 +385,7 @@ export async function startBroker(config: BrokerConfig, options: StartBrokerOpti
     await nc.close();
     throw error;
   });
+  started.broker = broker;
   void (async () => {
     for await (const status of nc.status()) {
       if (status.type === "disconnect") connected = false;

@@ -52,6 +52,7 @@ export {
   ensureChatPositionsBucket,
   KvChatPositions,
   type KvChatPositionsOptions,
+  type DecidedSince,
   MemoryChatPositions,
   pendingUntilMs,
   type PositionOf,

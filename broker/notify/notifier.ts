@@ -6,10 +6,10 @@ import type { ApprovalEvent } from "../rules/types.js";
 import type { NotificationsConfig } from "./config.js";
 import type { Notification } from "./events.js";
 import { originOf, postJson } from "./http.js";
-import { type ChatPositions, MemoryChatPositions, pendingUntilMs } from "./positions.js";
+import { type ChatPositions, type DecidedSince, MemoryChatPositions, pendingUntilMs } from "./positions.js";
 import { DeliveryQueue } from "./queue.js";
 import { SlackIntegration } from "./slack.js";
-import { type DecidedOutcome, destinationsFor, requirementGroups } from "./summary.js";
+import { type DecidedOutcome, destinationsFor, outcomeOfState, requirementGroups } from "./summary.js";
 import { noStepUp, type StepUpPredicate, teamsMessage, teamsRecordCard } from "./teams.js";
 import { BotConnectorClient } from "./teams-connector.js";
 import { TeamsBot } from "./teams-bot.js";
@@ -103,6 +103,14 @@ export interface ReviewNotifierOptions {
    * @default {@link MemoryChatPositions} (this process only)
    */
   readonly positions?: ChatPositions;
+  /**
+   * The request's record as stored now (the broker's store, shared by every replica). Read
+   * after a Slack message or Teams card is posted and its position stored: a request another
+   * replica decided while the post was in flight found no position to update, so the poster
+   * updates the message itself. @default none (such a message keeps its buttons; a vote from
+   * it is refused as already decided)
+   */
+  readonly currentRecord?: (requestId: string) => Promise<RequestRecord | undefined>;
 }
 
 /**
@@ -122,6 +130,7 @@ export class ReviewNotifier implements Notifier {
   private readonly enabled: boolean;
   private connector: BotConnectorClient | undefined;
   private readonly positions: ChatPositions;
+  private readonly decidedSince: DecidedSince;
 
   constructor(options: ReviewNotifierOptions) {
     const { config, log } = options;
@@ -136,10 +145,21 @@ export class ReviewNotifier implements Notifier {
       ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
     });
     this.positions = options.positions ?? new MemoryChatPositions();
+    const currentRecord = options.currentRecord;
+    this.decidedSince = async (requestId) => {
+      if (currentRecord === undefined) return undefined;
+      // Position stored first, record read second: a replica deciding meanwhile wrote the record
+      // before it read the positions, so one of the two sees the other.
+      const record = await currentRecord(requestId).catch((error: unknown) => {
+        this.log.warn({ requestId, err: error }, "could not read whether a request was decided while its message was posted");
+        return undefined;
+      });
+      return record !== undefined && outcomeOfState(record.state) !== undefined ? record : undefined;
+    };
     this.slack =
       config.slack === undefined
         ? undefined
-        : new SlackIntegration(config.slack, { queue: this.queue, log, consoleUrl: config.consoleUrl, positions: this.positions, ...(options.requiresStepUp === undefined ? {} : { requiresStepUp: options.requiresStepUp }) });
+        : new SlackIntegration(config.slack, { queue: this.queue, log, consoleUrl: config.consoleUrl, positions: this.positions, decidedSince: this.decidedSince, ...(options.requiresStepUp === undefined ? {} : { requiresStepUp: options.requiresStepUp }) });
     const bot = config.teams?.bot;
     this.teams = bot === undefined ? undefined : new TeamsBot(bot, { log, consoleUrl: config.consoleUrl, requiresStepUp: options.requiresStepUp ?? noStepUp });
     this.enabled = config.slack !== undefined || config.teams !== undefined || config.webhooks.length > 0;
@@ -307,7 +327,15 @@ export class ReviewNotifier implements Notifier {
         key,
         run: async (signal) => {
           const posted = await connector.post(conversation, teamsMessage(notification, teams.cards).attachments[0].content, signal);
-          if (notification.kind !== "break_glass") await this.rememberTeamsCard(notification.record, posted);
+          if (notification.kind === "break_glass") return;
+          await this.rememberTeamsCard(notification.record, posted);
+          const decided = await this.decidedSince(requestId);
+          if (decided !== undefined) {
+            // Decided (on another replica) while this card was being posted: nobody else knew where it is.
+            await connector.update(posted, teamsRecordCard(decided, teams.cards), signal).catch((error: unknown) => {
+              this.log.warn({ requestId, error: AirlockError.from(error).message }, "could not update a Teams card decided while it was posted");
+            });
+          }
         },
       });
     }

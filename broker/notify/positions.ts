@@ -273,3 +273,10 @@ function settled<T>(work: () => T): Promise<T> {
     return Promise.reject(error instanceof Error ? error : new Error(String(error)));
   }
 }
+
+/**
+ * The record of a request decided since its chat message was posted, if it was: what the poster
+ * reads after storing the message's position, so a decision another replica made while the post
+ * was in flight (and so found no position) still reaches the message.
+ */
+export type DecidedSince = (requestId: string) => Promise<RequestRecord | undefined>;

@@ -22,7 +22,7 @@ import { destinationsFor } from "./summary.js";
 import type { StepUpPredicate } from "./teams.js";
 import { isRecord, stringAt as anyStringAt } from "./json.js";
 import type { SlackModalTickets } from "./slack-modal.js";
-import { type ChatPositions, MemoryChatPositions, pendingUntilMs, type SlackPosition } from "./positions.js";
+import { type ChatPositions, type DecidedSince, MemoryChatPositions, pendingUntilMs, type SlackPosition } from "./positions.js";
 
 /** How far `x-slack-request-timestamp` may be from now, either way, in seconds (Slack's own recommendation). */
 export const slackSignatureMaxSkewSeconds = 300;
@@ -205,6 +205,8 @@ export interface SlackIntegrationOptions {
   readonly positions?: ChatPositions;
   /** Requests whose approval needs a step-up: their messages link to the console instead of carrying Approve. @default none */
   readonly requiresStepUp?: StepUpPredicate;
+  /** Read after a message is posted and its position stored: a request decided meanwhile has its message updated by the poster. @default never */
+  readonly decidedSince?: DecidedSince;
 }
 
 /** Slack Web API errors worth another attempt; every other `ok: false` is permanent. */
@@ -302,7 +304,15 @@ export class SlackIntegration {
           const posted = await this.callWebApi("chat.postMessage", { channel, ...message, unfurl_links: false, unfurl_media: false }, signal);
           // Break-glass messages have no buttons and need no update.
           if (notification.kind !== "break_glass" && typeof posted.ts === "string") {
-            await this.remember(notification.record, { kind: "slack", channel: typeof posted.channel === "string" ? posted.channel : channel, ts: posted.ts });
+            const position = { kind: "slack", channel: typeof posted.channel === "string" ? posted.channel : channel, ts: posted.ts } as const;
+            await this.remember(notification.record, position);
+            const decided = await this.options.decidedSince?.(requestId);
+            if (decided !== undefined) {
+              // Decided (on another replica) while this message was being posted: nobody else knew where it is.
+              await this.callWebApi("chat.update", { channel: position.channel, ts: position.ts, ...slackRecordMessage(decided, options) }, signal).catch((error: unknown) => {
+                this.log.warn({ requestId, channel: position.channel, error: AirlockError.from(error).message }, "could not update a Slack message decided while it was posted");
+              });
+            }
           }
         },
       });

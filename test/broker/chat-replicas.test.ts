@@ -37,24 +37,35 @@ interface Call {
 }
 const calls: Call[] = [];
 let serial = 0;
+/** Posts whose body contains this text are held unanswered (and listed in `heldPosts`) until `releasePosts`. */
+let holdPostsWith: string | undefined;
+const heldPosts: Array<{ readonly replica: string; readonly path: string; readonly body: string }> = [];
+let releasePosts: () => void = () => undefined;
+let postsReleased = Promise.resolve();
 const receiver = createServer((request: IncomingMessage, response: ServerResponse) => {
   let text = "";
   request.on("data", (chunk: Buffer) => (text += chunk.toString()));
   request.on("end", () => {
-    const match = /^\/([abc])(\/.*)$/.exec(request.url ?? "");
-    const replica = match?.[1] ?? "?";
-    const path = match?.[2] ?? request.url ?? "";
-    const body = text === "" ? {} : text.startsWith("{") ? (JSON.parse(text) as Record<string, unknown>) : Object.fromEntries(new URLSearchParams(text));
-    serial++;
-    let answer: Record<string, unknown> = { ok: true };
-    if (path === "/token") answer = { token_type: "Bearer", expires_in: 3599, access_token: `connector-token-${replica}` };
-    else if (path === "/api/chat.postMessage") answer = { ok: true, channel: body.channel, ts: `17000${String(serial).padStart(5, "0")}.000100` };
-    else if (request.method === "POST" && path.startsWith("/teams/v3/conversations/")) answer = { id: `1:activity-${replica}-${serial}` };
-    calls.push({ replica, method: request.method ?? "", path, body, answer });
-    response.writeHead(200, { "content-type": "application/json" });
-    response.end(JSON.stringify(answer));
+    const held = holdPostsWith !== undefined && request.method === "POST" && text.includes(holdPostsWith);
+    if (held) heldPosts.push({ replica: /^\/([abc])\//.exec(request.url ?? "")?.[1] ?? "?", path: request.url ?? "", body: text });
+    void (held ? postsReleased : Promise.resolve()).then(() => answer(request, response, text));
   });
 });
+/** Records a call and answers it as Slack, the Bot Connector or the token endpoint would. */
+function answer(request: IncomingMessage, response: ServerResponse, text: string): void {
+  const match = /^\/([abc])(\/.*)$/.exec(request.url ?? "");
+  const replica = match?.[1] ?? "?";
+  const path = match?.[2] ?? request.url ?? "";
+  const body = text === "" ? {} : text.startsWith("{") ? (JSON.parse(text) as Record<string, unknown>) : Object.fromEntries(new URLSearchParams(text));
+  serial++;
+  let answered: Record<string, unknown> = { ok: true };
+  if (path === "/token") answered = { token_type: "Bearer", expires_in: 3599, access_token: `connector-token-${replica}` };
+  else if (path === "/api/chat.postMessage") answered = { ok: true, channel: body.channel, ts: `17000${String(serial).padStart(5, "0")}.000100` };
+  else if (request.method === "POST" && path.startsWith("/teams/v3/conversations/")) answered = { id: `1:activity-${replica}-${serial}` };
+  calls.push({ replica, method: request.method ?? "", path, body, answer: answered });
+  response.writeHead(200, { "content-type": "application/json" });
+  response.end(JSON.stringify(answered));
+}
 receiver.listen(0, "127.0.0.1");
 await once(receiver, "listening");
 t.teardown(() => new Promise<void>((resolve) => receiver.close(() => resolve())));
@@ -177,6 +188,43 @@ await t.test("a message posted by one replica is updated by the replica that dec
     "the same message updated once more, harmlessly: positions outlive the first update",
   );
   t.equal(calls.filter((c) => c.replica === "c" && c.method === "PUT").length, 1, "and the card once more");
+});
+
+await t.test("a message posted while the other replica decides is updated by its poster: it reads the record once the position is stored", async (t) => {
+  const reason = "decided while its message was being posted";
+  postsReleased = new Promise<void>((resolve) => (releasePosts = resolve));
+  holdPostsWith = reason;
+  const call = stack.callExportTable(reason);
+  t.ok(await waitUntil(async () => heldPosts.length === 2, 15_000), "the Slack message and the Teams card are being posted, their answers held");
+  const poster = heldPosts[0]?.replica ?? "";
+  const requestId = /([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/.exec(heldPosts.find((p) => p.path.endsWith("/api/chat.postMessage"))?.body ?? "")?.[1] ?? "";
+  t.ok(requestId !== "", "the message names its request");
+  const decider = poster === "a" ? "b" : "a";
+
+  const decided = await fetch(`${replicaUrl[decider]}/api/v1/requests/${requestId}/decision`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${stack.tokens.dana}`, "content-type": "application/json" },
+    body: JSON.stringify({ approve: true, reason: "decided while the other replica was posting" }),
+  });
+  t.equal(decided.status, 200, `approved through replica ${decider}`);
+  // The decider's update runs before its result DM (one queue per request): once the DM is sent, it has looked and found no position.
+  await callWhere(`result DM by replica ${decider}`, (c) => c.replica === decider && c.path === "/api/chat.postMessage" && c.body.channel === "U0ALICE" && JSON.stringify(c.body).includes(requestId));
+  t.same(
+    calls.filter((c) => c.path === "/api/chat.update" && JSON.stringify(c.body).includes(requestId)),
+    [],
+    "the decider had nothing to update: the poster had not stored where its message is",
+  );
+  holdPostsWith = undefined;
+  releasePosts();
+
+  const posted = await callWhere("the held Slack message", (c) => c.replica === poster && c.path === "/api/chat.postMessage" && c.body.channel === "C0DATA" && JSON.stringify(c.body).includes(reason));
+  const update = await callWhere(`chat.update by the poster, replica ${poster}`, (c) => c.replica === poster && c.path === "/api/chat.update" && c.body.ts === posted.answer.ts);
+  t.match(JSON.stringify(update.body.blocks), /Approved/, "the poster put the outcome on the message it posted");
+  t.notMatch(JSON.stringify(update.body.blocks), /airlock_approve/, "and took its Approve button away");
+  const card = await callWhere("the held Teams card", (c) => c.replica === poster && c.method === "POST" && c.path === activitiesPath && JSON.stringify(c.body).includes(reason));
+  const put = await callWhere(`card update by the poster, replica ${poster}`, (c) => c.replica === poster && c.method === "PUT" && c.path === `${activitiesPath}/${encodeURIComponent(String(card.answer.id))}`);
+  t.match(JSON.stringify(put.body), /Approved: ExportTable/, "and on the card, in place");
+  t.equal((await call).code, 0, "the agent's export ran");
 });
 
 await t.test("the bucket's bounds: no key from a non-id, no oversized value (broker and server refuse), one key per position, entries expire", async (t) => {
