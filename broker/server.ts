@@ -354,7 +354,7 @@ export async function startBroker(config: BrokerConfig, options: StartBrokerOpti
   const notifier = new ReviewNotifier({
     config: notifications,
     log,
-    currentRecord: async (requestId) => started.broker?.get(requestId),
+    currentRecord: async (requestId) => started.broker?.latest(requestId),
     ...(positions === undefined ? {} : { positions }),
     ...(requiresStepUp === undefined ? {} : { requiresStepUp }),
   });

@@ -441,6 +441,15 @@ export class Broker {
   }
 
   /**
+   * A live request's record as the last write left it, read from the state stream's leader
+   * (see `RequestStore.latest`): a write any replica made before this call is seen. Undefined for
+   * a request that is not live (unknown, or retired to history).
+   */
+  latest(requestId: string): Promise<RequestRecord | undefined> {
+    return this.store.latest(requestId);
+  }
+
+  /**
    * Every change to any request's record as it is written (all replicas'
    * writes, from JetStream KV), until `signal` aborts. With `includeCurrent`,
    * each record's current state comes first.

@@ -128,6 +128,19 @@ export class RequestStore {
   }
 
   /**
+   * The record as the state stream's leader has it: what the last write says. {@link get} is a
+   * direct get, which on a replicated bucket any replica may answer, one that has not applied a
+   * write yet among them; this is for a reader that must see a write another replica made before
+   * the reader's own. Undefined when there is no such record.
+   */
+  async latest(requestId: string): Promise<RequestRecord | undefined> {
+    if (!isRequestKey(requestId)) return undefined;
+    const [stored, request] = await Promise.all([this.jsm.streams.getMessage(kvStream, { last_by_subj: `${kvPrefix}${requestId}` }), this.cache.get(requestId) ?? this.readRequest(requestId)]);
+    if (stored === null || stored.data.length === 0) return undefined;
+    return this.joinOrAskLeader(requestId, stored.data, request);
+  }
+
+  /**
    * Stores a request once, before any record of it: the request now stored under its id, the one
    * given (written now, or stored already as it is), or another one stored first (another
    * delivery of the id won, or a broker stopped between the two writes). A record is built from

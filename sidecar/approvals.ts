@@ -300,10 +300,15 @@ export class ApprovalFlow {
     await this.following;
     if (this.publishing.size > 0) {
       let timer: NodeJS.Timeout | undefined;
+      let timedOut = false;
       const bound = new Promise<void>((resolve) => {
-        timer = setTimeout(resolve, completionPublish.drainOnCloseMs);
+        timer = setTimeout(() => {
+          timedOut = true;
+          resolve();
+        }, completionPublish.drainOnCloseMs);
       });
-      await Promise.race([Promise.allSettled([...this.publishing]), bound]);
+      // Calls the closing proxy cut off report their completions while this waits: those are awaited too.
+      while (this.publishing.size > 0 && !timedOut) await Promise.race([Promise.allSettled([...this.publishing]), bound]);
       clearTimeout(timer);
     }
     this.closed = true;
@@ -351,8 +356,12 @@ export class ApprovalFlow {
    * Holds a privileged call: publishes its ApprovalRequest (or resumes the one
    * named by `x-airlock-request-id`), waits for a verified decision, and on
    * approval unwraps the credential. Rejects with an AirlockError:
-   * PERMISSION_DENIED (denied, or a bad decision), DEADLINE_EXCEEDED (expired),
-   * ABORTED (`x-airlock-wait: false`), UNAVAILABLE (NATS unreachable).
+   * PERMISSION_DENIED (denied: `details.reason` `denied`, the reviewer's words in
+   * `reviewerReason`; or a bad decision), DEADLINE_EXCEEDED (expired;
+   * `credential_expired`), ABORTED (`not_waiting` for `x-airlock-wait: false`;
+   * `outcome_unknown`, `ended_by_restart`; a cancellation), ALREADY_EXISTS
+   * (`call_in_progress`), FAILED_PRECONDITION (`already_ran`, `already_used`,
+   * `call_id_reused`), UNAVAILABLE (NATS unreachable).
    */
   async hold(call: HeldCall): Promise<ApprovedCall> {
     const requestSha256 = requestHash(call);
@@ -558,7 +567,8 @@ export class ApprovalFlow {
         break;
       case Verdict.DENIED:
         throw new AirlockError(Code.PermissionDenied, `request ${requestId} denied${reviewers === "" ? "" : ` by ${reviewers}`}: ${body.reason}`, {
-          details: { requestId, reason: body.reason },
+          // details.reason is a stable code everywhere; the reviewer's words go beside it.
+          details: { requestId, reason: "denied", reviewerReason: body.reason },
         });
       case Verdict.EXPIRED:
         throw new AirlockError(Code.DeadlineExceeded, `approval request ${requestId} expired undecided`, { details: { requestId } });
@@ -594,11 +604,12 @@ export class ApprovalFlow {
       }
       throw new AirlockError(Code.PermissionDenied, `the credential for request ${requestId} could not be unwrapped (already used?): refused`, { details: { requestId } });
     }
-    if (resumed && decidedAt < this.startedAt) {
-      // Approved before this run began, and not taken by an earlier run (the unwrap worked): this
-      // run's hello has ended the action and revoked its credential, which the upstream would
-      // refuse. Nothing runs; the secret is dropped. Not in the heartbeat, so should the hello
-      // have been lost, the broker ends the action at the heartbeat silence.
+    if (resumed && decidedAt < this.startedAt - callIds.clockSkewMs) {
+      // Approved before this run began (beyond any clock skew: a decision made after it must
+      // not be wasted), and not taken by an earlier run (the unwrap worked): this run's hello
+      // has ended the action and revoked its credential, which the upstream would refuse.
+      // Nothing runs; the secret is dropped. Not in the heartbeat, so should the hello have
+      // been lost, the broker ends the action at the heartbeat silence.
       throw new AirlockError(
         Code.Aborted,
         `request ${requestId} was approved before this sidecar restarted, and the restart ended the action and revoked its credential: it did not run; call again with a new call id (or without x-airlock-request-id) to ask anew`,
@@ -655,7 +666,7 @@ const callIdPattern = /^[-_.:a-zA-Z0-9]{1,128}$/;
 export const callIds = {
   /** Calls of this run remembered as ran, so a retry of one is answered and never run again. */
   rememberedRuns: 10_000,
-  /** How far the broker's clock may be ahead of this host's when judging whether a decision predates this run, in ms. */
+  /** How far the broker's clock may be off this host's, either way, when judging whether a decision predates this run, in ms. */
   clockSkewMs: 2000,
 } as const;
 

@@ -6,6 +6,6 @@
  */
 export { type SidecarConfig, loadSidecarConfig, parseSidecarConfig, sidecarConfigDefaults, type UpstreamConfig } from "./config.js";
 export { type Sidecar, type StartSidecarOptions, startSidecar } from "./server.js";
-export { callIdKeyFromSeed, callRequestId } from "./approvals.js";
+export { callIdKeyFromSeed, callIds, callRequestId } from "./approvals.js";
 export { approvalTerms, type ApprovalTerms, explainCall, Policy, type PolicyCall, type PolicyVerdict, PolicyWatcher, policyDefaults } from "./policy.js";
 export { type AgentAuthOptions, type AgentIdentity, agentAuthDefaults } from "./identity.js";

@@ -14,7 +14,7 @@ export interface SidecarMetrics {
   /**
    * Calls the sidecar ended itself, by reason. Outcomes (`policy_deny`,
    * `approval_denied`, `approval_expired`, `held_not_waiting`, `agent_cancelled`,
-   * `already_used`, and a call id's `call_in_progress`, `already_ran`,
+   * `already_used`, and a call id's `call_in_progress`, `call_id_reused`, `already_ran`,
    * `outcome_unknown`, `ended_by_restart`, `credential_expired`) are told apart from refusals of bad input (`unauthenticated`,
    * `bad_request`, `too_large`, `unknown_method`, …), from what the sidecar could
    * not reach (`unavailable`, `upstream_unavailable`) and from its own faults (`internal`).

@@ -230,7 +230,8 @@ export class GrpcProxy {
     const callKey = typeof callId === "string" ? `call-id:${identity.onBehalfOf}:${callId}` : undefined;
     const resumeId = metadata["x-airlock-request-id"];
     const resumeKey = callKey ?? (typeof resumeId === "string" ? resumeId : undefined);
-    const resuming = resumeKey !== undefined && entry.noWait.delete(resumeKey);
+    const resumedUntil = resumeKey === undefined ? undefined : entry.noWait.get(resumeKey);
+    const resuming = resumedUntil !== undefined && resumeKey !== undefined && entry.noWait.delete(resumeKey);
     if (!resuming && entry.holding + entry.noWait.size >= this.limits.maxOutstandingApprovalsPerAgent) {
       this.options.metrics.limitHits.inc({ limit: "outstanding_approvals" });
       if (entry.holding + entry.noWait.size === 0) this.outstanding.delete(agent);
@@ -244,6 +245,8 @@ export class GrpcProxy {
       counted.holding--;
       const requestId = outcome instanceof AirlockError && outcome.details.reason === "not_waiting" ? outcome.details.requestId : undefined;
       if (typeof requestId === "string") counted.noWait.set(callKey ?? requestId, Date.now() + timeoutMs);
+      // A resume that did not run the call (refused, cut off, failed) leaves its request outstanding, counted as before.
+      else if (resuming && resumeKey !== undefined && outcome !== undefined) counted.noWait.set(resumeKey, resumedUntil);
       if (counted.holding + counted.noWait.size === 0 && this.outstanding.get(agent) === counted) this.outstanding.delete(agent);
     };
   }

@@ -104,7 +104,8 @@ export interface ReviewNotifierOptions {
    */
   readonly positions?: ChatPositions;
   /**
-   * The request's record as stored now (the broker's store, shared by every replica). Read
+   * The request's record as the last write left it (the broker gives `Broker.latest`, read
+   * from the state stream's leader, so another replica's earlier write is seen). Read
    * after a Slack message or Teams card is posted and its position stored: a request another
    * replica decided while the post was in flight found no position to update, so the poster
    * updates the message itself. @default none (such a message keeps its buttons; a vote from

@@ -301,6 +301,9 @@ await t.test("outstanding approval requests per agent: no-wait calls cannot mint
     t.equal(again.details.reason, "not_waiting", `a retry by call id at the limit resumes its request: ${again.rawMessage}`);
     t.equal(again.details.requestId, c1.details.requestId);
   }
+  // Reusing c1 for another payload is refused, and c1's request, still pending, stays counted.
+  const reused = await failure(callUnary(mainClient, OpsService.method.rotateKey, { keyId: "not-c1" }, { metadata: await namer("c1") }));
+  t.equal(reused.details.reason, "call_id_reused", reused.rawMessage);
   t.equal((await failure(callUnary(mainClient, OpsService.method.rotateKey, { keyId: "c3" }, { metadata: await namer("c3") }))).code, Code.ResourceExhausted, "a third call id is a third request");
 });
 

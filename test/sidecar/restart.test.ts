@@ -16,7 +16,7 @@ import { AirlockError, Code, callServerStream, createLogger, createVaultClient }
 import { freePort, useInfra, waitUntil } from "../../harness/index.js";
 import { AuditEventType, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
-import { callIdKeyFromSeed, callRequestId, Policy } from "../../sidecar/index.js";
+import { callIdKeyFromSeed, callIds, callRequestId, Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
 import { exportRoles, holdCustomersLock, opsPolicy, seedExportEngine, startAgentPath, startSidecarProcess } from "../helpers/stack.js";
 
@@ -185,7 +185,10 @@ await t.test("a call id approved while its sidecar was down is told the restart 
   t.not(await outcome, undefined, "the waiting call died with its sidecar");
   // Approved (and its database user made) while no sidecar runs on the host.
   await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
+  const decidedBy = Date.now();
   t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.EXECUTING, 20_000), "executing, with nobody to run it");
+  // The sidecar judges "before this run" beyond the clock skew it allows: its next run starts after that.
+  t.ok(await waitUntil(async () => Date.now() > decidedBy + callIds.clockSkewMs, 10_000), "the decision is older than the skew allowed");
   current = await startSidecarProcess(suite, { nats, vault, database }, sidecarOptions);
   t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.FAILED, 20_000), "the restarted sidecar's hello ended it");
   t.same(await exportRoles(admin), [], "its database user is gone");
