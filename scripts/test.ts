@@ -47,16 +47,30 @@ const exitCode = await new Promise<number>((resolve) => tap.once("exit", (code, 
 
 let passed = 0;
 let failed = 0;
+// What failed, named again just above the summary: a log cut to its last lines still says which tests.
+const failedNames: string[] = [];
 const files = existsSync(resultsDir) ? readdirSync(resultsDir, { recursive: true, encoding: "utf8" }).filter((f) => f.endsWith(".tap")) : [];
-for (const file of files) {
+for (const file of files.sort()) {
   const lines = readFileSync(join(resultsDir, file), "utf8").split("\n");
   const points = lines.filter((line) => /^(not )?ok \d+/.test(line));
-  const failures = points.filter((line) => line.startsWith("not ok") && !/# (SKIP|TODO)/i.test(line)).length;
-  passed += points.length - failures;
-  failed += failures;
+  const failures = points.filter((line) => line.startsWith("not ok") && !/# (SKIP|TODO)/i.test(line));
+  passed += points.length - failures.length;
+  failed += failures.length;
+  for (const line of failures) {
+    const subtest = line.replace(/^not ok \d+ - /, "").replace(/ # time=.*$/, "");
+    // The first failed assertion inside it, if the file lists one before the point.
+    const end = lines.indexOf(line);
+    const start = lines.slice(0, end).findLastIndex((l) => /^(not )?ok \d+/.test(l)) + 1;
+    const assertion = lines.slice(start, end).find((l) => /^ {4}not ok \d+/.test(l));
+    failedNames.push(`${file.replace(/\.tap$/, "")} :: ${subtest}${assertion === undefined ? "" : ` :: ${assertion.trim()}`}`);
+  }
   const plan = lines.find((line) => /^1\.\.\d+/.test(line));
-  if (points.length === 0 || plan === undefined) failed += 1;
+  if (points.length === 0 || plan === undefined) {
+    failed += 1;
+    failedNames.push(`${file.replace(/\.tap$/, "")} :: the file itself (no test points or no plan: a crash, a timeout or a leak at teardown)`);
+  }
 }
 if (files.length === 0 && exitCode !== 0) failed += 1;
+if (failedNames.length > 0) console.log(`failed tests:\n${failedNames.map((name) => `  ${name.slice(0, 400)}`).join("\n")}`);
 console.log(`${passed} passed, ${failed} failed`);
 process.exitCode = failed > 0 || exitCode !== 0 ? 1 : 0;
