@@ -209,17 +209,25 @@ export class ApprovalFlow {
     // One this sidecar accepted is running or ran: its own completion speaks for it.
     if (body.verdict !== Verdict.APPROVED || this.replay.has(body.decisionId)) return;
     this.options.log.warn({ requestId, decisionId: body.decisionId }, "an approval arrived after its agent was told the request expired: handed back unused");
+    this.handBackUnused(requestId, body.decisionId, Code.DeadlineExceeded, notRunLate);
+  }
+
+  /**
+   * Publishes a completion under the decision id saying the approved call did not run, so the
+   * broker revokes its credential and ends the record now rather than at the heartbeat silence.
+   */
+  private handBackUnused(requestId: string, decisionId: string, statusCode: Code, statusMessage: string): void {
     const completion = create(CompletionSchema, {
-      completionId: `${requestId}.${body.decisionId}.completion`,
+      completionId: `${requestId}.${decisionId}.completion`,
       requestId,
-      decisionId: body.decisionId,
-      statusCode: Code.DeadlineExceeded,
-      statusMessage: notRunLate,
+      decisionId,
+      statusCode,
+      statusMessage,
       duration: durationFromMs(0),
       host: this.options.host,
       finishedAt: timestampFromMs(Date.now()),
     });
-    this.publishCompletion(completion, "could not hand back a late approval; the broker ends it at the heartbeat silence");
+    this.publishCompletion(completion, "could not hand back an approval that was not run; the broker ends it at the heartbeat silence");
   }
 
   /**
@@ -604,12 +612,14 @@ export class ApprovalFlow {
       }
       throw new AirlockError(Code.PermissionDenied, `the credential for request ${requestId} could not be unwrapped (already used?): refused`, { details: { requestId } });
     }
-    if (resumed && decidedAt < this.startedAt - callIds.clockSkewMs) {
-      // Approved before this run began (beyond any clock skew: a decision made after it must
-      // not be wasted), and not taken by an earlier run (the unwrap worked): this run's hello
-      // has ended the action and revoked its credential, which the upstream would refuse.
-      // Nothing runs; the secret is dropped. Not in the heartbeat, so should the hello have
-      // been lost, the broker ends the action at the heartbeat silence.
+    if (resumed && decidedAt < this.startedAt) {
+      // Approved before this run began, and not taken by an earlier run (the unwrap worked): this
+      // run's hello has ended the action and revoked its credential, which the upstream would
+      // refuse. Nothing runs; the secret is dropped. Within the clock skew of the start the hello
+      // may have come first (or the broker's clock be behind): handed back, so the broker ends
+      // the action now if the hello did not. Earlier than that, a lost hello leaves it to the
+      // heartbeat silence (a hand-back of an ended action would only be refused, flagged).
+      if (decidedAt >= this.startedAt - callIds.clockSkewMs) this.handBackUnused(requestId, body.decisionId, Code.Aborted, notRunRestarted);
       throw new AirlockError(
         Code.Aborted,
         `request ${requestId} was approved before this sidecar restarted, and the restart ended the action and revoked its credential: it did not run; call again with a new call id (or without x-airlock-request-id) to ask anew`,
@@ -649,6 +659,9 @@ export class ApprovalFlow {
 
 /** The status message of a completion that hands back an approval whose agent had stopped waiting. */
 export const notRunLate = "not run: the decision reached the sidecar after the agent was told the request expired";
+
+/** The status message of a completion that hands back an approval made before its sidecar restarted (ABORTED `ended_by_restart`). */
+export const notRunRestarted = "not run: approved before the sidecar restarted, whose hello ends such actions; the agent was told ended_by_restart";
 
 /** A stored decision's id, read without verifying (only to refuse a resume). */
 function decidedId(decision: Decision): string {

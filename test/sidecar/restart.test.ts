@@ -187,7 +187,7 @@ await t.test("a call id approved while its sidecar was down is told the restart 
   await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
   const decidedBy = Date.now();
   t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.EXECUTING, 20_000), "executing, with nobody to run it");
-  // The sidecar judges "before this run" beyond the clock skew it allows: its next run starts after that.
+  // Older than the clock skew the sidecar allows when its next run starts: the hello alone ends it (no hand-back).
   t.ok(await waitUntil(async () => Date.now() > decidedBy + callIds.clockSkewMs, 10_000), "the decision is older than the skew allowed");
   current = await startSidecarProcess(suite, { nats, vault, database }, sidecarOptions);
   t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.FAILED, 20_000), "the restarted sidecar's hello ended it");
