@@ -146,10 +146,13 @@ export const brokerDefaults = {
   indexWaitMs: 2_000,
   /**
    * The longest a decision's publish (and the lease write before it) is tried again while NATS is
-   * away, in ms: never past the decision's expiry, and never past 80% of `orphanAfterMs`, so a
-   * replica still trying does not overlap another replica's takeover of the same decision.
+   * away, in ms, counted from the record's last write: never past the decision's expiry, and
+   * never past 80% of `orphanAfterMs`, so a replica still trying (its wait for the last answer
+   * included) does not overlap another replica's takeover of the same decision.
    */
   decisionRetryMs: 30_000,
+  /** How long one publish of a decision waits for JetStream's answer at most, in ms (less when its retry window ends sooner). */
+  publishTimeoutMs: 5_000,
   /**
    * How long each pull of a consumer waits, in ms. nats.js checks a consumer again after a
    * reconnect and, when JetStream is still recovering, waits 0.5 to 1.5 times this before the
@@ -763,11 +766,14 @@ export class Broker {
       // before the decision leaves, so the agent's wait has one round trip fewer.
       // NATS may be restarting (Vault answered while it was away): the compare-and-set is tried again until the deadline.
       const writeUntil = Math.min(deadlineMs ?? Number.POSITIVE_INFINITY, Date.now() + this.decisionRetryMs());
+      // When the stored record last changed (its updatedAt): a takeover counts from there, so the publish must end in time from there too.
+      let executingAt = Date.now();
       const [leaseWrite, auditWrite] = await Promise.allSettled([
         whileNatsAway(
           () =>
             this.store.mutate(requestId, (record) => {
-              const executing = markExecuting(record, new Date());
+              executingAt = Date.now();
+              const executing = markExecuting(record, new Date(executingAt));
               const next = executing.ok ? executing.record : clone(RequestRecordSchema, record);
               next.lease = create(LeaseRecordSchema, { leaseId: lease.leaseId, kind: lease.kind, issuedAt: timestampFromDate(new Date()), expiresAt: timestampFromDate(lease.expiresAt) });
               return next;
@@ -797,8 +803,11 @@ export class Broker {
         throw auditWrite.reason;
       }
       try {
-        await this.sendDecision(request.host, body);
+        await this.sendDecision(request.host, body, executingAt);
       } catch (error) {
+        // A publish whose answer was lost may have been stored all the same: the stream's leader
+        // says. One that is there went to the sidecar, which runs with the credential: keep it.
+        if (await this.decisionPublished(request).catch(() => false)) return;
         // Fail closed: a credential whose decision never left is revoked at once.
         await this.revokeLease(requestId, "publish_failed").catch(() => undefined);
         throw error;
@@ -846,7 +855,8 @@ export class Broker {
   private async publishDecision(request: ApprovalRequest, decision: DecisionParts, firstAudit: readonly AuditEntry[] = []): Promise<void> {
     const body = this.decisionBody(request, decision);
     await this.audit.appendAll(this.decisionAudit(body, firstAudit));
-    await this.sendDecision(request.host, body);
+    const writtenAt = decision.record?.updatedAt === undefined ? Date.now() : timestampDate(decision.record.updatedAt).getTime();
+    await this.sendDecision(request.host, body, writtenAt);
   }
 
   private decisionBody(request: ApprovalRequest, decision: DecisionParts): DecisionBody {
@@ -886,14 +896,23 @@ export class Broker {
     return Math.min(brokerDefaults.decisionRetryMs, 0.8 * (this.options.orphanAfterMs ?? brokerDefaults.orphanAfterMs));
   }
 
-  private async sendDecision(host: string, body: DecisionBody): Promise<void> {
+  /**
+   * `writtenAt`: when the record this decision settles was last written (its `updatedAt`), the
+   * instant a takeover counts `orphanAfterMs` from. Every attempt, its own wait for the answer
+   * included, ends within `decisionRetryMs` of it, so a takeover never finds this decision
+   * missing while a publish of it is still under way (the takeover would publish a second
+   * decision, and revoke the credential the first one delivers).
+   */
+  private async sendDecision(host: string, body: DecisionBody, writtenAt: number): Promise<void> {
     const signed = signDecision(body, this.options.signingKey);
     await failpoint("broker.before_publish");
     const bytes = toBinary(DecisionSchema, signed);
-    const until = Math.min(body.expiresAt === undefined ? 0 : timestampDate(body.expiresAt).getTime(), Date.now() + this.decisionRetryMs());
+    const until = Math.min(body.expiresAt === undefined ? 0 : timestampDate(body.expiresAt).getTime(), writtenAt + this.decisionRetryMs());
     for (let attempt = 0; ; attempt++) {
+      const left = until - Date.now();
+      if (left <= 0) throw new AirlockError(Code.Unavailable, `decision ${body.decisionId} was not published in time: a takeover may start`, { details: { requestId: body.requestId } });
       try {
-        await this.js.publish(subjects.decision(host, body.requestId), bytes, { msgID: body.decisionId });
+        await this.js.publish(subjects.decision(host, body.requestId), bytes, { msgID: body.decisionId, timeout: Math.min(left, brokerDefaults.publishTimeoutMs) });
         return;
       } catch (error) {
         const delayMs = Math.min(250 * 2 ** attempt, 2_000);

@@ -5,7 +5,7 @@
  * (stopped and started on the same port and store), Vault, PostgreSQL and sidecar.
  */
 import { join } from "node:path";
-import t from "tap";
+import t, { type Test } from "tap";
 import { readAuditEvents } from "../../broker/audit/index.js";
 import { CredentialIssuer } from "../../broker/credentials.js";
 import { parseApprovalConfig } from "../../broker/rules.js";
@@ -13,7 +13,7 @@ import { Broker } from "../../broker/service.js";
 import { ConfigReader } from "../../common/config.js";
 import { callServerStream, createLogger, createVaultClient } from "../../common/index.js";
 import { useInfra, waitUntil } from "../../harness/index.js";
-import { type AuditEvent, AuditEventType, RequestState } from "../../proto/index.js";
+import { type AuditEvent, AuditEventType, type RequestRecord, RequestState } from "../../proto/index.js";
 import { OpsService } from "../../proto/gen/demo/v1/ops_pb.js";
 import { Policy } from "../../sidecar/index.js";
 import { agentMetadata, streamOutcome } from "../helpers/agent.js";
@@ -104,22 +104,39 @@ await t.test("approvals issued while NATS restarts reach every agent within seco
   }
 });
 
-await t.test("an action that ends while NATS is away still completes: its completion is sent again, and it beats until then", async (t) => {
-  // The export's SELECT waits on this lock: the action is running when NATS goes.
+/** Holds an export mid-call: approved, executing, its SELECT waiting on the customers lock until `unlock`. */
+async function runningExport(t: Test, reason: string): Promise<{ id: string; outcome: Promise<unknown>; unlock: () => Promise<void> }> {
   const unlock = await holdCustomersLock(t, admin);
-  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, { "x-airlock-reason": "ends while NATS is away" });
+  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, { "x-airlock-reason": reason });
   const outcome = streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata }));
   let id = "";
   t.ok(
     await waitUntil(async () => {
-      id = (await broker.list()).find((r) => r.state === RequestState.PENDING && r.request?.reason === "ends while NATS is away")?.request?.id ?? "";
+      id = (await broker.list()).find((r) => r.state === RequestState.PENDING && r.request?.reason === reason)?.request?.id ?? "";
       return id !== "";
     }, 30_000),
     "held",
   );
   await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
   t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.EXECUTING && (await exportRoles(admin)).length === 1, 20_000), "executing");
+  return { id, outcome, unlock };
+}
 
+/** The record of `id` once it is no longer executing. */
+async function settled(t: Test, id: string): Promise<RequestRecord> {
+  t.ok(
+    await waitUntil(async () => {
+      const record = await broker.get(id).catch(() => undefined);
+      return record !== undefined && record.state !== RequestState.EXECUTING;
+    }, 30_000),
+    "the record settles",
+  );
+  return broker.get(id);
+}
+
+await t.test("an action that ends while NATS is away still completes: its completion is sent again, and it beats until then", async (t) => {
+  // The export's SELECT waits on the lock: the action is running when NATS goes.
+  const { id, outcome, unlock } = await runningExport(t, "ends while NATS is away");
   await nats.pause();
   await unlock();
   t.equal(await outcome, undefined, "the agent's export ended well while NATS was away");
@@ -127,34 +144,14 @@ await t.test("an action that ends while NATS is away still completes: its comple
   await new Promise((resolve) => setTimeout(resolve, 6_000));
   await nats.resume();
 
-  t.ok(
-    await waitUntil(async () => {
-      const record = await broker.get(id).catch(() => undefined);
-      return record !== undefined && record.state !== RequestState.EXECUTING;
-    }, 30_000),
-    "the record settles",
-  );
-  const record = await broker.get(id);
+  const record = await settled(t, id);
   t.equal(RequestState[record.state], "COMPLETED", `completed, not ended as silent (${record.completion?.statusMessage ?? ""})`);
   t.not(record.lease?.revokedAt, undefined, "its credential revoked");
   t.same(await exportRoles(admin), [], "no database user left");
 });
 
 await t.test("a sidecar shut down while NATS is away still delivers the completion of an action that ended: it is completed, not ended as silent", async (t) => {
-  const unlock = await holdCustomersLock(t, admin);
-  const metadata = await agentMetadata({ privateKey: agentKeys.privateKey, issuer: "https://idp.test", audience: "airlock" }, { "x-airlock-reason": "ends as its sidecar shuts down" });
-  const outcome = streamOutcome(callServerStream(client, OpsService.method.exportTable, { table: "customers" }, { metadata }));
-  let id = "";
-  t.ok(
-    await waitUntil(async () => {
-      id = (await broker.list()).find((r) => r.state === RequestState.PENDING && r.request?.reason === "ends as its sidecar shuts down")?.request?.id ?? "";
-      return id !== "";
-    }, 30_000),
-    "held",
-  );
-  await broker.decide(id, { reviewer: "dana@corp", approve: true, reason: "ok" });
-  t.ok(await waitUntil(async () => (await broker.get(id)).state === RequestState.EXECUTING && (await exportRoles(admin)).length === 1, 20_000), "executing");
-
+  const { id, outcome, unlock } = await runningExport(t, "ends as its sidecar shuts down");
   await nats.pause();
   await unlock();
   t.equal(await outcome, undefined, "the agent's export ended well while NATS was away");
@@ -162,14 +159,7 @@ await t.test("a sidecar shut down while NATS is away still delivers the completi
   const closing = sidecar.close();
   await nats.resume();
   await closing;
-  t.ok(
-    await waitUntil(async () => {
-      const record = await broker.get(id).catch(() => undefined);
-      return record !== undefined && record.state !== RequestState.EXECUTING;
-    }, 30_000),
-    "the record settles",
-  );
-  const record = await broker.get(id);
+  const record = await settled(t, id);
   t.equal(RequestState[record.state], "COMPLETED", `completed before the sidecar closed, not ended as silent (${record.completion?.statusMessage ?? ""})`);
   t.same(await exportRoles(admin), [], "no database user left");
 });
