@@ -807,7 +807,7 @@ export class Broker {
       } catch (error) {
         // A publish whose answer was lost may have been stored all the same: the stream's leader
         // says. One that is there went to the sidecar, which runs with the credential: keep it.
-        if (await this.decisionPublished(request).catch(() => false)) return;
+        if (await this.decisionPublished(request, body.decisionId).catch(() => false)) return;
         // Fail closed: a credential whose decision never left is revoked at once.
         await this.revokeLease(requestId, "publish_failed").catch(() => undefined);
         throw error;
@@ -1334,11 +1334,19 @@ export class Broker {
     return auto.ok && auto.autoRule !== undefined && auto.record.state === RequestState.APPROVED;
   }
 
-  private async decisionPublished(request: ApprovalRequest): Promise<boolean> {
+  /** Whether a decision for `request` is on the stream; with `decisionId`, whether that one is the last there. */
+  private async decisionPublished(request: ApprovalRequest, decisionId?: string): Promise<boolean> {
     // Asked of the stream's leader, not by direct get: on a replicated stream a direct get may be
     // answered by a follower that has not applied the publish yet, and "not published" there would
     // take over (and revoke) an action whose decision did reach its sidecar. "Not found" is null.
-    return (await this.jsm.streams.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(request.host, request.id) })) !== null;
+    const stored = await this.jsm.streams.getMessage(streams.decisions.name, { last_by_subj: subjects.decision(request.host, request.id) });
+    if (stored === null) return false;
+    if (decisionId === undefined) return true;
+    try {
+      return fromBinary(DecisionBodySchema, fromBinary(DecisionSchema, stored.data).body).decisionId === decisionId;
+    } catch {
+      return false;
+    }
   }
 
   private following: Promise<void> = Promise.resolve();

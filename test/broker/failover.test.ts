@@ -1,9 +1,11 @@
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Client, credentials } from "@grpc/grpc-js";
+import { jetstreamManager } from "@nats-io/jetstream";
 import t from "tap";
 import { parseBrokerConfig, readAuditEvents, type RunningBroker, startBroker } from "../../broker/index.js";
 import { ConfigReader } from "../../common/config.js";
+import { streams, subjects } from "../../common/subjects.js";
 import { AirlockError, callServerStream, Code, createLogger, createVaultClient } from "../../common/index.js";
 import { freePort, useInfra, waitUntil } from "../../harness/index.js";
 import { AuditEventType, RequestState } from "../../proto/index.js";
@@ -49,12 +51,12 @@ async function survivorBroker(): Promise<RunningBroker> {
   return started;
 }
 
-/** Starts replica A as its own process, armed to stop at `failpointName`. */
-async function startReplicaA(failpointName: string): Promise<BrokerProcess> {
+/** Starts replica A as its own process, armed to stop at `failpointName` (for good, or with `stop` until SIGCONT). */
+async function startReplicaA(failpointName: string, action: "pause" | "stop" = "pause"): Promise<BrokerProcess> {
   const port = await freePort();
-  const configPath = join(dir, `a-${failpointName}.yaml`);
-  await writeFile(configPath, JSON.stringify(brokerConfig(`replica-a-${failpointName}`, `127.0.0.1:${port}`)));
-  return startBrokerProcess(t, { configPath, url: `http://127.0.0.1:${port}`, failpoint: failpointName });
+  const configPath = join(dir, `a-${failpointName}-${action}.yaml`);
+  await writeFile(configPath, JSON.stringify(brokerConfig(`replica-a-${failpointName}-${action}`, `127.0.0.1:${port}`)));
+  return startBrokerProcess(t, { configPath, url: `http://127.0.0.1:${port}`, failpoint: failpointName, action });
 }
 
 async function connectNats() {
@@ -193,4 +195,29 @@ await t.test("replica A killed after issuing, before publishing: B revokes A's c
   );
   t.not(lookup, "alive", `Vault no longer knows the lease (${String(lookup)})`);
   t.ok(([Code.NotFound, Code.InvalidArgument, Code.PermissionDenied] as Code[]).includes(lookup as Code));
+});
+
+await t.test("replica A frozen just before publishing and woken after B took over publishes nothing: one decision for the request", async (t) => {
+  const a = await startReplicaA("broker.before_publish", "stop");
+  const call = exportCall();
+  const id = await pendingId();
+  const vote = fetch(`${a.url}/api/v1/requests/${id}/decision`, { method: "POST", headers: { authorization: `Bearer ${danaToken}`, "content-type": "application/json" }, body: JSON.stringify({ approve: true, reason: "go" }) }).then(
+    (response) => response.status,
+    () => 0,
+  );
+  // A has issued and recorded the credential, signed its approval, and stopped itself there.
+  await a.reached;
+  const survivor = await survivorBroker();
+  t.ok(await waitUntil(async () => (await survivor.broker.get(id)).state === RequestState.FAILED, 20_000), "B took the orphaned approval over and failed it closed");
+  const outcome = await call;
+  t.match(outcome.message, /died before delivering the credential/, "the agent was told by B's decision");
+  // Woken long past the takeover: A's publish window, counted from its record write, is over.
+  a.child.kill("SIGCONT");
+  t.not(await vote, 200, "A's approval ends without delivering anything");
+  const nc = await connectNats();
+  const subject = subjects.decision("failover-host", id);
+  const info = await (await jetstreamManager(nc)).streams.info(streams.decisions.name, { subjects_filter: subject });
+  t.equal(info.state.subjects?.[subject], 1, "one decision for the request on the stream: B's, not A's too");
+  t.same(await dynamicRoles(), [], "no database user is left");
+  await a.kill();
 });

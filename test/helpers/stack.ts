@@ -198,8 +198,9 @@ export interface BrokerProcess {
  * failpoint (`common/failpoints.ts`), and waits for its /readyz at `url`.
  * Killed at teardown if still running.
  */
-export async function startBrokerProcess(t: Test, options: { readonly configPath: string; readonly url: string; readonly failpoint: string }): Promise<BrokerProcess> {
-  const started = await spawnAirlockPart(t, { part: "broker", configPath: options.configPath, readyUrl: `${options.url}/readyz`, env: { AIRLOCK_FAILPOINTS: `${options.failpoint}=pause` } });
+export async function startBrokerProcess(t: Test, options: { readonly configPath: string; readonly url: string; readonly failpoint: string; readonly action?: "pause" | "stop" }): Promise<BrokerProcess> {
+  const armed = `${options.failpoint}=${options.action ?? "pause"}`;
+  const started = await spawnAirlockPart(t, { part: "broker", configPath: options.configPath, readyUrl: `${options.url}/readyz`, env: { AIRLOCK_FAILPOINTS: armed } });
   const reached = new Promise<void>((resolve) => {
     const check = () => {
       if (started.stderr().includes(`failpoint ${options.failpoint} reached`)) resolve();
