@@ -1,4 +1,5 @@
-import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager, type StreamConfig } from "@nats-io/jetstream";
+import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager, type StreamConfig, type StreamInfo } from "@nats-io/jetstream";
+import { errors as natsErrors } from "@nats-io/transport-node";
 import { AirlockError, Code } from "./errors.js";
 
 /**
@@ -72,7 +73,11 @@ export const subjects = {
 export const natsReplicaChoices = [1, 3, 5] as const;
 
 /** Defaults of {@link EnsureOptions}. */
-export const ensureDefaults = { replicas: 1 } as const;
+export const ensureDefaults = {
+  replicas: 1,
+  /** How long a stream's info is asked again while JetStream does not answer in time, in ms. */
+  answerWaitMs: 5_000,
+} as const;
 
 /** Options of {@link ensureStream} and everything built on it. */
 export interface EnsureOptions {
@@ -110,11 +115,29 @@ function settingsDiff(wanted: OwnedStreamSettings, actual: StreamConfig): Record
  * an operator applies them with the admin credential; a stream is never
  * silently kept as it is.
  */
+/**
+ * A stream's info, asked again for a few seconds while JetStream does not answer in time (a
+ * cluster electing its leaders, a loaded machine): the request's own timeout or no responders.
+ * Any answer, an error one included, is final.
+ */
+async function streamInfoPatiently(jsm: JetStreamManager, name: string): Promise<StreamInfo> {
+  const until = Date.now() + ensureDefaults.answerWaitMs;
+  for (let wait = 250; ; wait = Math.min(wait * 2, 2000)) {
+    try {
+      return await jsm.streams.info(name);
+    } catch (error) {
+      const unanswered = error instanceof natsErrors.TimeoutError || error instanceof natsErrors.NoRespondersError;
+      if (!unanswered || Date.now() + wait > until) throw error;
+      await new Promise((resolve) => setTimeout(resolve, wait));
+    }
+  }
+}
+
 export async function ensureStream(jsm: JetStreamManager, wanted: OwnedStreamSettings, options: EnsureOptions & { readonly create?: () => Promise<unknown> } = {}): Promise<void> {
   const settings: OwnedStreamSettings = { ...wanted, num_replicas: options.replicas ?? ensureDefaults.replicas };
   let actual: StreamConfig;
   try {
-    actual = (await jsm.streams.info(settings.name)).config;
+    actual = (await streamInfoPatiently(jsm, settings.name)).config;
   } catch (error) {
     if (!(error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamNotFound)) {
       throw new AirlockError(Code.Unavailable, `cannot read the settings of stream ${settings.name}`, { cause: error, details: { stream: settings.name } });
