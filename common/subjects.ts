@@ -117,8 +117,8 @@ function settingsDiff(wanted: OwnedStreamSettings, actual: StreamConfig): Record
  */
 /**
  * A stream's info, asked again for a few seconds while JetStream does not answer in time (a
- * cluster electing its leaders, a loaded machine): the request's own timeout or no responders.
- * Any answer, an error one included, is final.
+ * cluster electing its leaders, a loaded machine): the request's own timeout, no responders, or
+ * a 503 "temporarily unavailable" answer. Any other answer, an error one included, is final.
  */
 async function streamInfoPatiently(jsm: JetStreamManager, name: string): Promise<StreamInfo> {
   const until = Date.now() + ensureDefaults.answerWaitMs;
@@ -126,7 +126,8 @@ async function streamInfoPatiently(jsm: JetStreamManager, name: string): Promise
     try {
       return await jsm.streams.info(name);
     } catch (error) {
-      const unanswered = error instanceof natsErrors.TimeoutError || error instanceof natsErrors.NoRespondersError;
+      // 503: the server's "temporarily unavailable" answers (no JetStream meta or stream leader yet).
+      const unanswered = error instanceof natsErrors.TimeoutError || error instanceof natsErrors.NoRespondersError || (error instanceof JetStreamApiError && error.status === 503);
       if (!unanswered || Date.now() + wait > until) throw error;
       await new Promise((resolve) => setTimeout(resolve, wait));
     }
