@@ -157,7 +157,8 @@ await t.test("kill -9 the node the clients named first, mid-flow: every action e
   }
   await killed;
   await Promise.all(running);
-  t.teardown(() => first.restart());
+  // Node 1 stays down: nothing after this needs it, and the cluster's stop ends the rest. (Restarting it here
+  // only tested nats-server's recovery, and once, on a loaded machine, it said ready and refused connections.)
 
   const failed = outcomes.filter((outcome) => outcome.code !== 0);
   for (const outcome of failed) {
