@@ -106,16 +106,6 @@ function settingsDiff(wanted: OwnedStreamSettings, actual: StreamConfig): Record
 }
 
 /**
- * The one owner of "this stream exists with these settings". A missing stream
- * is created (by `create` when given, e.g. a KV bucket's own constructor); an
- * existing one whose owned settings differ (replicas after a move to a
- * cluster, a setting a newer version needs) is updated and the change logged.
- * When the update is refused (the broker's credential may not update streams)
- * start fails with FAILED_PRECONDITION naming the stream and the settings, so
- * an operator applies them with the admin credential; a stream is never
- * silently kept as it is.
- */
-/**
  * A stream's info, asked again for a few seconds while JetStream does not answer in time (a
  * cluster electing its leaders, a loaded machine): the request's own timeout, no responders, or
  * a 503 "temporarily unavailable" answer. Any other answer, an error one included, is final.
@@ -134,6 +124,16 @@ async function streamInfoPatiently(jsm: JetStreamManager, name: string): Promise
   }
 }
 
+/**
+ * The one owner of "this stream exists with these settings". A missing stream
+ * is created (by `create` when given, e.g. a KV bucket's own constructor); an
+ * existing one whose owned settings differ (replicas after a move to a
+ * cluster, a setting a newer version needs) is updated and the change logged.
+ * When the update is refused (the broker's credential may not update streams)
+ * start fails with FAILED_PRECONDITION naming the stream and the settings, so
+ * an operator applies them with the admin credential; a stream is never
+ * silently kept as it is.
+ */
 export async function ensureStream(jsm: JetStreamManager, wanted: OwnedStreamSettings, options: EnsureOptions & { readonly create?: () => Promise<unknown> } = {}): Promise<void> {
   const settings: OwnedStreamSettings = { ...wanted, num_replicas: options.replicas ?? ensureDefaults.replicas };
   let actual: StreamConfig;
